@@ -1,0 +1,596 @@
+"""The sections of the page, top to bottom. Each reads its widgets, calls `state`, and draws."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+import sdnet
+from sdnet import attribution, images
+
+from . import plots, state
+
+OTHER_PATH = "Other path..."
+PLOTLY_CONFIG = {"displaylogo": False}
+
+
+@dataclass
+class Context:
+    """What the full page run hands to the live (lambda) fragment."""
+    loaded: state.Loaded
+    baseline: state.Loaded | None
+    clean: np.ndarray
+    image: np.ndarray
+    image_info: dict[str, Any]
+    corruption: dict[str, Any]
+    device: str
+
+
+def _chart(fig, key: str | None = None) -> None:
+    st.plotly_chart(fig, config=PLOTLY_CONFIG, key=key)
+
+
+def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> uint8 (side, side, 3) with nearest neighbours: pixels stay pixels."""
+    img = images.to_uint8(x)
+    f = max(1, side // img.shape[0])
+    return img.repeat(f, 0).repeat(f, 1)
+
+
+# --- sidebar: model ----------------------------------------------------------------------------
+
+def _show_card(loaded: state.Loaded) -> None:
+    card, cfg = loaded.card, loaded.meta["config"]
+    sb = st.sidebar
+    if card is None:
+        sb.warning("No model card beside this checkpoint (expected "
+                   f"`{loaded.path.with_suffix('.json').name}`); showing what the file itself says.")
+        card = {}
+    acc = card.get("test_accuracy")
+    acc_text = "not measured" if acc is None else (f"{acc:.2f}%" if acc > 1 else f"{acc:.2%}")
+    if card.get("test_images"):
+        acc_text += f" on {card['test_images']} test images"
+    rows = [("name", card.get("name", loaded.path.stem)),
+            ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "
+                             f"{'with' if card.get('shortcut', cfg.get('shortcut')) else 'no'} shortcuts"),
+            ("test accuracy", acc_text),
+            ("lambda / FISTA steps", f"{card.get('lam', cfg.get('lam'))} / {card.get('n_steps', cfg.get('n_steps'))}"),
+            ("data", card.get("data", loaded.meta.get("dataset", "?"))),
+            ("epochs", card.get("epochs", "?")),
+            ("CSC layers", len(loaded.layer_names))]
+    sb.markdown("\n".join(f"- **{k}**: {v}" for k, v in rows))
+    if acc is None:
+        sb.warning("This checkpoint has no measured accuracy: it may be an untrained stand-in.")
+    training = card.get("training") or {}
+    if training or card.get("evaluation") or card.get("robust_fit"):
+        with sb.expander("How it was made"):
+            if training.get("command"):
+                st.code(training["command"], language="bash")
+                st.caption(f"{training.get('seconds', '?')} s on {training.get('machine', '?')}")
+            if (card.get("evaluation") or {}).get("command"):
+                st.code(card["evaluation"]["command"], language="bash")
+            if card.get("robust_fit"):
+                st.caption("Algorithm 1 fits for: " + ", ".join(card["robust_fit"]))
+
+
+def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | None]:
+    """Pick and load a checkpoint (stops the page with a message when there is none or it fails)."""
+    sb = st.sidebar
+    sb.header("Model")
+    folder = state.checkpoint_dir()
+    files = state.list_checkpoints(folder)
+    choice = sb.selectbox("Checkpoint", [p.name for p in files] + [OTHER_PATH], key="ckpt",
+                          help=f"The checkpoints in {folder} (set ${state.CHECKPOINTS_ENV} for another folder).")
+    sb.caption(f"Running on **{state.device_label(device)}**")
+    if choice == OTHER_PATH:
+        text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
+        if not text:
+            if not files:
+                st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
+                st.code(state.TRAIN_HINT, language="bash")
+                st.info("Or enter the path to a checkpoint in the sidebar.")
+            else:
+                st.info("Enter the path to a checkpoint in the sidebar.")
+            st.stop()
+        path = Path(text)
+    else:
+        path = folder / choice
+    try:
+        loaded = state.load(path, device)
+    except sdnet.CheckpointError as e:
+        st.error(f"Cannot load the checkpoint: {e}")
+        st.caption("Pick another checkpoint in the sidebar, or give the path to a file written by "
+                   "`python -m sdnet.train` / `sdnet.save_checkpoint`.")
+        st.stop()
+    _show_card(loaded)
+    baseline = None
+    base_path = state.baseline_path(loaded, folder) if loaded.layer_names else None
+    if base_path is not None:
+        if sb.toggle(f"Compare with the ResNet baseline ({base_path.name})", value=True, key="compare"):
+            try:
+                baseline = state.load(base_path, device)
+            except sdnet.CheckpointError as e:
+                sb.error(f"Cannot load the baseline: {e}")
+    elif loaded.layer_names:
+        sb.caption("No ResNet baseline found beside this checkpoint.")
+    return loaded, baseline
+
+
+# --- sidebar: image and corruption ---------------------------------------------------------------
+
+def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The clean model input (3, size, size) and where it came from (stops on a bad upload)."""
+    sb = st.sidebar
+    sb.header("Image")
+    source = sb.radio("Source", ["Sample", "Upload"], horizontal=True, key="source")
+    if source == "Sample":
+        samples = state.list_samples()
+        if not samples:
+            st.error(f"No sample images in {state.SAMPLES}; upload an image instead.")
+            st.stop()
+        names = list(samples)
+        name = sb.selectbox("CIFAR-10 test image", names, key="sample",
+                            index=names.index("cat_1") if "cat_1" in names else 0)
+        clean = state.sample_image(str(samples[name]), size)
+        return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[])
+    up = sb.file_uploader("Image file", type=list(images.SUFFIXES), key="upload",
+                          help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
+    if up is None:
+        st.info("Upload an image in the sidebar (PNG, JPEG, WebP, BMP, GIF, TIFF), or pick a sample.")
+        st.stop()
+    try:
+        clean, notes, file_hash, osize, omode = state.upload_image(up.getvalue(), size)
+    except images.ImageError as e:
+        st.error(f"Cannot use '{up.name}': {e}")
+        st.caption("Upload another file, or pick a sample image in the sidebar.")
+        st.stop()
+    return clean, dict(source=f"upload:{up.name}", file_sha256=file_hash, original_size=list(osize),
+                       original_mode=omode, notes=notes)
+
+
+def corruption_sidebar() -> dict[str, Any]:
+    sb = st.sidebar
+    sb.header("Corruption")
+    kind = sb.selectbox("Noise (CIFAR-10-C)", state.CORRUPTIONS, key="noise")
+    if kind == "none":
+        return dict(kind="none", severity=None, seed=None)
+    mode = sb.radio("Strength", ["Severity 1-5", "Continuous level"], horizontal=True, key="noise_mode")
+    if mode == "Severity 1-5":
+        severity: int | float = sb.slider("Severity", 1, 5, 3, key="severity")
+    else:
+        lo, hi, default, step = state.LEVELS[kind]
+        severity = sb.slider("Level c" + (" (smaller is noisier)" if kind == "shot" else ""), lo, hi, default, step,
+                             key=f"level_{kind}", format="%g")
+    seed = int(sb.number_input("Seed", 0, 2 ** 31 - 1, 0, key="seed"))
+    return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
+
+
+def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict) -> None:
+    cols = st.columns([1, 1, 2])
+    cols[0].image(_enlarge(clean), caption=f"clean ({info['source']})")
+    if corruption["kind"] == "none":
+        cols[1].image(_enlarge(image), caption="model input (no corruption)")
+    else:
+        what = (f"severity {corruption['severity']}" if isinstance(corruption["severity"], int)
+                else f"level {corruption['severity']:g}")
+        cols[1].image(_enlarge(image), caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
+    with cols[2]:
+        if info.get("notes"):
+            w, h = info["original_size"]
+            st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; " + "; ".join(info["notes"]) + ".")
+        psnr = _psnr(clean, image)
+        if corruption["kind"] != "none":
+            st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+# --- the live part: lambda controls and everything they change ----------------------------------
+
+# The live part's widgets whose values must survive runs that do not draw them (a closed tab, a run
+# stopped while no file is uploaded yet): Streamlit drops the state of an undrawn widget unless it
+# is set again. So these widgets never take a default argument: `_default` sets their first value.
+STICKY = ("lam", "n_steps", "lam_layers", "fit_noise", "topk", "tab", "layer", "n_codes", "atoms_layer", "n_atoms",
+          "sees_layers", "sees_mode", "attr_which", "attr_class", "attr_methods", "attr_atom_method", "attr_live")
+# ...of which these depend on the checkpoint (its layers, widths, classes) and start afresh with it.
+PER_MODEL = ("lam_layers", "fit_noise", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers", "attr_class",
+             "attr_result", "auto_lam")
+TABS = ("Layers", "Atoms", "Attribution", "Export")
+SEES_MODES = ("the code's own contribution (stretched)", "absolute pixels (with BatchNorm offsets)")
+
+
+def _per_layer_key(name: str) -> str:
+    return f"lam_layer:{name}"
+
+
+def keep_state() -> None:
+    """Set the sticky widgets' values again, so that this run keeps them even if it does not draw them."""
+    for k in list(st.session_state):
+        if k in STICKY or str(k).startswith(_per_layer_key("")):
+            st.session_state[k] = st.session_state[k]
+
+
+def _default(key: str, value: Any) -> Any:
+    if key not in st.session_state:
+        st.session_state[key] = value
+    return st.session_state[key]
+
+
+def reset_on_model_change(loaded: state.Loaded) -> None:
+    """A new checkpoint starts at its own trained lambda and FISTA steps, with its own layers."""
+    if st.session_state.get("lam_model") == loaded.key:
+        return
+    for k in list(st.session_state):
+        if k in PER_MODEL or str(k).startswith(_per_layer_key("")):
+            del st.session_state[k]
+    st.session_state["lam_model"] = loaded.key
+    st.session_state["lam"] = float(next(iter(loaded.trained_lams.values()), 0.1))
+    st.session_state["n_steps"] = loaded.trained_steps
+    st.session_state["lam_extra"] = []
+
+
+def _set_lam(value: float, note: str) -> None:
+    st.session_state["lam_extra"] = [value]  # the slider offers this exact value from now on
+    st.session_state["lam"] = value
+    st.session_state["auto_lam"] = note
+
+
+def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int, dict]:
+    """The lambda slider, per-layer overrides, FISTA steps and Algorithm 1's auto lambda."""
+    loaded = ctx.loaded
+    options = state.lam_options(loaded.trained_lams, st.session_state.get("lam_extra", []))
+    c1, c2, c3 = st.columns([3, 2, 2])
+    lam_all = c1.select_slider("λ for all CSC layers (log scale)", options=options, key="lam",
+                               format_func=lambda v: f"{v:g}",
+                               help="The sparsity weight of every CSC layer, at inference only: the model is "
+                                    "not retrained or changed (sdnet.override).")
+    n_steps = c2.slider("FISTA steps", 1, 20, key="n_steps", help="Unrolled FISTA iterations per CSC layer.")
+    with c3:
+        _auto_lam(ctx, trained_probe)
+    with st.expander("Per-layer λ"):
+        _default("lam_layers", [])
+        chosen = st.multiselect("Layers with their own λ", loaded.layer_names, key="lam_layers")
+        per_layer = {}
+        for name in chosen:
+            _default(_per_layer_key(name), lam_all)
+            per_layer[name] = st.select_slider(f"λ for {name}", options=options, key=_per_layer_key(name),
+                                               format_func=lambda v: f"{v:g}")
+    spec = state.lam_spec(loaded.layer_names, lam_all, per_layer)
+    return spec, int(n_steps), dict(all=lam_all, per_layer=per_layer)
+
+
+def _auto_lam(ctx: Context, trained_probe: dict) -> None:
+    fits = (ctx.loaded.card or {}).get("robust_fit") or {}
+    r = trained_probe["mean_rel_residual"]
+    if not fits:
+        st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
+        st.caption("Needs the λ-vs-residual fit on the model card; make it with "
+                   f"`{state.FIT_HINT.format(checkpoint=ctx.loaded.path)}`")
+        return
+    kinds = list(fits)
+    _default("fit_noise", ctx.corruption["kind"] if ctx.corruption["kind"] in kinds else kinds[0])
+    noise = st.selectbox("Fit for noise", kinds, key="fit_noise")
+    lam = sdnet.adaptive_lam(fits[noise], r)
+    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g}"
+    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note),
+              help="Sets λ from this image's mean relative residual at the trained λ (paper, Algorithm 1).")
+    if st.session_state.get("auto_lam"):
+        st.caption(st.session_state["auto_lam"])
+
+
+def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec, n_steps: int | None) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    result = state.probe(loaded.model, loaded.key, x, spec, n_steps)
+    return result, (time.perf_counter() - t0) * 1000
+
+
+def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str) -> None:
+    classes = ctx.loaded.classes
+    trained_lam = next(iter(ctx.loaded.trained_lams.values()), None)
+    series = [(f"SDNet at {lam_text}", "current", cur["probs"]),
+              (f"SDNet at trained λ={trained_lam:g}" if trained_lam is not None else "trained", "trained",
+               trained["probs"])]
+    if resnet is not None:
+        series.append((f"ResNet baseline ({ctx.baseline.path.name})", "resnet", resnet["probs"]))
+    left, right = st.columns([3, 2])
+    with right:
+        _default("topk", min(5, len(classes)))
+        k = st.slider("Top-k classes", 1, len(classes), key="topk")
+    with right, st.container(key="prediction_summary"):
+        lines = ["| | prediction | probability |", "|---|---|---|"]
+        for label, _, p in series:
+            i = int(np.argmax(p))
+            lines.append(f"| {label} | **{classes[i]}** | {p[i]:.1%} |")
+        st.markdown("\n".join(lines))
+        if cur["mean_rel_residual"] is not None:
+            st.markdown(f"Mean relative residual over the CSC layers: **{cur['mean_rel_residual']:.4f}** "
+                        f"(trained λ: {trained['mean_rel_residual']:.4f})")
+    with left:
+        _chart(plots.predictions(classes, series, k), key="pred_chart")
+
+
+def unnormalizer(loaded: state.Loaded):
+    """Network-space (normalised) RGB -> displayable (H, W, 3) in [0, 1], with the model's own mean/std."""
+    norm = loaded.model.normalize
+
+    def f(a: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(0).to(norm.mean.device)
+        return norm.inverse(t)[0].clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
+    return f
+
+
+def _ranked(z: np.ndarray, k: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """A code's channel activity and its channels, most active first (the first k)."""
+    activity = images.channel_activity(z)
+    return activity, [int(c) for c in np.argsort(-activity, kind="stable")[:k]]
+
+
+def _attr_target(ctx: Context, cur: dict) -> int:
+    classes, pred = ctx.loaded.classes, int(np.argmax(cur["probs"]))
+    _default("attr_which", "predicted class")
+    if st.session_state["attr_which"] == "predicted class":
+        return pred
+    return classes.index(_default("attr_class", classes[pred]))
+
+
+def _attr_signature(ctx: Context, spec: state.LamSpec, n_steps: int, target: int) -> tuple:
+    methods = tuple(_default("attr_methods", ["integrated_gradients", "saliency"]))
+    atom_method = _default("attr_atom_method", next(iter(attribution.LAYER_METHODS)))
+    return (ctx.loaded.key, images.image_hash(ctx.image), spec, n_steps, target, methods, atom_method)
+
+
+def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_steps: int, lam: dict) -> state.View:
+    """What the page shows for these settings, from the widgets' values (drawn or not: closed tabs too)."""
+    loaded = ctx.loaded
+    names = loaded.layer_names
+    if _default("layer", names[0]) not in names:
+        st.session_state["layer"] = names[0]
+    layer = st.session_state["layer"]
+    rec = state.layer_record(cur, layer)
+    channels = rec["z"].shape[0]
+    st.session_state["n_codes"] = min(_default("n_codes", min(16, channels)), channels)
+    _, top = _ranked(rec["z"], st.session_state["n_codes"])
+    first_name, first = sdnet.csc_layers(loaded.model)[0]
+    _, order = _ranked(state.layer_record(cur, first_name)["z"])
+    tiles = images.atom_tiles(first.weight.detach())[order]
+    sees = None
+    if not loaded.meta["config"].get("shortcut", True):
+        sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer,
+                                _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1])
+    result = st.session_state.get("attr_result")
+    target = _attr_target(ctx, cur)
+    fresh = result is not None and result["signature"] == _attr_signature(ctx, spec, n_steps, target)
+    attrs = dict(result["attributions"]) if fresh else {}
+    atom_scores = result["atoms"] if fresh else None
+    settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
+                           target if fresh else None)
+    return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
+                      trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
+                      attributions=attrs, atom_scores=atom_scores)
+
+
+def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
+    cur, trained = view.probe, view.trained
+    names = [r["name"] for r in cur["layers"]]
+
+    def values(probe: dict, k: str) -> np.ndarray:  # a layer fed all zeros has no relative residual
+        return np.array([np.nan if k == "rel_residual" and r["input_zero"] else r[k] for r in probe["layers"]])
+    series = lambda k: [(lam_text, "current", values(cur, k)), ("trained λ", "trained", values(trained, k))]  # noqa: E731
+    dead = [r["name"] for r in cur["layers"] if r["input_zero"]]
+    if dead:
+        st.warning(f"{len(dead)} layer(s) get an all-zero input at this λ (every code upstream was thresholded "
+                   f"to 0): {', '.join(dead)}. Their relative residual is undefined and left out of the chart.")
+    c1, c2 = st.columns(2)
+    with c1:
+        _chart(plots.across_depth(names, series("rel_residual"), "Relative residual ||x - A(z)|| / ||x||",
+                                  "relative residual"), key="residual_chart")
+    with c2:
+        _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z (fraction of zeros)", "sparsity",
+                                  percent=True), key="sparsity_chart")
+    st.dataframe({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
+                  "relative residual": [round(r["rel_residual"], 5) for r in cur["layers"]],
+                  "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
+                  "code shape": [str(r["z"].shape) for r in cur["layers"]]}, hide_index=True, height=200)
+    c1, c2 = st.columns([2, 1])
+    c1.selectbox("Layer", names, key="layer")
+    rec = state.layer_record(cur, view.layer)
+    c2.slider("Code channels shown (most active first)", 1, rec["z"].shape[0], key="n_codes")
+    activity, _ = _ranked(rec["z"])
+    st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, relative residual "
+               f"{rec['rel_residual']:.4f}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
+               f"{len(activity)} code channels active for this image.")
+    panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
+    _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart")
+    _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
+
+
+def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: int) -> None:
+    loaded, cur = ctx.loaded, view.probe
+    names = loaded.layer_names
+    usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
+    st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
+    st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
+    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({usage[c]:.2g})" for c in view.atom_order], ncols=16,
+                       height_per_row=70), key="atoms_chart")
+    if loaded.meta["config"].get("shortcut", True):
+        st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
+                "with shortcuts a layer's input is not the previous layer's reconstruction alone.")
+        return
+    st.subheader("Deeper atoms in pixel space")
+    c1, c2 = st.columns([2, 1])
+    deep = c1.selectbox("Layer", names[1:] or names, key="atoms_layer")
+    drec = state.layer_record(cur, deep)
+    channels = drec["z"].shape[0]
+    st.session_state["n_atoms"] = min(_default("n_atoms", min(16, channels)), channels)
+    n = c2.slider("Atoms shown (most used first)", 1, channels, key="n_atoms")
+    pix = state.pixel_atoms(loaded.model, loaded.key, deep, tuple(drec["z"].shape))
+    dusage, dorder = _ranked(drec["z"], n)
+    crop = images.crop_to_support(pix[dorder])
+    st.caption(f"A unit code at the centre of one channel, pushed back to pixels through the chain of A's and "
+               f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); cropped to the "
+               f"{crop.shape[-2]}x{crop.shape[-1]} receptive field. Grey is 0.")
+    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({dusage[c]:.2g})" for c in dorder], ncols=8,
+                       height_per_row=120), key="deep_atoms_chart")
+    st.subheader("What each layer sees")
+    st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "
+               "of A's and inverted BatchNorms reaches the pixels): what the layer keeps of the input. "
+               "Deep layers' BatchNorm offsets swamp their codes in absolute pixels; the code's own "
+               "contribution (offsets left out, contrast stretched) shows what the code carries.")
+    c1, c2 = st.columns([3, 2])
+    _default("sees_layers", _spread(names, 5))
+    picks = c1.multiselect("Layers", names, key="sees_layers")
+    offsets = c2.radio("Show", SEES_MODES, key="sees_mode") == SEES_MODES[1]
+    if picks:
+        cols = st.columns(len(picks) + 1)
+        cols[0].image(_enlarge(ctx.image, 160), caption="model input")
+        for col, name in zip(cols[1:], picks):
+            img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
+            col.image(_enlarge(img, 160), caption=name)
+
+
+def _spread(names: list[str], n: int) -> list[str]:
+    if len(names) <= n:
+        return list(names)
+    idx = np.linspace(0, len(names) - 1, n).round().astype(int)
+    return [names[i] for i in dict.fromkeys(idx)]
+
+
+def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: int) -> None:
+    """Attribution widgets; computes on request (or live) and updates `view` with the result."""
+    loaded, classes = ctx.loaded, ctx.loaded.classes
+    target = _attr_target(ctx, view.probe)
+    signature = _attr_signature(ctx, spec, n_steps, target)
+    c1, c2, c3 = st.columns(3)
+    which = c1.radio("Explain", ["predicted class", "another class"], key="attr_which", horizontal=True)
+    if which == "another class":
+        c1.selectbox("Class", classes, key="attr_class")
+    methods = c2.multiselect("Methods", list(attribution.METHODS), format_func=attribution.METHODS.get,
+                             key="attr_methods")
+    atom_method = c3.selectbox("Atom attribution", list(attribution.LAYER_METHODS),
+                               format_func=attribution.LAYER_METHODS.get, key="attr_atom_method")
+    live = c3.toggle("Recompute on every change", key="attr_live",
+                     help="Attribution costs tens of forward passes; off, it runs when you press the button.")
+    run = st.button("Compute attribution", type="primary", key="attr_run") or live
+    result = st.session_state.get("attr_result")
+    if run and (result is None or result["signature"] != signature):
+        progress = st.progress(0.0, text="Attribution...")
+        attrs = {}
+        for i, m in enumerate(methods):
+            progress.progress(i / (len(methods) + 1), text=f"{attribution.METHODS[m]}...")
+            attrs[m] = state.explain(loaded.model, loaded.key, ctx.image, spec, n_steps, target, m)
+        progress.progress(len(methods) / (len(methods) + 1), text=f"{attribution.LAYER_METHODS[atom_method]}...")
+        atoms = state.explain_atoms(loaded.model, loaded.key, ctx.image, spec, n_steps, target, atom_method)[1]
+        progress.empty()
+        result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method)
+        st.session_state["attr_result"] = result
+        view.attributions, view.atom_scores = attrs, atoms
+        view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
+    if result is None:
+        st.info("Press 'Compute attribution' to explain the decision (Integrated Gradients, Saliency, Occlusion), "
+                "and to see which first-layer atoms drove it.")
+        return
+    if result["signature"] != signature:
+        st.warning("The settings changed since this attribution was computed (it is left out of the export); "
+                   "press the button to update it.")
+    st.caption(f"Explaining class **{classes[result['target']]}**; red pushed towards it, blue against "
+               "(Saliency: magnitude only). Integrated Gradients starts from a black image.")
+    shown = result["attributions"]
+    if shown:
+        for col, (m, attr) in zip(st.columns(len(shown)), shown.items()):
+            amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()
+            with col:
+                _chart(plots.overlay(ctx.image.transpose(1, 2, 0), amap, attribution.SIGNED[m],
+                                     attribution.METHODS[m]), key=f"attr_{m}")
+    scores = result["atoms"]
+    top = [int(c) for c in np.argsort(-np.abs(scores), kind="stable")[:16]]
+    _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top],
+                             f"First-layer atoms that drove the decision ({attribution.LAYER_METHODS[result['atom_method']]}"
+                             f" on {loaded.layer_names[0]}'s code, summed per channel)"), key="atom_attr_chart")
+    pos = {c: i for i, c in enumerate(view.atom_order)}
+    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=16,
+                       height_per_row=70), key="atom_attr_tiles")
+
+
+def export_panel(view: state.View, unnormalize) -> None:
+    st.caption("PNGs of what is on the page, and one ZIP with all of them, the raw arrays (arrays.npz: x, z, "
+               "A(z) and residual per layer) and settings.json, which reproduces this view.")
+    cols = st.columns(4)
+    for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
+        cols[i % 4].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
+                                    on_click="ignore")
+    stem = f"sdnet-view-{view.settings['image']['sha256'][:8]}"
+    st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
+                       file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",
+                       on_click="ignore")
+    with st.expander("settings.json"):
+        st.code(json.dumps(view.settings, indent=2), language="json")
+    with st.expander("Reproduce in Python"):
+        st.code(state.reproduce_snippet(view.settings), language="python")
+
+
+def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: int, layer: str | None,
+                attrs: dict, atom_method: str | None, target: int | None) -> dict[str, Any]:
+    loaded = ctx.loaded
+    path = loaded.path.resolve()
+    shown = str(path.relative_to(state.ROOT)) if path.is_relative_to(state.ROOT) else str(path)
+    return {
+        "checkpoint": dict(path=shown, sha256=state.checkpoint_sha256(loaded.key, str(path)), model=loaded.title),
+        "device": ctx.device,
+        "image": dict(ctx.image_info, sha256=images.image_hash(ctx.clean), size=int(ctx.clean.shape[-1]),
+                      model_input_sha256=images.image_hash(ctx.image)),
+        "corruption": {k: ctx.corruption.get(k) for k in ("kind", "severity", "seed", "level")},
+        "lam": dict(all=lam["all"], per_layer=lam["per_layer"],
+                    override=[list(p) for p in spec] if isinstance(spec, tuple) else spec,
+                    trained=loaded.trained_lams),
+        "n_steps": n_steps,
+        "layer": layer,
+        "baseline": str(ctx.baseline.path.name) if ctx.baseline else None,
+        "attribution": dict(methods=list(attrs), atom_method=atom_method, target=target),
+        "sdnet_version": sdnet.__version__,
+    }
+
+
+@st.fragment
+def explore(ctx: Context) -> None:
+    """Everything that depends on lambda: rerun alone when a control inside it moves; of the tabs,
+    only the open one is drawn."""
+    keep_state()
+    loaded = ctx.loaded
+    trained, _ = _probe_timed(loaded, ctx.image, None, None)
+    resnet = state.probe(ctx.baseline.model, ctx.baseline.key, ctx.image, None, None) if ctx.baseline else None
+    if not loaded.layer_names:
+        st.info("This model has no CSC layers (a ResNet): λ has no effect; predictions only.")
+        predictions_panel(ctx, trained, trained, resnet, "trained")
+        return
+    st.subheader("Sparse coding: λ")
+    spec, n_steps, lam = lam_controls(ctx, trained)
+    cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
+    lam_text = f"λ={lam['all']:g}" + (" (+ per-layer)" if lam["per_layer"] else "") + f", {n_steps} steps"
+    st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
+    st.subheader("Predictions")
+    predictions_panel(ctx, cur, trained, resnet, lam_text)
+    view = build_view(ctx, cur, trained, spec, n_steps, lam)
+    st.session_state["view"] = view
+    _default("tab", TABS[0])
+    layers_tab, atoms_tab, attr_tab, export_tab = st.tabs(TABS, key="tab", on_change="rerun")
+    if layers_tab.open:
+        with layers_tab:
+            layers_panel(ctx, view, lam_text)
+    if atoms_tab.open:
+        with atoms_tab:
+            atoms_panel(ctx, view, spec, n_steps)
+    if attr_tab.open:
+        with attr_tab:
+            attribution_panel(ctx, view, spec, n_steps)
+    if export_tab.open:
+        with export_tab:
+            export_panel(view, unnormalizer(loaded))

@@ -1,0 +1,402 @@
+"""What the app computes, cached: checkpoints, images, probes, decodings, attributions, exports.
+
+Heavy objects (models) live in `st.cache_resource`, keyed by the file's path, size and mtime,
+so a replaced checkpoint reloads. Pure results live in `st.cache_data`, keyed by the model key
+and by plain values (arrays, floats, tuples), so every session gets its own copy; the model
+itself is passed as `_model` (not hashed) and is never modified: lambdas go through
+`sdnet.override`, which is per call and per thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+import sdnet
+from sdnet import attribution, images
+from sdnet.corruptions import corrupt
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "assets" / "samples"
+CHECKPOINTS_ENV = "SDNET_CHECKPOINTS"
+DEFAULT_PREFIX = "sdnet18_all"
+TRAIN_HINT = ("python -m sdnet.train --model sdnet18_all --width 16 --no-shortcut --data PATH/TO/CIFAR10 "
+              "--out runs/sdnet18_all-w16\ncp runs/sdnet18_all-w16/model.pt checkpoints/sdnet18_all-w16.pt")
+FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10"
+CORRUPTIONS = ("none", *sdnet.corruptions.KINDS)
+# Continuous noise levels offered per kind: (min, max, default, step); for shot, smaller is noisier.
+LEVELS = {"gaussian": (0.005, 0.4, 0.08, 0.005), "shot": (5.0, 1000.0, 100.0, 5.0),
+          "speckle": (0.01, 0.8, 0.12, 0.01), "impulse": (0.001, 0.5, 0.03, 0.001)}
+# The lambda slider: round values, about evenly spaced on a log scale, from 1e-3 to 10; the trained
+# lambdas and an Algorithm 1 value are added to them (lam_options).
+LAM_GRID = tuple(float(f"{m * 10.0 ** e:.3g}") for e in range(-3, 1)
+                 for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)) + (10.0,)
+
+LamSpec = float | tuple[tuple[str, float], ...] | None  # hashable form of sdnet.override(lam=...)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def checkpoint_dir() -> Path:
+    """The folder of shipped checkpoints: $SDNET_CHECKPOINTS, else checkpoints/ in the repo."""
+    return Path(os.environ.get(CHECKPOINTS_ENV) or ROOT / "checkpoints")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The `*.pt` files in `folder`, the default (SDNet-All) first."""
+    files = sorted(p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else []
+    return sorted(files, key=lambda p: (not p.name.startswith(DEFAULT_PREFIX), p.name))
+
+
+def cpu_threads() -> int:
+    """Torch CPU threads per computation: $SDNET_APP_THREADS, default 1. A 32x32 trace is too small to
+    gain from intra-op threads, and sessions already run in parallel (see bench/README.md)."""
+    return max(1, int(os.environ.get("SDNET_APP_THREADS", "1")))
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})"
+    return "CPU (no CUDA device found)" if not torch.cuda.is_available() else "CPU"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint in memory: shared by every session, so read-only."""
+    model: torch.nn.Module
+    meta: dict
+    card: dict | None
+    path: Path
+    key: str  # identifies the file's content for the data caches
+
+    @property
+    def classes(self) -> list[str]:
+        n = self.meta["config"].get("num_classes", 10)
+        return list(self.meta.get("classes") or [f"class {i}" for i in range(n)])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [n for n, _ in sdnet.csc_layers(self.model)]
+
+    @property
+    def trained_lams(self) -> dict[str, float]:
+        return {n: layer.lam for n, layer in sdnet.csc_layers(self.model)}
+
+    @property
+    def trained_steps(self) -> int:
+        return int(self.meta["config"].get("n_steps", 2))
+
+    @property
+    def input_size(self) -> int:
+        return images.input_size(self.meta["config"])
+
+    @property
+    def title(self) -> str:
+        c = self.meta["config"]
+        return f"{c['name']} (width {c['width']}, {'with' if c.get('shortcut') else 'no'} shortcuts)"
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading checkpoint...")
+def _load(path: str, mtime_ns: int, size: int, device: str) -> tuple[torch.nn.Module, dict]:
+    return sdnet.load_checkpoint(path, map_location=device)
+
+
+def load(path: str | Path, device: torch.device) -> Loaded:
+    """Load (once per file version and device) the checkpoint at `path`; raises sdnet.CheckpointError."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise sdnet.CheckpointError(f"no file at {p}")
+    if p.is_dir():
+        raise sdnet.CheckpointError(f"{p} is a folder, not a checkpoint file")
+    stat = p.resolve().stat()
+    model, meta = _load(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
+    key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{device}"
+    return Loaded(model=model, meta=meta, card=sdnet.load_card(p), path=p, key=key)
+
+
+def baseline_path(loaded: Loaded, folder: Path) -> Path | None:
+    """The ResNet to compare with: the card's "baseline", else a resnet of the same width in `folder`."""
+    card = loaded.card or {}
+    for base in (loaded.path.parent, folder):
+        if card.get("baseline") and (base / card["baseline"]).is_file():
+            return base / card["baseline"]
+    width = loaded.meta["config"].get("width")
+    candidates = [p for p in list_checkpoints(folder) if p.name.startswith("resnet") and p != loaded.path]
+    same = [p for p in candidates if f"w{width}" in p.stem]
+    return (same or candidates or [None])[0]
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def list_samples() -> dict[str, Path]:
+    """The shipped sample images, '<class>_<n>' -> path."""
+    return {p.stem: p for p in sorted(SAMPLES.glob("*.png"))}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def sample_image(path: str, size: int) -> np.ndarray:
+    return images.load_rgb_file(path, size).numpy()
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def upload_image(data: bytes, size: int) -> tuple[np.ndarray, list[str], str, tuple[int, int], str]:
+    """(image, notes, file hash, original size, original mode); raises images.ImageError."""
+    prep = images.prepare_image(data, size)
+    return prep.tensor.numpy(), prep.notes, prep.file_sha256, prep.original_size, prep.original_mode
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def corrupted(x: np.ndarray, kind: str, severity: int | float, seed: int) -> np.ndarray:
+    """The image with CIFAR-10-C noise, drawn on the CPU so a seed means the same noise on any device."""
+    if kind == "none":
+        return x
+    return corrupt(torch.from_numpy(x), kind, severity, seed=seed).numpy()
+
+
+# --- lambda settings and the probe ---------------------------------------------------------------
+
+def lam_spec(layer_names: list[str], lam_all: float | None, per_layer: dict[str, float]) -> LamSpec:
+    """The hashable lambda setting: None (trained), a float for all layers, or per-layer pairs."""
+    if not per_layer:
+        return lam_all
+    base = {n: lam_all for n in layer_names} if lam_all is not None else {}
+    base.update(per_layer)
+    return tuple(sorted(base.items()))
+
+
+def as_override(spec: LamSpec) -> float | dict[str, float] | None:
+    return dict(spec) if isinstance(spec, tuple) else spec
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: int | None) -> dict[str, Any]:
+    """Trace `model` on one image at the given lambda: logits, probabilities and, per CSC layer,
+    its input x, code z, reconstruction A(z), residual, relative residual and sparsity (numpy)."""
+    inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(model))
+    with sdnet.override(lam=as_override(lam), n_steps=n_steps):
+        t = sdnet.trace(model, inp)
+
+    def arr(v: torch.Tensor) -> np.ndarray:
+        return v[0].detach().float().cpu().numpy()
+
+    layers = [dict(name=r.name, x=arr(r.x), z=arr(r.z), recon=arr(r.recon), residual=arr(r.residual),
+                   rel_residual=float(r.rel_residual[0]), sparsity=float(r.sparsity[0]), lam=float(r.lam),
+                   input_zero=not bool(r.x[0].any()))  # everything upstream was thresholded away
+              for r in t.layers]
+    logits = arr(t.logits)
+    probs = torch.softmax(t.logits[0].float(), 0).cpu().numpy()
+    return dict(logits=logits, probs=probs, layers=layers,
+                mean_rel_residual=float(t.mean_rel_residual[0]) if t.layers else None)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def probe(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None) -> dict:
+    return run_probe(_model, x, lam, n_steps)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def layer_sees(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+               layer: str, offsets: bool = False) -> np.ndarray:
+    """'What layer l sees': its code decoded back to pixels (paper appendix B), (3, H, W) in [0, 1].
+
+    offsets=True: absolute pixels, BatchNorm offsets and input mean included (clipped). False: the
+    code's own (linear) contribution, min-max stretched; deep layers' offsets otherwise swamp it.
+    Raises ValueError for models with shortcuts."""
+    rec = next(r for r in probe(_model, model_key, x, lam, n_steps)["layers"] if r["name"] == layer)
+    z = torch.from_numpy(rec["z"]).unsqueeze(0).to(_device_of(_model))
+    img = sdnet.decode_to_input(_model, layer, z, bias=offsets)[0].cpu().numpy()
+    return np.clip(img, 0, 1) if offsets else images.stretch(img)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def pixel_atoms(_model: torch.nn.Module, model_key: str, layer: str, code_shape: tuple[int, int, int]) -> np.ndarray:
+    """Every atom of `layer` pushed to pixel space (a unit code at the centre, decode_to_input
+    without offsets): (C, 3, H, W). Raises ValueError for models with shortcuts."""
+    c, h, w = code_shape
+    z = torch.zeros(c, c, h, w, device=_device_of(_model))
+    z[torch.arange(c), torch.arange(c), h // 2, w // 2] = 1.0
+    return sdnet.decode_to_input(_model, layer, z, bias=False).cpu().numpy()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def explain(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+            target: int, method: str) -> np.ndarray:
+    """Input attribution (3, H, W) of class `target` at the given lambda."""
+    return attribution.attribute(_model, torch.from_numpy(x).to(_device_of(_model)), target, method,
+                                 lam=as_override(lam), n_steps=n_steps).numpy()
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def explain_atoms(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+                  target: int, method: str) -> tuple[str, np.ndarray]:
+    """Per-atom attribution (C,) of class `target` on the first CSC layer's code."""
+    name, scores = attribution.atom_attribution(_model, torch.from_numpy(x).to(_device_of(_model)), target,
+                                                method, lam=as_override(lam), n_steps=n_steps)
+    return name, scores.numpy()
+
+
+def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[float]:
+    """The lambda slider's values: the grid, the trained lambdas and `extra` ones (e.g. Algorithm 1's)."""
+    return sorted(set(LAM_GRID) | {float(v) for v in trained.values()} | {float(v) for v in extra})
+
+
+# --- what the user sees, and its export --------------------------------------------------------
+
+@dataclass
+class View:
+    """Everything on the page for one setting, enough to export and to reproduce it."""
+    settings: dict[str, Any]
+    classes: list[str]
+    clean: np.ndarray                 # (3, H, W) model input before corruption
+    image: np.ndarray                 # (3, H, W) what the model sees (corrupted or not)
+    probe: dict[str, Any]             # at the current lambda
+    trained: dict[str, Any]           # at the trained lambda
+    layer: str | None = None          # the layer picked for the detail panels
+    top_channels: list[int] = field(default_factory=list)
+    atom_tiles: np.ndarray | None = None   # (C, k, k, 3) first-layer atoms, sorted by use
+    atom_order: list[int] = field(default_factory=list)
+    sees: np.ndarray | None = None         # (3, H, W) what the picked layer sees
+    attributions: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, W)
+    atom_scores: np.ndarray | None = None  # (C,) first-layer atom attribution
+
+
+def layer_record(probe_result: dict, name: str | None) -> dict | None:
+    return next((r for r in probe_result["layers"] if r["name"] == name), None)
+
+
+def channel_norm(a: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W): the l2 norm over channels at each position."""
+    return np.sqrt((a.astype(np.float64) ** 2).sum(0))
+
+
+def recon_panels(rec: dict, unnormalize) -> tuple[list[tuple[str, np.ndarray]], bool]:
+    """(title, map) for input, A(z) and residual of one layer; RGB for the first layer."""
+    if rec["x"].shape[0] == 3:
+        x, r = unnormalize(rec["x"]), unnormalize(rec["recon"])
+        return [("input x", x), ("A(z)", r), ("residual x - A(z) (grey = 0)", np.clip(rec["residual"] * 0.25 + 0.5, 0, 1)
+                                                 .transpose(1, 2, 0))], True
+    return [("input ||x||", channel_norm(rec["x"])), ("A(z) ||A(z)||", channel_norm(rec["recon"])),
+            ("residual ||x - A(z)||", channel_norm(rec["residual"]))], False
+
+
+def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]:
+    """The PNGs of the view, each made only when asked for: inputs, atom grid, code maps, the
+    picked layer's reconstruction, what it sees, attribution overlays."""
+    up = max(1, 256 // view.image.shape[-1])
+    makers: dict[str, Callable[[], bytes]] = {
+        "input_clean.png": lambda: images.png_bytes(view.clean, up),
+        "input_model.png": lambda: images.png_bytes(view.image, up)}
+    if view.atom_tiles is not None:
+        makers["atoms_first_layer.png"] = lambda: images.png_bytes(images.tile_grid(view.atom_tiles), 16)
+    rec = layer_record(view.probe, view.layer)
+    if rec is not None:
+        safe = view.layer.replace(".", "_")
+        makers[f"codes_{safe}.png"] = lambda: _codes_png(rec, view.top_channels)
+        makers[f"reconstruction_{safe}.png"] = lambda: _recon_png(rec, unnormalize)
+        if view.sees is not None:
+            makers[f"sees_{safe}.png"] = lambda: images.png_bytes(view.sees, up)
+    for method, attr in view.attributions.items():
+        makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view.image, a, m, up)
+    return makers
+
+
+def _codes_png(rec: dict, channels: list[int]) -> bytes:
+    chans = channels or list(range(min(16, rec["z"].shape[0])))
+    codes = images.colorize(rec["z"][chans], vmin=0 if rec["z"].min() >= 0 else None)
+    return images.png_bytes(images.tile_grid(codes, ncols=8, pad=1), max(1, 128 // rec["z"].shape[-1]))
+
+
+def _recon_png(rec: dict, unnormalize) -> bytes:
+    panels, rgb = recon_panels(rec, unnormalize)
+    if rgb:
+        pics = np.stack([p for _, p in panels])
+    else:
+        vmax = max(float(p.max()) for _, p in panels)
+        pics = np.stack([images.colorize(p, 0, vmax) for _, p in panels])
+    return images.png_bytes(images.tile_grid(pics, ncols=3, pad=1), max(1, 256 // rec["x"].shape[-1]))
+
+
+def _attribution_png(image: np.ndarray, attr: np.ndarray, method: str, scale: int) -> bytes:
+    amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
+    heat = images.colorize(amap, diverging=attribution.SIGNED[method])
+    return images.png_bytes(0.45 * image.transpose(1, 2, 0) + 0.55 * heat, scale)
+
+
+def export_pngs(view: View, unnormalize) -> dict[str, bytes]:
+    """Every PNG of the view, made now."""
+    return {name: make() for name, make in export_png_makers(view, unnormalize).items()}
+
+
+def export_arrays(view: View) -> bytes:
+    """The raw arrays as .npz: per layer x, z, A(z), residual; per-layer metrics; logits; inputs."""
+    arrays: dict[str, np.ndarray] = {"clean": view.clean, "input": view.image,
+                                     "logits": view.probe["logits"], "probs": view.probe["probs"],
+                                     "logits_trained_lam": view.trained["logits"]}
+    names = [r["name"] for r in view.probe["layers"]]
+    arrays["layer_names"] = np.array(names)
+    arrays["rel_residual"] = np.array([r["rel_residual"] for r in view.probe["layers"]])
+    arrays["sparsity"] = np.array([r["sparsity"] for r in view.probe["layers"]])
+    arrays["lam"] = np.array([r["lam"] for r in view.probe["layers"]])
+    for r in view.probe["layers"]:
+        for k in ("x", "z", "recon", "residual"):
+            arrays[f"{r['name']}.{k}"] = r[k]
+    for method, attr in view.attributions.items():
+        arrays[f"attribution.{method}"] = attr
+    if view.atom_scores is not None:
+        arrays["atom_attribution"] = view.atom_scores
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def export_zip(view: View, unnormalize) -> bytes:
+    """One ZIP: every PNG, arrays.npz and settings.json (which reproduces the view)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in export_pngs(view, unnormalize).items():
+            zf.writestr(f"png/{name}", data)
+        zf.writestr("arrays.npz", export_arrays(view))
+        zf.writestr("settings.json", json.dumps(view.settings, indent=2))
+    return buf.getvalue()
+
+
+def reproduce_snippet(settings: dict) -> str:
+    """Python that recomputes the view's trace from the exported settings.json and arrays.npz."""
+    corr = settings["corruption"]
+    lines = ["import json, numpy as np, torch, sdnet",
+             "s = json.load(open('settings.json'))",
+             "model, meta = sdnet.load_checkpoint(s['checkpoint']['path'])",
+             "x = torch.from_numpy(np.load('arrays.npz')['clean'])  # the clean model input, exact"]
+    if corr["kind"] != "none":
+        lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['severity'], "
+                     "seed=s['corruption']['seed'])")
+    lines += ["lam = s['lam']['override']", "lam = dict(lam) if isinstance(lam, list) else lam",
+              "with sdnet.override(lam=lam, n_steps=s['n_steps']):",
+              "    t = sdnet.trace(model, x[None])"]
+    return "\n".join(lines)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def checkpoint_sha256(key: str, path: str) -> str:
+    return file_sha256(Path(path))

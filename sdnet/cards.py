@@ -1,0 +1,54 @@
+"""Model cards: a JSON file beside each checkpoint (`model.pt` -> `model.json`) that says what it is.
+
+A card carries the architecture, width, lambda, n_steps, data, measured accuracy, how it was
+trained and evaluated (the exact commands), and, once `python -m sdnet.robust fit` has run, the
+lambda-versus-residual fits of the paper's Algorithm 1 under "robust_fit":
+
+    "robust_fit": {"gaussian": {"slope": a, "intercept": b, "lam_range": [lo, hi],
+                                "points": [{"level": c, "residual": r_c, "lam": lam_c, ...}, ...]}, ...}
+
+so lambda(r) = clip(a * r + b, lo, hi) for an image whose measured mean relative residual is r.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+
+
+def card_path(checkpoint: str | os.PathLike) -> Path:
+    return Path(checkpoint).with_suffix(".json")
+
+
+def load_card(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The card beside `checkpoint`, or None when there is none or it is not valid JSON."""
+    path = card_path(checkpoint)
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def write_card(checkpoint: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Write (atomically) the card beside `checkpoint`."""
+    path = card_path(checkpoint)
+    atomic_write_text(path, json.dumps(card, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def update_card(checkpoint: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into the card beside `checkpoint` (creating it) and write it back."""
+    card = load_card(checkpoint) or {}
+    card.update(fields)
+    write_card(checkpoint, card)
+    return card
+
+
+def adaptive_lam(fit: dict[str, Any], residual: float) -> float:
+    """Algorithm 1's lambda for a measured mean relative residual, from one entry of card["robust_fit"]."""
+    lo, hi = fit.get("lam_range", (0.0, float("inf")))
+    return float(min(max(fit["slope"] * float(residual) + fit["intercept"], lo), hi))

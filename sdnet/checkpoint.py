@@ -1,0 +1,109 @@
+"""Self-describing checkpoints: weights plus what is needed to rebuild and explain the model.
+
+Loading never unpickles code: `torch.load(weights_only=True)` only accepts tensors and plain
+containers. Writes go to a temporary file in the same folder, then an atomic rename.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .models import build_model
+
+FORMAT = "sdnet-explorer-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be loaded as an SDNet Explorer checkpoint; the message says why."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
+    """torch.load with weights_only=True, turning every failure into a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no file at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data; refusing to "
+                              f"unpickle it (weights_only=True). Details: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = False, **meta: Any) -> None:
+    """Write `model` with its build config and `meta` (class names, accuracy, ...) atomically.
+
+    `half=True` stores floating tensors as float16 (loaded back as float32).
+    """
+    config = getattr(model, "sdnet_config", None)
+    if config is None:
+        raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
+    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
+             for k, v in model.state_dict().items()}
+    atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
+                 "meta": dict(meta), "state_dict": state}, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model stored at `path`; returns (model in eval mode, meta with 'config')."""
+    obj = safe_load(path, map_location)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not an SDNet Explorer checkpoint "
+                              "(save one with sdnet.save_checkpoint or python -m sdnet.train)")
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer sdnet (format {obj['version']})")
+    config = obj.get("config", {})
+    try:
+        model = build_model(**config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
+                              f"{str(e).splitlines()[0]}") from None
+    model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+    meta = dict(obj.get("meta", {}))
+    meta["config"] = config
+    return model, meta

@@ -1,0 +1,66 @@
+"""The four additive noises of CIFAR-10-C (Hendrycks & Dietterich 2019), batched and seeded.
+
+Images are in [0, 1]; the noise is drawn on the tensor's device, then clipped to [0, 1].
+"""
+from __future__ import annotations
+
+import torch
+
+# severity 1..5 -> the constant c of each noise
+SEVERITY = {
+    "gaussian": (0.04, 0.06, 0.08, 0.09, 0.10),   # x + N(0, c^2)
+    "shot": (500, 250, 100, 75, 50),              # Poisson(x * c) / c
+    "speckle": (0.06, 0.10, 0.12, 0.16, 0.20),    # x + x * N(0, c^2)
+    "impulse": (0.01, 0.02, 0.03, 0.05, 0.07),    # salt and pepper, amount c
+}
+KINDS = tuple(SEVERITY)
+
+
+def level(kind: str, severity: int | float) -> float:
+    """The noise constant c for an integer severity 1..5; a float is taken as c itself."""
+    if kind not in SEVERITY:
+        raise ValueError(f"unknown corruption {kind!r}; choose one of {', '.join(KINDS)}")
+    if isinstance(severity, bool):
+        raise ValueError("severity must be 1..5 or a float level")
+    if isinstance(severity, int):
+        if not 1 <= severity <= 5:
+            raise ValueError(f"severity must be 1..5, got {severity}")
+        return float(SEVERITY[kind][severity - 1])
+    c = float(severity)
+    if not c > 0 or c != c or c == float("inf"):
+        raise ValueError(f"a float level must be positive and finite, got {severity}")
+    if kind == "impulse" and c > 1:
+        raise ValueError(f"impulse amount must be in (0, 1], got {c}")
+    return c
+
+
+def corrupt(images: torch.Tensor, kind: str, severity: int | float, seed: int | None = None) -> torch.Tensor:
+    """Corrupt images in [0, 1], shaped (N, 3, H, W) or (3, H, W), with CIFAR-10-C noise."""
+    if images.dim() not in (3, 4):
+        raise ValueError(f"images must be (N, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
+    c = level(kind, severity)
+    x = images.float()
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+
+    def randn():
+        return torch.randn(x.shape, generator=gen, device=x.device)
+
+    if kind == "gaussian":
+        out = x + c * randn()
+    elif kind == "speckle":
+        out = x + x * c * randn()
+    elif kind == "shot":
+        out = torch.poisson(x.clamp(0, 1) * c, generator=gen) / c
+    else:  # impulse: like skimage's s&p, each value is hit with prob c, half salt, half pepper
+        u = torch.rand(x.shape, generator=gen, device=x.device)
+        salt = torch.rand(x.shape, generator=gen, device=x.device) < 0.5
+        out = torch.where(u < c, salt.to(x.dtype), x)
+    return out.clamp_(0, 1).to(images.dtype if images.is_floating_point() else torch.float32)
+
+
+def parse_severity(text: str | int | float) -> int | float:
+    """A command-line severity: '1'..'5' is a CIFAR-10-C severity, anything else a float level c."""
+    value = float(text)
+    return int(value) if value.is_integer() and 1 <= value <= 5 else value

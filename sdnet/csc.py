@@ -1,0 +1,289 @@
+"""The convolutional sparse coding (CSC) layer, solved by unrolled FISTA (paper eq. 3-4).
+
+The layer's output is z* = argmin_z lam*||z||_1 + 1/2*||x - A(z)||^2, with
+A(z) = conv_transpose2d(z, W) and A^T(x) = conv2d(x, W). Lambda and the number of
+FISTA steps can be changed per call with `override`, which uses contextvars, so a
+model shared by several threads (Streamlit sessions) is never mutated.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import threading
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Per-call settings: {"lam": float | dict | None, "n_steps": int | None}.
+_OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sdnet_override", default=None)
+# When set, every CSC layer appends a record of its solve here (see sdnet.inspect.trace).
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("sdnet_recorder", default=None)
+# Guards the power-iteration cache; a module-level lock keeps layers deep-copyable.
+_POWER_LOCK = threading.RLock()
+
+# A warm power-iteration refresh goes on while one iteration still raises the estimate by more than this.
+_POWER_TOL = 1e-3
+_POWER_MIX = 0.3
+LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
+
+
+def _check_lam(value: float, where: str) -> float:
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"lambda for {where} must be a number, got {value!r}") from None
+    if not math.isfinite(lam) or lam < 0 or lam > LAM_MAX:
+        raise ValueError(f"lambda for {where} must be in [0, {LAM_MAX}], got {value!r}")
+    return lam
+
+
+@contextlib.contextmanager
+def override(lam: float | Mapping[str, float] | None = None, n_steps: int | None = None) -> Iterator[None]:
+    """Run CSC layers with another lambda and/or number of FISTA steps inside the block.
+
+    `lam` is a float for every CSC layer or a {layer_name: float} mapping (other layers
+    keep their trained lambda). Settings are per call and per thread; the model is untouched.
+    """
+    if isinstance(lam, Mapping):
+        lam = {str(k): _check_lam(v, f"layer {k!r}") for k, v in lam.items()}
+    elif lam is not None:
+        lam = _check_lam(lam, "all layers")
+    if n_steps is not None:
+        if isinstance(n_steps, bool) or int(n_steps) != n_steps or not 1 <= int(n_steps) <= 1000:
+            raise ValueError(f"n_steps must be an integer in [1, 1000], got {n_steps!r}")
+        n_steps = int(n_steps)
+    outer = _OVERRIDE.get() or {}
+    merged = dict(outer)
+    if lam is not None:
+        merged["lam"] = lam
+    if n_steps is not None:
+        merged["n_steps"] = n_steps
+    token = _OVERRIDE.set(merged)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+class CSCLayer(nn.Module):
+    """Convolutional sparse coding layer: a drop-in replacement for `nn.Conv2d(in, out, k, stride)`.
+
+    `weight` has the shape of `nn.Conv2d(in_channels, out_channels, k).weight`; each output
+    channel (an atom over in_channels x k x k) has unit l2 norm. `forward(x)` returns the
+    sparse code z, `decode(z)` the reconstruction A(z).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | None = None, lam: float = 0.1, n_steps: int = 2,
+                 non_negative: bool = True, power_iters: int = 2, power_margin: float = 1.05):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+        self.padding = kernel_size // 2 if padding is None else padding
+        self.lam = _check_lam(lam, "the layer")
+        self.n_steps = int(n_steps)
+        self.non_negative = non_negative
+        self.power_iters, self.power_margin = power_iters, power_margin
+        self.name: str | None = None  # set by sdnet.models / csc_layers: the key for override(lam={...})
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            normalize_atoms_(self.weight)
+        # Warm-started power iteration state (plain attributes: not saved, not broadcast by DDP).
+        self._power_vec: torch.Tensor | None = None
+        self._lipschitz: torch.Tensor | None = None
+        self._lipschitz_key: tuple | None = None
+        self._refreshes = 0
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, lam={self.lam}, "
+                f"n_steps={self.n_steps}, non_negative={self.non_negative}")
+
+    # --- the operator ------------------------------------------------------------------
+    def adjoint(self, x: torch.Tensor) -> torch.Tensor:
+        """A^T(x): signal -> code space."""
+        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+
+    def decode(self, z: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """A(z): code -> signal, at `output_size` (default: the code's size times the stride)."""
+        if output_size is None:
+            output_size = (z.shape[-2] * self.stride, z.shape[-1] * self.stride)
+        k, s, p = self.kernel_size, self.stride, self.padding
+        out_pad = [int(o) - ((n - 1) * s - 2 * p + k) for o, n in zip(output_size[-2:], z.shape[-2:])]
+        if not all(0 <= op < s for op in out_pad):
+            raise ValueError(f"cannot decode a code of size {tuple(z.shape[-2:])} to {tuple(output_size)}")
+        return F.conv_transpose2d(z, self.weight, stride=s, padding=p, output_padding=tuple(out_pad))
+
+    # --- step size -----------------------------------------------------------------------
+    def lipschitz(self, spatial: tuple[int, int], iters: int | None = None) -> torch.Tensor:
+        """A valid bound L >= ||A||^2 for inputs of size `spatial`, by warm-started power iteration.
+
+        Recomputed only when the dictionary changes (its version counter moves), so inference
+        reuses the cached value and training pays `power_iters` iterations per optimizer step,
+        plus more while the estimate is still rising (see `_POWER_TOL`).
+        """
+        w = self.weight
+        key = self._cache_key(spatial)
+        with _POWER_LOCK:
+            if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
+                return self._lipschitz
+            code_hw = [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial]
+            shape = (1, self.out_channels, *code_hw)
+            v = self._power_vec
+            cold = v is None or v.shape != shape or v.device != w.device
+            if cold:
+                gen = torch.Generator().manual_seed(0)  # deterministic start: same L on every rank
+                v = torch.randn(shape, generator=gen).to(w.device)
+            n = iters if iters is not None else (30 if cold else self.power_iters)
+            out_pad = self._out_pad(spatial, code_hw)
+            with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+                wf = w.detach().float()
+                v = v.float() / v.norm()
+                if iters is None and not cold:
+                    # Keep some weight on every direction: a vector converged to the old top
+                    # eigenvector has almost none on the new one after a large change.
+                    gen = torch.Generator(device=w.device).manual_seed(int(self._refreshes))
+                    r = torch.randn(shape, generator=gen, device=w.device)
+                    v = v + _POWER_MIX * r / r.norm()
+                    v = v / v.norm()
+                    self._refreshes += 1
+
+                def power(v, n):
+                    prev = est = torch.zeros((), device=w.device)
+                    for _ in range(n):
+                        x = F.conv_transpose2d(v, wf, stride=self.stride, padding=self.padding,
+                                               output_padding=out_pad)
+                        u = F.conv2d(x, wf, stride=self.stride, padding=self.padding)
+                        prev, est = est, u.norm()
+                        v = u / est.clamp_min(1e-12)
+                    return v, prev, est
+
+                v, prev, est = power(v, n)
+                if iters is None and not cold:
+                    # A warm refresh. After a small change (a late optimizer step) the old vector is
+                    # still close to the top eigenvector and `power_iters` iterations suffice. After a
+                    # large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
+                    # estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the
+                    # second step of sdnet18_all at lr 0.1), so FISTA's step would be too long and
+                    # diverge: iterate on while it rises (one host sync per check).
+                    extra = 0
+                    while extra < 30 and float(est - prev) > _POWER_TOL * float(est):
+                        v, prev, est = power(v, 2)
+                        extra += 2
+                L = (est * self.power_margin).clamp_min(1e-6)
+            self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
+            return L
+
+    def _cache_key(self, spatial: tuple[int, int]) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype, tuple(spatial))
+
+    def power_state(self) -> dict | None:
+        """The power-iteration cache as tensors, for a training state that resumes bit for bit."""
+        if self._power_vec is None or self._lipschitz_key is None:
+            return None
+        return {"vec": self._power_vec, "lipschitz": self._lipschitz,
+                "spatial": torch.tensor(self._lipschitz_key[-1]),
+                "refreshes": torch.tensor(self._refreshes)}
+
+    def load_power_state(self, state: dict) -> None:
+        """Restore `power_state()` for the dictionary as it is now (call after loading the weights)."""
+        dev = self.weight.device
+        self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
+        self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
+        self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # A loaded dictionary is unrelated to the cached power vector: start cold, as a fresh model would.
+        self._power_vec = self._lipschitz = self._lipschitz_key = None
+
+    def _out_pad(self, spatial, code_hw) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return tuple(int(o - ((n - 1) * s - 2 * p + k)) for o, n in zip(spatial, code_hw))
+
+    # --- settings that may be overridden per call ------------------------------------------
+    def effective_lam(self) -> float:
+        ctx = _OVERRIDE.get()
+        lam = ctx.get("lam") if ctx else None
+        if isinstance(lam, Mapping):
+            return lam.get(self.name, self.lam) if self.name is not None else self.lam
+        return self.lam if lam is None else lam
+
+    def effective_steps(self) -> int:
+        ctx = _OVERRIDE.get()
+        return ctx.get("n_steps") or self.n_steps if ctx else self.n_steps
+
+    # --- the solve -------------------------------------------------------------------------
+    def _prox(self, v: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        if self.non_negative:
+            return F.relu(v - thr)
+        return v - v.clamp(-thr, thr)  # soft threshold, sync-free with a tensor threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lam, n_steps = self.effective_lam(), self.effective_steps()
+        L = self.lipschitz(tuple(x.shape[-2:])).to(x.dtype if x.is_floating_point() else torch.float32)
+        thr = lam / L
+        atx = self.adjoint(x)
+        z = self._prox(atx / L, thr)          # first step from z = 0
+        z_prev, y, t = z, z, 1.0
+        for _ in range(n_steps - 1):
+            grad = self.adjoint(self.decode(y, x.shape[-2:])) - atx
+            z = self._prox(y - grad / L, thr)
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = z + ((t - 1) / t_next) * (z - z_prev)
+            z_prev, t = z, t_next
+        recorder = _RECORDER.get()
+        if recorder is not None:
+            recorder.append(self._record(x, z, lam))
+        return z
+
+    def _record(self, x: torch.Tensor, z: torch.Tensor, lam: float) -> dict:
+        recon = self.decode(z, x.shape[-2:])
+        residual = x - recon
+        dims = tuple(range(1, x.dim()))
+        res_norm = residual.flatten(1).norm(dim=1)
+        return dict(name=self.name, x=x, z=z, recon=recon, residual=residual, lam=lam,
+                    residual_norm=res_norm,
+                    rel_residual=res_norm / x.flatten(1).norm(dim=1).clamp_min(1e-12),
+                    sparsity=(z == 0).float().mean(dim=tuple(range(1, z.dim()))),
+                    objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
+
+
+def normalize_atoms_(weight: torch.Tensor) -> torch.Tensor:
+    """Scale every atom (output channel over in_channels x k x k) to unit l2 norm, in place."""
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return weight.div_(norms.view(-1, 1, 1, 1))
+
+
+def csc_layers(model: nn.Module) -> list[tuple[str, CSCLayer]]:
+    """The CSC layers of `model` in registration order (= forward order for SDNet models), named."""
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, CSCLayer):
+            if m.name is None:
+                m.name = name
+            layers.append((m.name, m))
+    return layers
+
+
+@torch.no_grad()
+def project_dictionaries(model: nn.Module) -> None:
+    """Project every CSC dictionary back onto unit-norm atoms (projected SGD, paper eq. 5)."""
+    for _, layer in csc_layers(model):
+        normalize_atoms_(layer.weight)
+
+
+def lasso_objective(layer: CSCLayer, x: torch.Tensor, z: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+    """lam*||z||_1 + 1/2*||x - A(z)||^2 per sample."""
+    lam = layer.lam if lam is None else lam
+    r = x - layer.decode(z, x.shape[-2:])
+    return lam * z.flatten(1).abs().sum(1) + 0.5 * r.flatten(1).pow(2).sum(1)

@@ -1,0 +1,208 @@
+"""CIFAR-10/100 as in-memory uint8 tensors, from three kinds of sources, with the paper's augmentation.
+
+Sources, in the order they are recognised:
+  (a) a torchvision folder (`cifar-10-batches-py/` or `cifar-100-python/` inside), or an empty
+      folder with `download=True` where the user has a network;
+  (b) an ImageFolder tree: `<root>/train/<class>/*.jpg|png`, `<root>/test/<class>/*` (one
+      extra top folder, as a tarball often has, is looked through);
+  (c) a `.tar.gz`/`.tgz`/`.tar` of such a tree, unpacked once into the cache folder.
+Decoded images are cached as `.npz` in the cache folder, so only the first use decodes JPEGs.
+The location comes from the caller (a `--data` flag) or the `SDNET_DATA` environment variable;
+the cache folder from `SDNET_CACHE` (default `~/.cache/sdnet`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing or not laid out as expected; the message says what was expected where."""
+
+
+@dataclass
+class ImageSet:
+    """A split held in memory: images (N, 3, H, W) uint8, labels (N,) int64, and class names."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> "ImageSet":
+        """A fixed random subset of `n` images (all of them when n is None or >= len)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, f"{self.source} [{n} of {len(self)}]")
+
+    def float_images(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Images as float in [0, 1] on `device`."""
+        return self.images.to(device).float().div_(255)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SDNET_CACHE", Path.home() / ".cache" / "sdnet"))
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> Path:
+    """The dataset location: `path` if given, else $SDNET_DATA; a clear error if neither exists."""
+    if path is None or str(path) == "":
+        env = os.environ.get("SDNET_DATA")
+        if not env:
+            raise DatasetError("no dataset given: pass --data PATH (a torchvision CIFAR folder, an "
+                               "ImageFolder tree with train/ and test/, or a .tar.gz of one) or set SDNET_DATA")
+        path = env
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DatasetError(f"dataset not found at {p}: expected a torchvision CIFAR folder, an ImageFolder "
+                           "tree with train/<class>/ and test/<class>/, or a .tar.gz of such a tree")
+    return p
+
+
+def load_split(path: str | os.PathLike | None, split: str = "train", dataset: str = "cifar10",
+               download: bool = False) -> ImageSet:
+    """Load `split` ("train" or "test") of CIFAR-10/100 from `path` (see the module doc)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, got {dataset!r}")
+    if download and path is not None and not Path(path).exists():
+        Path(path).mkdir(parents=True)
+    p = resolve_data_path(path)
+    if p.is_file():
+        if not _is_tarball(p):
+            raise DatasetError(f"{p} is a file but not a .tar.gz/.tgz/.tar archive of an ImageFolder tree")
+        p = _unpack_once(p)
+    if _torchvision_folder(p, dataset) or download:
+        return _load_torchvision(p, split, dataset, download)
+    return _load_image_folder(p, split)
+
+
+# --- (a) torchvision ---------------------------------------------------------------------------
+def _torchvision_folder(p: Path, dataset: str) -> bool:
+    return (p / {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]).is_dir()
+
+
+def _load_torchvision(p: Path, split: str, dataset: str, download: bool) -> ImageSet:
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    try:
+        ds = cls(str(p), train=split == "train", download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    return ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes), f"{p} ({split})")
+
+
+# --- (b) ImageFolder tree ----------------------------------------------------------------------
+def _split_root(p: Path, split: str) -> Path:
+    if (p / split).is_dir():
+        return p / split
+    subdirs = [d for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
+    if len(subdirs) == 1 and (subdirs[0] / split).is_dir():
+        return subdirs[0] / split
+    raise DatasetError(f"no '{split}' folder in {p}: expected {p}/{split}/<class>/<image> "
+                       "(an ImageFolder tree), or a torchvision CIFAR folder")
+
+
+def _load_image_folder(p: Path, split: str) -> ImageSet:
+    root = _split_root(p, split)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        found = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [i] * len(found)
+    if not files:
+        raise DatasetError(f"no images under {root}: expected {root}/<class>/*.jpg or *.png")
+    key = hashlib.sha256("\n".join(f"{f}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:16]
+    cached = cache_dir() / "decoded" / f"{root.parent.name}-{split}-{key}.npz"
+    if cached.exists():
+        with np.load(cached) as npz:
+            images = npz["images"]
+    else:
+        images = _decode_all(files)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=images)
+        os.replace(tmp, cached)
+    return ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes, f"{root}")
+
+
+def _decode_all(files: list[Path]) -> np.ndarray:
+    from PIL import Image
+    from tqdm import tqdm
+
+    def decode(f: Path) -> np.ndarray:
+        with Image.open(f) as im:
+            return np.asarray(im.convert("RGB"))
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(tqdm(pool.map(decode, files, chunksize=256), total=len(files),
+                           desc=f"decoding {files[0].parent.parent.name}", unit="img", leave=False))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DatasetError(f"images under {files[0].parent.parent} differ in size ({sorted(shapes)[:3]}...); "
+                           "expected CIFAR's 32x32")
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+# --- (c) tarball ---------------------------------------------------------------------------------
+def _is_tarball(p: Path) -> bool:
+    return p.name.endswith((".tar.gz", ".tgz", ".tar"))
+
+
+def _unpack_once(p: Path) -> Path:
+    st = p.stat()
+    key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "unpacked" / f"{p.name.split('.')[0]}-{key}"
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(p) as tar:
+            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DatasetError(f"cannot unpack {p}: {err}") from None
+    (tmp / ".complete").touch()
+    if dest.exists():  # another process won the race
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+# --- batches and augmentation ---------------------------------------------------------------------
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The paper's training augmentation on a float batch: random crop with zero padding, random flip.
+
+    Runs on the batch's device with `generator` (on the same device), so it is seeded and cheap.
+    """
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w, device=images.device)).view(n, 1, 1, w)
+    batch_idx = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    chan_idx = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
+    out = padded[batch_idx, chan_idx, rows, cols]
+    flip = torch.rand(n, generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)

@@ -1,0 +1,117 @@
+"""Evaluate a checkpoint: top-1 accuracy, clean or corrupted, and every CSC layer's mean relative residual.
+
+    python -m sdnet.evaluate --checkpoint checkpoints/sdnet18_all-w16.pt --data PATH [--lam 0.5]
+        [--corruption gaussian --severity 3] [--subset 1000] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .corruptions import KINDS, corrupt, parse_severity
+from .csc import csc_layers, override
+from .data import DatasetError, ImageSet, load_split
+from .inspect import trace
+from .utils import default_device
+
+
+@dataclass
+class EvalResult:
+    accuracy: float                       # top-1, in %
+    n_images: int
+    lam: float | None                     # None: the trained lambda of every layer
+    n_steps: int | None
+    corruption: str | None
+    severity: float | None
+    mean_rel_residual: float | None       # over all CSC layers and images (Algorithm 1's r)
+    layers: dict[str, float] = field(default_factory=dict)  # layer -> mean relative residual
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, n_steps: int | None = None,
+             corruption: str | None = None, severity: float | None = None, seed: int = 0,
+             batch_size: int = 250, device: torch.device | str | None = None, progress: bool = False) -> EvalResult:
+    """Accuracy of `model` on `data`, optionally corrupted and at another lambda / n_steps."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device).eval()
+    has_csc = bool(csc_layers(model))
+    correct, sums = 0, {}
+    t0 = time.perf_counter()
+    starts = range(0, len(data), batch_size)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
+    for i in starts:
+        x = data.images[i:i + batch_size].to(device).float().div_(255)
+        if corruption:
+            x = corrupt(x, corruption, severity, seed=seed * 1_000_003 + i)
+        with override(lam=lam, n_steps=n_steps):
+            if has_csc:
+                t = trace(model, x)
+                logits = t.logits
+                for rec in t.layers:
+                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.sum().item()
+            else:
+                logits = model(x)
+        correct += (logits.argmax(1).cpu() == data.labels[i:i + batch_size]).sum().item()
+    n = len(data)
+    layers = {k: v / n for k, v in sums.items()}
+    return EvalResult(accuracy=100.0 * correct / max(1, n), n_images=n,
+                      lam=lam if not isinstance(lam, dict) else None, n_steps=n_steps,
+                      corruption=corruption, severity=severity,
+                      mean_rel_residual=sum(layers.values()) / len(layers) if layers else None,
+                      layers=layers, seconds=round(time.perf_counter() - t0, 2))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
+    p.add_argument("--dataset", default=None, help="cifar10 or cifar100 (default: the checkpoint's)")
+    p.add_argument("--split", default="test", choices=["test", "train"])
+    p.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this size")
+    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--lam", type=float, default=None, help="lambda for every CSC layer (default: trained)")
+    p.add_argument("--n-steps", type=int, default=None, help="FISTA steps (default: trained)")
+    p.add_argument("--corruption", default=None, choices=list(KINDS))
+    p.add_argument("--severity", type=parse_severity, default=3, help="1..5 as in CIFAR-10-C, or a float level")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> EvalResult:
+    args = parse_args(argv)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    try:
+        model, meta = load_checkpoint(args.checkpoint, map_location=device)
+        data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
+    except (CheckpointError, DatasetError) as err:
+        sys.exit(f"error: {err}")
+    data = data.subset(args.subset, args.subset_seed)
+    res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
+                   severity=args.severity if args.corruption else None, seed=args.seed,
+                   batch_size=args.batch_size, device=device, progress=not args.json)
+    if args.json:
+        print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device))))
+    else:
+        what = f"{args.corruption} severity {args.severity}" if args.corruption else "clean"
+        print(f"{args.checkpoint}: top-1 {res.accuracy:.2f}% on {res.n_images} {args.split} images ({what}, "
+              f"lambda {'trained' if args.lam is None else args.lam}) in {res.seconds:.1f}s on {device}")
+        for name, r in res.layers.items():
+            print(f"  {name:<24} mean relative residual {r:.4f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

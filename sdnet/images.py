@@ -1,0 +1,267 @@
+"""Images in and out: decode any upload safely to a model input, and turn tensors into pictures.
+
+`prepare_image(data, size)` is the one entry point for user files: it refuses what is not an
+image, truncated files, empty files and decompression bombs with an `ImageError` whose message
+says what is wrong, converts every mode (grayscale, RGBA, palette, 16-bit, CMYK, ...) to RGB,
+and resizes and centre-crops to the model's square input, recording every step it took.
+The rest are small, pure helpers to show tensors: atoms as RGB tiles, heatmaps as colours,
+grids of tiles and PNG bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000   # width * height above this is refused (a decompression bomb, or just too big)
+MAX_BYTES = 50 * 2 ** 20  # files above 50 MiB are refused before decoding
+SUFFIXES = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an input image; the message says why, for the user."""
+
+
+@dataclass
+class PreparedImage:
+    """A model input made from a user file, and how it was made."""
+    tensor: torch.Tensor            # (3, size, size) float32 in [0, 1]
+    original_size: tuple[int, int]  # (width, height) of the file
+    original_mode: str              # PIL mode of the file ("RGB", "L", "I;16", "CMYK", ...)
+    notes: list[str] = field(default_factory=list)  # each conversion step, for the user
+    file_sha256: str = ""           # of the file's bytes
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the model input itself (its uint8 pixels)."""
+        return image_hash(self.tensor)
+
+
+def input_size(config: dict) -> int:
+    """The square input side a model expects, from its checkpoint config (CIFAR stem: 32)."""
+    return 224 if config.get("stem") == "imagenet" else 32
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `data` fully (first frame), refusing non-images, truncated files and bombs."""
+    if not data:
+        raise ImageError("the file is empty (0 bytes)")
+    if len(data) > MAX_BYTES:
+        raise ImageError(f"the file is {len(data) / 2 ** 20:.0f} MiB; the limit is {MAX_BYTES // 2 ** 20} MiB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                                 f"{max_pixels / 1e6:.0f} megapixels (a decompression bomb is refused)")
+            if w < 1 or h < 1:
+                raise ImageError(f"the image has no pixels ({w}x{h})")
+            img.seek(0)
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"refused as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError("this file is not an image PIL can read (expected PNG, JPEG, WebP, BMP, GIF or TIFF)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"the image could not be decoded (truncated or corrupt file?): {e}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white."""
+    mode, notes = img.mode, []
+    if mode == "RGB":
+        return img, notes
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        if mode == "F" and hi <= 1.0:
+            arr = arr * 255.0
+            notes.append("float image in [0, 1] scaled to 8 bits")
+        elif hi > 255:
+            arr = arr * (255.0 / (65535.0 if hi <= 65535 else hi))
+            notes.append(f"{mode} ({'16-bit' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        notes.append("grayscale converted to RGB")
+        return img.convert("RGB"), notes
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("palette image expanded")
+        if img.mode == "RGB":
+            return img, notes
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode != "RGBA" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] == 255:
+            notes.append(f"{mode} (fully opaque) converted to RGB")
+            return rgba.convert("RGB"), notes
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"{mode} with transparency composited onto white")
+        return Image.alpha_composite(background, rgba).convert("RGB"), notes
+    if mode in ("L", "1"):
+        notes.append(f"{'black-and-white' if mode == '1' else 'grayscale'} converted to RGB")
+    elif mode != "P":
+        notes.append(f"{mode} converted to RGB")
+    return img.convert("RGB"), notes
+
+
+def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
+    """Resize so the shorter side is `size` (antialiased), then centre-crop to size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img, []
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    notes = []
+    if (nw, nh) != (w, h):
+        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        img = img.resize((nw, nh), resample=resample, reducing_gap=3.0 if scale < 0.5 else None)
+        notes.append(f"resized {w}x{h} -> {nw}x{nh} (shorter side to {size})")
+    if (nw, nh) != (size, size):
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        notes.append(f"centre-cropped to {size}x{size}")
+    return img, notes
+
+
+def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> PreparedImage:
+    """A user file (bytes) -> the model input (3, size, size) in [0, 1], with every step recorded.
+
+    Raises `ImageError` with a message meant for the user when the file cannot be used.
+    """
+    img = open_image(data, max_pixels)
+    original_size, original_mode = img.size, img.mode
+    notes: list[str] = []
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append(f"first of {img.n_frames} frames used")
+    if img.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation, as cameras write it
+        img = ImageOps.exif_transpose(img)
+        notes.append("rotated as its EXIF orientation says")
+    img, conv = to_rgb(img)
+    img, fit = fit_to_input(img, size)
+    tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    return PreparedImage(tensor=tensor, original_size=original_size, original_mode=original_mode,
+                         notes=notes + conv + fit, file_sha256=hashlib.sha256(data).hexdigest())
+
+
+def load_rgb_file(path, size: int = 32) -> torch.Tensor:
+    """A trusted image file (e.g. a shipped sample) as a (3, size, size) model input."""
+    with open(path, "rb") as f:
+        return prepare_image(f.read(), size).tensor
+
+
+# --- showing tensors ------------------------------------------------------------------------
+
+def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3, H, W) or (H, W, 3) or (H, W) values in [0, 1] -> uint8 (H, W, 3) or (H, W)."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_hash(image: torch.Tensor | np.ndarray) -> str:
+    """sha256 of an image's uint8 pixels: the same picture always gets the same name."""
+    arr = to_uint8(image)
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes() + str(arr.shape).encode()).hexdigest()
+
+
+def png_bytes(image: np.ndarray | torch.Tensor, scale: int = 1) -> bytes:
+    """PNG of an image in [0, 1] (or uint8), enlarged `scale` times with nearest neighbours."""
+    arr = np.asarray(image) if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)
+    if scale > 1:
+        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def display_rgb(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Any (3, H, W) signal -> (H, W, 3) in [0, 1] by one min-max over all channels."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    return stretch(arr).transpose(1, 2, 0)
+
+
+def atom_tiles(weight: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Atoms (C, 3, k, k) -> RGB tiles (C, k, k, 3) in [0, 1]: grey is 0, each atom scaled to its max |w|."""
+    w = weight.detach().cpu().float().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise ValueError(f"atom_tiles needs RGB atoms (C, 3, k, k), got {w.shape}")
+    peak = np.abs(w).reshape(len(w), -1).max(1).clip(1e-12).reshape(-1, 1, 1, 1)
+    return (0.5 + 0.5 * w / peak).transpose(0, 2, 3, 1)
+
+
+def channel_activity(z: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Per channel of a code (C, H, W): sum of |z|, how much the image uses each atom."""
+    arr = z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z)
+    return np.abs(arr).reshape(arr.shape[0], -1).sum(1)
+
+
+def tile_grid(tiles: np.ndarray, ncols: int | None = None, pad: int | tuple[int, int] = 1,
+              fill: float = 1.0) -> np.ndarray:
+    """(N, h, w[, 3]) tiles -> one image, row-major, `pad` (or (pad_y, pad_x)) pixels of `fill` between."""
+    tiles = np.asarray(tiles)
+    n = len(tiles)
+    if n == 0:
+        raise ValueError("tile_grid needs at least one tile")
+    py, px = (pad, pad) if isinstance(pad, int) else pad
+    ncols = min(ncols or int(np.ceil(np.sqrt(n))), n)
+    nrows = int(np.ceil(n / ncols))
+    h, w = tiles.shape[1:3]
+    out = np.full((nrows * (h + py) - py, ncols * (w + px) - px, *tiles.shape[3:]), fill, dtype=np.float64)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncols)
+        out[r * (h + py): r * (h + py) + h, c * (w + px): c * (w + px) + w] = t
+    return out
+
+
+# viridis at 9 evenly spaced points: enough for a faithful linear interpolation
+_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+                     [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64) / 255
+
+
+def colorize(values: np.ndarray, vmin: float | None = None, vmax: float | None = None,
+             diverging: bool = False) -> np.ndarray:
+    """A 2-D (or N x 2-D) array -> RGB in [0, 1]: viridis, or blue-white-red around 0 when diverging."""
+    v = np.asarray(values, dtype=np.float64)
+    if diverging:
+        peak = max(float(np.abs(v).max()) if v.size else 0.0, 1e-12)
+        t = np.clip(v / peak, -1, 1)[..., None]
+        white, red, blue = np.ones(3), np.array([0.70, 0.09, 0.17]), np.array([0.13, 0.40, 0.67])
+        return np.where(t >= 0, white + t * (red - white), white - t * (blue - white))
+    lo = float(v.min()) if vmin is None else vmin
+    hi = float(v.max()) if vmax is None else vmax
+    t = np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1) * (len(_VIRIDIS) - 1)
+    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return _VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f
+
+
+def crop_to_support(stack: np.ndarray, margin: int = 1, rel: float = 1e-3) -> np.ndarray:
+    """Crop (N, C, H, W) to the smallest window holding every value above `rel` x the max |value|,
+    plus `margin` pixels: e.g. a deep atom's receptive field instead of the whole image."""
+    arr = np.asarray(stack)
+    mask = np.abs(arr).max(axis=(0, 1)) > rel * max(float(np.abs(arr).max()), 1e-12)
+    if not mask.any():
+        return arr
+    rows, cols = np.where(mask.any(1))[0], np.where(mask.any(0))[0]
+    r0, r1 = max(0, rows[0] - margin), min(arr.shape[2], rows[-1] + 1 + margin)
+    c0, c1 = max(0, cols[0] - margin), min(arr.shape[3], cols[-1] + 1 + margin)
+    return arr[:, :, r0:r1, c0:c1]
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """Min-max an image to [0, 1] over all its channels (to see structure in a faint picture)."""
+    arr = np.asarray(image, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) / max(hi - lo, 1e-12)

@@ -1,0 +1,98 @@
+"""Looking inside a model: `trace` records every CSC layer's solve, `decode_to_input`
+pushes a code back to pixel space (paper appendix B)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .csc import _RECORDER, CSCLayer, csc_layers
+
+
+@dataclass
+class LayerRecord:
+    """One CSC layer's solve for a batch: tensors have the batch dimension first."""
+    name: str
+    x: torch.Tensor            # the layer's input
+    z: torch.Tensor            # the sparse code
+    recon: torch.Tensor        # A(z)
+    residual: torch.Tensor     # x - A(z)
+    residual_norm: torch.Tensor  # ||x - A(z)|| per sample
+    rel_residual: torch.Tensor   # ||x - A(z)|| / ||x|| per sample
+    sparsity: torch.Tensor       # fraction of zeros in z per sample
+    objective: torch.Tensor      # lam*||z||_1 + 1/2*||x - A(z)||^2 per sample
+    lam: float
+
+
+@dataclass
+class Trace:
+    logits: torch.Tensor
+    layers: list[LayerRecord] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerRecord:
+        for rec in self.layers:
+            if rec.name == name:
+                return rec
+        raise KeyError(f"no CSC layer named {name!r}; layers: {[r.name for r in self.layers]}")
+
+    @property
+    def mean_rel_residual(self) -> torch.Tensor:
+        """Per sample: relative residual averaged over all CSC layers (Algorithm 1's r)."""
+        return torch.stack([r.rel_residual for r in self.layers]).mean(0)
+
+
+@torch.no_grad()
+def trace(model: nn.Module, x: torch.Tensor) -> Trace:
+    """Run `model` on `x` (eval mode is the caller's choice) and record every CSC layer.
+
+    Per call and thread-safe (the recorder lives in a contextvar); honours `sdnet.override`.
+    """
+    csc_layers(model)  # make sure every layer carries its name
+    records: list[dict] = []
+    token = _RECORDER.set(records)
+    try:
+        logits = model(x)
+    finally:
+        _RECORDER.reset(token)
+    return Trace(logits=logits, layers=[LayerRecord(**r) for r in records])
+
+
+def _invert_bn(bn: nn.BatchNorm2d, y: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Undo an eval-mode BatchNorm: y = (z - mean) / sqrt(var + eps) * gamma + beta."""
+    scale = (bn.running_var + bn.eps).sqrt() / bn.weight
+    if not bias:
+        return y * scale.view(1, -1, 1, 1)
+    return (y - bn.bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    """Push a code `z` at CSC layer `layer_name` back to image space ([0, 1] pixels when bias=True).
+
+    Follows the chain of A's and inverted BatchNorms of a no-shortcut SDNet-All model (paper
+    appendix B); ReLUs are taken as identity on the reconstruction. With `bias=False` the
+    BatchNorm offsets and the input mean are left out: the linear image of the code, which is
+    what to show for a single atom.
+    """
+    if not hasattr(model, "main_path"):
+        raise ValueError("decode_to_input needs an SDNet model built by sdnet.build_model")
+    if getattr(model, "has_shortcuts", True):
+        raise ValueError("decode_to_input needs a model without shortcuts (build it with shortcut=False): "
+                         "with shortcuts a layer's input is not the previous layer's reconstruction alone")
+    path = model.main_path()
+    names = [n for n, _, _ in path]
+    if layer_name not in names:
+        raise ValueError(f"unknown layer {layer_name!r}; choose one of {names}")
+    idx = names.index(layer_name)
+    if not all(isinstance(m, CSCLayer) for _, m, _ in path[: idx + 1]):
+        raise ValueError("decode_to_input needs CSC layers all the way down to the input (an SDNet-All model)")
+    if getattr(model, "pool", nn.Identity()).__class__ is not nn.Identity:
+        raise ValueError("decode_to_input supports the CIFAR stem only (the ImageNet stem max-pools)")
+    x = path[idx][1].decode(z)
+    for j in range(idx - 1, -1, -1):
+        _, layer, bn = path[j]
+        x = layer.decode(_invert_bn(bn, x, bias))
+    if bias:
+        return model.normalize.inverse(x)
+    return x * model.normalize.std

@@ -1,0 +1,250 @@
+"""Train an SDNet or ResNet on CIFAR with the paper's recipe (`python -m sdnet.train --help`).
+
+Defaults follow the paper: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128,
+lr 0.1 with cosine decay, 220 epochs; after every optimizer step the CSC dictionaries are
+projected back onto unit-norm atoms (projected SGD, eq. 5).
+
+Every epoch writes `<out>/last.pt` (the whole training state) atomically and appends a line to
+`<out>/log.jsonl`; `--resume` continues a killed run bit for bit, because the data order and the
+augmentation of epoch e are drawn from generators seeded by (seed, e), not from global RNG state.
+At the end `<out>/model.pt` is a self-describing checkpoint for `sdnet.load_checkpoint`.
+Several GPUs or nodes: `torchrun --nproc_per_node=N -m sdnet.train ...` (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from .checkpoint import atomic_save, safe_load, save_checkpoint
+from .csc import csc_layers, project_dictionaries
+from .data import NUM_CLASSES, augment, load_split
+from .models import build_model, list_models
+from .utils import default_device
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sdnet.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="sdnet18_all", choices=list_models())
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
+    p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
+                   help="drop the residual shortcuts (the variant decode_to_input can invert)")
+    p.add_argument("--lam", type=float, default=0.1, help="lambda of every CSC layer")
+    p.add_argument("--n-steps", type=int, default=2, help="FISTA steps of every CSC layer")
+    p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES))
+    p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data")
+    p.add_argument("--epochs", type=int, default=220)
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up before the cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default: runs/<model>-w<width>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs in this invocation (the schedule still spans --epochs; "
+                        "--resume continues), to fit training into time slots")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
+    p.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
+    p.add_argument("--half-checkpoint", action="store_true", help="store model.pt weights in fp16")
+    p.add_argument("--save-every-rank", action="store_true",
+                   help="with torchrun: also write each rank's final weights to <out>/rank<r>.pt (to check DDP)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, total: int, args: argparse.Namespace, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to 0 over the remaining steps."""
+    warm = int(args.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _autocast_dtype(args, device: torch.device):
+    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if args.amp == "fp16" else torch.bfloat16
+
+
+def _power_state(model: nn.Module) -> dict:
+    """The warm-started power-iteration vectors: part of the state for a bit-exact resume."""
+    return {name: st for name, layer in csc_layers(model) if (st := layer.power_state()) is not None}
+
+
+def _load_power_state(model: nn.Module, state: dict) -> None:
+    for name, layer in csc_layers(model):
+        if name in state:
+            layer.load_power_state(state[name])
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+                      device: torch.device | str = "cpu", amp_dtype=None) -> float:
+    """Top-1 accuracy (in %) of `model` on uint8 `images`."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = images[i:i + batch_size].to(device).float().div_(255)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            pred = model(x).argmax(1)
+        correct += (pred.cpu() == labels[i:i + batch_size]).sum().item()
+    return 100.0 * correct / max(1, len(labels))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}") if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = default_device() if args.device == "auto" else torch.device(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    out = Path(args.out or f"runs/{args.model}-w{args.width}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    train = load_split(args.data, "train", args.dataset, args.download).subset(args.train_subset, args.seed)
+    test = load_split(args.data, "test", args.dataset).subset(args.test_subset, args.seed)
+    num_classes = NUM_CLASSES[args.dataset]
+    model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
+                        lam=args.lam, n_steps=args.n_steps).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        (no_decay if prm.ndim <= 1 else decay).append(prm)  # no weight decay on BN and biases
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    start_epoch, train_seconds = 0, 0.0
+    if args.resume and (out / "last.pt").exists():
+        state = safe_load(out / "last.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _load_power_state(model, state["power"])
+        start_epoch, train_seconds = state["epoch"], state["train_seconds"]
+        if is_main:
+            print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+    elif args.resume and is_main:
+        print(f"--resume: no {out / 'last.pt'} yet, starting from scratch")
+
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
+    sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"batch size {args.batch_size} is larger than the {len(sampler)} training images per process")
+    total_steps = steps_per_epoch * args.epochs
+    amp_dtype = _autocast_dtype(args, device)
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
+    train_labels = train.labels.to(device)
+    config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes)
+    if is_main:
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    result: dict = {}
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.perf_counter()
+        model.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch * 101 + rank)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = range(steps_per_epoch)
+        if is_main and args.progress:
+            from tqdm import tqdm
+            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False)
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, args, steps_per_epoch)
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x = augment(train_images[idx].float().div_(255), gen)
+            y = train_labels[idx]
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            project_dictionaries(model)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if is_main and args.progress and i % 20 == 0:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                                img_s=f"{seen * world / max(el, 1e-9):.0f}")
+        if distributed:
+            totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        if is_main:
+            test_acc = evaluate_accuracy(model, test.images, test.labels, device=device, amp_dtype=amp_dtype)
+            result = dict(epoch=epoch + 1, train_loss=loss_sum.item() / seen, train_acc=100 * correct.item() / seen,
+                          test_acc=test_acc, lr=opt.param_groups[0]["lr"], epoch_seconds=round(epoch_seconds, 2),
+                          images_per_second=round(seen / epoch_seconds, 1), train_seconds=round(train_seconds, 1))
+            print(json.dumps(result), flush=True)
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(result) + "\n")
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": _power_state(model),
+                         "epoch": epoch + 1, "train_seconds": train_seconds, "config": json.dumps(config, default=str)},
+                        out / "last.pt")
+        if distributed:
+            dist.barrier()
+    if is_main and end_epoch < args.epochs:
+        print(f"stopped after epoch {end_epoch} of {args.epochs}; continue with --resume")
+    elif is_main:
+        final_acc = result.get("test_acc")
+        if final_acc is None:  # resumed a finished run
+            final_acc = evaluate_accuracy(model, test.images, test.labels, device=device, amp_dtype=amp_dtype)
+        save_checkpoint(out / "model.pt", model.cpu(), half=args.half_checkpoint, classes=train.classes,
+                        dataset=args.dataset, epochs=args.epochs, seed=args.seed, train_seconds=round(train_seconds, 1),
+                        test_acc_during_training=final_acc, device=str(device), world_size=world)
+        print(f"saved {out / 'model.pt'} (test accuracy {final_acc:.2f}% on {len(test)} images)")
+        result = dict(result, test_acc=final_acc)
+    if distributed:
+        if args.save_every_rank:
+            atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, out / f"rank{rank}.pt")
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""The app (streamlit AppTest) and the library modules it stands on: sdnet.images, sdnet.attribution."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import sys
+import threading
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdnet
+from sdnet import attribution, images
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app" / "main.py")
+if str(ROOT) not in sys.path:  # `from app import state` as the app itself does
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny 32x32 models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def png(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that only claims a size: signature, IHDR, an empty IDAT, IEND (what a bomb looks like to open())."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+# --- sdnet.images: every upload becomes a clean model input, or a clear error ---------------------
+
+def test_prepare_image_converts_every_mode():
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    cases = {
+        "L": rgb.convert("L"), "1": rgb.convert("1"), "LA": rgb.convert("LA"), "RGBA": rgb.convert("RGBA"),
+        "P": rgb.convert("P"), "CMYK": rgb.convert("CMYK"),
+        "I;16": Image.fromarray((rng.integers(0, 65536, (40, 40))).astype(np.uint16)),
+        "F": Image.fromarray(rng.random((40, 40)).astype(np.float32)),
+    }
+    for mode, img in cases.items():
+        fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "F" else "PNG")
+        prep = images.prepare_image(png(img, fmt), size=32)
+        assert prep.tensor.shape == (3, 32, 32) and prep.tensor.dtype == torch.float32, mode
+        assert 0 <= float(prep.tensor.min()) and float(prep.tensor.max()) <= 1, mode
+        if mode != "RGB":
+            assert prep.notes, f"{mode}: the conversion is reported"
+    # 16-bit keeps its dynamic range (scaled, not clipped to white)
+    sixteen = images.prepare_image(png(cases["I;16"]), 32).tensor
+    assert 0.2 < float(sixteen.mean()) < 0.8
+    # transparent pixels go to white
+    clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    assert torch.allclose(images.prepare_image(png(clear), 32).tensor, torch.ones(3, 32, 32))
+    palette = rgb.convert("P")
+    palette.info["transparency"] = 0
+    assert any("transparency composited onto white" in n for n in images.prepare_image(png(palette), 32).notes)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    tall = images.prepare_image(png(Image.new("RGB", (64, 32)), "JPEG", exif=exif.tobytes()), 32)
+    assert any("EXIF orientation" in n for n in tall.notes) and tall.original_size == (64, 32)
+    for fmt in ("WEBP", "BMP"):
+        assert images.prepare_image(png(rgb, fmt, **({"lossless": True} if fmt == "WEBP" else {})), 32).tensor.shape == (3, 32, 32)
+
+
+def test_prepare_image_resizes_and_centre_crops():
+    left, right = np.zeros((60, 50, 3), np.uint8), np.full((60, 50, 3), 255, np.uint8)
+    wide = Image.fromarray(np.concatenate([left, right], axis=1))  # 100 x 60, black | white
+    prep = images.prepare_image(png(wide), 32)
+    assert prep.original_size == (100, 60) and prep.tensor.shape == (3, 32, 32)
+    assert any("resized 100x60 -> 53x32" in n for n in prep.notes)
+    assert any("centre-cropped to 32x32" in n for n in prep.notes)
+    assert float(prep.tensor[:, :, :8].mean()) < 0.05 and float(prep.tensor[:, :, -8:].mean()) > 0.95
+    small = images.prepare_image(png(Image.new("RGB", (8, 8), (10, 200, 30))), 32)
+    assert small.tensor.shape == (3, 32, 32)
+    same = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    exact = images.prepare_image(png(same), 32)
+    assert exact.notes == [] and np.array_equal(images.to_uint8(exact.tensor), np.asarray(same))
+    assert exact.sha256 == images.image_hash(torch.from_numpy(np.array(same)).permute(2, 0, 1) / 255)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"this is not an image, just text" * 10, "not an image"),
+    (None, "truncated"),
+    (png_header(50_000, 50_000), "decompression bomb"),
+    (png_header(7_000, 7_000), "megapixels"),
+])
+def test_prepare_image_refuses_bad_files(data, message):
+    if data is None:  # a real PNG cut in half
+        noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        full = png(noisy)
+        data = full[: len(full) // 2]
+    with pytest.raises(images.ImageError, match=message):
+        images.prepare_image(data, 32)
+
+
+def test_display_helpers():
+    w = torch.randn(5, 3, 3, 3)
+    tiles = images.atom_tiles(w)
+    assert tiles.shape == (5, 3, 3, 3) and tiles.min() >= 0 and tiles.max() <= 1
+    assert np.allclose(images.atom_tiles(torch.zeros(1, 3, 3, 3)), 0.5)  # grey is zero
+    grid = images.tile_grid(tiles, ncols=3, pad=1)
+    assert grid.shape == (2 * 4 - 1, 3 * 4 - 1, 3)
+    z = np.zeros((4, 6, 6))
+    z[2] = 1.0
+    z[1, 0, 0] = -3.0
+    assert list(np.argsort(-images.channel_activity(z))[:2]) == [2, 1]
+    rgb = images.colorize(np.linspace(0, 1, 12).reshape(3, 4))
+    assert rgb.shape == (3, 4, 3) and np.allclose(rgb[0, 0], [68 / 255, 1 / 255, 84 / 255])
+    assert np.allclose(images.colorize(np.zeros((2, 2)), diverging=True), 1.0)  # 0 is white
+    atoms = np.zeros((2, 3, 32, 32))
+    atoms[:, :, 14:19, 15:18] = 1.0
+    assert images.crop_to_support(atoms, margin=1).shape == (2, 3, 7, 5)
+    data = images.png_bytes(np.random.default_rng(0).random((3, 8, 8)), scale=4)
+    assert Image.open(io.BytesIO(data)).size == (32, 32)
+
+
+# --- sdnet.attribution ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_sdnet(calibrated_model):
+    return calibrated_model("sdnet18_all", width=8, shortcut=False)
+
+
+def test_integrated_gradients_is_exact_on_a_linear_model():
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ig = attribution.attribute(lin, x, 2, "integrated_gradients", ig_steps=8)
+    # baseline black: IG = x * w_target exactly, and sums to the logit difference
+    assert torch.allclose(ig, x * lin[1].weight[2].detach().view(3, 8, 8), atol=1e-5)
+
+
+def test_attribution_methods(small_sdnet):
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in small_sdnet.state_dict().items()}
+    ig = attribution.attribute(small_sdnet, x, 3, "integrated_gradients", ig_steps=8)
+    assert ig.shape == (3, 32, 32) and torch.isfinite(ig).all() and float(ig.abs().sum()) > 0
+    sal = attribution.attribute(small_sdnet, x, 3, "saliency")
+    assert sal.shape == (3, 32, 32) and float(sal.min()) >= 0 and float(sal.max()) > 0
+    assert not torch.allclose(sal, attribution.attribute(small_sdnet, x, 5, "saliency"))  # the target matters
+    assert not torch.allclose(sal, attribution.attribute(small_sdnet, x, 3, "saliency", lam=1.0))  # so does λ
+    # occlusion with 4 disjoint 16x16 windows: each pixel gets the logit drop of blacking out its window
+    occ = attribution.attribute(small_sdnet, x, 3, "occlusion", window=16, stride=16)
+    with torch.no_grad():
+        full = small_sdnet(x[None])[0, 3]
+        masked = x.clone()
+        masked[:, 16:, :16] = 0
+        drop = full - small_sdnet(masked[None])[0, 3]
+    assert torch.allclose(occ[:, 16:, :16], drop.expand(3, 16, 16), atol=1e-4)
+    assert attribution.attribution_map(ig, "integrated_gradients").shape == (32, 32)
+    name, scores = attribution.atom_attribution(small_sdnet, x, 3, "grad_x_activation")
+    assert name == "conv1" and scores.shape == (8,) and float(scores.abs().sum()) > 0
+    _, lig = attribution.atom_attribution(small_sdnet, x, 3, "integrated_gradients", ig_steps=4)
+    assert lig.shape == (8,) and torch.isfinite(lig).all()
+    # the shared model is untouched: no hooks left behind, same weights, same lambdas
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in small_sdnet.modules())
+    assert all(torch.equal(before[k], v) for k, v in small_sdnet.state_dict().items())
+    assert all(layer.lam == 0.1 for _, layer in sdnet.csc_layers(small_sdnet))
+    with pytest.raises(ValueError, match="unknown"):
+        attribution.attribute(small_sdnet, x, 3, "guesswork")
+
+
+# --- the app, through streamlit's AppTest ------------------------------------------------------
+
+@pytest.fixture
+def app(checkpoint_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(checkpoint_dir))
+
+    def start(**state):
+        at = AppTest.from_file(APP, default_timeout=180)
+        for k, v in state.items():
+            at.session_state[k] = v
+        return at.run()
+    return start
+
+
+def ok(at) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def residual_column(at) -> list[float]:
+    df = at.dataframe[0].value
+    return list(df["relative residual"])
+
+
+def test_page_renders_and_lambda_changes_residuals(app):
+    at = app()
+    ok(at)
+    assert at.title[0].value == "SDNet Explorer"
+    page = " ".join(m.value for m in at.markdown) + " ".join(c.value for c in at.caption)
+    assert "CPU" in page or "CUDA" in page
+    assert at.selectbox(key="ckpt").value.startswith("sdnet18_all")
+    for tab, marker in (("Atoms", "First-layer atoms"), ("Attribution", "Compute attribution"),
+                        ("Export", "settings.json"), ("Layers", None)):
+        at.session_state["tab"] = tab
+        at.run()
+        ok(at)
+        if marker:  # only the open tab is drawn
+            text = " ".join(e.value for e in at.subheader) + " ".join(b.label for b in at.button) + \
+                " ".join(x.label for x in at.expander)
+            assert marker in text, (tab, text)
+    before = residual_column(at)
+    assert len(before) == 17 and all(0 <= r <= 1.5 for r in before)
+    assert at.select_slider(key="lam").value == pytest.approx(0.1)
+    at.select_slider(key="lam").set_value(1.0).run()
+    ok(at)
+    after = residual_column(at)
+    assert after != before
+    view = at.session_state["view"]
+    assert all(r["lam"] == 1.0 for r in view.probe["layers"]) and view.settings["lam"]["all"] == 1.0
+    assert all(r["lam"] == pytest.approx(0.1) for r in view.trained["layers"])  # the trained λ beside it
+    # per-layer override and FISTA steps
+    at.multiselect(key="lam_layers").set_value(["conv1"]).run()
+    at.select_slider(key="lam_layer:conv1").set_value(0.01).run()
+    at.slider(key="n_steps").set_value(5).run()
+    ok(at)
+    layers = at.session_state["view"].probe["layers"]
+    assert layers[0]["lam"] == 0.01 and all(r["lam"] == 1.0 for r in layers[1:])
+    assert at.session_state["view"].settings["n_steps"] == 5
+    # a run that stops before the controls (no upload yet) does not reset them
+    at.radio(key="source").set_value("Upload").run()
+    at.radio(key="source").set_value("Sample").run()
+    ok(at)
+    assert at.select_slider(key="lam").value == 1.0 and at.slider(key="n_steps").value == 5
+    assert at.session_state["view"].probe["layers"][0]["lam"] == 0.01
+
+
+@pytest.mark.parametrize("kind", sdnet.corruptions.KINDS)
+def test_each_corruption(app, kind):
+    at = app(noise=kind)
+    ok(at)
+    view = at.session_state["view"]
+    assert not np.array_equal(view.image, view.clean)
+    assert view.settings["corruption"] == dict(kind=kind, severity=3, seed=0,
+                                               level=sdnet.corruptions.level(kind, 3))
+    expected = sdnet.corruptions.corrupt(torch.from_numpy(view.clean), kind, 3, seed=0).numpy()
+    assert np.array_equal(view.image, expected)
+    if kind == "gaussian":  # a continuous level, and a new seed, give another picture
+        at.radio(key="noise_mode").set_value("Continuous level").run()
+        at.number_input(key="seed").set_value(7).run()
+        ok(at)
+        other = at.session_state["view"]
+        assert other.settings["corruption"]["seed"] == 7 and not np.array_equal(other.image, view.image)
+
+
+def test_export_zip_reproduces_the_view(app):
+    at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
+    at.button(key="attr_run").click().run()
+    ok(at)
+    at.session_state["tab"] = "Export"
+    at.run()
+    ok(at)
+    view = at.session_state["view"]
+    assert set(view.attributions) == {"saliency"} and view.atom_scores is not None
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download everything (ZIP)" in labels and "atoms_first_layer.png" in labels
+    from app import panels, state
+    loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))  # absolute stays so
+    data = state.export_zip(view, panels.unnormalizer(loaded))
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    names = set(zf.namelist())
+    for expected in ("png/atoms_first_layer.png", "png/codes_conv1.png", "png/reconstruction_conv1.png",
+                     "png/attribution_saliency.png",
+                     "png/input_clean.png", "png/sees_conv1.png", "arrays.npz", "settings.json"):
+        assert expected in names
+    for name in names:
+        if name.endswith(".png"):
+            Image.open(io.BytesIO(zf.read(name))).verify()
+    settings = json.loads(zf.read("settings.json"))
+    assert {"checkpoint", "image", "corruption", "lam", "n_steps"} <= set(settings)
+    assert settings["image"]["sha256"] == images.image_hash(view.clean)
+    arrays = np.load(io.BytesIO(zf.read("arrays.npz")))
+    names17 = list(arrays["layer_names"])
+    assert len(names17) == 17 and {f"{n}.{k}" for n in names17 for k in ("z", "recon", "residual")} <= set(arrays.files)
+    # settings.json + arrays.npz reproduce the trace, with nothing else
+    model, _ = sdnet.load_checkpoint(loaded.path)
+    x = torch.from_numpy(arrays["clean"])
+    assert settings["corruption"]["kind"] == "none"
+    lam = settings["lam"]["override"]
+    with sdnet.override(lam=dict(lam) if isinstance(lam, list) else lam, n_steps=settings["n_steps"]):
+        t = sdnet.trace(model, x[None])
+    assert np.allclose(t.layers[5].z[0].numpy(), arrays[f"{names17[5]}.z"], atol=1e-5)
+    assert np.allclose(t.logits[0].numpy(), arrays["logits"], atol=1e-4)
+
+
+def test_bad_uploads_give_a_message(app):
+    at = app(source="Upload")
+    ok(at)
+    assert any("Upload an image" in i.value for i in at.info)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    full = png(noisy)
+    bad = {"notes.png": (b"hello, not an image" * 4, "not an image"), "cut.png": (full[: len(full) // 2], "truncated"),
+           "empty.png": (b"", "empty"), "bomb.png": (png_header(50_000, 50_000), "decompression bomb")}
+    for name, (data, message) in bad.items():
+        at.file_uploader(key="upload").set_value((name, data, "image/png")).run()
+        assert not at.exception
+        assert any(name in e.value and message in e.value for e in at.error), [e.value for e in at.error]
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 200, 4), dtype=np.uint8), "RGBA")
+    at.file_uploader(key="upload").set_value(("photo.png", png(big), "image/png")).run()
+    ok(at)
+    view = at.session_state["view"]
+    assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
+    assert any("centre-cropped to 32x32" in c.value for c in at.caption)
+
+
+def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
+    at = app(ckpt="Other path...", ckpt_path=str(tmp_path / "missing.pt"))
+    assert not at.exception and any("no file at" in e.value for e in at.error)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    at.text_input(key="ckpt_path").set_value(str(junk)).run()
+    assert not at.exception and any("Cannot load the checkpoint" in e.value for e in at.error)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    at.text_input(key="ckpt_path").set_value(str(tmp_path / "other.pt")).run()
+    assert any("not an SDNet Explorer checkpoint" in e.value for e in at.error)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(empty))
+    at = app()
+    assert not at.exception
+    assert any("No checkpoints found" in w.value for w in at.warning)
+    assert any("python -m sdnet.train" in c.value for c in at.code)
+
+
+def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatch):
+    at = app()
+    btn = at.button(key="auto_lam_btn")
+    assert btn.disabled and any("python -m sdnet.robust fit" in c.value for c in at.caption)
+    # a copy of the default checkpoint whose card carries an Algorithm 1 fit
+    src = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
+    folder = tmp_path / "fit"
+    folder.mkdir()
+    (folder / src.name).symlink_to(src)
+    card = sdnet.load_card(src) or {}
+    card["robust_fit"] = {"gaussian": {"slope": 2.0, "intercept": 0.05, "lam_range": [0.05, 2.0], "points": []}}
+    sdnet.write_card(folder / src.name, card)
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(folder))
+    at = app(noise="gaussian")
+    ok(at)
+    r = at.session_state["view"].trained["mean_rel_residual"]
+    expected = sdnet.adaptive_lam(card["robust_fit"]["gaussian"], r)
+    at.button(key="auto_lam_btn").click().run()
+    ok(at)
+    assert at.select_slider(key="lam").value == pytest.approx(expected)
+    assert at.session_state["view"].settings["lam"]["all"] == pytest.approx(expected)
+    assert any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+
+
+def test_two_sessions_share_the_model_not_their_results(app):
+    a, b = app(), app()
+    a.select_slider(key="lam").set_value(0.01).run()
+    b.select_slider(key="lam").set_value(2.0).run()
+    ra, rb = residual_column(a), residual_column(b)
+    assert ra != rb
+    assert all(r["lam"] == 0.01 for r in a.session_state["view"].probe["layers"])
+    assert all(r["lam"] == 2.0 for r in b.session_state["view"].probe["layers"])
+
+
+def test_concurrent_probes_on_one_model(calibrated_model):
+    """Threads with different lambdas on one shared model get exactly their serial results."""
+    from app import state
+    model = calibrated_model("sdnet18_all", width=4, shortcut=False)
+    x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    lams = [0.01, 0.1, 0.5, 2.0] * 3
+    serial = {lam: state.run_probe(model, x, lam, 2)["logits"] for lam in set(lams)}
+    results, errors = {}, []
+
+    def worker(i, lam):
+        try:
+            for _ in range(3):
+                results[i] = state.run_probe(model, x, lam, 2)["logits"]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i, lam)) for i, lam in enumerate(lams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(np.allclose(results[i], serial[lam], atol=1e-6) for i, lam in enumerate(lams))
+    assert all(layer.lam == 0.1 for _, layer in sdnet.csc_layers(model))  # never mutated
+
+
+def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
+    """A ResNet (no CSC layer) shows predictions only; an SDNet with shortcuts says why it cannot be
+    decoded to pixels, and the rest works."""
+    for name, arch, shortcut in (("resnet18-w8.pt", "resnet18", True), ("sdnet18-w8.pt", "sdnet18", True)):
+        sdnet.save_checkpoint(tmp_path / name, calibrated_model(arch, 8, shortcut))
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(tmp_path))
+    at = app(ckpt="resnet18-w8.pt")
+    ok(at)
+    assert any("no CSC layers" in i.value for i in at.info)
+    at = app(ckpt="sdnet18-w8.pt", tab="Atoms")
+    ok(at)
+    assert any("without shortcuts" in i.value for i in at.info)
+    assert [r["name"] for r in at.session_state["view"].probe["layers"]] == ["conv1"]
+    assert any("No model card" in w.value for w in at.sidebar.warning)

@@ -1,0 +1,75 @@
+"""sdnet.corruptions.corrupt: the statistics of each CIFAR-10-C noise, seeding, shapes, errors."""
+import pytest
+import torch
+
+from sdnet.corruptions import SEVERITY, corrupt, level, parse_severity
+
+GREY = torch.full((8, 3, 32, 32), 0.5)  # mid-grey: clipping almost never bites at these levels
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_gaussian_noise_has_the_table_std(severity):
+    c = SEVERITY["gaussian"][severity - 1]
+    noise = corrupt(GREY, "gaussian", severity, seed=0) - GREY
+    assert abs(noise.mean().item()) < 0.003
+    assert noise.std().item() == pytest.approx(c, rel=0.03)
+
+
+def test_speckle_noise_scales_with_the_pixel():
+    x = torch.cat([torch.full((4, 3, 32, 32), 0.25), torch.full((4, 3, 32, 32), 0.5)])
+    noise = corrupt(x, "speckle", 5, seed=1) - x
+    c = SEVERITY["speckle"][4]
+    assert noise[:4].std().item() == pytest.approx(0.25 * c, rel=0.05)
+    assert noise[4:].std().item() == pytest.approx(0.5 * c, rel=0.05)
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_shot_noise_is_poisson(severity):
+    c = SEVERITY["shot"][severity - 1]
+    out = corrupt(GREY, "shot", severity, seed=2)
+    # Poisson(x c) / c has mean x and variance x / c
+    assert out.mean().item() == pytest.approx(0.5, abs=0.003)
+    assert out.var().item() == pytest.approx(0.5 / c, rel=0.05)
+    assert torch.allclose(out * c, (out * c).round(), atol=1e-3)  # counts are integers
+
+
+@pytest.mark.parametrize("severity", [1, 4, 5])
+def test_impulse_flips_the_table_fraction_to_salt_or_pepper(severity):
+    c = SEVERITY["impulse"][severity - 1]
+    out = corrupt(GREY, "impulse", severity, seed=3)
+    hit = out != 0.5
+    assert hit.float().mean().item() == pytest.approx(c, rel=0.1)
+    assert set(out[hit].unique().tolist()) <= {0.0, 1.0}
+    assert (out[hit] == 1).float().mean().item() == pytest.approx(0.5, abs=0.1)
+
+
+def test_output_is_clipped_seeded_and_keeps_shape():
+    x = torch.rand(2, 3, 16, 16)
+    for kind in SEVERITY:
+        a = corrupt(x, kind, 5, seed=7)
+        assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+        assert torch.equal(a, corrupt(x, kind, 5, seed=7))
+        assert not torch.equal(a, corrupt(x, kind, 5, seed=8))
+    single = corrupt(x[0], "gaussian", 2, seed=0)
+    assert single.shape == (3, 16, 16)
+    assert torch.equal(x, x.clone())  # input untouched
+
+
+def test_float_levels_and_severity_parsing():
+    assert level("gaussian", 3) == 0.08 and level("gaussian", 0.33) == 0.33
+    noise = corrupt(GREY, "gaussian", 0.02, seed=0) - GREY
+    assert noise.std().item() == pytest.approx(0.02, rel=0.05)
+    assert parse_severity("3") == 3 and isinstance(parse_severity("3"), int)
+    assert parse_severity("0.07") == 0.07 and parse_severity("7") == 7.0
+
+
+@pytest.mark.parametrize("kind,severity", [("fog", 1), ("gaussian", 0), ("gaussian", 6), ("gaussian", -0.1),
+                                           ("impulse", 1.5), ("gaussian", float("nan")), ("gaussian", True)])
+def test_bad_arguments_are_refused(kind, severity):
+    with pytest.raises(ValueError):
+        corrupt(GREY, kind, severity)
+
+
+def test_bad_shape_is_refused():
+    with pytest.raises(ValueError, match="shape"):
+        corrupt(torch.rand(32, 32), "gaussian", 1)

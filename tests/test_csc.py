@@ -1,0 +1,351 @@
+"""The CSC layer: its FISTA solve against independent Lasso solvers, the operator, the step size.
+
+The reference solvers work on the explicit dense matrix of A (built by decoding every unit
+code vector), so they share no code with the layer.
+"""
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import Lasso
+
+import sdnet
+from sdnet.csc import CSCLayer, lasso_objective, normalize_atoms_, project_dictionaries
+
+CIFAR_TAR = Path("/work/shared/data/cifar10-jpg.tar.gz")
+
+
+# --- helpers -------------------------------------------------------------------------------
+def code_hw(layer: CSCLayer, hw: tuple[int, int]) -> tuple[int, int]:
+    return tuple((n + 2 * layer.padding - layer.kernel_size) // layer.stride + 1 for n in hw)
+
+
+def dense_matrix(layer: CSCLayer, hw: tuple[int, int]) -> np.ndarray:
+    """A as a (M*H*W, C*h*w) float64 matrix: column j is A applied to the j-th unit code."""
+    h, w = code_hw(layer, hw)
+    n = layer.out_channels * h * w
+    basis = torch.eye(n, dtype=torch.float64).view(n, layer.out_channels, h, w)
+    with torch.no_grad():
+        cols = layer.double().decode(basis, hw)
+    layer.float()
+    return cols.reshape(n, -1).T.numpy().copy()
+
+
+def numpy_fista(A: np.ndarray, x: np.ndarray, lam: float, non_negative: bool, iters: int = 5000) -> np.ndarray:
+    """Textbook FISTA (Beck & Teboulle 2009) on the dense matrix with the exact step 1/||A||^2."""
+    L = np.linalg.norm(A, 2) ** 2
+    z = np.zeros(A.shape[1])
+    y, t = z.copy(), 1.0
+    for _ in range(iters):
+        v = y - A.T @ (A @ y - x) / L
+        z_new = np.maximum(v - lam / L, 0) if non_negative else np.sign(v) * np.maximum(np.abs(v) - lam / L, 0)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = z_new + (t - 1) / t_new * (z_new - z)
+        z, t = z_new, t_new
+    return z
+
+
+def dense_objective(A: np.ndarray, x: np.ndarray, z: np.ndarray, lam: float) -> float:
+    return float(lam * np.abs(z).sum() + 0.5 * np.sum((x - A @ z) ** 2))
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Natural-looking images in [0, 1]: blurred noise plus gradients, i.e. mostly low frequencies."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 3, size + 8, size + 8, generator=gen)
+    g = torch.exp(-torch.arange(-4, 5, dtype=torch.float32) ** 2 / 8.0)
+    g = (g[:, None] * g[None, :]) / (g.sum() ** 2)
+    blurred = F.conv2d(noise, g.expand(3, 1, 9, 9).contiguous(), groups=3)
+    ramp = torch.linspace(0, 1, size)
+    img = blurred * 2.0 + 0.5 * ramp.view(1, 1, 1, -1) * torch.rand(n, 3, 1, 1, generator=gen)
+    img = img - img.amin(dim=(1, 2, 3), keepdim=True)
+    return img / img.amax(dim=(1, 2, 3), keepdim=True)
+
+
+def cifar_images(n: int) -> torch.Tensor:
+    """The first `n` JPEGs of the shared CIFAR-10 tarball, in [0, 1]."""
+    from PIL import Image
+    out = []
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if member.isfile() and member.name.lower().endswith((".jpg", ".jpeg")):
+                img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+                if len(out) == n:
+                    break
+    return torch.stack(out)
+
+
+def dct_dictionary(in_channels: int, k: int = 3) -> torch.Tensor:
+    """A learned-looking dictionary: the separable 2D DCT atoms of size k x k, on every channel."""
+    n = torch.arange(k, dtype=torch.float32)
+    basis = torch.stack([torch.cos(math.pi * (n + 0.5) * u / k) for u in range(k)])  # (k, k)
+    atoms = torch.einsum("ui,vj->uvij", basis, basis).reshape(k * k, k, k)
+    w = torch.zeros(k * k * in_channels, in_channels, k, k)
+    for c in range(in_channels):
+        w[c * k * k:(c + 1) * k * k, c] = atoms
+    return normalize_atoms_(w)
+
+
+def make_layer(cin, cout, k=3, stride=1, non_negative=True, seed=0, **kw) -> CSCLayer:
+    torch.manual_seed(seed)
+    return CSCLayer(cin, cout, k, stride=stride, non_negative=non_negative, **kw)
+
+
+# --- (a) the solve against independent solvers ---------------------------------------------
+PROBLEMS = [(3, 4, (8, 8)), (2, 4, (7, 6))]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("non_negative", [True, False])
+@pytest.mark.parametrize("cin,cout,hw", PROBLEMS)
+def test_fista_matches_independent_lasso_solvers(cin, cout, hw, stride, non_negative):
+    lam = 0.1
+    layer = make_layer(cin, cout, 3, stride, non_negative, seed=cin * 10 + stride)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cin, *hw, generator=gen)
+    A = dense_matrix(layer, hw)
+    xv = x.double().flatten().numpy()
+
+    with torch.no_grad(), sdnet.override(n_steps=1000):
+        z = layer.double()(x.double())
+    layer.float()
+    # The layer's own objective is the Lasso objective of the dense matrix.
+    ours = dense_objective(A, xv, z.flatten().numpy(), lam)
+    assert lasso_objective(layer.double(), x.double(), z, lam).item() == pytest.approx(ours, rel=1e-9)
+    layer.float()
+    if non_negative:
+        assert (z >= 0).all()
+
+    # scikit-learn minimises 1/(2 n) ||x - A z||^2 + alpha ||z||_1 with n = number of rows.
+    sk = Lasso(alpha=lam / A.shape[0], fit_intercept=False, positive=non_negative,
+               tol=1e-12, max_iter=200_000).fit(A, xv)
+    ref_sk = dense_objective(A, xv, sk.coef_, lam)
+    ref_fista = dense_objective(A, xv, numpy_fista(A, xv, lam, non_negative), lam)
+    ref = min(ref_sk, ref_fista)
+    assert abs(ref_sk - ref_fista) / ref < 1e-4, "the two reference solvers disagree"
+    assert (ours - ref) / ref < 1e-3, f"objective gap {(ours - ref) / ref:.2e}"
+    assert ours >= ref * (1 - 1e-6)  # nobody beats the optimum: A and the objective are consistent
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_operator_matches_dense_matrix_and_adjoint(stride):
+    layer = make_layer(3, 5, 3, stride, seed=3)
+    hw = (7, 8)
+    A = dense_matrix(layer, hw)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, *hw, generator=gen, dtype=torch.float64)
+    z = torch.randn(1, 5, *code_hw(layer, hw), generator=gen, dtype=torch.float64)
+    layer.double()
+    with torch.no_grad():
+        np.testing.assert_allclose(layer.decode(z, hw).flatten().numpy(), A @ z.flatten().numpy(), atol=1e-12)
+        np.testing.assert_allclose(layer.adjoint(x).flatten().numpy(), A.T @ x.flatten().numpy(), atol=1e-12)
+
+
+# --- (b), (c) FISTA on images ---------------------------------------------------------------
+@pytest.fixture(params=["cifar", "smooth"])
+def images(request) -> torch.Tensor:
+    if request.param == "cifar":
+        if not CIFAR_TAR.exists():
+            pytest.skip(f"CIFAR-10 JPEG tarball not found at {CIFAR_TAR}; the smooth-image case still runs")
+        return cifar_images(8)
+    return smooth_images(8)
+
+
+@pytest.mark.parametrize("dictionary", ["random", "dct"])
+@pytest.mark.parametrize("non_negative", [True, False])
+def test_two_steps_beat_one_on_images(images, dictionary, non_negative):
+    if dictionary == "random":
+        layer = make_layer(3, 27, 3, 1, non_negative, seed=5)
+    else:
+        layer = make_layer(3, 27, 3, 1, non_negative)
+        with torch.no_grad():
+            layer.weight.copy_(dct_dictionary(3))
+    with torch.no_grad():
+        objs = {}
+        for n in (1, 2):
+            with sdnet.override(n_steps=n):
+                objs[n] = lasso_objective(layer, images, layer(images))
+    # Per image: the second step is a proximal-gradient step from the first, so it must descend.
+    assert (objs[2] < objs[1]).all(), (objs[1], objs[2])
+    assert (objs[2] < 0.999 * objs[1]).any()
+
+
+def test_objective_falls_with_more_steps():
+    x = smooth_images(6, size=24, seed=3)
+    layer = make_layer(3, 16, 3, 1, seed=2)
+    with torch.no_grad():
+        objs = []
+        for n in (1, 2, 4, 8, 16):
+            with sdnet.override(n_steps=n):
+                objs.append(lasso_objective(layer, x, layer(x)).mean().item())
+        with sdnet.override(n_steps=500):
+            best = lasso_objective(layer, x, layer(x)).mean().item()
+    gaps = [o - best for o in objs]
+    assert all(g > -1e-6 for g in gaps), gaps
+    # FISTA need not descend every step, but over doublings of the step count it does.
+    for a, b in zip(gaps, gaps[1:]):
+        assert b < a * 1.001 + 1e-9, gaps
+    assert gaps[-1] < 0.5 * gaps[0], gaps
+
+
+# --- (d) shapes, projection, gradients, step size, override ---------------------------------
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 7), (9, 6)])
+def test_code_and_decode_shapes(k, stride, hw):
+    layer = make_layer(2, 4, k, stride)
+    x = torch.rand(2, 2, *hw)
+    with torch.no_grad():
+        z = layer(x)
+        assert z.shape == (2, 4, *code_hw(layer, hw))
+        assert z.shape[-2:] == tuple(math.ceil(n / stride) for n in hw)
+        assert layer.decode(z, hw).shape == x.shape
+        assert layer.decode(z, x.shape[-2:]).shape == x.shape
+        # The default output size is the code size times the stride.
+        assert layer.decode(z).shape[-2:] == tuple(n * stride for n in z.shape[-2:])
+        with pytest.raises(ValueError, match="cannot decode"):
+            layer.decode(z, (hw[0] + stride + 1, hw[1]))
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="odd"):
+        CSCLayer(3, 4, 4)
+    with pytest.raises(ValueError, match="stride"):
+        CSCLayer(3, 4, 3, stride=3)
+    with pytest.raises(ValueError, match="lambda"):
+        CSCLayer(3, 4, 3, lam=-0.1)
+
+
+def test_atoms_unit_norm_after_projection():
+    model = sdnet.build_model("sdnet18_all", width=4)
+    layers = sdnet.csc_layers(model)
+    assert len(layers) == 17
+    for _, layer in layers:  # built unit-norm
+        torch.testing.assert_close(layer.weight.flatten(1).norm(dim=1), torch.ones(layer.out_channels))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(torch.rand(2, 3, 16, 16)).square().sum()
+    loss.backward()
+    opt.step()
+    norms = torch.cat([layer.weight.flatten(1).norm(dim=1) for _, layer in layers])
+    assert (norms - 1).abs().max() > 1e-3  # the SGD step left the sphere...
+    project_dictionaries(model)
+    norms = torch.cat([layer.weight.flatten(1).norm(dim=1) for _, layer in layers])
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # ...and the projection put it back
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_reach_input_and_weight(stride):
+    layer = make_layer(3, 6, 3, stride, non_negative=False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    z = layer(x)
+    (z * torch.randn_like(z)).sum().backward()
+    for g in (x.grad, layer.weight.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    # The input gradient is the true one (checked in float64 against finite differences).
+    layer64 = make_layer(2, 3, 3, stride, non_negative=False).double()
+    x64 = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer64.lipschitz((5, 5))  # fix the step size before gradcheck perturbs anything
+    assert torch.autograd.gradcheck(lambda t: layer64(t), (x64,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,hw", [(3, 4, 3, 1, (8, 8)), (3, 4, 3, 2, (8, 8)),
+                                                  (2, 8, 5, 1, (7, 6)), (3, 16, 7, 2, (9, 9)),
+                                                  (4, 4, 1, 1, (6, 6))])
+def test_lipschitz_bound_is_valid_and_tight(cin, cout, k, stride, hw):
+    layer = make_layer(cin, cout, k, stride, seed=k + stride)
+    top = np.linalg.norm(dense_matrix(layer, hw), 2) ** 2
+    L = layer.lipschitz(hw).item()
+    assert top <= L <= 1.2 * top, (L, top)
+
+
+def _true_top(layer, hw):
+    return np.linalg.norm(dense_matrix(layer, hw), 2) ** 2
+
+
+def test_lipschitz_refreshed_when_the_dictionary_changes():
+    hw = (8, 8)
+    layer = make_layer(3, 8, 3, 1, seed=7)
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        layer(x)
+    L0 = layer.lipschitz(hw).item()
+    assert layer.lipschitz(hw).item() == L0  # cached while nothing changes
+
+    # An in-place edit: the operator scales by 4.
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    assert layer.lipschitz(hw).item() == pytest.approx(4 * L0, rel=1e-3)
+
+    # A whole new dictionary, in place and through load_state_dict.
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        new = normalize_atoms_(torch.randn_like(layer.weight))
+        with torch.no_grad():
+            layer.weight.copy_(new)
+        assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+        other = make_layer(3, 8, 3, 1, seed=200 + seed)
+        layer.load_state_dict(other.state_dict())
+        assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+        assert layer.lipschitz(hw).item() == other.lipschitz(hw).item()  # as if freshly built
+
+    # Projected SGD at the paper's learning rate: every step's L is still a valid bound.
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(8):
+        z = layer(x)
+        (z - 0.05).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        project_dictionaries(layer)
+        assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+
+
+def test_fista_stays_bounded_with_many_steps():
+    """A step size below 1/||A||^2 makes FISTA diverge; with a valid bound it converges."""
+    layer = make_layer(3, 16, 3, 2, non_negative=False, seed=9)
+    x = smooth_images(2, size=16)
+    with torch.no_grad(), sdnet.override(n_steps=300):
+        z = layer(x)
+    assert torch.isfinite(z).all()
+    assert (lasso_objective(layer, x, z) < lasso_objective(layer, x, torch.zeros_like(z))).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(lam=-0.1), dict(lam=1e6), dict(lam=float("nan")), dict(lam="big"),
+                                    dict(lam={"conv1": -1.0}), dict(n_steps=0), dict(n_steps=1001),
+                                    dict(n_steps=2.5), dict(n_steps=True), dict(n_steps="3")])
+def test_override_validation(kwargs):
+    with pytest.raises(ValueError):
+        with sdnet.override(**kwargs):
+            pass
+
+
+def test_override_changes_the_solve_and_restores():
+    layer = make_layer(3, 8, 3, 1)
+    layer.name = "stem"
+    x = smooth_images(2, size=12)
+    with torch.no_grad():
+        base = layer(x)
+        with sdnet.override(n_steps=1):
+            one = layer(x)
+        ref_one = make_layer(3, 8, 3, 1, n_steps=1)(x)
+        torch.testing.assert_close(one, ref_one)
+        assert not torch.equal(one, base)
+        with sdnet.override(lam=0.5):
+            sparse = layer(x)
+            with sdnet.override(n_steps=1):  # nesting keeps the outer lambda
+                assert layer.effective_lam() == 0.5 and layer.effective_steps() == 1
+            assert layer.effective_steps() == 2
+        assert (sparse == 0).float().mean() > (base == 0).float().mean()
+        with sdnet.override(lam={"stem": 0.5}):
+            torch.testing.assert_close(layer(x), sparse)
+        with sdnet.override(lam={"other": 0.5}):
+            torch.testing.assert_close(layer(x), base)
+        torch.testing.assert_close(layer(x), base)  # everything restored on exit
+    assert layer.lam == 0.1 and layer.n_steps == 2

@@ -1,0 +1,109 @@
+"""sdnet.data: the three sources, the decode cache, clear errors, and the augmentation."""
+import tarfile
+
+import pytest
+import torch
+from helpers import CLASSES, make_image_folder
+
+from sdnet.data import DatasetError, augment, load_split, resolve_data_path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SDNET_DATA", raising=False)
+
+
+def test_image_folder_loads_images_labels_and_classes(tmp_path):
+    root = make_image_folder(tmp_path / "tree", n_train=3, n_test=2)
+    train = load_split(root, "train")
+    assert train.images.shape == (9, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.classes == CLASSES[:3]
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # class-dependent brightness survives decoding
+    assert train.images[train.labels == 2].float().mean() > train.images[train.labels == 0].float().mean() + 50
+    assert len(load_split(root, "test")) == 6
+
+
+def test_second_load_uses_the_decode_cache(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "tree")
+    first = load_split(root, "train")
+    assert list((tmp_path / "cache" / "decoded").glob("*.npz"))
+    import sdnet.data as data
+    monkeypatch.setattr(data, "_decode_all", lambda files: pytest.fail("decoded JPEGs again"))
+    assert torch.equal(load_split(root, "train").images, first.images)
+
+
+def test_tarball_is_unpacked_once(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "tree" / "cifar10-jpg")
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar10-jpg")
+    monkeypatch.setenv("SDNET_DATA", str(archive))   # location from the environment
+    test = load_split(None, "test")
+    assert len(test) == 6 and test.classes == CLASSES[:3]
+    import sdnet.data as data
+    monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: pytest.fail("unpacked twice"))
+    assert len(load_split(archive, "train")) == 12
+
+
+def test_tarball_with_path_traversal_is_refused(tmp_path):
+    evil = tmp_path / "evil.tar.gz"
+    payload = tmp_path / "payload.txt"
+    payload.write_text("x")
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(payload, arcname="../../escaped.txt")
+    with pytest.raises(DatasetError, match="cannot unpack"):
+        load_split(evil, "train")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_missing_and_malformed_datasets_say_what_was_expected(tmp_path):
+    with pytest.raises(DatasetError, match="--data PATH"):
+        resolve_data_path(None)
+    with pytest.raises(DatasetError, match="not found at .*train/<class>"):
+        load_split(tmp_path / "nowhere", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no 'train' folder"):
+        load_split(tmp_path / "empty", "train")
+    (tmp_path / "noimg" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images under"):
+        load_split(tmp_path / "noimg", "train")
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(DatasetError, match="not a .tar.gz"):
+        load_split(bad, "train")
+    with pytest.raises(ValueError, match="split"):
+        load_split(tmp_path, "val")
+
+
+def test_subset_is_fixed_and_sized(tmp_path):
+    train = load_split(make_image_folder(tmp_path / "t", n_train=5), "train")
+    a, b = train.subset(7, seed=1), train.subset(7, seed=1)
+    assert len(a) == 7 and torch.equal(a.labels, b.labels) and train.subset(None) is train
+
+
+def test_augment_is_a_padded_crop_or_flip_of_the_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    y = augment(x, g, padding=2)
+    assert y.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(64):
+        found = any(torch.equal(y[i], cand)
+                    for dy in range(5) for dx in range(5)
+                    for cand in (padded[i, :, dy:dy + 8, dx:dx + 8], padded[i, :, dy:dy + 8, dx:dx + 8].flip(-1)))
+        assert found, f"image {i} is not a crop of its padded original"
+    flips = sum(not torch.equal(y[i], x[i]) for i in range(64))
+    assert flips > 32  # most images moved or flipped
+    # seeded: the same generator seed gives the same batch
+    assert torch.equal(augment(x, torch.Generator().manual_seed(5)), augment(x, torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.skipif(__import__("helpers").shared_data() is None, reason="the shared CIFAR-10 JPEG tarball is absent")
+def test_shared_cifar10_split_loads(monkeypatch):
+    from helpers import shared_data
+    monkeypatch.delenv("SDNET_CACHE")  # the user's cache: shared with the other tests of real data
+    test = load_split(shared_data(), "test")
+    assert test.images.shape == (9000, 3, 32, 32) and test.classes == CLASSES
+    assert torch.bincount(test.labels).tolist() == [900] * 10

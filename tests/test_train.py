@@ -1,0 +1,102 @@
+"""The training and evaluation CLIs on a tiny dataset: resume bit for bit, DDP ranks agree, evaluate."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_image_folder
+
+from sdnet import load_checkpoint
+from sdnet.evaluate import main as evaluate_main
+from sdnet.train import main as train_main
+
+TINY = ["--model", "sdnet18_all", "--no-shortcut", "--width", "4", "--batch-size", "8", "--no-progress",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    os.environ.setdefault("SDNET_CACHE", str(root / "cache"))
+    return str(make_image_folder(root / "tree", n_train=8, n_test=4))
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_continues_bit_for_bit(tmp_path, data):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(straight)])
+    train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--stop-after", "1"])
+    assert json.loads((resumed / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    assert not (resumed / "model.pt").exists()
+    train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--resume"])
+    a, b = _weights(straight / "last.pt"), _weights(resumed / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert {"train_loss", "train_acc", "test_acc", "lr", "images_per_second"} <= log[-1].keys()
+    # the final checkpoint is self-describing and its dictionaries are unit-norm (projected SGD)
+    model, meta = load_checkpoint(resumed / "model.pt")
+    assert meta["config"]["width"] == 4 and meta["classes"] == ["airplane", "automobile", "bird"]
+    norms = model.conv1.weight.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # training changed the weights
+    assert not torch.equal(a["conv1.weight"], _weights_init())
+
+
+def _weights_init():
+    torch.manual_seed(0)
+    from sdnet import build_model
+    return build_model("sdnet18_all", num_classes=3, width=4, shortcut=False).state_dict()["conv1.weight"]
+
+
+def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, data):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "-m", "sdnet.train", *TINY, "--data", data, "--epochs", "2", "--out", str(out), "--save-every-rank"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    params = [k for k in r0 if "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(r0[k], r1[k]) for k in params)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+
+
+def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    train_main(TINY + ["--data", data, "--epochs", "1", "--out", str(run)])
+    ckpt = str(run / "model.pt")
+    capsys.readouterr()
+    base = ["--checkpoint", ckpt, "--data", data, "--json", "--device", "cpu"]
+    clean = evaluate_main(base)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_images"] == 12 and printed["accuracy"] == clean.accuracy
+    assert set(printed["layers"]) and printed["layers"].keys() == clean.layers.keys()
+    high = evaluate_main(base + ["--lam", "2.0"])
+    assert high.lam == 2.0 and high.layers["conv1"] > clean.layers["conv1"]  # more shrinkage, worse fit
+    noisy = evaluate_main(base + ["--corruption", "gaussian", "--severity", "5"])
+    assert noisy.corruption == "gaussian" and noisy.severity == 5
+    assert noisy.layers["conv1"] != clean.layers["conv1"]
+
+
+def test_evaluate_cli_clear_errors(tmp_path, data):
+    with pytest.raises(SystemExit, match="no file at"):
+        evaluate_main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", data])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable PyTorch file"):
+        evaluate_main(["--checkpoint", str(bad), "--data", data])
+
+
+def test_help_of_every_cli():
+    for mod in ("sdnet.train", "sdnet.evaluate"):
+        proc = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "--data" in proc.stdout
