@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from .cards import update_card
 from .checkpoint import CheckpointError, load_checkpoint
 from .corruptions import KINDS, corrupt, parse_severity
 from .csc import csc_layers, override
@@ -87,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the measured accuracy and this command into the checkpoint's model card "
+                        "(clean images at the trained lambda and n_steps only)")
     return p.parse_args(argv)
 
 
@@ -98,6 +103,9 @@ def main(argv=None) -> EvalResult:
         data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
+    if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None):
+        sys.exit("error: --update-card records the card's headline accuracy: clean images at the trained "
+                 "lambda and n_steps only (drop --corruption, --lam and --n-steps)")
     data = data.subset(args.subset, args.subset_seed)
     res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
                    severity=args.severity if args.corruption else None, seed=args.seed,
@@ -110,6 +118,12 @@ def main(argv=None) -> EvalResult:
               f"lambda {'trained' if args.lam is None else args.lam}) in {res.seconds:.1f}s on {device}")
         for name, r in res.layers.items():
             print(f"  {name:<24} mean relative residual {r:.4f}")
+    if args.update_card:
+        update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
+                    data=f"{data.source} ({args.split} split" + (f", subset of {args.subset})" if args.subset else ")"),
+                    evaluation={"command": "python -m sdnet.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
+                                "seconds": res.seconds, "device": str(device),
+                                "mean_rel_residual": res.mean_rel_residual})
     return res
 
 

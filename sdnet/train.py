@@ -16,6 +16,9 @@ import argparse
 import json
 import math
 import os
+import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from .cards import load_card, write_card
 from .checkpoint import atomic_save, safe_load, save_checkpoint
 from .csc import csc_layers, project_dictionaries
 from .data import NUM_CLASSES, augment, load_split
@@ -109,6 +113,35 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return 100.0 * correct / max(1, len(labels))
 
 
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch thread(s) per process"
+
+
+def write_training_card(out: str | os.PathLike, command: str | None = None, machine: str | None = None) -> dict:
+    """The model card beside <out>/model.pt, from the run's config.json and log.jsonl: what was trained,
+    how, for how long and on what. `python -m sdnet.evaluate --update-card` adds the measured accuracy."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    card = load_card(out / "model.pt") or {}
+    card.update({
+        "name": f"{config['model']}-w{config['width']}" + ("" if config["shortcut"] else " (no shortcuts)"),
+        "architecture": config["model"], "width": config["width"], "shortcut": config["shortcut"],
+        "lam": config["lam"], "n_steps": config["n_steps"], "dataset": config["dataset"],
+        "epochs": config["epochs"],
+        "training": {"command": command or config.get("command"), "seconds": log[-1]["train_seconds"],
+                     "machine": machine or config.get("machine"), "device": config["device"],
+                     "world_size": config["world_size"], "seed": config["seed"],
+                     "final_train_acc": round(log[-1]["train_acc"], 2),
+                     "test_acc_during_training": round(log[-1]["test_acc"], 2),
+                     "test_subset_during_training": config.get("test_subset")},
+    })
+    write_card(out / "model.pt", card)
+    return card
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -164,7 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
-    config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes)
+    command = "python -m sdnet.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, command=command,
+                  machine=machine_description(device))
     if is_main:
         (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
@@ -237,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
         save_checkpoint(out / "model.pt", model.cpu(), half=args.half_checkpoint, classes=train.classes,
                         dataset=args.dataset, epochs=args.epochs, seed=args.seed, train_seconds=round(train_seconds, 1),
                         test_acc_during_training=final_acc, device=str(device), world_size=world)
-        print(f"saved {out / 'model.pt'} (test accuracy {final_acc:.2f}% on {len(test)} images)")
+        write_training_card(out)
+        print(f"saved {out / 'model.pt'} and its card (test accuracy {final_acc:.2f}% on {len(test)} images)")
         result = dict(result, test_acc=final_acc)
     if distributed:
         if args.save_every_rank:

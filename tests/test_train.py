@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import make_image_folder
 
-from sdnet import load_checkpoint
+from sdnet import load_card, load_checkpoint
 from sdnet.evaluate import main as evaluate_main
 from sdnet.train import main as train_main
 
@@ -45,6 +45,11 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert meta["config"]["width"] == 4 and meta["classes"] == ["airplane", "automobile", "bird"]
     norms = model.conv1.weight.flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # the run wrote a model card saying what it trained and how
+    card = load_card(resumed / "model.pt")
+    assert card["architecture"] == "sdnet18_all" and card["width"] == 4 and card["shortcut"] is False
+    assert card["epochs"] == 3 and card["training"]["command"].startswith("python -m sdnet.train ")
+    assert "--resume" in card["training"]["command"] and card["training"]["seconds"] > 0
     # training changed the weights
     assert not torch.equal(a["conv1.weight"], _weights_init())
 
@@ -86,6 +91,13 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     noisy = evaluate_main(base + ["--corruption", "gaussian", "--severity", "5"])
     assert noisy.corruption == "gaussian" and noisy.severity == 5
     assert noisy.layers["conv1"] != clean.layers["conv1"]
+    # --update-card records the clean accuracy at the trained lambda, and the command that measured it
+    evaluate_main(base + ["--update-card"])
+    card = load_card(ckpt)
+    assert card["test_accuracy"] == round(clean.accuracy, 2) and card["test_images"] == 12
+    assert card["evaluation"]["command"].endswith("--update-card") and card["architecture"] == "sdnet18_all"
+    with pytest.raises(SystemExit, match="trained lambda"):
+        evaluate_main(base + ["--update-card", "--lam", "0.5"])
 
 
 def test_evaluate_cli_clear_errors(tmp_path, data):
