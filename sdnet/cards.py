@@ -52,3 +52,25 @@ def adaptive_lam(fit: dict[str, Any], residual: float) -> float:
     """Algorithm 1's lambda for a measured mean relative residual, from one entry of card["robust_fit"]."""
     lo, hi = fit.get("lam_range", (0.0, float("inf")))
     return float(min(max(fit["slope"] * float(residual) + fit["intercept"], lo), hi))
+
+
+def markdown_table(checkpoints: list[str | os.PathLike]) -> str:
+    """A Markdown table of the cards of `checkpoints` (the README's table of shipped models)."""
+    rows = ["| checkpoint | architecture | width | shortcuts | lambda | FISTA steps | epochs | "
+            "test top-1 | test images | training time | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in checkpoints:
+        card = load_card(path)
+        if card is None:
+            rows.append(f"| `{Path(path).name}` | (no card) |||||||||")
+            continue
+        train = card.get("training", {})
+        acc = card.get("test_accuracy")
+        rows.append(" | ".join([
+            f"| `{Path(path).name}`", str(card.get("architecture")), str(card.get("width")),
+            "yes" if card.get("shortcut") else "no", str(card.get("lam", "-")) if "sdnet" in str(card.get("architecture")) else "-",
+            str(card.get("n_steps", "-")) if "sdnet" in str(card.get("architecture")) else "-",
+            str(card.get("epochs")), "-" if acc is None else f"{acc:.2f}%", str(card.get("test_images", "-")),
+            f"{train['seconds'] / 60:.0f} min" if train.get("seconds") else "-", f"{train.get('machine', '-')} |"]))
+    return "\n".join(rows)
+

@@ -9,6 +9,7 @@ import torch
 from helpers import make_image_folder
 
 from sdnet import load_card, load_checkpoint
+from sdnet.cards import markdown_table
 from sdnet.evaluate import main as evaluate_main
 from sdnet.train import main as train_main
 
@@ -96,6 +97,8 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     card = load_card(ckpt)
     assert card["test_accuracy"] == round(clean.accuracy, 2) and card["test_images"] == 12
     assert card["evaluation"]["command"].endswith("--update-card") and card["architecture"] == "sdnet18_all"
+    row = markdown_table([ckpt]).splitlines()[-1]
+    assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
 

@@ -1,0 +1,13 @@
+"""Print the model cards of checkpoints as a Markdown table: `python -m sdnet.cards_table [CKPT ...]`.
+
+(A module of its own: `python -m sdnet.cards` would import the cards module twice.)"""
+import argparse
+import glob
+
+from .cards import markdown_table
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m sdnet.cards_table", description=__doc__.split(":")[0])
+    parser.add_argument("checkpoints", nargs="*", help="checkpoint files (default: checkpoints/*.pt)")
+    args = parser.parse_args()
+    print(markdown_table(args.checkpoints or sorted(glob.glob("checkpoints/*.pt"))))

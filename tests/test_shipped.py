@@ -1,0 +1,52 @@
+"""The checkpoints that ship in checkpoints/: they load, their cards are complete, and each one's
+accuracy on 1,000 images of the shared CIFAR-10 test split is within 2 points of what its card claims."""
+from pathlib import Path
+
+import pytest
+from helpers import shared_data
+
+import sdnet
+from sdnet.data import load_split
+from sdnet.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "checkpoints").glob("*.pt"))
+CARD_FIELDS = {"name", "architecture", "width", "shortcut", "lam", "n_steps", "epochs", "data",
+               "test_accuracy", "test_images", "training", "evaluation"}
+
+
+def test_the_app_model_and_its_baseline_ship():
+    names = {p.name for p in SHIPPED}
+    assert "sdnet18_all-w16.pt" in names and "resnet18-w16.pt" in names, names
+    assert sdnet.load_card(ROOT / "checkpoints" / "sdnet18_all-w16.pt")["baseline"] == "resnet18-w16.pt"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_card_describes_the_checkpoint(path):
+    card = sdnet.load_card(path)
+    assert card is not None, f"{path.name} has no model card {path.with_suffix('.json').name}"
+    assert CARD_FIELDS <= card.keys(), CARD_FIELDS - card.keys()
+    assert card["training"]["command"].startswith("python -m sdnet.train")
+    assert card["evaluation"]["command"].startswith("python -m sdnet.evaluate")
+    assert path.stat().st_size < 20 * 2**20  # small files: fp16 weights
+    model, meta = sdnet.load_checkpoint(path)
+    assert meta["config"]["name"] == card["architecture"] and meta["config"]["width"] == card["width"]
+    layers = sdnet.csc_layers(model)
+    if layers:
+        assert all(layer.lam == card["lam"] and layer.n_steps == card["n_steps"] for _, layer in layers)
+
+
+@pytest.fixture(scope="module")
+def test_subset():
+    path = shared_data()
+    if path is None:
+        pytest.skip("the shared CIFAR-10 JPEG split is absent: set SDNET_DATA to cifar10-jpg.tar.gz to run this")
+    return load_split(path, "test").subset(1000, 0)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_accuracy_on_1000_test_images_matches_the_card(path, test_subset):
+    model, _ = sdnet.load_checkpoint(path)
+    claimed = sdnet.load_card(path)["test_accuracy"]
+    measured = evaluate(model, test_subset, batch_size=500).accuracy
+    assert abs(measured - claimed) <= 2.0, f"{path.name}: {measured:.2f}% on 1,000 images, card says {claimed}%"
