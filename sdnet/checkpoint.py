@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """The start of an exception's message on one line (torch's run over several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
@@ -66,11 +72,18 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data; refusing to "
-                              f"unpickle it (weights_only=True). Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        # torch wraps every refusal of its weights-only unpickler in one long message; keep the reason.
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise CheckpointError(f"{path} refers to {found.group(1)}, which is not a tensor or plain data; "
+                                  "refusing to unpickle it, as that could run code (weights_only=True)") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): the weights-only "
+                              f"unpickler rejected it ({reason.group(1) if reason else _first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - torch.load fails on junk with anything (IndexError on text, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"{_first_line(e)}") from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = False, **meta: Any) -> None:
@@ -93,17 +106,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an SDNet Explorer checkpoint "
                               "(save one with sdnet.save_checkpoint or python -m sdnet.train)")
-    if obj.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer sdnet (format {obj['version']})")
-    config = obj.get("config", {})
+    version = obj.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path} has no valid format version ({version!r})")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer sdnet (format {version})")
+    config, meta, state = obj.get("config"), obj.get("meta", {}), obj.get("state_dict")
+    if not isinstance(config, dict) or not isinstance(meta, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path} is damaged: its config, meta and state_dict must be dictionaries")
     try:
         model = build_model(**config)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever the stored config or tensors are, say so plainly
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
-                              f"{str(e).splitlines()[0]}") from None
+                              f"{_first_line(e)}") from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    meta = dict(obj.get("meta", {}))
+    meta = dict(meta)
     meta["config"] = config
     return model, meta

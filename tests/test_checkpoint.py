@@ -1,0 +1,166 @@
+"""Checkpoints: exact round trips, atomic writes, and a clear CheckpointError for every bad file
+(never a crash, never code run from a pickle)."""
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sdnet
+from sdnet.checkpoint import FORMAT, VERSION
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    """A small SDNet-All whose every tensor (BatchNorm statistics included) differs from a fresh build."""
+    torch.manual_seed(0)
+    m = sdnet.build_model("sdnet18_all", num_classes=3, width=4, shortcut=False, lam=0.2)
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.1)
+            else:
+                t.fill_(7)
+    return m.eval()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_roundtrip_is_exact(model, tmp_path):
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model, classes=CLASSES, test_accuracy=0.5)
+    loaded, meta = sdnet.load_checkpoint(path)
+    assert_same_state(loaded.state_dict(), model.state_dict())
+    assert not loaded.training
+    assert meta["classes"] == CLASSES and meta["test_accuracy"] == 0.5
+    # The file alone rebuilds the architecture: name, width, shortcut, lam, ...
+    assert meta["config"] == model.sdnet_config
+    assert loaded.sdnet_config == model.sdnet_config
+    assert not loaded.has_shortcuts and all(m.lam == 0.2 for _, m in sdnet.csc_layers(loaded))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_half_checkpoint_loads_back_what_was_saved(model, tmp_path):
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    sdnet.save_checkpoint(full, model)
+    sdnet.save_checkpoint(half, model, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = sdnet.load_checkpoint(half)
+    expected = {k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    assert_same_state(loaded.state_dict(), expected)  # float32 again, with the float16 values
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in expected.items())
+
+
+def test_only_sdnet_models_can_be_saved(tmp_path):
+    with pytest.raises(ValueError, match="build_model"):
+        sdnet.save_checkpoint(tmp_path / "x.pt", nn.Linear(2, 2))
+    assert not (tmp_path / "x.pt").exists()
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")  # stands in for any failure halfway through a write
+
+
+def test_write_is_atomic(model, tmp_path):
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model, note="old")
+    old = path.read_bytes()
+    # The state dict is written before the meta, so the failure comes after bytes went out.
+    with pytest.raises(RuntimeError, match="disk full"):
+        sdnet.save_checkpoint(path, model, note=Unpicklable())
+    assert path.read_bytes() == old  # the previous checkpoint is untouched...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # ...and no temp file is left
+    # A failed first write leaves nothing at all.
+    with pytest.raises(RuntimeError, match="disk full"):
+        sdnet.save_checkpoint(tmp_path / "new" / "n.pt", model, note=Unpicklable())
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+# --- files that are not (good) checkpoints ------------------------------------------------------
+def _truncated(path: Path, model) -> None:
+    sdnet.save_checkpoint(path, model)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BAD_FILES = {
+    "truncated": (_truncated, "truncated or corrupt"),
+    "random bytes": (lambda p, m: p.write_bytes(random.Random(0).randbytes(4096)), "not a readable PyTorch file"),
+    "zip of junk": (lambda p, m: p.write_bytes(b"PK\x03\x04" + random.Random(1).randbytes(4096)),
+                    "not a readable PyTorch file"),
+    "text": (lambda p, m: p.write_text("epoch,loss\n1,2.3\n"), "not a readable PyTorch file"),
+    "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
+    "plain tensor": (lambda p, m: torch.save(torch.zeros(3), p), "not an SDNet Explorer checkpoint"),
+    "bare state dict": (lambda p, m: torch.save(m.state_dict(), p), "not an SDNet Explorer checkpoint"),
+    "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
+    "damaged fields": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "config": m.sdnet_config,
+                                                "meta": {}, "state_dict": [1, 2]}, p), "damaged"),
+    "newer format": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION + 1}, p), "newer sdnet"),
+    "wrong weights": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
+                                               "config": dict(m.sdnet_config, width=8),
+                                               "state_dict": m.state_dict()}, p),
+                      "do not fit the stored architecture.*size mismatch"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
+    path = tmp_path / "bad.pt"
+    make, message = BAD_FILES[kind]
+    make(path, model)
+    with pytest.raises(sdnet.CheckpointError, match=message) as info:
+        sdnet.load_checkpoint(path)
+    assert str(path) in str(info.value)  # the message names the file
+    assert isinstance(info.value, ValueError)  # callers may catch it as a ValueError
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(sdnet.CheckpointError, match="no file at"):
+        sdnet.load_checkpoint(tmp_path / "nothing.pt")
+    with pytest.raises(sdnet.CheckpointError, match="is a folder"):
+        sdnet.load_checkpoint(tmp_path)
+
+
+class Payload:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "torch.save inside a checkpoint", "raw pickle"])
+def test_malicious_pickle_is_refused_and_never_runs(how, model, tmp_path):
+    path, marker = tmp_path / "evil.pt", tmp_path / "ran"
+    if how == "torch.save":
+        torch.save({"state_dict": Payload(marker)}, path)
+    elif how == "raw pickle":
+        path.write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    else:
+        torch.save({"format": FORMAT, "version": VERSION, "config": model.sdnet_config,
+                    "meta": {"classes": Payload(marker)}, "state_dict": model.state_dict()}, path)
+    with pytest.raises(sdnet.CheckpointError) as info:
+        sdnet.load_checkpoint(path)
+    assert str(path) in str(info.value) and "exec" in str(info.value) and "refusing" in str(info.value)
+    assert not marker.exists(), "loading the checkpoint ran code from the pickle"
+    # The payload is real: an unsafe load would have run it.
+    if how == "raw pickle":
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
