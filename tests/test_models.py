@@ -1,0 +1,146 @@
+"""The model family: registry, parameter counts, stems, shortcuts, shapes, decode_to_input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sdnet
+from sdnet.csc import CSCLayer
+
+NAMES = ["resnet18", "resnet34", "sdnet18", "sdnet34", "sdnet18_all", "sdnet34_all"]
+# name -> number of CSC layers: none, the stem only, or every 3x3 convolution (stem + 2 per block)
+N_CSC = {"resnet18": 0, "resnet34": 0, "sdnet18": 1, "sdnet34": 1, "sdnet18_all": 17, "sdnet34_all": 33}
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_list_models_is_the_registry():
+    assert sdnet.list_models() == sorted(NAMES)
+    with pytest.raises(ValueError, match="unknown model 'sdnet50'.*resnet18"):
+        sdnet.build_model("sdnet50")
+    with pytest.raises(ValueError, match="positive"):
+        sdnet.build_model("sdnet18", width=0)
+    with pytest.raises(ValueError, match="stem"):
+        sdnet.build_model("sdnet18", stem="tiny")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_builds_and_runs(name):
+    torch.manual_seed(0)
+    model = sdnet.build_model(name, num_classes=7, width=4)
+    assert len(sdnet.csc_layers(model)) == N_CSC[name]
+    assert model.sdnet_config["name"] == name and model.sdnet_config["width"] == 4
+    assert model.linear.in_features == 8 * 4  # width scales every stage: 4, 8, 16, 32 channels
+    x = torch.rand(3, 3, 16, 16)
+    model.train()
+    out = model(x)
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == (3, 7)
+
+
+def test_resnet18_and_sdnet18_have_the_papers_parameter_count():
+    counts = {name: n_params(sdnet.build_model(name)) for name in ("resnet18", "sdnet18")}
+    assert counts["resnet18"] == counts["sdnet18"]
+    assert round(counts["resnet18"] / 1e6, 2) == 11.17, counts
+    # The CSC stem's dictionary has the shape of the convolution it replaces.
+    model = sdnet.build_model("sdnet18")
+    assert isinstance(model.conv1, CSCLayer) and model.conv1.weight.shape == (64, 3, 3, 3)
+
+
+def test_shortcut_false_removes_every_shortcut():
+    with_sc = sdnet.build_model("sdnet18_all", width=8)
+    without = sdnet.build_model("sdnet18_all", width=8, shortcut=False)
+    assert with_sc.has_shortcuts and not without.has_shortcuts
+    blocks = [b for s in ("layer1", "layer2", "layer3", "layer4") for b in getattr(without, s)]
+    assert len(blocks) == 8 and all(b.shortcut is None for b in blocks)
+    # Only the 1x1 projection shortcuts carry parameters (and their BatchNorms): three of them.
+    assert not any(isinstance(m, nn.Conv2d) for m in without.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in with_sc.modules()) == 3
+    assert n_params(without) < n_params(with_sc)
+    assert without(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "sdnet18"])
+def test_imagenet_stem(name):
+    model = sdnet.build_model(name, num_classes=1000, width=4, stem="imagenet").eval()
+    conv1 = model.conv1
+    if name == "sdnet18":
+        assert isinstance(conv1, CSCLayer) and (conv1.kernel_size, conv1.stride, conv1.padding) == (7, 2, 3)
+    else:
+        assert isinstance(conv1, nn.Conv2d) and (conv1.kernel_size, conv1.stride, conv1.padding) == ((7, 7), (2, 2), (3, 3))
+    assert conv1.weight.shape == (4, 3, 7, 7)
+    assert isinstance(model.pool, nn.MaxPool2d)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model.pool(model.conv1(x)).shape == (1, 4, 56, 56)  # 224 -> 112 (stem) -> 56 (pool)
+        assert model.features(x).shape == (1, 32, 7, 7)            # the ImageNet ResNet's 7x7 map
+        assert model(x).shape == (1, 1000)
+
+
+# --- decode_to_input (paper appendix B) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def no_shortcut_model():
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters to invert
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_decode_to_input_shapes_at_every_layer(no_shortcut_model):
+    model = no_shortcut_model
+    x = torch.rand(2, 3, 32, 32)
+    tr = sdnet.trace(model, x)
+    assert [r.name for r in tr.layers] == [n for n, _, _ in model.main_path()]
+    for rec in tr.layers:
+        img = sdnet.decode_to_input(model, rec.name, rec.z)
+        assert img.shape == x.shape, rec.name
+        assert torch.isfinite(img).all()
+
+
+def test_decode_to_input_inverts_the_chain(no_shortcut_model):
+    model = no_shortcut_model
+    gen = torch.Generator().manual_seed(0)
+    # The stem: A(z), then undo the input normalisation.
+    z = torch.rand(1, 4, 32, 32, generator=gen)
+    with torch.no_grad():
+        expected = model.conv1.decode(z) * model.normalize.std + model.normalize.mean
+    torch.testing.assert_close(sdnet.decode_to_input(model, "conv1", z), expected)
+    # One layer deeper: A_2(z), through the stem's BatchNorm undone by hand, then A_1.
+    z = torch.rand(1, 4, 32, 32, generator=gen)
+    bn = model.bn1
+    with torch.no_grad():
+        y = model.layer1[0].conv1.decode(z)
+        pre_bn = ((y - bn.bias.view(1, -1, 1, 1)) / bn.weight.view(1, -1, 1, 1)
+                  * (bn.running_var + bn.eps).sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1))
+        expected = model.conv1.decode(pre_bn) * model.normalize.std + model.normalize.mean
+    torch.testing.assert_close(sdnet.decode_to_input(model, "layer1.0.conv1", z), expected)
+    # Without the offsets the map is linear in the code (what to show for a single atom).
+    name = "layer3.0.conv1"  # after two stride-2 layers: codes are 8x8
+    a, b = torch.rand(2, 1, 16, 8, 8, generator=gen)
+    lin = lambda t: sdnet.decode_to_input(model, name, t, bias=False)  # noqa: E731
+    torch.testing.assert_close(lin(2 * a - 3 * b), 2 * lin(a) - 3 * lin(b), atol=1e-5, rtol=1e-4)
+    assert lin(a).shape == (1, 3, 32, 32)
+
+
+def test_decode_to_input_refuses_what_it_cannot_do(no_shortcut_model):
+    z = torch.rand(1, 4, 32, 32)
+    with pytest.raises(ValueError, match="without shortcuts.*shortcut=False"):
+        sdnet.decode_to_input(sdnet.build_model("sdnet18_all", width=4), "conv1", z)
+    with pytest.raises(ValueError, match="CSC layers all the way"):
+        sdnet.decode_to_input(sdnet.build_model("sdnet18", width=4, shortcut=False).eval(), "layer1.0.conv1", z)
+    with pytest.raises(ValueError, match="unknown layer 'layer9.0.conv1'"):
+        sdnet.decode_to_input(no_shortcut_model, "layer9.0.conv1", z)
+    with pytest.raises(ValueError, match="sdnet.build_model"):
+        sdnet.decode_to_input(nn.Conv2d(3, 4, 3), "conv1", z)
