@@ -223,24 +223,33 @@ class CSCLayer(nn.Module):
         return ctx.get("n_steps") or self.n_steps if ctx else self.n_steps
 
     # --- the solve -------------------------------------------------------------------------
-    def _prox(self, v: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    def _prox(self, u: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        """The proximal step of lam*||z||_1 (z >= 0 when non_negative) at v, given u = v - thr."""
         if self.non_negative:
-            return F.relu(v - thr)
-        return v - v.clamp(-thr, thr)  # soft threshold, sync-free with a tensor threshold
+            return F.relu(u)
+        # soft threshold: v - clamp(v, -thr, thr) = u - clamp(u, -2 thr, 0); sync-free with tensor bounds
+        return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam, n_steps = self.effective_lam(), self.effective_steps()
-        L = self.lipschitz(tuple(x.shape[-2:])).to(x.dtype if x.is_floating_point() else torch.float32)
-        thr = lam / L
-        atx = self.adjoint(x)
-        z = self._prox(atx / L, thr)          # first step from z = 0
+        L = self.lipschitz(tuple(x.shape[-2:]))
+        dtype = self.weight.dtype
+        thr = (lam / L).to(dtype)
+        # The step 1/L scales the small dictionary rather than the large codes, and the threshold rides
+        # in the convolution's bias: b = A^T x / L - thr in one pass. Every FISTA step is then
+        #   z <- prox(y - (A^T A y - A^T x) / L) = prox_shifted(y + b - A^T(A y) / L).
+        w_step = self.weight / L.to(dtype)
+        b = F.conv2d(x, w_step, (-thr).expand(self.out_channels), stride=self.stride, padding=self.padding)
+        z = self._prox(b, thr)                # the first step, from z = 0
         z_prev, y, t = z, z, 1.0
-        for _ in range(n_steps - 1):
-            grad = self.adjoint(self.decode(y, x.shape[-2:])) - atx
-            z = self._prox(y - grad / L, thr)
-            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-            y = z + ((t - 1) / t_next) * (z - z_prev)
-            z_prev, t = z, t_next
+        for i in range(n_steps - 1):
+            ata_y = F.conv2d(self.decode(y, x.shape[-2:]), w_step, stride=self.stride, padding=self.padding)
+            z = self._prox(y + b - ata_y, thr)
+            if i < n_steps - 2:               # the momentum point for the next step (none after the last)
+                t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+                coef = (t - 1) / t_next
+                y = z if coef == 0 else torch.add(z, z - z_prev, alpha=coef)
+                z_prev, t = z, t_next
         recorder = _RECORDER.get()
         if recorder is not None:
             recorder.append(self._record(x, z, lam))
