@@ -52,27 +52,34 @@ def _show_card(loaded: state.Loaded) -> None:
         sb.warning("No model card beside this checkpoint (expected "
                    f"`{loaded.path.with_suffix('.json').name}`); showing what the file itself says.")
         card = {}
+    training = card.get("training") or {}
     acc = card.get("test_accuracy")
-    acc_text = "not measured" if acc is None else (f"{acc:.2f}%" if acc > 1 else f"{acc:.2%}")
-    if card.get("test_images"):
-        acc_text += f" on {card['test_images']} test images"
+    if acc is not None:
+        acc_text = f"{acc:.2f}%" + (f" on {card['test_images']} test images" if card.get("test_images") else "")
+    elif training.get("test_acc_during_training") is not None:  # written by sdnet.train, before an evaluation
+        n = training.get("test_subset_during_training")
+        acc_text = (f"{training['test_acc_during_training']:.2f}% at the end of training"
+                    + (f" (on {n} test images)" if n else ""))
+    else:
+        acc_text = "not measured"
     rows = [("name", card.get("name", loaded.path.stem)),
             ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "
                              f"{'with' if card.get('shortcut', cfg.get('shortcut')) else 'no'} shortcuts"),
             ("test accuracy", acc_text),
             ("lambda / FISTA steps", f"{card.get('lam', cfg.get('lam'))} / {card.get('n_steps', cfg.get('n_steps'))}"),
-            ("data", card.get("data", loaded.meta.get("dataset", "?"))),
-            ("epochs", card.get("epochs", "?")),
+            ("data", card.get("data") or card.get("dataset") or loaded.meta.get("dataset", "?")),
+            ("epochs", card.get("epochs", loaded.meta.get("epochs", "?"))),
             ("CSC layers", len(loaded.layer_names))]
     sb.markdown("\n".join(f"- **{k}**: {v}" for k, v in rows))
-    if acc is None:
+    if acc_text == "not measured":
         sb.warning("This checkpoint has no measured accuracy: it may be an untrained stand-in.")
-    training = card.get("training") or {}
     if training or card.get("evaluation") or card.get("robust_fit"):
         with sb.expander("How it was made"):
             if training.get("command"):
                 st.code(training["command"], language="bash")
-                st.caption(f"{training.get('seconds', '?')} s on {training.get('machine', '?')}")
+                secs, where = training.get("seconds"), training.get("machine") or training.get("device")
+                st.caption(" ".join(filter(None, ["Trained", f"in {secs / 60:.0f} min" if secs else None,
+                                                  f"on {where}" if where else None])) + ".")
             if (card.get("evaluation") or {}).get("command"):
                 st.code(card["evaluation"]["command"], language="bash")
             if card.get("robust_fit"):
@@ -269,22 +276,31 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int,
 
 
 def _auto_lam(ctx: Context, trained_probe: dict) -> None:
-    fits = (ctx.loaded.card or {}).get("robust_fit") or {}
-    r = trained_probe["mean_rel_residual"]
+    loaded = ctx.loaded
+    fits = (loaded.card or {}).get("robust_fit") or {}
     if not fits:
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
-        st.caption("Needs the λ-vs-residual fit on the model card; make it with "
-                   f"`{state.FIT_HINT.format(checkpoint=ctx.loaded.path)}`")
+        st.caption("Needs the λ-vs-residual fit of Algorithm 1 on the model card; make it with "
+                   f"`{state.FIT_HINT.format(checkpoint=loaded.path)}`")
         return
     kinds = list(fits)
     _default("fit_noise", ctx.corruption["kind"] if ctx.corruption["kind"] in kinds else kinds[0])
     noise = st.selectbox("Fit for noise", kinds, key="fit_noise")
-    lam = sdnet.adaptive_lam(fits[noise], r)
-    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g}"
+    fit = fits[noise]
+    steps = fit.get("n_steps")  # the residual is measured as the fit measured it: trained λ, its FISTA steps
+    probe = trained_probe if steps in (None, loaded.trained_steps) else \
+        state.probe(loaded.model, loaded.key, ctx.image, None, int(steps))
+    r = probe["mean_rel_residual"]
+    lam = sdnet.adaptive_lam(fit, r)
+    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g}."
     st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note),
               help="Sets λ from this image's mean relative residual at the trained λ (paper, Algorithm 1).")
-    if st.session_state.get("auto_lam"):
+    if st.session_state.get("auto_lam") and st.session_state["lam"] in st.session_state.get("lam_extra", []):
         st.caption(st.session_state["auto_lam"])
+    with st.popover("The fit"):
+        _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
+        if fit.get("command"):
+            st.code(fit["command"], language="bash")
 
 
 def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec, n_steps: int | None) -> tuple[dict, float]:
@@ -419,8 +435,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: in
     usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
     st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
     st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
-    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({usage[c]:.2g})" for c in view.atom_order], ncols=16,
-                       height_per_row=70), key="atoms_chart")
+    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({usage[c]:.2g})" for c in view.atom_order],
+                       ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160), key="atoms_chart")
     if loaded.meta["config"].get("shortcut", True):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
                 "with shortcuts a layer's input is not the previous layer's reconstruction alone.")
@@ -517,7 +533,7 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                              f" on {loaded.layer_names[0]}'s code, summed per channel)"), key="atom_attr_chart")
     pos = {c: i for i, c in enumerate(view.atom_order)}
     _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=16,
-                       height_per_row=70), key="atom_attr_tiles")
+                       height_per_row=90), key="atom_attr_tiles")
 
 
 def export_panel(view: state.View, unnormalize) -> None:

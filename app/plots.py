@@ -1,7 +1,13 @@
-"""Plotly figures for the app: each function takes plain numpy arrays and returns a figure."""
+"""Plotly figures for the app: each function takes plain numpy arrays and returns a figure.
+
+Each figure is written as one plain spec (traces and layout as dicts) and validated once by
+`go.Figure(spec)`: several times faster than building it with add_trace / update_layout calls,
+which matters because the lambda fragment redraws its figures on every slider move.
+"""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -11,52 +17,64 @@ from sdnet import images
 # One colour per compared setting, the same in every chart of the page.
 COLORS = {"current": "#d62728", "trained": "#1f77b4", "resnet": "#7f7f7f"}
 MARGIN = dict(l=10, r=10, t=40, b=10)
+LEGEND = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
+NO_AXIS = dict(visible=False, constrain="domain")
+WIDTH = 900  # about the width of a chart in the page's main column, in CSS pixels
 
 
-def _tidy(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
-    fig.update_layout(height=height, margin=MARGIN, title=title,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
-    return fig
+def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
+    return go.Figure(dict(data=data, layout=dict(dict(height=height, margin=MARGIN, title=title, legend=LEGEND), **layout)))
 
 
 def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k: int) -> go.Figure:
     """Grouped horizontal bars of class probabilities: the top-k classes of the first series,
     plus any class another series puts in its top-k. `series` is [(label, colour key, probs)]."""
-    order = list(np.argsort(-series[0][2])[:k])
+    order = [int(i) for i in np.argsort(-series[0][2])[:k]]
     for _, _, p in series[1:]:
         order += [int(i) for i in np.argsort(-p)[:k] if i not in order]
     order = order[::-1]  # highest at the top
-    fig = go.Figure()
-    for label, color, p in series:
-        fig.add_bar(y=[classes[i] for i in order], x=[float(p[i]) for i in order], name=label, orientation="h",
-                    marker_color=COLORS.get(color, color), text=[f"{p[i]:.1%}" for i in order],
-                    textposition="outside", hovertemplate="%{y}: %{x:.2%}<extra>" + label + "</extra>")
+    bars = [dict(type="bar", y=[classes[i] for i in order], x=[float(p[i]) for i in order], name=label,
+                 orientation="h", marker_color=COLORS.get(color, color), text=[f"{p[i]:.1%}" for i in order],
+                 textposition="outside", hovertemplate="%{y}: %{x:.2%}<extra>" + label + "</extra>")
+            for label, color, p in series]
     top = max(float(p[i]) for _, _, p in series for i in order)
-    fig.update_layout(barmode="group", xaxis=dict(range=[0, min(1.0, top) * 1.2 + 0.02], tickformat=".0%",
-                                                   title="probability"))
-    return _tidy(fig, 90 + 12 * len(order) * len(series) + 8 * len(order))
+    return _figure(bars, 90 + 12 * len(order) * len(series) + 8 * len(order), barmode="group",
+                   xaxis=dict(range=[0, min(1.0, top) * 1.2 + 0.02], tickformat=".0%", title="probability"))
 
 
 def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], title: str, ytitle: str,
                  percent: bool = False) -> go.Figure:
     """One line per setting of a per-layer quantity, layers in forward order on the x axis."""
-    fig = go.Figure()
-    for label, color, values in series:
-        fig.add_scatter(x=names, y=values, mode="lines+markers", name=label, line=dict(color=COLORS.get(color, color)),
-                        hovertemplate="%{x}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
-    fig.update_yaxes(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero")
-    fig.update_xaxes(tickangle=-45)
-    return _tidy(fig, 300, title)
+    lines = [dict(type="scatter", x=list(names), y=np.asarray(values, dtype=float), mode="lines+markers", name=label,
+                  line=dict(color=COLORS.get(color, color)),
+                  hovertemplate="%{x}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
+             for label, color, values in series]
+    return _figure(lines, 300, title, xaxis=dict(tickangle=-45),
+                   yaxis=dict(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero"))
 
 
-def _image_trace(img: np.ndarray, name: str) -> go.Image:
-    return go.Image(z=np.clip(img, 0, 1) * 255, name=name, hovertemplate="x=%{x} y=%{y}<br>rgb=%{z}<extra></extra>")
+def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
+    trace = dict(type="image", z=np.clip(img, 0, 1) * 255)
+    if hover:
+        trace["hovertemplate"] = "x=%{x} y=%{y}<br>rgb=%{z}<extra></extra>"
+    else:
+        trace["hoverinfo"] = "skip"
+    return trace
 
 
-def _square(fig: go.Figure) -> None:
-    """Pixels are square and rows go down; no axes."""
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig.update_yaxes(visible=False, autorange="reversed", constrain="domain", scaleanchor="x")
+def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: int, px: int,
+           titles: list[str], scale: float) -> go.Figure:
+    """A figure of tile_grid pictures with a title above each tile (one text trace), pixels square, no axes;
+    `scale` is the wanted screen pixels per picture pixel (less when the page's width limits it)."""
+    nrows = math.ceil(n / ncols)
+    scale = min(scale, WIDTH / (ncols * (w + px) - px))
+    top = 16 / scale  # room for the first row's titles, in picture pixels
+    labels = dict(type="scatter", mode="text", text=titles, textposition="top center", textfont=dict(size=10),
+                  x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
+                  y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hoverinfo="skip", showlegend=False)
+    bottom = nrows * (h + py) - py
+    return _figure(data + [labels], int((bottom + top) * scale) + 14, margin=dict(MARGIN, t=4), xaxis=NO_AXIS,
+                   yaxis=dict(NO_AXIS, autorange=False, scaleanchor="x", range=[bottom - 0.5, -top - 0.5]))
 
 
 def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: str = "") -> go.Figure:
@@ -65,33 +83,17 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
     h, w = maps[0][1].shape[:2]
     pad = max(2, w // 10)
     titles = [t for t, _ in maps]
+    stack = np.stack([m for _, m in maps])
     if rgb:
-        grid = images.tile_grid(np.stack([m for _, m in maps]), n, (pad, pad), fill=1.0)
-        fig = go.Figure(go.Image(z=np.clip(grid, 0, 1) * 255,
-                                 hovertemplate="x=%{x} y=%{y}<br>rgb=%{z}<extra></extra>"))
+        trace = _rgb_trace(images.tile_grid(stack, n, (pad, pad), fill=1.0))
     else:
-        stack = np.stack([m for _, m in maps])
         grid = images.tile_grid(stack, n, (pad, pad), fill=np.nan)
         which = images.tile_grid(np.stack([np.full((h, w), float(i)) for i in range(n)]), n, (pad, pad), fill=np.nan)
-        names = np.array(titles, dtype=object)
-        label = np.where(np.isnan(which), "", names[np.nan_to_num(which).astype(int)])
-        fig = go.Figure(go.Heatmap(z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
-                                   hoverongaps=False, colorbar=dict(title=colorbar_title, thickness=12),
-                                   hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>"))
-    return _grid_layout(fig, n, n, h, w, pad, pad, titles, 260 / (h + pad))
-
-
-def _grid_layout(fig: go.Figure, n: int, ncols: int, h: int, w: int, py: int, px: int,
-                 titles: list[str], px_per_cell: float) -> go.Figure:
-    """Titles above the tiles of a tile_grid image, pixels square, no axes."""
-    nrows = math.ceil(n / ncols)
-    notes = [dict(x=(i % ncols) * (w + px) + (w - 1) / 2, y=(i // ncols) * (h + py) - 0.6, text=t, showarrow=False,
-                  xanchor="center", yanchor="bottom", font=dict(size=10)) for i, t in enumerate(titles)]
-    fig.update_layout(annotations=notes)
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain",
-                     range=[nrows * (h + py) - py - 0.5, -py - 0.5])
-    return _tidy(fig, int(60 + nrows * (h + py) * px_per_cell))
+        label = np.where(np.isnan(which), "", np.array(titles, dtype=object)[np.nan_to_num(which).astype(int)])
+        trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
+                     hoverongaps=False, colorbar=dict(title=colorbar_title, thickness=12),
+                     hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>")
+    return _tiled([trace], n, n, h, w, pad, pad, titles, 260 / (h + pad))
 
 
 def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: int = 8) -> go.Figure:
@@ -101,46 +103,67 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
     n, (h, w) = len(channels), z.shape[1:]
     ncols = min(ncols, n)
     py, px = max(3, h // 3), max(1, w // 16)
-    grid = images.tile_grid(z[channels], ncols, (py, px), fill=np.nan)
+
+    def tiled(a: np.ndarray) -> np.ndarray:
+        return images.tile_grid(a, ncols, (py, px), fill=np.nan)
     ys, xs = np.indices((h, w))
-    info = np.stack([np.broadcast_to(np.float64(c), (h, w)) for c in channels])
-    chan = images.tile_grid(info, ncols, (py, px), fill=np.nan)
-    xg = images.tile_grid(np.broadcast_to(xs, (n, h, w)), ncols, (py, px), fill=np.nan)
-    yg = images.tile_grid(np.broadcast_to(ys, (n, h, w)), ncols, (py, px), fill=np.nan)
+    info = np.stack([tiled(np.stack([np.full((h, w), float(c)) for c in channels])),
+                     tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
     vmax = max(float(np.abs(z[channels]).max()), 1e-12)
-    fig = go.Figure(go.Heatmap(z=grid, customdata=np.stack([chan, xg, yg], -1), zmin=0 if z.min() >= 0 else -vmax,
-                               zmax=vmax, colorscale="Viridis", hoverongaps=False, colorbar=dict(title="z", thickness=12),
-                               hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
-                                             "<br>z=%{z:.4f}<extra></extra>"))
+    heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if z.min() >= 0 else -vmax, zmax=vmax,
+                colorscale="Viridis", hoverongaps=False, colorbar=dict(title="z", thickness=12),
+                hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
+                              "<br>z=%{z:.4f}<extra></extra>")
     titles = [f"ch {c} (Σ|z|={activity[c]:.2g})" for c in channels]
-    return _grid_layout(fig, n, ncols, h, w, py, px, titles, 110 / (h + py))
+    return _tiled([heat], n, ncols, h, w, py, px, titles, 110 / (h + py))
 
 
 def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_row: int = 110) -> go.Figure:
     """A grid of small RGB images (N, h, w, 3) in [0, 1], each with a title, as one image trace."""
     n, h, w = pictures.shape[:3]
     ncols = min(ncols, n)
-    py, px = max(3, h // 2), max(1, w // 8)
+    py, px = max(3, h // 2), max(2, (w + 1) // 2)  # room for each title
     grid = images.tile_grid(pictures, ncols, (py, px), fill=1.0)
-    fig = go.Figure(go.Image(z=np.clip(grid, 0, 1) * 255, hoverinfo="skip"))
-    return _grid_layout(fig, n, ncols, h, w, py, px, titles, height_per_row / (h + py))
+    return _tiled([_rgb_trace(grid, hover=False)], n, ncols, h, w, py, px, titles, height_per_row / (h + py))
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, signed: bool, title: str) -> go.Figure:
     """An attribution map over its image: red/blue for signed maps (for/against), hot for magnitudes."""
-    fig = go.Figure(_image_trace(image, "image"))
     peak = max(float(np.abs(amap).max()), 1e-12)
-    fig.add_heatmap(z=amap, opacity=0.6, zmin=-peak if signed else 0, zmax=peak,
-                    colorscale="RdBu_r" if signed else "Hot", reversescale=not signed,
-                    colorbar=dict(thickness=12), hovertemplate="x=%{x} y=%{y}<br>attribution=%{z:.3g}<extra></extra>")
-    _square(fig)
-    return _tidy(fig, 320, title)
+    heat = dict(type="heatmap", z=amap, opacity=0.6, zmin=-peak if signed else 0, zmax=peak,
+                colorscale="RdBu_r" if signed else "Hot", reversescale=not signed, colorbar=dict(thickness=12),
+                hovertemplate="x=%{x} y=%{y}<br>attribution=%{z:.3g}<extra></extra>")
+    return _figure([_rgb_trace(image), heat], 320, title, xaxis=NO_AXIS,
+                   yaxis=dict(NO_AXIS, autorange="reversed", scaleanchor="x"))
 
 
 def atom_scores(scores: np.ndarray, labels: list[str], title: str) -> go.Figure:
     """Bars of per-atom attribution, strongest (by |score|) first; red pushed towards the class."""
-    fig = go.Figure(go.Bar(x=labels, y=scores, marker_color=["#d62728" if s >= 0 else "#1f77b4" for s in scores],
-                           hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
-    fig.update_xaxes(type="category")  # labels like "#4" would otherwise be parsed as numbers
-    fig.update_yaxes(title="attribution (summed over positions)")
-    return _tidy(fig, 280, title)
+    bars = dict(type="bar", x=labels, y=np.asarray(scores, dtype=float),
+                marker_color=[COLORS["current"] if s >= 0 else COLORS["trained"] for s in scores],
+                hovertemplate="%{x}: %{y:.4g}<extra></extra>")
+    # category: labels like "#4" would otherwise be parsed as numbers
+    return _figure([bars], 280, title, xaxis=dict(type="category"),
+                   yaxis=dict(title="attribution (summed over positions)"))
+
+
+def lam_fit(fit: dict, residual: float, lam: float, noise: str) -> go.Figure:
+    """Algorithm 1's fit: the (residual, best lambda) points of the training data, the clipped line
+    through them, and where this image lands on it."""
+    pts = fit.get("points") or []
+    lo, hi = fit.get("lam_range", (0.0, float("inf")))
+    rs = [p["residual"] for p in pts] + [residual]
+    grid = np.linspace(min(rs) * 0.9, max(rs) * 1.1, 50)
+    data = []
+    if pts:
+        data.append(dict(type="scatter", x=[p["residual"] for p in pts], y=[p["lam"] for p in pts], mode="markers",
+                         name="training", marker=dict(color=COLORS["trained"], size=9),
+                         customdata=[p.get("level") for p in pts],
+                         hovertemplate="level %{customdata}<br>r=%{x:.4f}, best λ=%{y:g}<extra></extra>"))
+    data.append(dict(type="scatter", x=grid, y=np.clip(fit["slope"] * grid + fit["intercept"], lo, hi), mode="lines",
+                     name="fit", line=dict(color=COLORS["resnet"], dash="dash"), hoverinfo="skip"))
+    data.append(dict(type="scatter", x=[residual], y=[lam], mode="markers", name="this image",
+                     marker=dict(color=COLORS["current"], size=13, symbol="star"),
+                     hovertemplate="r=%{x:.4f} -> λ=%{y:.4g}<extra></extra>"))
+    return _figure(data, 320, f"λ(r), {noise} noise", xaxis=dict(title="mean relative residual r at the trained λ"),
+                   yaxis=dict(title="λ"))

@@ -1,11 +1,11 @@
 """How long the app takes from a lambda change to the new probe result (`python bench/app_latency.py --help`).
 
-A lambda change in the app reruns one uncached call, `app.state.run_probe`: a trace of every CSC
-layer under `sdnet.override` on one image, converted to numpy for the charts. This times that call
-for lambdas never seen before (so nothing is cached), on the shipped SDNet-All checkpoint and a
-32x32 sample, on the device the app would pick. With --page it also times whole page reruns after
-a slider move through streamlit's AppTest (the full script, all panels and figures: an upper bound,
-since in the browser only the lambda fragment reruns).
+A lambda change in the app makes one new call of `app.state.probe` (st.cache_data around
+`run_probe`: a trace of every CSC layer under `sdnet.override` on one image, converted to numpy for
+the charts). This times that call for lambdas never seen before (so nothing comes from the cache),
+on the shipped SDNet-All checkpoint and a 32x32 sample, on the device the app would pick. With --page
+it also times whole page reruns after a slider move through streamlit's AppTest (the full script, all
+panels and figures: an upper bound, since in the browser only the lambda fragment reruns).
 """
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ import sdnet  # noqa: E402
 from sdnet import images  # noqa: E402
 
 
+def busy() -> str:
+    """How loaded the machine was while timing: the 1-minute load average and other training runs."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    trainings = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"sdnet.train" in (proc / "cmdline").read_bytes() and int(proc.name) != os.getpid():
+                trainings += 1
+        except OSError:
+            continue
+    return f"load average {load:.2f} on {os.cpu_count()} cores" + (
+        f", {trainings} `sdnet.train` process(es) running beside it" if trainings else "")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -48,25 +62,35 @@ def default_checkpoint() -> Path:
     return found[0]
 
 
+def quiet_streamlit() -> None:
+    """No 'No runtime found' warnings: the app's cached functions are called outside `streamlit run`."""
+    from streamlit import logger
+    logger.set_log_level("error")
+
+
 def time_probe(model, x: np.ndarray, lams: list[float], n_steps: int | None, threads: int) -> list[float]:
-    from app.state import run_probe
+    """Milliseconds per lambda change through the app's own cached call, `app.state.probe`: every lambda
+    is new, so each call hashes its arguments, traces the model and stores the result (a cache miss)."""
+    from app.state import probe
     torch.set_num_threads(threads)
-    run_probe(model, x, None, None)  # warm: the step sizes (power iteration) are computed once per model
+    key = f"bench:{threads}:{time.time_ns()}"  # a fresh cache key: no result of an earlier setting is reused
+    probe(model, key, x, None, None)  # warm: the step sizes (power iteration) are computed once per model
     out = []
     for lam in lams:
         if next(model.parameters()).is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        run_probe(model, x, lam, n_steps)  # run_probe ends in .cpu().numpy(): synchronised
+        probe(model, key, x, lam, n_steps)  # ends in .cpu().numpy(): synchronised
         out.append((time.perf_counter() - t0) * 1000)
     return out
 
 
-def time_page(checkpoint: Path, lams: list[float]) -> list[float]:
+def time_page(checkpoint: Path, sample: str, lams: list[float]) -> list[float]:
     from streamlit.testing.v1 import AppTest
     os.environ["SDNET_CHECKPOINTS"] = str(checkpoint.parent)
     at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=300)
     at.session_state["ckpt"] = checkpoint.name
+    at.session_state["sample"] = sample
     at.run()
     out = []
     for lam in lams:
@@ -76,6 +100,48 @@ def time_page(checkpoint: Path, lams: list[float]) -> list[float]:
         if at.exception:
             raise RuntimeError(at.exception[0].message)
     return out
+
+
+def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[float], list[float]]:
+    """In headless Chromium, against `streamlit run app/main.py`: press the λ slider's right arrow
+    `presses` times (each a λ never seen before) and time, per press, until the prediction table
+    shows the new λ, and until the rerun has finished (every chart of the open tab sent)."""
+    from playwright.sync_api import sync_playwright
+
+    from app.serve import CHROMIUM, CHROMIUM_ARGS, LAM_SLIDER, SUMMARY, serve
+    from app.state import lam_options
+    model, _ = sdnet.load_checkpoint(checkpoint)
+    trained = {n: layer.lam for n, layer in sdnet.csc_layers(model)}
+    options = lam_options(trained)
+    start = options.index(float(next(iter(trained.values()))))
+    labels = [f"λ={v:g}," for v in options[start + 1: start + 1 + presses]]
+    shown, done = [], []
+    log = ROOT / "tests" / "artifacts" / "bench-streamlit.log"
+    with serve(log, env={"SDNET_CHECKPOINTS": str(checkpoint.resolve().parent)}) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.locator(SUMMARY).wait_for()
+        if sample != "cat_1":
+            page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").nth(1).click()
+            page.get_by_role("option", name=sample, exact=True).click()
+        idle = "() => !document.querySelector('[data-testid=stStatusWidget]')"
+        page.wait_for_timeout(1000)
+        page.wait_for_function(idle)
+        for label in labels:
+            page.locator(LAM_SLIDER).focus()
+            t0 = time.perf_counter()
+            page.keyboard.press("ArrowRight")
+            page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel);"
+                                   " return e && e.innerText.includes('SDNet at ' + want); }",
+                                   arg=[SUMMARY, label], polling="raf")
+            shown.append((time.perf_counter() - t0) * 1000)
+            page.wait_for_function(idle, polling="raf")
+            done.append((time.perf_counter() - t0) * 1000)
+            page.wait_for_timeout(300)
+        browser.close()
+    return shown, done
 
 
 def summary(ms: list[float]) -> dict:
@@ -91,9 +157,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch CPU threads to time with (default: torch's default, and 1)")
     p.add_argument("--page", action="store_true", help="also time whole page reruns through AppTest")
+    p.add_argument("--browser", action="store_true",
+                   help="also time λ changes in headless Chromium against `streamlit run app/main.py` (the app "
+                        "shows the checkpoint folder's default SDNet-All checkpoint)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
+    quiet_streamlit()
     ckpt = args.checkpoint or default_checkpoint()
     device = sdnet.default_device()
     model, meta = sdnet.load_checkpoint(ckpt, map_location=device)
@@ -105,24 +175,35 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(checkpoint=str(ckpt.relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt),
                   device=str(device), machine=machine(), image=f"{args.sample} ({size}x{size})",
                   csc_layers=len(sdnet.csc_layers(model)), probe={})
+    load_before = busy()
     for t in threads:
         result["probe"][f"{t} thread{'s' if t > 1 else ''}"] = summary(time_probe(model, x, lams, None, t))
     if args.page:
         torch.set_num_threads(threads[-1])
-        result["page_rerun"] = summary(time_page(ckpt, [lams[i] for i in range(0, len(lams), 3)]))
+        result["page_rerun"] = summary(time_page(ckpt, args.sample, [lams[i] for i in range(0, len(lams), 3)]))
+    if args.browser:
+        shown, done = time_browser(ckpt, args.sample, min(args.repeats, 15))
+        result["browser_shown"], result["browser_done"] = summary(shown), summary(done)
+    result["load"] = f"before: {load_before}; after: {busy()}"
     if args.json:
         print(json.dumps(result, indent=2))
         return result
     print(f"checkpoint {result['checkpoint']} ({result['csc_layers']} CSC layers), image {result['image']}, "
           f"device {result['device']}")
     print(f"machine: {result['machine']}")
-    print("| what | setting | median ms | p90 ms | min ms | n |\n|---|---|---|---|---|---|")
-    for t, s in result["probe"].items():
-        print(f"| lambda change -> probe result | {t} | {s['median_ms']} | {s['p90_ms']} | {s['min_ms']} | {s['n']} |")
+    print(f"load: {result['load']}")
+    rows = [(f"λ change -> probe result (`app.state.probe`, a cache miss)", t, s) for t, s in result["probe"].items()]
     if "page_rerun" in result:
-        s = result["page_rerun"]
-        print(f"| lambda change -> whole page script (AppTest) | {threads[-1]} thread(s) | {s['median_ms']} | "
-              f"{s['p90_ms']} | {s['min_ms']} | {s['n']} |")
+        rows.append(("λ change -> whole page script rerun (AppTest, all panels)", f"{threads[-1]} thread(s)",
+                     result["page_rerun"]))
+    if "browser_shown" in result:
+        rows.append(("key press on the λ slider -> new predictions on screen (Chromium)", "server default",
+                     result["browser_shown"]))
+        rows.append(("key press on the λ slider -> rerun finished, all charts sent (Chromium)", "server default",
+                     result["browser_done"]))
+    print("| what | setting | median ms | p90 ms | min ms | n |\n|---|---|---|---|---|---|")
+    for what, setting, s in rows:
+        print(f"| {what} | {setting} | {s['median_ms']} | {s['p90_ms']} | {s['min_ms']} | {s['n']} |")
     return result
 
 

@@ -354,18 +354,33 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     folder.mkdir()
     (folder / src.name).symlink_to(src)
     card = sdnet.load_card(src) or {}
-    card["robust_fit"] = {"gaussian": {"slope": 2.0, "intercept": 0.05, "lam_range": [0.05, 2.0], "points": []}}
+    points = [{"level": c, "residual": r, "lam": lam} for c, r, lam in ((0.04, 0.3, 0.1), (0.1, 0.5, 0.6))]
+    card["robust_fit"] = {"gaussian": {"slope": 2.0, "intercept": 0.05, "lam_range": [0.05, 2.0], "points": points,
+                                       "command": "python -m sdnet.robust fit --checkpoint X"}}
+    # the card as `python -m sdnet.train` writes it, before `python -m sdnet.evaluate --update-card`
+    card.pop("test_accuracy", None)
+    card.pop("data", None)
+    card.update(dataset="cifar10", training={"command": "python -m sdnet.train --width 16", "seconds": 600.0,
+                                             "test_acc_during_training": 71.25, "test_subset_during_training": 2000})
     sdnet.write_card(folder / src.name, card)
     monkeypatch.setenv("SDNET_CHECKPOINTS", str(folder))
     at = app(noise="gaussian")
     ok(at)
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "71.25% at the end of training (on 2000 test images)" in sidebar and "**data**: cifar10" in sidebar
+    assert not at.sidebar.warning  # a trained model is not called a stand-in
+    fit_fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "λ(r)" in c.proto.spec)
+    assert [t["name"] for t in fit_fig["data"]] == ["training", "fit", "this image"]
     r = at.session_state["view"].trained["mean_rel_residual"]
     expected = sdnet.adaptive_lam(card["robust_fit"]["gaussian"], r)
+    assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]
     at.button(key="auto_lam_btn").click().run()
     ok(at)
     assert at.select_slider(key="lam").value == pytest.approx(expected)
     assert at.session_state["view"].settings["lam"]["all"] == pytest.approx(expected)
     assert any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    at.select_slider(key="lam").set_value(0.1).run()  # moved away: the note no longer describes the view
+    assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
 
 
 def test_two_sessions_share_the_model_not_their_results(app):
@@ -417,3 +432,17 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     assert any("without shortcuts" in i.value for i in at.info)
     assert [r["name"] for r in at.session_state["view"].probe["layers"]] == ["conv1"]
     assert any("No model card" in w.value for w in at.sidebar.warning)
+
+
+def test_latency_benchmark_runs(checkpoint_dir):
+    """bench/app_latency.py (its numbers are in bench/README.md) times real probes through the app's cache."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import app_latency
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ckpt = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
+    result = app_latency.main(["--checkpoint", str(ckpt), "--repeats", "3", "--threads", "1", "--json"])
+    timing = result["probe"]["1 thread"]
+    assert result["csc_layers"] == 17 and timing["n"] == 3 and 0 < timing["min_ms"] <= timing["median_ms"]
+    assert "load average" in result["load"]

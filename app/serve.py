@@ -1,0 +1,78 @@
+"""Run the app headless on a free local port and drive it with Chromium: for the browser test and the
+latency benchmark (`tests/test_browser.py`, `bench/app_latency.py --browser`)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package, as .ci/run installs it
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+SUMMARY = ".st-key-prediction_summary"  # the prediction table: its first row is SDNet at the current λ
+LAM_SLIDER = ".st-key-lam input[type=range]"
+
+
+class ServerError(RuntimeError):
+    """The app did not start; the message ends with its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(log_path: Path, env: dict[str, str] | None = None, timeout: float = 90.0) -> Iterator[str]:
+    """`streamlit run app/main.py` on a free port (headless, no file watcher, no usage stats), its output
+    in `log_path`; yields the URL once the health check answers, and stops the server afterwards."""
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+                                 "--server.port", str(port), "--server.address", "127.0.0.1",
+                                 "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+                                cwd=ROOT, env=dict(os.environ, **(env or {})), stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    log.flush()
+                    raise ServerError(f"streamlit did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def current_lam_row(summary: str) -> str:
+    """The row of SDNet at the current λ in the prediction table's text (label, class, probability)."""
+    return next(line for line in summary.splitlines() if line.startswith("SDNet at λ="))
+
+
+def wait_for_lam(page, label: str, timeout_ms: float = 90_000) -> None:
+    """Wait until the prediction table shows SDNet at `label` (e.g. 'λ=1,'), then until the run ends."""
+    page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel);"
+                           " return e && e.innerText.includes('SDNet at ' + want); }",
+                           arg=[SUMMARY, label], timeout=timeout_ms)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=timeout_ms)
