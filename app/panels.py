@@ -145,7 +145,8 @@ def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
         name = sb.selectbox("CIFAR-10 test image", names, key="sample",
                             index=names.index("cat_1") if "cat_1" in names else 0)
         clean = state.sample_image(str(samples[name]), size)
-        return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[])
+        return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[],
+                           label=name.rsplit("_", 1)[0])
     up = sb.file_uploader("Image file", type=list(images.SUFFIXES), key="upload",
                           help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
     if up is None:
@@ -188,6 +189,8 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
                 else f"level {corruption['severity']:g}")
         cols[1].image(_enlarge(image), caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
     with cols[2]:
+        if info.get("label"):
+            st.markdown(f"A CIFAR-10 test image of a **{info['label']}** (`{info['path']}`).")
         if info.get("notes"):
             w, h = info["original_size"]
             st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; " + "; ".join(info["notes"]) + ".")
