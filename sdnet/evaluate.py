@@ -19,7 +19,7 @@ from .cards import update_card
 from .checkpoint import CheckpointError, load_checkpoint
 from .corruptions import KINDS, corrupt, parse_severity
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, load_split
+from .data import DatasetError, ImageSet, load_split, resolve_data_path
 from .inspect import trace
 from .utils import default_device
 
@@ -120,7 +120,8 @@ def main(argv=None) -> EvalResult:
             print(f"  {name:<24} mean relative residual {r:.4f}")
     if args.update_card:
         update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
-                    data=f"{data.source} ({args.split} split" + (f", subset of {args.subset})" if args.subset else ")"),
+                    data=f"{resolve_data_path(args.data).name}, {args.split} split, {res.n_images} images"
+                         + (f" (random subset, seed {args.subset_seed})" if args.subset else ""),
                     evaluation={"command": "python -m sdnet.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
                                 "seconds": res.seconds, "device": str(device),
                                 "mean_rel_residual": res.mean_rel_residual})
