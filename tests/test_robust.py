@@ -1,7 +1,8 @@
-"""sdnet.robust: Algorithm 1's fit, the noise / adversarial / FISTA reports, end to end on a tiny model.
+"""sdnet.robust and sdnet.attacks: Algorithm 1's fit, the noise / adversarial / FISTA reports, end to end.
 
-The data is a tiny ImageFolder tree in tmp_path; the models are width-4 SDNet-All and ResNet-18
-(untrained, BatchNorm calibrated): the tests check the pipeline and its bookkeeping, not accuracies.
+The data is a tiny ImageFolder tree (3 classes, 3 images each); the models are width-4 SDNet-All and
+ResNet-18, untrained with calibrated BatchNorm: the tests check the pipeline and its bookkeeping, not
+accuracies.
 """
 from __future__ import annotations
 
@@ -12,193 +13,182 @@ import torch
 from helpers import CLASSES, make_image_folder
 
 import sdnet
-from sdnet import robust
-from sdnet.cards import load_card
+from sdnet import attacks, robust
+from sdnet.cards import load_card, update_card
+from sdnet.data import load_split
+from sdnet.evaluate import evaluate
 
 NOISES = ("gaussian", "shot", "speckle", "impulse")
 FAST = ["--no-png", "--threads", "1", "--batch-size", "4"]
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
+def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SDNET_DATA", raising=False)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, calibrated_model):
-    """A tiny SDNet-All checkpoint with a card naming its ResNet baseline, and an ImageFolder tree."""
+    """A tiny SDNet-All checkpoint whose card names its ResNet baseline, and an ImageFolder tree."""
     root = tmp_path_factory.mktemp("robust")
     tree = make_image_folder(root / "tree", n_train=3, n_test=3)
-    classes = CLASSES[:3]
-    sd = calibrated_model("sdnet18_all", 4, False)
-    rn = calibrated_model("resnet18", 4, True)
-    sdnet.save_checkpoint(root / "sd.pt", sd, classes=classes, dataset="cifar10")
-    sdnet.save_checkpoint(root / "rn.pt", rn, classes=classes, dataset="cifar10")
+    for name, arch, shortcut in (("sd.pt", "sdnet18_all", False), ("rn.pt", "resnet18", True)):
+        sdnet.save_checkpoint(root / name, calibrated_model(arch, 4, shortcut), classes=CLASSES[:3], dataset="cifar10")
     sdnet.write_card(root / "sd.pt", {"name": "tiny", "baseline": "rn.pt", "lam": 0.1})
     return root, tree
 
 
-def _run(setup, tmp_path, *args):
+def _run(setup, tmp_path, *args, checkpoint="sd.pt"):
     root, tree = setup
     out = tmp_path / "reports"
-    return robust.main([*args, "--checkpoint", str(root / "sd.pt"), "--data", str(tree), "--out", str(out), *FAST]), out
+    res = robust.main([*args, "--checkpoint", str(root / checkpoint), "--data", str(tree), "--out", str(out), *FAST])
+    return res, out
 
 
-def test_fit_line_recovers_a_line_and_handles_one_residual():
-    slope, intercept = robust.fit_line([0.1, 0.2, 0.3], [0.35, 0.55, 0.75])
-    assert slope == pytest.approx(2.0) and intercept == pytest.approx(0.15)
-    assert robust.fit_line([0.2, 0.2], [0.3, 0.5]) == (0.0, pytest.approx(0.4))
+def test_fit_line_recovers_a_known_line():
+    r = [0.12, 0.2, 0.31, 0.45]
+    slope, intercept = robust.fit_line(r, [2.5 * v - 0.2 for v in r])
+    assert slope == pytest.approx(2.5) and intercept == pytest.approx(-0.2)
+    assert robust.fit_line([0.2, 0.2], [0.3, 0.5]) == (0.0, pytest.approx(0.4))  # no spread in r: a flat line
+    with pytest.raises(ValueError):
+        robust.fit_line([], [])
 
 
-def test_parsers():
+def test_parsers_and_command_line_errors(capsys):
     assert robust.parse_lams("0.1:1.5:0.1") == robust.DEFAULT_LAMS and len(robust.DEFAULT_LAMS) == 15
     assert robust.parse_lams("0.2,1") == (0.2, 1.0)
-    assert robust.parse_kinds("all") == NOISES
+    assert robust.parse_kinds("all") == NOISES and robust.parse_kinds("shot,impulse") == ("shot", "impulse")
     assert robust.parse_levels("0,1,0.05") == (0, 1, 0.05)
-    with pytest.raises(SystemExit):
-        robust.main(["fit", "--checkpoint", "x.pt", "--noise", "fog"])
-
-
-def test_help_and_console_script(capsys):
+    for bad in (["fit", "--checkpoint", "x.pt", "--noise", "fog"], ["fit", "--checkpoint", "x.pt", "--lams", "1:0:0.1"],
+                ["fista", "--checkpoint", "x.pt", "--fista-steps", "0"]):
+        with pytest.raises(SystemExit):
+            robust.main(bad)
     with pytest.raises(SystemExit) as e:
         robust.main(["--help"])
     assert e.value.code == 0 and "Algorithm 1" in capsys.readouterr().out
-    from importlib.metadata import entry_points
-    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("sdnet-robust") == "sdnet.robust:main"
 
 
-def test_per_image_lambda_matches_running_each_image_alone(setup):
-    root, _ = setup
-    model, _ = sdnet.load_checkpoint(root / "sd.pt")
-    x = torch.rand(5, 3, 32, 32)
-    fit = {"slope": 10.0, "intercept": -1.0, "lam_range": [0.1, 1.5]}
-    _, res = robust.predict(model, x, residual=True)
-    lams = robust.per_image_lams(fit, res)
-    assert torch.allclose(lams, torch.tensor([sdnet.adaptive_lam(fit, float(r)) for r in res], dtype=torch.float64),
-                          atol=robust.LAM_QUANTUM / 2 + 1e-9)
-    lams = torch.tensor([0.1, 0.7, 0.1, 1.3, 0.7], dtype=torch.float64)  # force several groups
-    pred = robust.predict_per_image_lam(model, x, lams, batch_size=2)
-    with torch.no_grad():
-        for i in range(5):
-            with sdnet.override(lam=float(lams[i])):
-                assert pred[i] == model(x[i:i + 1]).argmax(1).item()
-
-
-def test_pgd_stays_in_the_ball_and_runs_the_model_at_the_given_lambda(setup):
-    root, _ = setup
-    model, _ = sdnet.load_checkpoint(root / "sd.pt")
-    layer = sdnet.csc_layers(model)[0][1]
+def test_pgd_stays_in_the_ball_in_pixel_range_and_runs_at_the_given_lambda(setup):
+    model, _ = sdnet.load_checkpoint(setup[0] / "sd.pt")
     seen = []
-    hook = layer.register_forward_pre_hook(lambda m, inp: seen.append(m.effective_lam()))
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.append(m.effective_lam())) for _, m in sdnet.csc_layers(model)]
     x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    x[0] = 0.0  # a black image: any step out of [0, 1] would show
     try:
-        adv = robust.pgd(model, x, y, "Linf", 8 / 255, steps=2, step_size=4 / 255, lam=0.7)
-    finally:
-        hook.remove()
-    assert set(seen) == {0.7} and len(seen) >= 3  # every forward inside the attack ran at lambda 0.7
-    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    assert (adv - x).abs().max() > 1 / 255  # it moved
-    second = sdnet.csc_layers(model)[1][1]
-    seen2 = []
-    hooks = [m.register_forward_pre_hook(lambda m, inp, log=log: log.append(m.effective_lam()))
-             for m, log in ((layer, seen), (second, seen2))]
-    seen.clear()
-    try:  # lambda scoped to the first layer: the others keep the trained 0.1
-        robust.pgd(model, x, y, "Linf", 8 / 255, steps=1, step_size=4 / 255, lam=0.7, layers=["conv1"])
+        adv = attacks.pgd(model, x, y, "Linf", 8 / 255, steps=2, step_size=4 / 255, lam=0.7)
     finally:
         [h.remove() for h in hooks]
-    assert set(seen) == {0.7} and set(seen2) == {0.1}
-    adv2 = robust.pgd(model, x, y, "L2", 0.5, steps=3, step_size=0.2, restarts=2)
+    assert set(seen) == {0.7} and len(seen) >= 3 * len(hooks)  # every forward of the attack ran at lambda 0.7
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() > 1 / 255  # it moved
+    adv2 = attacks.pgd(model, x, y, "L2", 0.5, steps=3, step_size=0.2, restarts=2)
     norms = (adv2 - x).flatten(1).norm(dim=1)
     assert norms.max() <= 0.5 + 1e-4 and norms.min() > 0.05 and adv2.min() >= 0 and adv2.max() <= 1
+    assert attacks.max_norm(adv2 - x, "L2") == pytest.approx(norms.max().item())
+    with pytest.raises(ValueError):
+        attacks.pgd(model, x, y, "L1", 0.5, steps=1, step_size=0.1)
 
 
 def test_fit_then_eval_end_to_end(setup, tmp_path):
-    root, _ = setup
-    fits, out = _run(setup, tmp_path, "fit", "--noise", "all", "--levels", "1,5", "--lams", "0.1,0.8")
+    root, tree = setup
+    fits, out = _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8")
     card = load_card(root / "sd.pt")
-    assert card["baseline"] == "rn.pt" and set(card["robust_fit"]) == set(NOISES)
+    assert card["baseline"] == "rn.pt" and card["name"] == "tiny"  # the other fields are kept
+    assert set(card["robust_fit"]) == set(NOISES)
     for kind in NOISES:
-        fit = card["robust_fit"][kind]
-        assert {"slope", "intercept", "lam_range", "points"} <= set(fit) and fit["lam_range"] == [0.1, 0.8]
+        fit = card["robust_fit"][kind]  # the schema the app reads
+        assert isinstance(fit["slope"], float) and isinstance(fit["intercept"], float) and fit["lam_range"] == [0.1, 0.8]
         assert [p["severity"] for p in fit["points"]] == [1, 5]
-        assert all(p["lam"] in (0.1, 0.8) and 0 < p["residual"] < 2 and len(p["sweep"]["accuracy"]) == 2
-                   for p in fit["points"])
+        assert [p["level"] for p in fit["points"]] == [sdnet.corruptions.level(kind, s) for s in (1, 5)]
+        assert all(p["lam"] in (0.1, 0.8) and 0 < p["residual"] < 2 and len(p["sweep"]) == 2 for p in fit["points"])
+        assert (fit["slope"], fit["intercept"]) == pytest.approx(
+            robust.fit_line([p["residual"] for p in fit["points"]], [p["lam"] for p in fit["points"]]))
         assert 0.1 <= sdnet.adaptive_lam(fit, fit["points"][0]["residual"]) <= 0.8
     md = (out / "robust-fit.md").read_text()
-    assert "python -m sdnet.robust fit --noise all" in md and "9 of 9" in md
+    for text in ("python -m sdnet.robust fit --levels 1,5", "`" + str(root / "sd.pt") + "`", "train split", "9 of 9",
+                 "noise and attack seed 0", "## impulse"):
+        assert text in md, text
     assert (out / "fig3-lambda-vs-residual.html").exists()
 
-    # a second fit for one noise keeps the others on the card
+    # a second fit for one noise replaces that one and keeps the others
     _run(setup, tmp_path, "fit", "--noise", "shot", "--levels", "2", "--lams", "0.1,0.5")
     card = load_card(root / "sd.pt")
     assert set(card["robust_fit"]) == set(NOISES) and len(card["robust_fit"]["shot"]["points"]) == 1
-
-    # --layers conv1: its own card key and report names, the residual of that layer alone
-    fits1, _ = _run(setup, tmp_path, "fit", "--noise", "gaussian", "--levels", "3", "--lams", "0.1,0.8", "--layers", "conv1")
-    card = load_card(root / "sd.pt")
-    assert card["robust_fit@conv1"]["gaussian"]["layers"] == ["conv1"] and set(card["robust_fit"]) == set(NOISES)
-    assert (out / "robust-fit-conv1.md").exists() and (out / "fig3-lambda-vs-residual-conv1.html").exists()
-    assert fits1["gaussian"]["points"][0]["residual"] != fits["gaussian"]["points"][0]["residual"]
 
     res, out = _run(setup, tmp_path, "eval", "--noise", "gaussian,impulse", "--severities", "1,3",
                     "--lams", "0.1,0.5", "--sweep-subset", "4", "--seed", "3")
     rows = res["rows"]
     assert [(r["noise"], r["severity"]) for r in rows] == [(k, s) for k in ("gaussian", "impulse") for s in (0, 1, 3)]
+    fit = card["robust_fit"]["gaussian"]
     for r in rows:
-        assert r["n"] == 9 and {"resnet", "sdnet", "adaptive_image", "adaptive_set", "lam_set", "best_lam"} <= set(r)
-        assert 0.1 <= r["lam_image_min"] <= r["lam_image"] + 1e-9 and r["lam_image"] <= r["lam_image_max"] + 1e-9 <= 0.8 + 1e-9
+        assert r["n"] == 9 and {"resnet", "sdnet", "adaptive", "lam", "gain", "best_lam"} <= set(r)
         assert r["sweep"]["n"] == 4 and len(r["sweep"]["accuracy"]) == 2
-    md = (out / "robust-noise.md").read_text()
+        if r["noise"] == "gaussian":  # the adaptive lambda is the fit at the cell's mean residual
+            assert r["lam"] == pytest.approx(sdnet.adaptive_lam(fit, r["residual"]))
+    md = (out / "robust-noise-gaussian-impulse.md").read_text()
     for text in ("--seed 3", "`" + str(root / "rn.pt") + "`", "test split", "9 of 9", "Table 2: impulse",
-                 "Table 3", "adaptive λ per image", "adaptive λ per set", "claims", "wall time", "machine"):
+                 "Table 3", "λ from the fit", "claims", "wall time"):
         assert text in md, text
-    assert (out / "fig2-accuracy-vs-lambda.html").exists() and (out / "fig3-lambda-vs-residual-test.html").exists()
-    assert json.loads((out / "robust-noise.json").read_text())["command"].startswith("python -m sdnet.robust eval")
+    for fig in ("fig2-accuracy-vs-lambda", "fig3-lambda-vs-residual-test"):
+        assert (out / f"{fig}-gaussian-impulse.html").exists()
+    assert json.loads((out / "robust-noise-gaussian-impulse.json").read_text())["command"].startswith(
+        "python -m sdnet.robust eval")
 
-    # the same noise as python -m sdnet.evaluate for the same flags
-    from sdnet.data import load_split
-    from sdnet.evaluate import evaluate
+    # every cell is what python -m sdnet.evaluate gives for the same flags
     model, _ = sdnet.load_checkpoint(root / "sd.pt")
-    ref = evaluate(model, load_split(setup[1], "test"), corruption="gaussian", severity=3, seed=3, batch_size=4)
+    ref = evaluate(model, load_split(tree, "test"), corruption="gaussian", severity=3, seed=3, batch_size=4)
     mine = next(r for r in rows if r["noise"] == "gaussian" and r["severity"] == 3)
     assert mine["sdnet"] == pytest.approx(ref.accuracy) and mine["residual"] == pytest.approx(ref.mean_rel_residual, rel=1e-5)
+    ref = evaluate(model, load_split(tree, "test"), lam=mine["lam"], corruption="gaussian", severity=3, seed=3, batch_size=4)
+    assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
 def test_eval_without_fit_or_baseline_still_reports(setup, tmp_path):
-    root, tree = setup
-    bare = tmp_path / "bare.pt"
-    bare.write_bytes((root / "sd.pt").read_bytes())
-    out = tmp_path / "r"
-    res = robust.main(["eval", "--checkpoint", str(bare), "--data", str(tree), "--out", str(out), "--noise", "shot",
-                       "--severities", "2", "--sweep-subset", "0", *FAST])
-    assert "adaptive_image" not in res["rows"][0] and "resnet" not in res["rows"][0]
-    md = (out / "robust-noise.md").read_text()
+    root, _ = setup
+    (root / "bare.pt").write_bytes((root / "sd.pt").read_bytes())
+    res, out = _run(setup, tmp_path, "eval", "--noise", "shot", "--severities", "2", "--sweep-subset", "0",
+                    checkpoint="bare.pt")
+    assert "adaptive" not in res["rows"][0] and "resnet" not in res["rows"][0]
+    md = (out / "robust-noise-shot.md").read_text()
     assert "run `python -m sdnet.robust fit` first" in md and "no ResNet rows" in md
 
 
-def test_adversarial_report_has_both_protocols(setup, tmp_path):
+def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(setup, tmp_path, monkeypatch):
+    calls = []
+    real = robust.pgd
+
+    def spy(model, images, labels, norm, radius, steps, step_size, restarts=1, lam=None, *args):
+        calls.append((norm, lam, len(images)))
+        adv = real(model, images, labels, norm, radius, steps, step_size, restarts, lam, *args)
+        assert robust.RADII[norm][0] == radius and attacks.max_norm(adv - images, norm) <= radius + 1e-4
+        return adv
+
+    monkeypatch.setattr(robust, "pgd", spy)
     res, out = _run(setup, tmp_path, "adversarial", "--steps", "2", "--tune-subset", "3", "--lams", "0.1,0.6")
     for norm in ("Linf", "L2"):
         r = res["norms"][norm]
-        assert {"resnet", "sdnet", "paper", "adaptive"} <= set(r)
-        assert r["paper"]["lam"] == r["adaptive"]["lam"] == res["tuning"][norm]["best"]
-        assert r["max_perturbation"]["adaptive"] <= r["radius"] + 1e-4
+        lam_t = res["tuning"][norm]["best"]
+        assert {"resnet", "sdnet", "paper", "adaptive"} <= set(r) and r["paper"]["lam"] == r["adaptive"]["lam"] == lam_t
+        # tuning and the paper's protocol attack the trained lambda; the adaptive attack the tuned one
+        assert [c[1:] for c in calls if c[0] == norm and c[1] is None] == [(None, 3), (None, 9), (None, 9)]  # + ResNet
+        assert [c[1:] for c in calls if c[0] == norm and c[1] is not None] == [(lam_t, 9)]
+        assert r["max_perturbation"]["tuned"] <= r["radius"] + 1e-4
     md = (out / "robust-adversarial.md").read_text()
-    for text in ("paper's protocol", "adaptive attack", "2 steps", "1 random start", "captum.robust.PGD", "Tuning λ"):
+    for text in ("paper's protocol", "adaptive attack", "2 steps", "1 random start", "captum.robust.PGD", "Tuning λ",
+                 "step size 2.5 × radius / steps: 10.000/255", "test split"):
         assert text in md, text
+    calls.clear()
     res, _ = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3")
-    assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4
+    assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4 and (("L2", 0.4, 3) in calls)
 
 
 def test_fista_report(setup, tmp_path):
     root, _ = setup
-    sdnet.cards.update_card(root / "sd.pt", robust_fit={"gaussian": {"slope": 1.0, "intercept": 0.1,
-                                                                       "lam_range": [0.1, 1.5], "points": []}})
+    update_card(root / "sd.pt", robust_fit={"gaussian": {"slope": 1.0, "intercept": 0.1, "lam_range": [0.1, 1.5],
+                                                          "points": []}})
     res, out = _run(setup, tmp_path, "fista", "--fista-steps", "1,3", "--noise", "gaussian", "--severities", "2")
     assert [r["n_steps"] for r in res["rows"]] == [1, 3]
     assert all(set(r["trained"]) == {"clean", "gaussian"} and set(r["adaptive"]) == {"gaussian"} for r in res["rows"])
     md = (out / "robust-fista.md").read_text()
-    assert "Table 5: trained λ" in md and "Table 5: adaptive λ per image" in md and "ms / image" in md
+    assert "Table 5: trained λ" in md and "Table 5: adaptive λ" in md and "n_steps 1, 3 at inference" in md

@@ -1,0 +1,93 @@
+"""PGD in pixel space ([0, 1]) with captum.robust.PGD, at any lambda of an SDNet (paper table 4).
+
+    adv = pgd(model, images, labels, "Linf", 8 / 255, steps=10, step_size=2 / 255, lam=0.5)
+
+The model runs under `sdnet.override(lam=lam)` during the attack, so the attack can be crafted
+against the model at the lambda it is evaluated at (the adaptive attack) or at another one.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+from captum.robust import FGSM, PGD
+
+from .csc import override
+
+NORMS = ("Linf", "L2")
+
+
+class _NormalizedGradientStep(FGSM):
+    """The step of L2 PGD (Madry et al. 2018): x + step * g / ||g||_2 per example (captum's FGSM steps
+    by the sign of the gradient, the L-infinity step, for both norms)."""
+
+    def _perturb(self, inputs, grads, epsilon, targeted, masks):
+        sign = -1.0 if targeted else 1.0
+        return tuple(x + sign * epsilon * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1)) * m
+                     for x, g, m in zip(inputs, grads, masks))
+
+
+class _PGD(PGD):
+    """captum's PGD, untargeted cross-entropy, inputs kept in [0, 1]; for L2 the normalised-gradient
+    step and a random start that works on (N, C, H, W) batches (captum 0.9's L2 start does not broadcast
+    its per-example radius and draws it on the CPU)."""
+
+    def __init__(self, forward, norm: str):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        loss = nn.CrossEntropyLoss(reduction="none")
+        super().__init__(forward, loss_func=loss, lower_bound=0.0, upper_bound=1.0)
+        if norm == "L2":
+            self.fgsm = _NormalizedGradientStep(forward, loss)
+
+    def _random_point(self, center, radius, norm, mask):
+        if norm != "L2":
+            return super()._random_point(center, radius, norm, mask)
+        u = torch.randn_like(center).flatten(1)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        r = torch.rand(len(u), 1, device=center.device) ** (1.0 / u.shape[1]) * radius
+        return center + (r * u).view_as(center) * mask
+
+
+def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str, radius: float, steps: int,
+        step_size: float, restarts: int = 1, lam: float | None = None, seed: int = 0,
+        batch_size: int = 100) -> torch.Tensor:
+    """Untargeted PGD with a random start; returns the adversarial images (on the CPU, in [0, 1]).
+
+    The model runs at `lam` (None: its trained lambda) in every forward of the attack. Over
+    `restarts`, an example keeps the first perturbation that fools the model, else the last one.
+    The noise of the batch starting at image i is seeded with (seed, i, restart).
+    """
+    device = next(model.parameters()).device
+
+    def forward(x):
+        with override(lam=lam):
+            return model(x)
+
+    attack = _PGD(forward, norm)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        best, done = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=device)
+        for r in range(restarts):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+                torch.manual_seed(seed * 1_000_003 + i * 101 + r)
+                adv = attack.perturb(x, radius=radius, step_size=step_size, step_num=steps, target=y,
+                                     random_start=True, norm=norm)
+            with torch.no_grad():
+                fooled = forward(adv).argmax(1) != y
+            take = ~done & (fooled | (r == restarts - 1))
+            best[take] = adv[take]
+            done |= fooled
+        out.append(best.detach().cpu())
+    return torch.cat(out) if out else images.clone()
+
+
+def max_norm(delta: torch.Tensor, norm: str) -> float:
+    """The largest per-example norm of a batch of perturbations."""
+    flat = delta.flatten(1)
+    if not len(flat):
+        return 0.0
+    return float((flat.abs().amax(1) if norm == "Linf" else flat.norm(dim=1)).max())
