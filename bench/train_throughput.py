@@ -1,0 +1,310 @@
+"""Training-step throughput and peak memory of resnet18, sdnet18 and sdnet18_all (`python bench/train_throughput.py --help`).
+
+One training step is what `python -m sdnet.train` does per batch: forward, cross-entropy, backward,
+SGD step (momentum 0.9, weight decay 5e-4), then `sdnet.project_dictionaries` (paper eq. 5). The
+step-size update (power iteration on every changed dictionary) runs inside the next forward, so it
+is part of the step. Input is one fixed random batch, so no data loading is timed.
+
+- Throughput: every model is built in this one process on one device; rounds are interleaved
+  (each round times `--steps` steps of every model, in rotating order) and the median round is
+  reported, so a slow spell on a shared machine hits all models alike.
+- Peak memory: a fresh subprocess per model, running `--memory-steps` steps. On CUDA,
+  torch.cuda.max_memory_allocated; on CPU, the kernel's resident-set high-water mark (VmHWM, reset
+  through /proc/self/clear_refs) minus the resident set before the model was built (after a throwaway
+  step of a width-1 model has paged in the runtime).
+  Both count parameters, gradients, momentum buffers, activations and the batch.
+- Step-size cost: for the models with CSC layers, the power-iteration refresh of every layer after
+  an optimizer step is timed on its own (then the forward finds L cached) and given as a fraction
+  of the whole step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import sdnet  # noqa: E402
+
+MODELS = ["resnet18", "sdnet18", "sdnet18_all"]
+# The issue's targets, as ratios to resnet18: (model, what, at least / at most, bound).
+TARGETS = [("sdnet18", "throughput_ratio", ">=", 0.97), ("sdnet18_all", "throughput_ratio", ">=", 0.30),
+           ("sdnet18", "memory_ratio", "<=", 1.10)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/train_throughput.py", description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS, choices=sdnet.list_models(),
+                   help="models to compare; ratios are to the first one (default: %(default)s)")
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
+    p.add_argument("--batch", type=int, default=128, help="images per step")
+    p.add_argument("--size", type=int, default=32, help="image side (32 = CIFAR)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps in each memory subprocess")
+    p.add_argument("--refresh-steps", type=int, default=5, help="steps over which the step-size cost is timed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format, as train --channels-last")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one model's memory run
+    args = p.parse_args(argv)
+    for name in ("width", "batch", "size", "rounds", "steps", "memory_steps", "refresh_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    return sdnet.default_device() if name == "auto" else torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """One model, its optimizer and a fixed batch: `step()` is one training step."""
+
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+        torch.manual_seed(0)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = sdnet.build_model(name, width=args.width).to(device, memory_format=fmt).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device, memory_format=fmt)
+        self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+        self.csc = sdnet.csc_layers(self.model)
+        self.input_hw: dict[str, tuple[int, int]] = {}
+        hooks = [layer.register_forward_pre_hook(self._record_hw) for _, layer in self.csc]
+        self.step()
+        for h in hooks:
+            h.remove()
+
+    def _record_hw(self, layer, args):
+        self.input_hw[layer.name] = tuple(args[0].shape[-2:])
+
+    def step(self) -> None:
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        sdnet.project_dictionaries(self.model)
+
+    def refresh_step_sizes(self) -> None:
+        """The power-iteration update of every CSC layer for the dictionary the last step left."""
+        for name, layer in self.csc:
+            layer.lipschitz(self.input_hw[name])
+
+
+@contextlib.contextmanager
+def count_calls(module, attr: str):
+    """Count the calls of module.attr inside the block (here: power iterations = conv_transpose2d calls)."""
+    real, calls = getattr(module, attr), [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    setattr(module, attr, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, attr, real)
+
+
+def measure_throughput(trainers: dict[str, Trainer], args, device) -> dict[str, list[float]]:
+    names = list(trainers)
+    for t in trainers.values():
+        for _ in range(args.warmup):
+            t.step()
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainers[name].step()
+            sync(device)
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
+    return rates
+
+
+def measure_step_size_cost(t: Trainer, args, device) -> dict:
+    """Median time of the step-size refresh after an optimizer step, and of the whole step with it."""
+    refresh, whole, iters = [], [], []
+    for _ in range(args.refresh_steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with count_calls(F, "conv_transpose2d") as calls:
+            t.refresh_step_sizes()
+        sync(device)
+        t1 = time.perf_counter()
+        t.step()  # its forward finds every L cached
+        sync(device)
+        refresh.append(t1 - t0)
+        whole.append(time.perf_counter() - t0)
+        iters.append(calls[0] / len(t.csc))
+    return {"refresh_ms": 1e3 * statistics.median(refresh), "step_ms": 1e3 * statistics.median(whole),
+            "fraction": statistics.median(refresh) / statistics.median(whole),
+            "power_iters_per_layer": statistics.median(iters)}
+
+
+# --- peak memory, one fresh process per model ------------------------------------------------------
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def memory_child(args) -> dict:
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        t = Trainer(args.memory_child, args, device)
+        for _ in range(args.memory_steps - 1):
+            t.step()
+        sync(device)
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "method": "torch.cuda.max_memory_allocated"}
+    # Page in the runtime first (oneDNN kernels, thread pools: ~150 MiB the first step of any model costs),
+    # with a throwaway model of width 1, so that the measure is the model's own training memory.
+    tiny = argparse.Namespace(**{**vars(args), "width": 1, "batch": 2, "size": 8})
+    Trainer(args.memory_child, tiny, device).step()
+    gc.collect()
+    base = _proc_status_kib("VmRSS")
+    try:  # reset the high-water mark to the current resident set (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        method = "VmHWM after clear_refs minus VmRSS before the model"
+    except OSError:
+        method = "ru_maxrss minus VmRSS before the model (may include import peaks)"
+    t = Trainer(args.memory_child, args, device)
+    for _ in range(args.memory_steps - 1):
+        t.step()
+    peak = _proc_status_kib("VmHWM") if method.startswith("VmHWM") else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": (peak - (base or 0)) * 1024, "method": method}
+
+
+def measure_memory(name: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--width", str(args.width),
+           "--batch", str(args.batch), "--size", str(args.size), "--device", args.device,
+           "--memory-steps", str(args.memory_steps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.channels_last:
+        cmd.append("--channels-last")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the report ---------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+        where = f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch thread(s)"
+    others = subprocess.run(["pgrep", "-f", "sdnet.train"], capture_output=True, text=True, check=False).stdout.split()
+    return {"device": str(device), "machine": where, "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "background_trainings": len(others)}
+
+
+def evaluate_targets(results: dict, base: str) -> list[dict]:
+    out = []
+    for name, key, op, bound in TARGETS:
+        if name in results and base == "resnet18" and results[name].get(key) is not None:
+            ratio = results[name][key]
+            met = ratio >= bound if op == ">=" else ratio <= bound
+            out.append({"model": name, "measure": key, "ratio": ratio, "target": f"{op} {bound}", "met": met})
+    return out
+
+
+def table(report: dict) -> str:
+    res, base = report["results"], report["config"]["models"][0]
+    lines = [f"| model | images/s (median round) | x {base}: median of per-round ratios (quartiles) "
+             f"| x {base}: best rounds | peak memory (MiB) | x {base} | step-size update, % of step "
+             "(power iterations per layer) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in res.items():
+        mem = r.get("peak_memory_bytes")
+        mem_cells = f"{mem / 2 ** 20:.0f} | {r['memory_ratio']:.2f}" if mem is not None else "- | -"
+        ss = r.get("step_size")
+        ss_cell = f"{100 * ss['fraction']:.1f}% ({ss['refresh_ms']:.1f} ms of {ss['step_ms']:.0f} ms; " \
+                  f"{ss['power_iters_per_layer']:.1f})" if ss else "- (no CSC layer)"
+        q1, _, q3 = r["throughput_ratio_quartiles"]
+        lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['throughput_ratio']:.2f} ({q1:.2f}-{q3:.2f}) "
+                     f"| {r['best_round_ratio']:.2f} "
+                     f"| {mem_cells} | {ss_cell} |")
+    lines += [""] + [f"- {t['model']} {t['measure']}: {t['ratio']:.2f}x {base} (target {t['target']}): "
+                     f"{'met' if t['met'] else 'MISSED'}" for t in report["targets"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return None
+    device = pick_device(args.device)
+    env = environment(device)
+    trainers = {name: Trainer(name, args, device) for name in args.models}
+    rates = measure_throughput(trainers, args, device)
+    base, results = args.models[0], {}
+    for name, t in trainers.items():
+        # The ratio is the median of the per-round ratios: both rates of a round saw the same machine load.
+        # Contention only ever slows a round down, so the best rounds' ratio is a second, less noisy estimate.
+        ratios = [a / b for a, b in zip(rates[name], rates[base])]
+        results[name] = {"images_per_s": statistics.median(rates[name]), "rounds_images_per_s": rates[name],
+                         "throughput_ratio": statistics.median(ratios),
+                         "throughput_ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
+                         "best_round_ratio": max(rates[name]) / max(rates[base]),
+                         "step_size": measure_step_size_cost(t, args, device) if t.csc else None}
+    del trainers
+    if not args.no_memory:
+        for name in args.models:
+            results[name].update(measure_memory(name, args))
+        for name in args.models:
+            results[name]["memory_ratio"] = results[name]["peak_memory_bytes"] / results[base]["peak_memory_bytes"]
+    env["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report = {"command": "python bench/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"},
+              "environment": env, "results": results,
+              "targets": evaluate_targets(results, args.models[0])}
+    print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; 1-minute load average "
+          f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "
+          f"{env['background_trainings']} sdnet.train process(es) running beside it\n")
+    print(table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
