@@ -248,10 +248,27 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     st.session_state["lam_extra"] = []
 
 
-def _set_lam(value: float, note: str) -> None:
-    st.session_state["lam_extra"] = [value]  # the slider offers this exact value from now on
-    st.session_state["lam"] = value
-    st.session_state["auto_lam"] = note
+def _set_lam(value: float, note: str, layers: list[str] | None = None) -> None:
+    """Auto λ's button: λ for every CSC layer, or (a fit made in some layers) per-layer λ in those."""
+    st.session_state["lam_extra"] = [value]  # the sliders offer this exact value from now on
+    if layers:
+        st.session_state["lam_layers"] = list(layers)
+        for name in layers:
+            st.session_state[_per_layer_key(name)] = value
+    else:
+        st.session_state["lam"] = value
+    st.session_state["auto_lam"] = (note, value, list(layers or []))
+
+
+def _auto_lam_current() -> bool:
+    """Is the view still at what Auto λ set (so its note still describes it)?"""
+    note, value, layers = st.session_state.get("auto_lam") or (None, None, [])
+    if note is None:
+        return False
+    if not layers:
+        return st.session_state.get("lam") == value
+    return all(n in st.session_state.get("lam_layers", []) and st.session_state.get(_per_layer_key(n)) == value
+               for n in layers)
 
 
 def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int, dict]:
@@ -293,13 +310,16 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     steps = fit.get("n_steps")  # the residual is measured as the fit measured it: trained λ, its FISTA steps
     probe = trained_probe if steps in (None, loaded.trained_steps) else \
         state.probe(loaded.model, loaded.key, ctx.image, None, int(steps))
-    r = probe["mean_rel_residual"]
+    layers = fit.get("layers") or None
+    r = sdnet.fit_residual(fit, {rec["name"]: rec["rel_residual"] for rec in probe["layers"]})
     lam = sdnet.adaptive_lam(fit, r)
-    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g}."
-    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note),
-              help="Sets λ from this image's mean relative residual at the trained λ (paper, Algorithm 1).")
-    if st.session_state.get("auto_lam") and st.session_state["lam"] in st.session_state.get("lam_extra", []):
-        st.caption(st.session_state["auto_lam"])
+    where = f"in {', '.join(layers)}" if layers else "in every CSC layer"
+    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g} {where}."
+    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers),
+              help=f"Sets λ {where} from this image's relative residual there at the trained λ "
+                   "(paper, Algorithm 1).")
+    if _auto_lam_current():
+        st.caption(st.session_state["auto_lam"][0])
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):

@@ -165,5 +165,6 @@ def lam_fit(fit: dict, residual: float, lam: float, noise: str) -> go.Figure:
     data.append(dict(type="scatter", x=[residual], y=[lam], mode="markers", name="this image",
                      marker=dict(color=COLORS["current"], size=13, symbol="star"),
                      hovertemplate="r=%{x:.4f} -> λ=%{y:.4g}<extra></extra>"))
-    return _figure(data, 320, f"λ(r), {noise} noise", xaxis=dict(title="mean relative residual r at the trained λ"),
+    where = f"of {', '.join(fit['layers'])}" if fit.get("layers") else "over the CSC layers"
+    return _figure(data, 320, f"λ(r), {noise} noise", xaxis=dict(title=f"relative residual r {where} at the trained λ"),
                    yaxis=dict(title="λ"))

@@ -8,11 +8,14 @@ lambda-versus-residual fits of the paper's Algorithm 1 under "robust_fit":
                                 "points": [{"level": c, "residual": r_c, "lam": lam_c, ...}, ...]}, ...}
 
 so lambda(r) = clip(a * r + b, lo, hi) for an image whose measured mean relative residual is r.
+A fit also names the CSC layers it changes lambda in and reads r from ("layers": a list of names,
+usually the first layer; null or absent: every CSC layer); `fit_residual` and `fit_lam` apply that.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,27 @@ def adaptive_lam(fit: dict[str, Any], residual: float) -> float:
     """Algorithm 1's lambda for a measured mean relative residual, from one entry of card["robust_fit"]."""
     lo, hi = fit.get("lam_range", (0.0, float("inf")))
     return float(min(max(fit["slope"] * float(residual) + fit["intercept"], lo), hi))
+
+
+def fit_residual(fit: dict[str, Any], residuals: Mapping[str, float]) -> float:
+    """The r a fit is read at: the mean of `residuals` ({layer: relative residual at the trained lambda})
+    over the fit's layers (all of them when the fit names none)."""
+    names = fit.get("layers") or list(residuals)
+    missing = [n for n in names if n not in residuals]
+    if missing:
+        raise KeyError(f"the fit names CSC layers this model does not have: {', '.join(missing)}")
+    return float(sum(residuals[n] for n in names) / len(names))
+
+
+def lam_setting(lam: float | None, layers: Sequence[str] | None) -> float | dict[str, float] | None:
+    """What `sdnet.override(lam=...)` takes: lam for `layers` only (the others keep their trained lambda),
+    or for every CSC layer when `layers` is None."""
+    return lam if lam is None or layers is None else {name: lam for name in layers}
+
+
+def fit_lam(fit: dict[str, Any], lam: float) -> float | dict[str, float]:
+    """`lam` where the fit was made: in its layers, or in all."""
+    return lam_setting(lam, fit.get("layers") or None)
 
 
 def markdown_table(checkpoints: list[str | os.PathLike]) -> str:

@@ -5,6 +5,13 @@
     python -m sdnet.robust adversarial --checkpoint CKPT --data PATH [--baseline RESNET_CKPT]
     python -m sdnet.robust fista       --checkpoint CKPT --data PATH
 
+Which layers lambda changes in (--lam-layers): Algorithm 1 is stated for the paper's SDNet-18, whose
+first layer is its only CSC layer, so "the residual of all CSC layers" and "lambda" are that layer's.
+In an SDNet-All model the default, first, keeps that meaning: lambda changes in the first CSC layer,
+where the noise enters, and r is its residual; the other layers keep their trained lambda. --lam-layers
+all changes every layer and averages every layer's residual (in our width-16 model, lambda >= 0.3 in
+every layer zeroes the deep codes and accuracy falls to chance: reports/robust-fit-all-layers.md).
+
 Every subcommand takes --subset N (a fixed random subset of the split; default: all of it),
 --batch-size, --seed (of the noise and the attacks), --device, --threads and --out (default
 reports/), shows a tqdm bar, and writes a Markdown report, its numbers as JSON, and plotly figures
@@ -13,7 +20,7 @@ checkpoints, the data split and the seed.
 
 fit   Algorithm 1 on the training split. For each noise and level c of --levels (default the
       CIFAR-10-C severities 1..5): corrupt the images, measure r_c (the mean relative residual
-      ||x - A(z)|| / ||x|| of all CSC layers at the trained lambda), sweep lambda over --lams
+      ||x - A(z)|| / ||x|| of the CSC layers of --lam-layers at the trained lambda), sweep lambda over --lams
       (default 0.1, 0.2, ..., 1.5: paper figure 2), take lambda_c of best accuracy (the smallest on
       ties) and fit lambda(r) = slope * r + intercept by least squares. The fits go on the model card
       under "robust_fit" (see sdnet.cards), where the app's "Auto lambda" finds them.
@@ -51,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import max_norm, pgd
-from .cards import adaptive_lam, load_card, update_card
+from .cards import adaptive_lam, lam_setting, load_card, update_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from .corruptions import KINDS, corrupt, level, parse_severity
 from .csc import csc_layers, override
@@ -84,22 +91,42 @@ def corrupted(data: ImageSet, kind: str | None, severity: int | float, seed: int
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_steps: int | None = None,
-            batch_size: int = 250, residual: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predicted labels (CPU) and, with `residual`, each image's mean relative residual over all CSC layers."""
+            batch_size: int = 250, residual: bool = False,
+            layers: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted labels (CPU) and, with `residual`, each image's mean relative residual.
+
+    `layers` (names) scopes both: `lam` changes those CSC layers only and the residual is their mean;
+    None means every CSC layer."""
     device = next(model.parameters()).device
     preds, res = [], []
-    with override(lam=lam, n_steps=n_steps):
+    with override(lam=lam_setting(lam, layers), n_steps=n_steps):
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             if residual:
                 t = trace(model, x)
                 logits = t.logits
-                res.append(t.mean_rel_residual.float().cpu())
+                res.append(torch.stack([r.rel_residual for r in t.layers if layers is None or r.name in layers])
+                           .mean(0).float().cpu())
             else:
                 logits = model(x)
             preds.append(logits.argmax(1).cpu())
     cat = lambda parts, dtype: torch.cat(parts) if parts else torch.empty(0, dtype=dtype)  # noqa: E731
     return cat(preds, torch.long), (cat(res, torch.float32) if residual else None)
+
+
+def scope_layers(model: nn.Module, scope: str) -> list[str] | None:
+    """The CSC layers Algorithm 1 changes lambda in: "first" (the paper's SDNet-18, whose only CSC layer
+    is the first) or "all" (None: every CSC layer)."""
+    return [csc_layers(model)[0][0]] if scope == "first" else None
+
+
+def describe_scope(model: nn.Module, layers: Sequence[str] | None) -> str:
+    n = len(csc_layers(model))
+    if layers is None:
+        return f"every CSC layer ({n}); r is the mean relative residual over all of them"
+    return (f"the first CSC layer (`{', '.join(layers)}`) only, the other {n - len(layers)} keep the trained λ; "
+            "r is its relative residual (in the paper's SDNet-18 the first layer is the only CSC layer, so this is "
+            "Algorithm 1 as written; `--lam-layers all` changes every layer)")
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
@@ -122,13 +149,14 @@ def trained_lam(model: nn.Module) -> float | None:
 
 def sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lams: Sequence[float],
           n_steps: int | None = None, batch_size: int = 250,
-          known: dict[float, torch.Tensor] | None = None, bar=None) -> list[float]:
-    """Accuracy at every lambda of `lams`; `known` maps a lambda to predictions already made at it."""
+          known: dict[float, torch.Tensor] | None = None, bar=None, layers: Sequence[str] | None = None) -> list[float]:
+    """Accuracy at every lambda of `lams` (in `layers`, default all); `known` maps a lambda to predictions
+    already made at it."""
     accs = []
     for lam in lams:
         pred = (known or {}).get(lam)
         if pred is None:
-            pred, _ = predict(model, images, lam=lam, n_steps=n_steps, batch_size=batch_size)
+            pred, _ = predict(model, images, lam=lam, n_steps=n_steps, batch_size=batch_size, layers=layers)
         accs.append(accuracy(pred, labels))
         if bar is not None:
             bar.update(1)
@@ -148,17 +176,19 @@ def fit_line(residuals: Sequence[float], lams: Sequence[float]) -> tuple[float, 
 
 def fit_noise(model: nn.Module, data: ImageSet, kind: str, levels: Sequence[int | float] = SEVERITIES,
               lams: Sequence[float] = DEFAULT_LAMS, seed: int = 0, n_steps: int | None = None,
-              batch_size: int = 250, bar=None) -> dict[str, Any]:
-    """Algorithm 1, steps 4-12, for one noise: an entry of the card's "robust_fit" (see sdnet.cards)."""
+              batch_size: int = 250, bar=None, layers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Algorithm 1, steps 4-12, for one noise: an entry of the card's "robust_fit" (see sdnet.cards).
+
+    `layers`: the CSC layers whose lambda is swept and whose residual is r (None: all)."""
     lam0 = trained_lam(model)
     points = []
     for sev in levels:
         x = corrupted(data, kind, sev, seed, batch_size)
-        pred0, res = predict(model, x, n_steps=n_steps, batch_size=batch_size, residual=True)
+        pred0, res = predict(model, x, n_steps=n_steps, batch_size=batch_size, residual=True, layers=layers)
         if bar is not None:
             bar.set_postfix_str(f"{kind} {sev}")
             bar.update(1)
-        accs = sweep(model, x, data.labels, lams, n_steps, batch_size, {lam0: pred0}, bar)
+        accs = sweep(model, x, data.labels, lams, n_steps, batch_size, {lam0: pred0}, bar, layers)
         best = int(np.argmax(accs))  # the first maximum: the smallest lambda on ties
         points.append({"level": level(kind, sev) if sev else 0.0, "severity": sev if isinstance(sev, int) else None,
                        "residual": float(res.mean()), "lam": float(lams[best]), "accuracy": accs[best],
@@ -166,7 +196,7 @@ def fit_noise(model: nn.Module, data: ImageSet, kind: str, levels: Sequence[int 
     slope, intercept = fit_line([p["residual"] for p in points], [p["lam"] for p in points])
     return {"slope": slope, "intercept": intercept, "lam_range": [float(min(lams)), float(max(lams))],
             "lams": [float(v) for v in lams], "points": points, "split": "train", "n_images": len(data),
-            "seed": seed, "n_steps": n_steps, "trained_lam": lam0}
+            "seed": seed, "n_steps": n_steps, "trained_lam": lam0, "layers": None if layers is None else list(layers)}
 
 
 # --- reports -----------------------------------------------------------------------------------------
@@ -197,8 +227,9 @@ class Report:
     """One Markdown report (header: command, checkpoint, data, seed, machine, wall time), its numbers as
     JSON and its figures, written atomically to --out."""
 
-    def __init__(self, args: argparse.Namespace, argv: Sequence[str], title: str, stem: str):
-        self.args, self.title, self.stem = args, title, stem
+    def __init__(self, args: argparse.Namespace, argv: Sequence[str], title: str, stem: str, suffix: str = ""):
+        # `suffix` goes on the report's and its figures' file names (runs that must not overwrite the default's)
+        self.args, self.title, self.stem, self.suffix = args, title, stem + suffix, suffix
         self.command = "python -m sdnet.robust " + shlex.join(list(argv))
         self.out = Path(args.out)
         self.t0, self.started = time.perf_counter(), _dt.datetime.now().astimezone()
@@ -214,6 +245,7 @@ class Report:
     def figure(self, fig, stem: str, caption: str) -> None:
         """Save a plotly figure as HTML, and as PNG through kaleido unless --no-png (a failure is noted)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        stem += self.suffix
         html = self.out / f"{stem}.html"
         atomic_write_text(html, fig.to_html(include_plotlyjs="cdn", full_html=True))
         links = f"Interactive: [{html.name}]({html.name})"
@@ -327,6 +359,7 @@ class _Context:
         self.card = load_card(args.checkpoint) or {}
         self.fits = dict(self.card.get("robust_fit") or {})
         self.lam0 = trained_lam(self.model)
+        self.layers = scope_layers(self.model, args.lam_layers)
         self.dataset = args.dataset or self.meta.get("dataset", "cifar10")
         self.baseline, self.baseline_field = None, None
         if baseline:
@@ -341,7 +374,18 @@ class _Context:
             self.fields.append(("baseline", self.baseline_field))
         self.fields += [("data", f"{split} split of `{args.data}`: {len(self.data)} of {len(full)} images"
                          + (f" (random subset, seed {args.subset_seed})" if len(self.data) < len(full) else "")),
-                        ("seed", f"noise and attack seed {args.seed}, batch size {args.batch_size}")]
+                        ("seed", f"noise and attack seed {args.seed}, batch size {args.batch_size}"),
+                        ("λ changed in", describe_scope(self.model, self.layers))]
+
+    def fits_for(self, kinds: Sequence[str]) -> dict[str, dict]:
+        """The card's fits for `kinds`; a fit made in other layers than --lam-layers is an error, not a mix."""
+        fits = {k: self.fits[k] for k in kinds if k in self.fits}
+        for kind, fit in fits.items():
+            if fit.get("layers") != self.layers:
+                where = "every CSC layer" if fit.get("layers") is None else ", ".join(fit["layers"])
+                sys.exit(f"error: the card's {kind} fit changes λ in {where}; run with --lam-layers "
+                         f"{'all' if fit.get('layers') is None else 'first'} or refit")
+        return fits
 
     def _load_baseline(self, args, device) -> None:
         path = args.baseline
@@ -359,7 +403,7 @@ class _Context:
         self.baseline_field = _describe(path, meta)
 
     def report(self, args, argv, title: str, stem: str) -> Report:
-        report = Report(args, argv, title, stem)
+        report = Report(args, argv, title, stem, "-all-layers" if self.layers is None else "")
         for name, value in self.fields:
             report.field(name, value)
         return report
@@ -375,14 +419,14 @@ def cmd_fit(args, argv) -> dict:
     with _bar(len(kinds) * len(levels) * (1 + len(lams) - (ctx.lam0 in lams)), "fit") as bar:
         for kind in kinds:
             fits[kind] = fit_noise(ctx.model, ctx.data, kind, levels, lams, args.seed, args.n_steps,
-                                   args.batch_size, bar)
+                                   args.batch_size, bar, ctx.layers)
             fits[kind].update(command=report.command, date=report.started.isoformat(timespec="seconds"))
     card = update_card(args.checkpoint, robust_fit={**ctx.fits, **fits})
     report.field("saved to", f"model card `{Path(args.checkpoint).with_suffix('.json')}`, key \"robust_fit\" "
                              f"(now holds {', '.join(card['robust_fit'])})")
-    report.add(f"r_c is the mean relative residual ||x - A(z)|| / ||x|| over all "
-               f"{len(csc_layers(ctx.model))} CSC layers and the images at the trained λ; λ_c the λ of the grid with "
-               "the best training accuracy (the smallest on ties), with λ changed in every CSC layer; the line is "
+    report.add("r_c is the mean relative residual ||x - A(z)|| / ||x|| (over the images, and the layers λ is changed "
+               "in) at the trained λ; λ_c the λ of the grid with the best training accuracy (the smallest on ties); "
+               "the line is "
                f"the least-squares fit of λ_c on r_c, clipped to the grid's range when used. {_se_note(len(ctx.data))}")
     for kind, fit in fits.items():
         rows = [(p["severity"] or "–", f"{p['level']:g}", f"{p['residual']:.4f}", f"{p['lam']:g}", p["accuracy"],
@@ -416,7 +460,7 @@ def cmd_eval(args, argv) -> dict:
     model, base, data, lam0 = ctx.model, ctx.baseline, ctx.data, ctx.lam0
     labels, bs, kinds, lams = data.labels, args.batch_size, args.noise, args.lams
     sevs = tuple(s for s in args.severities if s)
-    fits = {k: ctx.fits[k] for k in kinds if k in ctx.fits}
+    fits = ctx.fits_for(kinds)
     n_sweep = min(args.sweep_subset, len(data))
     sweep_idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n_sweep]
     report = ctx.report(args, argv, "Robustness to additive noise (paper tables 2-3, figures 2-3)",
@@ -438,12 +482,12 @@ def cmd_eval(args, argv) -> dict:
         if base is not None:
             row["resnet"] = accuracy(predict(base, x, batch_size=bs)[0], labels)
             bar.update(1)
-        pred0, res = predict(model, x, n_steps=args.n_steps, batch_size=bs, residual=True)
+        pred0, res = predict(model, x, n_steps=args.n_steps, batch_size=bs, residual=True, layers=ctx.layers)
         bar.update(1)
         row.update(sdnet=accuracy(pred0, labels), residual=float(res.mean()))
         if n_sweep:
             accs = sweep(model, x[sweep_idx], labels[sweep_idx], lams, args.n_steps, bs,
-                         {lam0: pred0[sweep_idx]}, bar)
+                         {lam0: pred0[sweep_idx]}, bar, ctx.layers)
             best = int(np.argmax(accs))
             row.update(sweep={"lams": list(lams), "accuracy": accs, "n": n_sweep}, best_lam=lams[best])
         return row, x, pred0
@@ -456,7 +500,8 @@ def cmd_eval(args, argv) -> dict:
                 row, x, pred0 = ({**clean[0], "noise": kind}, *clean[1:]) if sev == 0 else cell(kind, sev)
                 if kind in fits:
                     lam = adaptive_lam(fits[kind], row["residual"])
-                    pred = pred0 if lam == lam0 else predict(model, x, lam=lam, n_steps=args.n_steps, batch_size=bs)[0]
+                    pred = pred0 if lam == lam0 else predict(model, x, lam=lam, n_steps=args.n_steps, batch_size=bs,
+                                                             layers=ctx.layers)[0]
                     gain, se = paired_gain(pred, pred0, labels)
                     row.update(adaptive=accuracy(pred, labels), lam=lam, gain=gain, gain_se=se)
                     bar.update(1)
@@ -580,12 +625,13 @@ def cmd_adversarial(args, argv) -> dict:
     with _bar(n_attacks + n_evals, "adversarial") as bar:
         def attack(m, imgs, labels, norm, lam=None):
             bar.set_postfix_str(f"PGD {norm} at λ {'trained' if lam is None else lam}")
-            out = pgd(m, imgs, labels, norm, RADII[norm][0], args.steps, step[norm], args.restarts, lam, args.seed, bs)
+            out = pgd(m, imgs, labels, norm, RADII[norm][0], args.steps, step[norm], args.restarts,
+                      lam_setting(lam, ctx.layers), args.seed, bs)
             bar.update(1)
             return out
 
         def acc(m, imgs, labels, lam=None):
-            out = accuracy(predict(m, imgs, lam=lam, batch_size=bs)[0], labels)
+            out = accuracy(predict(m, imgs, lam=lam, batch_size=bs, layers=ctx.layers)[0], labels)
             bar.update(1)
             return out
 
@@ -663,7 +709,7 @@ def cmd_fista(args, argv) -> dict:
     ctx = _Context(args, "test")
     model, data, bs, kinds, sevs = ctx.model, ctx.data, args.batch_size, args.noise, args.severities
     labels = data.labels
-    fits = {k: ctx.fits[k] for k in kinds if k in ctx.fits}
+    fits = ctx.fits_for(kinds)
     report = ctx.report(args, argv, "FISTA iterations at inference (paper table 5)", "robust-fista")
     report.field("settings", f"n_steps {_join(args.fista_steps)} at inference (trained with "
                              f"{ctx.meta.get('config', {}).get('n_steps')}); noise columns: mean over severities "
@@ -678,12 +724,13 @@ def cmd_fista(args, argv) -> dict:
             for kind, sev in cells:
                 bar.set_postfix_str(f"n_steps {n_steps}, {kind or 'clean'} {sev}")
                 x = corrupted(data, kind, sev, args.seed, bs)
-                pred0, res = predict(model, x, n_steps=n_steps, batch_size=bs, residual=True)
+                pred0, res = predict(model, x, n_steps=n_steps, batch_size=bs, residual=True, layers=ctx.layers)
                 bar.update(1)
                 row["trained"].setdefault(kind or "clean", []).append(accuracy(pred0, labels))
                 if kind in fits:
                     lam = adaptive_lam(fits[kind], float(res.mean()))
-                    pred = pred0 if lam == ctx.lam0 else predict(model, x, lam=lam, n_steps=n_steps, batch_size=bs)[0]
+                    pred = pred0 if lam == ctx.lam0 else predict(model, x, lam=lam, n_steps=n_steps, batch_size=bs,
+                                                                 layers=ctx.layers)[0]
                     row["adaptive"].setdefault(kind, []).append(accuracy(pred, labels))
                     row["lam"].setdefault(kind, []).append(lam)
                     bar.update(1)
@@ -779,6 +826,9 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
+    p.add_argument("--lam-layers", choices=("first", "all"), default="first",
+                   help="CSC layers whose λ Algorithm 1 changes and whose residual it reads: first (default; the "
+                        "paper's SDNet-18 has no other) or all")
     return p
 
 

@@ -383,6 +383,33 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
 
 
+def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_dir, tmp_path, monkeypatch):
+    # the default `python -m sdnet.robust fit` changes lambda in the first CSC layer and reads its residual
+    src = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
+    first = sdnet.csc_layers(sdnet.load_checkpoint(src)[0])[0][0]
+    folder = tmp_path / "fit1"
+    folder.mkdir()
+    (folder / src.name).symlink_to(src)
+    fit = {"slope": 3.0, "intercept": -0.5, "lam_range": [0.1, 1.5], "layers": [first],
+           "points": [{"level": 0.04, "residual": 0.3, "lam": 0.2}, {"level": 0.1, "residual": 0.6, "lam": 1.2}]}
+    sdnet.write_card(folder / src.name, {**(sdnet.load_card(src) or {}), "robust_fit": {"gaussian": fit}})
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(folder))
+    at = app(noise="gaussian")
+    ok(at)
+    trained = at.session_state["view"].trained
+    r = next(rec["rel_residual"] for rec in trained["layers"] if rec["name"] == first)
+    assert r != pytest.approx(trained["mean_rel_residual"])  # the fit reads the first layer, not the mean
+    expected = sdnet.adaptive_lam(fit, r)
+    lam_all = at.select_slider(key="lam").value
+    at.button(key="auto_lam_btn").click().run()
+    ok(at)
+    assert at.select_slider(key="lam").value == lam_all  # the other layers keep their lambda
+    assert at.multiselect(key="lam_layers").value == [first]
+    layers = {rec["name"]: rec["lam"] for rec in at.session_state["view"].probe["layers"]}
+    assert layers[first] == pytest.approx(expected) and all(v == lam_all for n, v in layers.items() if n != first)
+    assert any(f"in {first}" in c.value and "Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+
+
 def test_two_sessions_share_the_model_not_their_results(app):
     a, b = app(), app()
     a.select_slider(key="lam").set_value(0.01).run()

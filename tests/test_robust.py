@@ -139,7 +139,9 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     model, _ = sdnet.load_checkpoint(root / "sd.pt")
     ref = evaluate(model, load_split(tree, "test"), corruption="gaussian", severity=3, seed=3, batch_size=4)
     mine = next(r for r in rows if r["noise"] == "gaussian" and r["severity"] == 3)
-    assert mine["sdnet"] == pytest.approx(ref.accuracy) and mine["residual"] == pytest.approx(ref.mean_rel_residual, rel=1e-5)
+    assert mine["sdnet"] == pytest.approx(ref.accuracy)
+    first = sdnet.csc_layers(model)[0][0]  # the default --lam-layers first reads the first layer's residual
+    assert fit["layers"] == [first] and mine["residual"] == pytest.approx(ref.layers[first], rel=1e-5)
     ref = evaluate(model, load_split(tree, "test"), lam=mine["lam"], corruption="gaussian", severity=3, seed=3, batch_size=4)
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
@@ -172,7 +174,8 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
         assert {"resnet", "sdnet", "paper", "adaptive"} <= set(r) and r["paper"]["lam"] == r["adaptive"]["lam"] == lam_t
         # tuning and the paper's protocol attack the trained lambda; the adaptive attack the tuned one
         assert [c[1:] for c in calls if c[0] == norm and c[1] is None] == [(None, 3), (None, 9), (None, 9)]  # + ResNet
-        assert [c[1:] for c in calls if c[0] == norm and c[1] is not None] == [(lam_t, 9)]
+        first = sdnet.csc_layers(sdnet.load_checkpoint(setup[0] / "sd.pt")[0])[0][0]
+        assert [c[1:] for c in calls if c[0] == norm and c[1] is not None] == [({first: lam_t}, 9)]
         assert r["max_perturbation"]["tuned"] <= r["radius"] + 1e-4
     md = (out / "robust-adversarial.md").read_text()
     for text in ("paper's protocol", "adaptive attack", "2 steps", "1 random start", "captum.robust.PGD", "Tuning λ",
@@ -180,15 +183,35 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
         assert text in md, text
     calls.clear()
     res, _ = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3")
-    assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4 and (("L2", 0.4, 3) in calls)
+    assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4
+    assert any(c[0] == "L2" and c[1] is not None and set(c[1].values()) == {0.4} and c[2] == 3 for c in calls)
 
 
 def test_fista_report(setup, tmp_path):
     root, _ = setup
     update_card(root / "sd.pt", robust_fit={"gaussian": {"slope": 1.0, "intercept": 0.1, "lam_range": [0.1, 1.5],
-                                                          "points": []}})
-    res, out = _run(setup, tmp_path, "fista", "--fista-steps", "1,3", "--noise", "gaussian", "--severities", "2")
+                                                          "points": [], "layers": None}})
+    # a fit made in every layer is used in every layer, and only with --lam-layers all
+    with pytest.raises(SystemExit, match="--lam-layers all"):
+        _run(setup, tmp_path, "fista", "--fista-steps", "1", "--noise", "gaussian", "--severities", "2")
+    res, out = _run(setup, tmp_path, "fista", "--fista-steps", "1,3", "--noise", "gaussian", "--severities", "2",
+                    "--lam-layers", "all")
     assert [r["n_steps"] for r in res["rows"]] == [1, 3]
     assert all(set(r["trained"]) == {"clean", "gaussian"} and set(r["adaptive"]) == {"gaussian"} for r in res["rows"])
-    md = (out / "robust-fista.md").read_text()
-    assert "Table 5: trained λ" in md and "Table 5: adaptive λ" in md and "n_steps 1, 3 at inference" in md
+    md = (out / "robust-fista-all-layers.md").read_text()  # named apart from the default run's report
+    assert "every CSC layer" in md and "Table 5: trained λ" in md and "Table 5: adaptive λ" in md and "n_steps 1, 3 at inference" in md
+
+
+def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
+    model = calibrated_model("sdnet18_all", 4, False).eval()
+    names = [n for n, _ in sdnet.csc_layers(model)]
+    assert robust.scope_layers(model, "first") == names[:1] and robust.scope_layers(model, "all") is None
+    assert robust.lam_setting(0.5, None) == 0.5 and robust.lam_setting(0.5, names[:1]) == {names[0]: 0.5}
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with sdnet.override(lam=robust.lam_setting(0.7, names[:1])):
+        lams = [rec.lam for rec in sdnet.trace(model, x).layers]
+    assert lams == [0.7] + [0.1] * (len(names) - 1)
+    _, r_first = robust.predict(model, x, residual=True, layers=names[:1])
+    _, r_all = robust.predict(model, x, residual=True)
+    t = sdnet.trace(model, x)
+    assert torch.allclose(r_first, t.layers[0].rel_residual) and torch.allclose(r_all, t.mean_rel_residual)
