@@ -50,3 +50,11 @@ def test_accuracy_on_1000_test_images_matches_the_card(path, test_subset):
     claimed = sdnet.load_card(path)["test_accuracy"]
     measured = evaluate(model, test_subset, batch_size=500).accuracy
     assert abs(measured - claimed) <= 2.0, f"{path.name}: {measured:.2f}% on 1,000 images, card says {claimed}%"
+
+
+def test_readme_table_is_what_the_cards_say():
+    """The README's table of shipped models is `python -m sdnet.cards_table`'s output, not typed by hand."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index("<!-- cards:start -->\n"), readme.index("<!-- cards:end -->")
+    in_readme = readme[start + len("<!-- cards:start -->\n"):end].strip()
+    assert in_readme == sdnet.cards.markdown_table(SHIPPED).strip(), "rerun python -m sdnet.cards_table"
