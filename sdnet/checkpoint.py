@@ -5,12 +5,14 @@ containers. Writes go to a temporary file in the same folder, then an atomic ren
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn as nn
@@ -25,14 +27,28 @@ class CheckpointError(ValueError):
     """A file that cannot be loaded as an SDNet Explorer checkpoint; the message says why."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file beside `path`, then rename: a reader never sees half a file."""
+def _new_file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask); mkstemp's own 0o600 would hide
+    checkpoints and cards from the other users of a shared folder. Read, not set: os.umask is process-wide."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike, mode: str) -> Iterator[IO]:
+    """A temp file beside `path`, renamed onto it once the block succeeds: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, _new_file_mode())
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,17 +57,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def _first_line(e: BaseException, limit: int = 240) -> str:

@@ -2,6 +2,7 @@
 (never a crash, never code run from a pickle)."""
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from pathlib import Path
@@ -164,3 +165,17 @@ def test_malicious_pickle_is_refused_and_never_runs(how, model, tmp_path):
     else:
         torch.load(path, weights_only=False)
     assert marker.read_text() == "pwned"
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """Not mkstemp's 0600: a checkpoint or card in a shared folder is readable as any new file would be."""
+    from sdnet.checkpoint import atomic_write_text
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "card.json", "{}")
+        sdnet.save_checkpoint(tmp_path / "m.pt", sdnet.build_model("resnet18", width=2))
+    finally:
+        os.umask(mask)
+    for name in ("card.json", "m.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
