@@ -154,7 +154,8 @@ def _decode_all(files: list[Path]) -> np.ndarray:
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(tqdm(pool.map(decode, files, chunksize=256), total=len(files),
-                           desc=f"decoding {files[0].parent.parent.name}", unit="img", leave=False))
+                           desc=f"decoding {files[0].parent.parent.name}", unit="img", leave=False,
+                           disable=None))  # None: shown on a terminal, not written into logs
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DatasetError(f"images under {files[0].parent.parent} differ in size ({sorted(shapes)[:3]}...); "
