@@ -248,27 +248,31 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     st.session_state["lam_extra"] = []
 
 
-def _set_lam(value: float, note: str, layers: list[str] | None = None) -> None:
-    """Auto λ's button: λ for every CSC layer, or (a fit made in some layers) per-layer λ in those."""
-    st.session_state["lam_extra"] = [value]  # the sliders offer this exact value from now on
+def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: float | None = None) -> None:
+    """Auto λ's button: λ for every CSC layer, or (a fit made in some layers) per-layer λ in those, with
+    the slider for all layers back at the trained λ, as the fit measured it."""
+    extra = st.session_state.get("lam_extra", [])
+    st.session_state["lam_extra"] = extra if value in extra else [*extra, value]  # the sliders offer it from now on
     if layers:
-        st.session_state["lam_layers"] = list(layers)
+        st.session_state["lam"] = trained
+        st.session_state["lam_layers"] = list(dict.fromkeys([*st.session_state.get("lam_layers", []), *layers]))
         for name in layers:
             st.session_state[_per_layer_key(name)] = value
     else:
         st.session_state["lam"] = value
-    st.session_state["auto_lam"] = (note, value, list(layers or []))
+    st.session_state["auto_lam"] = (note, value, list(layers or []), trained)
 
 
 def _auto_lam_current() -> bool:
     """Is the view still at what Auto λ set (so its note still describes it)?"""
-    note, value, layers = st.session_state.get("auto_lam") or (None, None, [])
+    note, value, layers, trained = st.session_state.get("auto_lam") or (None, None, [], None)
     if note is None:
         return False
     if not layers:
         return st.session_state.get("lam") == value
-    return all(n in st.session_state.get("lam_layers", []) and st.session_state.get(_per_layer_key(n)) == value
-               for n in layers)
+    return st.session_state.get("lam") == trained and all(
+        n in st.session_state.get("lam_layers", []) and st.session_state.get(_per_layer_key(n)) == value
+        for n in layers)
 
 
 def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int, dict]:
@@ -311,11 +315,19 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     probe = trained_probe if steps in (None, loaded.trained_steps) else \
         state.probe(loaded.model, loaded.key, ctx.image, None, int(steps))
     layers = fit.get("layers") or None
-    r = sdnet.fit_residual(fit, {rec["name"]: rec["rel_residual"] for rec in probe["layers"]})
+    try:
+        r = sdnet.fit_residual(fit, {rec["name"]: rec["rel_residual"] for rec in probe["layers"]})
+    except KeyError as err:  # a stale or hand-edited card
+        st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
+        st.caption(f"The {noise} fit on the model card does not match this model ({err.args[0]}); refit it with "
+                   f"`{state.FIT_HINT.format(checkpoint=loaded.path)}`")
+        return
     lam = sdnet.adaptive_lam(fit, r)
     where = f"in {', '.join(layers)}" if layers else "in every CSC layer"
-    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g} {where}."
-    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers),
+    note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g} {where}" + (
+        " (the other layers at the trained λ)." if layers else ".")
+    trained = float(next(iter(loaded.trained_lams.values()), 0.1))
+    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained),
               help=f"Sets λ {where} from this image's relative residual there at the trained λ "
                    "(paper, Algorithm 1).")
     if _auto_lam_current():

@@ -7,6 +7,8 @@ against the model at the lambda it is evaluated at (the adaptive attack) or at a
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import warnings
 
 import torch
@@ -51,11 +53,12 @@ class _PGD(PGD):
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str, radius: float, steps: int,
-        step_size: float, restarts: int = 1, lam: float | None = None, seed: int = 0,
+        step_size: float, restarts: int = 1, lam: float | Mapping[str, float] | None = None, seed: int = 0,
         batch_size: int = 100) -> torch.Tensor:
     """Untargeted PGD with a random start; returns the adversarial images (on the CPU, in [0, 1]).
 
-    The model runs at `lam` (None: its trained lambda) in every forward of the attack. Over
+    The model runs at `lam` in every forward of the attack: what `sdnet.override(lam=...)` takes (a
+    float for every CSC layer, {layer: lambda} for some, None for the trained lambda). Over
     `restarts`, an example keeps the first perturbation that fools the model, else the last one.
     The noise of the batch starting at image i is seeded with (seed, i, restart).
     """

@@ -46,8 +46,9 @@ def _atomic_file(path: str | os.PathLike, mode: str) -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _new_file_mode())
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            with contextlib.suppress(OSError, AttributeError):  # a filesystem without modes still gets the file
+                os.fchmod(f.fileno(), _new_file_mode())
             yield f
             f.flush()
             os.fsync(f.fileno())

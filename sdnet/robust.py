@@ -10,7 +10,8 @@ first layer is its only CSC layer, so "the residual of all CSC layers" and "lamb
 In an SDNet-All model the default, first, keeps that meaning: lambda changes in the first CSC layer,
 where the noise enters, and r is its residual; the other layers keep their trained lambda. --lam-layers
 all changes every layer and averages every layer's residual (in our width-16 model, lambda >= 0.3 in
-every layer zeroes the deep codes and accuracy falls to chance: reports/robust-fit-all-layers.md).
+every layer zeroes most deep codes and accuracy falls to 13% at 0.3 and to chance from 0.4:
+reports/robust-fit-all-layers.md).
 
 Every subcommand takes --subset N (a fixed random subset of the split; default: all of it),
 --batch-size, --seed (of the noise and the attacks), --device, --threads and --out (default
@@ -115,9 +116,14 @@ def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_
 
 
 def scope_layers(model: nn.Module, scope: str) -> list[str] | None:
-    """The CSC layers Algorithm 1 changes lambda in: "first" (the paper's SDNet-18, whose only CSC layer
-    is the first) or "all" (None: every CSC layer)."""
-    return [csc_layers(model)[0][0]] if scope == "first" else None
+    """The CSC layers whose lambda is changed: "first" (the paper's SDNet-18, whose only CSC layer is the
+    first) or "all" (None: every CSC layer; also "first" of a model with one CSC layer, so the two agree)."""
+    layers = csc_layers(model)
+    return [layers[0][0]] if scope == "first" and len(layers) > 1 else None
+
+
+def scope_label(layers: Sequence[str] | None) -> str:
+    return f"of {', '.join(layers)}" if layers else "over all CSC layers"
 
 
 def describe_scope(model: nn.Module, layers: Sequence[str] | None) -> str:
@@ -278,7 +284,8 @@ class Report:
         return md
 
 
-def figure_accuracy_vs_lambda(rows: list[dict], kinds: Sequence[str], lam0: float | None):
+def figure_accuracy_vs_lambda(rows: list[dict], kinds: Sequence[str], lam0: float | None,
+                              layers: Sequence[str] | None = None):
     """Paper figure 2: test accuracy against lambda, one curve per severity, one panel per noise."""
     import plotly.graph_objects as go
     from plotly.colors import sample_colorscale
@@ -295,7 +302,7 @@ def figure_accuracy_vs_lambda(rows: list[dict], kinds: Sequence[str], lam0: floa
                                      showlegend=col == 1, line=dict(color=color)), row=1, col=col)
         if lam0 is not None:
             fig.add_vline(x=lam0, line_dash="dot", line_color="grey", row=1, col=col)
-        fig.update_xaxes(title_text="λ at inference", row=1, col=col)
+        fig.update_xaxes(title_text=f"λ {scope_label(layers)} at inference", row=1, col=col)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
     fig.update_layout(title="Accuracy vs λ per severity (dotted: trained λ)", template="plotly_white")
     return fig
@@ -326,7 +333,8 @@ def figure_lambda_vs_residual(fits: dict[str, dict], test_rows: list[dict] | Non
         fig.add_trace(go.Scatter(x=line_x, y=[adaptive_lam(fit, v) for v in line_x], mode="lines",
                                  line=dict(color="black"), name="fit λ(r), clipped", showlegend=col == 1),
                       row=1, col=col)
-        fig.update_xaxes(title_text="mean relative residual r at trained λ", row=1, col=col)
+        fig.update_xaxes(title_text=f"relative residual r {scope_label(fit.get('layers'))} at trained λ",
+                         row=1, col=col)
     fig.update_yaxes(title_text="λ", row=1, col=1)
     fig.update_layout(title="λ versus residual (Algorithm 1)", template="plotly_white")
     return fig
@@ -421,6 +429,10 @@ def cmd_fit(args, argv) -> dict:
             fits[kind] = fit_noise(ctx.model, ctx.data, kind, levels, lams, args.seed, args.n_steps,
                                    args.batch_size, bar, ctx.layers)
             fits[kind].update(command=report.command, date=report.started.isoformat(timespec="seconds"))
+    replaced = [k for k in fits if k in ctx.fits and ctx.fits[k].get("layers") != ctx.layers]
+    if replaced:
+        print(f"note: replacing the card's {', '.join(replaced)} fit(s), made in other layers", file=sys.stderr)
+        report.field("replaced", f"the card's earlier {', '.join(replaced)} fit(s), made with λ changed in other layers")
     card = update_card(args.checkpoint, robust_fit={**ctx.fits, **fits})
     report.field("saved to", f"model card `{Path(args.checkpoint).with_suffix('.json')}`, key \"robust_fit\" "
                              f"(now holds {', '.join(card['robust_fit'])})")
@@ -555,7 +567,7 @@ def _noise_report(report: Report, rows, kinds, sevs, fits, ctx: _Context, n_swee
              if r["severity"] or r["noise"] == kinds[0]]))
     report.add(_noise_claims(get, kinds, sevs, fits, ctx, n_sweep))
     if n_sweep:
-        report.figure(figure_accuracy_vs_lambda(rows, kinds, lam0), "fig2-accuracy-vs-lambda" + _suffix(kinds),
+        report.figure(figure_accuracy_vs_lambda(rows, kinds, lam0, ctx.layers), "fig2-accuracy-vs-lambda" + _suffix(kinds),
                       f"Figure 2: test accuracy versus λ per severity ({n_sweep} images per curve)")
     if fits:
         report.figure(figure_lambda_vs_residual(fits, rows if n_sweep else None),
@@ -827,8 +839,8 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
     p.add_argument("--lam-layers", choices=("first", "all"), default="first",
-                   help="CSC layers whose λ Algorithm 1 changes and whose residual it reads: first (default; the "
-                        "paper's SDNet-18 has no other) or all")
+                   help="CSC layers whose λ is changed (swept, fitted, adapted or tuned) and whose residual is r: "
+                        "first (default; the paper's SDNet-18 has no other) or all")
     return p
 
 

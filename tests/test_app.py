@@ -344,26 +344,33 @@ def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
     assert any("python -m sdnet.train" in c.value for c in at.code)
 
 
+def _with_card(checkpoint_dir, folder, drop=(), **changes):
+    """The default SDNet-All checkpoint (a link) in `folder`, with a copy of its card less `drop` and any fit,
+    plus `changes`; its path."""
+    src = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
+    folder.mkdir()
+    (folder / src.name).symlink_to(src)
+    card = {k: v for k, v in (sdnet.load_card(src) or {}).items() if k not in ("robust_fit", *drop)}
+    sdnet.write_card(folder / src.name, {**card, **changes})
+    return folder / src.name
+
+
 def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatch):
+    # no fit on the card: the button explains what is missing
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(_with_card(checkpoint_dir, tmp_path / "nofit").parent))
     at = app()
     btn = at.button(key="auto_lam_btn")
     assert btn.disabled and any("python -m sdnet.robust fit" in c.value for c in at.caption)
-    # a copy of the default checkpoint whose card carries an Algorithm 1 fit
-    src = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
-    folder = tmp_path / "fit"
-    folder.mkdir()
-    (folder / src.name).symlink_to(src)
-    card = sdnet.load_card(src) or {}
+    # a copy of the default checkpoint whose card carries an Algorithm 1 fit (made in every layer), as
+    # `python -m sdnet.train` writes a card, before `python -m sdnet.evaluate --update-card`
     points = [{"level": c, "residual": r, "lam": lam} for c, r, lam in ((0.04, 0.3, 0.1), (0.1, 0.5, 0.6))]
-    card["robust_fit"] = {"gaussian": {"slope": 2.0, "intercept": 0.05, "lam_range": [0.05, 2.0], "points": points,
-                                       "command": "python -m sdnet.robust fit --checkpoint X"}}
-    # the card as `python -m sdnet.train` writes it, before `python -m sdnet.evaluate --update-card`
-    card.pop("test_accuracy", None)
-    card.pop("data", None)
-    card.update(dataset="cifar10", training={"command": "python -m sdnet.train --width 16", "seconds": 600.0,
-                                             "test_acc_during_training": 71.25, "test_subset_during_training": 2000})
-    sdnet.write_card(folder / src.name, card)
-    monkeypatch.setenv("SDNET_CHECKPOINTS", str(folder))
+    fit = {"slope": 2.0, "intercept": 0.05, "lam_range": [0.05, 2.0], "points": points,
+           "command": "python -m sdnet.robust fit --checkpoint X"}
+    training = {"command": "python -m sdnet.train --width 16", "seconds": 600.0, "test_acc_during_training": 71.25,
+                "test_subset_during_training": 2000}
+    path = _with_card(checkpoint_dir, tmp_path / "fit", drop=("test_accuracy", "data"), robust_fit={"gaussian": fit},
+                      dataset="cifar10", training=training)
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(path.parent))
     at = app(noise="gaussian")
     ok(at)
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
@@ -372,7 +379,7 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     fit_fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "λ(r)" in c.proto.spec)
     assert [t["name"] for t in fit_fig["data"]] == ["training", "fit", "this image"]
     r = at.session_state["view"].trained["mean_rel_residual"]
-    expected = sdnet.adaptive_lam(card["robust_fit"]["gaussian"], r)
+    expected = sdnet.adaptive_lam(fit, r)
     assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]
     at.button(key="auto_lam_btn").click().run()
     ok(at)
@@ -387,27 +394,35 @@ def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_d
     # the default `python -m sdnet.robust fit` changes lambda in the first CSC layer and reads its residual
     src = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
     first = sdnet.csc_layers(sdnet.load_checkpoint(src)[0])[0][0]
-    folder = tmp_path / "fit1"
-    folder.mkdir()
-    (folder / src.name).symlink_to(src)
     fit = {"slope": 3.0, "intercept": -0.5, "lam_range": [0.1, 1.5], "layers": [first],
            "points": [{"level": 0.04, "residual": 0.3, "lam": 0.2}, {"level": 0.1, "residual": 0.6, "lam": 1.2}]}
-    sdnet.write_card(folder / src.name, {**(sdnet.load_card(src) or {}), "robust_fit": {"gaussian": fit}})
-    monkeypatch.setenv("SDNET_CHECKPOINTS", str(folder))
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(_with_card(checkpoint_dir, tmp_path / "fit1",
+                                                           robust_fit={"gaussian": fit}).parent))
     at = app(noise="gaussian")
     ok(at)
     trained = at.session_state["view"].trained
     r = next(rec["rel_residual"] for rec in trained["layers"] if rec["name"] == first)
     assert r != pytest.approx(trained["mean_rel_residual"])  # the fit reads the first layer, not the mean
     expected = sdnet.adaptive_lam(fit, r)
-    lam_all = at.select_slider(key="lam").value
+    lam0 = at.select_slider(key="lam").value
+    at.select_slider(key="lam").set_value(0.5).run()  # moved away first: Auto λ puts it back, as the fit measured
     at.button(key="auto_lam_btn").click().run()
     ok(at)
-    assert at.select_slider(key="lam").value == lam_all  # the other layers keep their lambda
+    assert at.select_slider(key="lam").value == lam0  # the other layers at their trained lambda
     assert at.multiselect(key="lam_layers").value == [first]
     layers = {rec["name"]: rec["lam"] for rec in at.session_state["view"].probe["layers"]}
-    assert layers[first] == pytest.approx(expected) and all(v == lam_all for n, v in layers.items() if n != first)
+    assert layers[first] == pytest.approx(expected) and all(v == lam0 for n, v in layers.items() if n != first)
     assert any(f"in {first}" in c.value and "Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+
+
+def test_auto_lambda_with_a_fit_for_other_layers_says_so(app, checkpoint_dir, tmp_path, monkeypatch):
+    fit = {"slope": 1.0, "intercept": 0.0, "lam_range": [0.1, 1.5], "layers": ["no_such_layer"], "points": []}
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(_with_card(checkpoint_dir, tmp_path / "stale",
+                                                           robust_fit={"gaussian": fit}).parent))
+    at = app(noise="gaussian")
+    ok(at)
+    assert at.button(key="auto_lam_btn").disabled
+    assert any("does not match this model" in c.value and "no_such_layer" in c.value for c in at.caption)
 
 
 def test_two_sessions_share_the_model_not_their_results(app):
