@@ -235,16 +235,18 @@ class CSCLayer(nn.Module):
         L = self.lipschitz(tuple(x.shape[-2:]))
         dtype = self.weight.dtype
         thr = (lam / L).to(dtype)
-        # The step 1/L scales the small dictionary rather than the large codes, and the threshold rides
-        # in the convolution's bias: b = A^T x / L - thr in one pass. Every FISTA step is then
-        #   z <- prox(y - (A^T A y - A^T x) / L) = prox_shifted(y + b - A^T(A y) / L).
+        # The step 1/L scales the small dictionary rather than the large codes, the threshold rides in the
+        # convolution's bias, and the residual is taken in signal space (input channels, usually far fewer
+        # or smaller than the code's), so a FISTA step is
+        #   z <- prox(y + A^T(x - A y) / L) = prox_shifted(y + conv(x - A y, W / L, bias=-thr))
+        # with a single pass over the code-sized tensors besides the prox. From z = 0 it is prox_shifted(conv(x)).
         w_step = self.weight / L.to(dtype)
-        b = F.conv2d(x, w_step, (-thr).expand(self.out_channels), stride=self.stride, padding=self.padding)
-        z = self._prox(b, thr)                # the first step, from z = 0
+        bias = (-thr).expand(self.out_channels)
+        z = self._prox(F.conv2d(x, w_step, bias, stride=self.stride, padding=self.padding), thr)
         z_prev, y, t = z, z, 1.0
         for i in range(n_steps - 1):
-            ata_y = F.conv2d(self.decode(y, x.shape[-2:]), w_step, stride=self.stride, padding=self.padding)
-            z = self._prox(y + b - ata_y, thr)
+            residual = x - self.decode(y, x.shape[-2:])
+            z = self._prox(y + F.conv2d(residual, w_step, bias, stride=self.stride, padding=self.padding), thr)
             if i < n_steps - 2:               # the momentum point for the next step (none after the last)
                 t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
                 coef = (t - 1) / t_next
