@@ -376,7 +376,9 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     sidebar = " ".join(m.value for m in at.sidebar.markdown)
     assert "71.25% at the end of training (on 2000 test images)" in sidebar and "**data**: cifar10" in sidebar
     assert not at.sidebar.warning  # a trained model is not called a stand-in
-    fit_fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "λ(r)" in c.proto.spec)
+    # parsed first: depending on the installed JSON encoder, the spec writes λ as is or as \u03bb
+    fit_fig = next(spec for spec in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+                   if "λ(r)" in json.dumps(spec["layout"], ensure_ascii=False))
     assert [t["name"] for t in fit_fig["data"]] == ["training", "fit", "this image"]
     r = at.session_state["view"].trained["mean_rel_residual"]
     expected = sdnet.adaptive_lam(fit, r)
