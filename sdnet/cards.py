@@ -67,15 +67,15 @@ def fit_residual(fit: dict[str, Any], residuals: Mapping[str, float]) -> float:
     return float(sum(residuals[n] for n in names) / len(names))
 
 
-def lam_setting(lam: float | None, layers: Sequence[str] | None) -> float | dict[str, float] | None:
-    """What `sdnet.override(lam=...)` takes: lam for `layers` only (the others keep their trained lambda),
-    or for every CSC layer when `layers` is None."""
-    return lam if lam is None or layers is None else {name: lam for name in layers}
+def scoped(value, layers: Sequence[str] | None):
+    """What `sdnet.override(lam=..., n_steps=...)` takes: `value` for `layers` only (the others keep their
+    trained one), or for every CSC layer when `layers` is None."""
+    return value if value is None or layers is None else {name: value for name in layers}
 
 
 def fit_lam(fit: dict[str, Any], lam: float) -> float | dict[str, float]:
     """`lam` where the fit was made: in its layers, or in all."""
-    return lam_setting(lam, fit.get("layers") or None)
+    return scoped(lam, fit.get("layers") or None)
 
 
 def markdown_table(checkpoints: list[str | os.PathLike]) -> str:

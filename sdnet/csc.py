@@ -40,21 +40,32 @@ def _check_lam(value: float, where: str) -> float:
     return lam
 
 
+def _check_steps(value, where: str) -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and 1 <= int(value) <= 1000
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"n_steps for {where} must be an integer in [1, 1000], got {value!r}")
+    return int(value)
+
+
 @contextlib.contextmanager
-def override(lam: float | Mapping[str, float] | None = None, n_steps: int | None = None) -> Iterator[None]:
+def override(lam: float | Mapping[str, float] | None = None,
+             n_steps: int | Mapping[str, int] | None = None) -> Iterator[None]:
     """Run CSC layers with another lambda and/or number of FISTA steps inside the block.
 
-    `lam` is a float for every CSC layer or a {layer_name: float} mapping (other layers
-    keep their trained lambda). Settings are per call and per thread; the model is untouched.
+    Each is a value for every CSC layer or a {layer_name: value} mapping (other layers keep
+    their trained one). Settings are per call and per thread; the model is untouched.
     """
     if isinstance(lam, Mapping):
         lam = {str(k): _check_lam(v, f"layer {k!r}") for k, v in lam.items()}
     elif lam is not None:
         lam = _check_lam(lam, "all layers")
-    if n_steps is not None:
-        if isinstance(n_steps, bool) or int(n_steps) != n_steps or not 1 <= int(n_steps) <= 1000:
-            raise ValueError(f"n_steps must be an integer in [1, 1000], got {n_steps!r}")
-        n_steps = int(n_steps)
+    if isinstance(n_steps, Mapping):
+        n_steps = {str(k): _check_steps(v, f"layer {k!r}") for k, v in n_steps.items()}
+    elif n_steps is not None:
+        n_steps = _check_steps(n_steps, "all layers")
     outer = _OVERRIDE.get() or {}
     merged = dict(outer)
     if lam is not None:
@@ -211,16 +222,19 @@ class CSCLayer(nn.Module):
         return tuple(int(o - ((n - 1) * s - 2 * p + k)) for o, n in zip(spatial, code_hw))
 
     # --- settings that may be overridden per call ------------------------------------------
-    def effective_lam(self) -> float:
+    def _effective(self, key: str, trained):
+        """The override of `key` for this layer (a value for all layers or a per-layer mapping), else `trained`."""
         ctx = _OVERRIDE.get()
-        lam = ctx.get("lam") if ctx else None
-        if isinstance(lam, Mapping):
-            return lam.get(self.name, self.lam) if self.name is not None else self.lam
-        return self.lam if lam is None else lam
+        value = ctx.get(key) if ctx else None
+        if isinstance(value, Mapping):
+            return value.get(self.name, trained) if self.name is not None else trained
+        return trained if value is None else value
+
+    def effective_lam(self) -> float:
+        return self._effective("lam", self.lam)
 
     def effective_steps(self) -> int:
-        ctx = _OVERRIDE.get()
-        return ctx.get("n_steps") or self.n_steps if ctx else self.n_steps
+        return self._effective("n_steps", self.n_steps)
 
     # --- the solve -------------------------------------------------------------------------
     def _prox(self, u: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:

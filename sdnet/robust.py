@@ -11,7 +11,9 @@ In an SDNet-All model the default, first, keeps that meaning: lambda changes in 
 where the noise enters, and r is its residual; the other layers keep their trained lambda. --lam-layers
 all changes every layer and averages every layer's residual (in our width-16 model, lambda >= 0.3 in
 every layer zeroes most deep codes and accuracy falls to 13% at 0.3 and to chance from 0.4:
-reports/robust-fit-all-layers.md).
+reports/robust-fit-all-layers.md). The FISTA steps of --n-steps and --fista-steps follow the same
+layers: run in every layer, 4 steps instead of the trained 2 already leave the model at chance
+(reports/robust-fista-all-layers.md).
 
 Every subcommand takes --subset N (a fixed random subset of the split; default: all of it),
 --batch-size, --seed (of the noise and the attacks), --device, --threads and --out (default
@@ -59,7 +61,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import max_norm, pgd
-from .cards import adaptive_lam, lam_setting, load_card, update_card
+from .cards import adaptive_lam, scoped, load_card, update_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from .corruptions import KINDS, corrupt, level, parse_severity
 from .csc import csc_layers, override
@@ -96,11 +98,11 @@ def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_
             layers: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Predicted labels (CPU) and, with `residual`, each image's mean relative residual.
 
-    `layers` (names) scopes both: `lam` changes those CSC layers only and the residual is their mean;
-    None means every CSC layer."""
+    `layers` (names) scopes all three: `lam` and `n_steps` change those CSC layers only and the residual
+    is their mean; None means every CSC layer."""
     device = next(model.parameters()).device
     preds, res = [], []
-    with override(lam=lam_setting(lam, layers), n_steps=n_steps):
+    with override(lam=scoped(lam, layers), n_steps=scoped(n_steps, layers)):
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             if residual:
@@ -129,8 +131,9 @@ def scope_label(layers: Sequence[str] | None) -> str:
 def describe_scope(model: nn.Module, layers: Sequence[str] | None) -> str:
     n = len(csc_layers(model))
     if layers is None:
-        return f"every CSC layer ({n}); r is the mean relative residual over all of them"
-    return (f"the first CSC layer (`{', '.join(layers)}`) only, the other {n - len(layers)} keep the trained λ; "
+        return f"every CSC layer ({n}), λ and FISTA steps; r is the mean relative residual over all of them"
+    return (f"the first CSC layer (`{', '.join(layers)}`) only, the other {n - len(layers)} keep the trained λ "
+            "and FISTA steps; "
             "r is its relative residual (in the paper's SDNet-18 the first layer is the only CSC layer, so this is "
             "Algorithm 1 as written; `--lam-layers all` changes every layer)")
 
@@ -385,15 +388,19 @@ class _Context:
                         ("seed", f"noise and attack seed {args.seed}, batch size {args.batch_size}"),
                         ("λ changed in", describe_scope(self.model, self.layers))]
 
-    def fits_for(self, kinds: Sequence[str]) -> dict[str, dict]:
-        """The card's fits for `kinds`; a fit made in other layers than --lam-layers is an error, not a mix."""
+    def fits_for(self, kinds: Sequence[str], required: bool = True) -> dict[str, dict]:
+        """The card's fits for `kinds`. A fit made in other layers than --lam-layers is never mixed in: an
+        error when the report needs it, else left out (and the report says so)."""
         fits = {k: self.fits[k] for k in kinds if k in self.fits}
-        for kind, fit in fits.items():
-            if fit.get("layers") != self.layers:
-                where = "every CSC layer" if fit.get("layers") is None else ", ".join(fit["layers"])
-                sys.exit(f"error: the card's {kind} fit changes λ in {where}; run with --lam-layers "
-                         f"{'all' if fit.get('layers') is None else 'first'} or refit")
-        return fits
+        other = {k: f for k, f in fits.items() if f.get("layers") != self.layers}
+        for kind, fit in other.items():
+            where = "every CSC layer" if fit.get("layers") is None else ", ".join(fit["layers"])
+            message = f"the card's {kind} fit changes λ in {where}"
+            if required:
+                sys.exit(f"error: {message}; run with --lam-layers {'all' if fit.get('layers') is None else 'first'} "
+                         "or refit")
+            self.fields.append(("left out", f"{message}, not in the layers of this run: no adaptive λ for {kind}"))
+        return {k: f for k, f in fits.items() if k not in other}
 
     def _load_baseline(self, args, device) -> None:
         path = args.baseline
@@ -638,7 +645,7 @@ def cmd_adversarial(args, argv) -> dict:
         def attack(m, imgs, labels, norm, lam=None):
             bar.set_postfix_str(f"PGD {norm} at λ {'trained' if lam is None else lam}")
             out = pgd(m, imgs, labels, norm, RADII[norm][0], args.steps, step[norm], args.restarts,
-                      lam_setting(lam, ctx.layers), args.seed, bs)
+                      scoped(lam, ctx.layers), args.seed, bs)
             bar.update(1)
             return out
 
@@ -721,9 +728,9 @@ def cmd_fista(args, argv) -> dict:
     ctx = _Context(args, "test")
     model, data, bs, kinds, sevs = ctx.model, ctx.data, args.batch_size, args.noise, args.severities
     labels = data.labels
-    fits = ctx.fits_for(kinds)
+    fits = ctx.fits_for(kinds, required=False)  # the trained-λ rows stand on their own
     report = ctx.report(args, argv, "FISTA iterations at inference (paper table 5)", "robust-fista")
-    report.field("settings", f"n_steps {_join(args.fista_steps)} at inference (trained with "
+    report.field("settings", f"n_steps {_join(args.fista_steps)} at inference, in the layers above (trained with "
                              f"{ctx.meta.get('config', {}).get('n_steps')}); noise columns: mean over severities "
                              f"{_join(sevs)}; adaptive λ: λ(r_test) from the card's fit (made at the trained n_steps) "
                              "and the residual measured at each n_steps")
@@ -839,8 +846,8 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
     p.add_argument("--lam-layers", choices=("first", "all"), default="first",
-                   help="CSC layers whose λ is changed (swept, fitted, adapted or tuned) and whose residual is r: "
-                        "first (default; the paper's SDNet-18 has no other) or all")
+                   help="CSC layers whose λ (swept, fitted, adapted or tuned) and FISTA steps are changed and "
+                        "whose residual is r: first (default; the paper's SDNet-18 has no other) or all")
     return p
 
 

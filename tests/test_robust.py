@@ -191,9 +191,11 @@ def test_fista_report(setup, tmp_path):
     root, _ = setup
     update_card(root / "sd.pt", robust_fit={"gaussian": {"slope": 1.0, "intercept": 0.1, "lam_range": [0.1, 1.5],
                                                           "points": [], "layers": None}})
-    # a fit made in every layer is used in every layer, and only with --lam-layers all
+    # a fit made in every layer is used in every layer only (eval refuses, fista leaves the adaptive rows out)
     with pytest.raises(SystemExit, match="--lam-layers all"):
-        _run(setup, tmp_path, "fista", "--fista-steps", "1", "--noise", "gaussian", "--severities", "2")
+        _run(setup, tmp_path, "eval", "--noise", "gaussian", "--severities", "2", "--sweep-subset", "0")
+    res, out = _run(setup, tmp_path, "fista", "--fista-steps", "1", "--noise", "gaussian", "--severities", "2")
+    assert res["rows"][0]["adaptive"] == {} and "no adaptive λ for gaussian" in (out / "robust-fista.md").read_text()
     res, out = _run(setup, tmp_path, "fista", "--fista-steps", "1,3", "--noise", "gaussian", "--severities", "2",
                     "--lam-layers", "all")
     assert [r["n_steps"] for r in res["rows"]] == [1, 3]
@@ -206,12 +208,25 @@ def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
     model = calibrated_model("sdnet18_all", 4, False).eval()
     names = [n for n, _ in sdnet.csc_layers(model)]
     assert robust.scope_layers(model, "first") == names[:1] and robust.scope_layers(model, "all") is None
-    assert robust.lam_setting(0.5, None) == 0.5 and robust.lam_setting(0.5, names[:1]) == {names[0]: 0.5}
+    assert robust.scoped(0.5, None) == 0.5 and robust.scoped(0.5, names[:1]) == {names[0]: 0.5}
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with sdnet.override(lam=robust.lam_setting(0.7, names[:1])):
+    with sdnet.override(lam=robust.scoped(0.7, names[:1])):
         lams = [rec.lam for rec in sdnet.trace(model, x).layers]
     assert lams == [0.7] + [0.1] * (len(names) - 1)
     _, r_first = robust.predict(model, x, residual=True, layers=names[:1])
     _, r_all = robust.predict(model, x, residual=True)
     t = sdnet.trace(model, x)
     assert torch.allclose(r_first, t.layers[0].rel_residual) and torch.allclose(r_all, t.mean_rel_residual)
+
+
+def test_fista_steps_follow_the_same_scope(calibrated_model):
+    model = calibrated_model("sdnet18_all", 4, False).eval()
+    layers = [layer for _, layer in sdnet.csc_layers(model)]
+    first = robust.scope_layers(model, "first")
+    with sdnet.override(n_steps=robust.scoped(5, first)):
+        assert [layer.effective_steps() for layer in layers] == [5] + [2] * (len(layers) - 1)
+    with sdnet.override(n_steps=robust.scoped(5, None)):
+        assert {layer.effective_steps() for layer in layers} == {5}
+    with pytest.raises(ValueError, match="n_steps for layer"):
+        with sdnet.override(n_steps={first[0]: 0}):
+            pass
