@@ -61,9 +61,13 @@ def checkpoint_dir() -> Path:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """The `*.pt` files in `folder`, the default (SDNet-All) first."""
-    files = sorted(p for p in folder.glob("*.pt") if p.is_file()) if folder.is_dir() else []
-    return sorted(files, key=lambda p: (not p.name.startswith(DEFAULT_PREFIX), p.name))
+    """The `*.pt` files in `folder`: SDNet-All models first (the app's subject), each group most accurate
+    first by its card (so the app opens on the best model), then by name."""
+    def rank(p: Path) -> tuple[bool, float, str]:
+        acc = (sdnet.load_card(p) or {}).get("test_accuracy")
+        return not p.name.startswith(DEFAULT_PREFIX), -acc if isinstance(acc, (int, float)) else 0.0, p.name
+    files = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
+    return sorted(files, key=rank)
 
 
 def cpu_threads() -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,10 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     """A private copy of the shipped checkpoints (SDNet-All and its baseline) with their cards, or,
     where the repo ships none, untrained stand-ins of the same architectures. Tests may edit it."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    shipped = sorted((ROOT / "checkpoints").glob("sdnet18_all*.pt"))
+    if str(ROOT) not in sys.path:  # the app's own choice of default model: `from app import state`
+        sys.path.insert(0, str(ROOT))
+    from app import state
+    shipped = [p for p in state.list_checkpoints(ROOT / "checkpoints") if p.name.startswith(state.DEFAULT_PREFIX)]
     if not shipped:
         _write_standins(folder)
         return folder
