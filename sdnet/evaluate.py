@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -92,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update-card", action="store_true",
                    help="write the measured accuracy and this command into the checkpoint's model card "
                         "(clean images at the trained lambda and n_steps only)")
+    p.add_argument("--baseline", default=None, metavar="FILE",
+                   help="with --update-card: the ResNet checkpoint beside this one that the app and "
+                        "`python -m sdnet.robust` compare it with (a file name in the same folder)")
     return p.parse_args(argv)
 
 
@@ -106,6 +110,10 @@ def main(argv=None) -> EvalResult:
     if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None):
         sys.exit("error: --update-card records the card's headline accuracy: clean images at the trained "
                  "lambda and n_steps only (drop --corruption, --lam and --n-steps)")
+    if args.baseline is not None:
+        baseline_error = _check_baseline(args.checkpoint, args.baseline, args.update_card)
+        if baseline_error:
+            sys.exit(f"error: {baseline_error}")
     data = data.subset(args.subset, args.subset_seed)
     res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
                    severity=args.severity if args.corruption else None, seed=args.seed,
@@ -124,8 +132,23 @@ def main(argv=None) -> EvalResult:
                          + (f" (random subset, seed {args.subset_seed})" if args.subset else ""),
                     evaluation={"command": "python -m sdnet.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
                                 "seconds": res.seconds, "device": str(device),
-                                "mean_rel_residual": res.mean_rel_residual})
+                                "mean_rel_residual": res.mean_rel_residual},
+                    **({"baseline": args.baseline} if args.baseline else {}))
     return res
+
+
+def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | None:
+    """Why `baseline` cannot be recorded as `checkpoint`'s baseline, or None when it can."""
+    if not update_card:
+        return "--baseline is written into the model card, so it needs --update-card"
+    path = Path(checkpoint).parent / baseline
+    if Path(baseline).name != baseline or not path.is_file():
+        return f"--baseline names a checkpoint file in the same folder as {checkpoint}; there is no {path}"
+    try:
+        load_checkpoint(path, map_location="cpu")
+    except CheckpointError as err:
+        return f"--baseline {baseline}: {err}"
+    return None
 
 
 if __name__ == "__main__":

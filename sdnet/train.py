@@ -36,10 +36,18 @@ from .models import build_model, list_models
 from .utils import default_device
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults only: not for on/off flags (their name says it) or None (the help says it)."""
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdnet.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="sdnet18_all", choices=list_models())
+                                formatter_class=_DefaultsHelp)
+    p.add_argument("--model", default="sdnet18_all", choices=list_models(), help="the network to train")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="drop the residual shortcuts (the variant decode_to_input can invert)")
@@ -127,7 +135,8 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     card = load_card(out / "model.pt") or {}
     card.update({
-        "name": f"{config['model']}-w{config['width']}" + ("" if config["shortcut"] else " (no shortcuts)"),
+        "name": f"{config['model']}-w{config['width']}-e{config['epochs']}"
+                + ("" if config["shortcut"] else " (no shortcuts)"),
         "architecture": config["model"], "width": config["width"], "shortcut": config["shortcut"],
         "lam": config["lam"], "n_steps": config["n_steps"], "dataset": config["dataset"],
         "epochs": config["epochs"],

@@ -1,6 +1,7 @@
 """The training and evaluation CLIs on a tiny dataset: resume bit for bit, DDP ranks agree, evaluate."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     card = load_card(resumed / "model.pt")
     assert card["architecture"] == "sdnet18_all" and card["width"] == 4 and card["shortcut"] is False
     assert card["epochs"] == 3 and card["training"]["command"].startswith("python -m sdnet.train ")
+    assert card["name"] == "sdnet18_all-w4-e3 (no shortcuts)"  # two schedules of one model get two names
     assert "--resume" in card["training"]["command"] and card["training"]["seconds"] > 0
     # training changed the weights
     assert not torch.equal(a["conv1.weight"], _weights_init())
@@ -101,6 +103,18 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
+    # --baseline links the ResNet to compare with (a checkpoint in the same folder), only into the card
+    shutil.copy(run / "model.pt", run / "other.pt")
+    with pytest.raises(SystemExit, match="needs --update-card"):
+        evaluate_main(base + ["--baseline", "other.pt"])
+    with pytest.raises(SystemExit, match="same folder"):
+        evaluate_main(base + ["--update-card", "--baseline", "missing.pt"])
+    (run / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="junk.pt"):
+        evaluate_main(base + ["--update-card", "--baseline", "junk.pt"])
+    assert "baseline" not in load_card(ckpt)  # nothing recorded by a refused command
+    evaluate_main(base + ["--update-card", "--baseline", "other.pt"])
+    assert load_card(ckpt)["baseline"] == "other.pt"
 
 
 def test_evaluate_cli_clear_errors(tmp_path, data):
