@@ -17,6 +17,7 @@ from typing import IO, Any
 import torch
 import torch.nn as nn
 
+from .csc import load_power_states, power_states
 from .models import build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
@@ -104,15 +105,28 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = False, **meta: Any) -> None:
     """Write `model` with its build config and `meta` (class names, accuracy, ...) atomically.
 
-    `half=True` stores floating tensors as float16 (loaded back as float32).
+    `half=True` stores floating tensors as float16 (loaded back as float32). The CSC layers' step sizes
+    are stored too, so the loaded model solves with the 1/L it was trained with, not a fresh estimate.
     """
     config = getattr(model, "sdnet_config", None)
     if config is None:
         raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
              for k, v in model.state_dict().items()}
+    # the power vector only warm-starts a later refresh, so float16 will do; L itself stays exact
+    power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
+             for name, st in power_states(model).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
-                 "meta": dict(meta), "state_dict": state}, path)
+                 "meta": dict(meta), "state_dict": state, "power": power}, path)
+
+
+def _check_power_state(name: str, st: Any) -> None:
+    """Raise ValueError unless `st` looks like CSCLayer.power_state(): a stored L must be a usable step."""
+    if not isinstance(st, dict) or not all(isinstance(st.get(k), torch.Tensor) for k in ("vec", "lipschitz", "spatial")):
+        raise ValueError(f"step-size state of {name} is not a dictionary of tensors")
+    L = st["lipschitz"]
+    if L.numel() != 1 or not (torch.isfinite(L).all() and L.item() > 0):
+        raise ValueError(f"step-size state of {name} has an unusable L ({L.flatten()[:1].tolist()})")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
@@ -137,6 +151,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
                               f"{_first_line(e)}") from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+    power = obj.get("power") or {}  # absent in checkpoints written before step sizes were stored
+    try:
+        if not isinstance(power, dict):
+            raise ValueError("the step-size states are not a dictionary")
+        for name, st in power.items():
+            _check_power_state(name, st)
+        load_power_states(model, {name: dict(st, vec=st["vec"].float()) for name, st in power.items()})
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
     meta = dict(meta)
     meta["config"] = config
     return model, meta

@@ -149,7 +149,9 @@ class CSCLayer(nn.Module):
             code_hw = [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial]
             shape = (1, self.out_channels, *code_hw)
             v = self._power_vec
-            cold = v is None or v.shape != shape or v.device != w.device
+            cold = v is None or v.shape != shape
+            if not cold and v.device != w.device:  # the model moved (.to, .cuda): the vector still fits
+                v = v.to(w.device)
             if cold:
                 gen = torch.Generator().manual_seed(0)  # deterministic start: same L on every rank
                 v = torch.randn(shape, generator=gen).to(w.device)
@@ -298,6 +300,19 @@ def csc_layers(model: nn.Module) -> list[tuple[str, CSCLayer]]:
                 m.name = name
             layers.append((m.name, m))
     return layers
+
+
+def power_states(model: nn.Module) -> dict[str, dict]:
+    """Every CSC layer's step-size state (power vector and L), by layer name: with the weights it pins the
+    step size 1/L the model was trained and evaluated with (a fresh estimate differs by up to a few %)."""
+    return {name: st for name, layer in csc_layers(model) if (st := layer.power_state()) is not None}
+
+
+def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:
+    """Restore `power_states()` into the layers of the same names (after the weights are loaded and moved)."""
+    for name, layer in csc_layers(model):
+        if name in states:
+            layer.load_power_state(states[name])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
 from .checkpoint import atomic_save, safe_load, save_checkpoint
-from .csc import csc_layers, project_dictionaries
+from .csc import load_power_states, power_states, project_dictionaries
 from .data import NUM_CLASSES, augment, load_split
 from .models import build_model, list_models
 from .utils import default_device
@@ -94,17 +94,6 @@ def _autocast_dtype(args, device: torch.device):
     if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
         return None
     return torch.float16 if args.amp == "fp16" else torch.bfloat16
-
-
-def _power_state(model: nn.Module) -> dict:
-    """The warm-started power-iteration vectors: part of the state for a bit-exact resume."""
-    return {name: st for name, layer in csc_layers(model) if (st := layer.power_state()) is not None}
-
-
-def _load_power_state(model: nn.Module, state: dict) -> None:
-    for name, layer in csc_layers(model):
-        if name in state:
-            layer.load_power_state(state[name])
 
 
 @torch.no_grad()
@@ -188,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = safe_load(out / "last.pt", map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        _load_power_state(model, state["power"])
+        load_power_states(model, state["power"])  # for a bit-exact resume
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         if is_main:
             print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
@@ -267,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(result), flush=True)
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": _power_state(model),
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
                          "epoch": epoch + 1, "train_seconds": train_seconds, "config": json.dumps(config, default=str)},
                         out / "last.pt")
         if distributed:
