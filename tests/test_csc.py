@@ -231,16 +231,17 @@ def test_atoms_unit_norm_after_projection():
     torch.testing.assert_close(norms, torch.ones_like(norms))  # ...and the projection put it back
 
 
+@pytest.mark.parametrize("non_negative", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_gradients_reach_input_and_weight(stride):
-    layer = make_layer(3, 6, 3, stride, non_negative=False)
+def test_gradients_reach_input_and_weight(stride, non_negative):
+    layer = make_layer(3, 6, 3, stride, non_negative=non_negative)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     z = layer(x)
     (z * torch.randn_like(z)).sum().backward()
     for g in (x.grad, layer.weight.grad):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
     # The input gradient is the true one (checked in float64 against finite differences).
-    layer64 = make_layer(2, 3, 3, stride, non_negative=False).double()
+    layer64 = make_layer(2, 3, 3, stride, non_negative=non_negative, n_steps=3).double()  # + a momentum step
     x64 = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     layer64.lipschitz((5, 5))  # fix the step size before gradcheck perturbs anything
     assert torch.autograd.gradcheck(lambda t: layer64(t), (x64,), eps=1e-6, atol=1e-5)
