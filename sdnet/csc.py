@@ -214,10 +214,14 @@ class CSCLayer(nn.Module):
         self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
         self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
 
+    def reset_step_size(self) -> None:
+        """Forget the cached L and power vector: the next solve estimates L afresh (cold start)."""
+        self._power_vec = self._lipschitz = self._lipschitz_key = None
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         # A loaded dictionary is unrelated to the cached power vector: start cold, as a fresh model would.
-        self._power_vec = self._lipschitz = self._lipschitz_key = None
+        self.reset_step_size()
 
     def _out_pad(self, spatial, code_hw) -> tuple[int, int]:
         k, s, p = self.kernel_size, self.stride, self.padding

@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subset-seed", type=int, default=0)
     p.add_argument("--lam", type=float, default=None, help="lambda for every CSC layer (default: trained)")
     p.add_argument("--n-steps", type=int, default=None, help="FISTA steps (default: trained)")
+    p.add_argument("--fresh-step-size", action="store_true",
+                   help="ignore the step sizes 1/L stored with the checkpoint and estimate them afresh "
+                        "(to see how much the stored ones matter)")
     p.add_argument("--corruption", default=None, choices=list(KINDS))
     p.add_argument("--severity", type=parse_severity, default=3, help="1..5 as in CIFAR-10-C, or a float level")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
@@ -107,9 +110,13 @@ def main(argv=None) -> EvalResult:
         data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
-    if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None):
+    if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None
+                             or args.fresh_step_size):
         sys.exit("error: --update-card records the card's headline accuracy: clean images at the trained "
-                 "lambda and n_steps only (drop --corruption, --lam and --n-steps)")
+                 "lambda, n_steps and step sizes only (drop --corruption, --lam, --n-steps, --fresh-step-size)")
+    if args.fresh_step_size:
+        for _, layer in csc_layers(model):
+            layer.reset_step_size()
     if args.baseline is not None:
         baseline_error = _check_baseline(args.checkpoint, args.baseline, args.update_card)
         if baseline_error:
@@ -119,11 +126,13 @@ def main(argv=None) -> EvalResult:
                    severity=args.severity if args.corruption else None, seed=args.seed,
                    batch_size=args.batch_size, device=device, progress=not args.json)
     if args.json:
-        print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device))))
+        print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device),
+                              fresh_step_size=args.fresh_step_size)))
     else:
         what = f"{args.corruption} severity {args.severity}" if args.corruption else "clean"
         print(f"{args.checkpoint}: top-1 {res.accuracy:.2f}% on {res.n_images} {args.split} images ({what}, "
-              f"lambda {'trained' if args.lam is None else args.lam}) in {res.seconds:.1f}s on {device}")
+              f"lambda {'trained' if args.lam is None else args.lam}"
+              f"{', step sizes estimated afresh' if args.fresh_step_size else ''}) in {res.seconds:.1f}s on {device}")
         for name, r in res.layers.items():
             print(f"  {name:<24} mean relative residual {r:.4f}")
     if args.update_card:

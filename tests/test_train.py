@@ -103,6 +103,13 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
+    # the checkpoint carries the step sizes of training; --fresh-step-size estimates them again instead
+    capsys.readouterr()
+    fresh = evaluate_main(base + ["--fresh-step-size"])
+    assert json.loads(capsys.readouterr().out)["fresh_step_size"] is True
+    assert fresh.layers.keys() == clean.layers.keys() and fresh.layers != clean.layers
+    with pytest.raises(SystemExit, match="step sizes"):
+        evaluate_main(base + ["--update-card", "--fresh-step-size"])
     # --baseline links the ResNet to compare with (a checkpoint in the same folder), only into the card
     shutil.copy(run / "model.pt", run / "other.pt")
     with pytest.raises(SystemExit, match="needs --update-card"):
