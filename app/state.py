@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import zipfile
 from collections.abc import Callable
@@ -65,7 +66,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     first by its card (so the app opens on the best model), then by name."""
     def rank(p: Path) -> tuple[bool, float, str]:
         acc = (sdnet.load_card(p) or {}).get("test_accuracy")
-        return not p.name.startswith(DEFAULT_PREFIX), -acc if isinstance(acc, (int, float)) else 0.0, p.name
+        known = isinstance(acc, (int, float)) and math.isfinite(acc)
+        return not p.name.startswith(DEFAULT_PREFIX), -acc if known else 0.0, p.name
     files = [p for p in folder.glob("*.pt") if p.is_file()] if folder.is_dir() else []
     return sorted(files, key=rank)
 

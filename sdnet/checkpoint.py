@@ -115,7 +115,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
              for k, v in model.state_dict().items()}
     # the power vector only warm-starts a later refresh, so float16 will do; L itself stays exact
     power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
-             for name, st in power_states(model).items()}
+             for name, st in power_states(model, current_only=True).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
                  "meta": dict(meta), "state_dict": state, "power": power}, path)
 
@@ -151,8 +151,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
                               f"{_first_line(e)}") from None
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    power = obj.get("power") or {}  # absent in checkpoints written before step sizes were stored
     try:
+        power = obj.get("power")
+        power = {} if power is None else power  # absent in checkpoints written before step sizes were stored
         if not isinstance(power, dict):
             raise ValueError("the step-size states are not a dictionary")
         for name, st in power.items():

@@ -199,6 +199,24 @@ class CSCLayer(nn.Module):
         w = self.weight
         return (w._version, w.data_ptr(), w.device, w.dtype, tuple(spatial))
 
+    def step_size_is_current(self) -> bool:
+        """Whether the cached L was computed for the dictionary as it is now."""
+        key = self._lipschitz_key
+        return key is not None and self._lipschitz is not None and key == self._cache_key(key[-1])
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cpu(), .cuda(), .half(), channels_last replace the weight tensor: keep a step size that was
+        # current for the dictionary (a move does not change it; a cast to half only rounds it, within the
+        # bound's margin) instead of re-estimating it, so a moved model solves as it was saved.
+        with _POWER_LOCK:
+            current = self.step_size_is_current()
+            out = super()._apply(fn, *args, **kwargs)
+            if current:
+                dev = self.weight.device
+                self._power_vec, self._lipschitz = self._power_vec.to(dev), self._lipschitz.to(dev)
+                self._lipschitz_key = self._cache_key(self._lipschitz_key[-1])
+        return out
+
     def power_state(self) -> dict | None:
         """The power-iteration cache as tensors, for a training state that resumes bit for bit."""
         if self._power_vec is None or self._lipschitz_key is None:
@@ -210,13 +228,15 @@ class CSCLayer(nn.Module):
     def load_power_state(self, state: dict) -> None:
         """Restore `power_state()` for the dictionary as it is now (call after loading the weights)."""
         dev = self.weight.device
-        self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
-        self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
-        self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
+        with _POWER_LOCK:
+            self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
+            self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
+            self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
 
     def reset_step_size(self) -> None:
         """Forget the cached L and power vector: the next solve estimates L afresh (cold start)."""
-        self._power_vec = self._lipschitz = self._lipschitz_key = None
+        with _POWER_LOCK:
+            self._power_vec = self._lipschitz = self._lipschitz_key = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -308,10 +328,12 @@ def csc_layers(model: nn.Module) -> list[tuple[str, CSCLayer]]:
     return layers
 
 
-def power_states(model: nn.Module) -> dict[str, dict]:
+def power_states(model: nn.Module, current_only: bool = False) -> dict[str, dict]:
     """Every CSC layer's step-size state (power vector and L), by layer name: with the weights it pins the
-    step size 1/L the model was trained and evaluated with (a fresh estimate differs by up to a few %)."""
-    return {name: st for name, layer in csc_layers(model) if (st := layer.power_state()) is not None}
+    step size 1/L the model was trained and evaluated with (a fresh estimate differs by up to a few %).
+    `current_only` leaves out layers whose dictionary changed since their L was computed."""
+    return {name: st for name, layer in csc_layers(model)
+            if (not current_only or layer.step_size_is_current()) and (st := layer.power_state()) is not None}
 
 
 def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:

@@ -151,8 +151,12 @@ def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | 
     if not update_card:
         return "--baseline is written into the model card, so it needs --update-card"
     path = Path(checkpoint).parent / baseline
-    if Path(baseline).name != baseline or not path.is_file():
+    if Path(baseline).name != baseline:
+        return f"--baseline takes a bare file name (a checkpoint in the same folder as {checkpoint}), not {baseline}"
+    if not path.is_file():
         return f"--baseline names a checkpoint file in the same folder as {checkpoint}; there is no {path}"
+    if path.resolve() == Path(checkpoint).resolve():
+        return "--baseline names the checkpoint itself"
     try:
         load_checkpoint(path, map_location="cpu")
     except CheckpointError as err:

@@ -347,13 +347,14 @@ def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
 def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
     from app import state
     for name, acc in (("resnet18-w16.pt", 90.0), ("sdnet18_all-w16-a.pt", 80.0), ("sdnet18_all-w16-b.pt", 85.0),
-                      ("sdnet18_all-w16.pt", None), ("sdnet18-w16.pt", 88.0)):
+                      ("sdnet18_all-w16.pt", None), ("sdnet18_all-w16-nan.pt", float("nan")),
+                      ("sdnet18-w16.pt", 88.0)):
         (tmp_path / name).write_bytes(b"")  # only the names and cards matter here
         sdnet.write_card(tmp_path / name, {"test_accuracy": acc})
     (tmp_path / "broken.pt").write_bytes(b"")
     (tmp_path / "broken.json").write_text("{not json")
     assert [p.name for p in state.list_checkpoints(tmp_path)] == [
-        "sdnet18_all-w16-b.pt", "sdnet18_all-w16-a.pt", "sdnet18_all-w16.pt",
+        "sdnet18_all-w16-b.pt", "sdnet18_all-w16-a.pt", "sdnet18_all-w16-nan.pt", "sdnet18_all-w16.pt",
         "resnet18-w16.pt", "sdnet18-w16.pt", "broken.pt"]
     assert state.list_checkpoints(tmp_path / "missing") == []
 

@@ -72,10 +72,20 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
     if not half:
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    # the weights change (fine-tuning): the step size is refreshed for them, not kept
+    # a move or cast (here to float64 and back) keeps the step size; the saved one was current
+    moved = loaded.double().float()
+    for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(moved)):
+        assert b.step_size_is_current() and torch.equal(a._lipschitz, b._lipschitz), name
+    # the weights change (fine-tuning): the step size is refreshed for them, not kept...
     with torch.no_grad():
         conv1 = dict(sdnet.csc_layers(loaded))["conv1"]
         conv1.weight.mul_(2.0)
+        assert not conv1.step_size_is_current()
+        # ...and a checkpoint saved before any solve with the new weights stores no stale step size for them
+        sdnet.save_checkpoint(tmp_path / "edited.pt", loaded, half=half)
+        reloaded, _ = sdnet.load_checkpoint(tmp_path / "edited.pt")
+        assert dict(sdnet.csc_layers(reloaded))["conv1"]._lipschitz is None  # estimated afresh on first use
+        assert dict(sdnet.csc_layers(reloaded))["layer1.0.conv1"].step_size_is_current()
         assert float(conv1.lipschitz((16, 16))) > 3 * float(dict(sdnet.csc_layers(model))["conv1"]._lipschitz)
 
 

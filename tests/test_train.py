@@ -116,6 +116,10 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
         evaluate_main(base + ["--baseline", "other.pt"])
     with pytest.raises(SystemExit, match="same folder"):
         evaluate_main(base + ["--update-card", "--baseline", "missing.pt"])
+    with pytest.raises(SystemExit, match="bare file name"):
+        evaluate_main(base + ["--update-card", "--baseline", str(run / "other.pt")])
+    with pytest.raises(SystemExit, match="the checkpoint itself"):
+        evaluate_main(base + ["--update-card", "--baseline", "model.pt"])
     (run / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt"):
         evaluate_main(base + ["--update-card", "--baseline", "junk.pt"])
