@@ -3,7 +3,9 @@ latency benchmark (`tests/test_browser.py`, `bench/app_latency.py --browser`).""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -76,3 +78,25 @@ def wait_for_lam(page, label: str, timeout_ms: float = 90_000) -> None:
                            " return e && e.innerText.includes('SDNet at ' + want); }",
                            arg=[SUMMARY, label], timeout=timeout_ms)
     page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=timeout_ms)
+
+
+def shown_lam(page) -> float:
+    """The λ of the SDNet row the prediction table shows now."""
+    return float(re.search(r"SDNet at λ=([0-9.eE+-]+),", page.locator(SUMMARY).inner_text()).group(1))
+
+
+def move_lam_to(page, target: float, max_presses: int = 40) -> None:
+    """Step the λ slider with the arrow keys until the prediction table shows SDNet at `target`, one press
+    at a time: under load a press sent while the page reruns can be lost, so count on the table, not on keys."""
+    for _ in range(max_presses):
+        page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+        now = shown_lam(page)
+        if math.isclose(now, target, rel_tol=1e-6):
+            return
+        page.locator(LAM_SLIDER).focus()
+        page.keyboard.press("ArrowRight" if now < target else "ArrowLeft")
+        with contextlib.suppress(Exception):  # a lost press: the table keeps its λ, the next round presses again
+            page.wait_for_function("([sel, old]) => { const e = document.querySelector(sel);"
+                                   " return e && !e.innerText.includes('SDNet at λ=' + old + ','); }",
+                                   arg=[SUMMARY, f"{now:g}"], timeout=20_000)
+    raise AssertionError(f"λ slider did not reach {target} in {max_presses} presses (shows {shown_lam(page)})")

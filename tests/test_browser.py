@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from app.serve import CHROMIUM, CHROMIUM_ARGS, LAM_SLIDER, SUMMARY, current_lam_row, serve, wait_for_lam  # noqa: E402
+from app.serve import CHROMIUM, CHROMIUM_ARGS, SUMMARY, current_lam_row, move_lam_to, serve, wait_for_lam  # noqa: E402
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -72,9 +72,7 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             before = summary.inner_text()
             page.screenshot(path=str(ARTIFACTS / "app-upload.png"))
 
-            page.locator(LAM_SLIDER).focus()
-            for _ in range(10):  # 0.1 -> 1 on the slider's log grid; each press may rerun the fragment
-                page.keyboard.press("ArrowRight")
+            move_lam_to(page, 1.0)  # 0.1 -> 1 with the arrow keys, as a user would
             wait_for_lam(page, "λ=1,")
             after = summary.inner_text()
             # the numbers changed, not only the label: SDNet's probabilities and the mean residual
@@ -90,8 +88,7 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             other.set_default_timeout(90_000)
             other.goto(server)
             wait_for_lam(other, "λ=0.1,")
-            page.locator(LAM_SLIDER).focus()
-            page.keyboard.press("ArrowLeft")  # the first session reruns at λ=0.8 with its own upload
+            move_lam_to(page, 0.8)  # one step left: the first session reruns at λ=0.8 with its own upload
             wait_for_lam(page, "λ=0.8,")
             assert other.locator(SUMMARY).inner_text() == initial
             at_08 = page.locator(SUMMARY).inner_text()
