@@ -19,7 +19,7 @@ import torch.nn as nn
 from captum.attr import (IntegratedGradients, LayerGradientXActivation, LayerIntegratedGradients,
                          Occlusion, Saliency)
 
-from .csc import csc_layers, load_power_states, override, power_states
+from .csc import csc_layers, override
 
 METHODS = {"integrated_gradients": "Integrated Gradients", "saliency": "Saliency", "occlusion": "Occlusion"}
 LAYER_METHODS = {"integrated_gradients": "Layer Integrated Gradients",
@@ -76,7 +76,6 @@ def atom_attribution(model: nn.Module, x: torch.Tensor, target: int, method: str
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown layer attribution method {method!r}; choose one of {', '.join(LAYER_METHODS)}")
     private = copy.deepcopy(model)  # captum hooks the layer: never on a model others may be running
-    load_power_states(private, power_states(model, current_only=True))  # the copy solves with the same 1/L
     layers = dict(csc_layers(private))
     if not layers:
         raise ValueError("atom attribution needs a model with CSC layers")

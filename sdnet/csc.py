@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import math
 import threading
 from collections.abc import Iterator, Mapping
@@ -216,6 +217,17 @@ class CSCLayer(nn.Module):
                 self._power_vec, self._lipschitz = self._power_vec.to(dev), self._lipschitz.to(dev)
                 self._lipschitz_key = self._cache_key(self._lipschitz_key[-1])
         return out
+
+    def __deepcopy__(self, memo):
+        # As nn.Module's default deepcopy, but a step size current for the original stays current for the copy
+        # (the cache key names the weight tensor, which the copy replaces).
+        current = self.step_size_is_current()
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        if current:
+            new._lipschitz_key = new._cache_key(new._lipschitz_key[-1])
+        return new
 
     def power_state(self) -> dict | None:
         """The power-iteration cache as tensors, for a training state that resumes bit for bit."""

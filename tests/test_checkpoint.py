@@ -2,6 +2,7 @@
 (never a crash, never code run from a pickle)."""
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import random
@@ -72,10 +73,10 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
     if not half:
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    # a move or cast (here to float64 and back) keeps the step size; the saved one was current
-    moved = loaded.double().float()
-    for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(moved)):
-        assert b.step_size_is_current() and torch.equal(a._lipschitz, b._lipschitz), name
+    # a move or cast (here to float64 and back) and a deep copy keep the step size; the saved one was current
+    for moved in (loaded.double().float(), copy.deepcopy(loaded)):
+        for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(moved)):
+            assert b.step_size_is_current() and torch.equal(a._lipschitz, b._lipschitz), name
     # the weights change (fine-tuning): the step size is refreshed for them, not kept...
     with torch.no_grad():
         conv1 = dict(sdnet.csc_layers(loaded))["conv1"]
