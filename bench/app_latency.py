@@ -56,8 +56,10 @@ def machine() -> str:
 
 
 def default_checkpoint() -> Path:
-    found = sorted((ROOT / "checkpoints").glob("sdnet18_all*.pt"))
-    if not found:
+    """The checkpoint the app opens on (app.state.list_checkpoints' first: the most accurate SDNet-All)."""
+    from app import state
+    found = state.list_checkpoints(ROOT / "checkpoints")
+    if not found or not found[0].name.startswith(state.DEFAULT_PREFIX):
         sys.exit("no checkpoints/sdnet18_all*.pt: pass --checkpoint PATH")
     return found[0]
 

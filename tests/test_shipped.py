@@ -17,7 +17,7 @@ CARD_FIELDS = {"name", "architecture", "width", "shortcut", "lam", "n_steps", "e
 
 def test_the_app_model_and_its_baseline_ship():
     names = {p.name for p in SHIPPED}
-    # the robustness reports name the 3-epoch pair; the app opens on the first sdnet18_all file
+    # the robustness reports in reports/*.md name the 3-epoch pair (the app opens on the most accurate SDNet-All)
     assert "sdnet18_all-w16.pt" in names and "resnet18-w16.pt" in names, names
     sdnets = [p for p in SHIPPED if sdnet.load_card(p)["architecture"].startswith("sdnet")]
     assert sdnets, names
