@@ -33,14 +33,14 @@ CHECKPOINTS_ENV = "SDNET_CHECKPOINTS"
 DEFAULT_PREFIX = "sdnet18_all"
 TRAIN_HINT = """\
 # SDNet-All without shortcuts (what the app explains best), on CIFAR-10 (--download fetches it into --data);
-# 30 epochs took 68 min (SDNet-All) and 36 min (ResNet) on 2 CPU cores; without --epochs it is the paper's 220
-python -m sdnet.train --model sdnet18_all --no-shortcut --width 16 --epochs 30 \\
+# 40 epochs took 95 min (SDNet-All) and 50 min (ResNet) on 2 CPU cores; without --epochs it is the paper's 220
+python -m sdnet.train --model sdnet18_all --no-shortcut --width 16 --epochs 40 \\
     --data data/cifar10 --download --out runs/sdnet18_all-w16
 mkdir -p checkpoints
 cp runs/sdnet18_all-w16/model.pt checkpoints/sdnet18_all-w16.pt      # the weights
 cp runs/sdnet18_all-w16/model.json checkpoints/sdnet18_all-w16.json  # its model card
 # optional: the same-width ResNet baseline, shown beside SDNet
-python -m sdnet.train --model resnet18 --width 16 --epochs 30 --data data/cifar10 --out runs/resnet18-w16
+python -m sdnet.train --model resnet18 --width 16 --epochs 40 --data data/cifar10 --out runs/resnet18-w16
 cp runs/resnet18-w16/model.pt checkpoints/resnet18-w16.pt && cp runs/resnet18-w16/model.json checkpoints/resnet18-w16.json"""
 FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10"
 CORRUPTIONS = ("none", *sdnet.corruptions.KINDS)

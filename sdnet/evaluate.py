@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: top-1 accuracy, clean or corrupted, and every CSC layer's mean relative residual.
 
-    python -m sdnet.evaluate --checkpoint checkpoints/sdnet18_all-w16-e30.pt --data PATH [--lam 0.5]
+    python -m sdnet.evaluate --checkpoint checkpoints/sdnet18_all-w16-e40.pt --data PATH [--lam 0.5]
         [--corruption gaussian --severity 3] [--subset 1000] [--json]
 """
 from __future__ import annotations
