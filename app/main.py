@@ -16,7 +16,6 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/ on the pa
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
-import sdnet  # noqa: E402
 from app import panels, state  # noqa: E402
 
 st.set_page_config(page_title="SDNet Explorer", page_icon=":mag:", layout="wide")
@@ -27,7 +26,7 @@ st.caption("Look inside a network whose convolutions are convolutional sparse co
 
 panels.keep_state()
 torch.set_num_threads(state.cpu_threads())
-device = sdnet.default_device()
+device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)
 clean, image_info = panels.image_sidebar(loaded.input_size)
 corruption = panels.corruption_sidebar()

@@ -79,6 +79,16 @@ def cpu_threads() -> int:
     return max(1, int(os.environ.get("SDNET_APP_THREADS", "1")))
 
 
+def pick_device() -> torch.device:
+    """CUDA when there is one, with TF32 off: the app's codes, residuals and exports must match a CPU
+    run to float32 precision (TF32 convolutions differ by ~1e-3), and one image gains nothing from it."""
+    device = sdnet.default_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)})"

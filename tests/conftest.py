@@ -10,6 +10,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests that take `device` run on the CPU and, where torch sees one, again on CUDA (skipped otherwise).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -44,6 +47,11 @@ def _write_standins(folder: Path) -> None:
             "name": f"{stem} (untrained test stand-in)", "architecture": arch, "width": 16, "shortcut": shortcut,
             "lam": 0.1, "n_steps": 2, "classes": CLASSES, "test_accuracy": None, "data": "none",
             "baseline": "resnet18-w16.pt" if arch != "resnet18" else None})
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,27 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
         assert float(conv1.lipschitz((16, 16))) > 3 * float(dict(sdnet.csc_layers(model))["conv1"]._lipschitz)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_checkpoint_saved_on_cuda_loads_on_cpu_and_cuda(model, tmp_path):
+    """A model trained on the GPU is saved from there; the file holds no device and loads on either."""
+    on_gpu = copy.deepcopy(model).cuda()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = on_gpu(x.cuda())  # every layer estimates and caches its step size on the GPU
+    path = tmp_path / "gpu.pt"
+    sdnet.save_checkpoint(path, on_gpu, classes=CLASSES)
+    on_cpu, _ = sdnet.load_checkpoint(path)
+    assert_same_state(on_cpu.state_dict(), model.state_dict())
+    back, _ = sdnet.load_checkpoint(path, map_location="cuda")
+    assert all(t.is_cuda for t in back.state_dict().values())
+    for moved in (on_cpu, back):  # both solve with the step sizes found on the GPU
+        for (name, a), (_, b) in zip(sdnet.csc_layers(on_gpu), sdnet.csc_layers(moved)):
+            assert b.step_size_is_current() and torch.equal(a._lipschitz.cpu(), b._lipschitz.cpu()), name
+    with torch.no_grad():
+        torch.testing.assert_close(back(x.cuda()), ref)
+        torch.testing.assert_close(on_cpu(x), ref.cpu(), rtol=1e-4, atol=1e-5)
+
+
 def test_half_checkpoint_loads_back_what_was_saved(model, tmp_path):
     full, half = tmp_path / "full.pt", tmp_path / "half.pt"
     sdnet.save_checkpoint(full, model)

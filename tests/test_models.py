@@ -1,6 +1,8 @@
 """The model family: registry, parameter counts, stems, shortcuts, shapes, decode_to_input."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -28,13 +30,13 @@ def test_list_models_is_the_registry():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_model_builds_and_runs(name):
+def test_every_model_builds_and_runs(name, device):
     torch.manual_seed(0)
-    model = sdnet.build_model(name, num_classes=7, width=4)
+    model = sdnet.build_model(name, num_classes=7, width=4).to(device)
     assert len(sdnet.csc_layers(model)) == N_CSC[name]
     assert model.sdnet_config["name"] == name and model.sdnet_config["width"] == 4
     assert model.linear.in_features == 8 * 4  # width scales every stage: 4, 8, 16, 32 channels
-    x = torch.rand(3, 3, 16, 16)
+    x = torch.rand(3, 3, 16, 16, device=device)
     model.train()
     out = model(x)
     assert out.shape == (3, 7) and torch.isfinite(out).all()
@@ -98,14 +100,14 @@ def no_shortcut_model():
     return model.eval()
 
 
-def test_decode_to_input_shapes_at_every_layer(no_shortcut_model):
-    model = no_shortcut_model
-    x = torch.rand(2, 3, 32, 32)
+def test_decode_to_input_shapes_at_every_layer(no_shortcut_model, device):
+    model = copy.deepcopy(no_shortcut_model).to(device)
+    x = torch.rand(2, 3, 32, 32, device=device)
     tr = sdnet.trace(model, x)
     assert [r.name for r in tr.layers] == [n for n, _, _ in model.main_path()]
     for rec in tr.layers:
         img = sdnet.decode_to_input(model, rec.name, rec.z)
-        assert img.shape == x.shape, rec.name
+        assert img.shape == x.shape and img.device == x.device, rec.name
         assert torch.isfinite(img).all()
 
 

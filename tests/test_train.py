@@ -1,5 +1,6 @@
 """The training and evaluation CLIs on a tiny dataset: resume bit for bit, DDP ranks agree, evaluate."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -77,6 +78,32 @@ def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, data):
     assert len(log) == 2
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_on_cuda_with_mixed_precision(tmp_path, data, amp, capsys):
+    """The GPU path of train and evaluate: autocast (bf16 is --amp auto's choice on CUDA, fp16 adds the
+    gradient scaler), a resumed run, and a checkpoint that loads on the CPU."""
+    cuda = [a if a != "cpu" else "cuda" for a in TINY] + ["--amp", amp, "--data", data, "--epochs", "2"]
+    out = tmp_path / "run"
+    train_main(cuda + ["--out", str(out), "--stop-after", "1"])
+    train_main(cuda + ["--out", str(out), "--resume"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
+    config = json.loads((out / "config.json").read_text())
+    assert config["device"] == "cuda" and config["amp"] == amp
+    model, _ = load_checkpoint(out / "model.pt")  # weights stay float32 under autocast; the file holds no device
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert not torch.equal(model.conv1.weight, _weights_init())
+    norms = model.conv1.weight.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    capsys.readouterr()
+    on_gpu = evaluate_main(["--checkpoint", str(out / "model.pt"), "--data", data, "--json", "--device", "cuda"])
+    on_cpu = evaluate_main(["--checkpoint", str(out / "model.pt"), "--data", data, "--json", "--device", "cpu"])
+    assert on_gpu.layers.keys() == on_cpu.layers.keys()
+    for name in on_cpu.layers:  # float32 on either device, but cuDNN convolutions default to TF32 on the GPU
+        assert on_gpu.layers[name] == pytest.approx(on_cpu.layers[name], rel=1e-2), name
 
 
 def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
