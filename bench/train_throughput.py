@@ -1,9 +1,9 @@
 """Training-step throughput and peak memory of resnet18, sdnet18 and sdnet18_all (`python bench/train_throughput.py --help`).
 
 One training step is what `python -m sdnet.train` does per batch: forward, cross-entropy, backward,
-SGD step (momentum 0.9, weight decay 5e-4), then `sdnet.project_dictionaries` (paper eq. 5). The
-step-size update (power iteration on every changed dictionary) runs inside the next forward, so it
-is part of the step. Input is one fixed random batch, so no data loading is timed.
+SGD step (momentum 0.9, weight decay 5e-4), then `sdnet.project_dictionaries` (paper eq. 5) and
+`sdnet.refresh_step_sizes` (warm power iteration on every changed dictionary, all layers at once).
+Input is one fixed random batch, so no data loading is timed.
 
 - Throughput: every model is built in this one process on one device; rounds are interleaved
   (each round times `--steps` steps of every model, in rotating order) and the median round is
@@ -13,9 +13,9 @@ is part of the step. Input is one fixed random batch, so no data loading is time
   through /proc/self/clear_refs) minus the resident set before the model was built (after a throwaway
   step of a width-1 model has paged in the runtime).
   Both count parameters, gradients, momentum buffers, activations and the batch.
-- Step-size cost: for the models with CSC layers, the power-iteration refresh of every layer after
-  an optimizer step is timed on its own (then the forward finds L cached) and given as a fraction
-  of the whole step.
+- Step-size cost: for the models with CSC layers, `sdnet.refresh_step_sizes` is timed on its own and
+  given as a fraction of the whole step, with the number of A^T A passes it made (layers of one
+  shape share a pass, as grouped convolutions).
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refresh-steps", type=int, default=5, help="steps over which the step-size cost is timed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format, as train --channels-last")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one model's memory run
@@ -92,27 +94,25 @@ class Trainer:
         gen = torch.Generator().manual_seed(1)
         self.x = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device, memory_format=fmt)
         self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
         self.csc = sdnet.csc_layers(self.model)
-        self.input_hw: dict[str, tuple[int, int]] = {}
-        hooks = [layer.register_forward_pre_hook(self._record_hw) for _, layer in self.csc]
         self.step()
-        for h in hooks:
-            h.remove()
-
-    def _record_hw(self, layer, args):
-        self.input_hw[layer.name] = tuple(args[0].shape[-2:])
 
     def step(self) -> None:
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.update()
+        self.refresh_step_sizes()
+
+    def update(self) -> None:
+        with torch.autocast(**self.autocast):
+            loss = F.cross_entropy(self.model(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         sdnet.project_dictionaries(self.model)
 
     def refresh_step_sizes(self) -> None:
-        """The power-iteration update of every CSC layer for the dictionary the last step left."""
-        for name, layer in self.csc:
-            layer.lipschitz(self.input_hw[name])
+        """The power-iteration update of every CSC layer for the dictionary the last update left."""
+        sdnet.refresh_step_sizes(self.model)
 
 
 @contextlib.contextmanager
@@ -150,22 +150,22 @@ def measure_throughput(trainers: dict[str, Trainer], args, device) -> dict[str, 
 
 def measure_step_size_cost(t: Trainer, args, device) -> dict:
     """Median time of the step-size refresh after an optimizer step, and of the whole step with it."""
-    refresh, whole, iters = [], [], []
+    refresh, whole, passes = [], [], []
     for _ in range(args.refresh_steps):
         sync(device)
         t0 = time.perf_counter()
+        t.update()
+        sync(device)
+        t1 = time.perf_counter()
         with count_calls(F, "conv_transpose2d") as calls:
             t.refresh_step_sizes()
         sync(device)
-        t1 = time.perf_counter()
-        t.step()  # its forward finds every L cached
-        sync(device)
-        refresh.append(t1 - t0)
+        refresh.append(time.perf_counter() - t1)
         whole.append(time.perf_counter() - t0)
-        iters.append(calls[0] / len(t.csc))
+        passes.append(calls[0])
     return {"refresh_ms": 1e3 * statistics.median(refresh), "step_ms": 1e3 * statistics.median(whole),
             "fraction": statistics.median(refresh) / statistics.median(whole),
-            "power_iters_per_layer": statistics.median(iters)}
+            "power_passes": statistics.median(passes), "csc_layers": len(t.csc)}
 
 
 # --- peak memory, one fresh process per model ------------------------------------------------------
@@ -209,7 +209,7 @@ def memory_child(args) -> dict:
 def measure_memory(name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--width", str(args.width),
            "--batch", str(args.batch), "--size", str(args.size), "--device", args.device,
-           "--memory-steps", str(args.memory_steps)]
+           "--memory-steps", str(args.memory_steps), "--amp", args.amp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.channels_last:
@@ -248,13 +248,13 @@ def table(report: dict) -> str:
     res, base = report["results"], report["config"]["models"][0]
     lines = [f"| model | images/s (median round) | x {base}: median of per-round ratios (quartiles) "
              f"| x {base}: best rounds | peak memory (MiB) | x {base} | step-size update, % of step "
-             "(power iterations per layer) |", "|---|---:|---:|---:|---:|---:|---|"]
+             "(A^T A passes for all CSC layers) |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in res.items():
         mem = r.get("peak_memory_bytes")
         mem_cells = f"{mem / 2 ** 20:.0f} | {r['memory_ratio']:.2f}" if mem is not None else "- | -"
         ss = r.get("step_size")
         ss_cell = f"{100 * ss['fraction']:.1f}% ({ss['refresh_ms']:.1f} ms of {ss['step_ms']:.0f} ms; " \
-                  f"{ss['power_iters_per_layer']:.1f})" if ss else "- (no CSC layer)"
+                  f"{ss['power_passes']:.0f} for {ss['csc_layers']})" if ss else "- (no CSC layer)"
         q1, _, q3 = r["throughput_ratio_quartiles"]
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['throughput_ratio']:.2f} ({q1:.2f}-{q3:.2f}) "
                      f"| {r['best_round_ratio']:.2f} "

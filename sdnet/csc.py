@@ -140,61 +140,32 @@ class CSCLayer(nn.Module):
 
         Recomputed only when the dictionary changes (its version counter moves), so inference
         reuses the cached value and training pays `power_iters` iterations per optimizer step,
-        plus more while the estimate is still rising (see `_POWER_TOL`).
+        plus more while the estimate is still rising (see `_POWER_TOL`). Training refreshes every
+        layer at once after the optimizer step instead (`refresh_step_sizes`); this is the same
+        refresh for one layer, done lazily by its next forward.
         """
-        w = self.weight
         key = self._cache_key(spatial)
         with _POWER_LOCK:
             if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
                 return self._lipschitz
-            code_hw = [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial]
-            shape = (1, self.out_channels, *code_hw)
+            shape = (1, self.out_channels, *self._code_hw(spatial))
             v = self._power_vec
             cold = v is None or v.shape != shape
-            if not cold and v.device != w.device:  # the model moved (.to, .cuda): the vector still fits
-                v = v.to(w.device)
+            if iters is None and not cold:
+                _warm_refresh([(tuple(spatial), [self])])
+                return self._lipschitz
             if cold:
                 gen = torch.Generator().manual_seed(0)  # deterministic start: same L on every rank
-                v = torch.randn(shape, generator=gen).to(w.device)
-            n = iters if iters is not None else (30 if cold else self.power_iters)
-            out_pad = self._out_pad(spatial, code_hw)
-            with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
-                wf = w.detach().float()
-                v = v.float() / v.norm()
-                if iters is None and not cold:
-                    # Keep some weight on every direction: a vector converged to the old top
-                    # eigenvector has almost none on the new one after a large change.
-                    gen = torch.Generator(device=w.device).manual_seed(int(self._refreshes))
-                    r = torch.randn(shape, generator=gen, device=w.device)
-                    v = v + _POWER_MIX * r / r.norm()
-                    v = v / v.norm()
-                    self._refreshes += 1
-
-                def power(v, n):
-                    prev = est = torch.zeros((), device=w.device)
-                    for _ in range(n):
-                        x = F.conv_transpose2d(v, wf, stride=self.stride, padding=self.padding,
-                                               output_padding=out_pad)
-                        u = F.conv2d(x, wf, stride=self.stride, padding=self.padding)
-                        prev, est = est, u.norm()
-                        v = u / est.clamp_min(1e-12)
-                    return v, prev, est
-
-                v, prev, est = power(v, n)
-                if iters is None and not cold:
-                    # A warm refresh. After a small change (a late optimizer step) the old vector is
-                    # still close to the top eigenvector and `power_iters` iterations suffice. After a
-                    # large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
-                    # estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the
-                    # second step of sdnet18_all at lr 0.1), so FISTA's step would be too long and
-                    # diverge: iterate on while it rises (one host sync per check).
-                    extra = 0
-                    while extra < 30 and float(est - prev) > _POWER_TOL * float(est):
-                        v, prev, est = power(v, 2)
-                        extra += 2
-                L = (est * self.power_margin).clamp_min(1e-6)
+                v = torch.randn(shape, generator=gen)
+            with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
+                v = v.to(self.weight.device).float()
+                v, _, est = _power(_normal_operator([self], spatial), v / v.norm(), iters or 30)
+                L = (est[0] * self.power_margin).clamp_min(1e-6)
             self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
             return L
+
+    def _code_hw(self, spatial: tuple[int, int]) -> list[int]:
+        return [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial]
 
     def _cache_key(self, spatial: tuple[int, int]) -> tuple:
         w = self.weight
@@ -321,6 +292,99 @@ class CSCLayer(nn.Module):
                     rel_residual=res_norm / x.flatten(1).norm(dim=1).clamp_min(1e-12),
                     sparsity=(z == 0).float().mean(dim=tuple(range(1, z.dim()))),
                     objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
+
+
+# --- the step size of many layers at once ----------------------------------------------------
+def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]):
+    """v -> A^T A v for layers of one geometry at once (grouped convolutions), v of shape (G, M, h, w)."""
+    first, n = layers[0], len(layers)
+    w = torch.cat([layer.weight.detach().float() for layer in layers]) if n > 1 else first.weight.detach().float()
+    out_pad = first._out_pad(spatial, first._code_hw(spatial))
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(1, -1, *v.shape[-2:])
+        x = F.conv_transpose2d(flat, w, stride=first.stride, padding=first.padding, output_padding=out_pad, groups=n)
+        return F.conv2d(x, w, stride=first.stride, padding=first.padding, groups=n).view_as(v)
+    return apply
+
+
+def _power(apply, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`n` power iterations on each v[g] (unit norm); returns v and the last two estimates per g."""
+    prev = est = torch.zeros(v.shape[0], device=v.device)
+    for _ in range(n):
+        u = apply(v)
+        prev, est = est, u.flatten(1).norm(dim=1)
+        v = u / est.clamp_min(1e-12).view(-1, *[1] * (v.dim() - 1))
+    return v, prev, est
+
+
+def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
+    """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
+
+    After a small change (a late optimizer step) the old power vector is still close to the top eigenvector
+    and `power_iters` iterations suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place
+    edits) it is not, the estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the second
+    step of sdnet18_all at lr 0.1), so FISTA's step would be too long and diverge: iterate on while it rises.
+    That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
+    states = []
+    with torch.no_grad(), torch.autocast(groups[0][1][0].weight.device.type, enabled=False):
+        for spatial, layers in groups:
+            first = layers[0]
+            v = torch.cat([layer._power_vec.to(first.weight.device).float() for layer in layers])
+            v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            # Keep some weight on every direction: a vector converged to the old top eigenvector has almost
+            # none on the new one after a large change. (Layers refreshed together share the draw's seed.)
+            gen = torch.Generator(device=first.weight.device).manual_seed(int(first._refreshes))
+            r = torch.randn(v.shape, generator=gen, device=first.weight.device)
+            v = v + _POWER_MIX * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            apply = _normal_operator(layers, spatial)
+            states.append([apply, *_power(apply, v, first.power_iters)])
+        for _ in range(15):  # at most 30 more iterations, two at a time, for each layer still rising
+            rising = torch.cat([est - prev > _POWER_TOL * est for _, _, prev, est in states]).tolist()
+            if not any(rising):
+                break
+            for (spatial, layers), state in zip(groups, states):
+                up, rising = [i for i, r in enumerate(rising[:len(layers)]) if r], rising[len(layers):]
+                if len(up) == len(layers):
+                    state[1:] = _power(state[0], state[1], 2)
+                elif up:
+                    _, v, prev, est = state
+                    sub = _normal_operator([layers[i] for i in up], spatial)
+                    v[up], prev[up], est[up] = _power(sub, v[up], 2)
+        for (spatial, layers), (_, v, _, est) in zip(groups, states):
+            for i, layer in enumerate(layers):
+                layer._power_vec = v[i:i + 1].clone()
+                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6)
+                layer._lipschitz_key = layer._cache_key(spatial)
+                layer._refreshes += 1
+
+
+def refresh_step_sizes(model: nn.Module) -> None:
+    """Bring every CSC layer's step size up to date for its dictionary, all layers at once: call after each
+    optimizer step (after `project_dictionaries`), as `python -m sdnet.train` does.
+
+    It is the refresh each layer would otherwise do lazily in its next forward, but on a GPU layers of one
+    geometry iterate together as grouped convolutions, and the does-it-still-rise check is one host sync for
+    the model, not one per layer: on an H200 that made a width-64 SDNet-18-All training step 1.2-1.3x as fast
+    (bench/README.md), the refresh's many small launches and syncs being a third of the step.
+    Layers that have not solved anything yet (no input size known) are left to their first forward."""
+    groups: dict[tuple, tuple[tuple[int, int], list[CSCLayer]]] = {}
+    with _POWER_LOCK:
+        for _, layer in csc_layers(model):
+            if layer._lipschitz_key is None or layer._power_vec is None or layer.step_size_is_current():
+                continue
+            spatial = layer._lipschitz_key[-1]
+            if layer._power_vec.shape[-2:] != tuple(layer._code_hw(spatial)):
+                continue
+            geometry = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                        spatial, layer.weight.device, layer.power_iters, layer._refreshes,
+                        # On the CPU a grouped convolution costs more than its parts (oneDNN: the refresh of a
+                        # width-64 sdnet18_all took 1.4x as long grouped): one layer per group there.
+                        id(layer) if layer.weight.device.type == "cpu" else None)
+            groups.setdefault(geometry, (spatial, []))[1].append(layer)
+        if groups:
+            _warm_refresh(list(groups.values()))
 
 
 def normalize_atoms_(weight: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
 from .checkpoint import atomic_save, safe_load, save_checkpoint
-from .csc import load_power_states, power_states, project_dictionaries
+from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, augment, load_split
 from .models import build_model, list_models
 from .utils import default_device
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             scaler.step(opt)
             scaler.update()
             project_dictionaries(model)
+            refresh_step_sizes(model)  # every layer's 1/L at once, not one by one in the forward
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one go (run on a machine with one: `bash bench/cuda_check.sh`).
+# 1. The test suite without the browser test: the `device`-parametrised cases of the CSC layer, models and
+#    checkpoints run again on CUDA, training runs with bf16 and fp16 autocast, and the app's AppTest
+#    cases run on the GPU (the app picks CUDA when there is one).
+# 2. bench/train_throughput.py at the paper's width: fp32 (the setting), bf16 autocast (what
+#    `python -m sdnet.train` does on CUDA by default) and bf16 with channels-last.
+# Results go to $OUT (default reports/cuda-check). Wheels of packages the machine lacks may be put in .whl/.
+set -u
+OUT=${OUT:-reports/cuda-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$OUT/environment.txt"
+
+timeout 240 python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+echo "pytest exit $?"; tail -30 "$OUT/pytest.txt"
+
+run_bench() {  # name, flags...
+  local name=$1; shift
+  timeout 120 python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 21 --steps 10 \
+    --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
+}
+run_bench fp32
+run_bench bf16 --amp bf16
+run_bench bf16-channels-last --amp bf16 --channels-last
