@@ -5,9 +5,10 @@
 #    cases run on the GPU (the app picks CUDA when there is one).
 # 2. bench/train_throughput.py at the paper's width: fp32 (the setting), bf16 autocast (what
 #    `python -m sdnet.train` does on CUDA by default) and bf16 with channels-last.
-# Results go to $OUT (default reports/cuda-check). Wheels of packages the machine lacks may be put in .whl/.
+# Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
+# Wheels of packages the machine lacks may be put in .whl/.
 set -u
-OUT=${OUT:-reports/cuda-check}
+OUT=${OUT:-runs/cuda-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,7 +24,7 @@ echo "pytest exit $?"; tail -30 "$OUT/pytest.txt"
 
 run_bench() {  # name, flags...
   local name=$1; shift
-  timeout 120 python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 21 --steps 10 \
+  timeout 120 python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
     --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
 }
 run_bench fp32

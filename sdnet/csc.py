@@ -159,7 +159,7 @@ class CSCLayer(nn.Module):
                 v = torch.randn(shape, generator=gen)
             with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
                 v = v.to(self.weight.device).float()
-                v, _, est = _power(_normal_operator([self], spatial), v / v.norm(), iters or 30)
+                v, _, est = _power(_normal_operator([self], spatial), v / v.norm(), 30 if iters is None else iters)
                 L = (est[0] * self.power_margin).clamp_min(1e-6)
             self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
             return L
@@ -327,7 +327,12 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     step of sdnet18_all at lr 0.1), so FISTA's step would be too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
     states = []
-    with torch.no_grad(), torch.autocast(groups[0][1][0].weight.device.type, enabled=False):
+    # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
+    keys = [[layer._cache_key(spatial) for layer in layers] for spatial, layers in groups]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        for device_type in {layers[0].weight.device.type for _, layers in groups}:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
         for spatial, layers in groups:
             first = layers[0]
             v = torch.cat([layer._power_vec.to(first.weight.device).float() for layer in layers])
@@ -341,7 +346,11 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
             apply = _normal_operator(layers, spatial)
             states.append([apply, *_power(apply, v, first.power_iters)])
         for _ in range(15):  # at most 30 more iterations, two at a time, for each layer still rising
-            rising = torch.cat([est - prev > _POWER_TOL * est for _, _, prev, est in states]).tolist()
+            checks = [est - prev > _POWER_TOL * est for _, _, prev, est in states]
+            if len({c.device for c in checks}) == 1:  # the usual case: one sync
+                rising = torch.cat(checks).tolist()
+            else:
+                rising = [r for c in checks for r in c.tolist()]
             if not any(rising):
                 break
             for (spatial, layers), state in zip(groups, states):
@@ -352,11 +361,11 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
                     _, v, prev, est = state
                     sub = _normal_operator([layers[i] for i in up], spatial)
                     v[up], prev[up], est[up] = _power(sub, v[up], 2)
-        for (spatial, layers), (_, v, _, est) in zip(groups, states):
-            for i, layer in enumerate(layers):
+        for (_, layers), (_, v, _, est), group_keys in zip(groups, states, keys):
+            for i, (layer, key) in enumerate(zip(layers, group_keys)):
                 layer._power_vec = v[i:i + 1].clone()
                 layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6)
-                layer._lipschitz_key = layer._cache_key(spatial)
+                layer._lipschitz_key = key
                 layer._refreshes += 1
 
 
@@ -375,12 +384,12 @@ def refresh_step_sizes(model: nn.Module) -> None:
             if layer._lipschitz_key is None or layer._power_vec is None or layer.step_size_is_current():
                 continue
             spatial = layer._lipschitz_key[-1]
-            if layer._power_vec.shape[-2:] != tuple(layer._code_hw(spatial)):
+            if layer._power_vec.shape != (1, layer.out_channels, *layer._code_hw(spatial)):
                 continue
             geometry = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                         spatial, layer.weight.device, layer.power_iters, layer._refreshes,
-                        # On the CPU a grouped convolution costs more than its parts (oneDNN: the refresh of a
-                        # width-64 sdnet18_all took 1.4x as long grouped): one layer per group there.
+                        # On the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on
+                        # this project's machine): one layer per group there.
                         id(layer) if layer.weight.device.type == "cpu" else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
         if groups:

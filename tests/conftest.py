@@ -54,6 +54,15 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32_flags():
+    """The app turns TF32 off for its process (app.state.pick_device); AppTest runs it in this one, so put the
+    flags back after each test: other tests see torch's defaults whatever ran before them."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 @pytest.fixture(scope="session")
 def calibrated_model():
     """Build an untrained model with calibrated BatchNorm: calibrated_model(name, width, shortcut, seed=0)."""
