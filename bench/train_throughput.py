@@ -231,6 +231,8 @@ def environment(device: torch.device) -> dict:
     others = subprocess.run(["pgrep", "-f", "sdnet.train"], capture_output=True, text=True, check=False).stdout.split()
     return {"device": str(device), "machine": where, "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            # a preloaded malloc (tcmalloc) changes CPU timings a lot: see bench/README.md
+            "allocator": " ".join(Path(p).name for p in os.environ.get("LD_PRELOAD", "").split()) or "the C library's malloc",
             "background_trainings": len(others)}
 
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"},
               "environment": env, "results": results,
               "targets": evaluate_targets(results, args.models[0])}
-    print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; 1-minute load average "
+    print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "
           f"{env['background_trainings']} sdnet.train process(es) running beside it\n")
     print(table(report))
