@@ -136,7 +136,9 @@ class CSCLayer(nn.Module):
 
     # --- step size -----------------------------------------------------------------------
     def lipschitz(self, spatial: tuple[int, int], iters: int | None = None) -> torch.Tensor:
-        """A valid bound L >= ||A||^2 for inputs of size `spatial`, by warm-started power iteration.
+        """L, meant to bound ||A||^2 for inputs of size `spatial`: a warm-started power iteration's estimate
+        times `power_margin`. Not a certified bound: in early training, when ||A||^2 moves fast, a warm
+        refresh can end a few % under it (bench/step_size_validity.py measures how far).
 
         Recomputed only when the dictionary changes (its version counter moves), so inference
         reuses the cached value and training pays `power_iters` iterations per optimizer step,

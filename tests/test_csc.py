@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import threading
 from pathlib import Path
 
@@ -369,6 +370,19 @@ def test_a_group_refresh_is_each_layer_refreshed_alone(monkeypatch):
         L, top = layer.lipschitz(hw).item(), _true_top(layer, hw)
         assert top <= L <= 1.2 * top, (L, top)
         assert L == pytest.approx(single.lipschitz(hw).item(), rel=1e-2)
+
+
+def test_step_size_validity_benchmark_runs():
+    """bench/step_size_validity.py (its numbers are in bench/README.md) and the stop rule it sets back."""
+    sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
+    try:
+        import step_size_validity
+    finally:
+        sys.path.pop(0)
+    tol = csc._POWER_TOL
+    lowest = step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "2", "--every", "1",
+                                      "--check-iters", "20", "--tol", "1e-2"])
+    assert 0.5 < lowest < 2 and csc._POWER_TOL == tol
 
 
 def test_fista_stays_bounded_with_many_steps(device):
