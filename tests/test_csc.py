@@ -381,8 +381,8 @@ def test_step_size_validity_benchmark_runs():
         sys.path.pop(0)
     tol = csc._POWER_TOL
     lowest = step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "2", "--every", "1",
-                                      "--check-iters", "20", "--tol", "1e-2"])
-    assert 0.5 < lowest < 2 and csc._POWER_TOL == tol
+                                      "--check-iters", "20", "--tols", str(tol), "1e-2"])
+    assert set(lowest) == {tol, 1e-2} and all(0.5 < r < 2 for r in lowest.values()) and csc._POWER_TOL == tol
 
 
 def test_fista_stays_bounded_with_many_steps(device):
