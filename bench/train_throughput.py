@@ -232,7 +232,8 @@ def environment(device: torch.device) -> dict:
     return {"device": str(device), "machine": where, "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             # a preloaded malloc (tcmalloc) changes CPU timings a lot: see bench/README.md
-            "allocator": " ".join(Path(p).name for p in os.environ.get("LD_PRELOAD", "").split()) or "the C library's malloc",
+            "allocator": ("LD_PRELOAD=" + " ".join(Path(p).name for p in re.split(r"[\s:]+", os.environ["LD_PRELOAD"]) if p)
+                          if os.environ.get("LD_PRELOAD", "").strip() else "the C library's malloc"),
             "background_trainings": len(others)}
 
 

@@ -146,6 +146,8 @@ class CSCLayer(nn.Module):
         layer at once after the optimizer step instead (`refresh_step_sizes`); this is the same
         refresh for one layer, done lazily by its next forward.
         """
+        if iters is not None and iters < 1:
+            raise ValueError(f"iters must be at least 1, got {iters}")
         key = self._cache_key(spatial)
         with _POWER_LOCK:
             if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
