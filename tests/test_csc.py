@@ -379,11 +379,12 @@ def test_step_size_validity_benchmark_runs():
         import step_size_validity
     finally:
         sys.path.pop(0)
-    tol = csc._POWER_TOL
+    tol, mix = csc._POWER_TOL, csc._POWER_MIX
     lowest = step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "2", "--every", "1",
-                                      "--check-iters", "20", "--tols", str(tol), "1e-2"])
-    assert set(lowest) == {"trained", tol, 1e-2} and csc._POWER_TOL == tol
-    assert lowest[tol] == lowest["trained"]  # the shadow with the library's rule follows the trained model
+                                      "--check-iters", "20", "--tols", str(tol), "1e-2", "--mixes", str(mix), "1"])
+    assert set(lowest) == {"trained", (tol, mix), (1e-2, mix), (tol, 1.0), (1e-2, 1.0)}
+    assert (csc._POWER_TOL, csc._POWER_MIX) == (tol, mix)  # set back
+    assert lowest[(tol, mix)] == lowest["trained"]  # the shadow with the library's rule follows the trained model
     assert all(0.5 < r < 2 for r in lowest.values())
 
 
