@@ -128,8 +128,8 @@ class CSCLayer(nn.Module):
         """A(z): code -> signal, at `output_size` (default: the code's size times the stride)."""
         if output_size is None:
             output_size = (z.shape[-2] * self.stride, z.shape[-1] * self.stride)
-        k, s, p = self.kernel_size, self.stride, self.padding
-        out_pad = [int(o) - ((n - 1) * s - 2 * p + k) for o, n in zip(output_size[-2:], z.shape[-2:])]
+        s, p = self.stride, self.padding
+        out_pad = self._out_pad(output_size[-2:], z.shape[-2:])
         if not all(0 <= op < s for op in out_pad):
             raise ValueError(f"cannot decode a code of size {tuple(z.shape[-2:])} to {tuple(output_size)}")
         return F.conv_transpose2d(z, self.weight, stride=s, padding=p, output_padding=tuple(out_pad))
@@ -152,7 +152,7 @@ class CSCLayer(nn.Module):
         with _POWER_LOCK:
             if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
                 return self._lipschitz
-            shape = (1, self.out_channels, *self._code_hw(spatial))
+            shape = self._code_shape(spatial)
             v = self._power_vec
             cold = v is None or v.shape != shape
             if iters is None and not cold:
@@ -168,8 +168,9 @@ class CSCLayer(nn.Module):
             self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
             return L
 
-    def _code_hw(self, spatial: tuple[int, int]) -> list[int]:
-        return [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial]
+    def _code_shape(self, spatial: tuple[int, int]) -> tuple[int, ...]:
+        """The shape of one code (and of the power vector) for inputs of size `spatial`."""
+        return (1, self.out_channels, *[(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial])
 
     def _cache_key(self, spatial: tuple[int, int]) -> tuple:
         w = self.weight
@@ -303,7 +304,7 @@ def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]):
     """v -> A^T A v for layers of one geometry at once (grouped convolutions), v of shape (G, M, h, w)."""
     first, n = layers[0], len(layers)
     w = torch.cat([layer.weight.detach().float() for layer in layers]) if n > 1 else first.weight.detach().float()
-    out_pad = first._out_pad(spatial, first._code_hw(spatial))
+    out_pad = first._out_pad(spatial, first._code_shape(spatial)[-2:])
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         flat = v.reshape(1, -1, *v.shape[-2:])
@@ -388,7 +389,7 @@ def refresh_step_sizes(model: nn.Module) -> None:
             if layer._lipschitz_key is None or layer._power_vec is None or layer.step_size_is_current():
                 continue
             spatial = layer._lipschitz_key[-1]
-            if layer._power_vec.shape != (1, layer.out_channels, *layer._code_hw(spatial)):
+            if layer._power_vec.shape != layer._code_shape(spatial):
                 continue
             geometry = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                         spatial, layer.weight.device, layer.power_iters, layer._refreshes,
