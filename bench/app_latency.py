@@ -76,7 +76,7 @@ def time_probe(model, x: np.ndarray, lams: list[float], n_steps: int | None, thr
     from app.state import probe
     torch.set_num_threads(threads)
     key = f"bench:{threads}:{time.time_ns()}"  # a fresh cache key: no result of an earlier setting is reused
-    probe(model, key, x, None, None)  # warm: the step sizes (power iteration) are computed once per model
+    probe(model, key, x, None, None)  # warm: the step sizes (Lanczos) are computed once per model
     out = []
     for lam in lams:
         if next(model.parameters()).is_cuda:

@@ -1,19 +1,19 @@
 """How close the warm step-size refresh keeps L to ||A||^2 in early training (`python bench/step_size_validity.py --help`).
 
-FISTA needs L >= ||A||^2. Training refreshes L after each optimizer step by a warm-started power
-iteration (`sdnet.refresh_step_sizes`) that stops once one iteration raises the estimate by less than a
-tolerance (the library's `_POWER_TOL`), then multiplies by the layer's margin (1.05). Each refresh
-first mixes a random vector into the warm one, with weight `_POWER_MIX` (0.3).
+FISTA needs L >= ||A||^2. Training refreshes L after each optimizer step (`sdnet.refresh_step_sizes`): from
+the last refresh's vector, mixed with a random one (weight `_POWER_MIX`), it runs Lanczos (or, as models up to
+the e40 checkpoints were trained, power iteration: `--methods`) until one product A^T A v raises the
+estimate by less than a tolerance (`_POWER_TOL`), then multiplies by the layer's margin (1.05).
 
-The model trains with the library's rule (the paper's SGD: lr 0.1, Nesterov momentum 0.9, weight decay
-5e-4, on one fixed random batch). Each rule (a tolerance of `--tols` with a mix of `--mixes`) keeps its
-own shadow copy of the model whose
-weights are copied from the trained one after every step and whose step sizes are refreshed with that
-rule, so all rules follow the same weights (a rule that steered the training would follow its own).
-Every `--every` steps each layer's L (its 1.05 margin included) is compared with a cold
-`--check-iters`-iteration estimate of ||A||^2 (below 1: the step 1/L is too long). Power iteration
-approaches ||A||^2 from below, so the ratios can only be optimistic. With `--checkpoint`, no training: the stored step sizes of a
-trained model are compared instead.
+For each seed the model trains with the library's rule (the paper's SGD: lr 0.1, Nesterov momentum 0.9,
+weight decay 5e-4, on one fixed random batch). Each rule (a method of `--methods` with a tolerance of
+`--tols`, a mix of `--mixes` and, for Lanczos, a number of Ritz vectors kept of `--keeps`) keeps its own
+shadow copy of the model whose weights are copied from the trained one after every step and whose step
+sizes are refreshed with that rule, so all rules follow the same weights (a rule that steered the training
+would follow its own). Every `--every` steps each layer's L (its 1.05 margin included) is compared with a
+cold `--check-iters`-product Lanczos estimate of ||A||^2 (below 1: the step 1/L is too long). It approaches
+||A||^2 from below, so the ratios can only be optimistic. With `--checkpoint`, no training: the stored step
+sizes of a trained model are compared instead.
 """
 from __future__ import annotations
 
@@ -44,8 +44,13 @@ def main(argv: list[str] | None = None) -> dict | float:
                    help=f"stop rules to compare (default: %(default)s; the library's is {sdnet.csc._POWER_TOL:g})")
     p.add_argument("--mixes", type=float, nargs="+", default=[sdnet.csc._POWER_MIX],
                    help="random-mix weights to compare, each with every tolerance (default: the library's, %(default)s)")
-    p.add_argument("--check-iters", type=int, default=150, help="power iterations of the reference estimate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", choices=["lanczos", "power"], default=["lanczos", "power"],
+                   help=f"refresh methods to compare, each with every rule (default: %(default)s; the library's is "
+                        f"{sdnet.csc._METHOD})")
+    p.add_argument("--check-iters", type=int, default=150, help="Lanczos products of the reference estimate")
+    p.add_argument("--keeps", type=int, nargs="+", default=[sdnet.csc._RITZ_KEEP],
+                   help="Lanczos only: how many top Ritz vectors the warm start sums (default: the library's, %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run (weights, batch) per seed")
     p.add_argument("--checkpoint", type=Path, default=None, help="compare this trained model's stored L instead")
     args = p.parse_args(argv)
     for name in ("width", "batch", "steps", "every", "check_iters"):
@@ -53,22 +58,32 @@ def main(argv: list[str] | None = None) -> dict | float:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint:
         return check_checkpoint(args.checkpoint, args.check_iters)
-    tol, mix = sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX
+    library = library_rule()
     try:
         return run(args, argv)
     finally:
-        sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX = tol, mix
+        set_rule(library)
+
+
+def library_rule() -> tuple[str, float, float, int]:
+    return sdnet.csc._METHOD, sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX, sdnet.csc._RITZ_KEEP
+
+
+def set_rule(rule: tuple[str, float, float, int]) -> None:
+    sdnet.csc._METHOD, sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX, sdnet.csc._RITZ_KEEP = rule
 
 
 def reference_tops(model: torch.nn.Module, check_iters: int) -> dict[str, float]:
     """||A||^2 of every CSC layer that has a step size, for its current dictionary: a cold estimate."""
-    tops = {}
+    tops, rule = {}, library_rule()
+    set_rule(("lanczos", *rule[1:]))  # the reference: Lanczos, whichever method is being compared
     for name, layer in sdnet.csc_layers(model):
         if layer._lipschitz_key is None:
             continue
         ref = copy.deepcopy(layer)
         ref.reset_step_size()
         tops[name] = float(ref.lipschitz(layer._lipschitz_key[-1], iters=check_iters)) / ref.power_margin
+    set_rule(rule)
     return tops
 
 
@@ -88,45 +103,69 @@ def check_checkpoint(path: Path, check_iters: int) -> float:
         print(f"{path.name}: no stored step size for {', '.join(missing)} (estimated afresh on first use)")
     r = ratios(model, tops)
     print(f"{path.name}: stored L / ||A||^2 from {r[0][0]:.4f} ({r[0][1]}) to {r[-1][0]:.4f} "
-          f"({r[-1][1]}) over {len(r)} layers ({check_iters} reference iterations)")
+          f"({r[-1][1]}) over {len(r)} layers (reference: {check_iters} Lanczos products)")
     return r[0][0]
 
 
-def label(rule: tuple[float, float]) -> str:
-    return f"rise < {rule[0]:g}, mix {rule[1]:g}"
+def label(rule: tuple[str, float, float, int]) -> str:
+    keep = f", keep {rule[3]}" if rule[0] == "lanczos" else ""
+    return f"{rule[0]}, rise < {rule[1]:g}, mix {rule[2]:g}{keep}"
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
-    torch.manual_seed(args.seed)
+    library = library_rule()
+    rules = list(dict.fromkeys((method, tol, mix, keep if method == "lanczos" else library[3])
+                               for method in args.methods for keep in args.keeps
+                               for mix in args.mixes for tol in args.tols))
+    print(f"python bench/step_size_validity.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    worst = {"trained": [], **{rule: [] for rule in rules}}    # per seed: (lowest ratio, layer)
+    seconds = {rule: [] for rule in rules}
+    for seed in args.seeds:
+        print(f"seed {seed}")
+        for key, found in train_and_check(args, seed, rules, library, seconds).items():
+            worst[key].append(min(found))
+    seeds = " | ".join(f"seed {seed}" for seed in args.seeds)
+    print(f"\nLowest L / ||A||^2 (layer) at {len(range(0, args.steps, args.every))} checks over {args.steps} steps, per seed:\n")
+    print(f"| rule | {seeds} | lowest | refresh_step_sizes, median ms |")
+    print("|---|" + "---:|" * (len(args.seeds) + 2))
+    for rule in rules:
+        cells = " | ".join(f"{r:.3f} ({name})" for r, name in worst[rule])
+        mark = " (the library's)" if rule == library else ""
+        print(f"| {label(rule)}{mark} | {cells} | {min(worst[rule])[0]:.3f} | "
+              f"{1e3 * statistics.median(seconds[rule]):.0f} |")
+    print(f"\n{torch.get_num_threads()} torch thread(s), width {args.width}, batch {args.batch}")
+    # "trained": the model itself, which follows the library's rule as its shadow of that rule should
+    return {key: min(found)[0] for key, found in worst.items()}
+
+
+def train_and_check(args: argparse.Namespace, seed: int, rules: list, library: tuple, seconds: dict) -> dict:
+    """One training run; every rule's shadow is refreshed on its weights. Returns each rule's checks."""
+    torch.manual_seed(seed)
     model = sdnet.build_model(args.model, width=args.width, shortcut=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x, y = torch.rand(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     with torch.no_grad():
         model(x)  # every layer's cold start, shared by the shadows
-    rules = [(tol, mix) for mix in args.mixes for tol in args.tols]
     shadows = {rule: copy.deepcopy(model) for rule in rules}
     lowest = {"trained": [], **{rule: [] for rule in rules}}
-    seconds = {rule: [] for rule in rules}
-    library = sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX
-    print(f"python bench/step_size_validity.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     for step in range(args.steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sdnet.project_dictionaries(model)
-        sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX = library
+        set_rule(library)
         sdnet.refresh_step_sizes(model)  # the training itself follows the library's rule
         trained = dict(sdnet.csc_layers(model))
         for rule, shadow in shadows.items():
             with torch.no_grad():
                 for name, layer in sdnet.csc_layers(shadow):
                     layer.weight.copy_(trained[name].weight)
-            sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX = rule
+            set_rule(rule)
             t0 = time.perf_counter()
             sdnet.refresh_step_sizes(shadow)
             seconds[rule].append(time.perf_counter() - t0)
-        sdnet.csc._POWER_TOL, sdnet.csc._POWER_MIX = library
+        set_rule(library)
         if step % args.every:
             continue
         tops = reference_tops(model, args.check_iters)
@@ -136,17 +175,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
             r = ratios(shadow, tops)
             lowest[rule].append(r[0])
             cells.append(f"{label(rule)}: {r[0][0]:.3f} ({r[0][1]})")
-        print(f"step {step + 1:3d}, lowest L / ||A||^2 by stop rule: " + "; ".join(cells))
-    checked = len(lowest["trained"])
-    print(f"\n| rule | lowest L / ||A||^2 (layer), at {checked} checks over {args.steps} steps | refresh_step_sizes, median ms |")
-    print("|---|---:|---:|")
-    for rule in rules:
-        worst = min(lowest[rule])
-        mark = " (the library's)" if rule == library else ""
-        print(f"| {label(rule)}{mark} | {worst[0]:.3f} ({worst[1]}) | {1e3 * statistics.median(seconds[rule]):.0f} |")
-    print(f"\n{torch.get_num_threads()} torch thread(s), width {args.width}, batch {args.batch}, seed {args.seed}")
-    # "trained": the model itself, which follows the library's rule as its shadow of that rule should
-    return {key: min(found)[0] for key, found in lowest.items()}
+        print(f"step {step + 1:3d}, lowest L / ||A||^2 by rule: " + "; ".join(cells), flush=True)
+    return lowest
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 One training step is what `python -m sdnet.train` does per batch: forward, cross-entropy, backward,
 SGD step (momentum 0.9, weight decay 5e-4), then `sdnet.project_dictionaries` (paper eq. 5) and
-`sdnet.refresh_step_sizes` (warm power iteration on every changed dictionary, all layers at once).
+`sdnet.refresh_step_sizes` (warm-started Lanczos on every changed dictionary, all layers at once).
 Input is one fixed random batch, so no data loading is timed.
 
 - Throughput: every model is built in this one process on one device; rounds are interleaved
@@ -111,13 +111,13 @@ class Trainer:
         sdnet.project_dictionaries(self.model)
 
     def refresh_step_sizes(self) -> None:
-        """The power-iteration update of every CSC layer for the dictionary the last update left."""
+        """The step-size refresh of every CSC layer for the dictionary the last update left."""
         sdnet.refresh_step_sizes(self.model)
 
 
 @contextlib.contextmanager
 def count_calls(module, attr: str):
-    """Count the calls of module.attr inside the block (here: power iterations = conv_transpose2d calls)."""
+    """Count the calls of module.attr inside the block (here: products A^T A v = conv_transpose2d calls)."""
     real, calls = getattr(module, attr), [0]
 
     def counted(*a, **k):

@@ -22,12 +22,14 @@ import torch.nn.functional as F
 _OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sdnet_override", default=None)
 # When set, every CSC layer appends a record of its solve here (see sdnet.inspect.trace).
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("sdnet_recorder", default=None)
-# Guards the power-iteration cache; a module-level lock keeps layers deep-copyable.
+# Guards the step-size cache (L and the warm vector, named "power" for history); a module-level lock keeps layers
+# deep-copyable.
 _POWER_LOCK = threading.RLock()
 
-# A warm power-iteration refresh goes on while one iteration still raises the estimate by more than this.
+# A warm step-size refresh goes on while one product A^T A v still raises the estimate by more than this, and
+# mixes this much of a random vector into its warm start (bench/step_size_validity.py compares choices).
 _POWER_TOL = 1e-3
-_POWER_MIX = 0.3
+_POWER_MIX = 3.0
 LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
 
 
@@ -108,7 +110,8 @@ class CSCLayer(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         with torch.no_grad():
             normalize_atoms_(self.weight)
-        # Warm-started power iteration state (plain attributes: not saved, not broadcast by DDP).
+        # The step-size cache: L and the warm start of its next refresh (plain attributes: not saved, not broadcast
+        # by DDP; checkpoints and training states store them through power_state).
         self._power_vec: torch.Tensor | None = None
         self._lipschitz: torch.Tensor | None = None
         self._lipschitz_key: tuple | None = None
@@ -136,12 +139,13 @@ class CSCLayer(nn.Module):
 
     # --- step size -----------------------------------------------------------------------
     def lipschitz(self, spatial: tuple[int, int], iters: int | None = None) -> torch.Tensor:
-        """L, meant to bound ||A||^2 for inputs of size `spatial`: a warm-started power iteration's estimate
-        times `power_margin`. Not a certified bound: in early training, when ||A||^2 moves fast, a warm
-        refresh can end a few % under it (bench/step_size_validity.py measures how far).
+        """L, meant to bound ||A||^2 for inputs of size `spatial`: a warm-started Lanczos estimate (the largest
+        Ritz value, which approaches ||A||^2 from below) times `power_margin`. Not a certified bound: in early
+        training, when ||A||^2 moves fast, a warm refresh can end under it (bench/step_size_validity.py
+        measures how far). `iters` sets the number of products of a cold estimate instead (default 30).
 
         Recomputed only when the dictionary changes (its version counter moves), so inference
-        reuses the cached value and training pays `power_iters` iterations per optimizer step,
+        reuses the cached value and training pays `power_iters` products A^T A v per optimizer step,
         plus more while the estimate is still rising (see `_POWER_TOL`). Training refreshes every
         layer at once after the optimizer step instead (`refresh_step_sizes`); this is the same
         refresh for one layer, done lazily by its next forward.
@@ -163,13 +167,15 @@ class CSCLayer(nn.Module):
                 v = torch.randn(shape, generator=gen)
             with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
                 v = v.to(self.weight.device).float()
-                v, _, est = _power(_normal_operator([self], spatial), v / v.norm(), 30 if iters is None else iters)
-                L = (est[0] * self.power_margin).clamp_min(1e-6)
+                state = _estimator(_normal_operator([self], spatial), v / v.norm())
+                state.extend(30 if iters is None else iters)
+                (_, est), = _estimates([state])
+                v, L = state.vector(), (est[0] * self.power_margin).clamp_min(1e-6).to(v.device)
             self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
             return L
 
     def _code_shape(self, spatial: tuple[int, int]) -> tuple[int, ...]:
-        """The shape of one code (and of the power vector) for inputs of size `spatial`."""
+        """The shape of one code (and of the warm vector) for inputs of size `spatial`."""
         return (1, self.out_channels, *[(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in spatial])
 
     def _cache_key(self, spatial: tuple[int, int]) -> tuple:
@@ -206,7 +212,7 @@ class CSCLayer(nn.Module):
         return new
 
     def power_state(self) -> dict | None:
-        """The power-iteration cache as tensors, for a training state that resumes bit for bit."""
+        """The step-size cache (L, the warm vector) as tensors, for a training state that resumes bit for bit."""
         if self._power_vec is None or self._lipschitz_key is None:
             return None
         return {"vec": self._power_vec, "lipschitz": self._lipschitz,
@@ -222,13 +228,13 @@ class CSCLayer(nn.Module):
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
 
     def reset_step_size(self) -> None:
-        """Forget the cached L and power vector: the next solve estimates L afresh (cold start)."""
+        """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""
         with _POWER_LOCK:
             self._power_vec = self._lipschitz = self._lipschitz_key = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        # A loaded dictionary is unrelated to the cached power vector: start cold, as a fresh model would.
+        # A loaded dictionary is unrelated to the cached warm vector: start cold, as a fresh model would.
         self.reset_step_size()
 
     def _out_pad(self, spatial, code_hw) -> tuple[int, int]:
@@ -313,23 +319,109 @@ def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]):
     return apply
 
 
-def _power(apply, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`n` power iterations on each v[g] (unit norm); returns v and the last two estimates per g."""
-    prev = est = torch.zeros(v.shape[0], device=v.device)
-    for _ in range(n):
-        u = apply(v)
-        prev, est = est, u.flatten(1).norm(dim=1)
-        v = u / est.clamp_min(1e-12).view(-1, *[1] * (v.dim() - 1))
-    return v, prev, est
+class _Power:
+    """Power iteration on each v[g] (unit norm) at once. The estimate ||A^T A v|| rises towards ||A||^2 from below."""
+
+    def __init__(self, apply, v: torch.Tensor):
+        self.apply, self.v = apply, v
+        self.prev = self.est = torch.zeros(v.shape[0], device=v.device)
+
+    def extend(self, n: int) -> None:
+        for _ in range(n):
+            u = self.apply(self.v)
+            self.prev, self.est = self.est, u.flatten(1).norm(dim=1)
+            self.v = u / self.est.clamp_min(1e-12).view(-1, *[1] * (u.dim() - 1))
+
+    def device_values(self) -> list[torch.Tensor]:
+        return [self.prev, self.est]
+
+    def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last two estimates per g, from `device_values()` brought to the host."""
+        return host[0], host[1]
+
+    def vector(self) -> torch.Tensor:
+        return self.v
+
+
+class _Lanczos:
+    """The Lanczos method on each v[g] (unit norm) at once, with full reorthogonalisation (the vectors are one
+    code each, so keeping them all is cheap). Its estimate, the largest Ritz value, is the best Rayleigh
+    quotient over the whole Krylov space, so it rises much faster than power iteration's when the top
+    eigenvalues are close together (early training), and like it approaches ||A||^2 from below."""
+
+    def __init__(self, apply, v: torch.Tensor):
+        self.apply, self.shape = apply, v.shape
+        self.basis = [v.flatten(1)]
+        self.alpha: list[torch.Tensor] = []
+        self.beta: list[torch.Tensor] = []
+        self.tridiagonal: torch.Tensor | None = None
+
+    def extend(self, n: int) -> None:
+        for _ in range(n):
+            q = self.basis[-1]
+            w = self.apply(q.view(self.shape)).flatten(1)
+            self.alpha.append((q * w).sum(1))
+            Q = torch.stack(self.basis, 1)                                # (G, j, n)
+            for _ in range(2):  # twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32
+                w = w - (Q.mT @ (Q @ w.unsqueeze(2))).squeeze(2)
+            b = w.norm(dim=1)
+            self.beta.append(b)
+            # A Krylov space that stops growing (b ~ 0) is invariant and its Ritz values exact: add nothing.
+            keep = b > 1e-6 * self.alpha[0].abs().clamp_min(1e-12)
+            self.basis.append(w * torch.where(keep, 1 / b.clamp_min(1e-30), 0.0).unsqueeze(1))
+
+    def device_values(self) -> list[torch.Tensor]:
+        return [torch.stack(self.alpha, 1), torch.stack(self.beta, 1)]
+
+    def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest Ritz value one product ago and now, per g, from `device_values()` on the host."""
+        alpha, beta = host[0].double(), host[1][:, :-1].double()
+        T = self.tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        # "previous": one product fewer, the Krylov space one smaller (the leading block of T), as for _Power
+        prev = torch.linalg.eigvalsh(T[:, :-1, :-1])[:, -1] if T.shape[1] > 1 else torch.zeros(T.shape[0])
+        return prev.float(), torch.linalg.eigvalsh(T)[:, -1].float()
+
+    def vector(self) -> torch.Tensor:
+        """The warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last check.
+        When the dictionary changes, eigenvalues near the top can swap places; a start with weight on each of
+        the old top directions follows the new top one, and Lanczos resolves p such directions in p products."""
+        s = torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.basis[0])   # (G, k)
+        u = (s.unsqueeze(1) @ torch.stack(self.basis[:s.shape[1]], 1)).squeeze(1)
+        return (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).view(self.shape)
+
+
+def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every state's (previous, current) estimates, brought to the host in one transfer per device."""
+    values = [state.device_values() for state in states]
+    flat = [t for vals in values for t in vals]
+    if len({t.device for t in flat}) == 1:  # the usual case: one sync
+        host = list(torch.cat([t.reshape(-1) for t in flat]).cpu().split([t.numel() for t in flat]))
+    else:
+        host = [t.reshape(-1).cpu() for t in flat]
+    out = []
+    for state, vals in zip(states, values):
+        mine, host = host[:len(vals)], host[len(vals):]
+        out.append(state.estimates([h.view(t.shape) for h, t in zip(mine, vals)]))
+    return out
+
+
+# The refresh method: "lanczos", or "power" (what models up to e40 were trained with; bench/step_size_validity.py
+# compares the two on the same weights).
+_METHOD = "lanczos"
+_RITZ_KEEP = 1
+
+
+def _estimator(apply, v: torch.Tensor):
+    return (_Lanczos if _METHOD == "lanczos" else _Power)(apply, v)
 
 
 def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
 
-    After a small change (a late optimizer step) the old power vector is still close to the top eigenvector
-    and `power_iters` iterations suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place
-    edits) it is not, the estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the second
-    step of sdnet18_all at lr 0.1), so FISTA's step would be too long and diverge: iterate on while it rises.
+    After a small change (a late optimizer step) the old top eigenvector is still close and `power_iters`
+    products suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
+    estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the second step of sdnet18_all at
+    lr 0.1 with power iteration), so FISTA's step would be too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
     states = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
@@ -342,34 +434,37 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
             first = layers[0]
             v = torch.cat([layer._power_vec.to(first.weight.device).float() for layer in layers])
             v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            # Keep some weight on every direction: a vector converged to the old top eigenvector has almost
-            # none on the new one after a large change. (Layers refreshed together share the draw's seed.)
+            # Mostly a fresh random vector (weight _POWER_MIX against 1), the old top direction a hint: a vector
+            # converged to the old top eigenvector has almost no weight on the new one after a large change, and
+            # a weak mix (0.3) then stopped 10-20% under ||A||^2 (bench/step_size_validity.py). (Layers refreshed
+            # together share the draw's seed.)
             gen = torch.Generator(device=first.weight.device).manual_seed(int(first._refreshes))
             r = torch.randn(v.shape, generator=gen, device=first.weight.device)
             v = v + _POWER_MIX * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            apply = _normal_operator(layers, spatial)
-            states.append([apply, *_power(apply, v, first.power_iters)])
-        for _ in range(15):  # at most 30 more iterations, two at a time, for each layer still rising
-            checks = [est - prev > _POWER_TOL * est for _, _, prev, est in states]
-            if len({c.device for c in checks}) == 1:  # the usual case: one sync
-                rising = torch.cat(checks).tolist()
-            else:
-                rising = [r for c in checks for r in c.tolist()]
-            if not any(rising):
+            state = _estimator(_normal_operator(layers, spatial), v)
+            state.extend(first.power_iters)
+            states.append(state)
+        # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on
+        # as a whole: on the GPU the others ride along in the same grouped convolutions; on the CPU each
+        # layer is a group of its own.)
+        live, final = list(range(len(states))), [None] * len(states)
+        for round_ in range(16):
+            rising = []
+            for i, (prev, est) in zip(live, _estimates([states[i] for i in live])):
+                final[i] = est
+                if round_ < 15 and bool((est - prev > _POWER_TOL * est).any()):
+                    rising.append(i)
+            live = rising
+            if not live:
                 break
-            for (spatial, layers), state in zip(groups, states):
-                up, rising = [i for i, r in enumerate(rising[:len(layers)]) if r], rising[len(layers):]
-                if len(up) == len(layers):
-                    state[1:] = _power(state[0], state[1], 2)
-                elif up:
-                    _, v, prev, est = state
-                    sub = _normal_operator([layers[i] for i in up], spatial)
-                    v[up], prev[up], est[up] = _power(sub, v[up], 2)
-        for (_, layers), (_, v, _, est), group_keys in zip(groups, states, keys):
+            for i in live:
+                states[i].extend(2)
+        for (_, layers), state, est, group_keys in zip(groups, states, final, keys):
+            v = state.vector()
             for i, (layer, key) in enumerate(zip(layers, group_keys)):
                 layer._power_vec = v[i:i + 1].clone()
-                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6)
+                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6).to(layer.weight.device)
                 layer._lipschitz_key = key
                 layer._refreshes += 1
 
@@ -419,7 +514,7 @@ def csc_layers(model: nn.Module) -> list[tuple[str, CSCLayer]]:
 
 
 def power_states(model: nn.Module, current_only: bool = False) -> dict[str, dict]:
-    """Every CSC layer's step-size state (power vector and L), by layer name: with the weights it pins the
+    """Every CSC layer's step-size state (warm vector and L), by layer name: with the weights it pins the
     step size 1/L the model was trained and evaluated with (a fresh estimate differs by up to a few %).
     `current_only` leaves out layers whose dictionary changed since their L was computed."""
     return {name: st for name, layer in csc_layers(model)
