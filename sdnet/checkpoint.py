@@ -113,7 +113,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
         raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
              for k, v in model.state_dict().items()}
-    # the power vector only warm-starts a later refresh, so float16 will do; L itself stays exact
+    # the warm vector only starts a later refresh, so float16 will do; L itself stays exact
     power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
              for name, st in power_states(model, current_only=True).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),

@@ -103,6 +103,8 @@ class CSCLayer(nn.Module):
         self.padding = kernel_size // 2 if padding is None else padding
         self.lam = _check_lam(lam, "the layer")
         self.n_steps = int(n_steps)
+        if int(power_iters) < 1:
+            raise ValueError(f"power_iters (products of each step-size refresh) must be at least 1, got {power_iters}")
         self.non_negative = non_negative
         self.power_iters, self.power_margin = power_iters, power_margin
         self.name: str | None = None  # set by sdnet.models / csc_layers: the key for override(lam={...})
@@ -361,13 +363,16 @@ class _Lanczos:
             q = self.basis[-1]
             w = self.apply(q.view(self.shape)).flatten(1)
             self.alpha.append((q * w).sum(1))
+            w_norm = w.norm(dim=1)
             Q = torch.stack(self.basis, 1)                                # (G, j, n)
             for _ in range(2):  # twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32
                 w = w - (Q.mT @ (Q @ w.unsqueeze(2))).squeeze(2)
             b = w.norm(dim=1)
-            self.beta.append(b)
-            # A Krylov space that stops growing (b ~ 0) is invariant and its Ritz values exact: add nothing.
-            keep = b > 1e-6 * self.alpha[0].abs().clamp_min(1e-12)
+            # A Krylov space that stops growing is invariant and its Ritz values exact: what is left of A^T A q
+            # after the projection is rounding (~1e-7 of ||A^T A q|| in float32), so add nothing, and no
+            # coupling to the zero rows that follow.
+            keep = b > 1e-4 * w_norm
+            self.beta.append(torch.where(keep, b, 0.0))
             self.basis.append(w * torch.where(keep, 1 / b.clamp_min(1e-30), 0.0).unsqueeze(1))
 
     def device_values(self) -> list[torch.Tensor]:
@@ -462,9 +467,10 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
                 states[i].extend(2)
         for (_, layers), state, est, group_keys in zip(groups, states, final, keys):
             v = state.vector()
+            est = est.to(v.device)  # one copy to the device per group, not one per layer
             for i, (layer, key) in enumerate(zip(layers, group_keys)):
                 layer._power_vec = v[i:i + 1].clone()
-                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6).to(layer.weight.device)
+                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6)
                 layer._lipschitz_key = key
                 layer._refreshes += 1
 
