@@ -13,6 +13,8 @@ Input is one fixed random batch, so no data loading is timed.
   through /proc/self/clear_refs) minus the resident set before the model was built (after a throwaway
   step of a width-1 model has paged in the runtime).
   Both count parameters, gradients, momentum buffers, activations and the batch.
+- Allocator: `--keep-freed-memory` has glibc keep freed memory for reuse, as `python -m sdnet.train
+  --keep-freed-memory` does (`sdnet.utils.keep_freed_memory`); the report names the allocator.
 - Step-size cost: for the models with CSC layers, `sdnet.refresh_step_sizes` is timed on its own and
   given as a fraction of the whole step, with the number of A^T A passes it made (layers of one
   shape share a pass, as grouped convolutions).
@@ -40,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sdnet  # noqa: E402
+import sdnet.utils  # noqa: E402
 
 MODELS = ["resnet18", "sdnet18", "sdnet18_all"]
 # The targets, as ratios to resnet18: (model, what, at least / at most, bound).
@@ -61,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=3, help="steps in each memory subprocess")
     p.add_argument("--refresh-steps", type=int, default=5, help="steps over which the step-size cost is timed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="have glibc keep freed memory for reuse, as python -m sdnet.train --keep-freed-memory does")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format, as train --channels-last")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
@@ -212,6 +217,8 @@ def measure_memory(name: str, args) -> dict:
            "--memory-steps", str(args.memory_steps), "--amp", args.amp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.keep_freed_memory:
+        cmd.append("--keep-freed-memory")
     if args.channels_last:
         cmd.append("--channels-last")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -221,7 +228,7 @@ def measure_memory(name: str, args) -> dict:
 
 
 # --- the report ---------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, allocator: str | None) -> dict:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -233,7 +240,7 @@ def environment(device: torch.device) -> dict:
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             # a preloaded malloc (tcmalloc) changes CPU timings a lot: see bench/README.md
             "allocator": ("LD_PRELOAD=" + " ".join(Path(p).name for p in re.split(r"[\s:]+", os.environ["LD_PRELOAD"]) if p)
-                          if os.environ.get("LD_PRELOAD", "").strip() else "the C library's malloc"),
+                          if os.environ.get("LD_PRELOAD", "").strip() else allocator or "the C library's malloc"),
             "background_trainings": len(others)}
 
 
@@ -271,11 +278,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
     if args.memory_child:
         print(json.dumps(memory_child(args)))
         return None
     device = pick_device(args.device)
-    env = environment(device)
+    env = environment(device, allocator)
     trainers = {name: Trainer(name, args, device) for name in args.models}
     rates = measure_throughput(trainers, args, device)
     base, results = args.models[0], {}
