@@ -5,6 +5,9 @@
 #    cases run on the GPU (the app picks CUDA when there is one).
 # 2. bench/train_throughput.py at the paper's width: fp32 (the setting), bf16 autocast (what
 #    `python -m sdnet.train` does on CUDA by default) and bf16 with channels-last.
+#    And fp32 with the step-size refresh the library had before the Lanczos one (`--refresh power`): what a
+#    valid step size costs on the GPU, measured in the same call.
+# `bash bench/cuda_check.sh tests` or `... bench` runs one part (each fits a 10-minute call; both may not).
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
 set -u
@@ -19,8 +22,12 @@ fi
   python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/environment.txt"
 
-timeout 240 python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
-echo "pytest exit $?"; tail -30 "$OUT/pytest.txt"
+PART=${1:-all}
+if [ "$PART" = all ] || [ "$PART" = tests ]; then
+  timeout 240 python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
+  echo "pytest exit $?"; tail -30 "$OUT/pytest.txt"
+fi
+[ "$PART" = all ] || [ "$PART" = bench ] || exit 0
 
 run_bench() {  # name, flags...
   local name=$1; shift
@@ -28,5 +35,6 @@ run_bench() {  # name, flags...
     --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
 }
 run_bench fp32
+run_bench fp32-power-refresh --refresh power
 run_bench bf16 --amp bf16
 run_bench bf16-channels-last --amp bf16 --channels-last

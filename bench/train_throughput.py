@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sdnet  # noqa: E402
+import sdnet.csc  # noqa: E402
 import sdnet.utils  # noqa: E402
 
 MODELS = ["resnet18", "sdnet18", "sdnet18_all"]
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="have glibc keep freed memory for reuse, as python -m sdnet.train --keep-freed-memory does")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format, as train --channels-last")
+    p.add_argument("--refresh", choices=["lanczos", "power"], default="lanczos",
+                   help="the step-size refresh: the library's (Lanczos, random mix 3) or the one before it (power "
+                        "iteration, random mix 0.3), to put a number on what the valid step size costs")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -214,7 +218,7 @@ def memory_child(args) -> dict:
 def measure_memory(name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--width", str(args.width),
            "--batch", str(args.batch), "--size", str(args.size), "--device", args.device,
-           "--memory-steps", str(args.memory_steps), "--amp", args.amp]
+           "--memory-steps", str(args.memory_steps), "--amp", args.amp, "--refresh", args.refresh]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.keep_freed_memory:
@@ -279,6 +283,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
+    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
+    if args.refresh == "power":
+        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = "power", 0.3
+    try:
+        return run(args, argv, allocator)
+    finally:
+        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = rule  # set back for a caller in the same process
+
+
+def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None) -> dict | None:
     if args.memory_child:
         print(json.dumps(memory_child(args)))
         return None
@@ -307,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict | None:
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "memory_child"},
               "environment": env, "results": results,
               "targets": evaluate_targets(results, args.models[0])}
-    print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; 1-minute load average "
+    refresh = "Lanczos, mix 3" if args.refresh == "lanczos" else "power iteration, mix 0.3"
+    print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
+          f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "
           f"{env['background_trainings']} sdnet.train process(es) running beside it\n")
     print(table(report))

@@ -420,6 +420,25 @@ def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
             assert _true_top(layer, hw) <= circulant_bound.circulant_bound(layer, hw) * (1 + 1e-9), (k, hw)
 
 
+def test_train_throughput_benchmark_runs():
+    """bench/train_throughput.py, the issue's throughput benchmark, in miniature: every model timed, ratios
+    to resnet18, the refresh's cost measured, and the old refresh rule it can switch to set back after."""
+    sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.pop(0)
+    rule = csc._METHOD, csc._POWER_MIX
+    report = train_throughput.main(["--width", "2", "--batch", "4", "--size", "16", "--rounds", "2", "--steps", "1",
+                                    "--warmup", "1", "--no-memory", "--refresh", "power"])
+    assert (csc._METHOD, csc._POWER_MIX) == rule
+    results = report["results"]
+    assert set(results) == {"resnet18", "sdnet18", "sdnet18_all"} and results["resnet18"]["throughput_ratio"] == 1
+    assert all(r["images_per_s"] > 0 for r in results.values())
+    assert results["sdnet18_all"]["step_size"]["power_passes"] >= 17 and results["resnet18"]["step_size"] is None
+    assert {t["model"] for t in report["targets"]} == {"sdnet18", "sdnet18_all"}
+
+
 def test_step_size_validity_benchmark_runs():
     """bench/step_size_validity.py (its numbers are in bench/README.md) and the stop rule it sets back."""
     sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
