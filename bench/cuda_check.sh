@@ -7,10 +7,14 @@
 #    `python -m sdnet.train` does on CUDA by default) and bf16 with channels-last.
 #    And fp32 with the step-size refresh the library had before the Lanczos one (`--refresh power`): what a
 #    valid step size costs on the GPU, measured in the same call.
-# `bash bench/cuda_check.sh tests` or `... bench` runs one part (each fits a 10-minute call; both may not).
+# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 480 s, so each fits a
+# 10-minute call and both together may not. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
-set -u
+set -u -o pipefail
+PART=${1:-all}
+case "$PART" in all|tests|bench) ;; *) echo "usage: bash bench/cuda_check.sh [all|tests|bench]" >&2; exit 2;; esac
+FAILED=0
 OUT=${OUT:-runs/cuda-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -22,19 +26,20 @@ fi
   python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/environment.txt"
 
-PART=${1:-all}
 if [ "$PART" = all ] || [ "$PART" = tests ]; then
   timeout 240 python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider > "$OUT/pytest.txt" 2>&1
-  echo "pytest exit $?"; tail -30 "$OUT/pytest.txt"
+  rc=$?; echo "pytest exit $rc"; tail -30 "$OUT/pytest.txt"; [ $rc -eq 0 ] || FAILED=1
 fi
-[ "$PART" = all ] || [ "$PART" = bench ] || exit 0
+[ "$PART" = all ] || [ "$PART" = bench ] || exit $FAILED
 
 run_bench() {  # name, flags...
   local name=$1; shift
   timeout 120 python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
     --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
 run_bench fp32
 run_bench fp32-power-refresh --refresh power
 run_bench bf16 --amp bf16
 run_bench bf16-channels-last --amp bf16 --channels-last
+exit $FAILED

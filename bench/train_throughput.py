@@ -46,6 +46,7 @@ import sdnet.csc  # noqa: E402
 import sdnet.utils  # noqa: E402
 
 MODELS = ["resnet18", "sdnet18", "sdnet18_all"]
+LIBRARY_REFRESH = sdnet.csc._METHOD, sdnet.csc._POWER_MIX  # --refresh lanczos: the library's rule as shipped
 # The targets, as ratios to resnet18: (model, what, at least / at most, bound).
 TARGETS = [("sdnet18", "throughput_ratio", ">=", 0.97), ("sdnet18_all", "throughput_ratio", ">=", 0.30),
            ("sdnet18", "memory_ratio", "<=", 1.10)]
@@ -243,8 +244,7 @@ def environment(device: torch.device, allocator: str | None) -> dict:
     return {"device": str(device), "machine": where, "torch": torch.__version__, "python": platform.python_version(),
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             # a preloaded malloc (tcmalloc) changes CPU timings a lot: see bench/README.md
-            "allocator": ("LD_PRELOAD=" + " ".join(Path(p).name for p in re.split(r"[\s:]+", os.environ["LD_PRELOAD"]) if p)
-                          if os.environ.get("LD_PRELOAD", "").strip() else allocator or "the C library's malloc"),
+            "allocator": allocator or sdnet.utils.allocator_description(),
             "background_trainings": len(others)}
 
 
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
     rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
-    if args.refresh == "power":
-        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = "power", 0.3
+    sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
     try:
         return run(args, argv, allocator)
     finally:

@@ -33,7 +33,7 @@ from .checkpoint import atomic_save, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, augment, load_split
 from .models import build_model, list_models
-from .utils import default_device, keep_freed_memory
+from .utils import allocator_description, default_device, keep_freed_memory
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         device = default_device() if args.device == "auto" else torch.device(args.device)
     is_main = rank == 0
     # process-wide and for good, so only when asked, and only where it helps (host memory of CPU training)
-    preload = os.environ.get("LD_PRELOAD", "").strip()
-    allocator = (keep_freed_memory() if args.keep_freed_memory and device.type == "cpu"
-                 else f"LD_PRELOAD={preload}" if preload else "the C library's malloc at its defaults")
+    allocator = keep_freed_memory() if args.keep_freed_memory and device.type == "cpu" else allocator_description()
+    if args.keep_freed_memory and device.type != "cpu" and is_main:
+        print(f"--keep-freed-memory ignored: it helps the host memory of CPU training, and this run is on {device}")
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.model}-w{args.width}")
     out.mkdir(parents=True, exist_ok=True)

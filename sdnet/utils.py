@@ -16,6 +16,19 @@ def default_device() -> torch.device:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>
 
 
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocator_description() -> str:
+    """The allocator as the environment set it up (LD_PRELOAD, glibc's MALLOC_*_ and GLIBC_TUNABLES), for a
+    run's report: CPU timings depend on it (bench/README.md)."""
+    found = [f"{k}={v}" for k, v in sorted(os.environ.items())
+             if (k == "LD_PRELOAD" and v.strip()) or k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    return " ".join(found) if found else "the C library's malloc at its defaults"
+
+
 def keep_freed_memory() -> str:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing big blocks back to the kernel.
 
@@ -24,21 +37,32 @@ def keep_freed_memory() -> str:
     11 ms per 32 MiB on this project's machine, ten times a pass over it, and a training step makes dozens.
     With mmap off (M_MMAP_MAX = 0) and a high trim threshold, freed blocks are reused at no cost; the price is
     a higher resident peak (bench/README.md measures both). It holds for the whole process from then on, so
-    `python -m sdnet.train --keep-freed-memory` and the benchmark call it only when asked. Returns what was done,
-    for the logs: nothing on other C libraries or under a preloaded allocator such as tcmalloc (which keeps
-    freed memory by itself)."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    if any(name in preload for name in ("tcmalloc", "jemalloc", "mimalloc")):
-        return "a preloaded allocator (LD_PRELOAD), left as it is"
+    `python -m sdnet.train --keep-freed-memory` and the benchmark call it only when asked. (Blocks over ~64 MiB
+    allocated by threads other than the main one may still be mapped afresh: the training loop allocates on
+    the main thread.) Returns what was done, for the logs: nothing on other C libraries or when another
+    allocator replaces malloc (LD_PRELOAD of tcmalloc, jemalloc, ..., which keep freed memory by themselves)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library's malloc, left as it is (not glibc)"
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        process_malloc = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
     except (OSError, AttributeError):
-        return "glibc malloc, left as it is (no mallopt)"
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mmap_off = mallopt(_M_MMAP_MAX, 0) == 1
-    trim_high = mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    if mmap_off and trim_high:
-        return "glibc malloc, freed memory kept (mmap off)"
-    return f"glibc malloc, partly changed (mmap off: {mmap_off}, trim threshold raised: {trim_high})"
+        return "the C library's malloc, left as it is (libc not found)"
+    if process_malloc != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+        return f"another allocator replaces malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}), left as it is"
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    # mallopt answers 1 even to a parameter it does not know: check the effect. A 64 MiB block, far above the
+    # default mmap threshold, must now come from the heap, not from a mapping of its own.
+    if not hasattr(libc, "mallinfo2"):
+        return "glibc malloc, freed memory kept (mmap off; not verified: no mallinfo2 before glibc 2.33)"
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks  # blocks mapped on their own so far
+    block = libc.malloc(64 << 20)
+    mapped = libc.mallinfo2().hblks - before
+    libc.free(block)
+    return "glibc malloc, freed memory kept (mmap off)" if block and mapped == 0 else \
+        "glibc malloc, NOT changed: a 64 MiB block was still mapped on its own"

@@ -420,7 +420,7 @@ def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
             assert _true_top(layer, hw) <= circulant_bound.circulant_bound(layer, hw) * (1 + 1e-9), (k, hw)
 
 
-def test_train_throughput_benchmark_runs():
+def test_train_throughput_benchmark_runs(monkeypatch):
     """bench/train_throughput.py, the issue's throughput benchmark, in miniature: every model timed, ratios
     to resnet18, the refresh's cost measured, and the old refresh rule it can switch to set back after."""
     sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
@@ -429,14 +429,25 @@ def test_train_throughput_benchmark_runs():
     finally:
         sys.path.pop(0)
     rule = csc._METHOD, csc._POWER_MIX
-    report = train_throughput.main(["--width", "2", "--batch", "4", "--size", "16", "--rounds", "2", "--steps", "1",
-                                    "--warmup", "1", "--no-memory", "--refresh", "power"])
-    assert (csc._METHOD, csc._POWER_MIX) == rule
+    seen = set()
+    real = csc._estimator
+    monkeypatch.setattr(csc, "_estimator", lambda *a: seen.add((csc._METHOD, csc._POWER_MIX)) or real(*a))
+    argv = ["--width", "2", "--batch", "4", "--size", "16", "--rounds", "2", "--steps", "1", "--warmup", "1",
+            "--no-memory", "--refresh", "power"]
+    report = train_throughput.main(argv)
+    assert seen == {("power", 0.3)}  # every refresh of the run used the old rule...
+    assert (csc._METHOD, csc._POWER_MIX) == rule  # ...and the library's is back
     results = report["results"]
     assert set(results) == {"resnet18", "sdnet18", "sdnet18_all"} and results["resnet18"]["throughput_ratio"] == 1
     assert all(r["images_per_s"] > 0 for r in results.values())
-    assert results["sdnet18_all"]["step_size"]["power_passes"] >= 17 and results["resnet18"]["step_size"] is None
+    # 17 layers, each at least power_iters = 2 products per refresh
+    assert results["sdnet18_all"]["step_size"]["power_passes"] >= 34 and results["resnet18"]["step_size"] is None
     assert {t["model"] for t in report["targets"]} == {"sdnet18", "sdnet18_all"}
+    # set back even when the run fails
+    monkeypatch.setattr(train_throughput, "run", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_throughput.main(argv)
+    assert (csc._METHOD, csc._POWER_MIX) == rule
 
 
 def test_step_size_validity_benchmark_runs():
