@@ -28,7 +28,7 @@ _POWER_LOCK = threading.RLock()
 
 # A warm step-size refresh goes on while one product A^T A v still raises the estimate by more than this, and
 # mixes this much of a random vector into its warm start (bench/step_size_validity.py compares choices).
-_POWER_TOL = 1e-3
+_POWER_TOL = 3e-4
 _POWER_MIX = 3.0
 LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
 
