@@ -441,7 +441,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
             v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             # Mostly a fresh random vector (weight _POWER_MIX against 1), the old top direction a hint: a vector
             # converged to the old top eigenvector has almost no weight on the new one after a large change, and
-            # a weak mix (0.3) then stopped 10-20% under ||A||^2 (bench/step_size_validity.py). (Layers refreshed
+            # a weak mix (0.3) then stopped up to 21% under ||A||^2 (bench/step_size_validity.py). (Layers refreshed
             # together share the draw's seed.)
             gen = torch.Generator(device=first.weight.device).manual_seed(int(first._refreshes))
             r = torch.randn(v.shape, generator=gen, device=first.weight.device)
