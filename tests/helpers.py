@@ -34,3 +34,15 @@ def make_image_folder(root: Path, n_train: int = 4, n_test: int = 2, classes: li
                 img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}{suffix}")
     return root
+
+
+def bench_module(name: str):
+    """Import bench/<name>.py (the benchmark scripts are not a package) without leaving bench/ on sys.path."""
+    import importlib
+    import sys
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)

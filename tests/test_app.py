@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import bench_module
 from PIL import Image
 
 import sdnet
@@ -495,11 +496,7 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
 
 def test_latency_benchmark_runs(checkpoint_dir):
     """bench/app_latency.py (its numbers are in bench/README.md) times real probes through the app's cache."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import app_latency
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    app_latency = bench_module("app_latency")
     ckpt = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
     result = app_latency.main(["--checkpoint", str(ckpt), "--repeats", "3", "--threads", "1", "--json"])
     timing = result["probe"]["1 thread"]

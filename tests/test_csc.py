@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import bench_module
 from sklearn.linear_model import Lasso
 
 import sdnet
@@ -404,11 +404,7 @@ def test_a_group_refresh_is_each_layer_refreshed_alone(monkeypatch):
 def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
     """bench/circulant_bound.py: the DFT bound (an upper bound of ||A||^2 by construction, no shared code with
     the estimate) lies above the library's Lanczos estimate in every layer, strides 1 and 2."""
-    sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
-    try:
-        import circulant_bound
-    finally:
-        sys.path.pop(0)
+    circulant_bound = bench_module("circulant_bound")
     rows = circulant_bound.main(["--width", "4", "--check-iters", "60"])
     assert len(rows) == 17
     for name, top, bound in rows:
@@ -423,11 +419,7 @@ def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
 def test_train_throughput_benchmark_runs(monkeypatch):
     """bench/train_throughput.py, the issue's throughput benchmark, in miniature: every model timed, ratios
     to resnet18, the refresh's cost measured, and the old refresh rule it can switch to set back after."""
-    sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
-    try:
-        import train_throughput
-    finally:
-        sys.path.pop(0)
+    train_throughput = bench_module("train_throughput")
     rule = csc._METHOD, csc._POWER_MIX
     seen = set()
     real = csc._estimator
@@ -452,11 +444,7 @@ def test_train_throughput_benchmark_runs(monkeypatch):
 
 def test_step_size_validity_benchmark_runs():
     """bench/step_size_validity.py (its numbers are in bench/README.md) and the stop rule it sets back."""
-    sys.path.insert(0, str(SAMPLES.parents[1] / "bench"))
-    try:
-        import step_size_validity
-    finally:
-        sys.path.pop(0)
+    step_size_validity = bench_module("step_size_validity")
     library = (csc._METHOD, csc._POWER_TOL, csc._POWER_MIX, csc._RITZ_KEEP)
     method, tol, mix, keep = library
     lowest = step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "2", "--every", "1",
