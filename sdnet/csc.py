@@ -349,31 +349,47 @@ class _Lanczos:
     """The Lanczos method on each v[g] (unit norm) at once, with full reorthogonalisation (the vectors are one
     code each, so keeping them all is cheap). Its estimate, the largest Ritz value, is the best Rayleigh
     quotient over the whole Krylov space, so it rises much faster than power iteration's when the top
-    eigenvalues are close together (early training), and like it approaches ||A||^2 from below."""
+    eigenvalues are close together (early training), and like it approaches ||A||^2 from below.
+
+    The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling, and each product is a
+    short fixed sequence of batched kernels (on a GPU the refresh is launch-bound: bench/README.md): no
+    re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart."""
 
     def __init__(self, apply, v: torch.Tensor):
         self.apply, self.shape = apply, v.shape
-        self.basis = [v.flatten(1)]
+        self.Q = v.new_empty(v.shape[0], 1, v[0].numel())
+        self.Q[:, 0] = v.flatten(1)
+        self.size = 1                                                     # basis vectors in use
         self.alpha: list[torch.Tensor] = []
         self.beta: list[torch.Tensor] = []
         self.tridiagonal: torch.Tensor | None = None
 
+    def _reserve(self, n: int) -> None:
+        if self.size + n > self.Q.shape[1]:
+            grown = self.Q.new_empty(self.Q.shape[0], max(self.size + n, 2 * self.Q.shape[1]), self.Q.shape[2])
+            grown[:, :self.size] = self.Q[:, :self.size]
+            self.Q = grown
+
     def extend(self, n: int) -> None:
+        self._reserve(n)
         for _ in range(n):
-            q = self.basis[-1]
-            w = self.apply(q.view(self.shape)).flatten(1)
-            self.alpha.append((q * w).sum(1))
-            w_norm = w.norm(dim=1)
-            Q = torch.stack(self.basis, 1)                                # (G, j, n)
-            for _ in range(2):  # twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32
-                w = w - (Q.mT @ (Q @ w.unsqueeze(2))).squeeze(2)
+            j = self.size
+            Q = self.Q[:, :j]                                             # (G, j, n), a view
+            w = self.apply(Q[:, j - 1].view(self.shape)).view(-1, 1, Q.shape[2])   # (G, 1, n): rows, for bmm
+            w_norm = w.norm(dim=2).squeeze(1)
+            # Twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32: w <- w - (w Q^T) Q.
+            h = w @ Q.mT                                                  # (G, 1, j)
+            self.alpha.append(h[:, 0, j - 1])                              # q^T w: the new diagonal entry of T
+            w = torch.baddbmm(w, h, Q, alpha=-1)
+            w = torch.baddbmm(w, w @ Q.mT, Q, alpha=-1).squeeze(1)
             b = w.norm(dim=1)
             # A Krylov space that stops growing is invariant and its Ritz values exact: what is left of A^T A q
             # after the projection is rounding (~1e-7 of ||A^T A q|| in float32), so add nothing, and no
             # coupling to the zero rows that follow.
-            keep = b > 1e-4 * w_norm
-            self.beta.append(torch.where(keep, b, 0.0))
-            self.basis.append(w * torch.where(keep, 1 / b.clamp_min(1e-30), 0.0).unsqueeze(1))
+            scale = torch.where(b > 1e-4 * w_norm, b.clamp_min(1e-30).reciprocal(), 0.0)
+            self.beta.append(b * (scale > 0))
+            torch.mul(w, scale.unsqueeze(1), out=self.Q[:, j])
+            self.size = j + 1
 
     def device_values(self) -> list[torch.Tensor]:
         return [torch.stack(self.alpha, 1), torch.stack(self.beta, 1)]
@@ -390,8 +406,8 @@ class _Lanczos:
         """The warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last check.
         When the dictionary changes, eigenvalues near the top can swap places; a start with weight on each of
         the old top directions follows the new top one, and Lanczos resolves p such directions in p products."""
-        s = torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.basis[0])   # (G, k)
-        u = (s.unsqueeze(1) @ torch.stack(self.basis[:s.shape[1]], 1)).squeeze(1)
+        s = torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.Q)   # (G, k)
+        u = (s.unsqueeze(1) @ self.Q[:, :s.shape[1]]).squeeze(1)
         return (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).view(self.shape)
 
 
