@@ -416,6 +416,40 @@ def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
             assert _true_top(layer, hw) <= circulant_bound.circulant_bound(layer, hw) * (1 + 1e-9), (k, hw)
 
 
+def test_lanczos_basis_grows_and_stays_orthonormal(device):
+    """The preallocated basis grows by doubling: products two at a time (the warm refresh's rounds) give the
+    Ritz values and warm vector that one long run gives, over a grouped operator, and the basis stays
+    orthonormal to float32 rounding after many products."""
+    layers = [make_layer(4, 12, 3, 1, seed=s).to(device) for s in (1, 2)]
+    apply = csc._normal_operator(layers, (6, 5))
+    v = torch.randn(2, 12, 6, 5, generator=torch.Generator().manual_seed(0)).to(device)
+    v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    stepwise, at_once = csc._Lanczos(apply, v), csc._Lanczos(apply, v)
+    for _ in range(12):
+        stepwise.extend(2)
+    at_once.extend(24)
+    assert stepwise.size == at_once.size == 25 and stepwise.Q.shape[1] >= 25
+    (_, est_a), (_, est_b) = csc._estimates([stepwise, at_once])
+    torch.testing.assert_close(est_a, est_b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stepwise.vector(), at_once.vector(), rtol=1e-4, atol=1e-5)
+    Q = stepwise.Q[:, :stepwise.size]
+    gram = Q @ Q.mT
+    nonzero = Q.norm(dim=2) > 0   # rows after an invariant Krylov space are zero by design
+    eye = torch.diag_embed(nonzero.to(gram.dtype))
+    assert (gram - eye).abs().max().item() < 1e-4
+    for layer, est in zip(layers, est_a.tolist()):
+        assert est == pytest.approx(_true_top(layer.cpu(), (6, 5)), rel=1e-4)
+
+
+def test_cold_estimate_benchmark_runs(capsys):
+    """bench/cold_estimate.py times every layer's cold estimate at the input size that layer sees."""
+    cold_estimate = bench_module("cold_estimate")
+    total = cold_estimate.main(["--width", "2", "--size", "16", "--iters", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert total > 0 and out.count("| layer") == 16 + 1  # 16 block layers + the header row
+    assert "| conv1 | 3->2, 3x3, stride 1 | 16x16 |" in out and "| layer4.1.conv2 | 16->16, 3x3, stride 1 | 2x2 |" in out
+
+
 def test_train_throughput_benchmark_runs(monkeypatch):
     """bench/train_throughput.py, the issue's throughput benchmark, in miniature: every model timed, ratios
     to resnet18, the refresh's cost measured, and the old refresh rule it can switch to set back after."""
