@@ -90,7 +90,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     except pickle.UnpicklingError as e:
         # torch wraps every refusal of its weights-only unpickler in one long message; keep the reason.
         text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # "Unsupported global: GLOBAL builtins.exec ...", or for a module torch blocks outright (os, posix,
+        # subprocess, ...) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
         if found:
             raise CheckpointError(f"{path} refers to {found.group(1)}, which is not a tensor or plain data; "
                                   "refusing to unpickle it, as that could run code (weights_only=True)") from None
