@@ -84,12 +84,17 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = float(arr.max()) if arr.size else 0.0
-        if mode == "F" and hi <= 1.0:
+        if mode.startswith("I;16"):
+            # 16 bits per pixel whatever the content: a dark 16-bit image stays dark
+            arr = arr * (255.0 / 65535.0)
+            notes.append(f"{mode} (16-bit) scaled to 8 bits")
+        elif mode == "F" and hi <= 1.0:
             arr = arr * 255.0
             notes.append("float image in [0, 1] scaled to 8 bits")
         elif hi > 255:
+            # 32-bit integers or floats carry no bit depth: 0-65535 is read as 16-bit, more as HDR
             arr = arr * (255.0 / (65535.0 if hi <= 65535 else hi))
-            notes.append(f"{mode} ({'16-bit' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
+            notes.append(f"{mode} ({'16-bit range' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
         notes.append("grayscale converted to RGB")
         return img.convert("RGB"), notes
@@ -114,21 +119,24 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
 
 
 def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
-    """Resize so the shorter side is `size` (antialiased), then centre-crop to size x size."""
+    """Centre-crop to a square, then resize it to size x size (antialiased).
+
+    Cropping first means a long, thin image is never scaled up along its length (a 100000 x 1 strip resized
+    shorter side first would become 3200000 x 32 pixels)."""
     w, h = img.size
     if (w, h) == (size, size):
         return img, []
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     notes = []
-    if (nw, nh) != (w, h):
+    side = min(w, h)
+    if w != h:
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        notes.append(f"centre-cropped {w}x{h} to {side}x{side}")
+    if side != size:
+        scale = size / side
         resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
-        img = img.resize((nw, nh), resample=resample, reducing_gap=3.0 if scale < 0.5 else None)
-        notes.append(f"resized {w}x{h} -> {nw}x{nh} (shorter side to {size})")
-    if (nw, nh) != (size, size):
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        notes.append(f"centre-cropped to {size}x{size}")
+        img = img.resize((size, size), resample=resample, reducing_gap=3.0 if scale < 0.5 else None)
+        notes.append(f"resized {side}x{side} -> {size}x{size}")
     return img, notes
 
 

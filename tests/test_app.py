@@ -66,9 +66,12 @@ def test_prepare_image_converts_every_mode():
         assert 0 <= float(prep.tensor.min()) and float(prep.tensor.max()) <= 1, mode
         if mode != "RGB":
             assert prep.notes, f"{mode}: the conversion is reported"
-    # 16-bit keeps its dynamic range (scaled, not clipped to white)
+    # 16-bit keeps its dynamic range (scaled, not clipped to white), by its bit depth, not its brightest pixel:
+    # a dark 16-bit image (0-250 of 65535) stays dark
     sixteen = images.prepare_image(png(cases["I;16"]), 32).tensor
     assert 0.2 < float(sixteen.mean()) < 0.8
+    dark = Image.fromarray(rng.integers(0, 251, (40, 40)).astype(np.uint16))
+    assert dark.mode == "I;16" and float(images.prepare_image(png(dark), 32).tensor.max()) < 0.01
     # transparent pixels go to white
     clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
     assert torch.allclose(images.prepare_image(png(clear), 32).tensor, torch.ones(3, 32, 32))
@@ -88,11 +91,15 @@ def test_prepare_image_resizes_and_centre_crops():
     wide = Image.fromarray(np.concatenate([left, right], axis=1))  # 100 x 60, black | white
     prep = images.prepare_image(png(wide), 32)
     assert prep.original_size == (100, 60) and prep.tensor.shape == (3, 32, 32)
-    assert any("resized 100x60 -> 53x32" in n for n in prep.notes)
-    assert any("centre-cropped to 32x32" in n for n in prep.notes)
+    assert prep.notes == ["centre-cropped 100x60 to 60x60", "resized 60x60 -> 32x32"]
     assert float(prep.tensor[:, :, :8].mean()) < 0.05 and float(prep.tensor[:, :, -8:].mean()) > 0.95
     small = images.prepare_image(png(Image.new("RGB", (8, 8), (10, 200, 30))), 32)
     assert small.tensor.shape == (3, 32, 32)
+    # a long thin strip is cropped before it is resized, never scaled up along its length
+    strip = Image.fromarray(np.tile(np.arange(100_000, dtype=np.uint32) % 256, (2, 1)).astype(np.uint8)).convert("RGB")
+    thin = images.prepare_image(png(strip), 32)
+    assert thin.notes == ["centre-cropped 100000x2 to 2x2", "resized 2x2 -> 32x32"]
+    assert thin.tensor.shape == (3, 32, 32)
     same = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     exact = images.prepare_image(png(same), 32)
     assert exact.notes == [] and np.array_equal(images.to_uint8(exact.tensor), np.asarray(same))
@@ -323,7 +330,7 @@ def test_bad_uploads_give_a_message(app):
     ok(at)
     view = at.session_state["view"]
     assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
-    assert any("centre-cropped to 32x32" in c.value for c in at.caption)
+    assert any("centre-cropped 200x300 to 200x200" in c.value and "resized 200x200 -> 32x32" in c.value for c in at.caption)
 
 
 def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
