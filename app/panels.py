@@ -322,6 +322,10 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
         st.caption(f"The {noise} fit on the model card does not match this model ({err.args[0]}); refit it with "
                    f"`{state.FIT_HINT.format(checkpoint=loaded.path)}`")
         return
+    except ValueError as err:  # every layer the fit reads was fed zeros
+        st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
+        st.caption(f"Auto λ needs this image's residual at the trained λ: {err}.")
+        return
     lam = sdnet.adaptive_lam(fit, r)
     where = f"in {', '.join(layers)}" if layers else "in every CSC layer"
     note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g} {where}" + (
@@ -362,9 +366,12 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
             i = int(np.argmax(p))
             lines.append(f"| {label} | **{classes[i]}** | {p[i]:.1%} |")
         st.markdown("\n".join(lines))
-        if cur["mean_rel_residual"] is not None:
-            st.markdown(f"Mean relative residual over the CSC layers: **{cur['mean_rel_residual']:.4f}** "
-                        f"(trained λ: {trained['mean_rel_residual']:.4f})")
+        if cur["layers"]:
+            dead = sum(r["input_zero"] for r in cur["layers"])
+            fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+            st.markdown(f"Mean relative residual over the CSC layers: **{fmt(cur['mean_rel_residual'])}** "
+                        f"(trained λ: {fmt(trained['mean_rel_residual'])})"
+                        + (f"; {dead} layer(s) fed all zeros left out" if dead else ""))
     with left:
         _chart(plots.predictions(classes, series, k), key="pred_chart")
 
@@ -448,7 +455,7 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
         _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z (fraction of zeros)", "sparsity",
                                   percent=True), key="sparsity_chart")
     st.dataframe({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
-                  "relative residual": [round(r["rel_residual"], 5) for r in cur["layers"]],
+                  "relative residual": [None if r["input_zero"] else round(r["rel_residual"], 5) for r in cur["layers"]],
                   "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
                   "code shape": [str(r["z"].shape) for r in cur["layers"]]}, hide_index=True, height=200)
     c1, c2 = st.columns([2, 1])
@@ -456,8 +463,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     rec = state.layer_record(cur, view.layer)
     c2.slider("Code channels shown (most active first)", 1, rec["z"].shape[0], key="n_codes")
     activity, _ = _ranked(rec["z"])
+    rel = "undefined (all-zero input)" if rec["input_zero"] else f"{rec['rel_residual']:.4f}"
     st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, relative residual "
-               f"{rec['rel_residual']:.4f}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
+               f"{rel}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
                f"{len(activity)} code channels active for this image.")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
     _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart")

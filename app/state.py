@@ -219,12 +219,13 @@ def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: int 
 
     layers = [dict(name=r.name, x=arr(r.x), z=arr(r.z), recon=arr(r.recon), residual=arr(r.residual),
                    rel_residual=float(r.rel_residual[0]), sparsity=float(r.sparsity[0]), lam=float(r.lam),
-                   input_zero=not bool(r.x[0].any()))  # everything upstream was thresholded away
+                   input_zero=not bool(r.x[0].any()))  # everything upstream was thresholded away: NaN residual
               for r in t.layers]
+    mean = float(t.mean_rel_residual[0]) if t.layers else math.nan
     logits = arr(t.logits)
     probs = torch.softmax(t.logits[0].float(), 0).cpu().numpy()
     return dict(logits=logits, probs=probs, layers=layers,
-                mean_rel_residual=float(t.mean_rel_residual[0]) if t.layers else None)
+                mean_rel_residual=None if math.isnan(mean) else mean)  # None: no CSC layer, or all fed zeros
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

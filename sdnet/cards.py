@@ -14,6 +14,7 @@ usually the first layer; null or absent: every CSC layer); `fit_residual` and `f
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,12 +60,16 @@ def adaptive_lam(fit: dict[str, Any], residual: float) -> float:
 
 def fit_residual(fit: dict[str, Any], residuals: Mapping[str, float]) -> float:
     """The r a fit is read at: the mean of `residuals` ({layer: relative residual at the trained lambda})
-    over the fit's layers (all of them when the fit names none)."""
+    over the fit's layers (all of them when the fit names none), leaving out layers whose residual is undefined
+    (NaN: an all-zero input). ValueError when every one is."""
     names = fit.get("layers") or list(residuals)
     missing = [n for n in names if n not in residuals]
     if missing:
         raise KeyError(f"the fit names CSC layers this model does not have: {', '.join(missing)}")
-    return float(sum(residuals[n] for n in names) / len(names))
+    defined = [float(residuals[n]) for n in names if not math.isnan(residuals[n])]
+    if not defined:
+        raise ValueError("the relative residual is undefined in every layer the fit reads: their inputs are all zeros")
+    return sum(defined) / len(defined)
 
 
 def scoped(value, layers: Sequence[str] | None):

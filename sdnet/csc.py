@@ -300,9 +300,12 @@ class CSCLayer(nn.Module):
         residual = x - recon
         dims = tuple(range(1, x.dim()))
         res_norm = residual.flatten(1).norm(dim=1)
+        x_norm = x.flatten(1).norm(dim=1)
         return dict(name=self.name, x=x, z=z, recon=recon, residual=residual, lam=lam,
                     residual_norm=res_norm,
-                    rel_residual=res_norm / x.flatten(1).norm(dim=1).clamp_min(1e-12),
+                    # undefined (NaN) for an all-zero input (every code upstream thresholded away): not a
+                    # perfect reconstruction, so the means over layers leave it out
+                    rel_residual=torch.where(x_norm > 0, res_norm / x_norm.clamp_min(1e-30), torch.nan),
                     sparsity=(z == 0).float().mean(dim=tuple(range(1, z.dim()))),
                     objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
 

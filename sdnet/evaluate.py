@@ -33,8 +33,9 @@ class EvalResult:
     n_steps: int | None
     corruption: str | None
     severity: float | None
-    mean_rel_residual: float | None       # over all CSC layers and images (Algorithm 1's r)
-    layers: dict[str, float] = field(default_factory=dict)  # layer -> mean relative residual
+    mean_rel_residual: float | None       # mean of the layers' values below (Algorithm 1's r)
+    # layer -> mean relative residual over the images that gave it a non-zero input (None: none did)
+    layers: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -46,7 +47,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     has_csc = bool(csc_layers(model))
-    correct, sums = 0, {}
+    correct, sums, counts = 0, {}, {}
     t0 = time.perf_counter()
     starts = range(0, len(data), batch_size)
     if progress:
@@ -60,17 +61,20 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
             if has_csc:
                 t = trace(model, x)
                 logits = t.logits
-                for rec in t.layers:
-                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.sum().item()
+                for rec in t.layers:  # NaN where a layer's input was all zeros: left out
+                    defined = ~rec.rel_residual.isnan()
+                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual[defined].sum().item()
+                    counts[rec.name] = counts.get(rec.name, 0) + int(defined.sum())
             else:
                 logits = model(x)
         correct += (logits.argmax(1).cpu() == data.labels[i:i + batch_size]).sum().item()
     n = len(data)
-    layers = {k: v / n for k, v in sums.items()}
+    layers = {k: v / counts[k] if counts[k] else None for k, v in sums.items()}
+    defined = [v for v in layers.values() if v is not None]
     return EvalResult(accuracy=100.0 * correct / max(1, n), n_images=n,
                       lam=lam if not isinstance(lam, dict) else None, n_steps=n_steps,
                       corruption=corruption, severity=severity,
-                      mean_rel_residual=sum(layers.values()) / len(layers) if layers else None,
+                      mean_rel_residual=sum(defined) / len(defined) if defined else None,
                       layers=layers, seconds=round(time.perf_counter() - t0, 2))
 
 
@@ -134,7 +138,8 @@ def main(argv=None) -> EvalResult:
               f"lambda {'trained' if args.lam is None else args.lam}"
               f"{', step sizes estimated afresh' if args.fresh_step_size else ''}) in {res.seconds:.1f}s on {device}")
         for name, r in res.layers.items():
-            print(f"  {name:<24} mean relative residual {r:.4f}")
+            print(f"  {name:<24} mean relative residual "
+                  + (f"{r:.4f}" if r is not None else "undefined (its input was all zeros for every image)"))
     if args.update_card:
         update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
                     data=f"{resolve_data_path(args.data).name}, {args.split} split, {res.n_images} images"

@@ -19,7 +19,7 @@ class LayerRecord:
     recon: torch.Tensor        # A(z)
     residual: torch.Tensor     # x - A(z)
     residual_norm: torch.Tensor  # ||x - A(z)|| per sample
-    rel_residual: torch.Tensor   # ||x - A(z)|| / ||x|| per sample
+    rel_residual: torch.Tensor   # ||x - A(z)|| / ||x|| per sample; NaN where x is all zeros
     sparsity: torch.Tensor       # fraction of zeros in z per sample
     objective: torch.Tensor      # lam*||z||_1 + 1/2*||x - A(z)||^2 per sample
     lam: float
@@ -38,8 +38,9 @@ class Trace:
 
     @property
     def mean_rel_residual(self) -> torch.Tensor:
-        """Per sample: relative residual averaged over all CSC layers (Algorithm 1's r)."""
-        return torch.stack([r.rel_residual for r in self.layers]).mean(0)
+        """Per sample: relative residual averaged over all CSC layers (Algorithm 1's r), leaving out layers whose
+        input is all zeros (NaN: nothing to reconstruct); NaN only if every layer's is."""
+        return torch.stack([r.rel_residual for r in self.layers]).nanmean(0)
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_
                 t = trace(model, x)
                 logits = t.logits
                 res.append(torch.stack([r.rel_residual for r in t.layers if layers is None or r.name in layers])
-                           .mean(0).float().cpu())
+                           .nanmean(0).float().cpu())  # a layer fed all zeros has none (NaN): left out
             else:
                 logits = model(x)
             preds.append(logits.argmax(1).cpu())

@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from helpers import bench_module
@@ -253,6 +254,25 @@ def test_page_renders_and_lambda_changes_residuals(app):
     ok(at)
     assert at.select_slider(key="lam").value == 1.0 and at.slider(key="n_steps").value == 5
     assert at.session_state["view"].probe["layers"][0]["lam"] == 0.01
+
+
+def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):
+    """At the largest λ deep layers get an all-zero input: their residual is undefined (blank in the table),
+    and the headline mean is over the other layers, not pulled towards 0 by them."""
+    from app import state
+    at = app()
+    ok(at)
+    at.select_slider(key="lam").set_value(max(state.LAM_GRID)).run()
+    ok(at)
+    probe = at.session_state["view"].probe
+    dead = [r for r in probe["layers"] if r["input_zero"]]
+    alive = [r["rel_residual"] for r in probe["layers"] if not r["input_zero"]]
+    assert dead and alive
+    assert probe["mean_rel_residual"] == pytest.approx(sum(alive) / len(alive))
+    column = residual_column(at)
+    assert sum(pd.isna(v) for v in column) == len(dead)
+    headline = " ".join(m.value for m in at.markdown if "Mean relative residual" in m.value)
+    assert f"{probe['mean_rel_residual']:.4f}" in headline and f"{len(dead)} layer(s) fed all zeros left out" in headline
 
 
 @pytest.mark.parametrize("kind", sdnet.corruptions.KINDS)

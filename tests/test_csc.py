@@ -624,3 +624,33 @@ def test_override_and_trace_per_thread(device):
     assert all(m.lam == 0.1 and m.n_steps == 2 for _, m in sdnet.csc_layers(model))
     with torch.no_grad():
         torch.testing.assert_close(sdnet.trace(model, x).layers[0].lam, 0.1)
+
+
+def test_layers_fed_all_zeros_have_no_residual_and_are_left_out_of_means():
+    """At a large lambda every code upstream of a layer can be thresholded to zero: that layer's relative
+    residual ||x - A(z)|| / ||x|| is 0/0, undefined (NaN), not a perfect 0, and every mean over layers (the
+    trace's, evaluate's, Algorithm 1's r) leaves it out instead of being pulled towards 0."""
+    from sdnet.data import ImageSet
+    from sdnet.evaluate import evaluate
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval()
+    x = smooth_images(3, size=16, seed=2)
+    with sdnet.override(lam=5.0):
+        t = sdnet.trace(model, x)
+    dead = [r for r in t.layers if not r.x.flatten(1).any(1).all()]
+    alive = [r for r in t.layers if r.x.flatten(1).any(1).all()]
+    assert dead and alive and t.layers[0] in alive  # the image itself is never all zeros
+    assert all(r.rel_residual.isnan().all() for r in dead) and all(r.rel_residual.isfinite().all() for r in alive)
+    expected = torch.stack([r.rel_residual for r in alive]).mean(0)
+    torch.testing.assert_close(t.mean_rel_residual, expected)
+    # evaluate: such a layer has no mean (None), and the overall mean is over the layers that have one
+    data = ImageSet(x.mul(255).round().to(torch.uint8), torch.zeros(3, dtype=torch.long), [str(i) for i in range(10)], "test")
+    res = evaluate(model, data, lam=5.0, device="cpu")
+    assert {r.name for r in dead} == {name for name, v in res.layers.items() if v is None}
+    defined = [v for v in res.layers.values() if v is not None]
+    assert res.mean_rel_residual == pytest.approx(sum(defined) / len(defined))
+    # Algorithm 1's r: the mean over the fit's layers that have a residual; none at all is an error
+    residuals = {r.name: float(r.rel_residual[0]) for r in t.layers}
+    assert sdnet.fit_residual({}, residuals) == pytest.approx(float(expected[0]))
+    with pytest.raises(ValueError, match="all zeros"):
+        sdnet.fit_residual({"layers": [r.name for r in dead]}, residuals)
