@@ -18,11 +18,11 @@ import torch.nn as nn
 
 from .cards import update_card
 from .checkpoint import CheckpointError, load_checkpoint
-from .corruptions import KINDS, corrupt, parse_severity
+from .corruptions import KINDS, corrupt
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, load_split, resolve_data_path
 from .inspect import trace
-from .utils import default_device
+from .utils import default_device, lam_value, positive_int, severity_value, steps_value
 
 
 @dataclass
@@ -78,23 +78,43 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
                       layers=layers, seconds=round(time.perf_counter() - t0, 2))
 
 
+def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:
+    """`data` with labels as the model's class indices, matched by name: an ImageFolder numbers its classes in
+    sorted order of the folders it has, so a folder with some of the classes would otherwise be scored against
+    the wrong ones. DatasetError when the data has classes the model does not know."""
+    if not model_classes:
+        if len(data.classes) > n_classes:
+            raise DatasetError(f"the model predicts {n_classes} classes; {data.source} has {len(data.classes)}")
+        return data
+    unknown = [c for c in data.classes if c not in model_classes]
+    if unknown:
+        raise DatasetError(f"{data.source} has classes the model was not trained on: {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''} (it knows {', '.join(model_classes[:10])}"
+                           f"{' ...' if len(model_classes) > 10 else ''})")
+    if list(data.classes) == list(model_classes):
+        return data
+    index = torch.tensor([list(model_classes).index(c) for c in data.classes])
+    return ImageSet(data.images, index[data.labels], list(model_classes), data.source)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
     p.add_argument("--dataset", default=None, help="cifar10 or cifar100 (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=["test", "train"])
-    p.add_argument("--subset", type=int, default=None, help="evaluate on a fixed random subset of this size")
+    p.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of this size")
     p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--lam", type=float, default=None, help="lambda for every CSC layer (default: trained)")
-    p.add_argument("--n-steps", type=int, default=None, help="FISTA steps (default: trained)")
+    p.add_argument("--lam", type=lam_value, default=None, help="lambda for every CSC layer (default: trained)")
+    p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps (default: trained)")
     p.add_argument("--fresh-step-size", action="store_true",
                    help="ignore the step sizes 1/L stored with the checkpoint and estimate them afresh "
                         "(to see how much the stored ones matter)")
     p.add_argument("--corruption", default=None, choices=list(KINDS))
-    p.add_argument("--severity", type=parse_severity, default=3, help="1..5 as in CIFAR-10-C, or a float level")
+    p.add_argument("--severity", type=severity_value, default=None,
+                   help="with --corruption: 1..5 as in CIFAR-10-C (default 3), or a float: the noise level c itself")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--update-card", action="store_true",
@@ -103,7 +123,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, metavar="FILE",
                    help="with --update-card: the ResNet checkpoint beside this one that the app and "
                         "`python -m sdnet.robust` compare it with (a file name in the same folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.severity is not None and not args.corruption:
+        p.error("--severity needs --corruption (which noise to add)")
+    if args.corruption and args.severity is None:
+        args.severity = 3
+    return args
 
 
 def main(argv=None) -> EvalResult:
@@ -114,6 +139,15 @@ def main(argv=None) -> EvalResult:
         data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
+    if args.dataset and meta.get("dataset") and args.dataset != meta["dataset"]:
+        sys.exit(f"error: {args.checkpoint} was trained on {meta['dataset']}, not --dataset {args.dataset}")
+    try:
+        data = align_classes(data, meta.get("classes"), model.sdnet_config["num_classes"])
+    except DatasetError as err:
+        sys.exit(f"error: {args.checkpoint}: {err}")
+    if not csc_layers(model) and (args.lam is not None or args.n_steps is not None or args.fresh_step_size):
+        sys.exit(f"error: {args.checkpoint} ({model.sdnet_config['name']}) has no CSC layer: "
+                 "--lam, --n-steps and --fresh-step-size do not apply")
     if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None
                              or args.fresh_step_size):
         sys.exit("error: --update-card records the card's headline accuracy: clean images at the trained "
@@ -133,7 +167,8 @@ def main(argv=None) -> EvalResult:
         print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device),
                               fresh_step_size=args.fresh_step_size)))
     else:
-        what = f"{args.corruption} severity {args.severity}" if args.corruption else "clean"
+        what = ("clean" if not args.corruption else f"{args.corruption} severity {args.severity}"
+                if isinstance(args.severity, int) else f"{args.corruption} at noise level c = {args.severity:g}")
         print(f"{args.checkpoint}: top-1 {res.accuracy:.2f}% on {res.n_images} {args.split} images ({what}, "
               f"lambda {'trained' if args.lam is None else args.lam}"
               f"{', step sizes estimated afresh' if args.fresh_step_size else ''}) in {res.seconds:.1f}s on {device}")

@@ -67,7 +67,7 @@ from .corruptions import KINDS, corrupt, level, parse_severity
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, load_split
 from .inspect import trace
-from .utils import default_device
+from .utils import default_device, positive_int, steps_value
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -828,24 +828,17 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
 def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(func=func)
     p.add_argument("--checkpoint", required=True, help="SDNet checkpoint (its model card sits beside it)")
     p.add_argument("--data", default=None, help="dataset: CIFAR folder, ImageFolder tree or .tar.gz (default: $SDNET_DATA)")
     p.add_argument("--dataset", default=None, help="cifar10 or cifar100 (default: the checkpoint's)")
-    p.add_argument("--subset", type=_positive, default=None, help=subset_help)
+    p.add_argument("--subset", type=positive_int, default=None, help=subset_help)
     p.add_argument("--subset-seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive, default=250)
+    p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the sweep subset and the attacks)")
-    p.add_argument("--n-steps", type=_positive, default=None, help="FISTA steps at inference (default: trained)")
+    p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps at inference (default: trained)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
@@ -878,11 +871,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "adversarial", cmd_adversarial, "PGD robustness: table 4, the paper's protocol and the adaptive attack",
                     "test images to attack (default: all)")
     p.add_argument("--baseline", default=None, help="ResNet checkpoint (default: the card's 'baseline', beside the checkpoint)")
-    p.add_argument("--steps", type=_positive, default=10, help="PGD steps (default 10)")
-    p.add_argument("--restarts", type=_positive, default=1, help="random starts (default 1)")
+    p.add_argument("--steps", type=positive_int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--restarts", type=positive_int, default=1, help="random starts (default 1)")
     p.add_argument("--step-factor", type=float, default=2.5, help="step size = factor × radius / steps (default 2.5)")
     p.add_argument("--tuned-lam", default="auto", help="λ of the tuned rows, or auto (default): tuned on training images")
-    p.add_argument("--tune-subset", type=_positive, default=500, help="training images for --tuned-lam auto (default 500)")
+    p.add_argument("--tune-subset", type=positive_int, default=500, help="training images for --tuned-lam auto (default 500)")
     p.add_argument("--lams", type=parse_lams, default=DEFAULT_LAMS, help=lams_help + "; the candidates of auto")
 
     p = _subcommand(sub, "fista", cmd_fista, "FISTA iterations at inference: table 5", "test images (default: all)")

@@ -33,7 +33,7 @@ from .checkpoint import atomic_save, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, augment, load_split
 from .models import build_model, list_models
-from .utils import allocator_description, default_device, keep_freed_memory
+from .utils import allocator_description, default_device, keep_freed_memory, lam_value, positive_int, steps_value
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,16 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdnet.train", description=__doc__.split("\n")[0],
                                 formatter_class=_DefaultsHelp)
     p.add_argument("--model", default="sdnet18_all", choices=list_models(), help="the network to train")
-    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
+    p.add_argument("--width", type=positive_int, default=64, help="channels of the first stage (64 = paper)")
     p.add_argument("--no-shortcut", dest="shortcut", action="store_false",
                    help="drop the residual shortcuts (the variant decode_to_input can invert)")
-    p.add_argument("--lam", type=float, default=0.1, help="lambda of every CSC layer")
-    p.add_argument("--n-steps", type=int, default=2, help="FISTA steps of every CSC layer")
+    p.add_argument("--lam", type=lam_value, default=0.1, help="lambda of every CSC layer")
+    p.add_argument("--n-steps", type=steps_value, default=2, help="FISTA steps of every CSC layer")
     p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES))
     p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data")
-    p.add_argument("--epochs", type=int, default=220)
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--epochs", type=positive_int, default=220)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
@@ -66,15 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-w<width>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after N epochs in this invocation (the schedule still spans --epochs; "
                         "--resume continues), to fit training into time slots")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
-    p.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
-    p.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
+    p.add_argument("--train-subset", type=positive_int, default=None, help="use only this many training images")
+    p.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on this many test images")
     p.add_argument("--half-checkpoint", action="store_true", help="store model.pt weights in fp16")
     p.add_argument("--save-every-rank", action="store_true",
                    help="with torchrun: also write each rank's final weights to <out>/rank<r>.pt (to check DDP)")

@@ -1,7 +1,9 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import argparse
 import ctypes
+import math
 import os
 import platform
 
@@ -11,6 +13,47 @@ import torch
 def default_device() -> torch.device:
     """CUDA when available, else CPU: picked once, then passed around."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- command-line argument types: a bad value is an argparse error (usage line and message), not a traceback ---
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def lam_value(text: str) -> float:
+    """A lambda, as CSCLayer and sdnet.override accept it."""
+    from .csc import _check_lam
+    try:
+        return _check_lam(text, "every CSC layer")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def steps_value(text: str) -> int:
+    """A number of FISTA steps, as CSCLayer and sdnet.override accept it."""
+    from .csc import _check_steps
+    try:
+        return _check_steps(int(text) if text.strip().lstrip("+-").isdigit() else text, "every CSC layer")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def severity_value(text: str) -> int | float:
+    """A corruption severity: 1..5 (CIFAR-10-C) or a positive float level c."""
+    from .corruptions import parse_severity
+    try:
+        value = parse_severity(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a severity 1..5 or a positive noise level, got {text!r}")
+    return value
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>

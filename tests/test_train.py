@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from helpers import make_image_folder
 
 from sdnet import load_card, load_checkpoint
 from sdnet.cards import markdown_table
+from sdnet.data import ImageSet
+from sdnet.evaluate import align_classes
 from sdnet.evaluate import main as evaluate_main
 from sdnet.train import main as train_main
 
@@ -162,6 +165,57 @@ def test_evaluate_cli_clear_errors(tmp_path, data):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="bad.pt"):
         evaluate_main(["--checkpoint", str(bad), "--data", data])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--subset", "-3"], "--subset: expected a positive integer"), (["--subset", "0"], "--subset: expected a positive"),
+    (["--lam", "-1"], "--lam: lambda for every CSC layer must be in"), (["--lam", "nan"], "--lam: lambda"),
+    (["--n-steps", "0"], "--n-steps: n_steps for every CSC layer must be an integer"),
+    (["--corruption", "gaussian", "--severity", "0"], "--severity: expected a severity 1..5 or a positive"),
+    (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive")])
+def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, capsys):
+    """A bad number is an argparse error (exit code 2, the usage line and what is wrong), never a traceback
+    or a silent surprise (--subset -3 used to evaluate all but 3 images, a Python slice)."""
+    with pytest.raises(SystemExit) as info:
+        evaluate_main(["--checkpoint", "unused.pt"] + args)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_and_robust_cli_refuse_bad_arguments(capsys):
+    from sdnet.robust import main as robust_main
+    from sdnet.train import parse_args as train_args
+    for parse, args, message in [(train_args, ["--lam", "-1"], "--lam: lambda"),
+                                 (train_args, ["--n-steps", "0"], "--n-steps: n_steps"),
+                                 (train_args, ["--train-subset", "-5"], "--train-subset: expected a positive"),
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps")]:
+        with pytest.raises(SystemExit) as info:
+            parse(args)
+        assert info.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
+    """A ResNet has no lambda to change, and a checkpoint cannot be scored on data with other classes."""
+    run = tmp_path / "run"
+    train_main(TINY + ["--model", "resnet18", "--data", data, "--epochs", "1", "--out", str(run)])
+    base = ["--checkpoint", str(run / "model.pt"), "--data", data, "--device", "cpu"]
+    with pytest.raises(SystemExit, match="has no CSC layer"):
+        evaluate_main(base + ["--lam", "0.5"])
+    # the data's classes are matched to the model's by name: a folder with some of them, not in the model's
+    # order, is scored as the model sees those classes; a class the model does not know is an error
+    folder, some = Path(data), tmp_path / "some"
+    names = sorted(p.name for p in (folder / "test").iterdir())
+    for c in names[1:]:
+        shutil.copytree(folder / "test" / c, some / "test" / c)
+    part = evaluate_main(["--checkpoint", str(run / "model.pt"), "--data", str(some), "--device", "cpu"])
+    assert part.n_images == sum(1 for c in names[1:] for _ in (folder / "test" / c).iterdir())
+    aligned = align_classes(ImageSet(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1]), ["c", "b"], "x"),
+                            ["a", "b", "c"], 3)
+    assert aligned.labels.tolist() == [2, 1, 1] and aligned.classes == ["a", "b", "c"]
+    shutil.copytree(folder / "test" / names[0], some / "test" / "unicorn")
+    with pytest.raises(SystemExit, match="classes the model was not trained on: unicorn"):
+        evaluate_main(["--checkpoint", str(run / "model.pt"), "--data", str(some), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="was trained on cifar10, not --dataset cifar100"):
+        evaluate_main(base + ["--dataset", "cifar100"])
 
 
 def test_help_of_every_cli(capsys):
