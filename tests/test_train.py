@@ -3,9 +3,9 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
