@@ -66,7 +66,8 @@ def _show_card(loaded: state.Loaded) -> None:
             ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "
                              f"{'with' if card.get('shortcut', cfg.get('shortcut')) else 'no'} shortcuts"),
             ("test accuracy", acc_text),
-            ("lambda / FISTA steps", f"{card.get('lam', cfg.get('lam'))} / {card.get('n_steps', cfg.get('n_steps'))}"),
+            ("lambda / FISTA steps", f"{card.get('lam', cfg.get('lam'))} / {card.get('n_steps', cfg.get('n_steps'))}"
+             if loaded.layer_names else "- (no CSC layer)"),
             ("data", card.get("data") or card.get("dataset") or loaded.meta.get("dataset", "?")),
             ("epochs", card.get("epochs", loaded.meta.get("epochs", "?"))),
             ("CSC layers", len(loaded.layer_names))]
@@ -351,9 +352,12 @@ def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec, n_ste
 def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str) -> None:
     classes = ctx.loaded.classes
     trained_lam = next(iter(ctx.loaded.trained_lams.values()), None)
-    series = [(f"SDNet at {lam_text}", "current", cur["probs"]),
-              (f"SDNet at trained λ={trained_lam:g}" if trained_lam is not None else "trained", "trained",
-               trained["probs"])]
+    if ctx.loaded.layer_names:
+        series = [(f"SDNet at {lam_text}", "current", cur["probs"]),
+                  (f"SDNet at trained λ={trained_lam:g}" if trained_lam is not None else "trained", "trained",
+                   trained["probs"])]
+    else:  # a ResNet: no λ, one prediction
+        series = [(f"{ctx.loaded.meta['config']['name']} ({ctx.loaded.path.name})", "current", cur["probs"])]
     if resnet is not None:
         series.append((f"ResNet baseline ({ctx.baseline.path.name})", "resnet", resnet["probs"]))
     left, right = st.columns([3, 2])
@@ -633,7 +637,7 @@ def explore(ctx: Context) -> None:
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
     cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
-    lam_text = f"λ={lam['all']:g}" + (" (+ per-layer)" if lam["per_layer"] else "") + f", {n_steps} steps"
+    lam_text = f"λ={lam['all']:g}" + (" (+ per-layer)" if lam["per_layer"] else "") + f", {n_steps} step{'s' if n_steps != 1 else ''}"
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
     predictions_panel(ctx, cur, trained, resnet, lam_text)
