@@ -152,6 +152,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     except Exception as e:  # noqa: BLE001 - whatever the stored config or tensors are, say so plainly
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
                               f"{_first_line(e)}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # every prediction would be NaN: say why here, not as "nan%" downstream
+        raise CheckpointError(f"{path} has NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): a training run that diverged?")
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
     try:
         power = obj.get("power")

@@ -134,6 +134,16 @@ class Unpicklable:
         raise RuntimeError("disk full")  # stands in for any failure halfway through a write
 
 
+def test_non_finite_weights_are_refused(model, tmp_path):
+    """A diverged run's weights load as a clear error, not as NaN predictions."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.dim() > 1)[0].fill_(float("nan"))
+    sdnet.save_checkpoint(tmp_path / "nan.pt", broken)
+    with pytest.raises(sdnet.CheckpointError, match=r"NaN or infinite weights in 1 tensor\(s\).*diverged"):
+        sdnet.load_checkpoint(tmp_path / "nan.pt")
+
+
 def test_write_is_atomic(model, tmp_path):
     path = tmp_path / "m.pt"
     sdnet.save_checkpoint(path, model, note="old")
