@@ -67,8 +67,10 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"refused as a decompression bomb: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own, higher limit tripped before ours could be checked: quote ours
+        raise ImageError(f"the image is over the {max_pixels / 1e6:.0f} megapixel limit "
+                         "(a decompression bomb is refused)") from None
     except UnidentifiedImageError:
         raise ImageError("this file is not an image PIL can read (expected PNG, JPEG, WebP, BMP, GIF or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
