@@ -101,7 +101,7 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
         if not text:
             if not files:
                 st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
-                st.code(state.TRAIN_HINT, language="bash")
+                st.code(state.train_hint(folder), language="bash")
                 st.info("Or enter the path to a checkpoint in the sidebar.")
             else:
                 st.info("Enter the path to a checkpoint in the sidebar.")

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shlex
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,17 +32,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "assets" / "samples"
 CHECKPOINTS_ENV = "SDNET_CHECKPOINTS"
 DEFAULT_PREFIX = "sdnet18_all"
-TRAIN_HINT = """\
+_TRAIN_HINT = """\
 # SDNet-All without shortcuts (what the app explains best), on CIFAR-10 (--download fetches it into --data);
 # 40 epochs took 95 min (SDNet-All) and 50 min (ResNet) on 2 CPU cores; without --epochs it is the paper's 220
 python -m sdnet.train --model sdnet18_all --no-shortcut --width 16 --epochs 40 \\
     --data data/cifar10 --download --out runs/sdnet18_all-w16
-mkdir -p checkpoints
-cp runs/sdnet18_all-w16/model.pt checkpoints/sdnet18_all-w16.pt      # the weights
-cp runs/sdnet18_all-w16/model.json checkpoints/sdnet18_all-w16.json  # its model card
+mkdir -p {folder}
+cp runs/sdnet18_all-w16/model.pt {folder}/sdnet18_all-w16.pt      # the weights
+cp runs/sdnet18_all-w16/model.json {folder}/sdnet18_all-w16.json  # its model card
 # optional: the same-width ResNet baseline, shown beside SDNet
 python -m sdnet.train --model resnet18 --width 16 --epochs 40 --data data/cifar10 --out runs/resnet18-w16
-cp runs/resnet18-w16/model.pt checkpoints/resnet18-w16.pt && cp runs/resnet18-w16/model.json checkpoints/resnet18-w16.json"""
+cp runs/resnet18-w16/model.pt {folder}/resnet18-w16.pt && cp runs/resnet18-w16/model.json {folder}/resnet18-w16.json"""
+
+
+def train_hint(folder: Path) -> str:
+    """How to train and install the checkpoints the app looks for in `folder` (shell commands)."""
+    path = folder.resolve()
+    shown = str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+    return _TRAIN_HINT.format(folder=shlex.quote(shown))
+
+
 FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10"
 CORRUPTIONS = ("none", *sdnet.corruptions.KINDS)
 # Continuous noise levels offered per kind: (min, max, default, step); for shot, smaller is noisier.

@@ -369,7 +369,9 @@ def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
     at = app()
     assert not at.exception
     assert any("No checkpoints found" in w.value for w in at.warning)
-    assert any("python -m sdnet.train" in c.value for c in at.code)
+    hint = next(c.value for c in at.code if "python -m sdnet.train" in c.value)
+    assert f"cp runs/sdnet18_all-w16/model.pt {empty}/sdnet18_all-w16.pt" in hint  # into the folder the app reads
+    assert "checkpoints/" not in hint
 
 
 def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
