@@ -567,6 +567,11 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     st.caption(f"Explaining class **{classes[result['target']]}**; red pushed towards it, blue against "
                "(Saliency: magnitude only). Integrated Gradients starts from a black image.")
     shown = result["attributions"]
+    if shown and not any(np.any(attr) for attr in shown.values()):
+        first = view.probe["layers"][0]
+        why = (f"{first['name']}'s code is all zeros at this λ, so the prediction does not depend on the image"
+               if not np.any(first["z"]) else "the prediction does not depend on the image here")
+        st.info(f"Every attribution is exactly zero: {why}. Lower λ to see what drives the decision.")
     if shown:
         for col, (m, attr) in zip(st.columns(len(shown)), shown.items()):
             amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()

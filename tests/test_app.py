@@ -293,6 +293,22 @@ def test_each_corruption(app, kind):
         assert other.settings["corruption"]["seed"] == 7 and not np.array_equal(other.image, view.image)
 
 
+def test_attribution_that_is_all_zero_says_why(app):
+    """At the largest λ the first layer's code is empty: every attribution is exactly 0, and the page says so
+    instead of showing blank maps with a colour bar from -1p to 1p."""
+    from app import state
+    at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
+    at.select_slider(key="lam").set_value(max(state.LAM_GRID)).run()
+    at.button(key="attr_run").click().run()
+    ok(at)
+    assert not np.any(at.session_state["view"].attributions["saliency"])
+    assert any("Every attribution is exactly zero: conv1's code is all zeros" in i.value for i in at.info)
+    at.select_slider(key="lam").set_value(0.1).run()
+    at.button(key="attr_run").click().run()
+    ok(at)
+    assert not any("Every attribution is exactly zero" in i.value for i in at.info)
+
+
 def test_export_zip_reproduces_the_view(app):
     at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
     at.button(key="attr_run").click().run()
