@@ -413,8 +413,10 @@ def reproduce_snippet(settings: dict) -> str:
     """Python that recomputes the view's trace from the exported settings.json and arrays.npz."""
     corr = settings["corruption"]
     lines = ["import json, numpy as np, torch, sdnet",
-             "s = json.load(open('settings.json'))",
-             "model, meta = sdnet.load_checkpoint(s['checkpoint']['path'])",
+             "from pathlib import Path",
+             "s = json.load(open('settings.json'))  # run in the unzipped export",
+             f"app_root = Path({str(ROOT)!r})  # a relative checkpoint path is relative to the app's folder",
+             "model, meta = sdnet.load_checkpoint(app_root / s['checkpoint']['path'])",
              "x = torch.from_numpy(np.load('arrays.npz')['clean'])  # the clean model input, exact"]
     if corr["kind"] != "none":
         lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['severity'], "

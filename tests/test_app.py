@@ -309,7 +309,7 @@ def test_attribution_that_is_all_zero_says_why(app):
     assert not any("Every attribution is exactly zero" in i.value for i in at.info)
 
 
-def test_export_zip_reproduces_the_view(app):
+def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
     at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
     at.button(key="attr_run").click().run()
     ok(at)
@@ -347,6 +347,12 @@ def test_export_zip_reproduces_the_view(app):
         t = sdnet.trace(model, x[None])
     assert np.allclose(t.layers[5].z[0].numpy(), arrays[f"{names17[5]}.z"], atol=1e-5)
     assert np.allclose(t.logits[0].numpy(), arrays["logits"], atol=1e-4)
+    # and the "Reproduce in Python" snippet does it, run where the ZIP was unpacked
+    zf.extractall(tmp_path / "export")
+    monkeypatch.chdir(tmp_path / "export")
+    scope: dict = {}
+    exec(state.reproduce_snippet(settings), scope)
+    assert np.allclose(scope["t"].logits[0].numpy(), arrays["logits"], atol=1e-4)
 
 
 def test_bad_uploads_give_a_message(app):
