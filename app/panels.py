@@ -143,8 +143,9 @@ def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
             st.error(f"No sample images in {state.SAMPLES}; upload an image instead.")
             st.stop()
         names = list(samples)
+        default = state.DEFAULT_SAMPLE
         name = sb.selectbox("CIFAR-10 test image", names, key="sample",
-                            index=names.index("cat_1") if "cat_1" in names else 0)
+                            index=names.index(default) if default in names else 0)
         clean = state.sample_image(str(samples[name]), size)
         return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[],
                            label=name.rsplit("_", 1)[0])

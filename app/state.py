@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "assets" / "samples"
 CHECKPOINTS_ENV = "SDNET_CHECKPOINTS"
 DEFAULT_PREFIX = "sdnet18_all"
+# The sample the page opens on: both shipped 40-epoch models classify it right, neither with certainty (0.73, 0.93)
+DEFAULT_SAMPLE = "cat_2"
 _TRAIN_HINT = """\
 # SDNet-All without shortcuts (what the app explains best), on CIFAR-10 (--download fetches it into --data);
 # 40 epochs took 95 min (SDNet-All) and 50 min (ResNet) on 2 CPU cores; without --epochs it is the paper's 220

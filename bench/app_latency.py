@@ -125,7 +125,8 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
         page.set_default_timeout(120_000)
         page.goto(url)
         page.locator(SUMMARY).wait_for()
-        if sample != "cat_1":
+        from app import state
+        if sample != state.DEFAULT_SAMPLE:  # the page opens on that one
             page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").nth(1).click()
             page.get_by_role("option", name=sample, exact=True).click()
         idle = "() => !document.querySelector('[data-testid=stStatusWidget]')"
@@ -154,7 +155,7 @@ def summary(ms: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python bench/app_latency.py", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="default: checkpoints/sdnet18_all*.pt")
-    p.add_argument("--sample", default="cat_1", help="an image of assets/samples/")
+    p.add_argument("--sample", default="cat_2", help="an image of assets/samples/ (default: the one the app opens on)")
     p.add_argument("--repeats", type=int, default=30, help="lambda changes timed per setting")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch CPU threads to time with (default: torch's default, and 1)")
