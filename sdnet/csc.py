@@ -378,7 +378,8 @@ class _Lanczos:
         for _ in range(n):
             j = self.size
             Q = self.Q[:, :j]                                             # (G, j, n), a view
-            w = self.apply(Q[:, j - 1].view(self.shape)).view(-1, 1, Q.shape[2])   # (G, 1, n): rows, for bmm
+            # (G, 1, n): rows, for bmm (reshape: a channels-last model's operator returns channels-last codes)
+            w = self.apply(Q[:, j - 1].view(self.shape)).reshape(-1, 1, Q.shape[2])
             w_norm = w.norm(dim=2).squeeze(1)
             # Twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32: w <- w - (w Q^T) Q.
             h = w @ Q.mT                                                  # (G, 1, j)
@@ -390,7 +391,7 @@ class _Lanczos:
             # after the projection is rounding (~1e-7 of ||A^T A q|| in float32), so add nothing, and no
             # coupling to the zero rows that follow.
             scale = torch.where(b > 1e-4 * w_norm, b.clamp_min(1e-30).reciprocal(), 0.0)
-            self.beta.append(b * (scale > 0))
+            self.beta.append(torch.where(scale > 0, b, 0.0))
             torch.mul(w, scale.unsqueeze(1), out=self.Q[:, j])
             self.size = j + 1
 

@@ -441,6 +441,24 @@ def test_lanczos_basis_grows_and_stays_orthonormal(device):
         assert est == pytest.approx(_true_top(layer.cpu(), (6, 5)), rel=1e-4)
 
 
+def test_channels_last_models_solve_and_refresh(device):
+    """A channels-last model (python -m sdnet.train --channels-last) gets channels-last codes from its
+    convolutions, in the step-size estimate too: the same step sizes and codes as a contiguous one."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4).to(device)
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = smooth_images(2, size=16, seed=3).to(device)
+    out, out_cl = model(x), other(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-4)
+    for m in (model, other):
+        project_dictionaries(m)
+        with torch.no_grad():
+            m.conv1.weight.mul_(1.5)  # a changed dictionary: the warm refresh runs
+        sdnet.refresh_step_sizes(m)
+    for (_, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(other)):
+        torch.testing.assert_close(b._lipschitz, a._lipschitz, rtol=1e-4, atol=0)
+
+
 def test_cold_estimate_benchmark_runs(capsys):
     """bench/cold_estimate.py times every layer's cold estimate at the input size that layer sees."""
     cold_estimate = bench_module("cold_estimate")
