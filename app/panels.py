@@ -554,7 +554,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
         progress.progress(len(methods) / (len(methods) + 1), text=f"{attribution.LAYER_METHODS[atom_method]}...")
         atoms = state.explain_atoms(loaded.model, loaded.key, ctx.image, spec, n_steps, target, atom_method)[1]
         progress.empty()
-        result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method)
+        first = view.probe["layers"][0] if view.probe["layers"] else None
+        result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method,
+                      first_code=None if first is None else (first["name"], bool(np.any(first["z"]))))
         st.session_state["attr_result"] = result
         view.attributions, view.atom_scores = attrs, atoms
         view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
@@ -569,10 +571,11 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                "(Saliency: magnitude only). Integrated Gradients starts from a black image.")
     shown = result["attributions"]
     if shown and not any(np.any(attr) for attr in shown.values()):
-        first = view.probe["layers"][0]
-        why = (f"{first['name']}'s code is all zeros at this λ, so the prediction does not depend on the image"
-               if not np.any(first["z"]) else "the prediction does not depend on the image here")
-        st.info(f"Every attribution is exactly zero: {why}. Lower λ to see what drives the decision.")
+        first = result.get("first_code")  # as it was when the attribution was computed
+        why = (f"{first[0]}'s code was all zeros at that λ, so the prediction did not depend on the image; "
+               "lower λ to see what drives the decision" if first and not first[1]
+               else "the prediction did not depend on the image here")
+        st.info(f"Every attribution is exactly zero: {why}.")
     if shown:
         for col, (m, attr) in zip(st.columns(len(shown)), shown.items()):
             amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()

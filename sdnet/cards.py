@@ -54,6 +54,8 @@ def update_card(checkpoint: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 
 def adaptive_lam(fit: dict[str, Any], residual: float) -> float:
     """Algorithm 1's lambda for a measured mean relative residual, from one entry of card["robust_fit"]."""
+    if not math.isfinite(float(residual)):
+        raise ValueError(f"Algorithm 1 needs a finite residual, got {residual}")
     lo, hi = fit.get("lam_range", (0.0, float("inf")))
     return float(min(max(fit["slope"] * float(residual) + fit["intercept"], lo), hi))
 

@@ -92,6 +92,25 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
     return _load_image_folder(p, split)
 
 
+def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:
+    """`data` with labels as the model's class indices, matched by name: an ImageFolder numbers its classes in
+    sorted order of the folders it has, so a folder with some of the classes would otherwise be scored against
+    the wrong ones. DatasetError when the data has classes the model does not know."""
+    if not model_classes:
+        if len(data.classes) > n_classes:
+            raise DatasetError(f"the model predicts {n_classes} classes; {data.source} has {len(data.classes)}")
+        return data
+    unknown = [c for c in data.classes if c not in model_classes]
+    if unknown:
+        raise DatasetError(f"{data.source} has classes the model was not trained on: {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''} (it knows {', '.join(model_classes[:10])}"
+                           f"{' ...' if len(model_classes) > 10 else ''})")
+    if list(data.classes) == list(model_classes):
+        return data
+    index = torch.tensor([list(model_classes).index(c) for c in data.classes])
+    return ImageSet(data.images, index[data.labels], list(model_classes), data.source)
+
+
 # --- (a) torchvision ---------------------------------------------------------------------------
 def _torchvision_folder(p: Path, dataset: str) -> bool:
     return (p / {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]).is_dir()

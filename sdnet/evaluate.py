@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from .cards import update_card
 from .checkpoint import CheckpointError, load_checkpoint
-from .corruptions import KINDS, corrupt
+from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, load_split, resolve_data_path
+from .data import DatasetError, ImageSet, align_classes, load_split, resolve_data_path
 from .inspect import trace
 from .utils import default_device, lam_value, positive_int, severity_value, steps_value
 
@@ -78,25 +78,6 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
                       layers=layers, seconds=round(time.perf_counter() - t0, 2))
 
 
-def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:
-    """`data` with labels as the model's class indices, matched by name: an ImageFolder numbers its classes in
-    sorted order of the folders it has, so a folder with some of the classes would otherwise be scored against
-    the wrong ones. DatasetError when the data has classes the model does not know."""
-    if not model_classes:
-        if len(data.classes) > n_classes:
-            raise DatasetError(f"the model predicts {n_classes} classes; {data.source} has {len(data.classes)}")
-        return data
-    unknown = [c for c in data.classes if c not in model_classes]
-    if unknown:
-        raise DatasetError(f"{data.source} has classes the model was not trained on: {', '.join(unknown[:5])}"
-                           f"{' ...' if len(unknown) > 5 else ''} (it knows {', '.join(model_classes[:10])}"
-                           f"{' ...' if len(model_classes) > 10 else ''})")
-    if list(data.classes) == list(model_classes):
-        return data
-    index = torch.tensor([list(model_classes).index(c) for c in data.classes])
-    return ImageSet(data.images, index[data.labels], list(model_classes), data.source)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -128,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--severity needs --corruption (which noise to add)")
     if args.corruption and args.severity is None:
         args.severity = 3
+    if args.corruption:
+        try:
+            level(args.corruption, args.severity)  # a float level has a range per noise (impulse: up to 1)
+        except ValueError as err:
+            p.error(f"--severity {args.severity} for {args.corruption}: {err}")
     return args
 
 
@@ -136,11 +122,11 @@ def main(argv=None) -> EvalResult:
     device = default_device() if args.device == "auto" else torch.device(args.device)
     try:
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
+        if args.dataset and meta.get("dataset") and args.dataset != meta["dataset"]:
+            sys.exit(f"error: {args.checkpoint} was trained on {meta['dataset']}, not --dataset {args.dataset}")
         data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
-    if args.dataset and meta.get("dataset") and args.dataset != meta["dataset"]:
-        sys.exit(f"error: {args.checkpoint} was trained on {meta['dataset']}, not --dataset {args.dataset}")
     try:
         data = align_classes(data, meta.get("classes"), model.sdnet_config["num_classes"])
     except DatasetError as err:

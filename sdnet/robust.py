@@ -63,11 +63,12 @@ import torch.nn as nn
 from .attacks import max_norm, pgd
 from .cards import adaptive_lam, scoped, load_card, update_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
-from .corruptions import KINDS, corrupt, level, parse_severity
+from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, load_split
+from .data import DatasetError, ImageSet, align_classes, load_split
 from .inspect import trace
-from .utils import default_device, positive_int, steps_value
+from .utils import (default_device, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
+                    steps_value)
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -108,8 +109,12 @@ def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_
             if residual:
                 t = trace(model, x)
                 logits = t.logits
-                res.append(torch.stack([r.rel_residual for r in t.layers if layers is None or r.name in layers])
-                           .nanmean(0).float().cpu())  # a layer fed all zeros has none (NaN): left out
+                r = torch.stack([r.rel_residual for r in t.layers if layers is None or r.name in layers])
+                r = r.nanmean(0).float().cpu()  # a layer fed all zeros has none (NaN): left out
+                if r.isnan().any():  # never with the first layer in scope: its input is the image
+                    raise ValueError("the relative residual is undefined for an image: every CSC layer it is read "
+                                     f"in ({', '.join(layers) if layers else 'all'}) was fed all zeros")
+                res.append(r)
             else:
                 logits = model(x)
             preds.append(logits.argmax(1).cpu())
@@ -380,7 +385,8 @@ class _Context:
         if baseline:
             self._load_baseline(args, device)
         try:
-            full = load_split(args.data, split, self.dataset)
+            full = align_classes(load_split(args.data, split, self.dataset), self.meta.get("classes"),
+                                 self.model.sdnet_config["num_classes"])
         except DatasetError as err:
             sys.exit(f"error: {err}")
         self.data = full.subset(args.subset, args.subset_seed)
@@ -636,7 +642,8 @@ def cmd_adversarial(args, argv) -> dict:
                            "(normalised gradient)")
     tune_data = None
     if args.tuned_lam == "auto":
-        tune_data = load_split(args.data, "train", ctx.dataset).subset(args.tune_subset, args.subset_seed + 1)
+        tune_data = align_classes(load_split(args.data, "train", ctx.dataset), ctx.meta.get("classes"),
+                                  ctx.model.sdnet_config["num_classes"]).subset(args.tune_subset, args.subset_seed + 1)
         report.field("tuned λ", f"per norm, the λ of {_join(args.lams)} with the best robust accuracy under the "
                                 f"paper's protocol (PGD at the trained λ) on {len(tune_data)} training images "
                                 f"(subset seed {args.subset_seed + 1})")
@@ -818,7 +825,7 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 def parse_levels(text: str) -> tuple[int | float, ...]:
     """Comma list of severities 1..5 (or float levels c); 0 means clean."""
-    return _parse_list(text, lambda v: 0 if float(v) == 0 else parse_severity(v), "severities")
+    return _parse_list(text, lambda v: 0 if float(v) == 0 else severity_value(v), "severities")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -840,7 +847,7 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the sweep subset and the attacks)")
     p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps at inference (default: trained)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
     p.add_argument("--lam-layers", choices=("first", "all"), default="first",
@@ -866,14 +873,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=parse_kinds, default=KINDS, help="noises (default: all; a subset names the report robust-noise-<noises>)")
     p.add_argument("--severities", type=parse_levels, default=SEVERITIES, help="default 1,2,3,4,5 (clean is always added)")
     p.add_argument("--lams", type=parse_lams, default=DEFAULT_LAMS, help=lams_help)
-    p.add_argument("--sweep-subset", type=int, default=1000, help="test images for the λ sweep of figure 2 (0: none; default 1000)")
+    p.add_argument("--sweep-subset", type=nonnegative_int, default=1000, help="test images for the λ sweep of figure 2 (0: none; default 1000)")
 
     p = _subcommand(sub, "adversarial", cmd_adversarial, "PGD robustness: table 4, the paper's protocol and the adaptive attack",
                     "test images to attack (default: all)")
     p.add_argument("--baseline", default=None, help="ResNet checkpoint (default: the card's 'baseline', beside the checkpoint)")
     p.add_argument("--steps", type=positive_int, default=10, help="PGD steps (default 10)")
     p.add_argument("--restarts", type=positive_int, default=1, help="random starts (default 1)")
-    p.add_argument("--step-factor", type=float, default=2.5, help="step size = factor × radius / steps (default 2.5)")
+    p.add_argument("--step-factor", type=positive_float, default=2.5, help="step size = factor × radius / steps (default 2.5)")
     p.add_argument("--tuned-lam", default="auto", help="λ of the tuned rows, or auto (default): tuned on training images")
     p.add_argument("--tune-subset", type=positive_int, default=500, help="training images for --tuned-lam auto (default 500)")
     p.add_argument("--lams", type=parse_lams, default=DEFAULT_LAMS, help=lams_help + "; the candidates of auto")
@@ -885,14 +892,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What one option cannot check alone: each noise level against each noise (impulse amounts stop at 1),
+    --tuned-lam (a lambda or auto). A usage error before any work, not a traceback after some."""
+    levels = getattr(args, "levels", None) or getattr(args, "severities", None) or ()
+    for kind in getattr(args, "noise", ()):
+        for severity in levels:
+            if severity != 0:
+                try:
+                    level(kind, severity)
+                except ValueError as err:
+                    parser.error(f"{kind} at {severity}: {err}")
     if getattr(args, "tuned_lam", "auto") != "auto":
         try:
-            float(args.tuned_lam)
-        except ValueError:
-            sys.exit(f"error: --tuned-lam takes a number or auto, got {args.tuned_lam!r}")
+            args.tuned_lam = str(lam_value(args.tuned_lam))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--tuned-lam takes a lambda or auto: {err}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     args.device_obj = default_device() if args.device == "auto" else torch.device(args.device)
     threads = torch.get_num_threads()
     if args.threads:

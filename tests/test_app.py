@@ -302,7 +302,7 @@ def test_attribution_that_is_all_zero_says_why(app):
     at.button(key="attr_run").click().run()
     ok(at)
     assert not np.any(at.session_state["view"].attributions["saliency"])
-    assert any("Every attribution is exactly zero: conv1's code is all zeros" in i.value for i in at.info)
+    assert any("Every attribution is exactly zero: conv1's code was all zeros" in i.value for i in at.info)
     at.select_slider(key="lam").set_value(0.1).run()
     at.button(key="attr_run").click().run()
     ok(at)

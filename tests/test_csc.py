@@ -672,3 +672,9 @@ def test_layers_fed_all_zeros_have_no_residual_and_are_left_out_of_means():
     assert sdnet.fit_residual({}, residuals) == pytest.approx(float(expected[0]))
     with pytest.raises(ValueError, match="all zeros"):
         sdnet.fit_residual({"layers": [r.name for r in dead]}, residuals)
+    # and the robustness tools refuse an undefined r instead of fitting or adapting to NaN
+    from sdnet.robust import predict
+    with sdnet.override(lam=5.0), pytest.raises(ValueError, match="undefined for an image"):
+        predict(model, x, residual=True, layers=[r.name for r in dead])
+    with pytest.raises(ValueError, match="finite residual"):
+        sdnet.adaptive_lam({"slope": 1.0, "intercept": 0.0}, float("nan"))

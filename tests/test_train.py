@@ -13,8 +13,7 @@ from helpers import make_image_folder
 
 from sdnet import load_card, load_checkpoint
 from sdnet.cards import markdown_table
-from sdnet.data import ImageSet
-from sdnet.evaluate import align_classes
+from sdnet.data import ImageSet, align_classes
 from sdnet.evaluate import main as evaluate_main
 from sdnet.train import main as train_main
 
@@ -172,7 +171,8 @@ def test_evaluate_cli_clear_errors(tmp_path, data):
     (["--lam", "-1"], "--lam: lambda for every CSC layer must be in"), (["--lam", "nan"], "--lam: lambda"),
     (["--n-steps", "0"], "--n-steps: n_steps for every CSC layer must be an integer"),
     (["--corruption", "gaussian", "--severity", "0"], "--severity: expected a severity 1..5 or a positive"),
-    (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive")])
+    (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive"),
+    (["--corruption", "impulse", "--severity", "1.5"], "--severity 1.5 for impulse: impulse amount must be in (0, 1]")])
 def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, capsys):
     """A bad number is an argparse error (exit code 2, the usage line and what is wrong), never a traceback
     or a silent surprise (--subset -3 used to evaluate all but 3 images, a Python slice)."""
@@ -187,7 +187,16 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
     for parse, args, message in [(train_args, ["--lam", "-1"], "--lam: lambda"),
                                  (train_args, ["--n-steps", "0"], "--n-steps: n_steps"),
                                  (train_args, ["--train-subset", "-5"], "--train-subset: expected a positive"),
-                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps")]:
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps"),
+                                 (robust_main, ["eval", "--checkpoint", "x.pt", "--sweep-subset", "-5"], "expected an integer >= 0"),
+                                 (robust_main, ["eval", "--checkpoint", "x.pt", "--threads", "-3"], "expected an integer >= 0"),
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--levels=-1"], "--levels: expected a severity"),
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--noise", "impulse", "--levels", "1.5"],
+                                  "impulse at 1.5: impulse amount must be in (0, 1]"),
+                                 (robust_main, ["adversarial", "--checkpoint", "x.pt", "--tuned-lam", "-1"],
+                                  "--tuned-lam takes a lambda or auto"),
+                                 (robust_main, ["adversarial", "--checkpoint", "x.pt", "--step-factor", "-1"],
+                                  "--step-factor: expected a positive number")]:
         with pytest.raises(SystemExit) as info:
             parse(args)
         assert info.value.code == 2 and message in capsys.readouterr().err, args
