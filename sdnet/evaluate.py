@@ -61,14 +61,14 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
             if has_csc:
                 t = trace(model, x)
                 logits = t.logits
-                for rec in t.layers:  # NaN where a layer's input was all zeros: left out
-                    defined = ~rec.rel_residual.isnan()
-                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual[defined].sum().item()
-                    counts[rec.name] = counts.get(rec.name, 0) + int(defined.sum())
+                for rec in t.layers:  # NaN where a layer's input was all zeros: left out (summed on the device)
+                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.nansum()
+                    counts[rec.name] = counts.get(rec.name, 0) + (~rec.rel_residual.isnan()).sum()
             else:
                 logits = model(x)
         correct += (logits.argmax(1).cpu() == data.labels[i:i + batch_size]).sum().item()
     n = len(data)
+    sums, counts = {k: float(v) for k, v in sums.items()}, {k: int(v) for k, v in counts.items()}
     layers = {k: v / counts[k] if counts[k] else None for k, v in sums.items()}
     defined = [v for v in layers.values() if v is not None]
     return EvalResult(accuracy=100.0 * correct / max(1, n), n_images=n,
