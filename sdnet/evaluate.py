@@ -62,7 +62,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
                 t = trace(model, x)
                 logits = t.logits
                 for rec in t.layers:  # NaN where a layer's input was all zeros: left out (summed on the device)
-                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.nansum()
+                    sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.double().nansum()
                     counts[rec.name] = counts.get(rec.name, 0) + (~rec.rel_residual.isnan()).sum()
             else:
                 logits = model(x)
