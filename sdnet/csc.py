@@ -434,6 +434,11 @@ def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # compares the two on the same weights).
 _METHOD = "lanczos"
 _RITZ_KEEP = 1
+# Products of a Lanczos refresh before its first does-it-still-rise check (at least the layer's power_iters).
+# From its mostly random start it needs 6 or more in 98% of refreshes (width 16, 10 steps each early at lr 0.1
+# and late at lr 0.001: 3 and 11 of 170 stopped at 4, none at 2), so the checks at 2 and 4 mostly cost host
+# syncs, which stall a GPU. A later first check can only raise the estimate (Ritz values grow with the space).
+_FIRST_CHECK = 6
 
 
 def _estimator(apply, v: torch.Tensor):
@@ -443,8 +448,8 @@ def _estimator(apply, v: torch.Tensor):
 def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
 
-    After a small change (a late optimizer step) the old top eigenvector is still close and `power_iters`
-    products suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
+    After a small change (a late optimizer step) the old top eigenvector is still close and a few products
+    (`power_iters`, `_FIRST_CHECK` for Lanczos) suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
     estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the second step of sdnet18_all at
     lr 0.1 with power iteration), so FISTA's step would be too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
@@ -468,7 +473,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
             v = v + _POWER_MIX * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             state = _estimator(_normal_operator(layers, spatial), v)
-            state.extend(first.power_iters)
+            state.extend(max(first.power_iters, _FIRST_CHECK if _METHOD == "lanczos" else 0))
             states.append(state)
         # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on
         # as a whole: on the GPU the others ride along in the same grouped convolutions; on the CPU each

@@ -459,6 +459,26 @@ def test_channels_last_models_solve_and_refresh(device):
         torch.testing.assert_close(b._lipschitz, a._lipschitz, rtol=1e-4, atol=0)
 
 
+def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatch):
+    """bench/refresh_syncs.py counts host checks and products per refresh step; a later first check never means
+    more checks, and the library's _FIRST_CHECK is set back."""
+    from helpers import make_image_folder
+    refresh_syncs = bench_module("refresh_syncs")
+    monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_train=8, n_test=1, size=16)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    sdnet.save_checkpoint(tmp_path / "m.pt", model)
+    library = csc._FIRST_CHECK
+    rows = refresh_syncs.main(["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "m.pt"), "--width", "4",
+                               "--steps", "2", "--batch", "4", "--first-checks", "2", "6"])
+    assert csc._FIRST_CHECK == library
+    assert [(r["first_check"], r["phase"][:4]) for r in rows] == [(2, "earl"), (2, "late"), (6, "earl"), (6, "late")]
+    for r in rows:
+        assert r["checks"] >= 1 and min(r["per_layer"]) >= r["first_check"]
+        assert r["products"] == pytest.approx(sum(k * v for k, v in r["per_layer"].items()) / 2)
+    assert rows[2]["checks"] <= rows[0]["checks"] and rows[3]["checks"] <= rows[1]["checks"]
+
+
 def test_cold_estimate_benchmark_runs(capsys):
     """bench/cold_estimate.py times every layer's cold estimate at the input size that layer sees."""
     cold_estimate = bench_module("cold_estimate")
