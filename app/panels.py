@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 import torch
 
@@ -459,10 +460,13 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     with c2:
         _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z (fraction of zeros)", "sparsity",
                                   percent=True), key="sparsity_chart")
-    st.dataframe({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
-                  "relative residual": [None if r["input_zero"] else round(r["rel_residual"], 5) for r in cur["layers"]],
-                  "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
-                  "code shape": [str(r["z"].shape) for r in cur["layers"]]}, hide_index=True, height=200)
+    table = pd.DataFrame({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
+                          "relative residual": [np.nan if r["input_zero"] else round(r["rel_residual"], 5)
+                                                for r in cur["layers"]],
+                          "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
+                          "code shape": [str(r["z"].shape) for r in cur["layers"]]})
+    # a layer fed all zeros has no relative residual: a blank cell, not "None"
+    st.dataframe(table.style.format({"relative residual": "{:.5f}"}, na_rep=""), hide_index=True, height=200)
     c1, c2 = st.columns([2, 1])
     c1.selectbox("Layer", names, key="layer")
     rec = state.layer_record(cur, view.layer)
@@ -556,7 +560,7 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
         progress.empty()
         first = view.probe["layers"][0] if view.probe["layers"] else None
         result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method,
-                      first_code=None if first is None else (first["name"], bool(np.any(first["z"]))))
+                      first_code=None if first is None else (first["name"], bool(np.any(first["z"])), first["lam"]))
         st.session_state["attr_result"] = result
         view.attributions, view.atom_scores = attrs, atoms
         view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
@@ -570,12 +574,13 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     st.caption(f"Explaining class **{classes[result['target']]}**; red pushed towards it, blue against "
                "(Saliency: magnitude only). Integrated Gradients starts from a black image.")
     shown = result["attributions"]
-    if shown and not any(np.any(attr) for attr in shown.values()):
+    if shown and not any(np.any(attr) for attr in shown.values()) and not np.any(result["atoms"]):
         first = result.get("first_code")  # as it was when the attribution was computed
-        why = (f"{first[0]}'s code was all zeros at that λ, so the prediction did not depend on the image; "
-               "lower λ to see what drives the decision" if first and not first[1]
-               else "the prediction did not depend on the image here")
-        st.info(f"Every attribution is exactly zero: {why}.")
+        why = (f"{first[0]}'s code was all zeros at λ = {first[2]:g}, so the prediction did not depend on the image"
+               if first and not first[1] else "the prediction did not depend on the image")
+        advice = "; lower λ and compute again to see what drives the decision" if result["signature"] == signature else ""
+        st.info(f"Every attribution is exactly zero: {why}{advice}.")
+        return  # nothing to draw: blank maps and bars would only look like a failure
     if shown:
         for col, (m, attr) in zip(st.columns(len(shown)), shown.items()):
             amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()

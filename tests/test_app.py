@@ -302,11 +302,15 @@ def test_attribution_that_is_all_zero_says_why(app):
     at.button(key="attr_run").click().run()
     ok(at)
     assert not np.any(at.session_state["view"].attributions["saliency"])
-    assert any("Every attribution is exactly zero: conv1's code was all zeros" in i.value for i in at.info)
-    at.select_slider(key="lam").set_value(0.1).run()
+    assert any("Every attribution is exactly zero: conv1's code was all zeros at λ = 10" in i.value
+               and "compute again" in i.value for i in at.info)
+    assert not any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # no blank maps
+    at.select_slider(key="lam").set_value(0.1).run()  # not recomputed: the message names the old λ, no advice
+    assert any("at λ = 10" in i.value and "compute again" not in i.value for i in at.info)
     at.button(key="attr_run").click().run()
     ok(at)
     assert not any("Every attribution is exactly zero" in i.value for i in at.info)
+    assert any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # the maps are back
 
 
 def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
