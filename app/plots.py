@@ -18,12 +18,19 @@ from sdnet import images
 COLORS = {"current": "#d62728", "trained": "#1f77b4", "resnet": "#7f7f7f"}
 MARGIN = dict(l=10, r=10, t=40, b=10)
 LEGEND = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
+# With a title and a legend, the title gets its own line above the legend's: in a narrow column (a 700 px
+# window) a legend anchored right ran into a title anchored left on the same line.
+TITLE_OVER_LEGEND = dict(margin=dict(MARGIN, t=64), title_y=1.0, title_yanchor="top", title_yref="container",
+                         title_pad=dict(t=8))
 NO_AXIS = dict(visible=False, constrain="domain")
 WIDTH = 900  # about the width of a chart in the page's main column, in CSS pixels
 
 
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
-    return go.Figure(dict(data=data, layout=dict(dict(height=height, margin=MARGIN, title=title, legend=LEGEND), **layout)))
+    base = dict(height=height, margin=MARGIN, title=title, legend=LEGEND)
+    if title and sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
+        base.update(TITLE_OVER_LEGEND, height=height + 24)
+    return go.Figure(dict(data=data, layout=dict(base, **layout)))
 
 
 def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k: int) -> go.Figure:
