@@ -357,7 +357,7 @@ class _Lanczos:
     eigenvalues are close together (early training), and like it approaches ||A||^2 from below.
 
     The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling, and each product is a
-    short fixed sequence of batched kernels (on a GPU the refresh is launch-bound: bench/README.md): no
+    short fixed sequence of batched kernels (on a GPU the refresh is likely launch-bound: bench/README.md): no
     re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart."""
 
     def __init__(self, apply, v: torch.Tensor):
@@ -437,9 +437,10 @@ def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
 _METHOD = "lanczos"
 _RITZ_KEEP = 1
 # Products of a Lanczos refresh before its first does-it-still-rise check (at least the layer's power_iters).
-# From its mostly random start it needs 6 or more in 98% of refreshes (width 16, 10 steps each early at lr 0.1
-# and late at lr 0.001: 3 and 11 of 170 stopped at 4, none at 2), so the checks at 2 and 4 mostly cost host
-# syncs, which stall a GPU. A later first check can only raise the estimate (Ritz values grow with the space).
+# From its mostly random start it needed 6 or more in 98% of refreshes at the 3e-4 stop (width 16, 10 steps each
+# early at lr 0.1 and late at lr 0.001: 3 and 11 of 170 stopped at 4, none at 2) and in all of them at 3e-5
+# (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
+# later first check can only raise the estimate (Ritz values grow with the space).
 _FIRST_CHECK = 6
 
 
@@ -451,9 +452,10 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
 
     After a small change (a late optimizer step) the old top eigenvector is still close and a few products
-    (`power_iters`, `_FIRST_CHECK` for Lanczos) suffice. After a large one (early steps at lr 0.1, load_state_dict, in-place edits) it is not, the
-    estimate is still rising and can be far below ||A||^2 (measured: 0.2x in the second step of sdnet18_all at
-    lr 0.1 with power iteration), so FISTA's step would be too long and diverge: iterate on while it rises.
+    (`power_iters`, `_FIRST_CHECK` for Lanczos) suffice. After a large one (early steps at lr 0.1,
+    load_state_dict, in-place edits) it is not, the estimate is still rising and can be far below ||A||^2
+    (measured: 0.2x in the second step of sdnet18_all at lr 0.1 with power iteration), so FISTA's step would be
+    too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
     states = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
