@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"device {result['device']}")
     print(f"machine: {result['machine']}")
     print(f"load: {result['load']}")
-    rows = [(f"λ change -> probe result (`app.state.probe`, a cache miss)", t, s) for t, s in result["probe"].items()]
+    rows = [("λ change -> probe result (`app.state.probe`, a cache miss)", t, s) for t, s in result["probe"].items()]
     if "page_rerun" in result:
         rows.append(("λ change -> whole page script rerun (AppTest, all panels)", f"{threads[-1]} thread(s)",
                      result["page_rerun"]))

@@ -469,7 +469,7 @@ def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatc
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
     sdnet.save_checkpoint(tmp_path / "m.pt", model)
     library = csc._FIRST_CHECK
-    rows = refresh_syncs.main(["--data", str(tmp_path / "data"), "--checkpoint", str(tmp_path / "m.pt"), "--width", "4",
+    rows = refresh_syncs.main(["--data", str(data), "--checkpoint", str(tmp_path / "m.pt"), "--width", "4",
                                "--steps", "2", "--batch", "4", "--first-checks", "2", "6"])
     assert csc._FIRST_CHECK == library
     assert [(r["first_check"], r["phase"][:4]) for r in rows] == [(2, "earl"), (2, "late"), (6, "earl"), (6, "late")]
