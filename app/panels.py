@@ -367,7 +367,8 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         _default("topk", min(5, len(classes)))
         k = st.slider("Top-k classes", 1, len(classes), key="topk")
     with right, st.container(key="prediction_summary"):
-        lines = ["| | prediction | probability |", "|---|---|---|"]
+        # short headers: the column is two fifths of the page, and a markdown table does not wrap (700 px windows)
+        lines = ["| | class | prob. |", "|---|---|---|"]
         for label, _, p in series:
             i = int(np.argmax(p))
             lines.append(f"| {label} | **{classes[i]}** | {p[i]:.1%} |")
@@ -600,10 +601,10 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 def export_panel(view: state.View, unnormalize) -> None:
     st.caption("PNGs of what is on the page, and one ZIP with all of them, the raw arrays (arrays.npz: x, z, "
                "A(z) and residual per layer) and settings.json, which reproduces this view.")
-    cols = st.columns(4)
+    cols = st.columns(3)  # three, not four: the file names stay whole in a 700 px window
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
-        cols[i % 4].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
-                                    on_click="ignore")
+        cols[i % 3].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
+                                    on_click="ignore", help=f"Save {name}")
     stem = f"sdnet-view-{view.settings['image']['sha256'][:8]}"
     st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
                        file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",

@@ -542,7 +542,7 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     at = app(ckpt="resnet18-w8.pt")
     ok(at)
     assert any("no CSC layers" in i.value for i in at.info)
-    table = next(m.value for m in at.markdown if "| prediction | probability |" in m.value)
+    table = next(m.value for m in at.markdown if "| class | prob. |" in m.value)
     assert "SDNet" not in table and "| resnet18 (resnet18-w8.pt) |" in table and table.count("\n") == 2  # one row
     assert "lambda / FISTA steps**: - (no CSC layer)" in " ".join(m.value for m in at.sidebar.markdown)
     at = app(ckpt="sdnet18-w8.pt", tab="Atoms")
