@@ -391,10 +391,10 @@ class _Lanczos:
             b = w.norm(dim=1)
             # A Krylov space that stops growing is invariant and its Ritz values exact: what is left of A^T A q
             # after the projection is rounding (~1e-7 of ||A^T A q|| in float32), so add nothing, and no
-            # coupling to the zero rows that follow.
-            scale = torch.where(b > 1e-4 * w_norm, b.clamp_min(1e-30).reciprocal(), 0.0)
-            self.beta.append(torch.where(scale > 0, b, 0.0))
-            torch.mul(w, scale.unsqueeze(1), out=self.Q[:, j])
+            # coupling to the zero rows that follow. (Written in few kernels, each one a launch on a GPU.)
+            grows = b * 1e4 > w_norm
+            self.beta.append(b * grows)
+            torch.mul(w, (grows / b.clamp_min(1e-30)).unsqueeze(1), out=self.Q[:, j])
             self.size = j + 1
 
     def device_values(self) -> list[torch.Tensor]:
@@ -442,6 +442,10 @@ _RITZ_KEEP = 1
 # (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
 # later first check can only raise the estimate (Ritz values grow with the space).
 _FIRST_CHECK = 6
+# Devices where each layer refreshes on its own. On a GPU layers of one geometry share grouped convolutions (fewer
+# launches); on the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on this project's
+# machine). bench/launch_count.py empties it to count the GPU's grouping on the CPU.
+_UNGROUPED_DEVICES = {"cpu"}
 
 
 def _estimator(apply, v: torch.Tensor):
@@ -523,9 +527,7 @@ def refresh_step_sizes(model: nn.Module) -> None:
                 continue
             geometry = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                         spatial, layer.weight.device, layer.power_iters, layer._refreshes,
-                        # On the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on
-                        # this project's machine): one layer per group there.
-                        id(layer) if layer.weight.device.type == "cpu" else None)
+                        id(layer) if layer.weight.device.type in _UNGROUPED_DEVICES else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
         if groups:
             _warm_refresh(list(groups.values()))

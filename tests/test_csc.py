@@ -479,6 +479,23 @@ def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatc
     assert rows[2]["checks"] <= rows[0]["checks"] and rows[3]["checks"] <= rows[1]["checks"]
 
 
+def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
+    """bench/launch_count.py counts the ops of an update and of a refresh: a ResNet refreshes nothing, an SDNet-All's
+    refresh makes two convolutions per product, grouping layers as on a GPU needs fewer products (grouped) and no
+    more ops; the library's refresh rule and grouping are set back afterwards."""
+    launch_count = bench_module("launch_count")
+    library = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES)
+    rows = launch_count.main(["--models", "resnet18", "sdnet18_all", "--width", "4", "--batch", "2",
+                              "--warmup", "1", "--steps", "1", "--tol", "1e-3"])
+    assert (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._UNGROUPED_DEVICES) == library
+    by = {(r["model"], r["grouping"]): r for r in rows}
+    assert by["resnet18", "cpu"]["refresh"] == 0 and by["resnet18", "cpu"]["update"] > 100
+    cpu, gpu = by["sdnet18_all", "cpu"], by["sdnet18_all", "gpu"]
+    assert cpu["update"] > by["resnet18", "cpu"]["update"] and cpu["products"] >= 17 * csc._FIRST_CHECK
+    assert gpu["products"] < cpu["products"] and gpu["refresh"] <= cpu["refresh"]
+    assert "| sdnet18_all |" in capsys.readouterr().out
+
+
 def test_cold_estimate_benchmark_runs(capsys):
     """bench/cold_estimate.py times every layer's cold estimate at the input size that layer sees."""
     cold_estimate = bench_module("cold_estimate")

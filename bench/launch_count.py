@@ -1,0 +1,109 @@
+"""Kernel launches of a training step, counted without a GPU (`python bench/launch_count.py --help`).
+
+A GPU runs a step on 128 CIFAR images in a few milliseconds, so the number of kernels it is asked to launch
+weighs there (likely, not profiled: bench/README.md), far more than on the CPU, where the convolutions'
+arithmetic dominates. This counts the tensor operations a step dispatches, on the CPU, as a proxy that does not
+need the GPU: every aten operation except views, and except the refresh's host-side work (its small tridiagonal
+eigenproblems, in float64, which stay on the host on a GPU too). An operation is about one kernel launch (a
+cuDNN convolution may launch more). Each model is set up as in bench/train_throughput.py (fixed random
+batch, SGD at lr 0.05 from a fresh model) and counted for the update (forward, loss, backward, SGD step,
+`sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
+layer per group) or as on a GPU (layers of one geometry in grouped convolutions). The counts do not depend
+on the batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import sdnet.csc as csc  # noqa: E402
+import train_throughput  # noqa: E402
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the block: views and float64 (host-side) work left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out]))
+                   if isinstance(t, torch.Tensor)]
+        if not func.is_view and not any(t.dtype == torch.float64 for t in tensors):
+            self.ops[func.overloadpacket.__name__] += 1
+        return out
+
+
+def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
+    """Median ops of the update and of the refresh over `--steps` steps, after `--warmup` uncounted ones."""
+    library = set(csc._UNGROUPED_DEVICES)
+    csc._UNGROUPED_DEVICES = {"cpu"} if grouping == "cpu" else set()
+    try:
+        trainer = train_throughput.Trainer(model, train_throughput.parse_args(
+            ["--width", str(args.width), "--batch", str(args.batch), "--threads", str(args.threads)]), torch.device("cpu"))
+        for _ in range(args.warmup):
+            trainer.step()
+        update, refresh, products = [], [], []
+        for _ in range(args.steps):
+            with CountOps() as counted:
+                trainer.update()
+            update.append(sum(counted.ops.values()))
+            with CountOps() as counted:
+                trainer.refresh_step_sizes()
+            refresh.append(sum(counted.ops.values()))
+            products.append(counted.ops["convolution"] // 2)  # a product A^T A v is two convolutions
+    finally:
+        csc._UNGROUPED_DEVICES = library
+    return dict(model=model, grouping=grouping, update=statistics.median(update), refresh=statistics.median(refresh),
+                products=statistics.median(products))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python bench/launch_count.py", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=train_throughput.MODELS)
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
+    p.add_argument("--batch", type=int, default=16, help="images per step (the counts do not depend on it)")
+    p.add_argument("--warmup", type=int, default=3, help="uncounted steps first")
+    p.add_argument("--steps", type=int, default=3, help="counted steps (the median is reported)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--refresh", choices=["lanczos", "power"], default="lanczos",
+                   help="the library's refresh, or the power iteration (mix 0.3) it replaced, as in train_throughput")
+    p.add_argument("--tol", type=float, default=csc._POWER_TOL,
+                   help="stop once a product raises the estimate by less than this (default: the library's)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rule = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL
+    csc._METHOD, csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else train_throughput.LIBRARY_REFRESH
+    csc._POWER_TOL = args.tol
+    try:
+        rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
+    finally:
+        csc._METHOD, csc._POWER_MIX, csc._POWER_TOL = rule  # set back for a caller in the same process
+    print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
+          f"median of {args.steps} steps after {args.warmup}\n")
+    print("| model | ops per update | refresh, grouped as on | ops per refresh | A^T A products (grouped) "
+          "| refresh ops / update ops |\n|---|---:|---|---:|---:|---:|")
+    for r in rows:
+        if r["refresh"] == 0 and r["grouping"] == "gpu":
+            continue  # no CSC layer: nothing to refresh, one row is enough
+        ratio = f"{r['refresh'] / r['update']:.2f}" if r["refresh"] else "-"
+        grouping = "-" if not r["refresh"] else ("the CPU (a layer per group)" if r["grouping"] == "cpu"
+                                                 else "a GPU (one group per geometry)")
+        print(f"| {r['model']} | {r['update']:.0f} | {grouping} | {r['refresh']:.0f} | {r['products']:.0f} | {ratio} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
