@@ -8,13 +8,16 @@ eigenproblems, in float64, which stay on the host on a GPU too). An operation is
 cuDNN convolution may launch more). Each model is set up as in bench/train_throughput.py (fixed random
 batch, SGD at lr 0.05 from a fresh model) and counted for the update (forward, loss, backward, SGD step,
 `sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
-layer per group) or as on a GPU (layers of one geometry in grouped convolutions). The counts do not depend
-on the batch size.
+layer per group) or as on a GPU (layers of one geometry in grouped convolutions, groups whose codes are within
+2x in length sharing one Lanczos state; the last column counts the same refresh on the same weights with a
+state per group, as before shared states). The counts do not depend on the batch size.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -26,8 +29,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+import sdnet  # noqa: E402
 import sdnet.csc as csc  # noqa: E402
 import train_throughput  # noqa: E402
+
+
+# a reshape of a contiguous tensor: metadata, no kernel (its schema does not mark it as a view)
+METADATA_ONLY = {torch.ops.aten._unsafe_view.default}
 
 
 class CountOps(TorchDispatchMode):
@@ -41,7 +49,7 @@ class CountOps(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out]))
                    if isinstance(t, torch.Tensor)]
-        if not func.is_view and not any(t.dtype == torch.float64 for t in tensors):
+        if not func.is_view and func not in METADATA_ONLY and not any(t.dtype == torch.float64 for t in tensors):
             self.ops[func.overloadpacket.__name__] += 1
         return out
 
@@ -55,11 +63,16 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
             ["--width", str(args.width), "--batch", str(args.batch), "--threads", str(args.threads)]), torch.device("cpu"))
         for _ in range(args.warmup):
             trainer.step()
-        update, refresh, products = [], [], []
+        update, refresh, products, unshared = [], [], [], []
         for _ in range(args.steps):
             with CountOps() as counted:
                 trainer.update()
             update.append(sum(counted.ops.values()))
+            if grouping == "gpu":  # the same refresh on the same weights, each group with a Lanczos state of its own
+                twin = copy.deepcopy(trainer.model)
+                with alone(), CountOps() as counted:
+                    sdnet.refresh_step_sizes(twin)
+                unshared.append(sum(counted.ops.values()))
             with CountOps() as counted:
                 trainer.refresh_step_sizes()
             refresh.append(sum(counted.ops.values()))
@@ -67,7 +80,18 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
     finally:
         csc._UNGROUPED_DEVICES = library
     return dict(model=model, grouping=grouping, update=statistics.median(update), refresh=statistics.median(refresh),
-                products=statistics.median(products))
+                products=statistics.median(products), unshared=statistics.median(unshared) if unshared else None)
+
+
+@contextlib.contextmanager
+def alone():
+    """Every group of layers with a Lanczos state of its own (the library before shared states)."""
+    real = csc._shared_states
+    csc._shared_states = lambda starts: [[i] for i in range(len(starts))]
+    try:
+        yield
+    finally:
+        csc._shared_states = real
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -94,14 +118,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
           f"median of {args.steps} steps after {args.warmup}\n")
     print("| model | ops per update | refresh, grouped as on | ops per refresh | A^T A products (grouped) "
-          "| refresh ops / update ops |\n|---|---:|---|---:|---:|---:|")
+          "| refresh ops / update ops | ops per refresh, each group alone (same weights) |\n|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         if r["refresh"] == 0 and r["grouping"] == "gpu":
             continue  # no CSC layer: nothing to refresh, one row is enough
         ratio = f"{r['refresh'] / r['update']:.2f}" if r["refresh"] else "-"
         grouping = "-" if not r["refresh"] else ("the CPU (a layer per group)" if r["grouping"] == "cpu"
                                                  else "a GPU (one group per geometry)")
-        print(f"| {r['model']} | {r['update']:.0f} | {grouping} | {r['refresh']:.0f} | {r['products']:.0f} | {ratio} |")
+        alone_ops = "-" if r["unshared"] is None or not r["refresh"] else f"{r['unshared']:.0f}"
+        print(f"| {r['model']} | {r['update']:.0f} | {grouping} | {r['refresh']:.0f} | {r['products']:.0f} | {ratio} "
+              f"| {alone_ops} |")
     return rows
 
 

@@ -171,10 +171,10 @@ class CSCLayer(nn.Module):
                 v = torch.randn(shape, generator=gen)
             with torch.no_grad(), torch.autocast(self.weight.device.type, enabled=False):
                 v = v.to(self.weight.device).float()
-                state = _estimator(_normal_operator([self], spatial), v / v.norm())
+                state = _estimator([(_normal_operator([self], spatial), v / v.norm())])
                 state.extend(30 if iters is None else iters)
                 (_, est), = _estimates([state])
-                v, L = state.vector(), (est[0] * self.power_margin).clamp_min(1e-6).to(v.device)
+                v, L = state.vectors()[0], (est[0] * self.power_margin).clamp_min(1e-6).to(v.device)
             self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
             return L
 
@@ -346,8 +346,12 @@ class _Power:
         """The last two estimates per g, from `device_values()` brought to the host."""
         return host[0], host[1]
 
-    def vector(self) -> torch.Tensor:
-        return self.v
+    def vectors(self) -> list[torch.Tensor]:
+        return [self.v]
+
+    def settle(self, rising: torch.Tensor) -> bool:
+        """Whether to go on, given which rows still rise (host booleans)."""
+        return bool(rising.any())
 
 
 class _Lanczos:
@@ -358,12 +362,25 @@ class _Lanczos:
 
     The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling, and each product is a
     short fixed sequence of batched kernels (on a GPU the refresh is likely launch-bound: bench/README.md): no
-    re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart."""
+    re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart.
 
-    def __init__(self, apply, v: torch.Tensor):
-        self.apply, self.shape = apply, v.shape
-        self.Q = v.new_empty(v.shape[0], 1, v[0].numel())
-        self.Q[:, 0] = v.flatten(1)
+    `parts` are (operator, start rows) pairs, one per group of layers; the rows of all parts are stacked, each
+    padded with zeros to the longest (the padding stays zero: no product or projection writes there), so
+    the bookkeeping of a product is one sequence of kernels for all of them: on a GPU, groups of several
+    geometries share a state for fewer launches (bench/launch_count.py counts them)."""
+
+    def __init__(self, parts: list[tuple]):
+        self.parts = [(apply, v.shape) for apply, v in parts]
+        n = max(v[0].numel() for _, v in parts)
+        first = parts[0][1]
+        self.Q = first.new_zeros(sum(len(v) for _, v in parts), 1, n)
+        row = 0
+        for _, v in parts:
+            self.Q[row:row + len(v), 0, :v[0].numel()] = v.flatten(1)
+            row += len(v)
+        # the products of a shared state, written into one zero-padded buffer
+        self.out = self.Q.new_zeros(self.Q.shape[0], 1, n) if len(parts) > 1 else None
+        self.settled: set[int] = set()  # parts that stopped rising: no more products, their rows of `out` zero
         self.size = 1                                                     # basis vectors in use
         self.alpha: list[torch.Tensor] = []
         self.beta: list[torch.Tensor] = []
@@ -380,8 +397,7 @@ class _Lanczos:
         for _ in range(n):
             j = self.size
             Q = self.Q[:, :j]                                             # (G, j, n), a view
-            # (G, 1, n): rows, for bmm (reshape: a channels-last model's operator returns channels-last codes)
-            w = self.apply(Q[:, j - 1].view(self.shape)).reshape(-1, 1, Q.shape[2])
+            w = self._product(Q[:, j - 1])                                # (G, 1, n): rows, for bmm
             w_norm = w.norm(dim=2).squeeze(1)
             # Twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32: w <- w - (w Q^T) Q.
             h = w @ Q.mT                                                  # (G, 1, j)
@@ -397,6 +413,33 @@ class _Lanczos:
             torch.mul(w, (grows / b.clamp_min(1e-30)).unsqueeze(1), out=self.Q[:, j])
             self.size = j + 1
 
+    def _product(self, q: torch.Tensor) -> torch.Tensor:
+        """A^T A q for every row q of each part, as (rows, 1, n). (reshape: a channels-last model's operator
+        returns channels-last codes.)"""
+        if self.out is None:
+            (apply, shape), = self.parts
+            return apply(q.view(shape)).reshape(-1, 1, q.shape[1])
+        row = 0
+        for k, (apply, shape) in enumerate(self.parts):
+            g, size = shape[0], shape[1:].numel()
+            if k not in self.settled:
+                self.out[row:row + g, 0, :size] = apply(q[row:row + g, :size].reshape(shape)).reshape(g, size)
+            row += g
+        return self.out
+
+    def settle(self, rising: torch.Tensor) -> bool:
+        """Given which rows still rise (host booleans), stop the products of the parts with none: their rows
+        then get a zero product, so the basis adds zero vectors and their Ritz values stay where they are, as
+        if the part had stopped on its own. Whether any part goes on."""
+        row = 0
+        for k, (_, shape) in enumerate(self.parts):
+            if k not in self.settled and not bool(rising[row:row + shape[0]].any()):
+                self.settled.add(k)
+                if self.out is not None:
+                    self.out[row:row + shape[0]].zero_()
+            row += shape[0]
+        return len(self.settled) < len(self.parts)
+
     def device_values(self) -> list[torch.Tensor]:
         return [torch.stack(self.alpha, 1), torch.stack(self.beta, 1)]
 
@@ -408,13 +451,19 @@ class _Lanczos:
         prev = torch.linalg.eigvalsh(T[:, :-1, :-1])[:, -1] if T.shape[1] > 1 else torch.zeros(T.shape[0])
         return prev.float(), torch.linalg.eigvalsh(T)[:, -1].float()
 
-    def vector(self) -> torch.Tensor:
-        """The warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last check.
-        When the dictionary changes, eigenvalues near the top can swap places; a start with weight on each of
-        the old top directions follows the new top one, and Lanczos resolves p such directions in p products."""
+    def vectors(self) -> list[torch.Tensor]:
+        """Per part, the warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last
+        check. When the dictionary changes, eigenvalues near the top can swap places; a start with weight on
+        each of the old top directions follows the new top one, and Lanczos resolves p such directions in p
+        products."""
         s = torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.Q)   # (G, k)
         u = (s.unsqueeze(1) @ self.Q[:, :s.shape[1]]).squeeze(1)
-        return (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).view(self.shape)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        out, row = [], 0
+        for _, shape in self.parts:
+            out.append(u[row:row + shape[0], :shape[1:].numel()].reshape(shape))
+            row += shape[0]
+        return out
 
 
 def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -442,14 +491,36 @@ _RITZ_KEEP = 1
 # (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
 # later first check can only raise the estimate (Ritz values grow with the space).
 _FIRST_CHECK = 6
-# Devices where each layer refreshes on its own. On a GPU layers of one geometry share grouped convolutions (fewer
-# launches); on the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on this project's
-# machine). bench/launch_count.py empties it to count the GPU's grouping on the CPU.
+# Devices where each layer refreshes on its own. Elsewhere (a GPU) layers of one geometry share grouped
+# convolutions, and groups whose codes are within 2x in length share one Lanczos state: fewer kernel launches.
+# On the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on this project's machine)
+# and padding costs flops. bench/launch_count.py empties it to count the GPU's way on the CPU.
 _UNGROUPED_DEVICES = {"cpu"}
 
 
-def _estimator(apply, v: torch.Tensor):
-    return (_Lanczos if _METHOD == "lanczos" else _Power)(apply, v)
+def _estimator(parts: list[tuple]):
+    """The refresh's state for (operator, start rows) parts: Lanczos (parts may share it), or power iteration."""
+    if _METHOD == "lanczos":
+        return _Lanczos(parts)
+    (apply, v), = parts
+    return _Power(apply, v)
+
+
+def _shared_states(starts: list[tuple]) -> list[list[int]]:
+    """Which groups' refreshes share one Lanczos state: on the CPU none (each is the layer's own computation);
+    elsewhere groups on one device whose codes are within 2x in length (padding at most doubles the
+    bookkeeping's memory traffic, and a GPU launches its kernels once for all of them)."""
+    order = sorted(range(len(starts)), key=lambda i: -starts[i][1][0].numel())
+    shared: list[list[int]] = []
+    for i in order:
+        v = starts[i][1]
+        if shared and _METHOD == "lanczos" and v.device.type not in _UNGROUPED_DEVICES:
+            head = starts[shared[-1][0]][1]
+            if head.device == v.device and 2 * v[0].numel() >= head[0].numel():
+                shared[-1].append(i)
+                continue
+        shared.append([i])
+    return shared
 
 
 def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
@@ -461,7 +532,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     (measured: 0.2x in the second step of sdnet18_all at lr 0.1 with power iteration), so FISTA's step would be
     too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
-    states = []
+    starts = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
     keys = [[layer._cache_key(spatial) for layer in layers] for spatial, layers in groups]
     with contextlib.ExitStack() as stack:
@@ -480,32 +551,39 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
             r = torch.randn(v.shape, generator=gen, device=first.weight.device)
             v = v + _POWER_MIX * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            state = _estimator(_normal_operator(layers, spatial), v)
-            state.extend(max(first.power_iters, _FIRST_CHECK if _METHOD == "lanczos" else 0))
+            starts.append((_normal_operator(layers, spatial), v))
+        shared = _shared_states(starts)
+        states = []
+        for members in shared:
+            state = _estimator([starts[i] for i in members])
+            state.extend(max(max(groups[i][1][0].power_iters for i in members),
+                             _FIRST_CHECK if _METHOD == "lanczos" else 0))
             states.append(state)
-        # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on
-        # as a whole: on the GPU the others ride along in the same grouped convolutions; on the CPU each
-        # layer is a group of its own.)
+        # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on as
+        # a whole: on the GPU the others ride along in the same grouped convolutions. Groups that share a state
+        # stop one by one, as they would alone; on the CPU each layer has a state of its own.)
         live, final = list(range(len(states))), [None] * len(states)
         for round_ in range(16):
             rising = []
             for i, (prev, est) in zip(live, _estimates([states[i] for i in live])):
                 final[i] = est
-                if round_ < 15 and bool((est - prev > _POWER_TOL * est).any()):
+                if round_ < 15 and states[i].settle(est - prev > _POWER_TOL * est):
                     rising.append(i)
             live = rising
             if not live:
                 break
             for i in live:
                 states[i].extend(2)
-        for (_, layers), state, est, group_keys in zip(groups, states, final, keys):
-            v = state.vector()
-            est = est.to(v.device)  # one copy to the device per group, not one per layer
-            for i, (layer, key) in enumerate(zip(layers, group_keys)):
-                layer._power_vec = v[i:i + 1].clone()
-                layer._lipschitz = (est[i] * layer.power_margin).clamp_min(1e-6)
-                layer._lipschitz_key = key
-                layer._refreshes += 1
+        for members, state, est in zip(shared, states, final):
+            vectors, row = state.vectors(), 0
+            est = est.to(vectors[0].device)  # one copy to the device per state, not one per layer
+            for i, v in zip(members, vectors):
+                for k, (layer, key) in enumerate(zip(groups[i][1], keys[i])):
+                    layer._power_vec = v[k:k + 1].clone()
+                    layer._lipschitz = (est[row + k] * layer.power_margin).clamp_min(1e-6)
+                    layer._lipschitz_key = key
+                    layer._refreshes += 1
+                row += len(v)
 
 
 def refresh_step_sizes(model: nn.Module) -> None:

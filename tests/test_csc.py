@@ -5,6 +5,7 @@ code vector), so they share no code with the layer.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import threading
@@ -401,6 +402,68 @@ def test_a_group_refresh_is_each_layer_refreshed_alone(monkeypatch):
         assert L == pytest.approx(single.lipschitz(hw).item(), rel=1e-3)
 
 
+def test_groups_of_several_geometries_can_share_one_lanczos_state(device):
+    """A shared state (the GPU's way: rows of several geometries stacked, padded with zeros to the longest) gives
+    each part the Ritz values and warm vectors it gets alone, and its padding stays zero."""
+    big = [make_layer(3, 8, 3, 1, seed=1).to(device)]                             # codes of 8*6*6 = 288
+    small = [make_layer(8, 12, 3, 2, seed=s).to(device) for s in (2, 3)]         # codes of 12*3*3 = 108
+    gen = torch.Generator().manual_seed(0)
+    starts = []
+    for layers, hw in ((big, (6, 6)), (small, (6, 6))):
+        v = torch.randn(len(layers), *layers[0]._code_shape(hw)[1:], generator=gen).to(device)
+        starts.append((csc._normal_operator(layers, hw), v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)))
+    shared, alone = csc._Lanczos(starts), [csc._Lanczos([part]) for part in starts]
+    for state in (shared, *alone):
+        state.extend(20)
+    (_, est), *single = csc._estimates([shared, *alone])
+    torch.testing.assert_close(est, torch.cat([e for _, e in single]), rtol=1e-4, atol=0)
+    for v, state in zip(shared.vectors(), alone):
+        torch.testing.assert_close(v, state.vectors()[0], rtol=1e-3, atol=1e-4)
+    assert shared.Q[1:, :shared.size, 108:].abs().max().item() == 0  # the small layers' padding
+    for layer, L in zip(big + small, est.tolist()):
+        assert L == pytest.approx(_true_top(layer, (6, 6)), rel=1e-3)
+
+
+def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
+    """refresh_step_sizes the GPU's way (grouped layers, shared Lanczos states), run on the CPU: fewer states than
+    groups, every layer's step size within the margin above its ||A||^2, and each group's products and step
+    sizes those of the same grouped refresh without shared states (a group stops as it would alone)."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    x = smooth_images(4, size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).square().mean().backward()
+    opt.step()
+    project_dictionaries(model)
+    own = copy.deepcopy(model)
+    sdnet.refresh_step_sizes(own)
+    sizes = []
+    real = csc._Lanczos.__init__
+    monkeypatch.setattr(csc._Lanczos, "__init__", lambda self, parts: sizes.append(len(parts)) or real(self, parts))
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    unshared = copy.deepcopy(model)
+    products = collections.Counter()
+    real_operator = csc._normal_operator
+
+    def counted(layers, spatial):
+        apply, name = real_operator(layers, spatial), layers[0].name
+        return lambda v: products.update([name]) or apply(v)
+    monkeypatch.setattr(csc, "_normal_operator", counted)
+    sdnet.refresh_step_sizes(model)
+    assert len(sizes) < 8 and max(sizes) > 1, sizes   # 8 geometries in SDNet-18-All, fewer states
+    shared_products, sizes[:] = dict(products), []
+    products.clear()
+    monkeypatch.setattr(csc, "_shared_states", lambda starts: [[i] for i in range(len(starts))])
+    sdnet.refresh_step_sizes(unshared)
+    assert sizes == [1] * 8 and dict(products) == shared_products
+    for (name, layer), (_, alone), (_, grouped) in zip(*map(sdnet.csc_layers, (model, own, unshared))):
+        spatial = layer._lipschitz_key[-1]
+        L, top = layer._lipschitz.item(), _true_top(layer, spatial)
+        assert top <= L <= 1.05 * top * (1 + 1e-3), (name, L / top)
+        assert L == pytest.approx(grouped._lipschitz.item(), rel=1e-4), name
+        assert L == pytest.approx(alone._lipschitz.item(), rel=0.05), name
+
+
 def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
     """bench/circulant_bound.py: the DFT bound (an upper bound of ||A||^2 by construction, no shared code with
     the estimate) lies above the library's Lanczos estimate in every layer, strides 1 and 2."""
@@ -424,14 +487,14 @@ def test_lanczos_basis_grows_and_stays_orthonormal(device):
     apply = csc._normal_operator(layers, (6, 5))
     v = torch.randn(2, 12, 6, 5, generator=torch.Generator().manual_seed(0)).to(device)
     v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    stepwise, at_once = csc._Lanczos(apply, v), csc._Lanczos(apply, v)
+    stepwise, at_once = csc._Lanczos([(apply, v)]), csc._Lanczos([(apply, v)])
     for _ in range(12):
         stepwise.extend(2)
     at_once.extend(24)
     assert stepwise.size == at_once.size == 25 and stepwise.Q.shape[1] >= 25
     (_, est_a), (_, est_b) = csc._estimates([stepwise, at_once])
     torch.testing.assert_close(est_a, est_b, rtol=1e-5, atol=0)
-    torch.testing.assert_close(stepwise.vector(), at_once.vector(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepwise.vectors()[0], at_once.vectors()[0], rtol=1e-4, atol=1e-5)
     Q = stepwise.Q[:, :stepwise.size]
     gram = Q @ Q.mT
     nonzero = Q.norm(dim=2) > 0   # rows after an invariant Krylov space are zero by design
@@ -493,6 +556,7 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     cpu, gpu = by["sdnet18_all", "cpu"], by["sdnet18_all", "gpu"]
     assert cpu["update"] > by["resnet18", "cpu"]["update"] and cpu["products"] >= 17 * csc._FIRST_CHECK
     assert gpu["products"] < cpu["products"] and gpu["refresh"] <= cpu["refresh"]
+    assert gpu["unshared"] > gpu["refresh"] and cpu["unshared"] is None  # shared states: fewer ops, same weights
     assert "| sdnet18_all |" in capsys.readouterr().out
 
 
