@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -148,7 +149,9 @@ def _load_image_folder(p: Path, split: str) -> ImageSet:
         labels += [i] * len(found)
     if not files:
         raise DatasetError(f"no images under {root}: expected {root}/<class>/*.jpg or *.png")
-    key = hashlib.sha256("\n".join(f"{f}:{f.stat().st_size}" for f in files).encode()).hexdigest()[:16]
+    # size and modification time: an image replaced by another of the same size is decoded afresh
+    stats = [f.stat() for f in files]
+    key = hashlib.sha256("\n".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats)).encode()).hexdigest()[:16]
     cached = cache_dir() / "decoded" / f"{root.parent.name}-{split}-{key}.npz"
     if cached.exists():
         with np.load(cached) as npz:
@@ -167,9 +170,14 @@ def _decode_all(files: list[Path]) -> np.ndarray:
     from PIL import Image
     from tqdm import tqdm
 
+    from .images import DECODERS
+
     def decode(f: Path) -> np.ndarray:
-        with Image.open(f) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(f, formats=DECODERS) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, EOFError) as err:  # UnidentifiedImageError is an OSError
+            raise DatasetError(f"{f} is not a readable image ({type(err).__name__}: {err}); remove or replace it") from None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(tqdm(pool.map(decode, files, chunksize=256), total=len(files),
@@ -199,10 +207,10 @@ def _unpack_once(p: Path) -> Path:
         with tarfile.open(p) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
     except (tarfile.TarError, OSError, EOFError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-unpacked scratch folder left behind
         raise DatasetError(f"cannot unpack {p}: {err}") from None
     (tmp / ".complete").touch()
     if dest.exists():  # another process won the race
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, dest)

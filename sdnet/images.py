@@ -21,6 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000   # width * height above this is refused (a decompression bomb, or just too big)
 MAX_BYTES = 50 * 2 ** 20  # files above 50 MiB are refused before decoding
 SUFFIXES = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+# The only decoders an upload may reach (JPEG's also opens a phone's MPO). Pillow otherwise tries every format it
+# knows by the file's first bytes, whatever its name: an EPS renamed .png would be handed to Ghostscript.
+DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageError(ValueError):
@@ -56,7 +59,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODERS)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
@@ -84,7 +87,7 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     if mode == "RGB":
         return img, notes
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)  # exact to 2^24, plenty for 8 bits out; half float64's memory
         hi = float(arr.max()) if arr.size else 0.0
         if mode.startswith("I;16"):
             # 16 bits per pixel whatever the content: a dark 16-bit image stays dark

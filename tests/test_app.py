@@ -113,6 +113,8 @@ def test_prepare_image_resizes_and_centre_crops():
     (None, "truncated"),
     (png_header(50_000, 50_000), "over the 40 megapixel limit .a decompression bomb"),  # over Pillow's own limit too
     (png_header(7_000, 7_000), "megapixels"),
+    # an EPS renamed .png: never handed to Pillow's EPS decoder (Ghostscript), refused as not an image
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "not an image"),
 ])
 def test_prepare_image_refuses_bad_files(data, message):
     if data is None:  # a real PNG cut in half

@@ -56,6 +56,30 @@ def test_tarball_with_path_traversal_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="cannot unpack"):
         load_split(evil, "train")
     assert not (tmp_path / "escaped.txt").exists()
+    assert not list((tmp_path / "cache" / "unpacked").iterdir())  # no half-unpacked scratch folder left
+
+
+def test_an_image_replaced_by_one_of_the_same_size_is_decoded_afresh(tmp_path):
+    """The decode cache is keyed by each file's size and modification time, not its size alone."""
+    import os
+    from PIL import Image
+    root = make_image_folder(tmp_path / "tree", n_train=1, n_test=1, suffix=".bmp")  # BMP: size fixed by the pixels
+    first = load_split(root, "test")
+    target = sorted((root / "test").rglob("*.bmp"))[0]
+    size, mtime = target.stat().st_size, target.stat().st_mtime_ns
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(target)
+    os.utime(target, ns=(mtime + 10**9, mtime + 10**9))
+    assert target.stat().st_size == size
+    again = load_split(root, "test")
+    assert again.images[0].min() == 255 and not torch.equal(again.images, first.images)
+
+
+def test_an_unreadable_image_in_a_dataset_is_named_in_one_line(tmp_path):
+    root = make_image_folder(tmp_path / "tree", n_train=2, n_test=1)
+    broken = root / "train" / CLASSES[0] / "0001.png"
+    broken.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")  # not a decoder it may reach
+    with pytest.raises(DatasetError, match="0001.png is not a readable image"):
+        load_split(root, "train")
 
 
 def test_missing_and_malformed_datasets_say_what_was_expected(tmp_path):
