@@ -49,6 +49,8 @@ def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
 def _show_card(loaded: state.Loaded) -> None:
     card, cfg = loaded.card, loaded.meta["config"]
     sb = st.sidebar
+    if loaded.card_problems:
+        sb.warning("The model card has fields of the wrong kind, left out: " + "; ".join(loaded.card_problems))
     if card is None:
         sb.warning("No model card beside this checkpoint (expected "
                    f"`{loaded.path.with_suffix('.json').name}`); showing what the file itself says.")
@@ -287,7 +289,9 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int,
                                format_func=lambda v: f"{v:g}",
                                help="The sparsity weight of every CSC layer, at inference only: the model is "
                                     "not retrained or changed (sdnet.override).")
-    n_steps = c2.slider("FISTA steps", 1, 20, key="n_steps", help="Unrolled FISTA iterations per CSC layer.")
+    # up to 20, or the model's own count if it was trained with more
+    n_steps = c2.slider("FISTA steps", 1, max(20, loaded.trained_steps), key="n_steps",
+                        help="Unrolled FISTA iterations per CSC layer.")
     with c3:
         _auto_lam(ctx, trained_probe)
     with st.expander("Per-layer λ"):

@@ -26,6 +26,7 @@ import torch
 
 import sdnet
 from sdnet import attribution, images
+from sdnet.cards import checked_card
 from sdnet.corruptions import corrupt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
 def cpu_threads() -> int:
     """Torch CPU threads per computation: $SDNET_APP_THREADS, default 1. A 32x32 trace is too small to
     gain from intra-op threads, and sessions already run in parallel (see bench/README.md)."""
-    return max(1, int(os.environ.get("SDNET_APP_THREADS", "1")))
+    text = os.environ.get("SDNET_APP_THREADS", "").strip()
+    return max(1, int(text)) if text.isdigit() else 1  # unset, empty or not a number: the default
 
 
 def pick_device() -> torch.device:
@@ -112,9 +114,10 @@ class Loaded:
     """A checkpoint in memory: shared by every session, so read-only."""
     model: torch.nn.Module
     meta: dict
-    card: dict | None
+    card: dict | None  # checked: fields of the wrong kind left out (sdnet.cards.checked_card)
     path: Path
     key: str  # identifies the file's content for the data caches
+    card_problems: tuple[str, ...] = ()  # what was left out of the card, for the user
 
     @property
     def classes(self) -> list[str]:
@@ -158,7 +161,8 @@ def load(path: str | Path, device: torch.device) -> Loaded:
     stat = p.resolve().stat()
     model, meta = _load(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{device}"
-    return Loaded(model=model, meta=meta, card=sdnet.load_card(p), path=p, key=key)
+    card, problems = checked_card(sdnet.load_card(p))
+    return Loaded(model=model, meta=meta, card=card, path=p, key=key, card_problems=tuple(problems))
 
 
 def baseline_path(loaded: Loaded, folder: Path) -> Path | None:

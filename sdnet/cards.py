@@ -37,6 +37,76 @@ def load_card(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     return card if isinstance(card, dict) else None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fit_problem(fit: Any) -> str | None:
+    """What is wrong with one entry of card["robust_fit"], or None."""
+    from .csc import LAM_MAX, _check_steps
+    if not isinstance(fit, dict):
+        return f"is a {type(fit).__name__}, not a dictionary"
+    if not (_number(fit.get("slope")) and _number(fit.get("intercept"))):
+        return "needs a finite numeric slope and intercept"
+    lam_range = fit.get("lam_range", [0.0, LAM_MAX])
+    if not (isinstance(lam_range, list) and len(lam_range) == 2 and all(map(_number, lam_range))
+            and 0 <= lam_range[0] <= lam_range[1] <= LAM_MAX):
+        return f"has a lam_range that is not [lo, hi] within [0, {LAM_MAX:g}]"
+    if fit.get("n_steps") is not None:
+        try:
+            _check_steps(fit["n_steps"], "the fit")
+        except ValueError as err:
+            return str(err)
+    layers = fit.get("layers")
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
+        return "has layers that are not a list of layer names"
+    return None
+
+
+def checked_card(card: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The card with every field the app and the tools read checked: a field of the wrong kind (a hand-edited
+    "86%" accuracy, a fit without a slope, a NaN slope, ...) is left out and named in the returned problems."""
+    if card is None:
+        return None, []
+    card, problems = dict(card), []
+
+    def drop(key: str, why: str) -> None:
+        card.pop(key, None)
+        problems.append(f"{key} {why}: left out")
+    if "test_accuracy" in card and not _number(card["test_accuracy"]):
+        drop("test_accuracy", f"is {card['test_accuracy']!r}, not a number")
+    if "test_images" in card and not (isinstance(card["test_images"], int) and not isinstance(card["test_images"], bool)):
+        drop("test_images", "is not a whole number")
+    for key in ("training", "evaluation"):
+        if key in card and not isinstance(card[key], dict):
+            drop(key, "is not a dictionary")
+    for key in ("seconds", "test_acc_during_training", "final_train_acc", "test_subset_during_training"):
+        training = card.get("training")
+        if training and training.get(key) is not None and not _number(training[key]):
+            card["training"] = {k: v for k, v in training.items() if k != key}
+            problems.append(f"training.{key} is not a number: left out")
+    for key in ("training", "evaluation"):
+        if isinstance(card.get(key), dict) and not isinstance(card[key].get("command", ""), (str, type(None))):
+            card[key] = {k: v for k, v in card[key].items() if k != "command"}
+            problems.append(f"{key}.command is not text: left out")
+    if "baseline" in card and not isinstance(card["baseline"], str):
+        drop("baseline", "is not a file name")
+    if "robust_fit" in card:
+        fits = card["robust_fit"]
+        if not isinstance(fits, dict):
+            drop("robust_fit", "is not a dictionary of fits")
+        else:
+            kept = {}
+            for noise, fit in fits.items():
+                why = _fit_problem(fit)
+                if why:
+                    problems.append(f"robust_fit.{noise} {why}: left out")
+                else:
+                    kept[noise] = fit
+            card["robust_fit"] = kept
+    return card, problems
+
+
 def write_card(checkpoint: str | os.PathLike, card: dict[str, Any]) -> Path:
     """Write (atomically) the card beside `checkpoint`."""
     path = card_path(checkpoint)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -113,6 +114,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     config = getattr(model, "sdnet_config", None)
     if config is None:
         raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
+    meta = {k: _plain(v, f"meta[{k!r}]") for k, v in meta.items()}  # before writing: loading refuses the rest
+    problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
+    if problem:
+        raise ValueError(problem)
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
              for k, v in model.state_dict().items()}
     # the warm vector only starts a later refresh, so float16 will do; L itself stays exact
@@ -120,6 +125,31 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
              for name, st in power_states(model, current_only=True).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
                  "meta": dict(meta), "state_dict": state, "power": power}, path)
+
+
+def _plain(value: Any, where: str) -> Any:
+    """`value` as plain data that the weights-only loader reads back (numpy scalars and arrays become numbers and
+    lists, tuples lists); ValueError for anything else, so that a checkpoint is never written unreadable."""
+    if isinstance(value, np.generic):  # first: np.float64 is a float, yet pickles as a numpy object
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise ValueError(f"{where} is a {type(value).__name__}: a checkpoint stores plain data only (numbers, strings, "
+                     "lists, dictionaries with string keys, tensors), which loading with weights_only=True reads back")
+
+
+def _classes_problem(classes: Any, outputs: Any) -> str | None:
+    """Why a checkpoint's class names cannot label the model's outputs (one name per output), or None."""
+    if classes is None or (isinstance(classes, list) and len(classes) == outputs
+                           and all(isinstance(c, str) for c in classes)):
+        return None
+    return f"its class names do not fit the model, which predicts {outputs} classes (classes: {str(classes)[:120]})"
 
 
 def _check_power_state(name: str, st: Any) -> None:
@@ -152,6 +182,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     except Exception as e:  # noqa: BLE001 - whatever the stored config or tensors are, say so plainly
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
                               f"{_first_line(e)}") from None
+    problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # every prediction would be NaN: say why here, not as "nan%" downstream
         raise CheckpointError(f"{path} has NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"

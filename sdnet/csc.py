@@ -104,7 +104,7 @@ class CSCLayer(nn.Module):
         self.kernel_size, self.stride = kernel_size, stride
         self.padding = kernel_size // 2 if padding is None else padding
         self.lam = _check_lam(lam, "the layer")
-        self.n_steps = int(n_steps)
+        self.n_steps = _check_steps(n_steps, "the layer")
         if int(power_iters) < 1:
             raise ValueError(f"power_iters (products of each step-size refresh) must be at least 1, got {power_iters}")
         self.non_negative = non_negative

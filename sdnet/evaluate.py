@@ -22,7 +22,7 @@ from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, align_classes, load_split, resolve_data_path
 from .inspect import trace
-from .utils import default_device, lam_value, positive_int, severity_value, steps_value
+from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value
 
 
 @dataclass
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --corruption: 1..5 as in CIFAR-10-C (default 3), or a float: the noise level c itself")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
     p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--update-card", action="store_true",
                    help="write the measured accuracy and this command into the checkpoint's model card "

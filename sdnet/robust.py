@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -67,7 +68,7 @@ from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, align_classes, load_split
 from .inspect import trace
-from .utils import (default_device, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
+from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
                     steps_value)
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
@@ -798,6 +799,9 @@ def _parse_list(text: str, convert, what: str) -> tuple:
     return vals
 
 
+MAX_LAMS = 1000
+
+
 def parse_lams(text: str) -> tuple[float, ...]:
     """'0.1:1.5:0.1' (start:stop:step, stop included) or '0.1,0.5,1'."""
     if ":" in text:
@@ -805,9 +809,12 @@ def parse_lams(text: str) -> tuple[float, ...]:
             a, b, s = (float(v) for v in text.split(":"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected start:stop:step, got {text!r}") from None
-        if s <= 0 or b < a:
-            raise argparse.ArgumentTypeError(f"expected start <= stop and step > 0, got {text!r}")
-        vals = tuple(round(a + i * s, 6) for i in range(int(np.floor((b - a) / s + 1e-9)) + 1))
+        if not all(map(math.isfinite, (a, b, s))) or s <= 0 or b < a:
+            raise argparse.ArgumentTypeError(f"expected finite start <= stop and step > 0, got {text!r}")
+        count = int(np.floor((b - a) / s + 1e-9)) + 1
+        if count > MAX_LAMS:  # each lambda is a pass over the data: a typo must not take hours (or all memory)
+            raise argparse.ArgumentTypeError(f"{text!r} is {count} lambdas; at most {MAX_LAMS}")
+        vals = tuple(round(a + i * s, 6) for i in range(count))
     else:
         vals = _parse_list(text, float, "lambdas")
     if any(not 0 <= v <= 100 for v in vals):
@@ -846,7 +853,7 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the sweep subset and the attacks)")
     p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps at inference (default: trained)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
@@ -903,6 +910,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                     level(kind, severity)
                 except ValueError as err:
                     parser.error(f"{kind} at {severity}: {err}")
+    if args.func is cmd_fit and len(set(args.levels)) < 2:
+        parser.error(f"a fit of lambda against the residual needs two or more noise levels, got --levels "
+                     f"{_join(args.levels)}: it would replace the card's fits with a flat line")
     if getattr(args, "tuned_lam", "auto") != "auto":
         try:
             args.tuned_lam = str(lam_value(args.tuned_lam))

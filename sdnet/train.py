@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
-from .checkpoint import atomic_save, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, atomic_save, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
-from .data import NUM_CLASSES, augment, load_split
+from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
-from .utils import allocator_description, default_device, keep_freed_memory, lam_value, positive_int, steps_value
+from .utils import (allocator_description, default_device, device_value, keep_freed_memory, lam_value, positive_int,
+                    steps_value)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after N epochs in this invocation (the schedule still spans --epochs; "
                         "--resume continues), to fit training into time slots")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on recent GPUs)")
@@ -143,7 +144,38 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
     return card
 
 
+# What a resumed run must share with the run that wrote last.pt: the model and what it learns from.
+RESUME_MUST_MATCH = ("model", "width", "shortcut", "lam", "n_steps", "dataset", "num_classes")
+
+
+def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
+    """The training state in `path`, checked to be one this run can continue; CheckpointError otherwise."""
+    state = safe_load(path, map_location=device)
+    missing = [k for k in ("model", "optimizer", "power", "epoch", "train_seconds", "config")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training state written by python -m sdnet.train "
+                              f"(no {', '.join(missing)})")
+    try:
+        stored = json.loads(state["config"])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path} is damaged: its config is not JSON") from None
+    differ = [f"{k}={stored.get(k)!r} there, {config[k]!r} here" for k in RESUME_MUST_MATCH if stored.get(k) != config[k]]
+    if differ:
+        raise CheckpointError(f"--resume: {path} is a different run ({'; '.join(differ)}): resume it with its own "
+                              "settings, or train this one into another --out")
+    return state
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """python -m sdnet.train; a dataset or checkpoint problem ends it with its one-line message."""
+    try:
+        return _train(argv)
+    except (DatasetError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _train(argv: list[str] | None) -> dict:
     args = parse_args(argv)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
@@ -164,11 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"--keep-freed-memory ignored: it helps the host memory of CPU training, and this run is on {device}")
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.model}-w{args.width}")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    finished = [f for f in ("last.pt", "model.pt") if (out / f).exists()]
+    if finished and not args.resume:  # never overwrite a run by forgetting --resume
+        raise SystemExit(f"error: {out} already holds a training run ({', '.join(finished)}): pass --resume to "
+                         "continue it, or another --out (or remove the folder) to start afresh")
 
     train = load_split(args.data, "train", args.dataset, args.download).subset(args.train_subset, args.seed)
-    test = load_split(args.data, "test", args.dataset).subset(args.test_subset, args.seed)
-    num_classes = NUM_CLASSES[args.dataset]
+    # as many outputs as the data has classes (a folder may hold some of CIFAR's), the test split's labels matched
+    # to the training split's classes by name
+    num_classes = len(train.classes)
+    test = align_classes(load_split(args.data, "test", args.dataset), train.classes,
+                         num_classes).subset(args.test_subset, args.seed)
     model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
                         lam=args.lam, n_steps=args.n_steps).to(device)
     if args.channels_last:
@@ -181,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     start_epoch, train_seconds = 0, 0.0
     if args.resume and (out / "last.pt").exists():
-        state = safe_load(out / "last.pt", map_location=device)
+        state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes), device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         load_power_states(model, state["power"])  # for a bit-exact resume
@@ -203,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
     command = "python -m sdnet.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data or --resume leaves no empty folder
     config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, command=command,
                   machine=machine_description(device), allocator=allocator)
     if is_main:

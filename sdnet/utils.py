@@ -16,6 +16,22 @@ def default_device() -> torch.device:
 
 
 # --- command-line argument types: a bad value is an argparse error (usage line and message), not a traceback ---
+def device_value(text: str) -> str:
+    """--device: auto, or a torch device this machine has (cpu, cuda, cuda:1, ...)."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+
 def _number(text: str, convert, ok, expected: str):
     try:
         value = convert(text)

@@ -500,6 +500,40 @@ def test_auto_lambda_with_a_fit_for_other_layers_says_so(app, checkpoint_dir, tm
     assert any("does not match this model" in c.value and "no_such_layer" in c.value for c in at.caption)
 
 
+def test_a_hand_edited_card_of_the_wrong_kinds_is_named_not_fatal(app, checkpoint_dir, tmp_path, monkeypatch):
+    """Fields of the wrong kind on the model card are left out and named in a warning; the page still works, and
+    a fit with a NaN slope offers no "Auto λ = nan" button."""
+    fits = {"gaussian": {"slope": float("nan"), "intercept": 0.0, "lam_range": [0.1, 1.5]},
+            "shot": {"intercept": 0.1}, "impulse": "a fit"}
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(_with_card(
+        checkpoint_dir, tmp_path / "edited", test_accuracy="86%", training="by hand", robust_fit=fits).parent))
+    at = app(noise="gaussian")
+    ok(at)
+    warning = " ".join(w.value for w in at.warning)
+    for text in ("test_accuracy is '86%', not a number", "training is not a dictionary",
+                 "robust_fit.gaussian needs a finite numeric slope", "robust_fit.impulse is a str"):
+        assert text in warning, (text, warning)
+    assert not any("nan" in b.label for b in at.button)
+
+
+def test_card_fields_are_checked_one_by_one():
+    from sdnet.cards import checked_card
+    good = {"slope": 0.5, "intercept": 0.1, "lam_range": [0.1, 1.5], "n_steps": 2, "layers": ["conv1"]}
+    card, problems = checked_card({"test_accuracy": 85.0, "robust_fit": {"gaussian": good,
+                                   "shot": dict(good, n_steps=10**9), "speckle": dict(good, lam_range=[2, 1])},
+                                   "training": {"seconds": "long", "command": "python -m sdnet.train"}})
+    assert card["test_accuracy"] == 85.0 and list(card["robust_fit"]) == ["gaussian"]
+    assert card["training"] == {"command": "python -m sdnet.train"}
+    assert len(problems) == 3 and checked_card(None) == (None, [])
+
+
+def test_app_threads_from_the_environment(monkeypatch):
+    from app import state
+    for text, threads in (("", 1), ("abc", 1), ("3", 3), ("0", 1)):
+        monkeypatch.setenv("SDNET_APP_THREADS", text)
+        assert state.cpu_threads() == threads, text
+
+
 def test_two_sessions_share_the_model_not_their_results(app):
     a, b = app(), app()
     a.select_slider(key="lam").set_value(0.01).run()

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import sdnet
-from sdnet.checkpoint import FORMAT, VERSION
+from sdnet.checkpoint import FORMAT, VERSION, atomic_save
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -148,15 +148,54 @@ def test_write_is_atomic(model, tmp_path):
     path = tmp_path / "m.pt"
     sdnet.save_checkpoint(path, model, note="old")
     old = path.read_bytes()
-    # The state dict is written before the meta, so the failure comes after bytes went out.
+    # The writer save_checkpoint uses, failing after the state dict's bytes went out.
     with pytest.raises(RuntimeError, match="disk full"):
-        sdnet.save_checkpoint(path, model, note=Unpicklable())
+        atomic_save({"state_dict": model.state_dict(), "note": Unpicklable()}, path)
     assert path.read_bytes() == old  # the previous checkpoint is untouched...
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # ...and no temp file is left
     # A failed first write leaves nothing at all.
     with pytest.raises(RuntimeError, match="disk full"):
-        sdnet.save_checkpoint(tmp_path / "new" / "n.pt", model, note=Unpicklable())
+        atomic_save({"state_dict": model.state_dict(), "note": Unpicklable()}, tmp_path / "new" / "n.pt")
     assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_meta_is_stored_as_plain_data_or_refused_before_writing(model, tmp_path):
+    """numpy numbers and tuples in the meta come back as plain numbers and lists; what the weights-only loader
+    would refuse (any other object) is refused before a byte is written, so a good file is never replaced by one
+    that cannot be loaded."""
+    import numpy as np
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model, acc=np.float64(0.5), sizes=(np.int64(3), 4), grid=np.arange(3), classes=CLASSES)
+    _, meta = sdnet.load_checkpoint(path)
+    assert meta["acc"] == 0.5 and type(meta["acc"]) is float and meta["sizes"] == [3, 4] and meta["grid"] == [0, 1, 2]
+    old = path.read_bytes()
+    with pytest.raises(ValueError, match=r"meta\['note'\] is a object: a checkpoint stores plain data only"):
+        sdnet.save_checkpoint(path, model, note=object())
+    assert path.read_bytes() == old
+
+
+def test_checkpoints_whose_settings_do_not_fit_the_model_are_refused(model, tmp_path):
+    """Class names that do not match the outputs (the app indexes them by output), and an n_steps out of range
+    (a stored 1e9 would hang every solve), each get a CheckpointError."""
+    with pytest.raises(ValueError, match="class names do not fit the model, which predicts 3 classes"):
+        sdnet.save_checkpoint(tmp_path / "classes.pt", model, classes=["cat", "dog"])  # refused before writing
+    assert not (tmp_path / "classes.pt").exists()
+    obj = torch.load(_saved(tmp_path / "classes.pt", model), weights_only=True)
+    obj["meta"]["classes"] = ["cat", "dog"]  # as an older or foreign writer could have stored it
+    torch.save(obj, tmp_path / "classes.pt")
+    with pytest.raises(sdnet.CheckpointError, match="class names do not fit the model, which predicts 3 classes"):
+        sdnet.load_checkpoint(tmp_path / "classes.pt")
+    for steps in (0, 10**9):
+        obj = torch.load(_saved(tmp_path / "steps.pt", model), weights_only=True)
+        obj["config"]["n_steps"] = steps
+        torch.save(obj, tmp_path / "steps.pt")
+        with pytest.raises(sdnet.CheckpointError, match=r"do not fit the stored architecture: n_steps .* \[1, 1000\]"):
+            sdnet.load_checkpoint(tmp_path / "steps.pt")
+
+
+def _saved(path: Path, model) -> Path:
+    sdnet.save_checkpoint(path, model, classes=CLASSES)
+    return path
 
 
 # --- files that are not (good) checkpoints ------------------------------------------------------

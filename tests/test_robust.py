@@ -34,7 +34,7 @@ def setup(tmp_path_factory, calibrated_model):
     root = tmp_path_factory.mktemp("robust")
     tree = make_image_folder(root / "tree", n_train=3, n_test=3)
     for name, arch, shortcut in (("sd.pt", "sdnet18_all", False), ("rn.pt", "resnet18", True)):
-        sdnet.save_checkpoint(root / name, calibrated_model(arch, 4, shortcut), classes=CLASSES[:3], dataset="cifar10")
+        sdnet.save_checkpoint(root / name, calibrated_model(arch, 4, shortcut), classes=CLASSES, dataset="cifar10")
     sdnet.write_card(root / "sd.pt", {"name": "tiny", "baseline": "rn.pt", "lam": 0.1})
     return root, tree
 
@@ -112,9 +112,9 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert (out / "fig3-lambda-vs-residual.html").exists()
 
     # a second fit for one noise replaces that one and keeps the others
-    _run(setup, tmp_path, "fit", "--noise", "shot", "--levels", "2", "--lams", "0.1,0.5")
+    _run(setup, tmp_path, "fit", "--noise", "shot", "--levels", "2,4", "--lams", "0.1,0.5")
     card = load_card(root / "sd.pt")
-    assert set(card["robust_fit"]) == set(NOISES) and len(card["robust_fit"]["shot"]["points"]) == 1
+    assert set(card["robust_fit"]) == set(NOISES) and len(card["robust_fit"]["shot"]["points"]) == 2
 
     res, out = _run(setup, tmp_path, "eval", "--noise", "gaussian,impulse", "--severities", "1,3",
                     "--lams", "0.1,0.5", "--sweep-subset", "4", "--seed", "3")

@@ -47,7 +47,9 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert {"train_loss", "train_acc", "test_acc", "lr", "images_per_second"} <= log[-1].keys()
     # the final checkpoint is self-describing and its dictionaries are unit-norm (projected SGD)
     model, meta = load_checkpoint(resumed / "model.pt")
+    # as many outputs as the folder has classes (three of CIFAR-10's here)
     assert meta["config"]["width"] == 4 and meta["classes"] == ["airplane", "automobile", "bird"]
+    assert meta["config"]["num_classes"] == 3 and model.linear.out_features == 3
     norms = model.conv1.weight.flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     # the run wrote a model card saying what it trained and how
@@ -64,6 +66,33 @@ def _weights_init():
     torch.manual_seed(0)
     from sdnet import build_model
     return build_model("sdnet18_all", num_classes=3, width=4, shortcut=False).state_dict()["conv1.weight"]
+
+
+def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path, data, capsys):
+    """A finished run is not overwritten without --resume; --resume refuses another run's state; a missing dataset
+    or a foreign last.pt ends in one line; none of it writes anything."""
+    run = tmp_path / "run"
+    train_main(TINY + ["--data", data, "--epochs", "1", "--out", str(run)])
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    for args, message in [(TINY + ["--data", data, "--epochs", "1"], "already holds a training run"),
+                          (TINY + ["--model", "resnet18", "--data", data, "--epochs", "1", "--resume"],
+                           "is a different run (model='sdnet18_all' there, 'resnet18' here)"),
+                          (TINY + ["--data", data, "--epochs", "1", "--width", "8", "--resume"], "width=4 there, 8 here")]:
+        with pytest.raises(SystemExit) as info:
+            train_main(args + ["--out", str(run)])
+        assert message in str(info.value), info.value
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    with pytest.raises(SystemExit, match=r"^error: dataset not found at") as info:
+        train_main(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()  # no empty run folder left behind
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weights": torch.zeros(2)}, foreign / "last.pt")
+    with pytest.raises(SystemExit, match="not a training state written by python -m sdnet.train"):
+        train_main(TINY + ["--data", data, "--out", str(foreign), "--resume"])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train_main(TINY + ["--data", data, "--out", str(tmp_path / "a-file")])
 
 
 def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, data):
@@ -193,6 +222,10 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
                                  (robust_main, ["fit", "--checkpoint", "x.pt", "--levels=-1"], "--levels: expected a severity"),
                                  (robust_main, ["fit", "--checkpoint", "x.pt", "--noise", "impulse", "--levels", "1.5"],
                                   "impulse at 1.5: impulse amount must be in (0, 1]"),
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--levels", "0"],
+                                  "needs two or more noise levels"),  # a flat line would replace the card's fits
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--lams", "0.1:inf:0.1"], "expected finite"),
+                                 (robust_main, ["fit", "--checkpoint", "x.pt", "--lams", "0:100:1e-8"], "at most 1000"),
                                  (robust_main, ["adversarial", "--checkpoint", "x.pt", "--tuned-lam", "-1"],
                                   "--tuned-lam takes a lambda or auto"),
                                  (robust_main, ["adversarial", "--checkpoint", "x.pt", "--step-factor", "-1"],
