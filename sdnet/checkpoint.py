@@ -86,6 +86,11 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
+                              f"file starts with {head!r}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

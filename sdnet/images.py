@@ -88,6 +88,10 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
         return img, notes
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float32)  # exact to 2^24, plenty for 8 bits out; half float64's memory
+        bad = ~np.isfinite(arr)
+        if bad.any():  # NaN or inf in a float image: say so, rather than let them blacken the whole picture
+            arr = np.where(bad, 0.0, arr)
+            notes.append(f"{int(bad.sum())} NaN or infinite pixel value(s) set to 0")
         hi = float(arr.max()) if arr.size else 0.0
         if mode.startswith("I;16"):
             # 16 bits per pixel whatever the content: a dark 16-bit image stays dark
@@ -155,7 +159,7 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     notes: list[str] = []
     if getattr(img, "n_frames", 1) > 1:
         notes.append(f"first of {img.n_frames} frames used")
-    if img.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation, as cameras write it
+    if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)
         img = ImageOps.exif_transpose(img)
         notes.append("rotated as its EXIF orientation says")
     img, conv = to_rgb(img)

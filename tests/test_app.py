@@ -125,6 +125,24 @@ def test_prepare_image_refuses_bad_files(data, message):
         images.prepare_image(data, 32)
 
 
+def test_non_finite_pixels_and_unknown_exif_orientations_are_handled_and_said():
+    """A float image with a NaN keeps its picture (the NaN becomes 0, with a note), and an EXIF orientation outside
+    2..8 (9, as some writers store) rotates nothing and claims nothing."""
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    ramp[0, 0] = np.nan
+    buf = io.BytesIO()
+    Image.fromarray(ramp, "F").save(buf, "TIFF")
+    prepared = images.prepare_image(buf.getvalue(), 32)
+    assert prepared.notes[0] == "1 NaN or infinite pixel value(s) set to 0"
+    assert 0.45 < float(prepared.tensor.mean()) < 0.55  # not black
+    odd = Image.new("RGB", (40, 30), (200, 10, 10))
+    exif = odd.getexif()
+    exif[0x0112] = 9
+    buf = io.BytesIO()
+    odd.save(buf, "JPEG", exif=exif)
+    assert not any("EXIF" in note for note in images.prepare_image(buf.getvalue(), 32).notes)
+
+
 def test_display_helpers():
     w = torch.randn(5, 3, 3, 3)
     tiles = images.atom_tiles(w)
