@@ -312,6 +312,18 @@ class CSCLayer(nn.Module):
                     objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
 
 
+def check_override_names(layer_names: set[str]) -> None:
+    """ValueError when the active `override` maps a name that is none of `layer_names` (a model's CSC layers): a
+    misspelt layer would otherwise be ignored without a word."""
+    ctx = _OVERRIDE.get()
+    for key in ("lam", "n_steps"):
+        value = ctx.get(key) if ctx else None
+        unknown = sorted(set(value) - layer_names) if isinstance(value, Mapping) else []
+        if unknown:
+            raise ValueError(f"override({key}=...) names CSC layers this model does not have: {', '.join(unknown)} "
+                             f"(it has {', '.join(sorted(layer_names)[:6])}{', ...' if len(layer_names) > 6 else ''})")
+
+
 # --- the step size of many layers at once ----------------------------------------------------
 def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]):
     """v -> A^T A v for layers of one geometry at once (grouped convolutions), v of shape (G, M, h, w)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .csc import CSCLayer, csc_layers
+from .csc import CSCLayer, check_override_names, csc_layers
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the paper code's normalisation
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -108,13 +108,15 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(cin, num_classes)
-        csc_layers(self)  # give every CSC layer its name, the key for sdnet.override(lam={...})
+        # give every CSC layer its name, the key for sdnet.override(lam={...})
+        self.csc_names = frozenset(name for name, _ in csc_layers(self))
 
     def features(self, x):
         out = self.pool(F.relu(self.bn1(self.conv1(self.normalize(x)))))
         return self.layer4(self.layer3(self.layer2(self.layer1(out))))
 
     def forward(self, x):
+        check_override_names(self.csc_names)
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
     def main_path(self) -> list[tuple[str, nn.Module, nn.BatchNorm2d]]:

@@ -629,6 +629,22 @@ def test_override_validation(kwargs):
             pass
 
 
+def test_override_of_a_layer_the_model_lacks_is_an_error_not_ignored():
+    """A misspelt layer name in a per-layer override would change nothing, silently: the model refuses it."""
+    model = sdnet.build_model("sdnet18_all", width=2).eval()
+    x = torch.rand(1, 3, 16, 16)
+    for kwargs in (dict(lam={"conv_1": 5.0}), dict(n_steps={"layer9.0.conv1": 3})):
+        with sdnet.override(**kwargs), pytest.raises(ValueError, match="names CSC layers this model does not have"):
+            model(x)
+    with sdnet.override(lam={"conv1": 5.0}):
+        model(x)  # a real name is fine
+
+
+def test_layer_n_steps_are_checked_when_built():
+    with pytest.raises(ValueError, match=r"n_steps for the layer must be an integer in \[1, 1000\]"):
+        sdnet.build_model("sdnet18_all", width=2, n_steps=0)
+
+
 def test_override_changes_the_solve_and_restores(device):
     layer = make_layer(3, 8, 3, 1).to(device)
     layer.name = "stem"
