@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import max_norm, pgd
-from .cards import adaptive_lam, scoped, load_card, update_card
+from .cards import adaptive_lam, checked_card, load_card, scoped, update_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
@@ -360,7 +360,7 @@ def _bar(total: int, desc: str):
 
 
 def _describe(path: str | Path, meta: dict) -> str:
-    cfg, card = meta.get("config", {}), load_card(path) or {}
+    cfg, card = meta.get("config", {}), checked_card(load_card(path) or {})[0]
     csc = f", trained λ {cfg.get('lam')}, n_steps {cfg.get('n_steps')}" if "sdnet" in str(cfg.get("name")) else ""
     acc = f", card test accuracy {card['test_accuracy']}" if card.get("test_accuracy") is not None else ""
     return f"`{path}` ({cfg.get('name')}, width {cfg.get('width')}, shortcut {cfg.get('shortcut')}{csc}{acc})"
@@ -377,7 +377,10 @@ class _Context:
             sys.exit(f"error: {err}")
         if not csc_layers(self.model):
             sys.exit(f"error: {args.checkpoint} has no CSC layers: give an SDNet checkpoint (--baseline takes the ResNet)")
-        self.card = load_card(args.checkpoint) or {}
+        # a hand-edited card's malformed fits are left out (and said), not a traceback halfway through a report
+        self.card, problems = checked_card(load_card(args.checkpoint) or {})
+        for problem in problems:
+            print(f"warning: the model card's {problem}", file=sys.stderr)
         self.fits = dict(self.card.get("robust_fit") or {})
         self.lam0 = trained_lam(self.model)
         self.layers = scope_layers(self.model, args.lam_layers)

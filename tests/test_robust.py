@@ -46,6 +46,21 @@ def _run(setup, tmp_path, *args, checkpoint="sd.pt"):
     return res, out
 
 
+def test_a_malformed_fit_on_the_card_is_left_out_with_a_warning(setup, tmp_path, capsys):
+    """A hand-edited card whose fit has no slope: the report runs without it and says so on stderr."""
+    import shutil
+    root, tree = setup
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("sd.pt", "rn.pt"):
+        shutil.copy(root / name, copy / name)
+    sdnet.write_card(copy / "sd.pt", {"name": "tiny", "baseline": "rn.pt", "lam": 0.1,
+                                      "robust_fit": {"gaussian": {"intercept": 0.1}}})
+    robust.main(["fista", "--checkpoint", str(copy / "sd.pt"), "--data", str(tree), "--out", str(tmp_path / "r"),
+                 "--noise", "gaussian", "--severities", "1", "--fista-steps", "1,2", *FAST])
+    assert "warning: the model card's robust_fit.gaussian needs a finite numeric slope" in capsys.readouterr().err
+
+
 def test_fit_line_recovers_a_known_line():
     r = [0.12, 0.2, 0.31, 0.45]
     slope, intercept = robust.fit_line(r, [2.5 * v - 0.2 for v in r])
