@@ -603,7 +603,8 @@ def refresh_step_sizes(model: nn.Module) -> None:
     optimizer step (after `project_dictionaries`), as `python -m sdnet.train` does.
 
     It is the refresh each layer would otherwise do lazily in its next forward, but on a GPU layers of one
-    geometry iterate together as grouped convolutions, and the does-it-still-rise check is one host sync for
+    geometry iterate together as grouped convolutions, groups with codes of similar length share one Lanczos
+    state (fewer kernel launches: bench/launch_count.py), and the does-it-still-rise check is one host sync for
     the model, not one per layer: on an H200 that made a width-64 SDNet-18-All training step 1.2-1.3x as fast
     (bench/README.md), the refresh's many small launches and syncs being a third of the step.
     Layers that have not solved anything yet (no input size known) are left to their first forward."""
