@@ -90,7 +90,7 @@ def cpu_threads() -> int:
     """Torch CPU threads per computation: $SDNET_APP_THREADS, default 1. A 32x32 trace is too small to
     gain from intra-op threads, and sessions already run in parallel (see bench/README.md)."""
     text = os.environ.get("SDNET_APP_THREADS", "").strip()
-    return max(1, int(text)) if text.isdigit() else 1  # unset, empty or not a number: the default
+    return max(1, int(text)) if text.isdecimal() and text.isascii() else 1  # unset, empty or not a number: the default
 
 
 def pick_device() -> torch.device:

@@ -10,7 +10,8 @@ batch, SGD at lr 0.05 from a fresh model) and counted for the update (forward, l
 `sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
 layer per group) or as on a GPU (layers of one geometry in grouped convolutions, groups whose codes are within
 2x in length sharing one Lanczos state; the last column counts the same refresh on the same weights with a
-state per group, as before shared states). The counts do not depend on the batch size.
+state per group, as before shared states). The update's count does not depend on the batch size; the refresh's
+does a little (its products depend on the weights, which the batch moves).
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python bench/launch_count.py", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=train_throughput.MODELS)
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
-    p.add_argument("--batch", type=int, default=16, help="images per step (the counts do not depend on it)")
+    p.add_argument("--batch", type=int, default=16, help="images per step (the update's count does not depend on it)")
     p.add_argument("--warmup", type=int, default=3, help="uncounted steps first")
     p.add_argument("--steps", type=int, default=3, help="counted steps (the median is reported)")
     p.add_argument("--threads", type=int, default=1)

@@ -57,6 +57,10 @@ def _fit_problem(fit: Any) -> str | None:
             _check_steps(fit["n_steps"], "the fit")
         except ValueError as err:
             return str(err)
+    points = fit.get("points", [])
+    if not (isinstance(points, list) and all(isinstance(p, dict) and _number(p.get("residual")) and _number(p.get("lam"))
+                                             for p in points)):
+        return "has points that are not a list of {residual, lam, ...} numbers"
     layers = fit.get("layers")
     if layers is not None and not (isinstance(layers, list) and all(isinstance(n, str) for n in layers)):
         return "has layers that are not a list of layer names"

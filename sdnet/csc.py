@@ -320,8 +320,10 @@ def check_override_names(layer_names: set[str]) -> None:
         value = ctx.get(key) if ctx else None
         unknown = sorted(set(value) - layer_names) if isinstance(value, Mapping) else []
         if unknown:
+            has = (f"it has {', '.join(sorted(layer_names)[:6])}{', ...' if len(layer_names) > 6 else ''}"
+                   if layer_names else "it has none")
             raise ValueError(f"override({key}=...) names CSC layers this model does not have: {', '.join(unknown)} "
-                             f"(it has {', '.join(sorted(layer_names)[:6])}{', ...' if len(layer_names) > 6 else ''})")
+                             f"({has})")
 
 
 # --- the step size of many layers at once ----------------------------------------------------
@@ -441,7 +443,8 @@ class _Lanczos:
 
     def settle(self, rising: torch.Tensor) -> bool:
         """Given which rows still rise (host booleans), stop the products of the parts with none: their rows
-        then get a zero product, so the basis adds zero vectors and their Ritz values stay where they are, as
+        then get a zero product, and their last coupling (to the basis vector whose product they will not
+        make) is cut, so T only gains rows of zeros there and their Ritz values stay exactly where they are, as
         if the part had stopped on its own. Whether any part goes on."""
         row = 0
         for k, (_, shape) in enumerate(self.parts):
@@ -449,6 +452,7 @@ class _Lanczos:
                 self.settled.add(k)
                 if self.out is not None:
                     self.out[row:row + shape[0]].zero_()
+                    self.beta[-1][row:row + shape[0]] = 0
             row += shape[0]
         return len(self.settled) < len(self.parts)
 

@@ -330,7 +330,7 @@ def figure_lambda_vs_residual(fits: dict[str, dict], test_rows: list[dict] | Non
     kinds = list(fits)
     fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds)
     for col, kind in enumerate(kinds, start=1):
-        fit, pts = fits[kind], fits[kind]["points"]
+        fit, pts = fits[kind], fits[kind].get("points", [])
         xs = [p["residual"] for p in pts]
         test = [t for t in test_rows or [] if t["noise"] == kind and t.get("best_lam") is not None]
         if test:
@@ -612,7 +612,7 @@ def _noise_claims(get, kinds, sevs, fits, ctx: _Context, n_sweep: int) -> str:
                       else "Not reproduced."))
     seqs = {}
     if fits:
-        seqs["training fit, λ_c"] = {k: [p["lam"] for p in f["points"]] for k, f in fits.items()}
+        seqs["training fit, λ_c"] = {k: [p["lam"] for p in f.get("points", [])] for k, f in fits.items()}
     if n_sweep:
         seqs["test sweep"] = {k: [get(k, s, "best_lam") for s in sevs] for k in kinds}
     for label, by_kind in seqs.items():

@@ -228,6 +228,9 @@ def _train(argv: list[str] | None) -> dict:
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         if is_main:
             print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+    elif args.resume and (out / "model.pt").exists():  # a finished run whose training state is gone
+        raise SystemExit(f"error: --resume: {out} holds a model.pt but no last.pt to continue from; train into "
+                         "another --out (or remove the folder) to start afresh")
     elif args.resume and is_main:
         print(f"--resume: no {out / 'last.pt'} yet, starting from scratch")
 

@@ -90,6 +90,11 @@ def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path,
     torch.save({"weights": torch.zeros(2)}, foreign / "last.pt")
     with pytest.raises(SystemExit, match="not a training state written by python -m sdnet.train"):
         train_main(TINY + ["--data", data, "--out", str(foreign), "--resume"])
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    shutil.copy(run / "model.pt", finished / "model.pt")  # a finished run whose last.pt is gone
+    with pytest.raises(SystemExit, match="holds a model.pt but no last.pt"):
+        train_main(TINY + ["--data", data, "--out", str(finished), "--resume"])
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         train_main(TINY + ["--data", data, "--out", str(tmp_path / "a-file")])
