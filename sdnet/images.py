@@ -87,24 +87,29 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     if mode == "RGB":
         return img, notes
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float32)  # exact to 2^24, plenty for 8 bits out; half float64's memory
-        bad = ~np.isfinite(arr)
-        if bad.any():  # NaN or inf in a float image: say so, rather than let them blacken the whole picture
-            arr = np.where(bad, 0.0, arr)
-            notes.append(f"{int(bad.sum())} NaN or infinite pixel value(s) set to 0")
+        # float32 is exact to 2^24, plenty for 8 bits out; the steps below work in place, so a 40-megapixel
+        # 16-bit image needs one float copy (160 MB), not one per step
+        arr = np.array(img, dtype=np.float32)
+        if mode == "F":
+            bad = ~np.isfinite(arr)
+            if bad.any():  # NaN or inf in a float image: say so, rather than let them blacken the whole picture
+                arr[bad] = 0.0
+                notes.append(f"{int(bad.sum())} NaN or infinite pixel value(s) set to 0")
+            del bad
         hi = float(arr.max()) if arr.size else 0.0
         if mode.startswith("I;16"):
             # 16 bits per pixel whatever the content: a dark 16-bit image stays dark
-            arr = arr * (255.0 / 65535.0)
+            arr *= 255.0 / 65535.0
             notes.append(f"{mode} (16-bit) scaled to 8 bits")
         elif mode == "F" and hi <= 1.0:
-            arr = arr * 255.0
+            arr *= 255.0
             notes.append("float image in [0, 1] scaled to 8 bits")
         elif hi > 255:
             # 32-bit integers or floats carry no bit depth: 0-65535 is read as 16-bit, more as HDR
-            arr = arr * (255.0 / (65535.0 if hi <= 65535 else hi))
+            arr *= 255.0 / (65535.0 if hi <= 65535 else hi)
             notes.append(f"{mode} ({'16-bit range' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
         notes.append("grayscale converted to RGB")
         return img.convert("RGB"), notes
     if mode == "P":
