@@ -6,8 +6,8 @@ arithmetic dominates. This counts the tensor operations a step dispatches, on th
 need the GPU: every aten operation except views, and except the refresh's host-side work (its small tridiagonal
 eigenproblems, in float64, which stay on the host on a GPU too). An operation is about one kernel launch (a
 cuDNN convolution may launch more). Each model is set up as in bench/train_throughput.py (fixed random
-batch, SGD at lr 0.05 from a fresh model) and counted for the update (forward, loss, backward, SGD step,
-`sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
+batch, SGD at lr 0.05 from a fresh model; the SGD step in torch's multi-tensor kernels, as on a GPU) and counted
+for the update (forward, loss, backward, SGD step, `sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
 layer per group) or as on a GPU (layers of one geometry in grouped convolutions, groups whose codes are within
 2x in length sharing one Lanczos state; the last column counts the same refresh on the same weights with a
 state per group, as before shared states). The update's count does not depend on the batch size; the refresh's
@@ -62,6 +62,9 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
     try:
         trainer = train_throughput.Trainer(model, train_throughput.parse_args(
             ["--width", str(args.width), "--batch", str(args.batch), "--threads", str(args.threads)]), torch.device("cpu"))
+        # the SGD step as on a GPU, where torch picks the multi-tensor (foreach) kernels by default: a few launches
+        # for all parameters, where the CPU's default loops over them
+        trainer.opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=True)
         for _ in range(args.warmup):
             trainer.step()
         update, refresh, products, unshared = [], [], [], []
