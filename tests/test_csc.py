@@ -402,6 +402,20 @@ def test_a_group_refresh_is_each_layer_refreshed_alone(monkeypatch):
         assert L == pytest.approx(single.lipschitz(hw).item(), rel=1e-3)
 
 
+def test_the_lanczos_breakdown_guard_in_fewer_kernels_is_the_old_one():
+    """The guard's rewrite (grows = b * 1e4 > w_norm; beta = b * grows; scale = grows / b) gives the scale and beta of
+    the torch.where form it replaced, at the threshold, far from it, and for zero vectors."""
+    gen = torch.Generator().manual_seed(0)
+    w_norm = torch.cat([torch.rand(200, generator=gen) * 10, torch.tensor([0.0, 1.0, 1.0, 5.0])])
+    b = torch.cat([torch.rand(200, generator=gen) * 1e-3, torch.tensor([0.0, 0.0, 1e-4, 1.0])]) * w_norm.clamp_min(1)
+    old_scale = torch.where(b > 1e-4 * w_norm, b.clamp_min(1e-30).reciprocal(), 0.0)
+    old_beta = torch.where(old_scale > 0, b, 0.0)
+    grows = b * 1e4 > w_norm
+    torch.testing.assert_close(grows / b.clamp_min(1e-30), old_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(b * grows, old_beta, rtol=0, atol=0)
+    assert 0 < int(grows.sum()) < len(b)  # both sides of the threshold were tried
+
+
 def test_groups_of_several_geometries_can_share_one_lanczos_state(device):
     """A shared state (the GPU's way: rows of several geometries stacked, padded with zeros to the longest) gives
     each part the Ritz values and warm vectors it gets alone, and its padding stays zero."""
