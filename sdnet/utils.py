@@ -92,11 +92,14 @@ class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+_ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")  # read at start-up (torch's: at the first tensor)
+
+
 def allocator_description() -> str:
-    """The allocator as the environment set it up (LD_PRELOAD, glibc's MALLOC_*_ and GLIBC_TUNABLES), for a
-    run's report: CPU timings depend on it (bench/README.md)."""
+    """The allocator as the environment set it up (LD_PRELOAD, glibc's MALLOC_*_ and GLIBC_TUNABLES, torch's
+    THP_MEM_ALLOC_ENABLE), for a run's report: CPU timings depend on it (bench/README.md)."""
     found = [f"{k}={v}" for k, v in sorted(os.environ.items())
-             if (k == "LD_PRELOAD" and v.strip()) or k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+             if (k == "LD_PRELOAD" and v.strip()) or k.startswith("MALLOC_") or k in _ALLOCATOR_VARIABLES]
     return " ".join(found) if found else "the C library's malloc at its defaults"
 
 

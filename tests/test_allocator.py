@@ -54,8 +54,10 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 def test_the_description_names_environment_settings(monkeypatch):
     from sdnet.utils import allocator_description
-    for k in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")]:
         monkeypatch.delenv(k)
     assert allocator_description() == "the C library's malloc at its defaults"
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     assert allocator_description() == "MALLOC_MMAP_MAX_=0"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # torch's own allocator asking for huge pages
+    assert allocator_description() == "MALLOC_MMAP_MAX_=0 THP_MEM_ALLOC_ENABLE=1"
