@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DatasetError(RuntimeError):
@@ -90,7 +91,19 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         p = _unpack_once(p)
     if _torchvision_folder(p, dataset) or download:
         return _load_torchvision(p, split, dataset, download)
-    return _load_image_folder(p, split)
+    return _check_named(_load_image_folder(p, split), dataset)
+
+
+def _check_named(data: ImageSet, dataset: str) -> ImageSet:
+    """An ImageFolder tree under the dataset name it was given (the name goes on the model card): a tree of
+    some of CIFAR's classes is fine, one with more classes than that dataset, or CIFAR-10's called CIFAR-100, is not."""
+    if len(data.classes) > NUM_CLASSES[dataset]:
+        raise DatasetError(f"{data.source} has {len(data.classes)} classes, more than {dataset}'s "
+                           f"{NUM_CLASSES[dataset]}: is it another dataset (--dataset)?")
+    if dataset != "cifar10" and set(data.classes) <= set(CIFAR10_CLASSES):
+        raise DatasetError(f"{data.source} holds CIFAR-10's classes ({', '.join(data.classes[:4])}, ...), not "
+                           f"{dataset}'s: pass --dataset cifar10")
+    return data
 
 
 def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:

@@ -33,8 +33,8 @@ from .checkpoint import CheckpointError, atomic_save, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
-from .utils import (allocator_description, default_device, device_value, keep_freed_memory, lam_value, positive_int,
-                    steps_value)
+from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
+                    nonnegative_float, positive_float, positive_int, steps_value)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,11 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data")
     p.add_argument("--epochs", type=positive_int, default=220)
     p.add_argument("--batch-size", type=positive_int, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
+    p.add_argument("--momentum", type=fraction_value, default=0.9)
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear lr warm-up before the cosine")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0, help="linear lr warm-up before the cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-w<width>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")

@@ -54,6 +54,15 @@ def positive_float(text: str) -> float:
     return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
+def nonnegative_float(text: str) -> float:
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def fraction_value(text: str) -> float:
+    """A momentum: 0 <= m < 1 (at 1 or above SGD's velocity never decays)."""
+    return _number(text, float, lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)")
+
+
 def lam_value(text: str) -> float:
     """A lambda, as CSCLayer and sdnet.override accept it."""
     from .csc import _check_lam

@@ -25,6 +25,18 @@ def test_image_folder_loads_images_labels_and_classes(tmp_path):
     assert len(load_split(root, "test")) == 6
 
 
+def test_a_tree_must_fit_the_dataset_it_is_named_as(tmp_path):
+    # the name goes on the model card: CIFAR-10's classes trained "as cifar100" made a card that lied
+    root = make_image_folder(tmp_path / "tree", n_train=1, n_test=1)
+    assert load_split(root, "train", "cifar10").classes == CLASSES[:3]  # some of CIFAR-10's classes: fine
+    with pytest.raises(DatasetError, match="CIFAR-10's classes .* pass --dataset cifar10"):
+        load_split(root, "train", "cifar100")
+    many = make_image_folder(tmp_path / "many", n_train=1, n_test=1, classes=[f"class{i:02d}" for i in range(11)])
+    with pytest.raises(DatasetError, match="has 11 classes, more than cifar10's 10"):
+        load_split(many, "train", "cifar10")
+    assert len(load_split(many, "train", "cifar100").classes) == 11
+
+
 def test_second_load_uses_the_decode_cache(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "tree")
     first = load_split(root, "train")

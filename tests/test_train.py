@@ -221,6 +221,12 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
     for parse, args, message in [(train_args, ["--lam", "-1"], "--lam: lambda"),
                                  (train_args, ["--n-steps", "0"], "--n-steps: n_steps"),
                                  (train_args, ["--train-subset", "-5"], "--train-subset: expected a positive"),
+                                 # SGD's own ValueError was a traceback; nan ended in eigh failing to converge
+                                 (train_args, ["--lr", "-1"], "--lr: expected a positive number"),
+                                 (train_args, ["--lr", "nan"], "--lr: expected a positive number"),
+                                 (train_args, ["--momentum", "1"], "--momentum: expected a number in [0, 1)"),
+                                 (train_args, ["--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
+                                 (train_args, ["--warmup-epochs", "-1"], "--warmup-epochs: expected a number >= 0"),
                                  (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps"),
                                  (robust_main, ["eval", "--checkpoint", "x.pt", "--sweep-subset", "-5"], "expected an integer >= 0"),
                                  (robust_main, ["eval", "--checkpoint", "x.pt", "--threads", "-3"], "expected an integer >= 0"),
