@@ -105,6 +105,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): the weights-only "
                               f"unpickler rejected it ({reason.group(1) if reason else _first_line(e)})") from None
+    except OSError:  # torch's zip reader on a cut-short archive: "[Errno 22] Invalid argument", which says nothing
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): its zip archive "
+                              "could not be read") from None
     except Exception as e:  # noqa: BLE001 - torch.load fails on junk with anything (IndexError on text, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
                               f"{_first_line(e)}") from None
@@ -169,6 +172,12 @@ def _check_power_state(name: str, st: Any) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored at `path`; returns (model in eval mode, meta with 'config')."""
     obj = safe_load(path, map_location)
+    if isinstance(obj, dict) and {"model", "optimizer", "epoch", "config"} <= obj.keys() and "format" not in obj:
+        model_pt = Path(path).with_name("model.pt")
+        raise CheckpointError(f"{path} is the training state python -m sdnet.train writes after every epoch (what "
+                              "--resume continues from), not a model checkpoint: open the model.pt the run writes "
+                              "beside it when it ends" + (f" ({model_pt} is there)" if model_pt.is_file() else
+                                                          " (there is none yet: the run has not finished)"))
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an SDNet Explorer checkpoint "
                               "(save one with sdnet.save_checkpoint or python -m sdnet.train)")

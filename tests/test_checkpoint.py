@@ -205,8 +205,15 @@ def _truncated(path: Path, model) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def _cut_short(path: Path, model) -> None:
+    sdnet.save_checkpoint(path, model)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 5])  # torch's reader: "[Errno 22] Invalid argument"
+
+
 BAD_FILES = {
     "truncated": (_truncated, "truncated or corrupt"),
+    "cut short": (_cut_short, r"truncated or corrupt\?\): its zip archive could not be read$"),
     "random bytes": (lambda p, m: p.write_bytes(random.Random(0).randbytes(4096)), "not a readable PyTorch file"),
     "zip of junk": (lambda p, m: p.write_bytes(b"PK\x03\x04" + random.Random(1).randbytes(4096)),
                     "not a readable PyTorch file"),
@@ -215,6 +222,10 @@ BAD_FILES = {
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
     "plain tensor": (lambda p, m: torch.save(torch.zeros(3), p), "not an SDNet Explorer checkpoint"),
     "bare state dict": (lambda p, m: torch.save(m.state_dict(), p), "not an SDNet Explorer checkpoint"),
+    # python -m sdnet.train's per-epoch resume state: named as such, and where the model is
+    "training state": (lambda p, m: torch.save({"model": m.state_dict(), "optimizer": {}, "power": {}, "epoch": 1,
+                                                "train_seconds": 1.0, "config": "{}"}, p),
+                       "training state .* --resume .* not a model checkpoint: open the model.pt .* none yet"),
     "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
     "damaged fields": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "config": m.sdnet_config,
                                                 "meta": {}, "state_dict": [1, 2]}, p), "damaged"),
