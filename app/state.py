@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import zipfile
 from collections.abc import Callable
@@ -166,15 +167,14 @@ def load(path: str | Path, device: torch.device) -> Loaded:
 
 
 def baseline_path(loaded: Loaded, folder: Path) -> Path | None:
-    """The ResNet to compare with: the card's "baseline", else a resnet of the same width in `folder`."""
+    """The ResNet to compare with: the card's "baseline", else a resnet of the same width in `folder` (named
+    <resnet>-w<width>[-...].pt, as the shipped ones are), else none: another width is not a fair baseline."""
     card = loaded.card or {}
     for base in (loaded.path.parent, folder):
         if card.get("baseline") and (base / card["baseline"]).is_file():
             return base / card["baseline"]
-    width = loaded.meta["config"].get("width")
-    candidates = [p for p in list_checkpoints(folder) if p.name.startswith("resnet") and p != loaded.path]
-    same = [p for p in candidates if f"w{width}" in p.stem]
-    return (same or candidates or [None])[0]
+    same_width = re.compile(rf"resnet\d+-w{loaded.meta['config'].get('width')}(-.*)?")
+    return next((p for p in list_checkpoints(folder) if same_width.fullmatch(p.stem) and p != loaded.path), None)
 
 
 # --- images ------------------------------------------------------------------------------------

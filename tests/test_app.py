@@ -435,6 +435,21 @@ def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
     assert state.list_checkpoints(tmp_path / "missing") == []
 
 
+def test_the_baseline_is_a_resnet_of_the_same_width_or_none(tmp_path):
+    from app import state
+    for name in ("resnet18-w16-e40.pt", "resnet18-w1.pt", "resnet34-w4-e3.pt", "sdnet18_all-w4.pt"):
+        (tmp_path / name).write_bytes(b"")
+    run = tmp_path / "run" / "model.pt"  # a model trained elsewhere, no baseline on its card
+
+    def loaded(width, card=None):
+        return state.Loaded(model=None, meta={"config": {"width": width}}, card=card, path=run, key="")
+    assert state.baseline_path(loaded(4), tmp_path).name == "resnet34-w4-e3.pt"
+    assert state.baseline_path(loaded(16), tmp_path).name == "resnet18-w16-e40.pt"
+    assert state.baseline_path(loaded(1), tmp_path).name == "resnet18-w1.pt"  # not w16's prefix
+    assert state.baseline_path(loaded(8), tmp_path) is None  # was the width-16 ResNet, called the baseline
+    assert state.baseline_path(loaded(8, {"baseline": "resnet18-w16-e40.pt"}), tmp_path).name == "resnet18-w16-e40.pt"
+
+
 def _with_card(checkpoint_dir, folder, drop=(), **changes):
     """The default SDNet-All checkpoint (a link) in `folder`, with a copy of its card less `drop` and any fit,
     plus `changes`; its path."""
