@@ -65,3 +65,14 @@ def test_readme_table_is_what_the_cards_say():
     start, end = readme.index("<!-- cards:start -->\n"), readme.index("<!-- cards:end -->")
     in_readme = readme[start + len("<!-- cards:start -->\n"):end].strip()
     assert in_readme == sdnet.cards.markdown_table(SHIPPED).strip(), "rerun python -m sdnet.cards_table"
+
+
+def test_the_readme_library_example_runs_and_prints_numbers(monkeypatch, capsys):
+    """The first code a user runs: the README's "Use the library" block, as written, from the repository root."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Use the library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)
+    exec(compile(block, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 18 and lines[-1] == "cat", lines  # 17 CSC layers, then the predicted class
+    assert not any("nan" in line for line in lines), lines  # a fresh model's quick-start printed nan for 16 layers
