@@ -161,6 +161,32 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
+def test_progress_bars_end_at_their_totals(setup, tmp_path, monkeypatch):
+    """The trained lambda's predictions are reused, not recomputed: the bar ran past 100% by counting them."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, text):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(robust, "_bar", Bar)
+    _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian")  # 0.1: trained
+    _run(setup, tmp_path, "eval", "--severities", "0,2", "--lams", "0.1,0.8", "--noise", "gaussian")
+    assert [(b.n, b.total) for b in bars] == [(b.total, b.total) for b in bars] and len(bars) == 2
+
+
 def test_eval_without_fit_or_baseline_still_reports(setup, tmp_path):
     root, _ = setup
     (root / "bare.pt").write_bytes((root / "sd.pt").read_bytes())
