@@ -195,7 +195,8 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
         cols[1].image(_enlarge(image), caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
     with cols[2]:
         if info.get("label"):
-            st.markdown(f"A CIFAR-10 test image of a **{info['label']}** (`{info['path']}`).")
+            article = "an" if info["label"][:1].lower() in "aeiou" else "a"
+            st.markdown(f"A CIFAR-10 test image of {article} **{info['label']}** (`{info['path']}`).")
         if info.get("notes"):
             w, h = info["original_size"]
             st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; " + "; ".join(info["notes"]) + ".")
@@ -509,8 +510,9 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: in
     dusage, dorder = _ranked(drec["z"], n)
     crop = images.crop_to_support(pix[dorder])
     st.caption(f"A unit code at the centre of one channel, pushed back to pixels through the chain of A's and "
-               f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); cropped to the "
-               f"{crop.shape[-2]}x{crop.shape[-1]} receptive field. Grey is 0.")
+               f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); shown in the "
+               f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
+               f"with a 1-pixel grey border. Grey is 0.")
     _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({dusage[c]:.2g})" for c in dorder], ncols=8,
                        height_per_row=120), key="deep_atoms_chart")
     st.subheader("What each layer sees")
