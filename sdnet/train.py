@@ -97,6 +97,9 @@ def lr_at(step: int, total: int, args: argparse.Namespace, steps_per_epoch: int)
 def _autocast_dtype(args, device: torch.device):
     if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
         return None
+    if args.amp == "fp16" and device.type != "cuda":  # its loss scaler is CUDA's; CPU fp16 ran 4x slower here
+        raise SystemExit(f"error: --amp fp16 needs a CUDA device (this run is on {device}); on the CPU use "
+                         "--amp bf16 or off")
     return torch.float16 if args.amp == "fp16" else torch.bfloat16
 
 
@@ -190,6 +193,7 @@ def _train(argv: list[str] | None) -> dict:
         rank, world = 0, 1
         device = default_device() if args.device == "auto" else torch.device(args.device)
     is_main = rank == 0
+    amp_dtype = _autocast_dtype(args, device)  # before any data is read: --amp fp16 on a CPU is refused
     # process-wide and for good, so only when asked, and only where it helps (host memory of CPU training)
     allocator = keep_freed_memory() if args.keep_freed_memory and device.type == "cpu" else allocator_description()
     if args.keep_freed_memory and device.type != "cpu" and is_main:
@@ -241,7 +245,6 @@ def _train(argv: list[str] | None) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"batch size {args.batch_size} is larger than the {len(sampler)} training images per process")
     total_steps = steps_per_epoch * args.epochs
-    amp_dtype = _autocast_dtype(args, device)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)

@@ -215,6 +215,13 @@ def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, ca
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    from sdnet.train import main
+    with pytest.raises(SystemExit, match="--amp fp16 needs a CUDA device .* use --amp bf16 or off"):
+        main(["--device", "cpu", "--amp", "fp16", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_and_robust_cli_refuse_bad_arguments(capsys):
     from sdnet.robust import main as robust_main
     from sdnet.train import parse_args as train_args
