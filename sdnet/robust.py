@@ -627,8 +627,8 @@ def _noise_claims(get, kinds, sevs, fits, ctx: _Context, n_sweep: int) -> str:
         g_all = [g for v in gains.values() for g in v]
         verdict = ("Reproduced (at least +10 points everywhere)." if min(g_all) >= 10 else
                    "Partly: a gain, smaller than the paper's." if np.mean(g_all) > 1 else "Not reproduced.")
-        out.append(f"- **The adaptive λ beats the trained λ clearly at severities {_join(hi)}** (table 2, Gaussian: "
-                   f"+{', +'.join(map(str, PAPER['table2_gain_sev3_5']))} points): "
+        out.append(f"- **The adaptive λ beats the trained λ clearly at severities {_join(hi)}** (table 2, Gaussian, "
+                   f"severities 3, 4, 5: +{', +'.join(map(str, PAPER['table2_gain_sev3_5']))} points): "
                    + "; ".join(f"{k}: {_join(v, '+.2f')}" for k, v in gains.items()) + f" points. {verdict}")
     return "\n".join(out)
 
