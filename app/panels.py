@@ -544,15 +544,17 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     loaded, classes = ctx.loaded, ctx.loaded.classes
     target = _attr_target(ctx, view.probe)
     signature = _attr_signature(ctx, spec, n_steps, target)
-    c1, c2, c3 = st.columns(3)
+    # two rows of two, not one of three: in a 700 px window three columns cut the method chips and labels
+    c1, c2 = st.columns([2, 3])
     which = c1.radio("Explain", ["predicted class", "another class"], key="attr_which", horizontal=True)
     if which == "another class":
         c1.selectbox("Class", classes, key="attr_class")
     methods = c2.multiselect("Methods", list(attribution.METHODS), format_func=attribution.METHODS.get,
                              key="attr_methods")
+    c3, c4 = st.columns([2, 3])
     atom_method = c3.selectbox("Atom attribution", list(attribution.LAYER_METHODS),
                                format_func=attribution.LAYER_METHODS.get, key="attr_atom_method")
-    live = c3.toggle("Recompute on every change", key="attr_live",
+    live = c4.toggle("Recompute on every change", key="attr_live",
                      help="Attribution costs tens of forward passes; off, it runs when you press the button.")
     run = st.button("Compute attribution", type="primary", key="attr_run") or live
     result = st.session_state.get("attr_result")
@@ -596,12 +598,14 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                                      attribution.METHODS[m]), key=f"attr_{m}")
     scores = result["atoms"]
     top = [int(c) for c in np.argsort(-np.abs(scores), kind="stable")[:16]]
-    _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top],
-                             f"First-layer atoms that drove the decision ({attribution.LAYER_METHODS[result['atom_method']]}"
-                             f" on {loaded.layer_names[0]}'s code, summed per channel)"), key="atom_attr_chart")
+    # a short title (a long one was cut at 700 px); what was summed goes in the caption
+    _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "First-layer atoms that drove the decision"),
+           key="atom_attr_chart")
+    st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
+               "channel; the 16 strongest atoms, strongest first.")
     pos = {c: i for i, c in enumerate(view.atom_order)}
-    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=16,
-                       height_per_row=90), key="atom_attr_tiles")
+    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=8,
+                       height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
 
 
 def export_panel(view: state.View, unnormalize) -> None:
