@@ -206,7 +206,9 @@ def test_evaluate_cli_clear_errors(tmp_path, data):
     (["--n-steps", "0"], "--n-steps: n_steps for every CSC layer must be an integer"),
     (["--corruption", "gaussian", "--severity", "0"], "--severity: expected a severity 1..5 or a positive"),
     (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive"),
-    (["--corruption", "impulse", "--severity", "1.5"], "--severity 1.5 for impulse: impulse amount must be in (0, 1]")])
+    (["--corruption", "impulse", "--severity", "1.5"], "--severity 1.5 for impulse: impulse amount must be in (0, 1]"),
+    # a severity out of 1..5 is read as the level c: for Gaussian noise 7 was a std of 7 pixel ranges, silently
+    (["--corruption", "gaussian", "--severity", "7"], "standard deviation in pixel units, at most 1 (CIFAR-10-C")])
 def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, capsys):
     """A bad number is an argparse error (exit code 2, the usage line and what is wrong), never a traceback
     or a silent surprise (--subset -3 used to evaluate all but 3 images, a Python slice)."""
