@@ -62,6 +62,12 @@ def override(lam: float | Mapping[str, float] | None = None,
 
     Each is a value for every CSC layer or a {layer_name: value} mapping (other layers keep
     their trained one). Settings are per call and per thread; the model is untouched.
+
+    The setting lives in a `contextvars.ContextVar`: threads started inside the block do not see it (run their
+    work through `contextvars.copy_context().run`; `nn.DataParallel`'s replica threads do not, so it does not
+    reach them), and in a generator it holds in the caller too between `yield`s. Mappings name layers as
+    `sdnet.csc_layers(model)` does (models from `build_model` are named when built; name your own by calling it
+    once); a mapping reaching an unnamed layer is an error.
     """
     if isinstance(lam, Mapping):
         lam = {str(k): _check_lam(v, f"layer {k!r}") for k, v in lam.items()}
@@ -96,6 +102,14 @@ class CSCLayer(nn.Module):
                  padding: int | None = None, lam: float = 0.1, n_steps: int = 2,
                  non_negative: bool = True, power_iters: int = 2, power_margin: float = 1.05):
         super().__init__()
+        if isinstance(kernel_size, (tuple, list)):  # nn.Conv2d's (k, k) form; only square kernels here
+            if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
+                raise ValueError(f"kernel_size must be one odd number or (k, k), got {kernel_size}")
+            kernel_size = kernel_size[0]
+        if isinstance(padding, str):  # nn.Conv2d's names for the two paddings it means
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be a number, 'same' or 'valid', got {padding!r}")
+            padding = kernel_size // 2 if padding == "same" else 0
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if stride not in (1, 2):
@@ -119,6 +133,7 @@ class CSCLayer(nn.Module):
         self._power_vec: torch.Tensor | None = None
         self._lipschitz: torch.Tensor | None = None
         self._lipschitz_key: tuple | None = None
+        self._fingerprint: torch.Tensor | None = None  # of the dictionary L was computed for (see _fingerprints)
         self._refreshes = 0
 
     def extra_repr(self) -> str:
@@ -132,9 +147,11 @@ class CSCLayer(nn.Module):
         return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
 
     def decode(self, z: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """A(z): code -> signal, at `output_size` (default: the code's size times the stride)."""
+        """A(z): code -> signal, at `output_size` (default: the code's size times the stride for the default
+        "same" padding, else the transposed convolution's own size, (n - 1) * stride - 2 * padding + k)."""
         if output_size is None:
-            output_size = (z.shape[-2] * self.stride, z.shape[-1] * self.stride)
+            k, s, p = self.kernel_size, self.stride, self.padding
+            output_size = tuple(n * s if p == k // 2 else (n - 1) * s - 2 * p + k for n in z.shape[-2:])
         s, p = self.stride, self.padding
         out_pad = self._out_pad(output_size[-2:], z.shape[-2:])
         if not all(0 <= op < s for op in out_pad):
@@ -146,7 +163,9 @@ class CSCLayer(nn.Module):
         """L, meant to bound ||A||^2 for inputs of size `spatial`: a warm-started Lanczos estimate (the largest
         Ritz value, which approaches ||A||^2 from below) times `power_margin`. Not a certified bound: in early
         training, when ||A||^2 moves fast, a warm refresh can end under it (bench/step_size_validity.py
-        measures how far). `iters` sets the number of products of a cold estimate instead (default 30).
+        measures how far). `iters` asks for a cold estimate of that many products instead, as a query: it is
+        returned, and the step size the layer solves with is left as it was (a short one would be far under
+        ||A||^2).
 
         Recomputed only when the dictionary changes (its version counter moves), so inference
         reuses the cached value and training pays `power_iters` products A^T A v per optimizer step,
@@ -175,7 +194,9 @@ class CSCLayer(nn.Module):
                 state.extend(30 if iters is None else iters)
                 (_, est), = _estimates([state])
                 v, L = state.vectors()[0], (est[0] * self.power_margin).clamp_min(1e-6).to(v.device)
-            self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
+            if iters is None:
+                self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
+                self._fingerprint = _fingerprints([self])[0]
             return L
 
     def _code_shape(self, spatial: tuple[int, int]) -> tuple[int, ...]:
@@ -202,6 +223,7 @@ class CSCLayer(nn.Module):
                 dev = self.weight.device
                 self._power_vec, self._lipschitz = self._power_vec.to(dev), self._lipschitz.to(dev)
                 self._lipschitz_key = self._cache_key(self._lipschitz_key[-1])
+                self._fingerprint = _fingerprints([self])[0]  # of the weight as it is now (a cast may round it)
         return out
 
     def __deepcopy__(self, memo):
@@ -229,12 +251,13 @@ class CSCLayer(nn.Module):
         with _POWER_LOCK:
             self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
             self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
+            self._fingerprint = _fingerprints([self])[0]
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
 
     def reset_step_size(self) -> None:
         """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""
         with _POWER_LOCK:
-            self._power_vec = self._lipschitz = self._lipschitz_key = None
+            self._power_vec = self._lipschitz = self._lipschitz_key = self._fingerprint = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -251,7 +274,10 @@ class CSCLayer(nn.Module):
         ctx = _OVERRIDE.get()
         value = ctx.get(key) if ctx else None
         if isinstance(value, Mapping):
-            return value.get(self.name, trained) if self.name is not None else trained
+            if self.name is None:  # the mapping was silently ignored until something named the layers
+                raise ValueError(f"a per-layer {key} override reached a CSC layer without a name: call "
+                                 "sdnet.csc_layers(model) once to name a model's layers (build_model does)")
+            return value.get(self.name, trained)
         return trained if value is None else value
 
     def effective_lam(self) -> float:
@@ -551,6 +577,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     starts = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
     keys = [[layer._cache_key(spatial) for layer in layers] for spatial, layers in groups]
+    prints = [_fingerprints(layers) for _, layers in groups]
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         for device_type in {layers[0].weight.device.type for _, layers in groups}:
@@ -597,9 +624,34 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
                 for k, (layer, key) in enumerate(zip(groups[i][1], keys[i])):
                     layer._power_vec = v[k:k + 1].clone()
                     layer._lipschitz = (est[row + k] * layer.power_margin).clamp_min(1e-6)
-                    layer._lipschitz_key = key
+                    layer._lipschitz_key, layer._fingerprint = key, prints[i][k]
                     layer._refreshes += 1
                 row += len(v)
+
+
+def _fingerprints(layers: list[CSCLayer]) -> torch.Tensor:
+    """(len(layers), 2): the l1 and l3 norms of each dictionary (layers on one device), on that device. Writes that
+    autograd's version counter does not see (through `.data`, fused optimizers) leave the cache key as it was but
+    change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Two reductions a
+    layer, no host sync."""
+    with torch.no_grad():
+        return torch.stack([torch.stack([torch.linalg.vector_norm(layer.weight.float(), order) for order in (1, 3)])
+                            for layer in layers])
+
+
+def _changed_unseen(layers: list[CSCLayer]) -> set[int]:
+    """Indices of `layers` (step sizes current by their cache key) whose dictionary changed anyway: one host
+    sync per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, layer in enumerate(layers):
+        if layer._fingerprint is not None:
+            by_device.setdefault(layer.weight.device, []).append(i)
+    changed = set()
+    for idx in by_device.values():
+        now = _fingerprints([layers[i] for i in idx])
+        stored = torch.stack([layers[i]._fingerprint.to(now.device) for i in idx])
+        changed.update(i for i, c in zip(idx, (now != stored).any(1).tolist()) if c)
+    return changed
 
 
 def refresh_step_sizes(model: nn.Module) -> None:
@@ -611,11 +663,19 @@ def refresh_step_sizes(model: nn.Module) -> None:
     state (fewer kernel launches: bench/launch_count.py), and the does-it-still-rise check is one host sync for
     the model, not one per layer: on an H200 that made a width-64 SDNet-18-All training step 1.2-1.3x as fast
     (bench/README.md), the refresh's many small launches and syncs being a third of the step.
-    Layers that have not solved anything yet (no input size known) are left to their first forward."""
+    Layers that have not solved anything yet (no input size known) are left to their first forward.
+
+    A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
+    optimizer) is found here by its norms (`_fingerprints`); a layer's own forward trusts the counter (no host
+    sync per solve): after such a write, call this or the layer's `reset_step_size()` before solving."""
     groups: dict[tuple, tuple[tuple[int, int], list[CSCLayer]]] = {}
     with _POWER_LOCK:
-        for _, layer in csc_layers(model):
-            if layer._lipschitz_key is None or layer._power_vec is None or layer.step_size_is_current():
+        layers = [layer for _, layer in csc_layers(model)
+                  if layer._lipschitz_key is not None and layer._power_vec is not None]
+        current = [layer for layer in layers if layer.step_size_is_current()]
+        unseen = {id(current[i]) for i in _changed_unseen(current)} if current else set()
+        for layer in layers:
+            if layer.step_size_is_current() and id(layer) not in unseen:
                 continue
             spatial = layer._lipschitz_key[-1]
             if layer._power_vec.shape != layer._code_shape(spatial):
@@ -668,7 +728,10 @@ def project_dictionaries(model: nn.Module) -> None:
 
 
 def lasso_objective(layer: CSCLayer, x: torch.Tensor, z: torch.Tensor, lam: float | None = None) -> torch.Tensor:
-    """lam*||z||_1 + 1/2*||x - A(z)||^2 per sample."""
-    lam = layer.lam if lam is None else lam
+    """lam*||z||_1 + 1/2*||x - A(z)||^2 per sample (a number for an unbatched (C, H, W) pair). `lam`: the
+    layer's effective lambda by default, its trained one or an active `sdnet.override`, as the solve used."""
+    if z.dim() == 3:
+        return lasso_objective(layer, x.unsqueeze(0), z.unsqueeze(0), lam)[0]
+    lam = layer.effective_lam() if lam is None else lam
     r = x - layer.decode(z, x.shape[-2:])
     return lam * z.flatten(1).abs().sum(1) + 0.5 * r.flatten(1).pow(2).sum(1)

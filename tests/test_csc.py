@@ -333,6 +333,35 @@ def test_lipschitz_refreshed_when_the_dictionary_changes(device):
         assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
 
 
+def test_writes_the_version_counter_misses_are_caught_by_the_refresh(device):
+    """A dictionary loaded through .data, or stepped by a fused optimizer, keeps the weight's version: the
+    cached L was then far under ||A||^2 (FISTA diverged) and refresh_step_sizes skipped the layer."""
+    hw = (8, 8)
+    layer = make_layer(3, 8, 3, 1, seed=3).to(device)
+    x = torch.rand(2, 3, *hw, device=device)
+    layer(x)
+    atom = torch.randn(1, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    layer.weight.data.copy_((atom / atom.norm()).expand_as(layer.weight).to(device))  # unit atoms, all alike
+    assert layer.step_size_is_current()  # the counter saw nothing
+    sdnet.refresh_step_sizes(layer)
+    assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+    untouched = layer._lipschitz.clone()
+    sdnet.refresh_step_sizes(layer)  # nothing changed since: nothing recomputed
+    assert torch.equal(layer._lipschitz, untouched)
+
+
+def test_an_explicit_lipschitz_query_leaves_the_solvers_step_size_alone():
+    layer = make_layer(3, 16, 3, 1, seed=0)
+    x = torch.rand(2, 3, 16, 16)
+    short = layer.lipschitz((16, 16), iters=1).item()  # one product from a cold start: far under ||A||^2
+    assert layer._lipschitz is None  # it was stored as the step size, marked current, and the solve went NaN
+    z = layer(x)
+    L = layer._lipschitz.clone()
+    assert short < 0.5 * L.item() and torch.isfinite(z).all()
+    layer.lipschitz((16, 16), iters=3)
+    assert torch.equal(layer._lipschitz, L) and torch.equal(layer(x), z)
+
+
 def test_refresh_step_sizes_updates_every_layer_at_once(monkeypatch, device):
     """The model-wide refresh after an optimizer step is each layer's own lazy refresh, done for all layers at
     once (on a GPU, layers of one shape as grouped convolutions), and leaves the next forward nothing to do."""
@@ -669,6 +698,37 @@ def test_override_of_a_layer_the_model_lacks_is_an_error_not_ignored():
 def test_layer_n_steps_are_checked_when_built():
     with pytest.raises(ValueError, match=r"n_steps for the layer must be an integer in \[1, 1000\]"):
         sdnet.build_model("sdnet18_all", width=2, n_steps=0)
+
+
+def test_a_per_layer_override_needs_named_layers_and_lasso_objective_follows_the_override():
+    net = torch.nn.Sequential(CSCLayer(3, 4, 3), torch.nn.ReLU(), CSCLayer(4, 4, 3))
+    x = torch.rand(1, 3, 8, 8)
+    with sdnet.override(lam={"0": 5.0}), pytest.raises(ValueError, match="without a name: call sdnet.csc_layers"):
+        net(x)  # was silently the trained lambda until something named the layers
+    sdnet.csc_layers(net)
+    with sdnet.override(lam={"0": 5.0}):
+        assert not net[0](x).any()  # lambda 5 zeroes the code
+    layer = net[0]
+    z = layer(x)
+    with sdnet.override(lam=0.5):  # lam=None: the lambda the solve would use
+        assert lasso_objective(layer, x, z).item() == pytest.approx(lasso_objective(layer, x, z, 0.5).item())
+    assert lasso_objective(layer, x[0], z[0]).item() == pytest.approx(lasso_objective(layer, x, z).item())  # unbatched
+
+
+@pytest.mark.parametrize("k, stride, padding", [(3, 1, 0), (3, 2, 0), (5, 1, 1), (3, 1, 2), (5, 2, 0)])
+def test_decode_of_a_layer_without_same_padding_gives_the_transposed_size(k, stride, padding):
+    layer = CSCLayer(3, 4, k, stride=stride, padding=padding)
+    z = layer(torch.rand(1, 3, 9, 10))  # decode(z) said "cannot decode a code of size (7, 8) to (7, 8)"
+    n = z.shape[-2:]
+    assert tuple(layer.decode(z).shape[-2:]) == tuple((m - 1) * stride - 2 * padding + k for m in n)
+
+
+def test_conv2d_style_kernel_and_padding_arguments():
+    assert CSCLayer(3, 4, (3, 3), padding="same").padding == 1 and CSCLayer(3, 4, 5, padding="valid").padding == 0
+    for kwargs, message in (({"kernel_size": (3, 5)}, "one odd number or \\(k, k\\)"),
+                            ({"kernel_size": 3, "padding": "full"}, "'same' or 'valid'")):
+        with pytest.raises(ValueError, match=message):  # were bare TypeErrors
+            CSCLayer(3, 4, **kwargs)
 
 
 def test_override_changes_the_solve_and_restores(device):
