@@ -259,7 +259,7 @@ def layer_sees(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamS
     Raises ValueError for models with shortcuts."""
     rec = next(r for r in probe(_model, model_key, x, lam, n_steps)["layers"] if r["name"] == layer)
     z = torch.from_numpy(rec["z"]).unsqueeze(0).to(_device_of(_model))
-    img = sdnet.decode_to_input(_model, layer, z, bias=offsets)[0].cpu().numpy()
+    img = sdnet.decode_to_input(_model, layer, z, bias=offsets, input_size=x.shape[-2:])[0].cpu().numpy()
     return np.clip(img, 0, 1) if offsets else images.stretch(img)
 
 

@@ -2,6 +2,8 @@
 pushes a code back to pixel space (paper appendix B)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,8 @@ class Trace:
     def mean_rel_residual(self) -> torch.Tensor:
         """Per sample: relative residual averaged over all CSC layers (Algorithm 1's r), leaving out layers whose
         input is all zeros (NaN: nothing to reconstruct); NaN only if every layer's is."""
+        if not self.layers:  # a ResNet: no CSC layer, no residual
+            return torch.full(self.logits.shape[:1], math.nan)
         return torch.stack([r.rel_residual for r in self.layers]).nanmean(0)
 
 
@@ -47,15 +51,21 @@ class Trace:
 def trace(model: nn.Module, x: torch.Tensor) -> Trace:
     """Run `model` on `x` (eval mode is the caller's choice) and record every CSC layer.
 
-    Per call and thread-safe (the recorder lives in a contextvar); honours `sdnet.override`.
+    Per call and thread-safe (the recorder lives in a contextvar); honours `sdnet.override`. It leaves the
+    model as it was: in train mode BatchNorm normalises with the batch's statistics, as it would, but its
+    running statistics are put back afterwards.
     """
     csc_layers(model)  # make sure every layer carries its name
     records: list[dict] = []
+    kept = {k: b.clone() for k, b in model.named_buffers()} if model.training else {}
     token = _RECORDER.set(records)
     try:
         logits = model(x)
     finally:
         _RECORDER.reset(token)
+        for k, b in model.named_buffers():
+            if k in kept:
+                b.copy_(kept[k])
     return Trace(logits=logits, layers=[LayerRecord(**r) for r in records])
 
 
@@ -68,8 +78,13 @@ def _invert_bn(bn: nn.BatchNorm2d, y: torch.Tensor, bias: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
+def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bool = True,
+                    input_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Push a code `z` at CSC layer `layer_name` back to image space ([0, 1] pixels when bias=True).
+
+    `input_size`: the (H, W) of the images the code came from, which each stride-2 layer's decode needs when a
+    side is odd somewhere down the path (28 -> 14 -> 7 -> 4 decodes to 32 without it); by default every
+    layer's input is taken as its code's size times the stride (any side a multiple of 8 in the CIFAR models).
 
     Follows the chain of A's and inverted BatchNorms of a no-shortcut SDNet-All model (paper
     appendix B); ReLUs are taken as identity on the reconstruction. With `bias=False` the
@@ -90,10 +105,19 @@ def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bo
         raise ValueError("decode_to_input needs CSC layers all the way down to the input (an SDNet-All model)")
     if getattr(model, "pool", nn.Identity()).__class__ is not nn.Identity:
         raise ValueError("decode_to_input supports the CIFAR stem only (the ImageNet stem max-pools)")
-    x = path[idx][1].decode(z)
+    sizes: list[tuple[int, int] | None] = [None] * (idx + 1)  # each layer's input size, when known
+    if input_size is not None:
+        sizes[0] = tuple(int(n) for n in input_size)
+        for j in range(idx):
+            sizes[j + 1] = tuple(path[j][1]._code_shape(sizes[j])[-2:])
+        expected = tuple(path[idx][1]._code_shape(sizes[idx])[-2:])
+        if tuple(z.shape[-2:]) != expected:
+            raise ValueError(f"a code of size {tuple(z.shape[-2:])} does not come from {sizes[0]} images at "
+                             f"{layer_name} (that gives {expected})")
+    x = path[idx][1].decode(z, sizes[idx])
     for j in range(idx - 1, -1, -1):
         _, layer, bn = path[j]
-        x = layer.decode(_invert_bn(bn, x, bias))
+        x = layer.decode(_invert_bn(bn, x, bias), sizes[j])
     if bias:
         return model.normalize.inverse(x)
     return x * model.normalize.std

@@ -6,6 +6,8 @@ pixel space.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -41,6 +43,9 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x):
+        if x.dim() < 3 or x.shape[-3] != self.mean.shape[1]:  # a grayscale batch was broadcast to 3 channels
+            raise ValueError(f"the model takes images of {self.mean.shape[1]} channels, (N, {self.mean.shape[1]}, H, W) "
+                             f"in [0, 1]; got shape {tuple(x.shape)}")
         return (x - self.mean) / self.std
 
     def inverse(self, x):
@@ -149,8 +154,15 @@ def build_model(name: str, num_classes: int = 10, width: int = 64, stem: str = "
     """Build a registered model; `width` is the channel count of the first stage (64 = paper)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    if width < 1 or num_classes < 1:
-        raise ValueError("width and num_classes must be positive")
+    for arg, value in (("width", width), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    width, num_classes = int(width), int(num_classes)
+    if not isinstance(shortcut, bool):  # "no" is truthy
+        raise ValueError(f"shortcut must be True or False, got {shortcut!r}")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"mean and std must be 3 finite numbers each (RGB), std positive; got {mean}, {std}")
     model = _REGISTRY[name](num_classes=num_classes, width=width, stem=stem, shortcut=shortcut,
                             lam=lam, n_steps=n_steps, mean=tuple(mean), std=tuple(std))
     model.sdnet_config = dict(name=name, num_classes=num_classes, width=width, stem=stem,

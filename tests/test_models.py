@@ -136,6 +136,37 @@ def test_decode_to_input_inverts_the_chain(no_shortcut_model):
     assert lin(a).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("hw", [(28, 28), (33, 31)])
+def test_decode_to_input_of_odd_sizes_gives_the_input_size(no_shortcut_model, hw):
+    """Sides that are not multiples of 8 decoded to 32x32 and 40x32, silently: input_size says which."""
+    x = torch.rand(1, 3, *hw)
+    tr = sdnet.trace(no_shortcut_model, x)
+    for name in ("conv1", "layer3.0.conv1", "layer4.1.conv2"):
+        assert sdnet.decode_to_input(no_shortcut_model, name, tr.layer(name).z, input_size=hw).shape == x.shape
+    with pytest.raises(ValueError, match="does not come from \\(40, 40\\) images"):
+        sdnet.decode_to_input(no_shortcut_model, "layer4.1.conv2", tr.layer("layer4.1.conv2").z, input_size=(40, 40))
+
+
+def test_build_model_checks_its_arguments_and_the_model_its_input():
+    for kwargs, message in (({"mean": (0.5, 0.5), "std": (0.5, 0.5)}, "3 finite numbers"),
+                            ({"std": (0, 1, 1)}, "std positive"), ({"width": 2.5}, "width must be a positive"),
+                            ({"shortcut": "no"}, "shortcut must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            sdnet.build_model("sdnet18", **kwargs)
+    model = sdnet.build_model("sdnet18", width=2).eval()
+    with pytest.raises(ValueError, match="images of 3 channels"):  # a grayscale batch was broadcast and classified
+        model(torch.rand(1, 1, 8, 8))
+
+
+def test_trace_leaves_a_model_in_train_mode_as_it_was():
+    model = sdnet.build_model("sdnet18_all", width=4)  # train mode, as built
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    sdnet.trace(model, torch.rand(2, 3, 16, 16))
+    assert model.training and all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+    resnet = sdnet.trace(sdnet.build_model("resnet18", width=2).eval(), torch.rand(2, 3, 8, 8))
+    assert resnet.mean_rel_residual.isnan().all() and resnet.mean_rel_residual.shape == (2,)
+
+
 def test_decode_to_input_refuses_what_it_cannot_do(no_shortcut_model):
     z = torch.rand(1, 4, 32, 32)
     with pytest.raises(ValueError, match="without shortcuts.*shortcut=False"):
