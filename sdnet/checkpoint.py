@@ -122,6 +122,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     config = getattr(model, "sdnet_config", None)
     if config is None:
         raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
+    if "config" in meta:  # load_checkpoint hands the build config back as meta["config"]
+        raise ValueError("meta 'config' is reserved for the model's build config (load_checkpoint returns it as "
+                         "meta['config']); store a training config under another name, e.g. train_config=...")
     meta = {k: _plain(v, f"meta[{k!r}]") for k, v in meta.items()}  # before writing: loading refuses the rest
     problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
     if problem:

@@ -4,6 +4,8 @@ Images are in [0, 1]; the noise is drawn on the tensor's device, then clipped to
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 # severity 1..5 -> the constant c of each noise
@@ -22,7 +24,10 @@ def level(kind: str, severity: int | float) -> float:
         raise ValueError(f"unknown corruption {kind!r}; choose one of {', '.join(KINDS)}")
     if isinstance(severity, bool):
         raise ValueError("severity must be 1..5 or a float level")
-    if isinstance(severity, int):
+    if isinstance(severity, torch.Tensor) and severity.numel() == 1:
+        severity = severity.item()  # an int tensor is a severity, a float one a level, as for Python numbers
+    if isinstance(severity, numbers.Integral):  # numpy's and Python's integers alike
+        severity = int(severity)
         if not 1 <= severity <= 5:
             raise ValueError(f"severity must be 1..5, got {severity}")
         return float(SEVERITY[kind][severity - 1])
@@ -41,6 +46,8 @@ def corrupt(images: torch.Tensor, kind: str, severity: int | float, seed: int | 
     """Corrupt images in [0, 1], shaped (N, 3, H, W) or (3, H, W), with CIFAR-10-C noise."""
     if images.dim() not in (3, 4):
         raise ValueError(f"images must be (N, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():  # uint8 0..255 would come out almost all 1.0 after the clip
+        raise ValueError(f"images must be floats in [0, 1], got {images.dtype} (divide uint8 images by 255)")
     c = level(kind, severity)
     x = images.float()
     gen = None
@@ -60,7 +67,7 @@ def corrupt(images: torch.Tensor, kind: str, severity: int | float, seed: int | 
         u = torch.rand(x.shape, generator=gen, device=x.device)
         salt = torch.rand(x.shape, generator=gen, device=x.device) < 0.5
         out = torch.where(u < c, salt.to(x.dtype), x)
-    return out.clamp_(0, 1).to(images.dtype if images.is_floating_point() else torch.float32)
+    return out.clamp_(0, 1).to(images.dtype)
 
 
 def parse_severity(text: str | int | float) -> int | float:

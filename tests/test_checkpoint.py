@@ -256,6 +256,12 @@ def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
     assert isinstance(info.value, ValueError)  # callers may catch it as a ValueError
 
 
+def test_meta_config_is_reserved(model, tmp_path):
+    with pytest.raises(ValueError, match="'config' is reserved .* train_config"):  # it was lost on load
+        sdnet.save_checkpoint(tmp_path / "m.pt", model, config={"lr": 0.1})
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(sdnet.CheckpointError, match="no file at"):
         sdnet.load_checkpoint(tmp_path / "nothing.pt")

@@ -70,6 +70,23 @@ def test_bad_arguments_are_refused(kind, severity):
         corrupt(GREY, kind, severity)
 
 
+def test_numpy_and_torch_integers_are_severities_and_images_must_be_floats():
+    import numpy as np
+    base = corrupt(GREY, "shot", 3, seed=0)
+    for sev in (np.int64(3), torch.tensor(3)):  # were read as the level c = 3: shot noise 5x too strong
+        assert level("shot", sev) == SEVERITY["shot"][2] and torch.equal(corrupt(GREY, "shot", sev, seed=0), base)
+    assert level("gaussian", torch.tensor(0.05)) == pytest.approx(0.05)  # a float tensor stays a level
+    with pytest.raises(ValueError, match="floats in \\[0, 1\\], got torch.uint8"):  # 0..255 came out almost all 1.0
+        corrupt((GREY * 255).to(torch.uint8), "gaussian", 1)
+
+
+def test_a_gaussian_or_speckle_level_above_1_is_refused_shot_is_not():
+    for kind in ("gaussian", "speckle"):
+        with pytest.raises(ValueError, match="standard deviation in pixel units, at most 1"):
+            level(kind, 7.0)
+    assert level("shot", 7.0) == 7.0  # few photons: heavy, but a real shot-noise level
+
+
 def test_bad_shape_is_refused():
     with pytest.raises(ValueError, match="shape"):
         corrupt(torch.rand(32, 32), "gaussian", 1)
