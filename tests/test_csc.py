@@ -575,6 +575,26 @@ def test_channels_last_models_solve_and_refresh(device):
         torch.testing.assert_close(b._lipschitz, a._lipschitz, rtol=1e-4, atol=0)
 
 
+def test_first_layer_layout_benchmark_times_both_layouts_and_the_control(monkeypatch):
+    """bench/first_layer_layout.py: sdnet18 with its image layer solved in NCHW (the library's) and channels-last,
+    and ResNet-18 with its first convolution so too, in one run; its variants leave the registry as it was."""
+    monkeypatch.setattr(sdnet.models, "_REGISTRY", dict(sdnet.models._REGISTRY))
+    layout = bench_module("first_layer_layout")
+    layout.register()
+    x = torch.rand(2, 3, 8, 8)
+    for variant, base in (("sdnet18_cl_first", "sdnet18"), ("resnet18_cl_first", "resnet18")):
+        tried, plain = sdnet.build_model(variant, width=2).eval(), sdnet.build_model(base, width=2).eval()
+        plain.load_state_dict(tried.state_dict())
+        first = {}
+        tried.conv1.register_forward_hook(lambda m, inputs, out: first.update(cl=inputs[0].is_contiguous(
+            memory_format=torch.channels_last), out=out.is_contiguous()))
+        torch.testing.assert_close(tried(x), plain(x), rtol=1e-5, atol=1e-6)
+        assert first == {"cl": False, "out": True}  # NCHW in and out; the conversion is inside
+    report = layout.main(["--width", "2", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                          "--refresh-steps", "1"])
+    assert list(report["results"]) == layout.MODELS
+
+
 def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatch):
     """bench/refresh_syncs.py counts host checks and products per refresh step; a later first check never means
     more checks, and the library's _FIRST_CHECK is set back."""
