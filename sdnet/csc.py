@@ -630,12 +630,13 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
 
 
 def _fingerprints(layers: list[CSCLayer]) -> torch.Tensor:
-    """(len(layers), 2): the l1 and l3 norms of each dictionary (layers on one device), on that device. Writes that
-    autograd's version counter does not see (through `.data`, fused optimizers) leave the cache key as it was but
-    change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Two reductions a
-    layer, no host sync."""
+    """(len(layers), 2): the sum and the l1 norm of each dictionary (layers on one device), on that device. Writes
+    that autograd's version counter does not see (through `.data`, fused optimizers) leave the cache key as it was
+    but change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Two cheap
+    reductions a layer, no host sync: 7 ms for SDNet-18-All's 11M weights at paper width on one CPU thread (an l3
+    norm took 37)."""
     with torch.no_grad():
-        return torch.stack([torch.stack([torch.linalg.vector_norm(layer.weight.float(), order) for order in (1, 3)])
+        return torch.stack([torch.stack([layer.weight.sum(), torch.linalg.vector_norm(layer.weight, 1)]).float()
                             for layer in layers])
 
 
