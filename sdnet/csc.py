@@ -297,6 +297,10 @@ class CSCLayer(nn.Module):
         return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # said here: the convolution's own message names a bias (the threshold) the user never gave
+            raise TypeError(f"input is {x.dtype} but the layer's dictionary is {self.weight.dtype}: convert one "
+                            "(x.to(...) or model.to(...)), or run under torch.autocast")
         lam, n_steps = self.effective_lam(), self.effective_steps()
         L = self.lipschitz(tuple(x.shape[-2:]))
         dtype = self.weight.dtype

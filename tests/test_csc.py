@@ -743,6 +743,14 @@ def test_decode_of_a_layer_without_same_padding_gives_the_transposed_size(k, str
     assert tuple(layer.decode(z).shape[-2:]) == tuple((m - 1) * stride - 2 * padding + k for m in n)
 
 
+def test_an_input_of_another_dtype_is_named_as_such():
+    layer = CSCLayer(3, 4, 3)
+    with pytest.raises(TypeError, match="input is torch.float64 but the layer's dictionary is torch.float32"):
+        layer(torch.rand(1, 3, 8, 8, dtype=torch.float64))  # was "Input type (double) and bias type (float)"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16  # autocast mixes dtypes by design
+
+
 def test_conv2d_style_kernel_and_padding_arguments():
     assert CSCLayer(3, 4, (3, 3), padding="same").padding == 1 and CSCLayer(3, 4, 5, padding="valid").padding == 0
     for kwargs, message in (({"kernel_size": (3, 5)}, "one odd number or \\(k, k\\)"),
