@@ -32,6 +32,7 @@ _POWER_LOCK = threading.RLock()
 # 20% more refresh time than 1e-4).
 _POWER_TOL = 3e-5
 _POWER_MIX = 3.0
+_SIZES_KEPT = 4  # input sizes whose step size a layer keeps besides the one it solved last (CSCLayer._set_aside)
 LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
 
 
@@ -179,6 +180,8 @@ class CSCLayer(nn.Module):
         with _POWER_LOCK:
             if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
                 return self._lipschitz
+            if iters is None and self._swap_in(key):  # a size solved before, for this very dictionary
+                return self._lipschitz
             shape = self._code_shape(spatial)
             v = self._power_vec
             cold = v is None or v.shape != shape
@@ -195,9 +198,30 @@ class CSCLayer(nn.Module):
                 (_, est), = _estimates([state])
                 v, L = state.vectors()[0], (est[0] * self.power_margin).clamp_min(1e-6).to(v.device)
             if iters is None:
+                self._set_aside()
                 self._power_vec, self._lipschitz, self._lipschitz_key = v, L, key
                 self._fingerprint = _fingerprints([self])[0]
             return L
+
+    def _set_aside(self) -> None:
+        """Keep a current step size for its input size while the layer solves another one, so that coming back
+        solves as before (a loaded checkpoint's stored L was lost after one call at another size). At most
+        `_SIZES_KEPT` sizes; entries of an older dictionary never match again (their key names its version)."""
+        kept = self.__dict__.setdefault("_other_sizes", {})
+        if self._lipschitz_key is not None and self.step_size_is_current():
+            kept.pop(self._lipschitz_key[-1], None)
+            kept[self._lipschitz_key[-1]] = (self._power_vec, self._lipschitz, self._lipschitz_key, self._fingerprint)
+            while len(kept) > _SIZES_KEPT:
+                kept.pop(next(iter(kept)))
+
+    def _swap_in(self, key: tuple) -> bool:
+        """Make the step size set aside for `key` (its input size, this dictionary) the current one."""
+        entry = self.__dict__.setdefault("_other_sizes", {}).pop(key[-1], None)
+        if entry is None or entry[2] != key:
+            return False
+        self._set_aside()
+        self._power_vec, self._lipschitz, self._lipschitz_key, self._fingerprint = entry
+        return True
 
     def _code_shape(self, spatial: tuple[int, int]) -> tuple[int, ...]:
         """The shape of one code (and of the warm vector) for inputs of size `spatial`."""
@@ -218,6 +242,7 @@ class CSCLayer(nn.Module):
         # bound's margin) instead of re-estimating it, so a moved model solves as it was saved.
         with _POWER_LOCK:
             current = self.step_size_is_current()
+            self._other_sizes = {}  # other sizes' step sizes are estimated again where the weights now are
             out = super()._apply(fn, *args, **kwargs)
             if current:
                 dev = self.weight.device
@@ -235,6 +260,7 @@ class CSCLayer(nn.Module):
         new.__setstate__(copy.deepcopy(self.__dict__, memo))
         if current:
             new._lipschitz_key = new._cache_key(new._lipschitz_key[-1])
+        new._other_sizes = {}  # keyed to the original's weight tensor: they would never match
         return new
 
     def power_state(self) -> dict | None:
@@ -250,6 +276,7 @@ class CSCLayer(nn.Module):
         dev = self.weight.device
         with _POWER_LOCK:
             self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
+            self._other_sizes = {}
             self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
             self._fingerprint = _fingerprints([self])[0]
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
@@ -258,6 +285,7 @@ class CSCLayer(nn.Module):
         """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""
         with _POWER_LOCK:
             self._power_vec = self._lipschitz = self._lipschitz_key = self._fingerprint = None
+            self._other_sizes = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

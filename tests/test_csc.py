@@ -350,6 +350,26 @@ def test_writes_the_version_counter_misses_are_caught_by_the_refresh(device):
     assert torch.equal(layer._lipschitz, untouched)
 
 
+def test_a_layer_comes_back_to_an_input_size_with_the_step_size_it_had():
+    """One call at another size replaced the only cached L (a loaded checkpoint's stored one): back at the first
+    size the same input gave other codes."""
+    layer = make_layer(3, 8, 3, 1, seed=1)
+    x = torch.rand(2, 3, 16, 16)
+    z, L = layer(x), layer._lipschitz
+    for side in (8, 9, 10, 11, 12):  # more sizes than are kept: the oldest go
+        layer(torch.rand(1, 3, side, side))
+    assert len(layer._other_sizes) == csc._SIZES_KEPT and (16, 16) not in layer._other_sizes
+    layer.reset_step_size()
+    z = layer(x)
+    L = layer._lipschitz
+    layer(torch.rand(1, 3, 8, 8))
+    assert layer._lipschitz_key[-1] == (8, 8) and torch.equal(layer(x), z) and layer._lipschitz is L
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # a new dictionary: what was set aside no longer counts
+    layer(x)
+    assert layer._lipschitz.item() == pytest.approx(4 * L.item(), rel=1e-2)
+
+
 def test_an_explicit_lipschitz_query_leaves_the_solvers_step_size_alone():
     layer = make_layer(3, 16, 3, 1, seed=0)
     x = torch.rand(2, 3, 16, 16)
