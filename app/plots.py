@@ -46,7 +46,7 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
             for label, color, p in series]
     top = max(float(p[i]) for _, _, p in series for i in order)
     end = min(1.0, top) * 1.2 + 0.02  # room for the labels outside the bars; no tick past 100% in it
-    step = next(s for s in (0.05, 0.1, 0.2, 0.25) if end / s <= 6)
+    step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25) if end / s <= 6)
     ticks = [round(t * step, 2) for t in range(int(min(end, 1.0) / step + 1e-9) + 1)]
     return _figure(bars, 90 + 12 * len(order) * len(series) + 8 * len(order), barmode="group",
                    xaxis=dict(range=[0, end], tickvals=ticks, tickformat=".0%", title="probability"))

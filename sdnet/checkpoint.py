@@ -122,6 +122,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     config = getattr(model, "sdnet_config", None)
     if config is None:
         raise ValueError("save_checkpoint needs a model made by sdnet.build_model")
+    if "config" in meta and meta["config"] == config:  # load_checkpoint's own meta, saved again
+        meta = {k: v for k, v in meta.items() if k != "config"}
     if "config" in meta:  # load_checkpoint hands the build config back as meta["config"]
         raise ValueError("meta 'config' is reserved for the model's build config (load_checkpoint returns it as "
                          "meta['config']); store a training config under another name, e.g. train_config=...")

@@ -229,10 +229,19 @@ class CSCLayer(nn.Module):
 
     def _cache_key(self, spatial: tuple[int, int]) -> tuple:
         w = self.weight
-        return (w._version, w.data_ptr(), w.device, w.dtype, tuple(spatial))
+        try:
+            return (w._version, w.data_ptr(), w.device, w.dtype, tuple(spatial))
+        except RuntimeError:  # a tensor without storage (torch.func transforms): a key that never matches
+            return (None, id(w), w.device, w.dtype, tuple(spatial))
+
+    def _content_unchanged(self) -> bool:
+        """Whether the dictionary's fingerprint is still the one its L was computed for (one host sync): what
+        `step_size_is_current` cannot see (writes through .data, fused optimizers)."""
+        return self._fingerprint is None or torch.equal(_fingerprints([self])[0], self._fingerprint.to(self.weight.device))
 
     def step_size_is_current(self) -> bool:
-        """Whether the cached L was computed for the dictionary as it is now."""
+        """Whether the cached L was computed for the dictionary as it is now (by autograd's version counter;
+        `refresh_step_sizes` also checks the dictionary's content)."""
         key = self._lipschitz_key
         return key is not None and self._lipschitz is not None and key == self._cache_key(key[-1])
 
@@ -241,7 +250,8 @@ class CSCLayer(nn.Module):
         # current for the dictionary (a move does not change it; a cast to half only rounds it, within the
         # bound's margin) instead of re-estimating it, so a moved model solves as it was saved.
         with _POWER_LOCK:
-            current = self.step_size_is_current()
+            # carried over only if current by content too: a move must not launder a write the counter missed
+            current = self.step_size_is_current() and self._content_unchanged()
             self._other_sizes = {}  # other sizes' step sizes are estimated again where the weights now are
             out = super()._apply(fn, *args, **kwargs)
             if current:
@@ -743,7 +753,8 @@ def power_states(model: nn.Module, current_only: bool = False) -> dict[str, dict
     step size 1/L the model was trained and evaluated with (a fresh estimate differs by up to a few %).
     `current_only` leaves out layers whose dictionary changed since their L was computed."""
     return {name: st for name, layer in csc_layers(model)
-            if (not current_only or layer.step_size_is_current()) and (st := layer.power_state()) is not None}
+            if (not current_only or (layer.step_size_is_current() and layer._content_unchanged()))
+            and (st := layer.power_state()) is not None}
 
 
 def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:

@@ -43,7 +43,7 @@ class Trace:
         """Per sample: relative residual averaged over all CSC layers (Algorithm 1's r), leaving out layers whose
         input is all zeros (NaN: nothing to reconstruct); NaN only if every layer's is."""
         if not self.layers:  # a ResNet: no CSC layer, no residual
-            return torch.full(self.logits.shape[:1], math.nan)
+            return torch.full(self.logits.shape[:1], math.nan, device=self.logits.device)
         return torch.stack([r.rel_residual for r in self.layers]).nanmean(0)
 
 
@@ -57,7 +57,8 @@ def trace(model: nn.Module, x: torch.Tensor) -> Trace:
     """
     csc_layers(model)  # make sure every layer carries its name
     records: list[dict] = []
-    kept = {k: b.clone() for k, b in model.named_buffers()} if model.training else {}
+    training = any(m.training for m in model.modules())  # a BatchNorm in train mode updates its statistics
+    kept = {k: b.clone() for k, b in model.named_buffers()} if training else {}
     token = _RECORDER.set(records)
     try:
         logits = model(x)

@@ -445,7 +445,7 @@ def cmd_fit(args, argv) -> dict:
     report.field("settings", f"levels {_join(levels)} (CIFAR-10-C severities; a float is the level c itself); "
                              f"λ grid {_join(lams)}; n_steps {args.n_steps or 'trained'}")
     fits = {}
-    with _bar(len(kinds) * len(levels) * (1 + len(lams) - (ctx.lam0 in lams)), "fit") as bar:
+    with _bar(len(kinds) * len(levels) * (1 + sum(lam != ctx.lam0 for lam in lams)), "fit") as bar:
         for kind in kinds:
             fits[kind] = fit_noise(ctx.model, ctx.data, kind, levels, lams, args.seed, args.n_steps,
                                    args.batch_size, bar, ctx.layers)
@@ -504,7 +504,7 @@ def cmd_eval(args, argv) -> dict:
                                                         "`python -m sdnet.robust fit` first" if missing else ""))
     report.field("λ sweep", f"{n_sweep} random test images of the split (seed {args.seed}); λ grid {_join(lams)}"
                  if n_sweep else "off (--sweep-subset 0)")
-    n_sweep_passes = len(lams) - (lam0 in lams) if n_sweep else 0
+    n_sweep_passes = sum(lam != lam0 for lam in lams) if n_sweep else 0  # the trained λ's are reused
     bar = _bar((1 + len(kinds) * len(sevs)) * ((base is not None) + 1 + n_sweep_passes)
                + len(fits) * (1 + len(sevs)), "eval")
 

@@ -83,7 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="on the CPU with glibc, keep freed memory for reuse instead of handing big blocks back to the "
                         "kernel: faster steps, a higher resident peak (sdnet.utils.keep_freed_memory; bench/README.md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.nesterov and args.momentum == 0:  # SGD's own ValueError, after the data was read
+        p.error("Nesterov momentum needs --momentum above 0: pass --no-nesterov with --momentum 0")
+    return args
 
 
 def lr_at(step: int, total: int, args: argparse.Namespace, steps_per_epoch: int) -> float:

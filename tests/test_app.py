@@ -166,10 +166,12 @@ def test_display_helpers():
 
 def test_the_probability_axis_has_no_tick_past_100_percent():
     from app import plots
-    for top in (1.0, 0.9, 0.5, 0.1):
-        axis = plots.predictions(["a", "b"], [("SDNet", "red", np.array([top, 1 - top]))], 2).layout.xaxis
-        assert axis.range[1] >= 1.2 * max(top, 1 - top)  # room for the labels outside the bars
-        assert max(axis.tickvals) <= 1.0 and len(axis.tickvals) >= 4, axis.tickvals  # an axis to 120% was drawn
+    for top in (1.0, 0.9, 0.5, 0.1, 0.02):
+        probs = np.full(100, (1 - top) / 99)
+        probs[0] = top  # 100 classes: a top probability of 0.02 left one tick, at 0%
+        axis = plots.predictions([f"c{i}" for i in range(100)], [("SDNet", "red", probs)], 5).layout.xaxis
+        assert axis.range[1] >= 1.2 * top  # room for the labels outside the bars
+        assert max(axis.tickvals) <= 1.0 and len(axis.tickvals) >= 3, axis.tickvals  # an axis to 120% was drawn
 
 
 # --- sdnet.attribution ------------------------------------------------------------------------

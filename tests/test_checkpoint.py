@@ -260,6 +260,22 @@ def test_meta_config_is_reserved(model, tmp_path):
     with pytest.raises(ValueError, match="'config' is reserved .* train_config"):  # it was lost on load
         sdnet.save_checkpoint(tmp_path / "m.pt", model, config={"lr": 0.1})
     assert not (tmp_path / "m.pt").exists()
+    sdnet.save_checkpoint(tmp_path / "a.pt", model, classes=None)
+    again, meta = sdnet.load_checkpoint(tmp_path / "a.pt")
+    sdnet.save_checkpoint(tmp_path / "b.pt", again, **meta)  # load_checkpoint's own meta saves again
+    assert sdnet.load_checkpoint(tmp_path / "b.pt")[1] == meta
+
+
+def test_a_dictionary_changed_behind_the_counter_is_not_saved_with_its_old_step_size(tmp_path):
+    model = sdnet.build_model("sdnet18_all", width=4).eval()
+    x = torch.rand(1, 3, 16, 16)
+    model(x)
+    conv1 = dict(sdnet.csc_layers(model))["conv1"]
+    conv1.weight.data.mul_(2.0)  # the version counter does not move
+    sdnet.save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = sdnet.load_checkpoint(tmp_path / "m.pt")
+    layer = dict(sdnet.csc_layers(loaded))["conv1"]
+    assert layer._lipschitz is None  # estimated afresh at its first solve, not the stale L of the old dictionary
 
 
 def test_missing_file_and_folder(tmp_path):

@@ -348,6 +348,23 @@ def test_writes_the_version_counter_misses_are_caught_by_the_refresh(device):
     untouched = layer._lipschitz.clone()
     sdnet.refresh_step_sizes(layer)  # nothing changed since: nothing recomputed
     assert torch.equal(layer._lipschitz, untouched)
+    # a move or cast between the write and the refresh must not pass the old L off as current
+    for move in (lambda m: m.to(device), lambda m: m.float()):
+        layer.weight.data.mul_(2.0)
+        move(layer)
+        sdnet.refresh_step_sizes(layer)
+        assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+
+
+def test_torch_func_transforms_over_the_dictionary():
+    from torch.func import functional_call, grad
+    layer = make_layer(2, 3, 3, 1, seed=0)
+    x = torch.randn(1, 2, 5, 5)
+    w = layer.weight.detach().clone()
+    g = grad(lambda p: functional_call(layer, p, (x,)).sum())({"weight": w})["weight"]  # was a data-pointer error
+    w.requires_grad_(True)
+    ref, = torch.autograd.grad(functional_call(layer, {"weight": w}, (x,)).sum(), w)
+    torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-4)  # each call estimates L afresh
 
 
 def test_a_layer_comes_back_to_an_input_size_with_the_step_size_it_had():

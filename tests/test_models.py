@@ -163,6 +163,11 @@ def test_trace_leaves_a_model_in_train_mode_as_it_was():
     before = {k: b.clone() for k, b in model.named_buffers()}
     sdnet.trace(model, torch.rand(2, 3, 16, 16))
     assert model.training and all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+    model.eval()
+    model.bn1.train()  # one BatchNorm in train mode in an eval model
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    sdnet.trace(model, torch.rand(2, 3, 16, 16))
+    assert all(torch.equal(b, before[k]) for k, b in model.named_buffers())
     resnet = sdnet.trace(sdnet.build_model("resnet18", width=2).eval(), torch.rand(2, 3, 8, 8))
     assert resnet.mean_rel_residual.isnan().all() and resnet.mean_rel_residual.shape == (2,)
 

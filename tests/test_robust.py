@@ -184,7 +184,8 @@ def test_progress_bars_end_at_their_totals(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(robust, "_bar", Bar)
     _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian")  # 0.1: trained
     _run(setup, tmp_path, "eval", "--severities", "0,2", "--lams", "0.1,0.8", "--noise", "gaussian")
-    assert [(b.n, b.total) for b in bars] == [(b.total, b.total) for b in bars] and len(bars) == 2
+    _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.1,0.8", "--noise", "gaussian")  # repeated
+    assert [(b.n, b.total) for b in bars] == [(b.total, b.total) for b in bars] and len(bars) == 3
 
 
 def test_eval_without_fit_or_baseline_still_reports(setup, tmp_path):

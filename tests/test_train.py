@@ -234,6 +234,7 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
                                  (train_args, ["--lr", "-1"], "--lr: expected a positive number"),
                                  (train_args, ["--lr", "nan"], "--lr: expected a positive number"),
                                  (train_args, ["--momentum", "1"], "--momentum: expected a number in [0, 1)"),
+                                 (train_args, ["--momentum", "0"], "Nesterov momentum needs --momentum above 0"),
                                  (train_args, ["--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
                                  (train_args, ["--warmup-epochs", "-1"], "--warmup-epochs: expected a number >= 0"),
                                  (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps"),
