@@ -237,7 +237,7 @@ class CSCLayer(nn.Module):
     def _content_unchanged(self) -> bool:
         """Whether the dictionary's fingerprint is still the one its L was computed for (one host sync): what
         `step_size_is_current` cannot see (writes through .data, fused optimizers)."""
-        return self._fingerprint is None or torch.equal(_fingerprints([self])[0], self._fingerprint.to(self.weight.device))
+        return not _changed_unseen([self])
 
     def step_size_is_current(self) -> bool:
         """Whether the cached L was computed for the dictionary as it is now (by autograd's version counter;
