@@ -118,9 +118,22 @@ def write_card(checkpoint: str | os.PathLike, card: dict[str, Any]) -> Path:
     return path
 
 
+def writable_card(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The card beside `checkpoint` to update ({} when there is none); ValueError when one exists but does not
+    parse, since rewriting it would wipe every field it had. Commands that will update a card call it before
+    their work, so the error comes first."""
+    path = card_path(checkpoint)
+    card = load_card(checkpoint)
+    if card is None and path.exists():
+        raise ValueError(f"the model card {path} is not a JSON object (a hand edit?): mend or remove it first; "
+                         "nothing was written")
+    return card or {}
+
+
 def update_card(checkpoint: str | os.PathLike, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into the card beside `checkpoint` (creating it) and write it back."""
-    card = load_card(checkpoint) or {}
+    """Merge `fields` into the card beside `checkpoint` (creating it) and write it back. A card that exists but
+    does not parse is a ValueError: rewriting it would wipe every field it had."""
+    card = writable_card(checkpoint)
     card.update(fields)
     write_card(checkpoint, card)
     return card
@@ -165,11 +178,11 @@ def markdown_table(checkpoints: list[str | os.PathLike]) -> str:
             "test top-1 | test images | training time | machine |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in checkpoints:
-        card = load_card(path)
+        card = checked_card(load_card(path))[0]  # a hand-edited "86%" or "training": null is left out, not a crash
         if card is None:
             rows.append(f"| `{Path(path).name}` | (no card) |||||||||")
             continue
-        train = card.get("training", {})
+        train = card.get("training") or {}
         acc = card.get("test_accuracy")
         rows.append(" | ".join([
             f"| `{Path(path).name}`", str(card.get("architecture")), str(card.get("width")),

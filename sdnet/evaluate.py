@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .cards import update_card
+from .cards import update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint
 from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
@@ -134,6 +134,13 @@ def main(argv=None) -> EvalResult:
     if not csc_layers(model) and (args.lam is not None or args.n_steps is not None or args.fresh_step_size):
         sys.exit(f"error: {args.checkpoint} ({model.sdnet_config['name']}) has no CSC layer: "
                  "--lam, --n-steps and --fresh-step-size do not apply")
+    if args.update_card:
+        try:
+            writable_card(args.checkpoint)  # before the work: a card that does not parse would be wiped
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        if args.split != "test":  # it is written as test_accuracy
+            sys.exit("error: --update-card records the test accuracy: drop --split train")
     if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None
                              or args.fresh_step_size):
         sys.exit("error: --update-card records the card's headline accuracy: clean images at the trained "
@@ -145,6 +152,7 @@ def main(argv=None) -> EvalResult:
         baseline_error = _check_baseline(args.checkpoint, args.baseline, args.update_card)
         if baseline_error:
             sys.exit(f"error: {baseline_error}")
+    n_split = len(data)
     data = data.subset(args.subset, args.subset_seed)
     res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
                    severity=args.severity if args.corruption else None, seed=args.seed,
@@ -164,7 +172,7 @@ def main(argv=None) -> EvalResult:
     if args.update_card:
         update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
                     data=f"{resolve_data_path(args.data).name}, {args.split} split, {res.n_images} images"
-                         + (f" (random subset, seed {args.subset_seed})" if args.subset else ""),
+                         + (f" (random subset, seed {args.subset_seed})" if len(data) < n_split else ""),
                     evaluation={"command": "python -m sdnet.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
                                 "seconds": res.seconds, "device": str(device),
                                 "mean_rel_residual": res.mean_rel_residual},
@@ -184,9 +192,11 @@ def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | 
     if path.resolve() == Path(checkpoint).resolve():
         return "--baseline names the checkpoint itself"
     try:
-        load_checkpoint(path, map_location="cpu")
+        _, meta = load_checkpoint(path, map_location="cpu")
     except CheckpointError as err:
         return f"--baseline {baseline}: {err}"
+    if not str(meta["config"].get("name", "")).startswith("resnet"):
+        return f"--baseline {baseline} is a {meta['config'].get('name')}, not a ResNet"
     return None
 
 

@@ -40,7 +40,8 @@ fista Paper table 5: clean and noisy accuracy at --fista-steps FISTA iterations 
       trained and at the adaptive lambda.
 
 The noise of an image depends on --seed and --batch-size exactly as in `python -m sdnet.evaluate`
-(same defaults), which therefore reproduces any cell of these reports.
+(same defaults), which therefore reproduces every trained-λ cell of these reports (its --lam sets every CSC
+layer, so cells whose λ is scoped to some layers, as the adaptive ones by default, are not its to reproduce).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import max_norm, pgd
-from .cards import adaptive_lam, checked_card, load_card, scoped, update_card
+from .cards import adaptive_lam, checked_card, load_card, scoped, update_card, writable_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
@@ -242,6 +243,17 @@ def _se_note(n: int) -> str:
             f"{100 * (0.25 / max(n, 1)) ** 0.5:.1f} points.")
 
 
+def _no_nan(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None, for JSON that strict parsers read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
+
+
 class Report:
     """One Markdown report (header: command, checkpoint, data, seed, machine, wall time), its numbers as
     JSON and its figures, written atomically to --out."""
@@ -293,7 +305,8 @@ class Report:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(md, "\n".join(head) + "\n\n" + "\n\n".join(self.sections) + "\n")
         meta = {"command": self.command, **dict(fields), "wall_seconds": round(wall, 1)}
-        atomic_write_text(self.out / f"{self.stem}.json", json.dumps({**meta, **data}, indent=1) + "\n")
+        # strict JSON: a NaN (an accuracy over no image, a residual of all-zero inputs) is written as null
+        atomic_write_text(self.out / f"{self.stem}.json", json.dumps(_no_nan({**meta, **data}), indent=1) + "\n")
         return md
 
 
@@ -369,8 +382,13 @@ def _describe(path: str | Path, meta: dict) -> str:
 class _Context:
     """What a subcommand works on: the SDNet checkpoint and its card, the baseline, the data split."""
 
-    def __init__(self, args: argparse.Namespace, split: str, baseline: bool = False):
+    def __init__(self, args: argparse.Namespace, split: str, baseline: bool = False, writes_card: bool = False):
         device = args.device_obj
+        if writes_card:
+            try:
+                writable_card(args.checkpoint)  # before the work: a card that does not parse would be wiped
+            except ValueError as err:
+                sys.exit(f"error: {err}")
         try:
             self.model, self.meta = load_checkpoint(args.checkpoint, map_location=device)
         except CheckpointError as err:
@@ -383,6 +401,7 @@ class _Context:
             print(f"warning: the model card's {problem}", file=sys.stderr)
         self.fits = dict(self.card.get("robust_fit") or {})
         self.lam0 = trained_lam(self.model)
+        self.n_steps = getattr(args, "n_steps", None)  # the run's FISTA steps (None: the trained ones)
         self.layers = scope_layers(self.model, args.lam_layers)
         self.dataset = args.dataset or self.meta.get("dataset", "cifar10")
         self.baseline, self.baseline_field = None, None
@@ -414,10 +433,22 @@ class _Context:
                 sys.exit(f"error: {message}; run with --lam-layers {'all' if fit.get('layers') is None else 'first'} "
                          "or refit")
             self.fields.append(("left out", f"{message}, not in the layers of this run: no adaptive λ for {kind}"))
-        return {k: f for k, f in fits.items() if k not in other}
+        # a fit's residuals were measured at its FISTA steps; r_test at other steps is not on its line
+        trained = self.meta.get("config", {}).get("n_steps")
+        run_steps = self.n_steps or trained
+        steps = {k: f for k, f in fits.items() if k not in other and (f.get("n_steps") or trained) != run_steps}
+        for kind, fit in steps.items():
+            message = (f"the card's {kind} fit was made at {fit.get('n_steps') or trained} FISTA steps, this run "
+                       f"measures residuals at {run_steps}")
+            if required:
+                sys.exit(f"error: {message}; run with --n-steps {fit.get('n_steps') or trained} or refit")
+            self.fields.append(("left out", f"{message}: no adaptive λ for {kind}"))
+        return {k: f for k, f in fits.items() if k not in other and k not in steps}
 
     def _load_baseline(self, args, device) -> None:
         path = args.baseline
+        if path is not None and not Path(path).is_file():  # asked for by name: a typo must not drop the rows
+            sys.exit(f"error: --baseline {path}: no such checkpoint file")
         if path is None and self.card.get("baseline"):
             path = Path(args.checkpoint).parent / self.card["baseline"]
         if path is None or not Path(path).exists():
@@ -429,6 +460,8 @@ class _Context:
             self.baseline, meta = load_checkpoint(path, map_location=device)
         except CheckpointError as err:
             sys.exit(f"error: baseline: {err}")
+        if not str(meta["config"].get("name", "")).startswith("resnet"):
+            sys.exit(f"error: the baseline {path} is a {meta['config'].get('name')}, not a ResNet")
         self.baseline_field = _describe(path, meta)
 
     def report(self, args, argv, title: str, stem: str) -> Report:
@@ -439,7 +472,7 @@ class _Context:
 
 
 def cmd_fit(args, argv) -> dict:
-    ctx = _Context(args, "train")
+    ctx = _Context(args, "train", writes_card=True)
     kinds, lams, levels = args.noise, args.lams, args.levels
     report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data", "robust-fit")
     report.field("settings", f"levels {_join(levels)} (CIFAR-10-C severities; a float is the level c itself); "
@@ -489,6 +522,8 @@ def _suffix(kinds: Sequence[str]) -> str:
 
 
 def cmd_eval(args, argv) -> dict:
+    if not any(args.severities):  # the run ended in an IndexError after all its work
+        sys.exit("error: --severities needs a severity or level above 0 (the clean images, 0, are always in)")
     ctx = _Context(args, "test", baseline=True)
     model, base, data, lam0 = ctx.model, ctx.baseline, ctx.data, ctx.lam0
     labels, bs, kinds, lams = data.labels, args.batch_size, args.noise, args.lams
@@ -619,9 +654,9 @@ def _noise_claims(get, kinds, sevs, fits, ctx: _Context, n_sweep: int) -> str:
         ok = sum(_trend(v) == "non-decreasing" for v in by_kind.values())
         out.append(f"- **The best λ grows with the severity** ({label}): "
                    + "; ".join(f"{k}: {_join(v)}" for k, v in by_kind.items())
-                   + f". Non-decreasing for {ok} of {len(by_kind)} noises; larger at severity {sevs[-1]} than at "
-                   f"{sevs[0]} for {sum(v[-1] > v[0] for v in by_kind.values())} of {len(by_kind)}.")
-    hi = [s for s in sevs if s >= 3]
+                   + f". Non-decreasing for {ok} of {len(by_kind)} noises; larger at the strongest noise than at the "
+                   f"weakest for {sum(v[-1] > v[0] for v in by_kind.values() if v)} of {len(by_kind)}.")
+    hi = [s for s in sevs if isinstance(s, int) and s >= 3]  # a float is a level c, not a severity
     gains = {k: [get(k, s, "gain") for s in hi] for k in kinds if k in fits}
     if hi and gains:
         g_all = [g for v in gains.values() for g in v]
@@ -905,6 +940,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What one option cannot check alone: each noise level against each noise (impulse amounts stop at 1),
     --tuned-lam (a lambda or auto). A usage error before any work, not a traceback after some."""
+    if getattr(args, "out", None) is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; the reports go into a folder")  # it crashed at the very end
     levels = getattr(args, "levels", None) or getattr(args, "severities", None) or ()
     for kind in getattr(args, "noise", ()):
         for severity in levels:

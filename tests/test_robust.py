@@ -7,6 +7,7 @@ accuracies.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -161,6 +162,37 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
+def test_refusals_before_any_work(setup, tmp_path):
+    """Each of these used to run to the end (or almost) and then crash, or quietly write something wrong."""
+    root, tree = setup
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for name in ("sd.pt", "rn.pt"):
+        shutil.copy(root / name, ck / name)
+    (ck / "sd.json").write_text('{"name": "tiny",}')  # a trailing comma: the card does not parse
+    base = ["--checkpoint", str(ck / "sd.pt"), "--data", str(tree), "--out", str(tmp_path / "out"), *FAST]
+    with pytest.raises(SystemExit, match="is not a JSON object .* nothing was written"):
+        robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", *base])  # it was replaced by the fit alone
+    assert (ck / "sd.json").read_text() == '{"name": "tiny",}'
+    sdnet.write_card(ck / "sd.pt", {"name": "tiny"})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as info:  # a FileExistsError after all the work, the card already rewritten
+        robust.main(["fit", "--levels", "1,5", *base[:-len(FAST) - 2], "--out", str(tmp_path / "file"), *FAST])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit, match="needs a severity or level above 0"):  # an IndexError at the end
+        robust.main(["eval", "--severities", "0", *base])
+    with pytest.raises(SystemExit, match="--baseline .*missing.pt: no such checkpoint"):  # rows dropped, exit 0
+        robust.main(["eval", "--baseline", str(ck / "missing.pt"), *base])
+    with pytest.raises(SystemExit, match="is a sdnet18_all, not a ResNet"):  # labelled "ResNet-18 baseline"
+        robust.main(["eval", "--baseline", str(ck / "sd.pt"), *base])
+    _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8", "--n-steps", "4", "--noise", "gaussian",
+         checkpoint="sd.pt")
+    with pytest.raises(SystemExit, match="fit was made at 4 FISTA steps, this run measures residuals at 2"):
+        _run(setup, tmp_path, "eval", "--noise", "gaussian", "--severities", "0,2")  # applied silently before
+    _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian")  # back as it was
+    assert robust._no_nan({"a": [1.0, float("nan")], "b": (float("inf"),)}) == {"a": [1.0, None], "b": [None]}
+
+
 def test_progress_bars_end_at_their_totals(setup, tmp_path, monkeypatch):
     """The trained lambda's predictions are reused, not recomputed: the bar ran past 100% by counting them."""
     bars = []
@@ -272,3 +304,11 @@ def test_fista_steps_follow_the_same_scope(calibrated_model):
     with pytest.raises(ValueError, match="n_steps for layer"):
         with sdnet.override(n_steps={first[0]: 0}):
             pass
+
+
+def test_the_cards_table_leaves_out_hand_edited_fields(tmp_path):
+    from sdnet.cards import markdown_table
+    (tmp_path / "m.pt").write_bytes(b"")
+    sdnet.write_card(tmp_path / "m.pt", {"architecture": "sdnet18_all", "test_accuracy": "86.07%", "training": None})
+    row = markdown_table([tmp_path / "m.pt"]).splitlines()[-1]  # a traceback before
+    assert row.startswith("| `m.pt` | sdnet18_all |") and "86.07" not in row

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import make_image_folder
 
+import sdnet
 from sdnet import load_card, load_checkpoint
 from sdnet.cards import markdown_table
 from sdnet.data import ImageSet, align_classes
@@ -162,6 +163,11 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     card = load_card(ckpt)
     assert card["test_accuracy"] == round(clean.accuracy, 2) and card["test_images"] == 12
     assert card["evaluation"]["command"].endswith("--update-card") and card["architecture"] == "sdnet18_all"
+    assert "random subset" not in card["data"]
+    with pytest.raises(SystemExit, match="records the test accuracy: drop --split train"):
+        evaluate_main(base + ["--update-card", "--split", "train"])  # train accuracy was stored as test_accuracy
+    evaluate_main(base + ["--update-card", "--subset", "100000"])  # more than the split: all of it, no subset
+    assert "random subset" not in load_card(ckpt)["data"]
     row = markdown_table([ckpt]).splitlines()[-1]
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     with pytest.raises(SystemExit, match="trained lambda"):
@@ -174,7 +180,15 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     with pytest.raises(SystemExit, match="step sizes"):
         evaluate_main(base + ["--update-card", "--fresh-step-size"])
     # --baseline links the ResNet to compare with (a checkpoint in the same folder), only into the card
-    shutil.copy(run / "model.pt", run / "other.pt")
+    shutil.copy(run / "model.pt", run / "sdnet-copy.pt")
+    with pytest.raises(SystemExit, match="sdnet-copy.pt is a sdnet18_all, not a ResNet"):
+        evaluate_main(base + ["--update-card", "--baseline", "sdnet-copy.pt"])
+    sdnet.save_checkpoint(run / "other.pt", sdnet.build_model("resnet18", width=2, num_classes=3))
+    (run / "model.json").write_text(load_card(ckpt) and "{not json")  # a hand edit gone wrong
+    with pytest.raises(SystemExit, match="is not a JSON object .* nothing was written"):
+        evaluate_main(base + ["--update-card"])  # it was rewritten with the new fields only
+    assert (run / "model.json").read_text() == "{not json"
+    sdnet.write_card(ckpt, card)
     with pytest.raises(SystemExit, match="needs --update-card"):
         evaluate_main(base + ["--baseline", "other.pt"])
     with pytest.raises(SystemExit, match="same folder"):
