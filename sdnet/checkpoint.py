@@ -174,6 +174,13 @@ def _check_power_state(name: str, st: Any) -> None:
         raise ValueError(f"step-size state of {name} has an unusable L ({L.flatten()[:1].tolist()})")
 
 
+def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
+    """Why the checkpoint at `path` (its loaded `meta`) cannot be the ResNet baseline an SDNet is compared with,
+    or None when it can."""
+    name = str(meta.get("config", {}).get("name", ""))
+    return None if name.startswith("resnet") else f"the baseline {path} is a {name}, not a ResNet"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored at `path`; returns (model in eval mode, meta with 'config')."""
     obj = safe_load(path, map_location)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .cards import update_card, writable_card
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, align_classes, load_split, resolve_data_path
@@ -195,9 +195,7 @@ def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | 
         _, meta = load_checkpoint(path, map_location="cpu")
     except CheckpointError as err:
         return f"--baseline {baseline}: {err}"
-    if not str(meta["config"].get("name", "")).startswith("resnet"):
-        return f"--baseline {baseline} is a {meta['config'].get('name')}, not a ResNet"
-    return None
+    return not_a_resnet(baseline, meta)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import torch.nn as nn
 
 from .attacks import max_norm, pgd
 from .cards import adaptive_lam, checked_card, load_card, scoped, update_card, writable_card
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt, level
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, align_classes, load_split
@@ -460,8 +460,8 @@ class _Context:
             self.baseline, meta = load_checkpoint(path, map_location=device)
         except CheckpointError as err:
             sys.exit(f"error: baseline: {err}")
-        if not str(meta["config"].get("name", "")).startswith("resnet"):
-            sys.exit(f"error: the baseline {path} is a {meta['config'].get('name')}, not a ResNet")
+        if problem := not_a_resnet(path, meta):
+            sys.exit(f"error: {problem}")
         self.baseline_field = _describe(path, meta)
 
     def report(self, args, argv, title: str, stem: str) -> Report:
