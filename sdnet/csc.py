@@ -135,6 +135,7 @@ class CSCLayer(nn.Module):
         self._lipschitz: torch.Tensor | None = None
         self._lipschitz_key: tuple | None = None
         self._fingerprint: torch.Tensor | None = None  # of the dictionary L was computed for (see _fingerprints)
+        self._other_sizes: dict = {}  # step sizes kept for other input sizes (_set_aside)
         self._refreshes = 0
 
     def extra_repr(self) -> str:
@@ -675,8 +676,8 @@ def _fingerprints(layers: list[CSCLayer]) -> torch.Tensor:
     """(len(layers), 2): the sum and the l1 norm of each dictionary (layers on one device), on that device. Writes
     that autograd's version counter does not see (through `.data`, fused optimizers) leave the cache key as it was
     but change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Two cheap
-    reductions a layer, no host sync: 7 ms for SDNet-18-All's 11M weights at paper width on one CPU thread (an l3
-    norm took 37)."""
+    reductions a layer, no host sync: 7 ms for SDNet-18-All's 11M weights at paper width on one CPU thread
+    (bench/README.md)."""
     with torch.no_grad():
         return torch.stack([torch.stack([layer.weight.sum(), torch.linalg.vector_norm(layer.weight, 1)]).float()
                             for layer in layers])
