@@ -57,6 +57,14 @@ def test_tarball_is_unpacked_once(tmp_path, monkeypatch):
     import sdnet.data as data
     monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: pytest.fail("unpacked twice"))
     assert len(load_split(archive, "train")) == 12
+    # the same bytes copied elsewhere, with a new modification time (a restored or re-provisioned data folder):
+    # neither unpacked nor decoded again, and the cache holds one copy
+    copy = tmp_path / "elsewhere" / "cifar.tar.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    monkeypatch.setattr(data, "_decode_all", lambda files: pytest.fail("decoded again"))
+    assert torch.equal(load_split(copy, "test").images, test.images)
+    assert len(list((tmp_path / "cache" / "unpacked").iterdir())) == 1
 
 
 def test_tarball_with_path_traversal_is_refused(tmp_path):
