@@ -18,11 +18,12 @@ import torch.nn as nn
 
 from .cards import update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
-from .corruptions import KINDS, corrupt, level
+from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, align_classes, load_split, resolve_data_path
+from .data import NUM_CLASSES, DatasetError, ImageSet, align_classes, load_split, resolve_data_path
 from .inspect import trace
-from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value
+from .utils import (default_device, device_value, lam_value, positive_int, severity_value, steps_value,
+                    unwritable_folder)
 
 
 @dataclass
@@ -54,9 +55,10 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
         from tqdm import tqdm
         starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
     for i in starts:
-        x = data.images[i:i + batch_size].to(device).float().div_(255)
-        if corruption:
-            x = corrupt(x, corruption, severity, seed=seed * 1_000_003 + i)
+        if corruption:  # noise drawn per block of the split, not per batch: the same whatever --batch-size
+            x = corrupt_range(data.images, i, i + batch_size, corruption, severity, seed, device)
+        else:
+            x = data.images[i:i + batch_size].to(device).float().div_(255)
         with override(lam=lam, n_steps=n_steps):
             if has_csc:
                 t = trace(model, x)
@@ -82,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
-    p.add_argument("--dataset", default=None, help="cifar10 or cifar100 (default: the checkpoint's)")
+    p.add_argument("--dataset", default=None, choices=sorted(NUM_CLASSES), help="default: the checkpoint's")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of this size")
     p.add_argument("--subset-seed", type=int, default=0)
@@ -139,6 +141,9 @@ def main(argv=None) -> EvalResult:
             writable_card(args.checkpoint)  # before the work: a card that does not parse would be wiped
         except ValueError as err:
             sys.exit(f"error: {err}")
+        problem = unwritable_folder(Path(args.checkpoint).parent)  # a PermissionError only after the evaluation
+        if problem:
+            sys.exit(f"error: --update-card: {problem}")
         if args.split != "test":  # it is written as test_accuracy
             sys.exit("error: --update-card records the test accuracy: drop --split train")
     if args.update_card and (args.corruption or args.lam is not None or args.n_steps is not None

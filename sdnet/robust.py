@@ -65,12 +65,12 @@ import torch.nn as nn
 from .attacks import max_norm, pgd
 from .cards import adaptive_lam, checked_card, load_card, scoped, update_card, writable_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
-from .corruptions import KINDS, corrupt, level
+from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
 from .data import DatasetError, ImageSet, align_classes, load_split
 from .inspect import trace
 from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
-                    steps_value)
+                    steps_value, unwritable_folder)
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -82,17 +82,13 @@ PAPER = {  # the paper's CIFAR-10 numbers (ResNet-18 / SDNet-18) the claim check
 
 
 # --- computations (the CLI and the tests use these) --------------------------------------------------
-def corrupted(data: ImageSet, kind: str | None, severity: int | float, seed: int = 0,
-              batch_size: int = 250) -> torch.Tensor:
-    """The images of `data` in [0, 1], corrupted with `kind` at `severity` (0 or None: clean).
-
-    The batch starting at image i gets the seed seed * 1_000_003 + i, as in sdnet.evaluate.
-    """
+def corrupted(data: ImageSet, kind: str | None, severity: int | float, seed: int = 0) -> torch.Tensor:
+    """The images of `data` in [0, 1], corrupted with `kind` at `severity` (0 or None: clean), with the noise
+    sdnet.evaluate gives them (`corrupt_range`: per block of 250 images, whatever --batch-size)."""
     x = data.float_images()
     if not kind or not severity:
         return x
-    return torch.cat([corrupt(x[i:i + batch_size], kind, severity, seed=seed * 1_000_003 + i)
-                      for i in range(0, len(x), batch_size)])
+    return corrupt_range(x, 0, len(x), kind, severity, seed)
 
 
 @torch.no_grad()
@@ -199,7 +195,7 @@ def fit_noise(model: nn.Module, data: ImageSet, kind: str, levels: Sequence[int 
     lam0 = trained_lam(model)
     points = []
     for sev in levels:
-        x = corrupted(data, kind, sev, seed, batch_size)
+        x = corrupted(data, kind, sev, seed)
         pred0, res = predict(model, x, n_steps=n_steps, batch_size=batch_size, residual=True, layers=layers)
         if bar is not None:
             bar.set_postfix_str(f"{kind} {sev}")
@@ -544,7 +540,7 @@ def cmd_eval(args, argv) -> dict:
                + len(fits) * (1 + len(sevs)), "eval")
 
     def cell(kind, sev):
-        x = corrupted(data, kind, sev, args.seed, bs)
+        x = corrupted(data, kind, sev, args.seed)
         row = {"noise": kind or "clean", "severity": sev, "level": level(kind, sev) if sev else 0.0, "n": len(data)}
         bar.set_postfix_str(f"{kind or 'clean'} {sev}")
         if base is not None:
@@ -792,7 +788,7 @@ def cmd_fista(args, argv) -> dict:
             t0 = time.perf_counter()
             for kind, sev in cells:
                 bar.set_postfix_str(f"n_steps {n_steps}, {kind or 'clean'} {sev}")
-                x = corrupted(data, kind, sev, args.seed, bs)
+                x = corrupted(data, kind, sev, args.seed)
                 pred0, res = predict(model, x, n_steps=n_steps, batch_size=bs, residual=True, layers=ctx.layers)
                 bar.update(1)
                 row["trained"].setdefault(kind or "clean", []).append(accuracy(pred0, labels))
@@ -940,8 +936,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What one option cannot check alone: each noise level against each noise (impulse amounts stop at 1),
     --tuned-lam (a lambda or auto). A usage error before any work, not a traceback after some."""
-    if getattr(args, "out", None) is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; the reports go into a folder")  # it crashed at the very end
+    if getattr(args, "out", None) is not None:  # a file or a read-only folder crashed at the very end
+        problem = unwritable_folder(args.out)
+        if problem:
+            parser.error(f"--out {args.out}: {problem}; the reports go into a folder")
+    if args.func is cmd_fit:  # the fits go on the checkpoint's card
+        problem = unwritable_folder(Path(args.checkpoint).parent)
+        if problem:
+            parser.error(f"the fits go on the model card beside {args.checkpoint}: {problem}")
     levels = getattr(args, "levels", None) or getattr(args, "severities", None) or ()
     for kind in getattr(args, "noise", ()):
         for severity in levels:

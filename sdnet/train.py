@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
-from .checkpoint import CheckpointError, atomic_save, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
-                    nonnegative_float, positive_float, positive_int, steps_value)
+                    nonnegative_float, positive_float, positive_int, steps_value, unwritable_folder)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,6 +133,8 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
     config = json.loads((out / "config.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     card = load_card(out / "model.pt") or {}
+    for key in MEASURED_FIELDS:  # measured on a model this run has just replaced
+        card.pop(key, None)
     card.update({
         "name": f"{config['model']}-w{config['width']}-e{config['epochs']}"
                 + ("" if config["shortcut"] else " (no shortcuts)"),
@@ -144,14 +146,23 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
                      "world_size": config["world_size"], "seed": config["seed"],
                      "final_train_acc": round(log[-1]["train_acc"], 2),
                      "test_acc_during_training": round(log[-1]["test_acc"], 2),
-                     "test_subset_during_training": config.get("test_subset")},
+                     "test_subset_during_training": config.get("test_subset"),
+                     "train_subset": config.get("train_subset")},  # None: the whole training split
     })
     write_card(out / "model.pt", card)
     return card
 
 
-# What a resumed run must share with the run that wrote last.pt: the model and what it learns from.
-RESUME_MUST_MATCH = ("model", "width", "shortcut", "lam", "n_steps", "dataset", "num_classes")
+# Card fields that `evaluate --update-card` and `robust fit` measure on a model.pt: dropped when training writes a
+# new one (a card kept the 1-epoch model's accuracy after the run was extended).
+MEASURED_FIELDS = ("test_accuracy", "test_images", "data", "evaluation", "baseline", "robust_fit")
+
+# What a resumed run must share with the run that wrote last.pt: the model, what it learns from, and everything
+# that sets the data order, the schedule and the updates (a resume with another --seed or --lr went on silently and
+# wrote a card naming the new values; --epochs sets the cosine schedule of the epochs already trained too).
+RESUME_MUST_MATCH = ("model", "width", "shortcut", "lam", "n_steps", "dataset", "num_classes", "epochs", "seed",
+                     "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "batch_size", "world_size",
+                     "train_subset", "test_subset")
 
 
 def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
@@ -166,7 +177,9 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
         stored = json.loads(state["config"])
     except (TypeError, ValueError):
         raise CheckpointError(f"{path} is damaged: its config is not JSON") from None
-    differ = [f"{k}={stored.get(k)!r} there, {config[k]!r} here" for k in RESUME_MUST_MATCH if stored.get(k) != config[k]]
+    # (a key older training states do not store is not compared)
+    differ = [f"{k}={stored[k]!r} there, {config[k]!r} here" for k in RESUME_MUST_MATCH
+              if k in stored and stored[k] != config[k]]
     if differ:
         raise CheckpointError(f"--resume: {path} is a different run ({'; '.join(differ)}): resume it with its own "
                               "settings, or train this one into another --out")
@@ -203,8 +216,9 @@ def _train(argv: list[str] | None) -> dict:
         print(f"--keep-freed-memory ignored: it helps the host memory of CPU training, and this run is on {device}")
     torch.manual_seed(args.seed)
     out = Path(args.out or f"runs/{args.model}-w{args.width}")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    problem = unwritable_folder(out)  # before the data is read, not a traceback after the first epoch
+    if problem:
+        raise SystemExit(f"error: --out {out}: {problem}")
     finished = [f for f in ("last.pt", "model.pt") if (out / f).exists()]
     if finished and not args.resume:  # never overwrite a run by forgetting --resume
         raise SystemExit(f"error: {out} already holds a training run ({', '.join(finished)}): pass --resume to "
@@ -226,12 +240,21 @@ def _train(argv: list[str] | None) -> dict:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     start_epoch, train_seconds = 0, 0.0
     if args.resume and (out / "last.pt").exists():
-        state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes), device)
+        state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world), device)
+        if state["epoch"] >= args.epochs and (out / "model.pt").exists():  # model.pt and its card stay as they are
+            if is_main:
+                print(f"--resume: {out} is a finished run of {args.epochs} epochs (model.pt): nothing to do")
+            if distributed:
+                dist.destroy_process_group()
+            return {}
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         load_power_states(model, state["power"])  # for a bit-exact resume
+        if state.get("scaler"):  # fp16's loss scale as it was, not restarted at 65536
+            scaler.load_state_dict(state["scaler"])
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         if is_main:
             print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
@@ -248,7 +271,6 @@ def _train(argv: list[str] | None) -> dict:
     if steps_per_epoch == 0:
         raise SystemExit(f"batch size {args.batch_size} is larger than the {len(sampler)} training images per process")
     total_steps = steps_per_epoch * args.epochs
-    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
     command = "python -m sdnet.train " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -256,7 +278,12 @@ def _train(argv: list[str] | None) -> dict:
     config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, command=command,
                   machine=machine_description(device), allocator=allocator)
     if is_main:
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
+        # the log as last.pt has it: an epoch logged by a run killed before its last.pt was saved is trained again
+        log_path = out / "log.jsonl"
+        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+                if line.strip() and json.loads(line).get("epoch", 0) <= start_epoch]
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
     result: dict = {}
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
@@ -312,18 +339,19 @@ def _train(argv: list[str] | None) -> dict:
                           test_acc=test_acc, lr=opt.param_groups[0]["lr"], epoch_seconds=round(epoch_seconds, 2),
                           images_per_second=round(seen / epoch_seconds, 1), train_seconds=round(train_seconds, 1))
             print(json.dumps(result), flush=True)
+            # last.pt first: a run killed between the two writes logs this epoch again when it resumes, not twice
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
+                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "train_seconds": train_seconds,
+                         "config": json.dumps(config, default=str)}, out / "last.pt")
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
-                         "epoch": epoch + 1, "train_seconds": train_seconds, "config": json.dumps(config, default=str)},
-                        out / "last.pt")
         if distributed:
             dist.barrier()
     if is_main and end_epoch < args.epochs:
         print(f"stopped after epoch {end_epoch} of {args.epochs}; continue with --resume")
     elif is_main:
         final_acc = result.get("test_acc")
-        if final_acc is None:  # resumed a finished run
+        if final_acc is None:  # resumed after the last epoch's last.pt, before model.pt was saved
             final_acc = evaluate_accuracy(model, test.images, test.labels, device=device, amp_dtype=amp_dtype)
         save_checkpoint(out / "model.pt", model.cpu(), half=args.half_checkpoint, classes=train.classes,
                         dataset=args.dataset, epochs=args.epochs, seed=args.seed, train_seconds=round(train_seconds, 1),

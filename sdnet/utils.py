@@ -6,6 +6,7 @@ import ctypes
 import math
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,29 @@ import torch
 def default_device() -> torch.device:
     """CUDA when available, else CPU: picked once, then passed around."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def unwritable_folder(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written into the folder `path` (made if missing), or None: checked before long work,
+    which would otherwise end in a PermissionError traceback once its results are due."""
+    folder = Path(path).expanduser().absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None:  # not even the root: leave it to the write
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
+def check_eval_mode(model: torch.nn.Module, what: str) -> None:
+    """ValueError when a BatchNorm or dropout of `model` is in training mode: `what` would run on the statistics of
+    its own batches (interpolated images, attack steps) and update the running ones of a model it must not change."""
+    norm_or_dropout = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+    if any(m.training for m in model.modules() if isinstance(m, norm_or_dropout)):
+        raise ValueError(f"{what} needs the model in evaluation mode (its BatchNorm would use and update the statistics "
+                         "of the batches it makes): call model.eval() first")
 
 
 # --- command-line argument types: a bad value is an argparse error (usage line and message), not a traceback ---

@@ -7,7 +7,9 @@ accuracies.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +106,13 @@ def test_pgd_stays_in_the_ball_in_pixel_range_and_runs_at_the_given_lambda(setup
     assert attacks.max_norm(adv2 - x, "L2") == pytest.approx(norms.max().item())
     with pytest.raises(ValueError):
         attacks.pgd(model, x, y, "L1", 0.5, steps=1, step_size=0.1)
+    for bad in ({"radius": -0.1}, {"restarts": 0}, {"steps": 0}, {"step_size": 0.0}):  # clean images came back
+        with pytest.raises(ValueError, match="PGD needs radius > 0"):
+            attacks.pgd(model, x, y, "L2", **{"radius": 0.5, "steps": 1, "step_size": 0.1, **bad})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="evaluation mode"):  # it updated the BatchNorm statistics
+        attacks.pgd(model.train(), x, y, "Linf", 8 / 255, steps=1, step_size=4 / 255)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_fit_then_eval_end_to_end(setup, tmp_path):
@@ -162,7 +171,7 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
-def test_refusals_before_any_work(setup, tmp_path):
+def test_refusals_before_any_work(setup, tmp_path, capsys):
     """Each of these used to run to the end (or almost) and then crash, or quietly write something wrong."""
     root, tree = setup
     ck = tmp_path / "ck"
@@ -179,6 +188,18 @@ def test_refusals_before_any_work(setup, tmp_path):
     with pytest.raises(SystemExit) as info:  # a FileExistsError after all the work, the card already rewritten
         robust.main(["fit", "--levels", "1,5", *base[:-len(FAST) - 2], "--out", str(tmp_path / "file"), *FAST])
     assert info.value.code == 2
+    real_access = os.access  # read-only folders: a PermissionError once the report or the fit was due
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "access", lambda path, mode: Path(path) not in (ck, tmp_path / "out") and real_access(path, mode))
+        (tmp_path / "out").mkdir()
+        for args in (["eval", *base], ["fit", "--levels", "1,5", *base]):
+            with pytest.raises(SystemExit) as info:
+                robust.main(args)
+            assert info.value.code == 2
+        assert f"--out {tmp_path / 'out'}: no permission to write in" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as info:
+            robust.main(["fit", "--levels", "1,5", *base[:-len(FAST) - 2], "--out", str(tmp_path / "out2"), *FAST])
+        assert f"the fits go on the model card beside {ck / 'sd.pt'}: no permission" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs a severity or level above 0"):  # an IndexError at the end
         robust.main(["eval", "--severities", "0", *base])
     with pytest.raises(SystemExit, match="--baseline .*missing.pt: no such checkpoint"):  # rows dropped, exit 0

@@ -59,6 +59,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert card["epochs"] == 3 and card["training"]["command"].startswith("python -m sdnet.train ")
     assert card["name"] == "sdnet18_all-w4-e3 (no shortcuts)"  # two schedules of one model get two names
     assert "--resume" in card["training"]["command"] and card["training"]["seconds"] > 0
+    assert card["training"]["train_subset"] is None  # the whole split (it was said only inside the command)
     # training changed the weights
     assert not torch.equal(a["conv1.weight"], _weights_init())
 
@@ -99,6 +100,53 @@ def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path,
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         train_main(TINY + ["--data", data, "--out", str(tmp_path / "a-file")])
+
+
+def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path, data, capsys):
+    """A resume with another --seed, --lr or --epochs went on silently and wrote a card naming the new values (and
+    --epochs 1 on a 2-epoch run relabelled it without training); a finished run resumed rewrote model.pt."""
+    run = tmp_path / "run"
+    first = TINY + ["--data", data, "--epochs", "2", "--out", str(run)]
+    train_main(first + ["--stop-after", "1"])
+    assert set(torch.load(run / "last.pt", weights_only=True)) >= {"scaler", "power", "optimizer"}
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    for extra, message in ((["--seed", "5"], "seed=0 there, 5 here"), (["--lr", "1.0"], "lr=0.1 there, 1.0 here"),
+                           (["--batch-size", "4"], "batch_size=8 there, 4 here"),
+                           (["--train-subset", "6"], "train_subset=None there, 6 here")):
+        with pytest.raises(SystemExit, match=f"is a different run .*{message}"):
+            train_main(first + extra + ["--resume"])
+    with pytest.raises(SystemExit, match="epochs=2 there, 3 here"):
+        train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(run), "--resume"])
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    # killed after logging epoch 2 but before its last.pt (the log was written first): logged once, not twice
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 2, "train_acc": 0.0, "test_acc": 0.0, "train_seconds": 0.0}) + "\n")
+    train_main(first + ["--resume"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["train_seconds"] > 0
+    # a finished run: nothing to do, nothing rewritten, even its evaluated card
+    sdnet.cards.update_card(run / "model.pt", test_accuracy=12.5)
+    finished = {f.name: f.read_bytes() for f in run.iterdir()}
+    capsys.readouterr()
+    assert train_main(first + ["--resume"]) == {}
+    assert "finished run of 2 epochs (model.pt): nothing to do" in capsys.readouterr().out
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == finished
+    # a model.pt written by training drops what was measured on the one it replaced
+    (run / "model.pt").unlink()
+    train_main(first + ["--resume"])
+    assert "test_accuracy" not in load_card(run / "model.pt") and load_card(run / "model.pt")["epochs"] == 2
+
+
+def test_an_out_folder_that_cannot_be_written_is_said_before_the_data_is_read(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(SystemExit, match=f"--out {locked / 'run'}: no permission to write in {locked}$"):
+        train_main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(locked / "run")])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit, match="a-file is a file, not a folder"):  # NotADirectoryError
+        train_main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "a-file" / "run")])
 
 
 def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, data):
@@ -158,6 +206,9 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     noisy = evaluate_main(base + ["--corruption", "gaussian", "--severity", "5"])
     assert noisy.corruption == "gaussian" and noisy.severity == 5
     assert noisy.layers["conv1"] != clean.layers["conv1"]
+    # the same noise whatever the batches (it was drawn per batch: --batch-size changed the accuracy)
+    small = evaluate_main(base + ["--corruption", "gaussian", "--severity", "5", "--batch-size", "5"])
+    assert small.accuracy == noisy.accuracy and small.layers == pytest.approx(noisy.layers, rel=1e-5)
     # --update-card records the clean accuracy at the trained lambda, and the command that measured it
     evaluate_main(base + ["--update-card"])
     card = load_card(ckpt)
@@ -197,6 +248,11 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
         evaluate_main(base + ["--update-card", "--baseline", str(run / "other.pt")])
     with pytest.raises(SystemExit, match="the checkpoint itself"):
         evaluate_main(base + ["--update-card", "--baseline", "model.pt"])
+    real_access = os.access  # a folder the card cannot be written into: said before the evaluation, not after it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "access", lambda path, mode: Path(path) != run and real_access(path, mode))
+        with pytest.raises(SystemExit, match=f"--update-card: no permission to write in {run}"):
+            evaluate_main(base + ["--update-card"])
     (run / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt"):
         evaluate_main(base + ["--update-card", "--baseline", "junk.pt"])
@@ -293,6 +349,9 @@ def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
         evaluate_main(["--checkpoint", str(run / "model.pt"), "--data", str(some), "--device", "cpu"])
     with pytest.raises(SystemExit, match="was trained on cifar10, not --dataset cifar100"):
         evaluate_main(base + ["--dataset", "cifar100"])
+    with pytest.raises(SystemExit) as info:  # a ValueError traceback from load_split
+        evaluate_main(base + ["--dataset", "imagenet"])
+    assert info.value.code == 2
 
 
 def test_help_of_every_cli(capsys):
