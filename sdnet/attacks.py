@@ -16,6 +16,7 @@ import torch.nn as nn
 from captum.robust import FGSM, PGD
 
 from .csc import override
+from .utils import check_eval_mode
 
 NORMS = ("Linf", "L2")
 
@@ -62,6 +63,10 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str,
     `restarts`, an example keeps the first perturbation that fools the model, else the last one.
     The noise of the batch starting at image i is seeded with (seed, i, restart).
     """
+    check_eval_mode(model, "an attack")
+    if not radius > 0 or not step_size > 0 or int(steps) < 1 or int(restarts) < 1:
+        raise ValueError(f"PGD needs radius > 0, step_size > 0, steps >= 1 and restarts >= 1, got radius {radius}, "
+                         f"step_size {step_size}, steps {steps}, restarts {restarts}")
     device = next(model.parameters()).device
 
     def forward(x):

@@ -20,6 +20,7 @@ from captum.attr import (IntegratedGradients, LayerGradientXActivation, LayerInt
                          Occlusion, Saliency)
 
 from .csc import csc_layers, override
+from .utils import check_eval_mode
 
 METHODS = {"integrated_gradients": "Integrated Gradients", "saliency": "Saliency", "occlusion": "Occlusion"}
 LAYER_METHODS = {"integrated_gradients": "Layer Integrated Gradients",
@@ -45,6 +46,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "int
     """
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+    check_eval_mode(model, "attribution")
     inp = _batch(x)
     target = int(target)
     with override(lam=lam, n_steps=n_steps), torch.enable_grad():
@@ -75,6 +77,7 @@ def atom_attribution(model: nn.Module, x: torch.Tensor, target: int, method: str
     """
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown layer attribution method {method!r}; choose one of {', '.join(LAYER_METHODS)}")
+    check_eval_mode(model, "atom attribution")
     private = copy.deepcopy(model)  # captum hooks the layer: never on a model others may be running
     layers = dict(csc_layers(private))
     if not layers:

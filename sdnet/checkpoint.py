@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .csc import load_power_states, power_states
+from .csc import csc_layers, load_power_states, power_states
 from .models import build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
@@ -174,6 +174,21 @@ def _check_power_state(name: str, st: Any) -> None:
         raise ValueError(f"step-size state of {name} has an unusable L ({L.flatten()[:1].tolist()})")
 
 
+def _check_step_sizes(model: nn.Module, power: dict) -> None:
+    """ValueError when a stored L is under ||A v||^2 / ||v||^2 for the layer's own stored vector v, a lower bound
+    of ||A||^2: FISTA's step would be certainly too long (an edited L of 1e-9 loaded, and gave logits of 1e10).
+    One product per layer, on the weights just loaded."""
+    for name, layer in csc_layers(model):
+        if name not in power:
+            continue
+        v, L = layer._power_vec, float(layer._lipschitz)
+        with torch.no_grad():
+            rayleigh = float(layer.decode(v, tuple(power[name]["spatial"].tolist())).pow(2).sum() / v.pow(2).sum())
+        if not L >= rayleigh * (1 - 1e-3):
+            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under ||A v||^2 / ||v||^2 = "
+                             f"{rayleigh:.4g} for its own stored vector v (an edited file?)")
+
+
 def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
     """Why the checkpoint at `path` (its loaded `meta`) cannot be the ResNet baseline an SDNet is compared with,
     or None when it can."""
@@ -224,6 +239,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         for name, st in power.items():
             _check_power_state(name, st)
         load_power_states(model, {name: dict(st, vec=st["vec"].float()) for name, st in power.items()})
+        _check_step_sizes(model, power)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
     meta = dict(meta)

@@ -84,7 +84,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white."""
     mode, notes = img.mode, []
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG may name a transparent colour (tRNS)
         return img, notes
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # float32 is exact to 2^24, plenty for 8 bits out; the steps below work in place, so a 40-megapixel
@@ -159,6 +159,8 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
 
     Raises `ImageError` with a message meant for the user when the file cannot be used.
     """
+    if int(size) < 1:
+        raise ValueError(f"size must be at least 1 pixel, got {size}")
     img = open_image(data, max_pixels)
     original_size, original_mode = img.size, img.mode
     notes: list[str] = []
@@ -183,12 +185,14 @@ def load_rgb_file(path, size: int = 32) -> torch.Tensor:
 # --- showing tensors ------------------------------------------------------------------------
 
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(3, H, W) or (H, W, 3) or (H, W) values in [0, 1] -> uint8 (H, W, 3) or (H, W)."""
+    """(3, H, W) or (H, W, 3) or (H, W) values in [0, 1], or uint8 0..255 as they are, -> uint8 (H, W, 3) or (H, W)."""
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(1, 2, 0)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
+    if arr.dtype == np.uint8:  # already pixels (scaling them by 255 made every non-zero value white)
+        return np.ascontiguousarray(arr)
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -200,7 +204,7 @@ def image_hash(image: torch.Tensor | np.ndarray) -> str:
 
 def png_bytes(image: np.ndarray | torch.Tensor, scale: int = 1) -> bytes:
     """PNG of an image in [0, 1] (or uint8), enlarged `scale` times with nearest neighbours."""
-    arr = np.asarray(image) if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)
+    arr = to_uint8(image)
     if scale > 1:
         arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
@@ -236,6 +240,8 @@ def tile_grid(tiles: np.ndarray, ncols: int | None = None, pad: int | tuple[int,
     n = len(tiles)
     if n == 0:
         raise ValueError("tile_grid needs at least one tile")
+    if ncols is not None and ncols < 1:
+        raise ValueError(f"ncols must be at least 1, got {ncols}")
     py, px = (pad, pad) if isinstance(pad, int) else pad
     ncols = min(ncols or int(np.ceil(np.sqrt(n))), n)
     nrows = int(np.ceil(n / ncols))
@@ -254,16 +260,18 @@ _VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], 
 
 def colorize(values: np.ndarray, vmin: float | None = None, vmax: float | None = None,
              diverging: bool = False) -> np.ndarray:
-    """A 2-D (or N x 2-D) array -> RGB in [0, 1]: viridis, or blue-white-red around 0 when diverging."""
+    """A 2-D (or N x 2-D) array -> RGB in [0, 1]: viridis, or blue-white-red around 0 when diverging. The range
+    comes from the finite values; NaN shows as the bottom of the scale (white when diverging), +-inf as its ends."""
     v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
     if diverging:
-        peak = max(float(np.abs(v).max()) if v.size else 0.0, 1e-12)
-        t = np.clip(v / peak, -1, 1)[..., None]
+        peak = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-12)
+        t = np.nan_to_num(np.clip(v / peak, -1, 1), nan=0.0)[..., None]
         white, red, blue = np.ones(3), np.array([0.70, 0.09, 0.17]), np.array([0.13, 0.40, 0.67])
         return np.where(t >= 0, white + t * (red - white), white - t * (blue - white))
-    lo = float(v.min()) if vmin is None else vmin
-    hi = float(v.max()) if vmax is None else vmax
-    t = np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1) * (len(_VIRIDIS) - 1)
+    lo = (float(finite.min()) if finite.size else 0.0) if vmin is None else vmin
+    hi = (float(finite.max()) if finite.size else 0.0) if vmax is None else vmax
+    t = np.nan_to_num(np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1), nan=0.0) * (len(_VIRIDIS) - 1)
     i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
     f = (t - i)[..., None]
     return _VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f

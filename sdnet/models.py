@@ -46,6 +46,11 @@ class Normalize(nn.Module):
         if x.dim() < 3 or x.shape[-3] != self.mean.shape[1]:  # a grayscale batch was broadcast to 3 channels
             raise ValueError(f"the model takes images of {self.mean.shape[1]} channels, (N, {self.mean.shape[1]}, H, W) "
                              f"in [0, 1]; got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # uint8 0..255 ran without a word and predicted nonsense
+            raise TypeError(f"the model takes float images in [0, 1], got {x.dtype} (divide uint8 images by 255)")
+        if x.dtype != self.mean.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input is {x.dtype} but the model is {self.mean.dtype}: convert one (x.to(...) or "
+                            "model.to(...)), or run under torch.autocast")
         return (x - self.mean) / self.std
 
     def inverse(self, x):

@@ -164,6 +164,35 @@ def test_display_helpers():
     assert Image.open(io.BytesIO(data)).size == (32, 32)
 
 
+def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
+    """uint8 pictures were scaled by 255 again (every non-zero pixel white, hashes alike); NaN crashed colorize."""
+    u8 = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    hwc = u8.permute(1, 2, 0).numpy()
+    assert np.array_equal(images.to_uint8(u8), hwc) and np.array_equal(images.to_uint8(u8.numpy()), hwc)
+    for picture in (u8, u8.numpy(), hwc):  # a CHW uint8 array was a PIL TypeError
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(images.png_bytes(picture)))), hwc)
+    assert images.image_hash(u8) != images.image_hash(u8 // 2)
+    rgb = images.colorize(np.array([[0.0, np.nan], [1.0, np.inf]]))
+    assert np.isfinite(rgb).all() and np.allclose(rgb[0, 1], rgb[0, 0]) and np.allclose(rgb[1, 1], rgb[1, 0])
+    div = images.colorize(np.array([[-1.0, np.nan], [1.0, -np.inf]]), diverging=True)
+    assert np.isfinite(div).all() and np.allclose(div[0, 1], 1.0) and np.allclose(div[1, 1], div[0, 0])
+    with pytest.raises(ValueError, match="ncols must be at least 1"):
+        images.tile_grid(np.zeros((3, 2, 2)), ncols=0)
+    with pytest.raises(ValueError, match="size must be at least 1"):
+        images.prepare_image(b"", size=0)
+
+
+def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
+    img = Image.new("RGB", (4, 4), (10, 20, 30))
+    img.putpixel((0, 0), (0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", transparency=(0, 0, 0))  # black is transparent (a tRNS chunk)
+    prepared = images.prepare_image(buf.getvalue(), size=4)
+    assert images.to_uint8(prepared.tensor)[0, 0].tolist() == [255, 255, 255]
+    assert images.to_uint8(prepared.tensor)[1, 1].tolist() == [10, 20, 30]
+    assert any("transparency composited onto white" in note for note in prepared.notes)
+
+
 def test_the_probability_axis_has_no_tick_past_100_percent():
     from app import plots
     for top in (1.0, 0.9, 0.5, 0.1, 0.02):
@@ -217,6 +246,19 @@ def test_attribution_methods(small_sdnet):
     assert all(layer.lam == 0.1 for _, layer in sdnet.csc_layers(small_sdnet))
     with pytest.raises(ValueError, match="unknown"):
         attribution.attribute(small_sdnet, x, 3, "guesswork")
+
+
+def test_attribution_refuses_a_model_in_training_mode():
+    """Its BatchNorm ran on the interpolated batch's statistics and changed the model's running ones."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18", width=2)  # fresh models are in training mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: attribution.attribute(model, torch.rand(3, 8, 8), 1, ig_steps=2),
+                 lambda: attribution.atom_attribution(model, torch.rand(3, 8, 8), 1, "grad_x_activation")):
+        with pytest.raises(ValueError, match=r"evaluation mode .* model.eval\(\)"):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert attribution.attribute(model.eval(), torch.rand(3, 8, 8), 1, "saliency").shape == (3, 8, 8)
 
 
 # --- the app, through streamlit's AppTest ------------------------------------------------------

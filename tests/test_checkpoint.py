@@ -234,6 +234,13 @@ BAD_FILES = {
                                                "power": {"conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
                                                                    "lipschitz": torch.tensor(float("nan"))}}}, p),
                       "damaged: step-size state of conv1 has an unusable L"),
+    # a positive L far under ||A||^2 (edited): FISTA's step far too long, logits of 1e10
+    "step size too long": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
+                                                    "config": m.sdnet_config, "state_dict": m.state_dict(),
+                                                    "power": {"conv1": {"vec": torch.ones(1, 4, 2, 2),
+                                                                        "spatial": torch.tensor([2, 2]),
+                                                                        "lipschitz": torch.tensor(1e-9)}}}, p),
+                           r"damaged: the stored step size of conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2"),
     "step sizes not tensors": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
                                                         "config": m.sdnet_config, "state_dict": m.state_dict(),
                                                         "power": {"conv1": [1.0]}}, p), "not a dictionary of tensors"),

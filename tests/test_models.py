@@ -156,6 +156,13 @@ def test_build_model_checks_its_arguments_and_the_model_its_input():
     model = sdnet.build_model("sdnet18", width=2).eval()
     with pytest.raises(ValueError, match="images of 3 channels"):  # a grayscale batch was broadcast and classified
         model(torch.rand(1, 1, 8, 8))
+    with pytest.raises(TypeError, match="float images in \\[0, 1\\], got torch.uint8"):  # classified 0..255 as is
+        model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    resnet = sdnet.build_model("resnet18", width=2).eval()
+    with pytest.raises(TypeError, match="input is torch.float64 but the model is torch.float32"):
+        resnet(torch.rand(1, 3, 8, 8, dtype=torch.float64))  # "expected scalar type Double but found Float"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resnet(torch.rand(1, 3, 8, 8)).shape == (1, 10)
 
 
 def test_trace_leaves_a_model_in_train_mode_as_it_was():
