@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .csc import csc_layers, load_power_states, power_states
-from .models import build_model
+from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
 VERSION = 1
@@ -131,7 +131,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
     if problem:
         raise ValueError(problem)
-    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu()
+    # the input normalisation's mean and std stay exact: the build config holds them, a float16 copy was 5e-5 off
+    exact = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
+    state = {k: (v.detach().half() if half and v.is_floating_point() and k not in exact else v.detach()).cpu()
              for k, v in model.state_dict().items()}
     # the warm vector only starts a later refresh, so float16 will do; L itself stays exact
     power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
