@@ -37,6 +37,17 @@ def _chart(fig, key: str | None = None) -> None:
     st.plotly_chart(fig, config=PLOTLY_CONFIG, key=key)
 
 
+def _code(text: str) -> str:
+    """A user's file name or path inside markdown, as a code span: 'red.png' is not a colour directive there, nor
+    ':smile:' an emoji, nor '*x*' emphasis."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+def _short(v: float) -> str:
+    """A usage or score label: 290, not 2.9e+02."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
     """(3, H, W) in [0, 1] -> uint8 (side, side, 3) with nearest neighbours: pixels stay pixels."""
     img = images.to_uint8(x)
@@ -98,7 +109,6 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     files = state.list_checkpoints(folder)
     choice = sb.selectbox("Checkpoint", [p.name for p in files] + [OTHER_PATH], key="ckpt",
                           help=f"The checkpoints in {folder} (set ${state.CHECKPOINTS_ENV} for another folder).")
-    sb.caption(f"Running on **{state.device_label(device)}**")
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
         if not text:
@@ -147,8 +157,9 @@ def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
             st.stop()
         names = list(samples)
         default = state.DEFAULT_SAMPLE
-        name = sb.selectbox("CIFAR-10 test image", names, key="sample",
-                            index=names.index(default) if default in names else 0)
+        if _default("sample", default if default in names else names[0]) not in names:
+            st.session_state["sample"] = names[0]
+        name = sb.selectbox("CIFAR-10 test image", names, key="sample")
         clean = state.sample_image(str(samples[name]), size)
         return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[],
                            label=name.rsplit("_", 1)[0])
@@ -160,7 +171,7 @@ def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         clean, notes, file_hash, osize, omode = state.upload_image(up.getvalue(), size)
     except images.ImageError as e:
-        st.error(f"Cannot use '{up.name}': {e}")
+        st.error(f"Cannot use {_code(up.name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
         st.stop()
     return clean, dict(source=f"upload:{up.name}", file_sha256=file_hash, original_size=list(osize),
@@ -175,18 +186,20 @@ def corruption_sidebar() -> dict[str, Any]:
         return dict(kind="none", severity=None, seed=None)
     mode = sb.radio("Strength", ["Severity 1-5", "Continuous level"], horizontal=True, key="noise_mode")
     if mode == "Severity 1-5":
-        severity: int | float = sb.slider("Severity", 1, 5, 3, key="severity")
+        _default("severity", 3)
+        severity: int | float = sb.slider("Severity", 1, 5, key="severity")
     else:
         lo, hi, default, step = state.LEVELS[kind]
-        severity = sb.slider("Level c" + (" (smaller is noisier)" if kind == "shot" else ""), lo, hi, default, step,
+        _default(f"level_{kind}", default)
+        severity = sb.slider("Level c" + (" (smaller is noisier)" if kind == "shot" else ""), lo, hi, step=step,
                              key=f"level_{kind}", format="%g")
-    seed = int(sb.number_input("Seed", 0, 2 ** 31 - 1, 0, key="seed"))
+    seed = int(sb.number_input("Seed", 0, 2 ** 31 - 1, key="seed"))
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
 
 def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict) -> None:
     cols = st.columns([1, 1, 2])
-    cols[0].image(_enlarge(clean), caption=f"clean ({info['source']})")
+    cols[0].image(_enlarge(clean), caption=f"clean ({_code(info['source'])})")
     if corruption["kind"] == "none":
         cols[1].image(_enlarge(image), caption="model input (no corruption)")
     else:
@@ -217,9 +230,13 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 # is set again. So these widgets never take a default argument: `_default` sets their first value.
 STICKY = ("lam", "n_steps", "lam_layers", "fit_noise", "topk", "tab", "layer", "n_codes", "atoms_layer", "n_atoms",
           "sees_layers", "sees_mode", "attr_which", "attr_class", "attr_methods", "attr_atom_method", "attr_live")
+# The sidebar's, kept by the full run only (a fragment's run may not set a widget drawn outside it): a run stopped
+# by a bad upload, or an image source or noise switched away and back, dropped the corruption and the sample.
+SIDEBAR_STICKY = ("sample", "ckpt_path", "noise", "noise_mode", "severity", "seed")
+SIDEBAR_PREFIX = "level_"  # each noise's continuous level
 # ...of which these depend on the checkpoint (its layers, widths, classes) and start afresh with it.
-PER_MODEL = ("lam_layers", "fit_noise", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers", "attr_class",
-             "attr_result", "auto_lam")
+PER_MODEL = ("lam_layers", "fit_noise", "fit_noise_for", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers",
+             "attr_class", "attr_result", "auto_lam")
 TABS = ("Layers", "Atoms", "Attribution", "Export")
 SEES_MODES = ("the code's own contribution (stretched)", "absolute pixels (with BatchNorm offsets)")
 
@@ -228,10 +245,12 @@ def _per_layer_key(name: str) -> str:
     return f"lam_layer:{name}"
 
 
-def keep_state() -> None:
-    """Set the sticky widgets' values again, so that this run keeps them even if it does not draw them."""
+def keep_state(sidebar: bool = True) -> None:
+    """Set the sticky widgets' values again, so that this run keeps them even if it does not draw them (the
+    sidebar's too, unless this is the live fragment's own run)."""
     for k in list(st.session_state):
-        if k in STICKY or str(k).startswith(_per_layer_key("")):
+        if (k in STICKY or str(k).startswith(_per_layer_key(""))
+                or (sidebar and (k in SIDEBAR_STICKY or str(k).startswith(SIDEBAR_PREFIX)))):
             st.session_state[k] = st.session_state[k]
 
 
@@ -254,7 +273,8 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     st.session_state["lam_extra"] = []
 
 
-def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: float | None = None) -> None:
+def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: float | None = None,
+             image: str | None = None) -> None:
     """Auto λ's button: λ for every CSC layer, or (a fit made in some layers) per-layer λ in those, with
     the slider for all layers back at the trained λ, as the fit measured it."""
     extra = st.session_state.get("lam_extra", [])
@@ -266,13 +286,14 @@ def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: 
             st.session_state[_per_layer_key(name)] = value
     else:
         st.session_state["lam"] = value
-    st.session_state["auto_lam"] = (note, value, list(layers or []), trained)
+    st.session_state["auto_lam"] = (note, value, list(layers or []), trained, image)
 
 
-def _auto_lam_current() -> bool:
-    """Is the view still at what Auto λ set (so its note still describes it)?"""
-    note, value, layers, trained = st.session_state.get("auto_lam") or (None, None, [], None)
-    if note is None:
+def _auto_lam_current(image: str) -> bool:
+    """Is the view still at what Auto λ set, for the same model input (so its note, which quotes that image's
+    residual, still describes it)?"""
+    note, value, layers, trained, for_image = st.session_state.get("auto_lam") or (None, None, [], None, None)
+    if note is None or for_image != image:
         return False
     if not layers:
         return st.session_state.get("lam") == value
@@ -293,6 +314,10 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int,
     # up to 20, or the model's own count if it was trained with more
     n_steps = c2.slider("FISTA steps", 1, max(20, loaded.trained_steps), key="n_steps",
                         help="Unrolled FISTA iterations per CSC layer.")
+    if n_steps != loaded.trained_steps:
+        c2.caption(f"In every CSC layer; trained with {loaded.trained_steps}. The deep layers learnt from "
+                   f"{loaded.trained_steps}-step codes: other counts can swing the prediction to any class, "
+                   "confidently (reports/robust-fista-all-layers.md).")
     with c3:
         _auto_lam(ctx, trained_probe)
     with st.expander("Per-layer λ"):
@@ -317,6 +342,11 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
         return
     kinds = list(fits)
     _default("fit_noise", ctx.corruption["kind"] if ctx.corruption["kind"] in kinds else kinds[0])
+    # the fit follows the noise picked in the sidebar (it stayed on its first value: impulse noise got the Gaussian
+    # fit's λ); picked here by hand, it holds until the sidebar's noise changes again
+    if ctx.corruption["kind"] in kinds and st.session_state.get("fit_noise_for") != ctx.corruption["kind"]:
+        st.session_state["fit_noise"] = ctx.corruption["kind"]
+    st.session_state["fit_noise_for"] = ctx.corruption["kind"]
     noise = st.selectbox("Fit for noise", kinds, key="fit_noise")
     fit = fits[noise]
     steps = fit.get("n_steps")  # the residual is measured as the fit measured it: trained λ, its FISTA steps
@@ -334,16 +364,24 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
         st.caption(f"Auto λ needs this image's residual at the trained λ: {err}.")
         return
-    lam = sdnet.adaptive_lam(fit, r)
+    lam = float(f"{sdnet.adaptive_lam(fit, r):.3g}")  # 0.502, not a slider reading 0.502475
     where = f"in {', '.join(layers)}" if layers else "in every CSC layer"
     note = f"Algorithm 1 ({noise} fit): residual r = {r:.4f} at the trained λ gives λ = {lam:.4g} {where}" + (
         " (the other layers at the trained λ)." if layers else ".")
     trained = float(next(iter(loaded.trained_lams.values()), 0.1))
-    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained),
+    image = images.image_hash(ctx.image)
+    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained, image),
               help=f"Sets λ {where} from this image's relative residual there at the trained λ "
                    "(paper, Algorithm 1).")
-    if _auto_lam_current():
+    if _auto_lam_current(image):
         st.caption(st.session_state["auto_lam"][0])
+    seen = [p["residual"] for p in fit.get("points", []) if isinstance(p.get("residual"), (int, float))]
+    if ctx.corruption["kind"] != noise:
+        st.caption(f"The image has {'no' if ctx.corruption['kind'] == 'none' else ctx.corruption['kind']} noise; "
+                   f"this fit was made on {noise} noise.")
+    elif seen and not min(seen) <= r <= max(seen):
+        st.caption(f"r = {r:.3f} is outside the residuals the fit was made on ({min(seen):.3f}-{max(seen):.3f}): "
+                   "λ is extrapolated (then clipped to the fit's λ range).")
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
@@ -386,6 +424,16 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
                         + (f"; {dead} layer(s) fed all zeros left out" if dead else ""))
     with left:
         _chart(plots.predictions(classes, series, k), key="pred_chart")
+    silent = [r["name"] for r in cur["layers"] if not np.any(r["z"])]
+    if silent:
+        if ctx.loaded.meta["config"].get("shortcut", True):
+            effect = "past them only the shortcuts carry the image"
+        else:  # no shortcuts: the first all-zero code cuts the image off from everything after it
+            effect = (f"from {silent[0]} on nothing depends on the image, so this prediction is the same for any "
+                      "input")
+        st.warning(f"{len(silent)} CSC layer(s) output an all-zero code at these settings "
+                   f"({', '.join(silent[:4])}{', ...' if len(silent) > 4 else ''}): {effect}. Lower λ to see the "
+                   "model classify again.")
 
 
 def unnormalizer(loaded: state.Loaded):
@@ -467,12 +515,13 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
         _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z (fraction of zeros)", "sparsity",
                                   percent=True), key="sparsity_chart")
     table = pd.DataFrame({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
-                          "relative residual": [np.nan if r["input_zero"] else round(r["rel_residual"], 5)
+                          # text: a layer fed all zeros has none, and a NaN cell read "None" in the browser
+                          "relative residual": ["" if r["input_zero"] else f"{r['rel_residual']:.5f}"
                                                 for r in cur["layers"]],
                           "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
-    # a layer fed all zeros has no relative residual: a blank cell, not "None"
-    st.dataframe(table.style.format({"relative residual": "{:.5f}"}, na_rep=""), hide_index=True, height=200)
+    st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}"}),
+                 hide_index=True, height=min(36 * (len(table) + 1) + 3, 650))  # every layer, not 5 of 17
     c1, c2 = st.columns([2, 1])
     c1.selectbox("Layer", names, key="layer")
     rec = state.layer_record(cur, view.layer)
@@ -493,7 +542,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: in
     usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
     st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
     st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
-    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({usage[c]:.2g})" for c in view.atom_order],
+    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({_short(usage[c])})" for c in view.atom_order],
                        ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160), key="atoms_chart")
     if loaded.meta["config"].get("shortcut", True):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
@@ -513,7 +562,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: in
                f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); shown in the "
                f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
                f"with a 1-pixel grey border. Grey is 0.")
-    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({dusage[c]:.2g})" for c in dorder], ncols=8,
+    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({_short(dusage[c])})" for c in dorder], ncols=8,
                        height_per_row=120), key="deep_atoms_chart")
     st.subheader("What each layer sees")
     st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "
@@ -529,7 +578,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: in
         cols[0].image(_enlarge(ctx.image, 160), caption="model input")
         for col, name in zip(cols[1:], picks):
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
-            col.image(_enlarge(img, 160), caption=name)
+            zero = not np.any(state.layer_record(cur, name)["z"])  # stretched, an all-zero code is just black
+            col.image(_enlarge(img, 160), caption=f"{name} (all-zero code: sees nothing)" if zero else name)
 
 
 def _spread(names: list[str], n: int) -> list[str]:
@@ -601,8 +651,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     # a short title (a long one was cut at 700 px); what was summed goes in the caption
     _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "First-layer atoms that drove the decision"),
            key="atom_attr_chart")
+    strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
-               "channel; the 16 strongest atoms, strongest first.")
+               f"channel; {strongest}, strongest first.")
     pos = {c: i for i, c in enumerate(view.atom_order)}
     _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=8,
                        height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
@@ -615,7 +666,7 @@ def export_panel(view: state.View, unnormalize) -> None:
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
         cols[i % 3].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
                                     on_click="ignore", help=f"Save {name}")
-    stem = f"sdnet-view-{view.settings['image']['sha256'][:8]}"
+    stem = state.export_stem(view.settings)
     st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
                        file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",
                        on_click="ignore")
@@ -651,18 +702,22 @@ def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: int, laye
 def explore(ctx: Context) -> None:
     """Everything that depends on lambda: rerun alone when a control inside it moves; of the tabs,
     only the open one is drawn."""
-    keep_state()
+    keep_state(sidebar=False)
     loaded = ctx.loaded
     trained, _ = _probe_timed(loaded, ctx.image, None, None)
     resnet = state.probe(ctx.baseline.model, ctx.baseline.key, ctx.image, None, None) if ctx.baseline else None
     if not loaded.layer_names:
         st.info("This model has no CSC layers (a ResNet): λ has no effect; predictions only.")
+        st.subheader("Predictions")
         predictions_panel(ctx, trained, trained, resnet, "trained")
         return
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
     cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
-    lam_text = f"λ={lam['all']:g}" + (" (+ per-layer)" if lam["per_layer"] else "") + f", {n_steps} step{'s' if n_steps != 1 else ''}"
+    own = {name: v for name, v in lam["per_layer"].items() if v != lam["all"]}
+    lam_text = f"λ={lam['all']:g}" + (
+        f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2 else
+        f" ({len(own)} layers their own)" if own else "") + f", {n_steps} step{'s' if n_steps != 1 else ''}"
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
     predictions_panel(ctx, cur, trained, resnet, lam_text)

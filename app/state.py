@@ -399,9 +399,17 @@ def export_arrays(view: View) -> bytes:
         arrays[f"attribution.{method}"] = attr
     if view.atom_scores is not None:
         arrays["atom_attribution"] = view.atom_scores
+    if view.atom_order is not None:  # atoms_first_layer.png's tiles, row by row: atom numbers, most used first
+        arrays["atoms_first_layer_order"] = np.asarray(view.atom_order)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
+
+
+def export_stem(settings: dict) -> str:
+    """The export's file name: the image and a digest of all the settings (two λ of one image are two files)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"sdnet-view-{settings['image']['sha256'][:8]}-{digest}"
 
 
 def export_zip(view: View, unnormalize) -> bytes:

@@ -100,7 +100,8 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
         if mode.startswith("I;16"):
             # 16 bits per pixel whatever the content: a dark 16-bit image stays dark
             arr *= 255.0 / 65535.0
-            notes.append(f"{mode} (16-bit) scaled to 8 bits")
+            notes.append(f"{mode} (16-bit) scaled to 8 bits" + (
+                f", as dark as stored (brightest value {hi:.0f} of 65535: 12-bit or fewer data?)" if hi < 4096 else ""))
         elif mode == "F" and hi <= 1.0:
             arr *= 255.0
             notes.append("float image in [0, 1] scaled to 8 bits")

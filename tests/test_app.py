@@ -282,8 +282,9 @@ def ok(at) -> None:
 
 
 def residual_column(at) -> list[float]:
+    """The table's relative residuals; NaN for a blank cell (a layer fed all zeros)."""
     df = at.dataframe[0].value
-    return list(df["relative residual"])
+    return [float(v) if v != "" else np.nan for v in df["relative residual"]]
 
 
 def test_page_renders_and_lambda_changes_residuals(app):
@@ -431,6 +432,46 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
     assert np.allclose(scope["t"].logits[0].numpy(), arrays["logits"], atol=1e-4)
 
 
+def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(app):
+    """Widgets a run stopped before drawing (no upload yet, a bad file) lost their values: the noise came back
+    as none, the severity and seed at their defaults, the sample at the first one."""
+    at = app(noise="shot", seed=7)
+    at.slider(key="severity").set_value(5).run()
+    at.selectbox(key="sample").set_value(at.selectbox(key="sample").options[-1]).run()
+    sample = at.selectbox(key="sample").value
+    at.radio(key="source").set_value("Upload").run()
+    at.file_uploader(key="upload").set_value(("x.png", b"not an image", "image/png")).run()
+    at.radio(key="source").set_value("Sample").run()
+    ok(at)
+    assert at.selectbox(key="sample").value == sample
+    assert at.session_state["view"].settings["corruption"] == {"kind": "shot", "severity": 5, "seed": 7,
+                                                               "level": sdnet.corruptions.level("shot", 5)}
+    at.selectbox(key="noise").set_value("none").run()
+    at.selectbox(key="noise").set_value("gaussian").run()
+    assert at.slider(key="severity").value == 5  # not back at 3
+
+
+def test_file_names_are_shown_as_text_not_markdown(app):
+    at = app(source="Upload")
+    at.file_uploader(key="upload").set_value((":red[x]*a*.png", b"not an image", "image/png")).run()
+    assert any("`:red[x]*a*.png`" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_predictions_say_when_they_no_longer_depend_on_the_image(app):
+    at = app()
+    assert not any("all-zero code" in w.value for w in at.warning)
+    at.select_slider(key="lam").set_value(10.0).run()
+    ok(at)
+    assert any("all-zero code" in w.value and "same for any input" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
+
+
+def test_the_upload_limit_is_the_one_the_app_enforces():
+    import tomllib
+    config = tomllib.loads((Path(APP).parents[1] / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] * 2 ** 20 == images.MAX_BYTES  # not Streamlit's "200MB per file"
+
+
 def test_bad_uploads_give_a_message(app):
     at = app(source="Upload")
     ok(at)
@@ -539,7 +580,7 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
                    if "λ(r)" in json.dumps(spec["layout"], ensure_ascii=False))
     assert [t["name"] for t in fit_fig["data"]] == ["training", "fit", "this image"]
     r = at.session_state["view"].trained["mean_rel_residual"]
-    expected = sdnet.adaptive_lam(fit, r)
+    expected = float(f"{sdnet.adaptive_lam(fit, r):.3g}")  # to 3 digits: the slider reads 0.502, not 0.502475
     assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]
     at.button(key="auto_lam_btn").click().run()
     ok(at)
@@ -548,6 +589,12 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     assert any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
     at.select_slider(key="lam").set_value(0.1).run()  # moved away: the note no longer describes the view
     assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    at.button(key="auto_lam_btn").click().run()
+    at.slider(key="severity").set_value(1).run()  # another image: the note quoted the old one's residual
+    assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    # the fit follows the sidebar's noise; one made on another noise, or far from the image's residual, says so
+    at.selectbox(key="noise").set_value("shot").run()
+    assert any("The image has shot noise; this fit was made on gaussian noise." in c.value for c in at.caption)
 
 
 def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_dir, tmp_path, monkeypatch):
@@ -563,7 +610,7 @@ def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_d
     trained = at.session_state["view"].trained
     r = next(rec["rel_residual"] for rec in trained["layers"] if rec["name"] == first)
     assert r != pytest.approx(trained["mean_rel_residual"])  # the fit reads the first layer, not the mean
-    expected = sdnet.adaptive_lam(fit, r)
+    expected = float(f"{sdnet.adaptive_lam(fit, r):.3g}")
     lam0 = at.select_slider(key="lam").value
     at.select_slider(key="lam").set_value(0.5).run()  # moved away first: Auto λ puts it back, as the fit measured
     at.button(key="auto_lam_btn").click().run()
