@@ -182,6 +182,14 @@ def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_size
         images.prepare_image(b"", size=0)
 
 
+def test_a_dark_16_bit_image_is_said_to_be_dark():
+    dark = Image.fromarray(np.full((8, 8), 119, dtype=np.uint16))  # 16-bit container, a dim 8- or 12-bit picture
+    buf = io.BytesIO()
+    dark.save(buf, format="PNG")
+    notes = images.prepare_image(buf.getvalue(), size=8).notes
+    assert any("as dark as stored (brightest value 119 of 65535" in n for n in notes), notes
+
+
 def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
     img = Image.new("RGB", (4, 4), (10, 20, 30))
     img.putpixel((0, 0), (0, 0, 0))
