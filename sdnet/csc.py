@@ -363,7 +363,10 @@ class CSCLayer(nn.Module):
                 z_prev, t = z, t_next
         recorder = _RECORDER.get()
         if recorder is not None:
-            recorder.append(self._record(x, z, lam))
+            record = self._record(x, z, lam)
+            if not getattr(recorder, "keep_tensors", True):  # trace(tensors=False): the numbers, not the maps
+                record.update(x=None, z=None, recon=None, residual=None)
+            recorder.append(record)
         return z
 
     def _record(self, x: torch.Tensor, z: torch.Tensor, lam: float) -> dict:

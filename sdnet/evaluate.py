@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
             x = data.images[i:i + batch_size].to(device).float().div_(255)
         with override(lam=lam, n_steps=n_steps):
             if has_csc:
-                t = trace(model, x)
+                t = trace(model, x, tensors=False)  # the residuals only, not every layer's maps
                 logits = t.logits
                 for rec in t.layers:  # NaN where a layer's input was all zeros: left out (summed on the device)
                     sums[rec.name] = sums.get(rec.name, 0.0) + rec.rel_residual.double().nansum()

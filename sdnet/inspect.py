@@ -14,12 +14,13 @@ from .csc import _RECORDER, CSCLayer, csc_layers
 
 @dataclass
 class LayerRecord:
-    """One CSC layer's solve for a batch: tensors have the batch dimension first."""
+    """One CSC layer's solve for a batch: tensors have the batch dimension first. x, z, recon and residual are
+    None in a `trace(..., tensors=False)`, which keeps the per-sample numbers only."""
     name: str
-    x: torch.Tensor            # the layer's input
-    z: torch.Tensor            # the sparse code
-    recon: torch.Tensor        # A(z)
-    residual: torch.Tensor     # x - A(z)
+    x: torch.Tensor | None            # the layer's input
+    z: torch.Tensor | None            # the sparse code
+    recon: torch.Tensor | None        # A(z)
+    residual: torch.Tensor | None     # x - A(z)
     residual_norm: torch.Tensor  # ||x - A(z)|| per sample
     rel_residual: torch.Tensor   # ||x - A(z)|| / ||x|| per sample; NaN where x is all zeros
     sparsity: torch.Tensor       # fraction of zeros in z per sample
@@ -47,16 +48,25 @@ class Trace:
         return torch.stack([r.rel_residual for r in self.layers]).nanmean(0)
 
 
+class _Records(list):
+    """The recorder's list; CSCLayer._record drops the big tensors when `keep_tensors` is False."""
+    def __init__(self, keep_tensors: bool = True):
+        super().__init__()
+        self.keep_tensors = keep_tensors
+
+
 @torch.no_grad()
-def trace(model: nn.Module, x: torch.Tensor) -> Trace:
+def trace(model: nn.Module, x: torch.Tensor, tensors: bool = True) -> Trace:
     """Run `model` on `x` (eval mode is the caller's choice) and record every CSC layer.
 
     Per call and thread-safe (the recorder lives in a contextvar); honours `sdnet.override`. It leaves the
     model as it was: in train mode BatchNorm normalises with the batch's statistics, as it would, but its
-    running statistics are put back afterwards.
+    running statistics are put back afterwards. `tensors=False` keeps each layer's per-sample numbers (residual,
+    sparsity, objective) but not its x, z, A(z) and residual, which for a batch of 250 at width 16 held 437 MiB
+    against 38 (bench/trace_memory.py): what `sdnet.evaluate` and `sdnet.robust` need.
     """
     csc_layers(model)  # make sure every layer carries its name
-    records: list[dict] = []
+    records = _Records(keep_tensors=tensors)
     training = any(m.training for m in model.modules())  # a BatchNorm in train mode updates its statistics
     kept = {k: b.clone() for k, b in model.named_buffers()} if training else {}
     token = _RECORDER.set(records)

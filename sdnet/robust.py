@@ -105,7 +105,7 @@ def predict(model: nn.Module, images: torch.Tensor, lam: float | None = None, n_
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(device)
             if residual:
-                t = trace(model, x)
+                t = trace(model, x, tensors=False)
                 logits = t.logits
                 r = torch.stack([r.rel_residual for r in t.layers if layers is None or r.name in layers])
                 r = r.nanmean(0).float().cpu()  # a layer fed all zeros has none (NaN): left out

@@ -165,6 +165,17 @@ def test_build_model_checks_its_arguments_and_the_model_its_input():
         assert resnet(torch.rand(1, 3, 8, 8)).shape == (1, 10)
 
 
+def test_a_trace_without_tensors_keeps_the_same_numbers(no_shortcut_model):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    full, light = sdnet.trace(no_shortcut_model, x), sdnet.trace(no_shortcut_model, x, tensors=False)
+    assert torch.equal(full.logits, light.logits) and len(full.layers) == len(light.layers) > 1
+    for a, b in zip(full.layers, light.layers):
+        assert a.name == b.name and b.x is None and b.z is None and b.recon is None and b.residual is None
+        for k in ("residual_norm", "rel_residual", "sparsity", "objective"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), (a.name, k)
+    assert torch.equal(full.mean_rel_residual, light.mean_rel_residual)
+
+
 def test_trace_leaves_a_model_in_train_mode_as_it_was():
     model = sdnet.build_model("sdnet18_all", width=4)  # train mode, as built
     before = {k: b.clone() for k, b in model.named_buffers()}
