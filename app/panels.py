@@ -480,10 +480,11 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
     tiles = images.atom_tiles(first.weight.detach())[order]
-    sees = None
+    sees, more = None, {}
     if not loaded.meta["config"].get("shortcut", True):
-        sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer,
-                                _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1])
+        offsets = _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1]
+        sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer, offsets)
+        more = _atoms_tab_pngs(ctx, cur, spec, n_steps, offsets)
     result = st.session_state.get("attr_result")
     target = _attr_target(ctx, cur)
     fresh = result is not None and result["signature"] == _attr_signature(ctx, spec, n_steps, target)
@@ -493,7 +494,26 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                            target if fresh else None)
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      attributions=attrs, atom_scores=atom_scores)
+                      attributions=attrs, atom_scores=atom_scores, more_pngs=more)
+
+
+def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: int, offsets: bool) -> dict:
+    """Export makers of the Atoms tab's pictures as its widgets stand (drawn or not): what each chosen layer sees
+    and the deeper atoms shown; each computed only when downloaded."""
+    loaded, names = ctx.loaded, ctx.loaded.layer_names
+    up = max(1, 256 // ctx.image.shape[-1])
+    makers = {}
+    for name in _default("sees_layers", _spread(names, 5)):
+        if name in names:
+            makers[f"sees_{name.replace('.', '_')}.png"] = lambda n=name: images.png_bytes(
+                state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), up)
+    deep = _default("atoms_layer", (names[1:] or names)[0])
+    drec = state.layer_record(cur, deep)
+    if drec is not None:
+        _, order = _ranked(drec["z"], st.session_state.get("n_atoms", min(16, drec["z"].shape[0])))
+        makers[f"atoms_{deep.replace('.', '_')}.png"] = lambda: state.deep_atoms_png(
+            loaded.model, loaded.key, deep, tuple(drec["z"].shape), order)
+    return makers
 
 
 def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:

@@ -313,6 +313,8 @@ class View:
     sees: np.ndarray | None = None         # (3, H, W) what the picked layer sees
     attributions: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, W)
     atom_scores: np.ndarray | None = None  # (C,) first-layer atom attribution
+    # the Atoms tab's pictures (what each chosen layer sees, the deeper atoms), made only when exported
+    more_pngs: dict[str, Callable[[], bytes]] = field(default_factory=dict)
 
 
 def layer_record(probe_result: dict, name: str | None) -> dict | None:
@@ -352,7 +354,16 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
             makers[f"sees_{safe}.png"] = lambda: images.png_bytes(view.sees, up)
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view.image, a, m, up)
+    makers.update({name: make for name, make in view.more_pngs.items() if name not in makers})
     return makers
+
+
+def deep_atoms_png(model: torch.nn.Module, model_key: str, layer: str, code_shape: tuple[int, int, int],
+                   order: list[int]) -> bytes:
+    """The Atoms tab's grid of `layer`'s atoms in pixel space, in `order` (most used first), cropped to their
+    receptive field, 8 a row."""
+    crop = images.crop_to_support(pixel_atoms(model, model_key, layer, code_shape)[order])
+    return images.png_bytes(images.tile_grid(images.atom_tiles(crop), ncols=8, pad=1), max(1, 96 // crop.shape[-1]))
 
 
 def _codes_png(rec: dict, channels: list[int]) -> bytes:

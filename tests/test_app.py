@@ -414,6 +414,12 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
                      "png/attribution_saliency.png",
                      "png/input_clean.png", "png/sees_conv1.png", "arrays.npz", "settings.json"):
         assert expected in names
+    # the Atoms tab's pictures too, as its widgets stand though it is closed: what each chosen layer sees, and
+    # the deeper atoms shown (only the Layers tab's layer and the first-layer atoms were exported)
+    for layer in at.session_state["sees_layers"]:
+        assert f"png/sees_{layer.replace('.', '_')}.png" in names
+    assert f"png/atoms_{at.session_state['atoms_layer'].replace('.', '_')}.png" in names
+    assert len(at.session_state["sees_layers"]) > 1
     for name in names:
         if name.endswith(".png"):
             Image.open(io.BytesIO(zf.read(name))).verify()
