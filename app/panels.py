@@ -426,11 +426,13 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         _chart(plots.predictions(classes, series, k), key="pred_chart")
     silent = [r["name"] for r in cur["layers"] if not np.any(r["z"])]
     if silent:
-        if ctx.loaded.meta["config"].get("shortcut", True):
-            effect = "past them only the shortcuts carry the image"
-        else:  # no shortcuts: the first all-zero code cuts the image off from everything after it
+        # the first CSC layer (the stem) has no shortcut around it, and without shortcuts any all-zero code cuts the
+        # image off from everything after it
+        if silent[0] == ctx.loaded.layer_names[0] or not ctx.loaded.meta["config"].get("shortcut", True):
             effect = (f"from {silent[0]} on nothing depends on the image, so this prediction is the same for any "
                       "input")
+        else:
+            effect = "past them only the shortcuts carry the image"
         st.warning(f"{len(silent)} CSC layer(s) output an all-zero code at these settings "
                    f"({', '.join(silent[:4])}{', ...' if len(silent) > 4 else ''}): {effect}. Lower λ to see the "
                    "model classify again.")

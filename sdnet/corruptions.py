@@ -74,17 +74,23 @@ NOISE_BLOCK = 250  # images per noise draw of a split (see corrupt_range)
 
 
 def corrupt_range(images: torch.Tensor, start: int, stop: int, kind: str, severity: int | float, seed: int = 0,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+                  device: torch.device | str | None = None, cache: dict | None = None) -> torch.Tensor:
     """Images start..stop of a split `images` (floats in [0, 1], or uint8 0..255, divided here), corrupted: each
     block of NOISE_BLOCK images of the split gets its noise from the seed seed * 1_000_003 + the block's first
     index, so an image's noise does not depend on how the split is batched (it did on --batch-size: 62.8% against
-    63.6% accuracy for batches of 250 and 7). A batch that covers part of a block draws the whole block's noise."""
+    63.6% accuracy for batches of 250 and 7). A batch that covers part of a block draws the whole block's noise;
+    a `cache` dict (one per split and setting) keeps the last block drawn, so small batches do not draw it again."""
     parts = []
     for first in range(start - start % NOISE_BLOCK, stop, NOISE_BLOCK):
-        block = images[first:first + NOISE_BLOCK].to(device)
-        if not block.is_floating_point():
-            block = block.float().div_(255)
-        noisy = corrupt(block, kind, severity, seed=seed * 1_000_003 + first)
+        if cache is not None and cache.get("first") == first:
+            noisy = cache["block"]
+        else:
+            block = images[first:first + NOISE_BLOCK].to(device)
+            if not block.is_floating_point():
+                block = block.float().div_(255)
+            noisy = corrupt(block, kind, severity, seed=seed * 1_000_003 + first)
+            if cache is not None:
+                cache.update(first=first, block=noisy)
         parts.append(noisy[max(start - first, 0):stop - first])
     return torch.cat(parts) if parts else images[start:stop].to(device).float()
 

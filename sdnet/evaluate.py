@@ -48,7 +48,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     has_csc = bool(csc_layers(model))
-    correct, sums, counts = 0, {}, {}
+    correct, sums, counts, noise_cache = 0, {}, {}, {}
     t0 = time.perf_counter()
     starts = range(0, len(data), batch_size)
     if progress:
@@ -56,7 +56,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
         starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
     for i in starts:
         if corruption:  # noise drawn per block of the split, not per batch: the same whatever --batch-size
-            x = corrupt_range(data.images, i, i + batch_size, corruption, severity, seed, device)
+            x = corrupt_range(data.images, i, i + batch_size, corruption, severity, seed, device, noise_cache)
         else:
             x = data.images[i:i + batch_size].to(device).float().div_(255)
         with override(lam=lam, n_steps=n_steps):

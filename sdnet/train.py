@@ -120,6 +120,15 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return 100.0 * correct / max(1, len(labels))
 
 
+def _log_entry(line: str) -> dict | None:
+    """One log.jsonl line, or None for one that is not an epoch's (cut short by a kill, hand-edited)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("epoch"), int) else None
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -131,7 +140,7 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
     how, for how long and on what. `python -m sdnet.evaluate --update-card` adds the measured accuracy."""
     out = Path(out)
     config = json.loads((out / "config.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    log = [e for e in map(_log_entry, (out / "log.jsonl").read_text().splitlines()) if e] or [{}]
     card = load_card(out / "model.pt") or {}
     for key in MEASURED_FIELDS:  # measured on a model this run has just replaced
         card.pop(key, None)
@@ -141,16 +150,20 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
         "architecture": config["model"], "width": config["width"], "shortcut": config["shortcut"],
         "lam": config["lam"], "n_steps": config["n_steps"], "dataset": config["dataset"],
         "epochs": config["epochs"],
-        "training": {"command": command or config.get("command"), "seconds": log[-1]["train_seconds"],
+        "training": {"command": command or config.get("command"), "seconds": log[-1].get("train_seconds"),
                      "machine": machine or config.get("machine"), "device": config["device"],
                      "world_size": config["world_size"], "seed": config["seed"],
-                     "final_train_acc": round(log[-1]["train_acc"], 2),
-                     "test_acc_during_training": round(log[-1]["test_acc"], 2),
+                     "final_train_acc": _rounded(log[-1].get("train_acc")),
+                     "test_acc_during_training": _rounded(log[-1].get("test_acc")),
                      "test_subset_during_training": config.get("test_subset"),
                      "train_subset": config.get("train_subset")},  # None: the whole training split
     })
     write_card(out / "model.pt", card)
     return card
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 # Card fields that `evaluate --update-card` and `robust fit` measure on a model.pt: dropped when training writes a
@@ -247,6 +260,9 @@ def _train(argv: list[str] | None) -> dict:
         if state["epoch"] >= args.epochs and (out / "model.pt").exists():  # model.pt and its card stay as they are
             if is_main:
                 print(f"--resume: {out} is a finished run of {args.epochs} epochs (model.pt): nothing to do")
+                if load_card(out / "model.pt") is None:  # killed between model.pt and its card: write the card
+                    write_training_card(out)
+                    print(f"wrote its missing card {(out / 'model.pt').with_suffix('.json')}")
             if distributed:
                 dist.destroy_process_group()
             return {}
@@ -281,8 +297,10 @@ def _train(argv: list[str] | None) -> dict:
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
         # the log as last.pt has it: an epoch logged by a run killed before its last.pt was saved is trained again
         log_path = out / "log.jsonl"
-        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if line.strip() and json.loads(line).get("epoch", 0) <= start_epoch]
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        kept = [line for line, entry in zip(lines, map(_log_entry, lines)) if entry and entry["epoch"] <= start_epoch]
+        if len(kept) < sum(1 for line in lines if line.strip()) and start_epoch > 0:
+            print(f"{log_path}: kept the lines of epochs 1-{start_epoch} (as {out / 'last.pt'} has them)")
         atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
     result: dict = {}
@@ -339,12 +357,14 @@ def _train(argv: list[str] | None) -> dict:
                           test_acc=test_acc, lr=opt.param_groups[0]["lr"], epoch_seconds=round(epoch_seconds, 2),
                           images_per_second=round(seen / epoch_seconds, 1), train_seconds=round(train_seconds, 1))
             print(json.dumps(result), flush=True)
-            # last.pt first: a run killed between the two writes logs this epoch again when it resumes, not twice
+            # the log line first: a run killed before last.pt is saved trains this epoch again when it resumes,
+            # and the resume cuts the log back to last.pt's epoch (the line is written once; with last.pt first a
+            # kill between the two lost it for good)
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(result) + "\n")
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "train_seconds": train_seconds,
                          "config": json.dumps(config, default=str)}, out / "last.pt")
-            with open(out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(result) + "\n")
         if distributed:
             dist.barrier()
     if is_main and end_epoch < args.epochs:

@@ -19,9 +19,14 @@ def default_device() -> torch.device:
 def unwritable_folder(path: str | os.PathLike) -> str | None:
     """Why files cannot be written into the folder `path` (made if missing), or None: checked before long work,
     which would otherwise end in a PermissionError traceback once its results are due."""
-    folder = Path(path).expanduser().absolute()
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is None:  # not even the root: leave it to the write
+    folder = Path(path).absolute()  # not expanded: a quoted "~/x" is written to ./~/x, so that is what is checked
+    for p in (folder, *folder.parents):
+        if p.is_symlink() and not p.exists():  # exists() follows the link: a dangling one (or a loop) is nothing
+            return f"{p} is a symbolic link to nothing"
+        if p.exists():
+            existing = p
+            break
+    else:  # not even the root: leave it to the write
         return None
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"

@@ -732,6 +732,9 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     assert any("without shortcuts" in i.value for i in at.info)
     assert [r["name"] for r in at.session_state["view"].probe["layers"]] == ["conv1"]
     assert any("No model card" in w.value for w in at.sidebar.warning)
+    # its only CSC layer is the stem, which no shortcut bypasses: all zeros there, and any image gets this answer
+    at.select_slider(key="lam").set_value(10.0).run()
+    assert any("from conv1 on nothing depends on the image" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
 def test_latency_benchmark_runs(checkpoint_dir):

@@ -104,3 +104,15 @@ def test_the_noise_of_a_split_does_not_depend_on_its_batches(kind):
     floats = split.float() / 255
     assert torch.equal(whole[250:500], corrupt(floats[250:500], kind, 3, seed=7 * 1_000_003 + 250))
     assert torch.equal(corrupt_range(floats, 0, 600, kind, 3, seed=7), whole)
+
+
+def test_a_cache_keeps_the_last_block_for_small_batches(monkeypatch):
+    import sdnet.corruptions as corruptions
+    split = torch.rand(300, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    whole = corrupt_range(split, 0, 300, "gaussian", 2, seed=3)
+    draws, real = [], corruptions.corrupt
+    monkeypatch.setattr(corruptions, "corrupt", lambda *a, **k: draws.append(1) or real(*a, **k))
+    cache: dict = {}
+    parts = torch.cat([corrupt_range(split, i, min(i + 7, 300), "gaussian", 2, seed=3, cache=cache)
+                       for i in range(0, 300, 7)])
+    assert torch.equal(parts, whole) and len(draws) == 2  # one draw a block, not one a batch of 7

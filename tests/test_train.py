@@ -109,6 +109,7 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     first = TINY + ["--data", data, "--epochs", "2", "--out", str(run)]
     train_main(first + ["--stop-after", "1"])
     assert set(torch.load(run / "last.pt", weights_only=True)) >= {"scaler", "power", "optimizer"}
+    shutil.copy(run / "last.pt", tmp_path / "last-1.pt")
     before = {f.name: f.read_bytes() for f in run.iterdir()}
     for extra, message in ((["--seed", "5"], "seed=0 there, 5 here"), (["--lr", "1.0"], "lr=0.1 there, 1.0 here"),
                            (["--batch-size", "4"], "batch_size=8 there, 4 here"),
@@ -124,6 +125,16 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     train_main(first + ["--resume"])
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["train_seconds"] > 0
+    # a line cut short by a kill mid-append (or edited by hand) is dropped with the epochs after last.pt's
+    (run / "last.pt").replace(tmp_path / "last-2.pt")
+    shutil.copy(tmp_path / "last-1.pt", run / "last.pt")
+    (run / "model.pt").unlink()
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"epoch": 3, "tr\n"note"\n')
+    capsys.readouterr()
+    train_main(first + ["--resume"])
+    assert "kept the lines of epochs 1-1" in capsys.readouterr().out
+    assert [r["epoch"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())] == [1, 2]
     # a finished run: nothing to do, nothing rewritten, even its evaluated card
     sdnet.cards.update_card(run / "model.pt", test_accuracy=12.5)
     finished = {f.name: f.read_bytes() for f in run.iterdir()}
@@ -131,6 +142,9 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     assert train_main(first + ["--resume"]) == {}
     assert "finished run of 2 epochs (model.pt): nothing to do" in capsys.readouterr().out
     assert {f.name: f.read_bytes() for f in run.iterdir()} == finished
+    # killed between model.pt and its card: the resume that has nothing to train writes the card
+    (run / "model.json").unlink()
+    assert train_main(first + ["--resume"]) == {} and load_card(run / "model.pt")["epochs"] == 2
     # a model.pt written by training drops what was measured on the one it replaced
     (run / "model.pt").unlink()
     train_main(first + ["--resume"])
@@ -147,6 +161,9 @@ def test_an_out_folder_that_cannot_be_written_is_said_before_the_data_is_read(tm
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(SystemExit, match="a-file is a file, not a folder"):  # NotADirectoryError
         train_main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "a-file" / "run")])
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit, match="dangling is a symbolic link to nothing"):  # a FileExistsError at mkdir
+        train_main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "dangling")])
 
 
 def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, data):
