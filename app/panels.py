@@ -682,11 +682,12 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 
 
 def export_panel(view: state.View, unnormalize) -> None:
-    st.caption("PNGs of what is on the page, and one ZIP with all of them, the raw arrays (arrays.npz: x, z, "
-               "A(z) and residual per layer) and settings.json, which reproduces this view.")
-    cols = st.columns(3)  # three, not four: the file names stay whole in a 700 px window
+    st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), and one ZIP with all of them, "
+               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer) and settings.json, which reproduces "
+               "this view.")
+    cols = st.columns(2)  # two: in a 700 px window three cut "attribution_integrated_gradients.png"
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
-        cols[i % 3].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
+        cols[i % 2].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
                                     on_click="ignore", help=f"Save {name}")
     stem = state.export_stem(view.settings)
     st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
