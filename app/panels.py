@@ -228,7 +228,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 # The live part's widgets whose values must survive runs that do not draw them (a closed tab, a run
 # stopped while no file is uploaded yet): Streamlit drops the state of an undrawn widget unless it
 # is set again. So these widgets never take a default argument: `_default` sets their first value.
-STICKY = ("lam", "n_steps", "lam_layers", "fit_noise", "topk", "tab", "layer", "n_codes", "atoms_layer", "n_atoms",
+STICKY = ("lam", "n_steps", "steps_first", "lam_layers", "fit_noise", "topk", "tab", "layer", "n_codes", "atoms_layer", "n_atoms",
           "sees_layers", "sees_mode", "attr_which", "attr_class", "attr_methods", "attr_atom_method", "attr_live")
 # The sidebar's, kept by the full run only (a fragment's run may not set a widget drawn outside it): a run stopped
 # by a bad upload, or an image source or noise switched away and back, dropped the corruption and the sample.
@@ -302,7 +302,7 @@ def _auto_lam_current(image: str) -> bool:
         for n in layers)
 
 
-def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int, dict]:
+def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, state.StepsSpec, dict]:
     """The lambda slider, per-layer overrides, FISTA steps and Algorithm 1's auto lambda."""
     loaded = ctx.loaded
     options = state.lam_options(loaded.trained_lams, st.session_state.get("lam_extra", []))
@@ -314,10 +314,17 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int,
     # up to 20, or the model's own count if it was trained with more
     n_steps = c2.slider("FISTA steps", 1, max(20, loaded.trained_steps), key="n_steps",
                         help="Unrolled FISTA iterations per CSC layer.")
-    if n_steps != loaded.trained_steps:
+    first_only = False
+    if len(loaded.layer_names) > 1:  # as sdnet.robust fista does by default: the image's layer only
+        _default("steps_first", False)
+        first_only = c2.toggle(f"in {loaded.layer_names[0]} only", key="steps_first",
+                               help="FISTA steps in the first CSC layer only, where the image (and its noise) "
+                                    "enters; the others keep the trained count.")
+    if n_steps != loaded.trained_steps and not first_only:
         c2.caption(f"In every CSC layer; trained with {loaded.trained_steps}. The deep layers learnt from "
                    f"{loaded.trained_steps}-step codes: other counts can swing the prediction to any class, "
-                   "confidently (reports/robust-fista-all-layers.md).")
+                   "confidently (reports/robust-fista-all-layers.md; in the first layer only: "
+                   "reports/robust-fista.md).")
     with c3:
         _auto_lam(ctx, trained_probe)
     with st.expander("Per-layer λ"):
@@ -329,7 +336,8 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, int,
             per_layer[name] = st.select_slider(f"λ for {name}", options=options, key=_per_layer_key(name),
                                                format_func=lambda v: f"{v:g}")
     spec = state.lam_spec(loaded.layer_names, lam_all, per_layer)
-    return spec, int(n_steps), dict(all=lam_all, per_layer=per_layer)
+    steps = state.steps_spec(loaded.layer_names, int(n_steps), first_only, loaded.trained_steps)
+    return spec, steps, dict(all=lam_all, per_layer=per_layer)
 
 
 def _auto_lam(ctx: Context, trained_probe: dict) -> None:
@@ -388,7 +396,8 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
             st.code(fit["command"], language="bash")
 
 
-def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec, n_steps: int | None) -> tuple[dict, float]:
+def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec,
+                 n_steps: state.StepsSpec) -> tuple[dict, float]:
     t0 = time.perf_counter()
     result = state.probe(loaded.model, loaded.key, x, spec, n_steps)
     return result, (time.perf_counter() - t0) * 1000
@@ -462,13 +471,14 @@ def _attr_target(ctx: Context, cur: dict) -> int:
     return classes.index(_default("attr_class", classes[pred]))
 
 
-def _attr_signature(ctx: Context, spec: state.LamSpec, n_steps: int, target: int) -> tuple:
+def _attr_signature(ctx: Context, spec: state.LamSpec, n_steps: state.StepsSpec, target: int) -> tuple:
     methods = tuple(_default("attr_methods", ["integrated_gradients", "saliency"]))
     atom_method = _default("attr_atom_method", next(iter(attribution.LAYER_METHODS)))
     return (ctx.loaded.key, images.image_hash(ctx.image), spec, n_steps, target, methods, atom_method)
 
 
-def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_steps: int, lam: dict) -> state.View:
+def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_steps: state.StepsSpec,
+               lam: dict) -> state.View:
     """What the page shows for these settings, from the widgets' values (drawn or not: closed tabs too)."""
     loaded = ctx.loaded
     names = loaded.layer_names
@@ -499,7 +509,7 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                       attributions=attrs, atom_scores=atom_scores, more_pngs=more)
 
 
-def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: int, offsets: bool) -> dict:
+def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state.StepsSpec, offsets: bool) -> dict:
     """Export makers of the Atoms tab's pictures as its widgets stand (drawn or not): what each chosen layer sees
     and the deeper atoms shown; each computed only when downloaded."""
     loaded, names = ctx.loaded, ctx.loaded.layer_names
@@ -558,7 +568,7 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
 
 
-def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: int) -> None:
+def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: state.StepsSpec) -> None:
     loaded, cur = ctx.loaded, view.probe
     names = loaded.layer_names
     usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
@@ -611,7 +621,7 @@ def _spread(names: list[str], n: int) -> list[str]:
     return [names[i] for i in dict.fromkeys(idx)]
 
 
-def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: int) -> None:
+def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: state.StepsSpec) -> None:
     """Attribution widgets; computes on request (or live) and updates `view` with the result."""
     loaded, classes = ctx.loaded, ctx.loaded.classes
     target = _attr_target(ctx, view.probe)
@@ -699,7 +709,7 @@ def export_panel(view: state.View, unnormalize) -> None:
         st.code(state.reproduce_snippet(view.settings), language="python")
 
 
-def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: int, layer: str | None,
+def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: state.StepsSpec, layer: str | None,
                 attrs: dict, atom_method: str | None, target: int | None) -> dict[str, Any]:
     loaded = ctx.loaded
     path = loaded.path.resolve()
@@ -713,7 +723,7 @@ def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: int, laye
         "lam": dict(all=lam["all"], per_layer=lam["per_layer"],
                     override=[list(p) for p in spec] if isinstance(spec, tuple) else spec,
                     trained=loaded.trained_lams),
-        "n_steps": n_steps,
+        "n_steps": state.as_override(n_steps),  # a count for every layer, or {first layer: count}
         "layer": layer,
         "baseline": str(ctx.baseline.path.name) if ctx.baseline else None,
         "attribution": dict(methods=list(attrs), atom_method=atom_method, target=target),
@@ -738,9 +748,11 @@ def explore(ctx: Context) -> None:
     spec, n_steps, lam = lam_controls(ctx, trained)
     cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
     own = {name: v for name, v in lam["per_layer"].items() if v != lam["all"]}
+    count = n_steps if isinstance(n_steps, int) else n_steps[0][1]
     lam_text = f"λ={lam['all']:g}" + (
         f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2 else
-        f" ({len(own)} layers their own)" if own else "") + f", {n_steps} step{'s' if n_steps != 1 else ''}"
+        f" ({len(own)} layers their own)" if own else "") + f", {count} step{'s' if count != 1 else ''}" + (
+        f" in {n_steps[0][0]}" if not isinstance(n_steps, int) else "")
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
     predictions_panel(ctx, cur, trained, resnet, lam_text)

@@ -67,6 +67,7 @@ LAM_GRID = tuple(float(f"{m * 10.0 ** e:.3g}") for e in range(-3, 1)
                  for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)) + (10.0,)
 
 LamSpec = float | tuple[tuple[str, float], ...] | None  # hashable form of sdnet.override(lam=...)
+StepsSpec = int | tuple[tuple[str, int], ...] | None  # ...and of sdnet.override(n_steps=...)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -215,19 +216,26 @@ def lam_spec(layer_names: list[str], lam_all: float | None, per_layer: dict[str,
     return tuple(sorted(base.items()))
 
 
-def as_override(spec: LamSpec) -> float | dict[str, float] | None:
+def as_override(spec: LamSpec | StepsSpec) -> float | int | dict | None:
     return dict(spec) if isinstance(spec, tuple) else spec
+
+
+def steps_spec(layer_names: list[str], n_steps: int, first_only: bool, trained: int) -> StepsSpec:
+    """FISTA steps for every CSC layer, or for the first only (the others at `trained`), in hashable form."""
+    if not first_only or n_steps == trained or not layer_names:
+        return n_steps
+    return ((layer_names[0], n_steps),)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: int | None) -> dict[str, Any]:
+def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec) -> dict[str, Any]:
     """Trace `model` on one image at the given lambda: logits, probabilities and, per CSC layer,
     its input x, code z, reconstruction A(z), residual, relative residual and sparsity (numpy)."""
     inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(model))
-    with sdnet.override(lam=as_override(lam), n_steps=n_steps):
+    with sdnet.override(lam=as_override(lam), n_steps=as_override(n_steps)):
         t = sdnet.trace(model, inp)
 
     def arr(v: torch.Tensor) -> np.ndarray:
@@ -245,12 +253,12 @@ def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: int 
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def probe(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None) -> dict:
+def probe(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec) -> dict:
     return run_probe(_model, x, lam, n_steps)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def layer_sees(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+def layer_sees(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
                layer: str, offsets: bool = False) -> np.ndarray:
     """'What layer l sees': its code decoded back to pixels (paper appendix B), (3, H, W) in [0, 1].
 
@@ -274,19 +282,19 @@ def pixel_atoms(_model: torch.nn.Module, model_key: str, layer: str, code_shape:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def explain(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+def explain(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
             target: int, method: str) -> np.ndarray:
     """Input attribution (3, H, W) of class `target` at the given lambda."""
     return attribution.attribute(_model, torch.from_numpy(x).to(_device_of(_model)), target, method,
-                                 lam=as_override(lam), n_steps=n_steps).numpy()
+                                 lam=as_override(lam), n_steps=as_override(n_steps)).numpy()
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def explain_atoms(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: int | None,
+def explain_atoms(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
                   target: int, method: str) -> tuple[str, np.ndarray]:
     """Per-atom attribution (C,) of class `target` on the first CSC layer's code."""
     name, scores = attribution.atom_attribution(_model, torch.from_numpy(x).to(_device_of(_model)), target,
-                                                method, lam=as_override(lam), n_steps=n_steps)
+                                                method, lam=as_override(lam), n_steps=as_override(n_steps))
     return name, scores.numpy()
 
 

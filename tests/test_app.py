@@ -329,6 +329,17 @@ def test_page_renders_and_lambda_changes_residuals(app):
     layers = at.session_state["view"].probe["layers"]
     assert layers[0]["lam"] == 0.01 and all(r["lam"] == 1.0 for r in layers[1:])
     assert at.session_state["view"].settings["n_steps"] == 5
+    every = at.session_state["view"].probe["logits"]
+    at.toggle(key="steps_first").set_value(True).run()  # FISTA steps in the image's layer only, as robust fista does
+    ok(at)
+    view = at.session_state["view"]
+    assert view.settings["n_steps"] == {"conv1": 5} and not np.array_equal(view.probe["logits"], every)
+    from app import state
+    model = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu")).model
+    with torch.no_grad(), sdnet.override(lam=dict(view.settings["lam"]["override"]), n_steps={"conv1": 5}):
+        assert np.allclose(model(torch.from_numpy(view.clean)[None])[0].numpy(), view.probe["logits"], atol=1e-5)
+    assert any("5 steps in conv1" in str(c.proto.spec) for c in at.get("plotly_chart"))  # the legend says so
+    at.toggle(key="steps_first").set_value(False).run()
     # a run that stops before the controls (no upload yet) does not reset them
     at.radio(key="source").set_value("Upload").run()
     at.radio(key="source").set_value("Sample").run()
