@@ -574,7 +574,7 @@ def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
 _METHOD = "lanczos"
 _RITZ_KEEP = 1
 # Products of a Lanczos refresh before its first does-it-still-rise check (at least the layer's power_iters).
-# From its mostly random start it needed 6 or more in 98% of refreshes at the 3e-4 stop (width 16, 10 steps each
+# From its mostly random start it needed 6 or more in 96% of refreshes at the 3e-4 stop (width 16, 10 steps each
 # early at lr 0.1 and late at lr 0.001: 3 and 11 of 170 stopped at 4, none at 2) and in all of them at 3e-5
 # (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
 # later first check can only raise the estimate (Ritz values grow with the space).

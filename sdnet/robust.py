@@ -26,7 +26,9 @@ fit   Algorithm 1 on the training split. For each noise and level c of --levels 
       ||x - A(z)|| / ||x|| of the CSC layers of --lam-layers at the trained lambda), sweep lambda over --lams
       (default 0.1, 0.2, ..., 1.5: paper figure 2), take lambda_c of best accuracy (the smallest on
       ties) and fit lambda(r) = slope * r + intercept by least squares. The fits go on the model card
-      under "robust_fit" (see sdnet.cards), where the app's "Auto lambda" finds them.
+      under "robust_fit" (see sdnet.cards), where the app's "Auto lambda" finds them: one per noise, so a
+      later fit of a noise replaces the card's (reports/robust-fit-all-layers.md's Gaussian fit in every
+      layer is made before reports/robust-fit.md's first-layer fits, which eval and the app use).
 eval  Paper tables 2-3 and figures 2-3 on the test split. For each noise and severity 0 (clean) to 5:
       the accuracy of the ResNet baseline, of SDNet at the trained lambda and of SDNet with the adaptive
       lambda, lambda(r_test) from the fit and the mean residual r_test of the evaluated images (step 14);
