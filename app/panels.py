@@ -601,10 +601,9 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                "of A's and inverted BatchNorms reaches the pixels): what the layer keeps of the input. "
                "Deep layers' BatchNorm offsets swamp their codes in absolute pixels; the code's own "
                "contribution (offsets left out, contrast stretched) shows what the code carries.")
-    c1, c2 = st.columns([3, 2])
     _default("sees_layers", _spread(names, 5))
-    picks = c1.multiselect("Layers", names, key="sees_layers")
-    offsets = c2.radio("Show", SEES_MODES, key="sees_mode") == SEES_MODES[1]
+    picks = st.multiselect("Layers", names, key="sees_layers")  # the page's width: in 3/5 of it the 5th chip was cut
+    offsets = st.radio("Show", SEES_MODES, key="sees_mode", horizontal=True) == SEES_MODES[1]
     if picks:
         cols = st.columns(len(picks) + 1)
         cols[0].image(_enlarge(ctx.image, 160), caption="model input")
