@@ -225,7 +225,9 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     assert noisy.layers["conv1"] != clean.layers["conv1"]
     # the same noise whatever the batches (it was drawn per batch: --batch-size changed the accuracy)
     small = evaluate_main(base + ["--corruption", "gaussian", "--severity", "5", "--batch-size", "5"])
-    assert small.accuracy == noisy.accuracy and small.layers == pytest.approx(noisy.layers, rel=1e-5)
+    assert small.accuracy == noisy.accuracy and small.layers.keys() == noisy.layers.keys()
+    for name, value in noisy.layers.items():  # None: a layer fed only zeros (this tiny model may have some)
+        assert small.layers[name] == (None if value is None else pytest.approx(value, rel=1e-5)), name
     # --update-card records the clean accuracy at the trained lambda, and the command that measured it
     evaluate_main(base + ["--update-card"])
     card = load_card(ckpt)
