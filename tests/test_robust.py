@@ -49,14 +49,18 @@ def _run(setup, tmp_path, *args, checkpoint="sd.pt"):
     return res, out
 
 
+def _copied_checkpoints(root, folder):
+    """The tiny SDNet and its ResNet baseline, copied into `folder` (a test may edit their cards there)."""
+    folder.mkdir()
+    for name in ("sd.pt", "rn.pt"):
+        shutil.copy(root / name, folder / name)
+    return folder
+
+
 def test_a_malformed_fit_on_the_card_is_left_out_with_a_warning(setup, tmp_path, capsys):
     """A hand-edited card whose fit has no slope: the report runs without it and says so on stderr."""
-    import shutil
     root, tree = setup
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in ("sd.pt", "rn.pt"):
-        shutil.copy(root / name, copy / name)
+    copy = _copied_checkpoints(root, tmp_path / "copy")
     sdnet.write_card(copy / "sd.pt", {"name": "tiny", "baseline": "rn.pt", "lam": 0.1,
                                       "robust_fit": {"gaussian": {"intercept": 0.1}}})
     robust.main(["fista", "--checkpoint", str(copy / "sd.pt"), "--data", str(tree), "--out", str(tmp_path / "r"),
@@ -174,10 +178,7 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
 def test_refusals_before_any_work(setup, tmp_path, capsys):
     """Each of these used to run to the end (or almost) and then crash, or quietly write something wrong."""
     root, tree = setup
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    for name in ("sd.pt", "rn.pt"):
-        shutil.copy(root / name, ck / name)
+    ck = _copied_checkpoints(root, tmp_path / "ck")
     (ck / "sd.json").write_text('{"name": "tiny",}')  # a trailing comma: the card does not parse
     base = ["--checkpoint", str(ck / "sd.pt"), "--data", str(tree), "--out", str(tmp_path / "out"), *FAST]
     with pytest.raises(SystemExit, match="is not a JSON object .* nothing was written"):
