@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
+from .utils import unwritable_folder
 
 
 def card_path(checkpoint: str | os.PathLike) -> Path:
@@ -120,13 +121,16 @@ def write_card(checkpoint: str | os.PathLike, card: dict[str, Any]) -> Path:
 
 def writable_card(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The card beside `checkpoint` to update ({} when there is none); ValueError when one exists but does not
-    parse, since rewriting it would wipe every field it had. Commands that will update a card call it before
+    parse, since rewriting it would wipe every field it had, or its folder cannot be written. Commands that will update a card call it before
     their work, so the error comes first."""
     path = card_path(checkpoint)
     card = load_card(checkpoint)
     if card is None and path.exists():
         raise ValueError(f"the model card {path} is not a JSON object (a hand edit?): mend or remove it first; "
                          "nothing was written")
+    problem = unwritable_folder(path.parent)  # a PermissionError only once the work was done
+    if problem:
+        raise ValueError(f"the model card {path} cannot be written: {problem}")
     return card or {}
 
 

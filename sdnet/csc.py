@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .utils import check_dtype
+
 # Per-call settings: {"lam": float | dict | None, "n_steps": int | None}.
 _OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sdnet_override", default=None)
 # When set, every CSC layer appends a record of its solve here (see sdnet.inspect.trace).
@@ -336,10 +338,8 @@ class CSCLayer(nn.Module):
         return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            # said here: the convolution's own message names a bias (the threshold) the user never gave
-            raise TypeError(f"input is {x.dtype} but the layer's dictionary is {self.weight.dtype}: convert one "
-                            "(x.to(...) or model.to(...)), or run under torch.autocast")
+        # said here: the convolution's own message names a bias (the threshold) the user never gave
+        check_dtype(x, self.weight.dtype, "the layer's dictionary")
         lam, n_steps = self.effective_lam(), self.effective_steps()
         L = self.lipschitz(tuple(x.shape[-2:]))
         dtype = self.weight.dtype

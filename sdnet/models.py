@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .csc import CSCLayer, check_override_names, csc_layers
+from .utils import check_dtype
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the paper code's normalisation
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -48,9 +49,7 @@ class Normalize(nn.Module):
                              f"in [0, 1]; got shape {tuple(x.shape)}")
         if not x.is_floating_point():  # uint8 0..255 ran without a word and predicted nonsense
             raise TypeError(f"the model takes float images in [0, 1], got {x.dtype} (divide uint8 images by 255)")
-        if x.dtype != self.mean.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input is {x.dtype} but the model is {self.mean.dtype}: convert one (x.to(...) or "
-                            "model.to(...)), or run under torch.autocast")
+        check_dtype(x, self.mean.dtype, "the model")
         return (x - self.mean) / self.std
 
     def inverse(self, x):

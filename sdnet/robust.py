@@ -942,10 +942,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         problem = unwritable_folder(args.out)
         if problem:
             parser.error(f"--out {args.out}: {problem}; the reports go into a folder")
-    if args.func is cmd_fit:  # the fits go on the checkpoint's card
-        problem = unwritable_folder(Path(args.checkpoint).parent)
-        if problem:
-            parser.error(f"the fits go on the model card beside {args.checkpoint}: {problem}")
     levels = getattr(args, "levels", None) or getattr(args, "severities", None) or ()
     for kind in getattr(args, "noise", ()):
         for severity in levels:

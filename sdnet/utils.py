@@ -35,6 +35,13 @@ def unwritable_folder(path: str | os.PathLike) -> str | None:
     return None
 
 
+def check_dtype(x: torch.Tensor, dtype: torch.dtype, holder: str) -> None:
+    """TypeError, said plainly, when `x` is not of `holder`'s dtype and no autocast will reconcile them."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input is {x.dtype} but {holder} is {dtype}: convert one (x.to(...) or model.to(...)), "
+                        "or run under torch.autocast")
+
+
 def check_eval_mode(model: torch.nn.Module, what: str) -> None:
     """ValueError when a BatchNorm or dropout of `model` is in training mode: `what` would run on the statistics of
     its own batches (interpolated images, attack steps) and update the running ones of a model it must not change."""

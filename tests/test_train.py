@@ -270,7 +270,7 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     real_access = os.access  # a folder the card cannot be written into: said before the evaluation, not after it
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "access", lambda path, mode: Path(path) != run and real_access(path, mode))
-        with pytest.raises(SystemExit, match=f"--update-card: no permission to write in {run}"):
+        with pytest.raises(SystemExit, match=f"model card .* cannot be written: no permission to write in {run}$"):
             evaluate_main(base + ["--update-card"])
     (run / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="junk.pt"):
