@@ -42,13 +42,15 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
     order = order[::-1]  # highest at the top
     bars = [dict(type="bar", y=[classes[i] for i in order], x=[float(p[i]) for i in order], name=label,
                  orientation="h", marker_color=COLORS.get(color, color), text=[f"{p[i]:.1%}" for i in order],
-                 textposition="outside", hovertemplate="%{y}: %{x:.2%}<extra>" + label + "</extra>")
+                 # plotly shrinks an outside label to its bar's thickness (thin grouped bars: ~6 px text)
+                 textposition="outside", textfont=dict(size=11), constraintext="none",
+                 hovertemplate="%{y}: %{x:.2%}<extra>" + label + "</extra>")
             for label, color, p in series]
     top = max(float(p[i]) for _, _, p in series for i in order)
     end = min(1.0, top) * 1.2 + 0.02  # room for the labels outside the bars; no tick past 100% in it
     step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25) if end / s <= 6)
     ticks = [round(t * step, 2) for t in range(int(min(end, 1.0) / step + 1e-9) + 1)]
-    return _figure(bars, 90 + 12 * len(order) * len(series) + 8 * len(order), barmode="group",
+    return _figure(bars, 90 + 14 * len(order) * len(series) + 8 * len(order), barmode="group",
                    xaxis=dict(range=[0, end], tickvals=ticks, tickformat=".0%", title="probability"))
 
 
