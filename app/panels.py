@@ -237,7 +237,7 @@ SIDEBAR_PREFIX = "level_"  # each noise's continuous level
 # ...of which these depend on the checkpoint (its layers, widths, classes) and start afresh with it.
 PER_MODEL = ("lam_layers", "fit_noise", "fit_noise_for", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers",
              "attr_class", "attr_result", "auto_lam")
-TABS = ("Layers", "Atoms", "Attribution", "Export")
+TABS = ("Layers", "λ path", "Atoms", "Attribution", "Export")
 SEES_MODES = ("the code's own contribution (stretched)", "absolute pixels (with BatchNorm offsets)")
 
 
@@ -504,9 +504,17 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     atom_scores = result["atoms"] if fresh else None
     settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
                            target if fresh else None)
+    held = _held(lam)
+    path_csv = None if len(held) == len(names) else (
+        lambda: state.lam_path_csv(state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps), loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      attributions=attrs, atom_scores=atom_scores, more_pngs=more)
+                      attributions=attrs, atom_scores=atom_scores, more_pngs=more, lam_path_csv=path_csv)
+
+
+def _held(lam: dict) -> tuple[tuple[str, float], ...]:
+    """The layers with their own λ (Per-layer λ), which the λ path keeps while the slider's λ moves."""
+    return tuple(sorted((name, float(v)) for name, v in lam["per_layer"].items()))
 
 
 def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state.StepsSpec, offsets: bool) -> dict:
@@ -566,6 +574,68 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
     _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart")
     _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
+
+
+def _cut_off_from(ctx: Context, path: dict) -> float | None:
+    """The smallest λ of the path from which the prediction no longer depends on the image at every larger λ: an
+    all-zero code in the first CSC layer, or in any layer of a model without shortcuts (as predictions_panel says)."""
+    silent = path["sparsity"] >= 1.0
+    if ctx.loaded.meta["config"].get("shortcut", True):
+        silent = silent[:, :1]
+    cut = silent.any(1)
+    if not cut[-1]:
+        return None
+    i = len(cut) - 1
+    while i > 0 and cut[i - 1]:
+        i -= 1
+    return float(path["lams"][i])
+
+
+def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSpec) -> None:
+    loaded, cur = ctx.loaded, view.probe
+    held = _held(lam)
+    with st.spinner("Following λ..."):
+        path = state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps)
+    if path is None:
+        st.info("Every CSC layer has its own λ (Per-layer λ), so the slider moves none and there is no path to "
+                "follow: take a layer out of that list.")
+        return
+    lams, probs, classes = path["lams"], path["probs"], loaded.classes
+    top = probs.argmax(1)
+    trained = next(iter(loaded.trained_lams.values()))
+    cut = _cut_off_from(ctx, path)
+    where = ("every CSC layer" if not held else
+             f"{len(path['swept'])} of {len(path['layer_names'])} CSC layers (the others keep their own λ)")
+    st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
+               "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
+               "dotted one the trained λ.")
+    runs = state.path_segments(lams, top)
+    spans = [f"**{classes[c]}** " + (f"up to {b:g}" if i == 0 and len(runs) > 1 else f"from {a:g}" if i == len(runs) - 1
+                                     and len(runs) > 1 else "throughout" if len(runs) == 1 else
+                                     f"{a:g}" if a == b else f"{a:g}-{b:g}")
+             for i, (c, a, b) in enumerate(runs)]
+    st.markdown("Prediction along λ: " + " · ".join(spans))
+    if cut is not None:
+        st.caption(f"Shaded, from λ={cut:g}: a CSC code is all zero, cutting the image off, so the prediction there is "
+                   "the same for any input.")
+    shown = list(dict.fromkeys([int(c) for c in top] + [int(c) for c in np.argsort(-cur["probs"])[:3]]))
+    shown = sorted(shown, key=lambda c: -probs[:, c].max())[:len(plots.CLASS_COLORS)]
+    _chart(plots.lam_path_probs(lams, probs, classes, shown, lam["all"], trained, cut), key="path_probs_chart")
+    first = path["layer_names"][0]
+    c1, c2 = st.columns(2)
+    with c1:
+        _chart(plots.lam_path_layers(lams, [("mean over layers", "mean", path["mean_rel_residual"]),
+                                            (first, "first", path["rel_residual"][:, 0])],
+                                     "Relative residual ||x - A(z)|| / ||x||", "relative residual", lam["all"],
+                                     trained, cut), key="path_residual_chart")
+    with c2:
+        _chart(plots.lam_path_layers(lams, [("mean over layers", "mean", path["sparsity"].mean(1)),
+                                            (first, "first", path["sparsity"][:, 0])],
+                                     "Sparsity of z (fraction of zeros)", "sparsity", lam["all"], trained, cut,
+                                     percent=True), key="path_sparsity_chart")
+    st.download_button("lam_path.csv", data=lambda: state.lam_path_csv(path, classes), file_name="lam_path.csv",
+                       mime="text/csv", key="dl_lam_path", on_click="ignore",
+                       help="Every class's probability and every layer's residual and sparsity at each λ of the path")
 
 
 def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: state.StepsSpec) -> None:
@@ -692,12 +762,15 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 
 def export_panel(view: state.View, unnormalize) -> None:
     st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), and one ZIP with all of them, "
-               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer) and settings.json, which reproduces "
-               "this view.")
+               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv) and "
+               "settings.json, which reproduces this view.")
     cols = st.columns(2)  # two: in a 700 px window three cut "attribution_integrated_gradients.png"
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
         cols[i % 2].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
                                     on_click="ignore", help=f"Save {name}")
+    if view.lam_path_csv is not None:
+        cols[0].download_button("lam_path.csv", data=view.lam_path_csv, file_name="lam_path.csv", mime="text/csv",
+                                key="dl_path_csv", on_click="ignore", help="The λ path tab's table")
     stem = state.export_stem(view.settings)
     st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
                        file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",
@@ -758,10 +831,13 @@ def explore(ctx: Context) -> None:
     view = build_view(ctx, cur, trained, spec, n_steps, lam)
     st.session_state["view"] = view
     _default("tab", TABS[0])
-    layers_tab, atoms_tab, attr_tab, export_tab = st.tabs(TABS, key="tab", on_change="rerun")
+    layers_tab, path_tab, atoms_tab, attr_tab, export_tab = st.tabs(TABS, key="tab", on_change="rerun")
     if layers_tab.open:
         with layers_tab:
             layers_panel(ctx, view, lam_text)
+    if path_tab.open:
+        with path_tab:
+            path_panel(ctx, view, lam, n_steps)
     if atoms_tab.open:
         with atoms_tab:
             atoms_panel(ctx, view, spec, n_steps)

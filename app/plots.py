@@ -65,6 +65,50 @@ def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], ti
                    yaxis=dict(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero"))
 
 
+# Class lines of the λ path: a qualitative palette apart from the three setting colours above; its layer lines
+# (the mean over layers, the first layer) in colours of their own too, since red and blue mean λ settings here.
+CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79")
+PATH_COLORS = {"mean": "#222222", "first": "#17becf"}
+
+
+def _lam_marks(current: float, trained: float, silent_from: float | None, top: float) -> tuple[list, list]:
+    """Vertical lines at the current and the trained λ, and a grey band from the λ where a code goes all zero."""
+    shapes = [dict(type="line", x0=v, x1=v, y0=0, y1=1, yref="paper", line=dict(color=COLORS[key], dash=dash, width=2))
+              for v, key, dash in ((trained, "trained", "dot"), (current, "current", "dash"))]
+    notes = [dict(x=math.log10(current), y=1.0, yref="paper", text=f"λ={current:g}", showarrow=False,
+                  xanchor="left", yanchor="top", font=dict(color=COLORS["current"], size=11))]
+    if silent_from is not None:
+        shapes.insert(0, dict(type="rect", x0=silent_from, x1=top, y0=0, y1=1, yref="paper", line_width=0,
+                              fillcolor="rgba(127,127,127,0.15)", layer="below"))
+    return shapes, notes
+
+
+def lam_path_probs(lams: np.ndarray, probs: np.ndarray, classes: list[str], shown: list[int], current: float,
+                   trained: float, silent_from: float | None) -> go.Figure:
+    """Class probabilities along λ (log axis), one line per class in `shown`; the current and trained λ marked,
+    and the λ from which some CSC code is all zero (the prediction no longer depends on the image) shaded."""
+    lines = [dict(type="scatter", x=lams, y=probs[:, c], mode="lines+markers", name=classes[c], marker=dict(size=4),
+                  line=dict(color=CLASS_COLORS[i % len(CLASS_COLORS)]),
+                  hovertemplate="λ=%{x:g}: %{y:.1%}<extra>" + classes[c] + "</extra>")
+             for i, c in enumerate(shown)]
+    shapes, notes = _lam_marks(current, trained, silent_from, float(lams[-1]))
+    return _figure(lines, 340, "Class probability along λ", shapes=shapes, annotations=notes,
+                   xaxis=dict(type="log", title="λ (log scale)"), yaxis=dict(title="probability", tickformat=".0%",
+                                                                          range=[0, 1.02]))
+
+
+def lam_path_layers(lams: np.ndarray, series: list[tuple[str, str, np.ndarray]], title: str, ytitle: str,
+                    current: float, trained: float, silent_from: float | None, percent: bool = False) -> go.Figure:
+    """Per-layer quantities along λ: one line per (label, colour, values)."""
+    lines = [dict(type="scatter", x=lams, y=np.asarray(v, dtype=float), mode="lines", name=label,
+                  line=dict(color=PATH_COLORS.get(color, color)),
+                  hovertemplate="λ=%{x:g}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
+             for label, color, v in series]
+    shapes, notes = _lam_marks(current, trained, silent_from, float(lams[-1]))
+    return _figure(lines, 300, title, shapes=shapes, annotations=notes, xaxis=dict(type="log", title="λ (log scale)"),
+                   yaxis=dict(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero"))
+
+
 def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
     trace = dict(type="image", z=np.clip(img, 0, 1) * 255)
     if hover:

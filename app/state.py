@@ -298,6 +298,51 @@ def explain_atoms(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: L
     return name, scores.numpy()
 
 
+@st.cache_data(max_entries=32, show_spinner=False)
+def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple[tuple[str, float], ...],
+             n_steps: StepsSpec) -> dict[str, Any] | None:
+    """The prediction and every CSC layer's relative residual and sparsity along the slider's grid (LAM_GRID and
+    the trained lambdas): the grid's lambda in every layer but the `held` ones, which keep their own (the per-layer
+    lambdas). One forward per lambda (sdnet.lam_path). None when every layer is held: the slider moves none."""
+    names = [n for n, _ in sdnet.csc_layers(_model)]
+    held_lams = dict(held)
+    swept = [n for n in names if n not in held_lams]
+    if not swept:
+        return None
+    trained = sorted({m.lam for _, m in sdnet.csc_layers(_model)})
+    inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(_model))
+    with sdnet.override(lam=held_lams or None, n_steps=as_override(n_steps)):
+        path = sdnet.lam_path(_model, inp, sorted(set(LAM_GRID) | set(trained)), layers=swept)
+    return dict(lams=np.array(path.lams), layer_names=names, swept=swept,
+                probs=path.probs[:, 0].cpu().numpy(), rel_residual=path.rel_residual[:, :, 0].cpu().numpy(),
+                sparsity=path.sparsity[:, :, 0].cpu().numpy(),
+                mean_rel_residual=path.mean_rel_residual[:, 0].cpu().numpy())
+
+
+def lam_path_csv(path: dict[str, Any], classes: list[str]) -> bytes:
+    """The path as a table: one row per lambda; each class's probability, then each layer's residual and sparsity."""
+    cols = ["lam", "prediction", *[f"p_{c}" for c in classes], "mean_rel_residual",
+            *[f"rel_residual_{n}" for n in path["layer_names"]], *[f"sparsity_{n}" for n in path["layer_names"]]]
+    lines = [",".join(cols)]
+    for i, lam in enumerate(path["lams"]):
+        cells = [f"{lam:g}", classes[int(np.argmax(path["probs"][i]))], *[f"{v:.6g}" for v in path["probs"][i]],
+                 f"{path['mean_rel_residual'][i]:.6g}", *[f"{v:.6g}" for v in path["rel_residual"][i]],
+                 *[f"{v:.6g}" for v in path["sparsity"][i]]]
+        lines.append(",".join("" if c == "nan" else c for c in cells))  # nan: a layer fed all zeros
+    return ("\n".join(lines) + "\n").encode()
+
+
+def path_segments(lams: np.ndarray, top: np.ndarray) -> list[tuple[int, float, float]]:
+    """Runs of one predicted class along the grid: (class, first lambda, last lambda)."""
+    runs: list[tuple[int, float, float]] = []
+    for lam, c in zip(lams, top):
+        if runs and runs[-1][0] == int(c):
+            runs[-1] = (runs[-1][0], runs[-1][1], float(lam))
+        else:
+            runs.append((int(c), float(lam), float(lam)))
+    return runs
+
+
 def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[float]:
     """The lambda slider's values: the grid, the trained lambdas and `extra` ones (e.g. Algorithm 1's)."""
     return sorted(set(LAM_GRID) | {float(v) for v in trained.values()} | {float(v) for v in extra})
@@ -323,6 +368,8 @@ class View:
     atom_scores: np.ndarray | None = None  # (C,) first-layer atom attribution
     # the Atoms tab's pictures (what each chosen layer sees, the deeper atoms), made only when exported
     more_pngs: dict[str, Callable[[], bytes]] = field(default_factory=dict)
+    # the λ path tab's table (lam_path.csv), made only when exported; None when no layer follows the slider
+    lam_path_csv: Callable[[], bytes] | None = None
 
 
 def layer_record(probe_result: dict, name: str | None) -> dict | None:
@@ -432,12 +479,14 @@ def export_stem(settings: dict) -> str:
 
 
 def export_zip(view: View, unnormalize) -> bytes:
-    """One ZIP: every PNG, arrays.npz and settings.json (which reproduces the view)."""
+    """One ZIP: every PNG, arrays.npz, lam_path.csv and settings.json (which reproduces the view)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in export_pngs(view, unnormalize).items():
             zf.writestr(f"png/{name}", data)
         zf.writestr("arrays.npz", export_arrays(view))
+        if view.lam_path_csv is not None:
+            zf.writestr("lam_path.csv", view.lam_path_csv())
         zf.writestr("settings.json", json.dumps(view.settings, indent=2))
     return buf.getvalue()
 

@@ -1,15 +1,15 @@
-"""Looking inside a model: `trace` records every CSC layer's solve, `decode_to_input`
-pushes a code back to pixel space (paper appendix B)."""
+"""Looking inside a model: `trace` records every CSC layer's solve, `lam_path` follows the prediction and the
+solves along a grid of lambdas, `decode_to_input` pushes a code back to pixel space (paper appendix B)."""
 from __future__ import annotations
 
 import math
-
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .csc import _RECORDER, CSCLayer, csc_layers
+from .csc import _OVERRIDE, _RECORDER, CSCLayer, _check_lam, csc_layers, override
 
 
 @dataclass
@@ -78,6 +78,65 @@ def trace(model: nn.Module, x: torch.Tensor, tensors: bool = True) -> Trace:
             if k in kept:
                 b.copy_(kept[k])
     return Trace(logits=logits, layers=[LayerRecord(**r) for r in records])
+
+
+@dataclass
+class LamPath:
+    """A model's prediction and CSC solves along a grid of lambdas (`lam_path`). Per-layer arrays follow
+    `layer_names`, the model's CSC layers in forward order; `swept` are those whose lambda took each value."""
+    lams: list[float]
+    layer_names: list[str]
+    swept: list[str]
+    logits: torch.Tensor        # (lambdas, batch, classes)
+    rel_residual: torch.Tensor  # (lambdas, layers, batch); NaN where a layer's input is all zeros
+    sparsity: torch.Tensor      # (lambdas, layers, batch): fraction of zeros in each code
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits.float(), dim=-1)
+
+    @property
+    def mean_rel_residual(self) -> torch.Tensor:
+        """(lambdas, batch): as `Trace.mean_rel_residual`, all-zero inputs left out."""
+        return self.rel_residual.nanmean(1)
+
+    @property
+    def silent(self) -> torch.Tensor:
+        """(lambdas, layers, batch), bool: the layer's code is all zero (sparsity 1)."""
+        return self.sparsity >= 1.0
+
+
+@torch.no_grad()
+def lam_path(model: nn.Module, x: torch.Tensor, lams: Sequence[float], layers: Sequence[str] | None = None) -> LamPath:
+    """Run `model` on `x` once per lambda of `lams`, in the CSC layers named in `layers` (default: all), and keep
+    the logits and every layer's relative residual and sparsity (not the maps: `trace(tensors=False)`).
+
+    The other layers keep what the surrounding `sdnet.override` gives them (a {layer: lambda} mapping or one
+    value), else their trained lambda; an override of n_steps holds throughout. One forward per lambda: the
+    step sizes do not depend on lambda, so each is the cost of a plain `trace`.
+    """
+    names = [n for n, _ in csc_layers(model)]
+    if not names:
+        raise ValueError("lam_path needs a model with CSC layers (a ResNet has no lambda)")
+    values = [_check_lam(v, "the path") for v in lams]
+    if not values:
+        raise ValueError("lam_path needs at least one lambda")
+    swept = list(names if layers is None else layers)
+    unknown = [n for n in swept if n not in names]
+    if unknown or not swept:
+        raise ValueError(f"unknown CSC layer(s) {unknown}; choose from {names}" if unknown else
+                         "lam_path needs at least one layer to sweep")
+    outer = (_OVERRIDE.get() or {}).get("lam")
+    base = dict(outer) if isinstance(outer, Mapping) else {n: outer for n in names} if outer is not None else {}
+    logits, residuals, sparsity = [], [], []
+    for lam in values:
+        with override(lam={**base, **{n: lam for n in swept}}):
+            t = trace(model, x, tensors=False)
+        logits.append(t.logits)
+        residuals.append(torch.stack([r.rel_residual for r in t.layers]))
+        sparsity.append(torch.stack([r.sparsity for r in t.layers]))
+    return LamPath(lams=values, layer_names=names, swept=swept, logits=torch.stack(logits),
+                   rel_residual=torch.stack(residuals), sparsity=torch.stack(sparsity))
 
 
 def _invert_bn(bn: nn.BatchNorm2d, y: torch.Tensor, bias: bool) -> torch.Tensor:

@@ -303,7 +303,7 @@ def test_page_renders_and_lambda_changes_residuals(app):
     assert "CPU" in page or "CUDA" in page
     assert at.selectbox(key="ckpt").value.startswith("sdnet18_all")
     for tab, marker in (("Atoms", "First-layer atoms"), ("Attribution", "Compute attribution"),
-                        ("Export", "settings.json"), ("Layers", None)):
+                        ("Export", "settings.json"), ("λ path", None), ("Layers", None)):
         at.session_state["tab"] = tab
         at.run()
         ok(at)
@@ -405,6 +405,43 @@ def test_attribution_that_is_all_zero_says_why(app):
     assert any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # the maps are back
 
 
+def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
+    from app import state
+    at = app(tab="λ path")
+    ok(at)
+    charts = {c.key for c in at.get("plotly_chart")}
+    assert {"path_probs_chart", "path_residual_chart", "path_sparsity_chart"} <= charts
+    page = " ".join(m.value for m in at.markdown)
+    assert "Prediction along λ:" in page
+    view = at.session_state["view"]
+    csv = view.lam_path_csv().decode().splitlines()
+    header, rows = csv[0].split(","), [r.split(",") for r in csv[1:]]
+    lams = [float(r[0]) for r in rows]
+    assert lams == sorted(lams) and set(state.LAM_GRID) <= set(lams) and 0.1 in lams
+    assert header[:2] == ["lam", "prediction"] and len(header) == 2 + 10 + 1 + 2 * 17
+    # the row at the slider's λ is what the page shows at that λ
+    at_trained = rows[lams.index(0.1)]
+    probs = [float(v) for v in at_trained[2:12]]
+    assert probs == pytest.approx(view.probe["probs"].tolist(), abs=1e-5)
+    assert at_trained[1] == view.classes[int(np.argmax(view.probe["probs"]))]
+    # the segments of the text are the CSV's predictions
+    assert all(r[1] in page for r in rows)
+    # a layer with its own λ keeps it along the path: its residual is the same in every row
+    at.session_state["lam_layers"] = ["conv1"]
+    at.session_state["lam_layer:conv1"] = 0.5
+    at.run()
+    ok(at)
+    rows = [r.split(",") for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
+    first = header.index("rel_residual_conv1")
+    assert len({r[first] for r in rows}) == 1 and len({r[first + 1] for r in rows}) > 1
+    # every layer held: no path, said so
+    at.session_state["lam_layers"] = list(at.session_state["view"].probe["layers"][i]["name"] for i in range(17))
+    at.run()
+    ok(at)
+    assert any("no path to follow" in i.value for i in at.info)
+    assert at.session_state["view"].lam_path_csv is None
+
+
 def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
     at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
     at.button(key="attr_run").click().run()
@@ -423,7 +460,7 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
     names = set(zf.namelist())
     for expected in ("png/atoms_first_layer.png", "png/codes_conv1.png", "png/reconstruction_conv1.png",
                      "png/attribution_saliency.png",
-                     "png/input_clean.png", "png/sees_conv1.png", "arrays.npz", "settings.json"):
+                     "png/input_clean.png", "png/sees_conv1.png", "arrays.npz", "settings.json", "lam_path.csv"):
         assert expected in names
     # the Atoms tab's pictures too, as its widgets stand though it is closed: what each chosen layer sees, and
     # the deeper atoms shown (only the Layers tab's layer and the first-layer atoms were exported)

@@ -93,6 +93,15 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             assert other.locator(SUMMARY).inner_text() == initial
             at_08 = page.locator(SUMMARY).inner_text()
             assert "SDNet at λ=0.8," in at_08 and numbers(at_08)[1] not in (r_after, r_before)
+
+            # the λ path tab draws its three charts for this image, the slider's λ marked on them
+            page.get_by_role("tab", name="λ path").click()
+            page.get_by_text("Prediction along λ:").wait_for()
+            charts = page.locator(".st-key-path_probs_chart, .st-key-path_residual_chart, .st-key-path_sparsity_chart")
+            charts.first.locator(".main-svg").first.wait_for()
+            assert charts.count() == 3
+            assert charts.first.get_by_text("λ=0.8").count() == 1  # the slider's line is labelled
+            page.screenshot(path=str(ARTIFACTS / "app-lam-path.png"))
         finally:
             browser.close()
     if os.environ.get("SDNET_SCREENSHOT"):

@@ -912,6 +912,45 @@ def test_override_and_trace_per_thread(device):
         torch.testing.assert_close(sdnet.trace(model, x).layers[0].lam, 0.1)
 
 
+def test_lam_path_is_one_trace_per_lambda_and_keeps_the_surrounding_override(device):
+    model, x = _two_thread_model(device)
+    names = [n for n, _ in sdnet.csc_layers(model)]
+    lams = [0.02, 0.1, 0.8, 5.0]
+
+    def alone(lam_for, n_steps=3):  # what a plain trace under the equivalent override gives
+        with sdnet.override(lam=lam_for, n_steps=n_steps):
+            t = sdnet.trace(model, x)
+        return t.logits, torch.stack([r.rel_residual for r in t.layers]), torch.stack([r.sparsity for r in t.layers])
+
+    with sdnet.override(lam={names[-1]: 0.3}, n_steps=3):  # the last layer held at its own lambda
+        path = sdnet.lam_path(model, x, lams, layers=names[:-1])
+    assert path.lams == lams and path.layer_names == names and path.swept == names[:-1]
+    assert path.logits.shape == (len(lams), len(x), 10) and path.rel_residual.shape == (len(lams), len(names), len(x))
+    for i, lam in enumerate(lams):
+        logits, res, spars = alone({**{n: lam for n in names[:-1]}, names[-1]: 0.3})
+        torch.testing.assert_close(path.logits[i], logits, rtol=0, atol=0)
+        torch.testing.assert_close(path.rel_residual[i], res, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(path.sparsity[i], spars, rtol=0, atol=0)
+    torch.testing.assert_close(path.probs.sum(-1), torch.ones(len(lams), len(x), device=path.logits.device))
+    assert path.silent[-1].sum() > path.silent[0].sum()  # lambda 5 zeroes more codes than 0.02
+    # one value for all layers around it: the unswept layers keep it
+    with sdnet.override(lam=0.05):
+        held = sdnet.lam_path(model, x, [0.4], layers=names[:1])
+    torch.testing.assert_close(held.logits[0], alone({names[0]: 0.4, **{n: 0.05 for n in names[1:]}}, None)[0],
+                               rtol=0, atol=0)
+    # the model is untouched: every layer's own lambda, and the override is gone
+    assert all(m.lam == 0.1 for _, m in sdnet.csc_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(sdnet.lam_path(model, x, [0.1]).logits[0], model(x), rtol=0, atol=0)
+    for bad, message in (([], "at least one lambda"), ([-1.0], "must be in"), ([float("nan")], "must be in")):
+        with pytest.raises(ValueError, match=message):
+            sdnet.lam_path(model, x, bad)
+    with pytest.raises(ValueError, match="unknown CSC layer"):
+        sdnet.lam_path(model, x, [0.1], layers=["conv9"])
+    with pytest.raises(ValueError, match="no lambda"):
+        sdnet.lam_path(sdnet.build_model("resnet18", width=4).eval(), x, [0.1])
+
+
 def test_layers_fed_all_zeros_have_no_residual_and_are_left_out_of_means():
     """At a large lambda every code upstream of a layer can be thresholded to zero: that layer's relative
     residual ||x - A(z)|| / ||x|| is 0/0, undefined (NaN), not a perfect 0, and every mean over layers (the
