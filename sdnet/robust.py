@@ -19,7 +19,8 @@ Every subcommand takes --subset N (a fixed random subset of the split; default: 
 --batch-size, --seed (of the noise and the attacks), --device, --threads and --out (default
 reports/), shows a tqdm bar, and writes a Markdown report, its numbers as JSON, and plotly figures
 as HTML (and PNG through kaleido unless --no-png). The report starts with the exact command, the
-checkpoints, the data split and the seed.
+checkpoints, the data split and the seed. A report of the same name already in --out, or (fit) a fit of the
+same noise already on the card, is kept: the command stops before its work unless --overwrite.
 
 fit   Algorithm 1 on the training split. For each noise and level c of --levels (default the
       CIFAR-10-C severities 1..5): corrupt the images, measure r_c (the mean relative residual
@@ -65,7 +66,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import max_norm, pgd
-from .cards import adaptive_lam, checked_card, load_card, scoped, update_card, writable_card
+from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, update_card, writable_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
@@ -464,14 +465,31 @@ class _Context:
 
     def report(self, args, argv, title: str, stem: str) -> Report:
         report = Report(args, argv, title, stem, "-all-layers" if self.layers is None else "")
+        existing = report.out / f"{report.stem}.md"
+        if existing.exists() and not args.overwrite:  # the shipped reports are what their commands wrote
+            sys.exit(f"error: {existing} exists ({_made_by(existing)}): pass --overwrite to replace it and its "
+                     "figures, or --out another folder")
         for name, value in self.fields:
             report.field(name, value)
         return report
 
 
+def _made_by(report: Path) -> str:
+    """'made by <command>' from a report's header, for the message that will not overwrite it."""
+    lines = report.read_text(errors="replace").splitlines()
+    command = next((line for line in lines[:12] if line.startswith("python -m sdnet.robust")), None)
+    return f"made by `{command}`" if command else "not a report of this version"
+
+
 def cmd_fit(args, argv) -> dict:
     ctx = _Context(args, "train", writes_card=True)
     kinds, lams, levels = args.noise, args.lams, args.levels
+    replaced = [k for k in kinds if k in ctx.fits]
+    if replaced and not args.overwrite:  # the app's Auto λ and the reports read them: not replaced unasked
+        made = {ctx.fits[k].get("n_images") for k in replaced}
+        sys.exit(f"error: the model card {card_path(args.checkpoint)} already holds fits for {', '.join(replaced)}"
+                 + (f" (on {_join(sorted(made))} training images)" if None not in made else "")
+                 + ": pass --overwrite to replace them, or fit other --noise")
     report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data", "robust-fit")
     report.field("settings", f"levels {_join(levels)} (CIFAR-10-C severities; a float is the level c itself); "
                              f"λ grid {_join(lams)}; n_steps {args.n_steps or 'trained'}")
@@ -893,6 +911,9 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--out", default="reports", help="folder for the report and figures (default: reports)")
     p.add_argument("--no-png", action="store_true", help="figures as HTML only (skip the kaleido PNG export)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report of the same name in --out (and, for fit, the card's fits of the same "
+                        "noises); without it the command stops before its work and keeps them")
     p.add_argument("--lam-layers", choices=("first", "all"), default="first",
                    help="CSC layers whose λ (swept, fitted, adapted or tuned) and FISTA steps are changed and "
                         "whose residual is r: first (default; the paper's SDNet-18 has no other) or all")

@@ -46,7 +46,9 @@ def setup(tmp_path_factory, calibrated_model):
 def _run(setup, tmp_path, *args, checkpoint="sd.pt"):
     root, tree = setup
     out = tmp_path / "reports"
-    res = robust.main([*args, "--checkpoint", str(root / checkpoint), "--data", str(tree), "--out", str(out), *FAST])
+    # --overwrite: the module's tests share one card and one report folder each
+    res = robust.main([*args, "--checkpoint", str(root / checkpoint), "--data", str(tree), "--out", str(out), *FAST,
+                       "--overwrite"])
     return res, out
 
 
@@ -174,6 +176,31 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert fit["layers"] == [first] and mine["residual"] == pytest.approx(ref.layers[first], rel=1e-5)
     ref = evaluate(model, load_split(tree, "test"), lam=mine["lam"], corruption="gaussian", severity=3, seed=3, batch_size=4)
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
+
+
+def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path):
+    """The README's commands write where the shipped reports and cards are: a second run stops before its work and
+    keeps them, saying what made them; --overwrite replaces them."""
+    root, tree = setup
+    ck = _copied_checkpoints(root, tmp_path / "ck")
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(ck / "sd.pt"), "--data", str(tree), "--out", str(out), *FAST]
+    fit = ["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian", *base]
+    robust.main(fit)
+    card, report = (ck / "sd.json").read_text(), (out / "robust-fit.md").read_text()
+    with pytest.raises(SystemExit, match=r"already holds fits for gaussian \(on 9 training images\): pass --overwrite"):
+        robust.main([*fit, "--subset", "2"])
+    robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "shot", *base[:-len(FAST) - 2],
+                 "--out", str(tmp_path / "out2"), *FAST])  # another noise: added beside the first
+    assert set(sdnet.load_card(ck / "sd.pt")["robust_fit"]) == {"gaussian", "shot"}
+    card = (ck / "sd.json").read_text()
+    with pytest.raises(SystemExit, match=re.escape(f"{out / 'robust-fit.md'} exists (made by `python -m sdnet.robust "
+                                                   "fit --levels 1,5") + ".*pass --overwrite"):
+        robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "speckle", *base])
+    assert (ck / "sd.json").read_text() == card and (out / "robust-fit.md").read_text() == report
+    robust.main([*fit, "--subset", "2", "--overwrite"])
+    assert sdnet.load_card(ck / "sd.pt")["robust_fit"]["gaussian"]["n_images"] == 2
+    assert "--overwrite" in (out / "robust-fit.md").read_text()
 
 
 def test_refusals_before_any_work(setup, tmp_path, capsys):
