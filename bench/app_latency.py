@@ -153,7 +153,7 @@ def summary(ms: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python bench/app_latency.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/app_latency.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--checkpoint", type=Path, default=None, help="default: checkpoints/sdnet18_all*.pt")
     p.add_argument("--sample", default="cat_2", help="an image of assets/samples/ (default: the one the app opens on)")
     p.add_argument("--repeats", type=int, default=30, help="lambda changes timed per setting")

@@ -34,7 +34,7 @@ def circulant_bound(layer: sdnet.CSCLayer, spatial: tuple[int, int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
-    p = argparse.ArgumentParser(prog="python bench/circulant_bound.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/circulant_bound.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--checkpoint", type=Path, help="a trained model (default: a fresh --model of --width)")
     p.add_argument("--model", default="sdnet18_all", choices=[m for m in sdnet.list_models() if m.startswith("sdnet")])
     p.add_argument("--width", type=int, default=16)

@@ -39,7 +39,7 @@ def layer_inputs(model: torch.nn.Module, size: int) -> dict[str, tuple[int, int]
 
 
 def main(argv: list[str] | None = None) -> float:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python bench/cold_estimate.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--model", default="sdnet18_all", choices=[m for m in sdnet.list_models() if m.startswith("sdnet")])
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
     p.add_argument("--size", type=int, default=32, help="image side (32 = CIFAR)")

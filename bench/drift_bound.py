@@ -38,7 +38,7 @@ def drift_bounds(weight: torch.Tensor, anchor: torch.Tensor) -> tuple[float, flo
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python bench/drift_bound.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/drift_bound.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--data", required=True, help="CIFAR-10 path (a tarball or tree, as sdnet.train takes)")
     p.add_argument("--checkpoint", type=Path, help="start from a trained model (default: a fresh one)")
     p.add_argument("--width", type=int, default=16, help="width of the fresh sdnet18_all (no --checkpoint)")

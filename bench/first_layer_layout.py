@@ -61,6 +61,9 @@ def register() -> None:
 def main(argv: list[str] | None = None):
     register()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):  # its own words first: every option is train_throughput's
+        print(f"usage: python bench/first_layer_layout.py [options of bench/train_throughput.py]\n\n{__doc__}")
+        return train_throughput.main(["--help"])
     print("python bench/first_layer_layout.py " + " ".join(argv))
     return train_throughput.main(["--models", *MODELS, "--no-memory", *argv])
 

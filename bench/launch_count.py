@@ -99,7 +99,7 @@ def alone():
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="python bench/launch_count.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python bench/launch_count.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--models", nargs="+", default=train_throughput.MODELS)
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
     p.add_argument("--batch", type=int, default=16, help="images per step (the update's count does not depend on it)")

@@ -73,7 +73,7 @@ def run(phase: str, checkpoint: str | None, lr: float, data, steps: int, width: 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python bench/refresh_syncs.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--data", required=True, help="CIFAR-10 (path, as sdnet.data.load_split takes it)")
     p.add_argument("--checkpoint", default="checkpoints/sdnet18_all-w16-e40.pt", help="the trained model (late)")
     p.add_argument("--width", type=int, default=16, help="width of the fresh model (early)")

@@ -34,7 +34,7 @@ import sdnet.csc  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict | float:
-    p = argparse.ArgumentParser(prog="python bench/step_size_validity.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/step_size_validity.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--model", default="sdnet18_all", choices=[m for m in sdnet.list_models() if m.startswith("sdnet")])
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch", type=int, default=64)

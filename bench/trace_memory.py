@@ -32,7 +32,9 @@ def measure(checkpoint: str, batch: int, tensors: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python bench/trace_memory.py", description=__doc__.split("\n")[0])
+    sys.path.insert(0, str(ROOT))
+    from sdnet.utils import summary  # the measurements run in child processes: this one's imports do not count
+    p = argparse.ArgumentParser(prog="python bench/trace_memory.py", description=summary(__doc__))
     p.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "sdnet18_all-w16.pt"))
     p.add_argument("--batch", type=int, default=250, help="sdnet.evaluate's default batch")
     p.add_argument("--one", choices=["maps", "numbers"], help=argparse.SUPPRESS)  # a child process's own run

@@ -53,7 +53,7 @@ TARGETS = [("sdnet18", "throughput_ratio", ">=", 0.97), ("sdnet18_all", "through
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/train_throughput.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/train_throughput.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--models", nargs="+", default=MODELS, choices=sdnet.list_models(),
                    help="models to compare; ratios are to the first one (default: %(default)s)")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")

@@ -181,15 +181,18 @@ def markdown_table(checkpoints: list[str | os.PathLike]) -> str:
     rows = ["| checkpoint | architecture | width | shortcuts | lambda | FISTA steps | epochs | "
             "test top-1 | test images | training time | machine |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in checkpoints:
+    # each file by its name, or by its folder and name where names repeat (every training run writes model.pt)
+    names = [Path(path).name for path in checkpoints]
+    shown = [n if names.count(n) == 1 else f"{Path(path).parent.name}/{n}" for n, path in zip(names, checkpoints)]
+    for path, label in zip(checkpoints, shown):
         card = checked_card(load_card(path))[0]  # a hand-edited "86%" or "training": null is left out, not a crash
         if card is None:
-            rows.append(f"| `{Path(path).name}` | (no card) |||||||||")
+            rows.append(f"| `{label}` | {'(no card)' if Path(path).exists() else '(no such file)'} |||||||||")
             continue
         train = card.get("training") or {}
         acc = card.get("test_accuracy")
         rows.append(" | ".join([
-            f"| `{Path(path).name}`", str(card.get("architecture")), str(card.get("width")),
+            f"| `{label}`", str(card.get("architecture")), str(card.get("width")),
             "yes" if card.get("shortcut") else "no", str(card.get("lam", "-")) if "sdnet" in str(card.get("architecture")) else "-",
             str(card.get("n_steps", "-")) if "sdnet" in str(card.get("architecture")) else "-",
             str(card.get("epochs")), "-" if acc is None else f"{acc:.2f}%", str(card.get("test_images", "-")),

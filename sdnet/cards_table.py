@@ -3,6 +3,7 @@
 (A module of its own: `python -m sdnet.cards` would import the cards module twice.)"""
 import argparse
 import glob
+import os
 
 from .cards import markdown_table
 
@@ -11,3 +12,6 @@ if __name__ == "__main__":
     parser.add_argument("checkpoints", nargs="*", help="checkpoint files (default: checkpoints/*.pt)")
     args = parser.parse_args()
     print(markdown_table(args.checkpoints or sorted(glob.glob("checkpoints/*.pt"))))
+    missing = [path for path in args.checkpoints if not os.path.exists(path)]
+    if missing:  # in the table too, but a script should not take the table for a success
+        raise SystemExit(f"error: no such file: {', '.join(missing)}")

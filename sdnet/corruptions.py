@@ -37,8 +37,9 @@ def level(kind: str, severity: int | float) -> float:
     if kind == "impulse" and c > 1:
         raise ValueError(f"impulse amount must be in (0, 1], got {c}")
     if kind in ("gaussian", "speckle") and c > 1:  # most likely a severity out of 1..5 ("7"), read as a level
-        raise ValueError(f"{kind} noise's level c is a standard deviation in pixel units, at most 1 (CIFAR-10-C's "
-                         f"severities 1..5 are c = {', '.join(f'{v:g}' for v in SEVERITY[kind])}), got {c:g}")
+        also = f"{c:g} is not a CIFAR-10-C severity (1..5), and " if c.is_integer() else ""
+        raise ValueError(f"{also}as a level c it is more than 1, the most {kind} noise's standard deviation (in pixel "
+                         f"units) can be; severities 1..5 are c = {', '.join(f'{v:g}' for v in SEVERITY[kind])}")
     return c
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,6 +171,8 @@ def _load_image_folder(p: Path, split: str) -> ImageSet:
         with np.load(cached) as npz:
             images = npz["images"]
     else:
+        print(f"decoding {len(files)} images of {root} into {cached} (once; later runs read that)", file=sys.stderr,
+              flush=True)
         images = _decode_all(files)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -226,6 +229,8 @@ def _unpack_once(p: Path) -> Path:
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    # the first use of an archive takes seconds (CIFAR-10: ~10 s, then decoding) with nothing else on screen
+    print(f"unpacking {p} into {dest} (once; later runs reuse it)", file=sys.stderr, flush=True)
     try:
         with tarfile.open(p) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .cards import update_card, writable_card
+from .cards import card_path, update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, align_classes, load_split, resolve_data_path
 from .inspect import trace
-from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value
+from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value, summary
 
 
 @dataclass
@@ -80,7 +80,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sdnet.evaluate", description=summary(__doc__))
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
     p.add_argument("--dataset", default=None, choices=sorted(NUM_CLASSES), help="default: the checkpoint's")
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             level(args.corruption, args.severity)  # a float level has a range per noise (impulse: up to 1)
         except ValueError as err:
-            p.error(f"--severity {args.severity} for {args.corruption}: {err}")
+            p.error(f"--severity {args.severity:g} for {args.corruption}: {err}")
     return args
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> EvalResult:
                  "--lam, --n-steps and --fresh-step-size do not apply")
     if args.update_card:
         try:
-            writable_card(args.checkpoint)  # before the work: a card that does not parse would be wiped
+            old_card = writable_card(args.checkpoint)  # before the work: a card that does not parse would be wiped
         except ValueError as err:
             sys.exit(f"error: {err}")
         if args.split != "test":  # it is written as test_accuracy
@@ -155,12 +155,19 @@ def main(argv=None) -> EvalResult:
             sys.exit(f"error: {baseline_error}")
     n_split = len(data)
     data = data.subset(args.subset, args.subset_seed)
-    res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
-                   severity=args.severity if args.corruption else None, seed=args.seed,
-                   batch_size=args.batch_size, device=device, progress=not args.json)
+    try:
+        res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
+                       severity=args.severity if args.corruption else None, seed=args.seed,
+                       batch_size=args.batch_size, device=device, progress=not args.json)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a torch stack
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
     if args.json:
+        trained = {n: (m.lam, m.n_steps) for n, m in csc_layers(model)}  # lam/n_steps null above: these
         print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device),
-                              fresh_step_size=args.fresh_step_size)))
+                              fresh_step_size=args.fresh_step_size,
+                              trained_lam=_one_or_all({n: v[0] for n, v in trained.items()}),
+                              trained_n_steps=_one_or_all({n: v[1] for n, v in trained.items()}))))
     else:
         what = ("clean" if not args.corruption else f"{args.corruption} severity {args.severity}"
                 if isinstance(args.severity, int) else f"{args.corruption} at noise level c = {args.severity:g}")
@@ -178,7 +185,18 @@ def main(argv=None) -> EvalResult:
                                 "seconds": res.seconds, "device": str(device),
                                 "mean_rel_residual": res.mean_rel_residual},
                     **({"baseline": args.baseline} if args.baseline else {}))
+        before = old_card.get("test_accuracy")
+        print(f"updated the card {card_path(args.checkpoint)}: test accuracy "
+              + (f"{before}% on {old_card.get('test_images')} images -> " if before is not None else "")
+              + f"{round(res.accuracy, 2)}% on {res.n_images} images",
+              file=sys.stderr if args.json else sys.stdout)  # --json keeps its stdout one JSON object
     return res
+
+
+def _one_or_all(values: dict):
+    """One value when every layer has it, else {layer: value}; None for a model without CSC layers."""
+    distinct = set(values.values())
+    return None if not distinct else distinct.pop() if len(distinct) == 1 else values
 
 
 def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | None:

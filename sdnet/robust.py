@@ -550,6 +550,9 @@ def cmd_eval(args, argv) -> dict:
     report = ctx.report(args, argv, "Robustness to additive noise (paper tables 2-3, figures 2-3)",
                         "robust-noise" + _suffix(kinds))
     missing = [k for k in kinds if k not in fits]
+    if missing:  # said before the work too, not only inside the report at its end
+        print(f"warning: the card has no Algorithm 1 fit for {', '.join(missing)}: the report's adaptive-λ column "
+              f"stays empty there (run `python -m sdnet.robust fit` first)", file=sys.stderr)
     report.field("adaptive λ", "λ(r_test) from the card's Algorithm 1 fit and the mean residual r_test of the cell's "
                  "images at the trained λ (step 14)" + (f"; no fit for {', '.join(missing)}: run "
                                                         "`python -m sdnet.robust fit` first" if missing else ""))
@@ -898,6 +901,7 @@ def parse_steps(text: str) -> tuple[int, ...]:
 
 def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p = sub.add_parser(name, help=help_, description=help_)
+    p.set_defaults(parser=p)  # _check_args's errors show this subcommand's usage, not the top level's
     p.set_defaults(func=func)
     p.add_argument("--checkpoint", required=True, help="SDNet checkpoint (its model card sits beside it)")
     p.add_argument("--data", default=None, help="dataset: CIFAR folder, ImageFolder tree or .tar.gz (default: $SDNET_DATA)")
@@ -959,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What one option cannot check alone: each noise level against each noise (impulse amounts stop at 1),
     --tuned-lam (a lambda or auto). A usage error before any work, not a traceback after some."""
+    parser = getattr(args, "parser", parser)
     if getattr(args, "out", None) is not None:  # a file or a read-only folder crashed at the very end
         problem = unwritable_folder(args.out)
         if problem:
@@ -970,7 +975,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 try:
                     level(kind, severity)
                 except ValueError as err:
-                    parser.error(f"{kind} at {severity}: {err}")
+                    parser.error(f"{kind} at {severity:g}: {err}")
     if args.func is cmd_fit and len(set(args.levels)) < 2:
         parser.error(f"a fit of lambda against the residual needs two or more noise levels, got --levels "
                      f"{_join(args.levels)}: it would replace the card's fits with a flat line")
@@ -992,6 +997,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args, argv)
+    except KeyboardInterrupt:  # Ctrl-C: reports and cards are written at the end, atomically
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         torch.set_num_threads(threads)
 

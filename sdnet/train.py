@@ -34,7 +34,7 @@ from .csc import load_power_states, power_states, project_dictionaries, refresh_
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
-                    nonnegative_float, positive_float, positive_int, steps_value, unwritable_folder)
+                    nonnegative_float, positive_float, positive_int, steps_value, summary, unwritable_folder)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,7 +46,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sdnet.train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sdnet.train", description=summary(__doc__),
                                 formatter_class=_DefaultsHelp)
     p.add_argument("--model", default="sdnet18_all", choices=list_models(), help="the network to train")
     p.add_argument("--width", type=positive_int, default=64, help="channels of the first stage (64 = paper)")
@@ -54,17 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="drop the residual shortcuts (the variant decode_to_input can invert)")
     p.add_argument("--lam", type=lam_value, default=0.1, help="lambda of every CSC layer")
     p.add_argument("--n-steps", type=steps_value, default=2, help="FISTA steps of every CSC layer")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES))
+    p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES), help="which CIFAR (its classes)")
     p.add_argument("--data", default=None, help="dataset path (default: $SDNET_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data")
-    p.add_argument("--epochs", type=positive_int, default=220)
+    p.add_argument("--epochs", type=positive_int, default=220, help="length of the schedule (220: the paper's)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="per process")
     p.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
-    p.add_argument("--momentum", type=fraction_value, default=0.9)
-    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
+    p.add_argument("--momentum", type=fraction_value, default=0.9, help="SGD momentum")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov's")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0, help="linear lr warm-up before the cosine")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-w<width>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half-checkpoint", action="store_true", help="store model.pt weights in fp16")
     p.add_argument("--save-every-rank", action="store_true",
                    help="with torchrun: also write each rank's final weights to <out>/rank<r>.pt (to check DDP)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (for logs)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="on the CPU with glibc, keep freed memory for reuse instead of handing big blocks back to the "
                         "kernel: faster steps, a higher resident peak (sdnet.utils.keep_freed_memory; bench/README.md)")
@@ -199,12 +199,34 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
     return state
 
 
+def _all_or_subset(data, args: argparse.Namespace, option: str, is_main: bool):
+    """The --train-subset / --test-subset of `data`; one at least as large as the split is the whole split, said,
+    and recorded as such (None), so the card does not name 100000 training images for CIFAR's 50000."""
+    n = getattr(args, option)
+    if n is not None and n >= len(data):
+        if is_main and n > len(data):
+            print(f"--{option.replace('_', '-')} {n}: the split has {len(data)} images, all of them are used")
+        setattr(args, option, None)
+    return data.subset(getattr(args, option), args.seed)
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    return Path(args.out or f"runs/{args.model}-w{args.width}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """python -m sdnet.train; a dataset or checkpoint problem ends it with its one-line message."""
     try:
         return _train(argv)
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, not a torch stack
+        args = parse_args(argv)
+        out = run_folder(args)
+        kept = (f"{out / 'last.pt'} holds the last finished epoch: rerun the same command with --resume to go on"
+                if (out / "last.pt").exists() else "no epoch had finished, nothing was saved")
+        print(f"\ninterrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _train(argv: list[str] | None) -> dict:
@@ -228,7 +250,7 @@ def _train(argv: list[str] | None) -> dict:
     if args.keep_freed_memory and device.type != "cpu" and is_main:
         print(f"--keep-freed-memory ignored: it helps the host memory of CPU training, and this run is on {device}")
     torch.manual_seed(args.seed)
-    out = Path(args.out or f"runs/{args.model}-w{args.width}")
+    out = run_folder(args)
     problem = unwritable_folder(out)  # before the data is read, not a traceback after the first epoch
     if problem:
         raise SystemExit(f"error: --out {out}: {problem}")
@@ -237,12 +259,12 @@ def _train(argv: list[str] | None) -> dict:
         raise SystemExit(f"error: {out} already holds a training run ({', '.join(finished)}): pass --resume to "
                          "continue it, or another --out (or remove the folder) to start afresh")
 
-    train = load_split(args.data, "train", args.dataset, args.download).subset(args.train_subset, args.seed)
+    train = _all_or_subset(load_split(args.data, "train", args.dataset, args.download), args, "train_subset", is_main)
     # as many outputs as the data has classes (a folder may hold some of CIFAR's), the test split's labels matched
     # to the training split's classes by name
     num_classes = len(train.classes)
-    test = align_classes(load_split(args.data, "test", args.dataset), train.classes,
-                         num_classes).subset(args.test_subset, args.seed)
+    test = _all_or_subset(align_classes(load_split(args.data, "test", args.dataset), train.classes, num_classes),
+                          args, "test_subset", is_main)
     model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
                         lam=args.lam, n_steps=args.n_steps).to(device)
     if args.channels_last:
@@ -259,7 +281,8 @@ def _train(argv: list[str] | None) -> dict:
         state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world), device)
         if state["epoch"] >= args.epochs and (out / "model.pt").exists():  # model.pt and its card stay as they are
             if is_main:
-                print(f"--resume: {out} is a finished run of {args.epochs} epochs (model.pt): nothing to do")
+                print(f"--resume: {out} is a finished run of {args.epochs} epoch{'s' if args.epochs != 1 else ''} (model.pt): "
+                      "nothing to do")
                 if load_card(out / "model.pt") is None:  # killed between model.pt and its card: write the card
                     write_training_card(out)
                     print(f"wrote its missing card {(out / 'model.pt').with_suffix('.json')}")
@@ -273,7 +296,7 @@ def _train(argv: list[str] | None) -> dict:
             scaler.load_state_dict(state["scaler"])
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
         if is_main:
-            print(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
+            print(f"resumed from {out / 'last.pt'} after epoch {start_epoch} of {args.epochs}")
     elif args.resume and (out / "model.pt").exists():  # a finished run whose training state is gone
         raise SystemExit(f"error: --resume: {out} holds a model.pt but no last.pt to continue from; train into "
                          "another --out (or remove the folder) to start afresh")
@@ -285,7 +308,8 @@ def _train(argv: list[str] | None) -> dict:
                                  seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"batch size {args.batch_size} is larger than the {len(sampler)} training images per process")
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(sampler)} training images per "
+                         "process: pass a smaller --batch-size (or more --train-subset)")
     total_steps = steps_per_epoch * args.epochs
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
@@ -339,7 +363,9 @@ def _train(argv: list[str] | None) -> dict:
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            if is_main and args.progress and i % 20 == 0:
+            # every 20 batches (each .item() is a sync on a GPU) and at the epoch's last: a 15-batch epoch
+            # showed its first batch's numbers throughout
+            if is_main and args.progress and (i % 20 == 0 or i == steps_per_epoch - 1):
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen * world / max(el, 1e-9):.0f}")

@@ -6,9 +6,17 @@ import ctypes
 import math
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
+
+
+def summary(doc: str | None) -> str:
+    """A command's description for --help: its docstring's first line without the "(`... --help`)" that sends a
+    reader of the source to the help (inside the help, it sent the reader to itself)."""
+    first = (doc or "").strip().split("\n")[0]
+    return re.sub(r"\s*\(`[^`]*--help`\)", "", first)
 
 
 def default_device() -> torch.device:

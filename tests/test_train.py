@@ -102,6 +102,38 @@ def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path,
         train_main(TINY + ["--data", data, "--out", str(tmp_path / "a-file")])
 
 
+def test_ctrl_c_says_what_was_kept_in_one_line(tmp_path, data, capsys, monkeypatch):
+    """Ctrl-C printed some 45 lines of torch stack; now one line says whether --resume has an epoch to go on from."""
+    import sdnet.train as train_module
+    run = tmp_path / "run"
+    args = TINY + ["--data", data, "--epochs", "2", "--out", str(run)]
+    steps = {"n": 0}
+    real = train_module.refresh_step_sizes
+
+    def interrupt_at(n):
+        def refresh(model):
+            steps["n"] += 1
+            if steps["n"] == n:
+                raise KeyboardInterrupt
+            return real(model)
+        return refresh
+    monkeypatch.setattr(train_module, "refresh_step_sizes", interrupt_at(1))
+    with pytest.raises(SystemExit) as info:
+        train_main(args)
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted; no epoch had finished, nothing was saved")
+    monkeypatch.setattr(train_module, "refresh_step_sizes", real)
+    # a --train-subset larger than the split is the whole split, said so, and recorded as such
+    train_main(args + ["--stop-after", "1", "--resume", "--train-subset", "100000"])
+    assert "--train-subset 100000: the split has" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train_subset"] is None
+    steps["n"] = 0
+    monkeypatch.setattr(train_module, "refresh_step_sizes", interrupt_at(2))
+    with pytest.raises(SystemExit):
+        train_main(args + ["--resume"])
+    assert "last.pt holds the last finished epoch: rerun the same command with --resume" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path, data, capsys):
     """A resume with another --seed, --lr or --epochs went on silently and wrote a card naming the new values (and
     --epochs 1 on a 2-epoch run relabelled it without training); a finished run resumed rewrote model.pt."""
@@ -217,6 +249,7 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     clean = evaluate_main(base)
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_images"] == 12 and printed["accuracy"] == clean.accuracy
+    assert printed["n_steps"] is None and printed["trained_n_steps"] == 2 and printed["trained_lam"] == 0.1
     assert set(printed["layers"]) and printed["layers"].keys() == clean.layers.keys()
     high = evaluate_main(base + ["--lam", "2.0"])
     assert high.lam == 2.0 and high.layers["conv1"] > clean.layers["conv1"]  # more shrinkage, worse fit
@@ -229,8 +262,13 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     for name, value in noisy.layers.items():  # None: a layer fed only zeros (this tiny model may have some)
         assert small.layers[name] == (None if value is None else pytest.approx(value, rel=1e-5)), name
     # --update-card records the clean accuracy at the trained lambda, and the command that measured it
+    capsys.readouterr()
     evaluate_main(base + ["--update-card"])
+    said = capsys.readouterr()
+    json.loads(said.out)  # stdout stays one JSON object; what was written is said on stderr
+    assert f"updated the card {Path(ckpt).with_suffix('.json')}: test accuracy" in said.err
     card = load_card(ckpt)
+    assert said.err.rstrip().endswith(f"{card['test_accuracy']}% on 12 images")
     assert card["test_accuracy"] == round(clean.accuracy, 2) and card["test_images"] == 12
     assert card["evaluation"]["command"].endswith("--update-card") and card["architecture"] == "sdnet18_all"
     assert "random subset" not in card["data"]
@@ -240,6 +278,10 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     assert "random subset" not in load_card(ckpt)["data"]
     row = markdown_table([ckpt]).splitlines()[-1]
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
+    # two runs' model.pt are told apart by their folders; a file that is not there is said to be missing
+    other = Path(ckpt).parent.parent / "other" / "model.pt"
+    rows = markdown_table([ckpt, str(other)]).splitlines()[2:]
+    assert rows[0].startswith(f"| `{Path(ckpt).parent.name}/model.pt` |") and "(no such file)" in rows[1]
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
     # the checkpoint carries the step sizes of training; --fresh-step-size estimates them again instead
@@ -297,7 +339,7 @@ def test_evaluate_cli_clear_errors(tmp_path, data):
     (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive"),
     (["--corruption", "impulse", "--severity", "1.5"], "--severity 1.5 for impulse: impulse amount must be in (0, 1]"),
     # a severity out of 1..5 is read as the level c: for Gaussian noise 7 was a std of 7 pixel ranges, silently
-    (["--corruption", "gaussian", "--severity", "7"], "standard deviation in pixel units, at most 1 (CIFAR-10-C")])
+    (["--corruption", "gaussian", "--severity", "7"], "--severity 7 for gaussian: 7 is not a CIFAR-10-C severity (1..5)")])
 def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, capsys):
     """A bad number is an argparse error (exit code 2, the usage line and what is wrong), never a traceback
     or a silent surprise (--subset -3 used to evaluate all but 3 images, a Python slice)."""
@@ -380,4 +422,12 @@ def test_help_of_every_cli(capsys):
     for parse in (train_args, evaluate_args):
         with pytest.raises(SystemExit) as exit_info:
             parse(["--help"])
-        assert exit_info.value.code == 0 and "--data" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "--data" in text
+        assert "--help`" not in text  # the docstring's pointer to the help, not shown inside it
+    with pytest.raises(SystemExit):
+        train_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--epochs EPOCHS length of the schedule (220: the paper's) (default: 220)", "--seed SEED",
+                   "--momentum MOMENTUM SGD momentum (default: 0.9)"):
+        assert option in text  # every option says what it does and its default
