@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from captum.robust import FGSM, PGD
 
+from .corruptions import NOISE_BLOCK
 from .csc import override
 from .utils import check_eval_mode
 
@@ -31,10 +32,37 @@ class _NormalizedGradientStep(FGSM):
                      for x, g, m in zip(inputs, grads, masks))
 
 
+START_BLOCK = NOISE_BLOCK  # images per random-start draw, as for the corruptions' noise
+
+
+def _unit_ball_points(n: int, shape: tuple[int, ...], norm: str, gen: torch.Generator) -> torch.Tensor:
+    """n points drawn uniformly from the unit ball of `norm` (on the CPU, from `gen`), each of `shape`."""
+    if norm == "Linf":
+        return torch.rand(n, *shape, generator=gen) * 2 - 1
+    u = torch.randn(n, *shape, generator=gen).flatten(1)
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    r = torch.rand(n, 1, generator=gen) ** (1.0 / u.shape[1])
+    return (r * u).view(n, *shape)
+
+
+def start_points(first: int, count: int, shape: tuple[int, ...], norm: str, seed: int, restart: int) -> torch.Tensor:
+    """The random starts (in the unit ball) of images first..first+count-1 of a split: drawn per block of
+    START_BLOCK images from the seed (seed, block's first image, restart), so an image gets the same start whatever
+    the batches it is attacked in (they were drawn per batch: --batch-size changed the robust accuracy)."""
+    out = []
+    for block in range(first - first % START_BLOCK, first + count, START_BLOCK):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block * 101 + restart)
+        points = _unit_ball_points(START_BLOCK, shape, norm, gen)
+        lo, hi = max(first, block) - block, min(first + count, block + START_BLOCK) - block
+        out.append(points[lo:hi])
+    return torch.cat(out)
+
+
 class _PGD(PGD):
     """captum's PGD, untargeted cross-entropy, inputs kept in [0, 1]; for L2 the normalised-gradient
-    step and a random start that works on (N, C, H, W) batches (captum 0.9's L2 start does not broadcast
-    its per-example radius and draws it on the CPU)."""
+    step. The random start is `self.start` (unit-ball points, one per example, from `start_points`), scaled by
+    the radius: captum draws it from the global generator per call, and its L2 start does not broadcast its
+    per-example radius on (N, C, H, W) batches."""
 
     def __init__(self, forward, norm: str):
         if norm not in NORMS:
@@ -43,14 +71,10 @@ class _PGD(PGD):
         super().__init__(forward, loss_func=loss, lower_bound=0.0, upper_bound=1.0)
         if norm == "L2":
             self.fgsm = _NormalizedGradientStep(forward, loss)
+        self.start: torch.Tensor | None = None
 
     def _random_point(self, center, radius, norm, mask):
-        if norm != "L2":
-            return super()._random_point(center, radius, norm, mask)
-        u = torch.randn_like(center).flatten(1)
-        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        r = torch.rand(len(u), 1, device=center.device) ** (1.0 / u.shape[1]) * radius
-        return center + (r * u).view_as(center) * mask
+        return center + (radius * self.start.to(center.device, center.dtype)).view_as(center) * mask
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str, radius: float, steps: int,
@@ -61,7 +85,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str,
     The model runs at `lam` in every forward of the attack: what `sdnet.override(lam=...)` takes (a
     float for every CSC layer, {layer: lambda} for some, None for the trained lambda). Over
     `restarts`, an example keeps the first perturbation that fools the model, else the last one.
-    The noise of the batch starting at image i is seeded with (seed, i, restart).
+    Each image's random start depends on the seed, its index in `images` and the restart, not on `batch_size`
+    (`start_points`).
     """
     check_eval_mode(model, "an attack")
     if not radius > 0 or not step_size > 0 or int(steps) < 1 or int(restarts) < 1:
@@ -79,9 +104,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str,
         x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         best, done = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=device)
         for r in range(restarts):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            attack.start = start_points(i, len(x), tuple(x.shape[1:]), norm, seed, r)
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
-                torch.manual_seed(seed * 1_000_003 + i * 101 + r)
                 adv = attack.perturb(x, radius=radius, step_size=step_size, step_num=steps, target=y,
                                      random_start=True, norm=norm)
             with torch.no_grad():

@@ -122,6 +122,25 @@ def test_pgd_stays_in_the_ball_in_pixel_range_and_runs_at_the_given_lambda(setup
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_pgd_gives_each_image_its_own_start_whatever_the_batches(setup):
+    """The random start was drawn per batch (seeded by the batch's first index): --batch-size changed the attack."""
+    model, _ = sdnet.load_checkpoint(setup[0] / "sd.pt")
+    x, y = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(7) % 10
+    for norm, radius in (("Linf", 8 / 255), ("L2", 0.5)):
+        whole = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=3, batch_size=7)
+        pieces = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=3, batch_size=3)
+        torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+        other = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=4, batch_size=7)
+        assert not torch.allclose(other, whole)
+    # the starts themselves: uniform in the ball, the same for an image in any slice of the split
+    points = attacks.start_points(240, 20, (3, 4, 4), "L2", seed=0, restart=0)  # spans two blocks of 250
+    assert points.flatten(1).norm(dim=1).max() <= 1 + 1e-6
+    torch.testing.assert_close(points[5:15], attacks.start_points(245, 10, (3, 4, 4), "L2", seed=0, restart=0))
+    inf = attacks.start_points(0, 500, (3, 4, 4), "Linf", seed=0, restart=1)
+    assert inf.abs().max() <= 1 and abs(float(inf.mean())) < 0.02 and float(inf.abs().mean()) == pytest.approx(0.5, abs=0.02)
+    assert not torch.equal(inf, attacks.start_points(0, 500, (3, 4, 4), "Linf", seed=0, restart=0))
+
+
 def test_fit_then_eval_end_to_end(setup, tmp_path):
     root, tree = setup
     fits, out = _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8")
