@@ -97,10 +97,10 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             # the λ path tab draws its three charts for this image, the slider's λ marked on them
             page.get_by_role("tab", name="λ path").click()
             page.get_by_text("Prediction along λ:").wait_for()
-            charts = page.locator(".st-key-path_probs_chart, .st-key-path_residual_chart, .st-key-path_sparsity_chart")
-            charts.first.locator(".main-svg").first.wait_for()
-            assert charts.count() == 3
-            assert charts.first.get_by_text("λ=0.8").count() == 1  # the slider's line is labelled
+            for key in ("path_probs_chart", "path_residual_chart", "path_sparsity_chart"):
+                page.locator(f".st-key-{key} .main-svg").first.wait_for()
+            probs = page.locator(".st-key-path_probs_chart")
+            assert probs.get_by_text("λ=0.8").count() == 1  # the slider's line is labelled
             page.screenshot(path=str(ARTIFACTS / "app-lam-path.png"))
         finally:
             browser.close()
