@@ -30,6 +30,8 @@ device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)
 clean, image_info = panels.image_sidebar(loaded.input_size)
 corruption = panels.corruption_sidebar()
+if clean is None:  # no usable upload, said on the page; the noise controls stay in the sidebar
+    st.stop()
 image = state.corrupted(clean, corruption["kind"], corruption["severity"], corruption["seed"] or 0)
 
 st.markdown(f"**{loaded.title}** from `{loaded.path.name}` on **{state.device_label(device)}**")

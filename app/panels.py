@@ -145,8 +145,9 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
 
 # --- sidebar: image and corruption ---------------------------------------------------------------
 
-def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The clean model input (3, size, size) and where it came from (stops on a bad upload)."""
+def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The clean model input (3, size, size) and where it came from; None (the message said) when there is no
+    usable upload: the caller draws the rest of the sidebar, then stops."""
     sb = st.sidebar
     sb.header("Image")
     source = sb.radio("Source", ["Sample", "Upload"], horizontal=True, key="source")
@@ -167,13 +168,13 @@ def image_sidebar(size: int) -> tuple[np.ndarray, dict[str, Any]]:
                           help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
     if up is None:
         st.info("Upload an image in the sidebar (PNG, JPEG, WebP, BMP, GIF, TIFF), or pick a sample.")
-        st.stop()
+        return None, {}
     try:
         clean, notes, file_hash, osize, omode = state.upload_image(up.getvalue(), size)
     except images.ImageError as e:
         st.error(f"Cannot use {_code(up.name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
-        st.stop()
+        return None, {}
     return clean, dict(source=f"upload:{up.name}", file_sha256=file_hash, original_size=list(osize),
                        original_mode=omode, notes=notes)
 
@@ -193,7 +194,12 @@ def corruption_sidebar() -> dict[str, Any]:
         _default(f"level_{kind}", default)
         severity = sb.slider("Level c" + (" (smaller is noisier)" if kind == "shot" else ""), lo, hi, step=step,
                              key=f"level_{kind}", format="%g")
-    seed = int(sb.number_input("Seed", 0, 2 ** 31 - 1, key="seed"))
+    # no bounds on the widget: it showed a typed -3 while the page went on with the last seed in range, unsaid
+    _default("seed", 0)
+    typed = int(sb.number_input("Seed", step=1, key="seed"))
+    seed = min(max(typed, 0), 2 ** 31 - 1)
+    if seed != typed:
+        sb.warning(f"Seed {typed} is outside 0 to 2147483647: using {seed}.")
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
 
@@ -390,6 +396,9 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     elif seen and not min(seen) <= r <= max(seen):
         st.caption(f"r = {r:.3f} is outside the residuals the fit was made on ({min(seen):.3f}-{max(seen):.3f}): "
                    "λ is extrapolated (then clipped to the fit's λ range).")
+    if fit["slope"] <= 0:  # Algorithm 1 rests on a best λ that grows with the noise (and so with r)
+        st.caption(f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data "
+                   f"the best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
@@ -417,7 +426,9 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
     left, right = st.columns([3, 2])
     with right:
         _default("topk", min(5, len(classes)))
-        k = st.slider("Top-k classes", 1, len(classes), key="topk")
+        k = st.slider("Top-k classes of each prediction", 1, len(classes), key="topk",
+                      help="The chart shows the k most likely classes of every prediction compared, so it can list "
+                           "more than k classes.")
     with right, st.container(key="prediction_summary"):
         # short headers: the column is two fifths of the page, and a markdown table does not wrap (700 px windows)
         lines = ["| | class | prob. |", "|---|---|---|"]
@@ -561,7 +572,7 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                           "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
     st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}"}),
-                 hide_index=True, height=min(36 * (len(table) + 1) + 3, 650))  # every layer, not 5 of 17
+                 hide_index=True, height=min(35 * (len(table) + 1) + 3, 650))  # every layer (35 px rows), not 5 of 17
     c1, c2 = st.columns([2, 1])
     c1.selectbox("Layer", names, key="layer")
     rec = state.layer_record(cur, view.layer)
@@ -609,11 +620,14 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
-    runs = state.path_segments(lams, top)
-    spans = [f"**{classes[c]}** " + (f"up to {b:g}" if i == 0 and len(runs) > 1 else f"from {a:g}" if i == len(runs) - 1
-                                     and len(runs) > 1 else "throughout" if len(runs) == 1 else
-                                     f"{a:g}" if a == b else f"{a:g}-{b:g}")
+    live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts
+    runs = state.path_segments(lams[live], top[live])
+    last = len(runs) - 1 if cut is None else len(runs)  # a run reaching the cut ends there, not "from ..." on
+    spans = [f"**{classes[c]}** " + ("throughout" if i == 0 and i == last else f"up to {b:g}" if i == 0 else
+                                     f"from {a:g}" if i == last else f"{a:g}" if a == b else f"{a:g}-{b:g}")
              for i, (c, a, b) in enumerate(runs)]
+    if cut is not None:
+        spans.append(f"from {cut:g} the image is cut off (**{classes[int(top[-1])]}** for any input)")
     st.markdown("Prediction along λ: " + " · ".join(spans))
     if cut is not None:
         st.caption(f"Shaded, from λ={cut:g}: a CSC code is all zero, cutting the image off, so the prediction there is "
@@ -756,7 +770,7 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
                f"channel; {strongest}, strongest first.")
     pos = {c: i for i, c in enumerate(view.atom_order)}
-    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({scores[c]:+.2g})" for c in top], ncols=8,
+    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({'0' if scores[c] == 0 else f'{scores[c]:+.2g}'})" for c in top], ncols=8,
                        height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
 
 

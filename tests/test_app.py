@@ -434,6 +434,9 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     rows = [r.split(",") for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
     first = header.index("rel_residual_conv1")
     assert len({r[first] for r in rows}) == 1 and len({r[first + 1] for r in rows}) > 1
+    # from the λ where a code goes all zero the headline says the image is cut off, not a class
+    headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
+    assert "the image is cut off" in headline and "for any input" in headline  # λ 10 zeroes a code here
     # every layer held: no path, said so
     at.session_state["lam_layers"] = list(at.session_state["view"].probe["layers"][i]["name"] for i in range(17))
     at.run()
@@ -503,6 +506,8 @@ def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(
     sample = at.selectbox(key="sample").value
     at.radio(key="source").set_value("Upload").run()
     at.file_uploader(key="upload").set_value(("x.png", b"not an image", "image/png")).run()
+    # the noise controls stay in the sidebar while the upload is refused (the whole section vanished)
+    assert at.selectbox(key="noise").value == "shot" and at.slider(key="severity").value == 5
     at.radio(key="source").set_value("Sample").run()
     ok(at)
     assert at.selectbox(key="sample").value == sample
@@ -511,6 +516,11 @@ def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(
     at.selectbox(key="noise").set_value("none").run()
     at.selectbox(key="noise").set_value("gaussian").run()
     assert at.slider(key="severity").value == 5  # not back at 3
+    # a seed out of range is said and clamped (the box showed -3 while the page used the last seed in range)
+    at.number_input(key="seed").set_value(-3).run()
+    ok(at)
+    assert at.session_state["view"].settings["corruption"]["seed"] == 0
+    assert any("Seed -3 is outside 0 to 2147483647: using 0." in w.value for w in at.sidebar.warning)
 
 
 def test_file_names_are_shown_as_text_not_markdown(app):
@@ -658,6 +668,19 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     # the fit follows the sidebar's noise; one made on another noise, or far from the image's residual, says so
     at.selectbox(key="noise").set_value("shot").run()
     assert any("The image has shot noise; this fit was made on gaussian noise." in c.value for c in at.caption)
+    assert not any("does not grow with the residual" in c.value for c in at.caption)  # slope 2
+
+
+def test_auto_lambda_says_when_its_fit_does_not_grow_with_the_residual(app, checkpoint_dir, tmp_path, monkeypatch):
+    """The shipped card's speckle fit has slope -2.35: Auto λ fell as the noise grew, with nothing said."""
+    fit = {"slope": -2.35, "intercept": 1.2, "lam_range": [0.1, 1.5],
+           "points": [{"level": c, "residual": r, "lam": lam} for c, r, lam in ((0.06, 0.3, 0.5), (0.2, 0.4, 0.3))]}
+    path = _with_card(checkpoint_dir, tmp_path / "down", robust_fit={"speckle": fit})
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(path.parent))
+    at = app(noise="speckle")
+    ok(at)
+    assert any("does not grow with the residual (slope -2.35)" in c.value and "no recommendation" in c.value
+               for c in at.caption), [c.value for c in at.caption]
 
 
 def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_dir, tmp_path, monkeypatch):
