@@ -57,8 +57,9 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
 def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], title: str, ytitle: str,
                  percent: bool = False) -> go.Figure:
     """One line per setting of a per-layer quantity, layers in forward order on the x axis."""
+    # the trained λ dashed: at the trained λ the two lines coincide and the current one hid under it
     lines = [dict(type="scatter", x=list(names), y=np.asarray(values, dtype=float), mode="lines+markers", name=label,
-                  line=dict(color=COLORS.get(color, color)),
+                  line=dict(color=COLORS.get(color, color), dash="dash" if color == "trained" else "solid"),
                   hovertemplate="%{x}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
              for label, color, values in series]
     return _figure(lines, 300, title, xaxis=dict(tickangle=-45),
