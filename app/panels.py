@@ -432,9 +432,10 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
     with right, st.container(key="prediction_summary"):
         # short headers: the column is two fifths of the page, and a markdown table does not wrap (700 px windows)
         lines = ["| | class | prob. |", "|---|---|---|"]
-        for label, _, p in series:
+        for label, color, p in series:
             i = int(np.argmax(p))
-            lines.append(f"| {label} | **{classes[i]}** | {p[i]:.1%} |")
+            # the baseline's file is in the chart's legend: its name overflowed the table at 800 px
+            lines.append(f"| {'ResNet baseline' if color == 'resnet' else label} | **{classes[i]}** | {p[i]:.1%} |")
         st.markdown("\n".join(lines))
         if cur["layers"]:
             dead = sum(r["input_zero"] for r in cur["layers"])
