@@ -352,7 +352,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     if not fits:
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
         st.caption("Needs the λ-vs-residual fit of Algorithm 1 on the model card; make it with "
-                   f"`{state.FIT_HINT.format(checkpoint=loaded.path)}`")
+                   f"`{state.FIT_HINT.format(checkpoint=loaded.path, stem=loaded.path.stem)}`")
         return
     kinds = list(fits)
     _default("fit_noise", ctx.corruption["kind"] if ctx.corruption["kind"] in kinds else kinds[0])
@@ -372,7 +372,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     except KeyError as err:  # a stale or hand-edited card
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
         st.caption(f"The {noise} fit on the model card does not match this model ({err.args[0]}); refit it with "
-                   f"`{state.FIT_HINT.format(checkpoint=loaded.path)}`")
+                   f"`{state.FIT_HINT.format(checkpoint=loaded.path, stem=loaded.path.stem)}`")
         return
     except ValueError as err:  # every layer the fit reads was fed zeros
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
@@ -618,7 +618,8 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     cut = _cut_off_from(ctx, path)
     where = ("every CSC layer" if not held else
              f"{len(path['swept'])} of {len(path['layer_names'])} CSC layers (the others keep their own λ)")
-    st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
+    st.caption(f"The slider's λ in {where}, at {len(lams)} values from {lams[0]:g} to {lams[-1]:g} (its grid and the "
+               "trained λ), "
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
     live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts

@@ -74,10 +74,11 @@ PATH_COLORS = {"mean": "#222222", "first": "#17becf"}
 
 def _lam_marks(current: float, trained: float, silent_from: float | None, top: float) -> tuple[list, list]:
     """Vertical lines at the current and the trained λ, and a grey band from the λ where a code goes all zero."""
+    # a λ of 0 (a model trained without sparsity, or the slider at it) is off the log axis: not marked
     shapes = [dict(type="line", x0=v, x1=v, y0=0, y1=1, yref="paper", line=dict(color=COLORS[key], dash=dash, width=2))
-              for v, key, dash in ((trained, "trained", "dot"), (current, "current", "dash"))]
+              for v, key, dash in ((trained, "trained", "dot"), (current, "current", "dash")) if v > 0]
     notes = [dict(x=math.log10(current), y=1.0, yref="paper", text=f"λ={current:g}", showarrow=False,
-                  xanchor="left", yanchor="top", font=dict(color=COLORS["current"], size=11))]
+                  xanchor="left", yanchor="top", font=dict(color=COLORS["current"], size=11))] if current > 0 else []
     if silent_from is not None:
         shapes.insert(0, dict(type="rect", x0=silent_from, x1=top, y0=0, y1=1, yref="paper", line_width=0,
                               fillcolor="rgba(127,127,127,0.15)", layer="below"))

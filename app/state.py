@@ -56,7 +56,8 @@ def train_hint(folder: Path) -> str:
     return _TRAIN_HINT.format(folder=shlex.quote(shown))
 
 
-FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10"
+# its own --out: the default, reports/, holds the shipped models' reports, which robust will not overwrite unasked
+FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10 --out reports/{stem}"
 CORRUPTIONS = ("none", *sdnet.corruptions.KINDS)
 # Continuous noise levels offered per kind: (min, max, default, step); for shot, smaller is noisier.
 LEVELS = {"gaussian": (0.005, 0.4, 0.08, 0.005), "shot": (5.0, 1000.0, 100.0, 5.0),
@@ -309,7 +310,7 @@ def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple
     swept = [n for n in names if n not in held_lams]
     if not swept:
         return None
-    trained = sorted({m.lam for _, m in sdnet.csc_layers(_model)})
+    trained = sorted({m.lam for _, m in sdnet.csc_layers(_model) if m.lam > 0})  # λ 0 has no place on a log axis
     inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(_model))
     with sdnet.override(lam=held_lams or None, n_steps=as_override(n_steps)):
         path = sdnet.lam_path(_model, inp, sorted(set(LAM_GRID) | set(trained)), layers=swept)

@@ -490,7 +490,8 @@ def cmd_fit(args, argv) -> dict:
         sys.exit(f"error: the model card {card_path(args.checkpoint)} already holds fits for {', '.join(replaced)}"
                  + (f" (on {_join(sorted(made))} training images)" if None not in made else "")
                  + ": pass --overwrite to replace them, or fit other --noise")
-    report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data", "robust-fit")
+    report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data",
+                        "robust-fit" + _suffix(kinds))  # one noise at a time: a report each, as eval's
     report.field("settings", f"levels {_join(levels)} (CIFAR-10-C severities; a float is the level c itself); "
                              f"λ grid {_join(lams)}; n_steps {args.n_steps or 'trained'}")
     fits = {}
@@ -503,9 +504,9 @@ def cmd_fit(args, argv) -> dict:
     if replaced:
         print(f"note: replacing the card's {', '.join(replaced)} fit(s), made in other layers", file=sys.stderr)
         report.field("replaced", f"the card's earlier {', '.join(replaced)} fit(s), made with λ changed in other layers")
-    card = update_card(args.checkpoint, robust_fit={**ctx.fits, **fits})
+    merged = {**ctx.fits, **fits}  # written to the card last, after the report: Ctrl-C before then leaves it as it was
     report.field("saved to", f"model card `{Path(args.checkpoint).with_suffix('.json')}`, key \"robust_fit\" "
-                             f"(now holds {', '.join(card['robust_fit'])})")
+                             f"(now holds {', '.join(merged)})")
     report.add("r_c is the mean relative residual ||x - A(z)|| / ||x|| (over the images, and the layers λ is changed "
                "in) at the trained λ; λ_c the λ of the grid with the best training accuracy (the smallest on ties); "
                "the line is "
@@ -525,9 +526,10 @@ def cmd_fit(args, argv) -> dict:
         f"- {k}: λ_c = {_join(p['lam'] for p in f['points'])}: "
         f"{_trend([p['lam'] for p in f['points']])}"
         for k, f in fits.items()))
-    report.figure(figure_lambda_vs_residual(fits), "fig3-lambda-vs-residual",
+    report.figure(figure_lambda_vs_residual(fits), "fig3-lambda-vs-residual" + _suffix(kinds),
                   "Figure 3 (training data): (r_c, λ_c) and the fitted line")
     path = report.write({"fits": fits})
+    update_card(args.checkpoint, robust_fit=merged)
     print(f"wrote {path} and the fits to {Path(args.checkpoint).with_suffix('.json')}")
     return fits
 
@@ -931,7 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     lams_help = "λ grid: start:stop:step or a comma list (default 0.1:1.5:0.1)"
     p = _subcommand(sub, "fit", cmd_fit, "Algorithm 1 on the training split: fit λ(r) per noise, save it on the card",
                     "training images (default: all)")
-    p.add_argument("--noise", type=parse_kinds, default=KINDS, help="gaussian, shot, speckle, impulse, a comma list or all (default)")
+    p.add_argument("--noise", type=parse_kinds, default=KINDS,
+                   help="gaussian, shot, speckle, impulse, a comma list or all (default; a subset names the report "
+                        "robust-fit-<noises>)")
     p.add_argument("--levels", type=parse_levels, default=SEVERITIES, help="the set C: severities 1..5 or float levels (default 1,2,3,4,5)")
     p.add_argument("--lams", type=parse_lams, default=DEFAULT_LAMS, help=lams_help)
 
@@ -997,8 +1001,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args, argv)
-    except KeyboardInterrupt:  # Ctrl-C: reports and cards are written at the end, atomically
-        print("\ninterrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: the report's .md and the card are written last, atomically
+        print("\ninterrupted; the report and the card are as they were (a figure may have been rewritten)",
+              file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         torch.set_num_threads(threads)

@@ -437,6 +437,10 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     # from the λ where a code goes all zero the headline says the image is cut off, not a class
     headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
     assert "the image is cut off" in headline and "for any input" in headline  # λ 10 zeroes a code here
+    # a model trained at λ 0 (train --lam 0 is allowed), or the slider at 0: nothing marked at log10(0), no crash
+    from app import plots
+    fig = plots.lam_path_probs(np.array([0.001, 0.1]), np.full((2, 10), 0.1), view.classes, [0], 0.0, 0.0, None)
+    assert not fig.layout.shapes and not fig.layout.annotations
     # every layer held: no path, said so
     at.session_state["lam_layers"] = list(at.session_state["view"].probe["layers"][i]["name"] for i in range(17))
     at.run()

@@ -197,29 +197,39 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
-def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path):
+def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch, capsys):
     """The README's commands write where the shipped reports and cards are: a second run stops before its work and
-    keeps them, saying what made them; --overwrite replaces them."""
+    keeps them, saying what made them; --overwrite replaces them. One noise at a time gets a report each."""
     root, tree = setup
     ck = _copied_checkpoints(root, tmp_path / "ck")
     out = tmp_path / "out"
     base = ["--checkpoint", str(ck / "sd.pt"), "--data", str(tree), "--out", str(out), *FAST]
     fit = ["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian", *base]
     robust.main(fit)
-    card, report = (ck / "sd.json").read_text(), (out / "robust-fit.md").read_text()
+    card, report = (ck / "sd.json").read_text(), (out / "robust-fit-gaussian.md").read_text()
     with pytest.raises(SystemExit, match=r"already holds fits for gaussian \(on 9 training images\): pass --overwrite"):
         robust.main([*fit, "--subset", "2"])
-    robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "shot", *base[:-len(FAST) - 2],
-                 "--out", str(tmp_path / "out2"), *FAST])  # another noise: added beside the first
+    robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "shot", *base])  # beside the first
     assert set(sdnet.load_card(ck / "sd.pt")["robust_fit"]) == {"gaussian", "shot"}
+    assert (out / "robust-fit-shot.md").exists() and (out / "robust-fit-gaussian.md").read_text() == report
     card = (ck / "sd.json").read_text()
-    with pytest.raises(SystemExit, match=re.escape(f"{out / 'robust-fit.md'} exists (made by `python -m sdnet.robust "
-                                                   "fit --levels 1,5") + ".*pass --overwrite"):
+    (out / "robust-fit-speckle.md").write_text("# a report\n\nRegenerate with:\n\n```bash\n"
+                                              "python -m sdnet.robust fit --noise speckle --checkpoint other.pt\n```\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{out / 'robust-fit-speckle.md'} exists (made by `python -m "
+                                                   "sdnet.robust fit --noise speckle --checkpoint other.pt`)")
+                       + ".*pass --overwrite"):
         robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "speckle", *base])
-    assert (ck / "sd.json").read_text() == card and (out / "robust-fit.md").read_text() == report
+    assert (ck / "sd.json").read_text() == card
+    # Ctrl-C during the report (its figures take seconds): the card is written last, so it is as it was
+    monkeypatch.setattr(robust.Report, "figure", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as info:
+        robust.main([*fit, "--subset", "2", "--overwrite"])
+    assert info.value.code == 130 and "the report and the card are as they were" in capsys.readouterr().err
+    assert (ck / "sd.json").read_text() == card and (out / "robust-fit-gaussian.md").read_text() == report
+    monkeypatch.undo()
     robust.main([*fit, "--subset", "2", "--overwrite"])
     assert sdnet.load_card(ck / "sd.pt")["robust_fit"]["gaussian"]["n_images"] == 2
-    assert "--overwrite" in (out / "robust-fit.md").read_text()
+    assert "--overwrite" in (out / "robust-fit-gaussian.md").read_text()
 
 
 def test_refusals_before_any_work(setup, tmp_path, capsys):
