@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from captum.robust import FGSM, PGD
 
-from .corruptions import NOISE_BLOCK
+from .corruptions import NOISE_BLOCK, drawn_per_block
 from .csc import override
 from .utils import check_eval_mode
 
@@ -45,17 +45,15 @@ def _unit_ball_points(n: int, shape: tuple[int, ...], norm: str, gen: torch.Gene
     return (r * u).view(n, *shape)
 
 
-def start_points(first: int, count: int, shape: tuple[int, ...], norm: str, seed: int, restart: int) -> torch.Tensor:
+def start_points(first: int, count: int, shape: tuple[int, ...], norm: str, seed: int, restart: int,
+                 cache: dict | None = None) -> torch.Tensor:
     """The random starts (in the unit ball) of images first..first+count-1 of a split: drawn per block of
     START_BLOCK images from the seed (seed, block's first image, restart), so an image gets the same start whatever
-    the batches it is attacked in (they were drawn per batch: --batch-size changed the robust accuracy)."""
-    out = []
-    for block in range(first - first % START_BLOCK, first + count, START_BLOCK):
+    the batches it is attacked in (they were drawn per batch: --batch-size could change the robust accuracy)."""
+    def draw(block: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + block * 101 + restart)
-        points = _unit_ball_points(START_BLOCK, shape, norm, gen)
-        lo, hi = max(first, block) - block, min(first + count, block + START_BLOCK) - block
-        out.append(points[lo:hi])
-    return torch.cat(out)
+        return _unit_ball_points(START_BLOCK, shape, norm, gen)
+    return drawn_per_block(first, first + count, draw, cache)
 
 
 class _PGD(PGD):
@@ -99,12 +97,13 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: str,
             return model(x)
 
     attack = _PGD(forward, norm)
+    caches = [{} for _ in range(restarts)]  # the last block of starts drawn, per restart (small batches reuse it)
     out = []
     for i in range(0, len(images), batch_size):
         x, y = images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         best, done = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=device)
         for r in range(restarts):
-            attack.start = start_points(i, len(x), tuple(x.shape[1:]), norm, seed, r)
+            attack.start = start_points(i, len(x), tuple(x.shape[1:]), norm, seed, r, caches[r])
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
                 adv = attack.perturb(x, radius=radius, step_size=step_size, step_num=steps, target=y,

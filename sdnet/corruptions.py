@@ -74,6 +74,22 @@ def corrupt(images: torch.Tensor, kind: str, severity: int | float, seed: int | 
 NOISE_BLOCK = 250  # images per noise draw of a split (see corrupt_range)
 
 
+def drawn_per_block(start: int, stop: int, draw, cache: dict | None = None) -> torch.Tensor:
+    """Rows start..stop of a split's random draws made per block of NOISE_BLOCK rows: `draw(first)` makes the whole
+    block that begins at row `first`, so a row's draw does not depend on how the split is batched. A batch covering
+    part of a block draws the whole block; a `cache` dict keeps the last block, so small batches do not redraw it."""
+    parts = []
+    for first in range(start - start % NOISE_BLOCK, stop, NOISE_BLOCK):
+        if cache is not None and cache.get("first") == first:
+            block = cache["block"]
+        else:
+            block = draw(first)
+            if cache is not None:
+                cache.update(first=first, block=block)
+        parts.append(block[max(start - first, 0):stop - first])
+    return torch.cat(parts)
+
+
 def corrupt_range(images: torch.Tensor, start: int, stop: int, kind: str, severity: int | float, seed: int = 0,
                   device: torch.device | str | None = None, cache: dict | None = None) -> torch.Tensor:
     """Images start..stop of a split `images` (floats in [0, 1], or uint8 0..255, divided here), corrupted: each
@@ -81,21 +97,16 @@ def corrupt_range(images: torch.Tensor, start: int, stop: int, kind: str, severi
     index, so an image's noise does not depend on how the split is batched (it did on --batch-size: 62.8% against
     63.6% accuracy for batches of 250 and 7 with the code of 55b6195, `python -m sdnet.evaluate --checkpoint
     checkpoints/sdnet18_all-w16-e40.pt --subset 500 --corruption gaussian --severity 5 --batch-size 7`; 62.8% at both
-    now). A batch that covers part of a block draws the whole block's noise;
-    a `cache` dict (one per split and setting) keeps the last block drawn, so small batches do not draw it again."""
-    parts = []
-    for first in range(start - start % NOISE_BLOCK, stop, NOISE_BLOCK):
-        if cache is not None and cache.get("first") == first:
-            noisy = cache["block"]
-        else:
-            block = images[first:first + NOISE_BLOCK].to(device)
-            if not block.is_floating_point():
-                block = block.float().div_(255)
-            noisy = corrupt(block, kind, severity, seed=seed * 1_000_003 + first)
-            if cache is not None:
-                cache.update(first=first, block=noisy)
-        parts.append(noisy[max(start - first, 0):stop - first])
-    return torch.cat(parts) if parts else images[start:stop].to(device).float()
+    now). `cache`: a dict per split and setting (see drawn_per_block)."""
+    if start >= stop:
+        return images[start:stop].to(device).float()
+
+    def draw(first: int) -> torch.Tensor:
+        block = images[first:first + NOISE_BLOCK].to(device)
+        if not block.is_floating_point():
+            block = block.float().div_(255)
+        return corrupt(block, kind, severity, seed=seed * 1_000_003 + first)
+    return drawn_per_block(start, stop, draw, cache)
 
 
 def parse_severity(text: str | int | float) -> int | float:
