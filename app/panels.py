@@ -447,9 +447,7 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         _chart(plots.predictions(classes, series, k), key="pred_chart")
     silent = [r["name"] for r in cur["layers"] if not np.any(r["z"])]
     if silent:
-        # the first CSC layer (the stem) has no shortcut around it, and without shortcuts any all-zero code cuts the
-        # image off from everything after it
-        if silent[0] == ctx.loaded.layer_names[0] or not ctx.loaded.meta["config"].get("shortcut", True):
+        if _cuts_off(ctx.loaded, silent):
             effect = (f"from {silent[0]} on nothing depends on the image, so this prediction is the same for any "
                       "input")
         else:
@@ -588,13 +586,16 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
 
 
+def _cuts_off(loaded: state.Loaded, silent: list[str]) -> bool:
+    """Whether all-zero codes in the CSC layers `silent` (in forward order) cut the image off from the prediction:
+    the first layer (the stem) has no shortcut around it, and without shortcuts any all-zero code cuts it off."""
+    return bool(silent) and (silent[0] == loaded.layer_names[0] or not loaded.meta["config"].get("shortcut", True))
+
+
 def _cut_off_from(ctx: Context, path: dict) -> float | None:
-    """The smallest λ of the path from which the prediction no longer depends on the image at every larger λ: an
-    all-zero code in the first CSC layer, or in any layer of a model without shortcuts (as predictions_panel says)."""
-    silent = path["sparsity"] >= 1.0
-    if ctx.loaded.meta["config"].get("shortcut", True):
-        silent = silent[:, :1]
-    cut = silent.any(1)
+    """The smallest λ of the path from which the prediction no longer depends on the image at every larger λ."""
+    names = path["layer_names"]
+    cut = np.array([_cuts_off(ctx.loaded, [n for n, zero in zip(names, row) if zero]) for row in path["sparsity"] >= 1.0])
     if not cut[-1]:
         return None
     i = len(cut) - 1
