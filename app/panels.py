@@ -515,8 +515,10 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
                            target if fresh else None)
     held = _held(lam)
+    extra = tuple(st.session_state.get("lam_extra", []))
     path_csv = None if len(held) == len(names) else (
-        lambda: state.lam_path_csv(state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps), loaded.classes))
+        lambda: state.lam_path_csv(state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps, extra),
+                                   loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
                       attributions=attrs, atom_scores=atom_scores, more_pngs=more, lam_path_csv=path_csv)
@@ -607,8 +609,9 @@ def _cut_off_from(ctx: Context, path: dict) -> float | None:
 def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSpec) -> None:
     loaded, cur = ctx.loaded, view.probe
     held = _held(lam)
-    with st.spinner("Following λ..."):
-        path = state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps)
+    with st.spinner("Following λ..."):  # on the slider's values, an Auto λ it offers among them
+        path = state.lam_path(loaded.model, loaded.key, ctx.image, held, n_steps,
+                              tuple(st.session_state.get("lam_extra", [])))
     if path is None:
         st.info("Every CSC layer has its own λ (Per-layer λ), so the slider moves none and there is no path to "
                 "follow: take a layer out of that list.")
@@ -619,8 +622,7 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     cut = _cut_off_from(ctx, path)
     where = ("every CSC layer" if not held else
              f"{len(path['swept'])} of {len(path['layer_names'])} CSC layers (the others keep their own λ)")
-    st.caption(f"The slider's λ in {where}, at {len(lams)} values from {lams[0]:g} to {lams[-1]:g} (its grid and the "
-               "trained λ), "
+    st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
     live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts

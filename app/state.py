@@ -301,10 +301,11 @@ def explain_atoms(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: L
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple[tuple[str, float], ...],
-             n_steps: StepsSpec) -> dict[str, Any] | None:
-    """The prediction and every CSC layer's relative residual and sparsity along the slider's grid (LAM_GRID and
-    the trained lambdas): the grid's lambda in every layer but the `held` ones, which keep their own (the per-layer
-    lambdas). One forward per lambda (sdnet.lam_path). None when every layer is held: the slider moves none."""
+             n_steps: StepsSpec, extra: tuple[float, ...] = ()) -> dict[str, Any] | None:
+    """The prediction and every CSC layer's relative residual and sparsity along the slider's values (LAM_GRID, the
+    trained lambdas and `extra`, an Auto λ the slider offers): that lambda in every layer but the `held` ones, which
+    keep their own (the per-layer lambdas). One forward per lambda (sdnet.lam_path). None when every layer is held:
+    the slider moves none."""
     names = [n for n, _ in sdnet.csc_layers(_model)]
     held_lams = dict(held)
     swept = [n for n in names if n not in held_lams]
@@ -313,7 +314,8 @@ def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple
     trained = sorted({m.lam for _, m in sdnet.csc_layers(_model) if m.lam > 0})  # λ 0 has no place on a log axis
     inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(_model))
     with sdnet.override(lam=held_lams or None, n_steps=as_override(n_steps)):
-        path = sdnet.lam_path(_model, inp, sorted(set(LAM_GRID) | set(trained)), layers=swept)
+        grid = sorted(set(LAM_GRID) | set(trained) | {float(v) for v in extra if v > 0})
+        path = sdnet.lam_path(_model, inp, grid, layers=swept)
     return dict(lams=np.array(path.lams), layer_names=names, swept=swept,
                 probs=path.probs[:, 0].cpu().numpy(), rel_residual=path.rel_residual[:, :, 0].cpu().numpy(),
                 sparsity=path.sparsity[:, :, 0].cpu().numpy(),

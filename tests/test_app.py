@@ -426,6 +426,10 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     assert at_trained[1] == view.classes[int(np.argmax(view.probe["probs"]))]
     # the segments of the text are the CSV's predictions
     assert all(r[1] in page for r in rows)
+    # an Auto λ the slider offers (it adds its value to the slider) is on the path too
+    at.session_state["lam_extra"] = [0.161]
+    at.run()
+    assert 0.161 in [float(r.split(",")[0]) for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
     # a layer with its own λ keeps it along the path: its residual is the same in every row
     at.session_state["lam_layers"] = ["conv1"]
     at.session_state["lam_layer:conv1"] = 0.5
