@@ -253,6 +253,9 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
+_OPEN_REPORTS: list["Report"] = []  # this process's reports, whose staged figures an interrupt discards
+
+
 class Report:
     """One Markdown report (header: command, checkpoint, data, seed, machine, wall time), its numbers as
     JSON and its figures, written atomically to --out."""
@@ -265,6 +268,14 @@ class Report:
         self.t0, self.started = time.perf_counter(), _dt.datetime.now().astimezone()
         self.fields: list[tuple[str, str]] = []
         self.sections: list[str] = []
+        self.staged: list[tuple[Path, Path]] = []  # figures written under hidden names, moved in place by write()
+        _OPEN_REPORTS.append(self)
+
+    def discard(self) -> None:
+        """Remove the staged figures of a report that will not be written (an interrupted run)."""
+        for tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+        self.staged.clear()
 
     def field(self, name: str, value: str) -> None:
         self.fields.append((name, value))
@@ -273,18 +284,21 @@ class Report:
         self.sections.append(text.strip("\n"))
 
     def figure(self, fig, stem: str, caption: str) -> None:
-        """Save a plotly figure as HTML, and as PNG through kaleido unless --no-png (a failure is noted)."""
+        """Stage a plotly figure as HTML, and as PNG through kaleido unless --no-png (a failure is noted); write()
+        moves them in place with the report, so an interrupted run leaves the old report and figures together."""
         self.out.mkdir(parents=True, exist_ok=True)
         stem += self.suffix
         html = self.out / f"{stem}.html"
-        atomic_write_text(html, fig.to_html(include_plotlyjs="cdn", full_html=True))
+        staged = html.with_name(f".{html.name}.staged.html")
+        staged.write_text(fig.to_html(include_plotlyjs="cdn", full_html=True))
+        self.staged.append((staged, html))
         links = f"Interactive: [{html.name}]({html.name})"
         if not self.args.no_png:
             png = self.out / f"{stem}.png"
             try:
-                tmp = png.with_name(f".{png.name}.tmp.png")
+                tmp = png.with_name(f".{png.name}.staged.png")
                 fig.write_image(str(tmp), width=1400, height=420)
-                os.replace(tmp, png)
+                self.staged.append((tmp, png))
                 links = f"![{caption}]({png.name})\n\n" + links
             except Exception as err:  # kaleido needs a Chrome; the HTML is the figure of record
                 links += f" (PNG export failed: {type(err).__name__})"
@@ -302,6 +316,9 @@ class Report:
                 md_table(["", ""], fields)]
         md = self.out / f"{self.stem}.md"
         self.out.mkdir(parents=True, exist_ok=True)
+        for staged, final in self.staged:
+            os.replace(staged, final)
+        self.staged.clear()
         atomic_write_text(md, "\n".join(head) + "\n\n" + "\n\n".join(self.sections) + "\n")
         meta = {"command": self.command, **dict(fields), "wall_seconds": round(wall, 1)}
         # strict JSON: a NaN (an accuracy over no image, a residual of all-zero inputs) is written as null
@@ -1001,11 +1018,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args, argv)
-    except KeyboardInterrupt:  # Ctrl-C: the report's .md and the card are written last, atomically
-        print("\ninterrupted; the report and the card are as they were (a figure may have been rewritten)",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: the report, its figures and the card are written last
+        print("\ninterrupted; the report, its figures and the card are as they were", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        for report in _OPEN_REPORTS:  # a report not written (interrupted, failed): no hidden staged figures left
+            report.discard()
+        _OPEN_REPORTS.clear()
         torch.set_num_threads(threads)
 
 

@@ -220,13 +220,22 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
                        + ".*pass --overwrite"):
         robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "speckle", *base])
     assert (ck / "sd.json").read_text() == card
-    # Ctrl-C during the report (its figures take seconds): the card is written last, so it is as it was
-    monkeypatch.setattr(robust.Report, "figure", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    # Ctrl-C once the figures are made, before the report is written: the report, its figures and the card are
+    # as they were (the figures were rewritten, the card too, before the report was), and nothing staged is left
+    figure_file = out / "fig3-lambda-vs-residual-gaussian.html"
+    figure = figure_file.read_text()
+    real_write = robust.Report.write
+
+    def interrupted(self, data):
+        assert self.staged  # the new figure exists, under its staged name
+        raise KeyboardInterrupt
+    monkeypatch.setattr(robust.Report, "write", interrupted)
     with pytest.raises(SystemExit) as info:
         robust.main([*fit, "--subset", "2", "--overwrite"])
-    assert info.value.code == 130 and "the report and the card are as they were" in capsys.readouterr().err
+    assert info.value.code == 130 and "the report, its figures and the card are as they were" in capsys.readouterr().err
     assert (ck / "sd.json").read_text() == card and (out / "robust-fit-gaussian.md").read_text() == report
-    monkeypatch.undo()
+    assert figure_file.read_text() == figure and not [f for f in out.iterdir() if f.name.startswith(".")]
+    monkeypatch.setattr(robust.Report, "write", real_write)
     robust.main([*fit, "--subset", "2", "--overwrite"])
     assert sdnet.load_card(ck / "sd.pt")["robust_fit"]["gaussian"]["n_images"] == 2
     assert "--overwrite" in (out / "robust-fit-gaussian.md").read_text()
