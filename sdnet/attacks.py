@@ -32,9 +32,6 @@ class _NormalizedGradientStep(FGSM):
                      for x, g, m in zip(inputs, grads, masks))
 
 
-START_BLOCK = NOISE_BLOCK  # images per random-start draw, as for the corruptions' noise
-
-
 def _unit_ball_points(n: int, shape: tuple[int, ...], norm: str, gen: torch.Generator) -> torch.Tensor:
     """n points drawn uniformly from the unit ball of `norm` (on the CPU, from `gen`), each of `shape`."""
     if norm == "Linf":
@@ -48,11 +45,11 @@ def _unit_ball_points(n: int, shape: tuple[int, ...], norm: str, gen: torch.Gene
 def start_points(first: int, count: int, shape: tuple[int, ...], norm: str, seed: int, restart: int,
                  cache: dict | None = None) -> torch.Tensor:
     """The random starts (in the unit ball) of images first..first+count-1 of a split: drawn per block of
-    START_BLOCK images from the seed (seed, block's first image, restart), so an image gets the same start whatever
-    the batches it is attacked in (they were drawn per batch: --batch-size could change the robust accuracy)."""
+    NOISE_BLOCK images (drawn_per_block, as the corruptions' noise) from the seed (seed, block's first image,
+    restart), so an image gets the same start whatever the batches it is attacked in."""
     def draw(block: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + block * 101 + restart)
-        return _unit_ball_points(START_BLOCK, shape, norm, gen)
+        return _unit_ball_points(NOISE_BLOCK, shape, norm, gen)
     return drawn_per_block(first, first + count, draw, cache)
 
 
