@@ -176,7 +176,9 @@ def keep_freed_memory() -> str:
     except (OSError, AttributeError):
         return "the C library's malloc, left as it is (libc not found)"
     if process_malloc != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
-        return f"another allocator replaces malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}), left as it is"
+        how = f"LD_PRELOAD={os.environ['LD_PRELOAD']}" if os.environ.get("LD_PRELOAD", "").strip() else \
+            "linked into the program"
+        return f"another allocator replaces malloc ({how}), left as it is"
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)

@@ -44,6 +44,9 @@ def test_freed_blocks_are_reused_without_page_faults():
     runs = {mode: json.loads(subprocess.run([sys.executable, "-c", PROBE, mode], env=env, check=True,
                                             capture_output=True, text=True).stdout.strip().splitlines()[-1])
             for mode in ("keep", "defaults", "wrong")}
+    if runs["keep"]["done"].startswith("another allocator"):  # a Python built with its own malloc (seen on a GPU machine)
+        assert runs["keep"]["done"].endswith("(linked into the program), left as it is"), runs
+        pytest.skip("this Python's malloc is not glibc's: " + runs["keep"]["done"])
     assert runs["keep"]["done"] == "glibc malloc, freed memory kept (mmap off)"
     assert runs["keep"]["faults"] < 1000, runs      # the freed block reused
     assert runs["defaults"]["faults"] > 10000, runs  # a fresh mapping: one fault per 4 KiB page (~32k)
