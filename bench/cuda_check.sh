@@ -4,10 +4,11 @@
 #    checkpoints run again on CUDA, training runs with bf16 and fp16 autocast, and the app's AppTest
 #    cases run on the GPU (the app picks CUDA when there is one).
 # 2. bench/train_throughput.py at the paper's width: fp32 (the setting), bf16 autocast (what
-#    `python -m sdnet.train` does on CUDA by default) and bf16 with channels-last.
-#    And fp32 with the step-size refresh the library had before the Lanczos one (`--refresh power`): what a
-#    valid step size costs on the GPU, measured in the same call.
-# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 480 s, so each fits a
+#    `python -m sdnet.train` does on CUDA by default), fp32 without the refresh's CUDA graphs (`--no-cuda-graphs`)
+#    and fp32 with the step-size refresh the library had before the Lanczos one (`--refresh power`): what the
+#    graphs save and what a valid step size costs, measured in the same call. Then bench/step_profile.py: where
+#    a step's time goes.
+# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 490 s, so each fits a
 # 10-minute call and both together may not. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
@@ -32,14 +33,16 @@ if [ "$PART" = all ] || [ "$PART" = tests ]; then
 fi
 [ "$PART" = all ] || [ "$PART" = bench ] || exit $FAILED
 
-run_bench() {  # name, flags...
-  local name=$1; shift
-  timeout 120 python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
+run_bench() {  # name, seconds, flags...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
     --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
-run_bench fp32
-run_bench fp32-power-refresh --refresh power
-run_bench bf16 --amp bf16
-run_bench bf16-channels-last --amp bf16 --channels-last
+run_bench fp32 120
+run_bench bf16 100 --no-memory --amp bf16
+run_bench fp32-no-graphs 100 --no-memory --no-cuda-graphs
+run_bench fp32-power-refresh 100 --no-memory --refresh power
+timeout 70 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
+grep -A3 "^## " "$OUT/step-profile.txt"
 exit $FAILED

@@ -17,7 +17,7 @@ Input is one fixed random batch, so no data loading is timed.
   --keep-freed-memory` does (`sdnet.utils.keep_freed_memory`); the report names the allocator.
 - Step-size cost: for the models with CSC layers, `sdnet.refresh_step_sizes` is timed on its own and
   given as a fraction of the whole step, with the number of A^T A passes it made (layers of one
-  shape share a pass, as grouped convolutions).
+  shape share a pass, as grouped convolutions; on CUDA the passes replayed as CUDA graphs count too).
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refresh", choices=["lanczos", "power"], default="lanczos",
                    help="the step-size refresh: the library's (Lanczos, random mix 3) or the one before it (power "
                         "iteration, random mix 0.3), to put a number on what the valid step size costs")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the refresh's products one kernel at a time, not replayed as CUDA graphs (the "
+                        "library's way before; to put a number on what the graphs save)")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -126,19 +129,24 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def count_calls(module, attr: str):
-    """Count the calls of module.attr inside the block (here: products A^T A v = conv_transpose2d calls)."""
-    real, calls = getattr(module, attr), [0]
+def count_products():
+    """Count the refresh's products A^T A v inside the block: one per group of layers (a grouped convolution pair)
+    per product, those replayed in CUDA graphs included."""
+    calls, real = [0], {cls: cls.extend for cls in (sdnet.csc._Lanczos, sdnet.csc._Power)}
 
-    def counted(*a, **k):
-        calls[0] += 1
-        return real(*a, **k)
+    def counting(cls):
+        def extend(self, n):
+            calls[0] += n * (len(getattr(self, "parts", [None])) - len(getattr(self, "settled", ())))
+            return real[cls](self, n)
+        return extend
 
-    setattr(module, attr, counted)
+    for cls in real:
+        cls.extend = counting(cls)
     try:
         yield calls
     finally:
-        setattr(module, attr, real)
+        for cls, extend in real.items():
+            cls.extend = extend
 
 
 def measure_throughput(trainers: dict[str, Trainer], args, device) -> dict[str, list[float]]:
@@ -167,7 +175,7 @@ def measure_step_size_cost(t: Trainer, args, device) -> dict:
         t.update()
         sync(device)
         t1 = time.perf_counter()
-        with count_calls(F, "conv_transpose2d") as calls:
+        with count_products() as calls:
             t.refresh_step_sizes()
         sync(device)
         refresh.append(time.perf_counter() - t1)
@@ -226,6 +234,8 @@ def measure_memory(name: str, args) -> dict:
         cmd.append("--keep-freed-memory")
     if args.channels_last:
         cmd.append("--channels-last")
+    if args.no_cuda_graphs:
+        cmd.append("--no-cuda-graphs")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -283,12 +293,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
-    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
+    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._CUDA_GRAPHS
     sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
+    sdnet.csc._CUDA_GRAPHS = not args.no_cuda_graphs
     try:
         return run(args, argv, allocator)
     finally:
-        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = rule  # set back for a caller in the same process
+        sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._CUDA_GRAPHS = rule  # set back for a caller in this process
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None) -> dict | None:
@@ -321,6 +332,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
               "environment": env, "results": results,
               "targets": evaluate_targets(results, args.models[0])}
     refresh = "Lanczos, mix 3" if args.refresh == "lanczos" else "power iteration, mix 0.3"
+    if device.type == "cuda" and args.refresh == "lanczos":
+        refresh += ", without CUDA graphs" if args.no_cuda_graphs else ", its products replayed as CUDA graphs"
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

@@ -12,6 +12,8 @@ import contextvars
 import copy
 import math
 import threading
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -256,6 +258,7 @@ class CSCLayer(nn.Module):
             # carried over only if current by content too: a move must not launder a write the counter missed
             current = self.step_size_is_current() and self._content_unchanged()
             self._other_sizes = {}  # other sizes' step sizes are estimated again where the weights now are
+            _KEPT.pop(self, None)  # buffers on the old device
             out = super()._apply(fn, *args, **kwargs)
             if current:
                 dev = self.weight.device
@@ -399,17 +402,39 @@ def check_override_names(layer_names: set[str]) -> None:
 
 
 # --- the step size of many layers at once ----------------------------------------------------
-def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]):
-    """v -> A^T A v for layers of one geometry at once (grouped convolutions), v of shape (G, M, h, w)."""
-    first, n = layers[0], len(layers)
-    w = torch.cat([layer.weight.detach().float() for layer in layers]) if n > 1 else first.weight.detach().float()
-    out_pad = first._out_pad(spatial, first._code_shape(spatial)[-2:])
+class _NormalOperator:
+    """v -> A^T A v for layers of one geometry at once (grouped convolutions), v of shape (G, M, h, w).
 
-    def apply(v: torch.Tensor) -> torch.Tensor:
+    It reads the dictionaries as they are; a `static` one reads a copy of its own, brought up to date by `load()`,
+    so that a CUDA graph captured over its products (`_Lanczos`) reads the current weights at a fixed address.
+    (It holds its layers weakly: a kept state must not keep its layers alive, see `_KEPT`.)"""
+
+    def __init__(self, layers: list[CSCLayer], spatial: tuple[int, int], static: bool = False):
+        first = layers[0]
+        self.layers, self.static, self.w = [weakref.ref(layer) for layer in layers], static, None
+        self.stride, self.padding = first.stride, first.padding
+        self.out_pad = first._out_pad(spatial, first._code_shape(spatial)[-2:])
+        self.load()
+
+    def load(self) -> None:
+        weights = [ref().weight.detach().float() for ref in self.layers]
+        if not self.static:
+            self.w = torch.cat(weights) if len(weights) > 1 else weights[0]
+        elif self.w is None:
+            self.w = torch.cat(weights)  # a copy, for one layer too
+        else:
+            torch.cat(weights, out=self.w)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
         flat = v.reshape(1, -1, *v.shape[-2:])
-        x = F.conv_transpose2d(flat, w, stride=first.stride, padding=first.padding, output_padding=out_pad, groups=n)
-        return F.conv2d(x, w, stride=first.stride, padding=first.padding, groups=n).view_as(v)
-    return apply
+        x = F.conv_transpose2d(flat, self.w, stride=self.stride, padding=self.padding, output_padding=self.out_pad,
+                               groups=len(self.layers))
+        return F.conv2d(x, self.w, stride=self.stride, padding=self.padding, groups=len(self.layers)).view_as(v)
+
+
+def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]) -> _NormalOperator:
+    """The refresh's operator A^T A for layers of one geometry (tests and benchmarks wrap this to count products)."""
+    return _NormalOperator(layers, spatial)
 
 
 class _Power:
@@ -447,7 +472,7 @@ class _Lanczos:
     eigenvalues are close together (early training), and like it approaches ||A||^2 from below.
 
     The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling, and each product is a
-    short fixed sequence of batched kernels (on a GPU the refresh is likely launch-bound: bench/README.md): no
+    short fixed sequence of batched kernels (on a GPU the refresh is launch-bound: bench/README.md): no
     re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart.
 
     `parts` are (operator, start rows) pairs, one per group of layers; the rows of all parts are stacked, each
@@ -455,31 +480,75 @@ class _Lanczos:
     the bookkeeping of a product is one sequence of kernels for all of them: on a GPU, groups of several
     geometries share a state for fewer launches (bench/launch_count.py counts them)."""
 
-    def __init__(self, parts: list[tuple]):
+    def __init__(self, parts: list[tuple], capacity: int = 1, most: int | None = None):
         self.parts = [(apply, v.shape) for apply, v in parts]
         n = max(v[0].numel() for _, v in parts)
         first = parts[0][1]
-        self.Q = first.new_zeros(sum(len(v) for _, v in parts), 1, n)
+        rows = sum(len(v) for _, v in parts)
+        self.Q = first.new_zeros(rows, capacity, n)
+        self.alpha, self.beta = first.new_zeros(rows, capacity), first.new_zeros(rows, capacity)  # T, per product
+        # the products of a shared state, written into one zero-padded buffer
+        self.out = self.Q.new_zeros(rows, 1, n) if len(parts) > 1 else None
+        self.graphs: dict | None = None  # CUDA graphs of `extend`, when kept across refreshes (_kept_state)
+        self.most = most  # basis vectors it will ever need, if known: it grows no further
+        self.restart([v for _, v in parts])
+
+    def restart(self, starts: list[torch.Tensor]) -> None:
+        """Begin again from these start rows (one tensor per part, of its shape), the buffers kept."""
+        self.Q[:, 0].zero_()
         row = 0
-        for _, v in parts:
+        for v in starts:
             self.Q[row:row + len(v), 0, :v[0].numel()] = v.flatten(1)
             row += len(v)
-        # the products of a shared state, written into one zero-padded buffer
-        self.out = self.Q.new_zeros(self.Q.shape[0], 1, n) if len(parts) > 1 else None
         self.settled: set[int] = set()  # parts that stopped rising: no more products, their rows of `out` zero
         self.size = 1                                                     # basis vectors in use
-        self.alpha: list[torch.Tensor] = []
-        self.beta: list[torch.Tensor] = []
         self.tridiagonal: torch.Tensor | None = None
 
     def _reserve(self, n: int) -> None:
         if self.size + n > self.Q.shape[1]:
-            grown = self.Q.new_empty(self.Q.shape[0], max(self.size + n, 2 * self.Q.shape[1]), self.Q.shape[2])
-            grown[:, :self.size] = self.Q[:, :self.size]
-            self.Q = grown
+            grown = max(self.size + n, min(2 * self.Q.shape[1], self.most or 2 * self.Q.shape[1]))
+            self.Q = torch.cat([self.Q[:, :self.size], self.Q.new_empty(self.Q.shape[0], grown - self.size, self.Q.shape[2])], 1)
+            self.alpha, self.beta = (torch.cat([t, t.new_zeros(t.shape[0], grown - t.shape[1])], 1)
+                                     for t in (self.alpha, self.beta))
+            if self.graphs:
+                self.graphs.clear()  # they read the old buffers
 
     def extend(self, n: int) -> None:
+        """n more products. With `graphs` (CUDA): the first time a (start, n, settled parts) comes up its
+        products run as they are, which warms cuDNN and cuBLAS up; the second time they are captured in a CUDA
+        graph, and from then on replayed in one launch (a GPU refresh is launch-bound: bench/README.md)."""
         self._reserve(n)
+        if self.graphs is None:
+            return self._extend(n)
+        key = (self.size, n, frozenset(self.settled))
+        graph = self.graphs.get(key)
+        if graph is None:
+            self.graphs[key] = False
+            return self._extend(n)
+        if graph is False:
+            graph = self.graphs[key] = self._capture(n)
+            if graph is None:
+                return self._extend(n)
+        graph.replay()
+        self.size += n
+
+    def _capture(self, n: int):
+        """A CUDA graph of n products from here (None, and graphs off for this state, if CUDA refuses one)."""
+        size = self.size
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graphs.setdefault("pool", torch.cuda.graph_pool_handle()),
+                                  capture_error_mode="thread_local"):
+                self._extend(n)
+            return graph
+        except RuntimeError as exc:
+            warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
+            self.graphs = None
+            return None
+        finally:
+            self.size = size
+
+    def _extend(self, n: int) -> None:
         for _ in range(n):
             j = self.size
             Q = self.Q[:, :j]                                             # (G, j, n), a view
@@ -487,7 +556,7 @@ class _Lanczos:
             w_norm = w.norm(dim=2).squeeze(1)
             # Twice is enough (Kahan-Parlett) to keep the basis orthonormal in float32: w <- w - (w Q^T) Q.
             h = w @ Q.mT                                                  # (G, 1, j)
-            self.alpha.append(h[:, 0, j - 1])                              # q^T w: the new diagonal entry of T
+            self.alpha[:, j - 1] = h[:, 0, j - 1]                         # q^T w: the new diagonal entry of T
             w = torch.baddbmm(w, h, Q, alpha=-1)
             w = torch.baddbmm(w, w @ Q.mT, Q, alpha=-1).squeeze(1)
             b = w.norm(dim=1)
@@ -495,7 +564,7 @@ class _Lanczos:
             # after the projection is rounding (~1e-7 of ||A^T A q|| in float32), so add nothing, and no
             # coupling to the zero rows that follow. (Written in few kernels, each one a launch on a GPU.)
             grows = b * 1e4 > w_norm
-            self.beta.append(b * grows)
+            torch.mul(b, grows, out=self.beta[:, j - 1])
             torch.mul(w, (grows / b.clamp_min(1e-30)).unsqueeze(1), out=self.Q[:, j])
             self.size = j + 1
 
@@ -524,12 +593,12 @@ class _Lanczos:
                 self.settled.add(k)
                 if self.out is not None:
                     self.out[row:row + shape[0]].zero_()
-                    self.beta[-1][row:row + shape[0]] = 0
+                    self.beta[row:row + shape[0], self.size - 2] = 0
             row += shape[0]
         return len(self.settled) < len(self.parts)
 
     def device_values(self) -> list[torch.Tensor]:
-        return [torch.stack(self.alpha, 1), torch.stack(self.beta, 1)]
+        return [self.alpha[:, :self.size - 1], self.beta[:, :self.size - 1]]
 
     def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The largest Ritz value one product ago and now, per g, from `device_values()` on the host."""
@@ -579,6 +648,12 @@ _RITZ_KEEP = 1
 # (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
 # later first check can only raise the estimate (Ritz values grow with the space).
 _FIRST_CHECK = 6
+# Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
+# and whether CUDA replays their products as graphs (one launch for each run of products instead of ~20 a product).
+_KEPT_STATE_DEVICES = {"cuda"}
+_CUDA_GRAPHS = True
+_KEPT_CAPACITY = 16  # basis vectors a kept state starts with: 6 products, then 2 at a time, mostly 10-14 in all
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Devices where each layer refreshes on its own. Elsewhere (a GPU) layers of one geometry share grouped
 # convolutions, and groups whose codes are within 2x in length share one Lanczos state: fewer kernel launches.
 # On the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on this project's machine)
@@ -611,7 +686,34 @@ def _shared_states(starts: list[tuple]) -> list[list[int]]:
     return shared
 
 
-def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
+def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: list[torch.Tensor], most: int):
+    """The Lanczos state of these groups' last refresh, restarted from `starts` (None where states are not
+    kept: the CPU, the power iteration). Training refreshes the same layers after every optimizer step, so on a
+    GPU the state's buffers are kept, and with them the CUDA graphs of its products (`_Lanczos.extend`), which
+    read fixed addresses: the operators copy the dictionaries into buffers of their own (`_NormalOperator.load`).
+    Kept per first layer of the first group (`_KEPT`, dropped with the layer or when it moves). Its basis starts
+    with room for `_KEPT_CAPACITY` vectors, which most refreshes need no more than, and grows as it must, to the
+    `most` a refresh can use (its graphs then captured again): kept, the basis adds to a training step's memory."""
+    device = starts[0].device
+    if _METHOD != "lanczos" or device.type not in _KEPT_STATE_DEVICES:
+        return None
+    key = tuple((spatial, tuple(map(id, layers))) for spatial, layers in groups)
+    kept = _KEPT.setdefault(groups[0][1][0], {})
+    state = kept.get(key)
+    if state is None:
+        kept.clear()  # the layers' grouping changed (it rarely does): one state per first layer
+        operators = [_NormalOperator(layers, spatial, static=True) for spatial, layers in groups]
+        state = kept[key] = _Lanczos(list(zip(operators, starts)), min(_KEPT_CAPACITY, most), most)
+        if device.type == "cuda" and _CUDA_GRAPHS:
+            state.graphs = {}
+        return state
+    for apply, _ in state.parts:
+        apply.load()
+    state.restart(starts)
+    return state
+
+
+def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bool = False) -> None:
     """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
 
     After a small change (a late optimizer step) the old top eigenvector is still close and a few products
@@ -619,7 +721,9 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
     load_state_dict, in-place edits) it is not, the estimate is still rising and can be far below ||A||^2
     (measured: 0.2x in the second step of sdnet18_all at lr 0.1 with power iteration), so FISTA's step would be
     too long and diverge: iterate on while it rises.
-    That check reads the estimates on the host, one sync for all groups together. Call under _POWER_LOCK."""
+    That check reads the estimates on the host, one sync for all groups together. With `kept` (training's
+    refresh_step_sizes), a GPU keeps each Lanczos state for the next refresh of the same layers (`_kept_state`).
+    Call under _POWER_LOCK."""
     starts = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
     keys = [[layer._cache_key(spatial) for layer in layers] for spatial, layers in groups]
@@ -644,9 +748,12 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]]) -> None:
         shared = _shared_states(starts)
         states = []
         for members in shared:
-            state = _estimator([starts[i] for i in members])
-            state.extend(max(max(groups[i][1][0].power_iters for i in members),
-                             _FIRST_CHECK if _METHOD == "lanczos" else 0))
+            first_check = max(max(groups[i][1][0].power_iters for i in members),
+                              _FIRST_CHECK if _METHOD == "lanczos" else 0)
+            state = _kept_state([groups[i] for i in members], [starts[i][1] for i in members], first_check + 31) \
+                if kept else None
+            state = state or _estimator([starts[i] for i in members])
+            state.extend(first_check)
             states.append(state)
         # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on as
         # a whole: on the GPU the others ride along in the same grouped convolutions. Groups that share a state
@@ -709,7 +816,9 @@ def refresh_step_sizes(model: nn.Module) -> None:
     geometry iterate together as grouped convolutions, groups with codes of similar length share one Lanczos
     state (fewer kernel launches: bench/launch_count.py), and the does-it-still-rise check is one host sync for
     the model, not one per layer: on an H200 that made a width-64 SDNet-18-All training step 1.2-1.3x as fast
-    (bench/README.md), the refresh's many small launches and syncs being a third of the step.
+    (bench/README.md), the refresh's many small launches and syncs being a third of the step. There, too, each
+    state's runs of products are captured as CUDA graphs the second time they come up and replayed from then on
+    (`_kept_state`, `_Lanczos.extend`): SDNet-18 and SDNet-18-All trained 1.3x and 1.4x as fast again.
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
@@ -732,7 +841,7 @@ def refresh_step_sizes(model: nn.Module) -> None:
                         id(layer) if layer.weight.device.type in _UNGROUPED_DEVICES else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
         if groups:
-            _warm_refresh(list(groups.values()))
+            _warm_refresh(list(groups.values()), kept=True)
 
 
 def normalize_atoms_(weight: torch.Tensor) -> torch.Tensor:

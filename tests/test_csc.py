@@ -554,6 +554,72 @@ def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
         assert L == pytest.approx(alone._lipschitz.item(), rel=0.05), name
 
 
+def _train_and_refresh(model, x, steps: int) -> list[list[float]]:
+    """A few SGD steps at lr 0.1, each followed by projection and refresh_step_sizes: every step's step sizes."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        project_dictionaries(model)
+        sdnet.refresh_step_sizes(model)
+        seen.append([layer._lipschitz.item() for _, layer in sdnet.csc_layers(model)])
+    return seen
+
+
+def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
+    """Training's refresh on a GPU keeps each shared Lanczos state (its buffers, the dictionaries' copies) from one
+    optimizer step to the next: run here the GPU's way, it gives the step sizes that fresh states give, step
+    after step, reuses one state per group, and lets go of it with the model."""
+    import gc
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    fresh = copy.deepcopy(model)
+    x = smooth_images(4, size=16)
+    model(x), fresh(x)  # the first (cold) estimates
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
+    expected = _train_and_refresh(fresh, x, 4)
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 8)  # room for the first 6 products: the bases grow in the refresh
+    made = []
+    real = csc._Lanczos.__init__
+    monkeypatch.setattr(csc._Lanczos, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    got = _train_and_refresh(model, x, 4)
+    assert len(made) < 8 and len(csc._KEPT) == len(made)  # states made in the first refresh only, then kept
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a == pytest.approx(b, rel=1e-5), step
+    states = [state for kept in csc._KEPT.values() for state in kept.values()]
+    assert all(state.graphs is None for state in states)  # CUDA only
+    assert max(state.Q.shape[1] for state in states) > 8 and all(state.Q.shape[1] <= state.most for state in states)
+    del model
+    gc.collect()
+    assert len(csc._KEPT) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
+    """On CUDA, training's refresh replays each state's products as CUDA graphs (captured the second time a run
+    of products comes up): step after step, the step sizes of the same refresh run eagerly."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=8).cuda()
+    eager = copy.deepcopy(model)
+    x = smooth_images(4, size=16).cuda()
+    model(x), eager(x)
+    csc._CUDA_GRAPHS = False
+    try:
+        expected = _train_and_refresh(eager, x, 5)
+    finally:
+        csc._CUDA_GRAPHS = True
+    got = _train_and_refresh(model, x, 5)
+    graphs = [g for kept in csc._KEPT.values() for state in kept.values() for g in (state.graphs or {}).values()
+              if isinstance(g, torch.cuda.CUDAGraph)]
+    assert graphs, "no CUDA graph was captured"
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a == pytest.approx(b, rel=1e-4), step
+
+
 def test_lanczos_estimate_never_exceeds_the_certified_circulant_bound():
     """bench/circulant_bound.py: the DFT bound (an upper bound of ||A||^2 by construction, no shared code with
     the estimate) lies above the library's Lanczos estimate in every layer, strides 1 and 2."""
@@ -596,7 +662,9 @@ def test_lanczos_basis_grows_and_stays_orthonormal(device):
 
 def test_channels_last_models_solve_and_refresh(device):
     """A channels-last model (python -m sdnet.train --channels-last) gets channels-last codes from its
-    convolutions, in the step-size estimate too: the same step sizes and codes as a contiguous one."""
+    convolutions, in the step-size estimate too: the same step sizes and codes as a contiguous one. (TF32 off:
+    with it cuDNN rounds the two layouts' convolutions differently, 4e-3 apart on an H200.)"""
+    torch.backends.cudnn.allow_tf32 = False  # set back by conftest's _restore_tf32_flags
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4).to(device)
     other = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -677,6 +745,17 @@ def test_cold_estimate_benchmark_runs(capsys):
     out = capsys.readouterr().out
     assert total > 0 and out.count("| layer") == 16 + 1  # 16 block layers + the header row
     assert "| conv1 | 3->2, 3x3, stride 1 | 16x16 |" in out and "| layer4.1.conv2 | 16->16, 3x3, stride 1 | 2x2 |" in out
+
+
+def test_step_profile_names_the_update_and_the_refresh(capsys):
+    """bench/step_profile.py in miniature: each model's profiled steps, with the update's and the refresh's host
+    time apart (no refresh row for a model without CSC layers)."""
+    bench_module("step_profile").main(["--models", "resnet18", "sdnet18", "--width", "2", "--batch", "2", "--size", "8",
+                                       "--steps", "1", "--warmup", "1", "--top", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    resnet, sdnet18 = out.split("## resnet18")[1].split("## sdnet18")
+    assert "- update: host" in resnet and "refresh_step_sizes" not in resnet.split("---")[0]
+    assert "- update: host" in sdnet18 and "- refresh_step_sizes: host" in sdnet18
 
 
 def test_train_throughput_benchmark_runs(monkeypatch):
