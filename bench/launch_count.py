@@ -45,14 +45,45 @@ class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
+        self.muted = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out]))
                    if isinstance(t, torch.Tensor)]
-        if not func.is_view and func not in METADATA_ONLY and not any(t.dtype == torch.float64 for t in tensors):
+        if not self.muted and not func.is_view and func not in METADATA_ONLY and \
+                not any(t.dtype == torch.float64 for t in tensors):
             self.ops[func.overloadpacket.__name__] += 1
         return out
+
+
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """The source's parameters into the target's, in place: every dictionary changed, its step size to refresh
+    (load_state_dict would drop the step sizes instead)."""
+    with torch.no_grad():
+        for a, b in zip(target.parameters(), source.parameters()):
+            a.copy_(b)
+
+
+@contextlib.contextmanager
+def products_as_graphs(counter: CountOps):
+    """The refresh as training runs it on a GPU now: Lanczos states kept from step to step (`csc._kept_state`), and
+    each run of products (`_Lanczos._extend`) one launch, as a replayed CUDA graph is (products counted apart)."""
+    real, kept = csc._Lanczos._extend, set(csc._KEPT_STATE_DEVICES)
+
+    def extend(self, n):
+        counter.muted = True
+        try:
+            real(self, n)
+        finally:
+            counter.muted = False
+        counter.ops["graph replay"] += 1
+        counter.ops["product (in a graph)"] += n * (len(self.parts) - len(self.settled))
+    csc._Lanczos._extend, csc._KEPT_STATE_DEVICES = extend, {"cpu"}
+    try:
+        yield
+    finally:
+        csc._Lanczos._extend, csc._KEPT_STATE_DEVICES = real, kept
 
 
 def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
@@ -67,7 +98,12 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
         trainer.opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=True)
         for _ in range(args.warmup):
             trainer.step()
-        update, refresh, products, unshared = [], [], [], []
+        # a twin whose refresh keeps its states, as a GPU's does: its first refresh makes them, uncounted
+        kept_twin = copy.deepcopy(trainer.model)
+        with CountOps() as counted, products_as_graphs(counted):
+            copy_weights(trainer.model, kept_twin)
+            sdnet.refresh_step_sizes(kept_twin)
+        update, refresh, products, unshared, graphs = [], [], [], [], []
         for _ in range(args.steps):
             with CountOps() as counted:
                 trainer.update()
@@ -77,6 +113,11 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
                 with alone(), CountOps() as counted:
                     sdnet.refresh_step_sizes(twin)
                 unshared.append(sum(counted.ops.values()))
+            if grouping == "gpu":  # the same refresh on the same weights, its products as CUDA graphs
+                copy_weights(trainer.model, kept_twin)
+                with CountOps() as counted, products_as_graphs(counted):
+                    sdnet.refresh_step_sizes(kept_twin)
+                graphs.append(sum(counted.ops.values()) - counted.ops["product (in a graph)"])
             with CountOps() as counted:
                 trainer.refresh_step_sizes()
             refresh.append(sum(counted.ops.values()))
@@ -84,7 +125,8 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
     finally:
         csc._UNGROUPED_DEVICES = library
     return dict(model=model, grouping=grouping, update=statistics.median(update), refresh=statistics.median(refresh),
-                products=statistics.median(products), unshared=statistics.median(unshared) if unshared else None)
+                products=statistics.median(products), unshared=statistics.median(unshared) if unshared else None,
+                graphs=statistics.median(graphs) if graphs else None)
 
 
 @contextlib.contextmanager
@@ -122,7 +164,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
           f"median of {args.steps} steps after {args.warmup}\n")
     print("| model | ops per update | refresh, grouped as on | ops per refresh | A^T A products (grouped) "
-          "| refresh ops / update ops | ops per refresh, each group alone (same weights) |\n|---|---:|---|---:|---:|---:|---:|")
+          "| refresh ops / update ops | ops per refresh, each group alone (same weights) "
+          "| launches per refresh, its products replayed as CUDA graphs (a GPU's way now) |"
+          "\n|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["refresh"] == 0 and r["grouping"] == "gpu":
             continue  # no CSC layer: nothing to refresh, one row is enough
@@ -130,8 +174,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grouping = "-" if not r["refresh"] else ("the CPU (a layer per group)" if r["grouping"] == "cpu"
                                                  else "a GPU (one group per geometry)")
         alone_ops = "-" if r["unshared"] is None or not r["refresh"] else f"{r['unshared']:.0f}"
+        graphs = "-" if r["graphs"] is None or not r["refresh"] else f"{r['graphs']:.0f}"
         print(f"| {r['model']} | {r['update']:.0f} | {grouping} | {r['refresh']:.0f} | {r['products']:.0f} | {ratio} "
-              f"| {alone_ops} |")
+              f"| {alone_ops} | {graphs} |")
     return rows
 
 

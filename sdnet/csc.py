@@ -480,26 +480,30 @@ class _Lanczos:
     the bookkeeping of a product is one sequence of kernels for all of them: on a GPU, groups of several
     geometries share a state for fewer launches (bench/launch_count.py counts them)."""
 
-    def __init__(self, parts: list[tuple], capacity: int = 1, most: int | None = None):
+    def __init__(self, parts: list[tuple], capacity: int = 1, most: int | None = None,
+                 randoms: list[torch.Tensor] | None = None):
         self.parts = [(apply, v.shape) for apply, v in parts]
         n = max(v[0].numel() for _, v in parts)
         first = parts[0][1]
         rows = sum(len(v) for _, v in parts)
         self.Q = first.new_zeros(rows, capacity, n)
-        self.alpha, self.beta = first.new_zeros(rows, capacity), first.new_zeros(rows, capacity)  # T, per product
+        # T's entries, one column per product: alpha (diagonal) and beta (off it), in one buffer for one copy home
+        self.entries = first.new_zeros(2, rows, capacity)
+        self.alpha, self.beta = self.entries
         # the products of a shared state, written into one zero-padded buffer
         self.out = self.Q.new_zeros(rows, 1, n) if len(parts) > 1 else None
         self.graphs: dict | None = None  # CUDA graphs of `extend`, when kept across refreshes (_kept_state)
         self.most = most  # basis vectors it will ever need, if known: it grows no further
-        self.restart([v for _, v in parts])
+        self.restart([v for _, v in parts], randoms)
 
-    def restart(self, starts: list[torch.Tensor]) -> None:
-        """Begin again from these start rows (one tensor per part, of its shape), the buffers kept."""
-        self.Q[:, 0].zero_()
-        row = 0
-        for v in starts:
-            self.Q[row:row + len(v), 0, :v[0].numel()] = v.flatten(1)
-            row += len(v)
+    def restart(self, starts: list[torch.Tensor], randoms: list[torch.Tensor] | None = None) -> None:
+        """Begin again from these start rows (one tensor per part, of its shape), the buffers kept; with
+        `randoms` (as many rows, fresh normal draws), from the refresh's mix of the two (`_mix_start`), taken for
+        all parts at once on their stacked rows."""
+        q = self.Q[:, 0]
+        _stack_rows(q, starts)
+        if randoms is not None:  # (one part's draws are mixed where they are: they are the refresh's own)
+            _mix_start(q, randoms[0].flatten(1) if len(randoms) == 1 else _stack_rows(torch.empty_like(q), randoms))
         self.settled: set[int] = set()  # parts that stopped rising: no more products, their rows of `out` zero
         self.size = 1                                                     # basis vectors in use
         self.tridiagonal: torch.Tensor | None = None
@@ -508,8 +512,8 @@ class _Lanczos:
         if self.size + n > self.Q.shape[1]:
             grown = max(self.size + n, min(2 * self.Q.shape[1], self.most or 2 * self.Q.shape[1]))
             self.Q = torch.cat([self.Q[:, :self.size], self.Q.new_empty(self.Q.shape[0], grown - self.size, self.Q.shape[2])], 1)
-            self.alpha, self.beta = (torch.cat([t, t.new_zeros(t.shape[0], grown - t.shape[1])], 1)
-                                     for t in (self.alpha, self.beta))
+            self.entries = torch.cat([self.entries, self.entries.new_zeros(2, len(self.Q), grown - self.entries.shape[2])], 2)
+            self.alpha, self.beta = self.entries
             if self.graphs:
                 self.graphs.clear()  # they read the old buffers
 
@@ -598,11 +602,12 @@ class _Lanczos:
         return len(self.settled) < len(self.parts)
 
     def device_values(self) -> list[torch.Tensor]:
-        return [self.alpha[:, :self.size - 1], self.beta[:, :self.size - 1]]
+        return [self.entries]  # whole (contiguous: no copy on the device); `estimates` takes the products' columns
 
     def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The largest Ritz value one product ago and now, per g, from `device_values()` on the host."""
-        alpha, beta = host[0].double(), host[1][:, :-1].double()
+        entries = host[0][:, :, :self.size - 1].double()
+        alpha, beta = entries[0], entries[1][:, :-1]
         T = self.tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
         # "previous": one product fewer, the Krylov space one smaller (the leading block of T), as for _Power
         prev = torch.linalg.eigvalsh(T[:, :-1, :-1])[:, -1] if T.shape[1] > 1 else torch.zeros(T.shape[0])
@@ -627,7 +632,9 @@ def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every state's (previous, current) estimates, brought to the host in one transfer per device."""
     values = [state.device_values() for state in states]
     flat = [t for vals in values for t in vals]
-    if len({t.device for t in flat}) == 1:  # the usual case: one sync
+    if len(flat) == 1:
+        host = [flat[0].cpu()]
+    elif len({t.device for t in flat}) == 1:  # the usual case: one sync
         host = list(torch.cat([t.reshape(-1) for t in flat]).cpu().split([t.numel() for t in flat]))
     else:
         host = [t.reshape(-1).cpu() for t in flat]
@@ -661,12 +668,39 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNGROUPED_DEVICES = {"cpu"}
 
 
-def _estimator(parts: list[tuple]):
-    """The refresh's state for (operator, start rows) parts: Lanczos (parts may share it), or power iteration."""
+def _estimator(parts: list[tuple], randoms: list[torch.Tensor] | None = None):
+    """The refresh's state for (operator, start rows) parts: Lanczos (parts may share it), or power iteration.
+    With `randoms`, each part's start is its rows mixed with these (`_mix_start`)."""
     if _METHOD == "lanczos":
-        return _Lanczos(parts)
+        return _Lanczos(parts, randoms=randoms)
     (apply, v), = parts
+    if randoms is not None:
+        v = v.clone()
+        _mix_start(v.flatten(1), randoms[0].flatten(1).clone())
     return _Power(apply, v)
+
+
+def _stack_rows(out: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Each part's rows (flattened) one under the other in `out` (rows, n), zero-padded to n: `out`."""
+    if len(parts) == 1 and parts[0][0].numel() == out.shape[1]:  # nothing to pad: one copy (one launch)
+        return out.copy_(parts[0].flatten(1))
+    out.zero_()
+    row = 0
+    for v in parts:
+        out[row:row + len(v), :v[0].numel()] = v.flatten(1)
+        row += len(v)
+    return out
+
+
+def _mix_start(q: torch.Tensor, r: torch.Tensor) -> None:
+    """The warm refresh's start, in place on rows q (the old warm vectors): q/|q| + _POWER_MIX r/|r|, normalised,
+    r fresh normal draws (overwritten). Mostly a fresh random vector, the old top direction a hint: a vector
+    converged to the old top eigenvector has almost no weight on the new one after a large change, and a weak
+    mix (0.3) then stopped up to 21% under ||A||^2 (bench/step_size_validity.py). Rows may be zero-padded."""
+    q.div_(q.norm(dim=1, keepdim=True))
+    r_norm = r.norm(dim=1, keepdim=True)
+    q.add_(r.mul_(_POWER_MIX).div_(r_norm))
+    q.div_(q.norm(dim=1, keepdim=True))
 
 
 def _shared_states(starts: list[tuple]) -> list[list[int]]:
@@ -686,8 +720,9 @@ def _shared_states(starts: list[tuple]) -> list[list[int]]:
     return shared
 
 
-def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: list[torch.Tensor], most: int):
-    """The Lanczos state of these groups' last refresh, restarted from `starts` (None where states are not
+def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: list[torch.Tensor],
+                randoms: list[torch.Tensor], most: int):
+    """The Lanczos state of these groups' last refresh, restarted from `starts` mixed with `randoms` (None where states are not
     kept: the CPU, the power iteration). Training refreshes the same layers after every optimizer step, so on a
     GPU the state's buffers are kept, and with them the CUDA graphs of its products (`_Lanczos.extend`), which
     read fixed addresses: the operators copy the dictionaries into buffers of their own (`_NormalOperator.load`).
@@ -703,13 +738,13 @@ def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: li
     if state is None:
         kept.clear()  # the layers' grouping changed (it rarely does): one state per first layer
         operators = [_NormalOperator(layers, spatial, static=True) for spatial, layers in groups]
-        state = kept[key] = _Lanczos(list(zip(operators, starts)), min(_KEPT_CAPACITY, most), most)
+        state = kept[key] = _Lanczos(list(zip(operators, starts)), min(_KEPT_CAPACITY, most), most, randoms)
         if device.type == "cuda" and _CUDA_GRAPHS:
             state.graphs = {}
         return state
     for apply, _ in state.parts:
         apply.load()
-    state.restart(starts)
+    state.restart(starts, randoms)
     return state
 
 
@@ -727,32 +762,27 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
     starts = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
     keys = [[layer._cache_key(spatial) for layer in layers] for spatial, layers in groups]
-    prints = [_fingerprints(layers) for _, layers in groups]
+    prints = _fingerprints_by_device([layer for _, layers in groups for layer in layers])
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         for device_type in {layers[0].weight.device.type for _, layers in groups}:
             stack.enter_context(torch.autocast(device_type, enabled=False))
         for spatial, layers in groups:
             first = layers[0]
-            v = torch.cat([layer._power_vec.to(first.weight.device).float() for layer in layers])
-            v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            # Mostly a fresh random vector (weight _POWER_MIX against 1), the old top direction a hint: a vector
-            # converged to the old top eigenvector has almost no weight on the new one after a large change, and
-            # a weak mix (0.3) then stopped up to 21% under ||A||^2 (bench/step_size_validity.py). (Layers refreshed
-            # together share the draw's seed.)
+            vectors = [layer._power_vec.to(first.weight.device).float() for layer in layers]
+            v = vectors[0] if len(vectors) == 1 else torch.cat(vectors)
+            # the start's random part (`_mix_start`); layers refreshed together share the draw's seed
             gen = torch.Generator(device=first.weight.device).manual_seed(int(first._refreshes))
-            r = torch.randn(v.shape, generator=gen, device=first.weight.device)
-            v = v + _POWER_MIX * r / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            starts.append((_normal_operator(layers, spatial), v))
+            starts.append((spatial, v, torch.randn(v.shape, generator=gen, device=first.weight.device)))
         shared = _shared_states(starts)
         states = []
         for members in shared:
             first_check = max(max(groups[i][1][0].power_iters for i in members),
                               _FIRST_CHECK if _METHOD == "lanczos" else 0)
-            state = _kept_state([groups[i] for i in members], [starts[i][1] for i in members], first_check + 31) \
-                if kept else None
-            state = state or _estimator([starts[i] for i in members])
+            vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
+            state = _kept_state([groups[i] for i in members], vs, rs, first_check + 31) if kept else None
+            state = state or _estimator([(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)],
+                                        rs)
             state.extend(first_check)
             states.append(state)
         # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on as
@@ -770,14 +800,21 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
                 break
             for i in live:
                 states[i].extend(2)
+        # Each layer's L and warm vector: views of one tensor per state (a few launches per state, not per layer;
+        # the vectors are new tensors, not views of a kept state's basis, which the next refresh overwrites).
+        first_row = [0]
+        for _, layers in groups:
+            first_row.append(first_row[-1] + len(layers))
         for members, state, est in zip(shared, states, final):
             vectors, row = state.vectors(), 0
+            margins = [layer.power_margin for i in members for layer in groups[i][1]]
             est = est.to(vectors[0].device)  # one copy to the device per state, not one per layer
+            margin = margins[0] if len(set(margins)) == 1 else torch.tensor(margins, device=est.device)
+            L = (est * margin).clamp_min(1e-6)
             for i, v in zip(members, vectors):
                 for k, (layer, key) in enumerate(zip(groups[i][1], keys[i])):
-                    layer._power_vec = v[k:k + 1].clone()
-                    layer._lipschitz = (est[row + k] * layer.power_margin).clamp_min(1e-6)
-                    layer._lipschitz_key, layer._fingerprint = key, prints[i][k]
+                    layer._power_vec, layer._lipschitz = v[k:k + 1], L[row + k]
+                    layer._lipschitz_key, layer._fingerprint = key, prints[first_row[i] + k]
                     layer._refreshes += 1
                 row += len(v)
 
@@ -785,23 +822,40 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
 def _fingerprints(layers: list[CSCLayer]) -> torch.Tensor:
     """(len(layers), 2): the sum and the l1 norm of each dictionary (layers on one device), on that device. Writes
     that autograd's version counter does not see (through `.data`, fused optimizers) leave the cache key as it was
-    but change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Two cheap
-    reductions a layer, no host sync: 7 ms for SDNet-18-All's 11M weights at paper width on one CPU thread
+    but change these (not the l2 norm: projected atoms keep it); `refresh_step_sizes` compares them. Cheap
+    reductions, no host sync: 7 ms for SDNet-18-All's 11M weights at paper width on one CPU thread
     (bench/README.md)."""
     with torch.no_grad():
-        return torch.stack([torch.stack([layer.weight.sum(), torch.linalg.vector_norm(layer.weight, 1)]).float()
-                            for layer in layers])
+        weights = [layer.weight for layer in layers]
+        # the l1 norms in one multi-tensor kernel (a launch on a GPU), as torch's clip_grad_norm_ takes its norms
+        l1 = torch.stack(torch._foreach_norm(weights, 1))
+        return torch.stack([torch.stack([w.sum() for w in weights]), l1], 1).float()
+
+
+def _by_device(layers: list[CSCLayer]) -> list[list[int]]:
+    """The indices of `layers`, by the device of their weights."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, layer in enumerate(layers):
+        by_device.setdefault(layer.weight.device, []).append(i)
+    return list(by_device.values())
+
+
+def _fingerprints_by_device(layers: list[CSCLayer]) -> list[torch.Tensor]:
+    """Each layer's fingerprint, one `_fingerprints` call per device."""
+    prints: list = [None] * len(layers)
+    for idx in _by_device(layers):
+        for i, fingerprint in zip(idx, _fingerprints([layers[i] for i in idx])):
+            prints[i] = fingerprint
+    return prints
 
 
 def _changed_unseen(layers: list[CSCLayer]) -> set[int]:
     """Indices of `layers` (step sizes current by their cache key) whose dictionary changed anyway: one host
     sync per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, layer in enumerate(layers):
-        if layer._fingerprint is not None:
-            by_device.setdefault(layer.weight.device, []).append(i)
+    known = [i for i, layer in enumerate(layers) if layer._fingerprint is not None]
     changed = set()
-    for idx in by_device.values():
+    for idx in _by_device([layers[i] for i in known]):
+        idx = [known[i] for i in idx]
         now = _fingerprints([layers[i] for i in idx])
         stored = torch.stack([layers[i]._fingerprint.to(now.device) for i in idx])
         changed.update(i for i, c in zip(idx, (now != stored).any(1).tolist()) if c)

@@ -468,6 +468,22 @@ def test_a_group_refresh_is_each_layer_refreshed_alone(monkeypatch):
         assert L == pytest.approx(single.lipschitz(hw).item(), rel=1e-3)
 
 
+def test_a_group_of_layers_with_different_margins_gets_each_its_own(monkeypatch):
+    """Layers refreshed together (one state, the GPU's way) each get their estimate times their own power_margin."""
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    hw = (6, 6)
+    layers = [make_layer(3, 6, 3, 1, seed=s, power_margin=m) for s, m in ((1, 1.05), (2, 1.5))]
+    for layer in layers:
+        layer.lipschitz(hw)
+        with torch.no_grad():
+            layer.weight.mul_(1.1)
+    with csc._POWER_LOCK:
+        csc._warm_refresh([(hw, layers)])
+    for layer in layers:
+        top = _true_top(layer, hw)
+        assert layer._lipschitz.item() == pytest.approx(layer.power_margin * top, rel=2e-3)
+
+
 def test_the_lanczos_breakdown_guard_in_fewer_kernels_is_the_old_one():
     """The guard's rewrite (grows = b * 1e4 > w_norm; beta = b * grows; scale = grows / b) gives the scale and beta of
     the torch.where form it replaced, at the threshold, far from it, and for zero vectors."""
@@ -529,7 +545,7 @@ def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
     sdnet.refresh_step_sizes(own)
     sizes = []
     real = csc._Lanczos.__init__
-    monkeypatch.setattr(csc._Lanczos, "__init__", lambda self, parts: sizes.append(len(parts)) or real(self, parts))
+    monkeypatch.setattr(csc._Lanczos, "__init__", lambda self, parts, *a, **k: sizes.append(len(parts)) or real(self, parts, *a, **k))
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     unshared = copy.deepcopy(model)
     products = collections.Counter()
