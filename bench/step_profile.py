@@ -4,10 +4,10 @@ bench/launch_count.py predicts a GPU step's cost from the number of operations i
 this measures it on one. Each model is set up as in bench/train_throughput.py (same Trainer: fixed random batch,
 SGD, `project_dictionaries`, then `refresh_step_sizes`), warmed up, and profiled over a few steps, the update and
 the refresh in labelled ranges. For each model it prints the wall time per step, the device's busy time per
-step (the sum of its kernels' times; on the CPU, the sum of the operators' self times), the kernels launched per
-step, the host time of the update and of the refresh, and the operators that take the most device time. A step
-whose wall time is far above its busy time waits on the host (launches, syncs), not on arithmetic. (Kernels
-replayed from CUDA graphs may be missing from the counts, depending on the profiler.)
+step (the sum of its kernels' times; on the CPU, the sum of the operators' self times), the GPU's events per
+step (mostly kernels), the host time of the update and of the refresh, and the operators that take the most
+device time. A step whose wall time is far above its busy time waits on the host (launches, syncs), not on
+arithmetic. (Kernels replayed from CUDA graphs may be missing from the counts, depending on the profiler.)
 """
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def report(name: str, wall: float, prof, steps: int, device, top: int) -> None:
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     # the labelled ranges are rows too (on a GPU twice: the host's range and its span on the device): not work
     busy = sum(getattr(a, key) for a in averages if a.key not in LABELS) / 1e3 / steps
-    kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA") / steps
+    kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA") / steps  # copies and GPU ranges too
     print(f"\n## {name}\nwall {wall:.2f} ms/step, {'GPU busy' if on_gpu else 'CPU self time'} {busy:.2f} ms/step"
-          + (f", {kernels:.0f} kernels/step" if on_gpu else ""))
+          + (f", {kernels:.0f} GPU events/step (kernels, copies)" if on_gpu else ""))
     for label in LABELS:
         host = sum(a.cpu_time_total for a in averages if a.key == label)
         if host:

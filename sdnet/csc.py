@@ -283,7 +283,8 @@ class CSCLayer(nn.Module):
         """The step-size cache (L, the warm vector) as tensors, for a training state that resumes bit for bit."""
         if self._power_vec is None or self._lipschitz_key is None:
             return None
-        return {"vec": self._power_vec, "lipschitz": self._lipschitz,
+        # clones: a refresh leaves them views of tensors shared by a group of layers, which would all be saved
+        return {"vec": self._power_vec.clone(), "lipschitz": self._lipschitz.clone(),
                 "spatial": torch.tensor(self._lipschitz_key[-1]),
                 "refreshes": torch.tensor(self._refreshes)}
 
@@ -301,6 +302,7 @@ class CSCLayer(nn.Module):
         """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""
         with _POWER_LOCK:
             self._power_vec = self._lipschitz = self._lipschitz_key = self._fingerprint = None
+            _KEPT.pop(self, None)
             self._other_sizes = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -416,6 +418,13 @@ class _NormalOperator:
         self.out_pad = first._out_pad(spatial, first._code_shape(spatial)[-2:])
         self.load()
 
+    def serves(self, layers: list[CSCLayer]) -> bool:
+        """Whether it is (still) the operator of these very layers, their weights of the shapes and device it copies."""
+        return len(layers) == len(self.layers) and all(ref() is layer for ref, layer in zip(self.layers, layers)) \
+            and self.w.shape[0] == sum(layer.weight.shape[0] for layer in layers) \
+            and all(layer.weight.shape[1:] == self.w.shape[1:] and layer.weight.device == self.w.device
+                    for layer in layers)
+
     def load(self) -> None:
         weights = [ref().weight.detach().float() for ref in self.layers]
         if not self.static:
@@ -433,7 +442,8 @@ class _NormalOperator:
 
 
 def _normal_operator(layers: list[CSCLayer], spatial: tuple[int, int]) -> _NormalOperator:
-    """The refresh's operator A^T A for layers of one geometry (tests and benchmarks wrap this to count products)."""
+    """The refresh's operator A^T A for layers of one geometry (tests and benchmarks wrap this to count products;
+    a GPU's kept states make static operators of their own, `_kept_state`)."""
     return _NormalOperator(layers, spatial)
 
 
@@ -471,8 +481,8 @@ class _Lanczos:
     quotient over the whole Krylov space, so it rises much faster than power iteration's when the top
     eigenvalues are close together (early training), and like it approaches ||A||^2 from below.
 
-    The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling, and each product is a
-    short fixed sequence of batched kernels (on a GPU the refresh is launch-bound: bench/README.md): no
+    The basis lives in one preallocated (G, capacity, n) tensor, grown by doubling (up to `most`), and each
+    product is a short fixed sequence of batched kernels (on a GPU the refresh is launch-bound: bench/README.md): no
     re-stacking of the basis, and alpha = q^T A^T A q is read off the first projection, not computed apart.
 
     `parts` are (operator, start rows) pairs, one per group of layers; the rows of all parts are stacked, each
@@ -493,6 +503,7 @@ class _Lanczos:
         # the products of a shared state, written into one zero-padded buffer
         self.out = self.Q.new_zeros(rows, 1, n) if len(parts) > 1 else None
         self.graphs: dict | None = None  # CUDA graphs of `extend`, when kept across refreshes (_kept_state)
+        self.capture_on = None  # (stream, memory pool) of the captures
         self.most = most  # basis vectors it will ever need, if known: it grows no further
         self.restart([v for _, v in parts], randoms)
 
@@ -511,8 +522,9 @@ class _Lanczos:
     def _reserve(self, n: int) -> None:
         if self.size + n > self.Q.shape[1]:
             grown = max(self.size + n, min(2 * self.Q.shape[1], self.most or 2 * self.Q.shape[1]))
-            self.Q = torch.cat([self.Q[:, :self.size], self.Q.new_empty(self.Q.shape[0], grown - self.size, self.Q.shape[2])], 1)
-            self.entries = torch.cat([self.entries, self.entries.new_zeros(2, len(self.Q), grown - self.entries.shape[2])], 2)
+            rows, width = self.Q.shape[0], self.Q.shape[2]
+            self.Q = torch.cat([self.Q[:, :self.size], self.Q.new_empty(rows, grown - self.size, width)], 1)
+            self.entries = torch.cat([self.entries, self.entries.new_zeros(2, rows, grown - self.entries.shape[2])], 2)
             self.alpha, self.beta = self.entries
             if self.graphs:
                 self.graphs.clear()  # they read the old buffers
@@ -520,7 +532,8 @@ class _Lanczos:
     def extend(self, n: int) -> None:
         """n more products. With `graphs` (CUDA): the first time a (start, n, settled parts) comes up its
         products run as they are, which warms cuDNN and cuBLAS up; the second time they are captured in a CUDA
-        graph, and from then on replayed in one launch (a GPU refresh is launch-bound: bench/README.md)."""
+        graph, and from then on replayed in one launch (a GPU refresh is launch-bound: bench/README.md). At most
+        `_GRAPHS_KEPT` graphs a state: runs beyond them (rare sets of settled parts) stay as they are."""
         self._reserve(n)
         if self.graphs is None:
             return self._extend(n)
@@ -530,20 +543,28 @@ class _Lanczos:
             self.graphs[key] = False
             return self._extend(n)
         if graph is False:
-            graph = self.graphs[key] = self._capture(n)
-            if graph is None:
+            if sum(1 for g in self.graphs.values() if g) >= _GRAPHS_KEPT:  # (False marks a run seen once)
                 return self._extend(n)
+            graph = self._capture(n)
+            if graph is None:  # CUDA refused: graphs are off for this state, the products run as they are
+                return self._extend(n)
+            self.graphs[key] = graph
         graph.replay()
         self.size += n
 
     def _capture(self, n: int):
-        """A CUDA graph of n products from here (None, and graphs off for this state, if CUDA refuses one)."""
-        size = self.size
+        """A CUDA graph of n products from here, captured on a side stream of the state's own device (None, and
+        graphs off for this state, if CUDA refuses one)."""
+        size, device = self.size, self.Q.device
+        caller = torch.cuda.current_stream(device)
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graphs.setdefault("pool", torch.cuda.graph_pool_handle()),
-                                  capture_error_mode="thread_local"):
-                self._extend(n)
+            with torch.cuda.device(device):
+                if self.capture_on is None:  # one side stream and memory pool for all of the state's graphs
+                    self.capture_on = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
+                stream, pool = self.capture_on
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._extend(n)
             return graph
         except RuntimeError as exc:
             warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
@@ -551,6 +572,7 @@ class _Lanczos:
             return None
         finally:
             self.size = size
+            torch.cuda.set_stream(caller)  # a failed capture can leave the thread on the capture stream
 
     def _extend(self, n: int) -> None:
         for _ in range(n):
@@ -659,6 +681,8 @@ _FIRST_CHECK = 6
 # and whether CUDA replays their products as graphs (one launch for each run of products instead of ~20 a product).
 _KEPT_STATE_DEVICES = {"cuda"}
 _CUDA_GRAPHS = True
+_GRAPH_DEVICES = {"cuda"}  # (tests put "cpu" here, with a stand-in for the capture)
+_GRAPHS_KEPT = 24  # CUDA graphs a kept state captures at most (each costs a sync and empties torch's cache)
 _KEPT_CAPACITY = 16  # basis vectors a kept state starts with: 6 products, then 2 at a time, mostly 10-14 in all
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Devices where each layer refreshes on its own. Elsewhere (a GPU) layers of one geometry share grouped
@@ -674,9 +698,10 @@ def _estimator(parts: list[tuple], randoms: list[torch.Tensor] | None = None):
     if _METHOD == "lanczos":
         return _Lanczos(parts, randoms=randoms)
     (apply, v), = parts
-    if randoms is not None:
-        v = v.clone()
-        _mix_start(v.flatten(1), randoms[0].flatten(1).clone())
+    if randoms is not None:  # on rows of its own (a channels-last v's flatten is a copy, not a view)
+        rows = v.flatten(1).clone()
+        _mix_start(rows, randoms[0].flatten(1))
+        v = rows.view(v.shape)
     return _Power(apply, v)
 
 
@@ -722,24 +747,29 @@ def _shared_states(starts: list[tuple]) -> list[list[int]]:
 
 def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: list[torch.Tensor],
                 randoms: list[torch.Tensor], most: int):
-    """The Lanczos state of these groups' last refresh, restarted from `starts` mixed with `randoms` (None where states are not
-    kept: the CPU, the power iteration). Training refreshes the same layers after every optimizer step, so on a
-    GPU the state's buffers are kept, and with them the CUDA graphs of its products (`_Lanczos.extend`), which
-    read fixed addresses: the operators copy the dictionaries into buffers of their own (`_NormalOperator.load`).
-    Kept per first layer of the first group (`_KEPT`, dropped with the layer or when it moves). Its basis starts
-    with room for `_KEPT_CAPACITY` vectors, which most refreshes need no more than, and grows as it must, to the
-    `most` a refresh can use (its graphs then captured again): kept, the basis adds to a training step's memory."""
+    """The Lanczos state of these groups' last refresh, restarted from `starts` mixed with `randoms` (None where
+    states are not kept: the CPU, the power iteration). Training refreshes the same layers after every optimizer
+    step, so on a GPU the state's buffers are kept, and with them the CUDA graphs of its products
+    (`_Lanczos.extend`), which read fixed addresses: the operators copy the dictionaries into buffers of their own
+    (`_NormalOperator.load`). Kept per first layer of the first group (`_KEPT`; dropped with the layer, when it
+    moves or forgets its step size, and made anew when the grouping or the layers' weights change). Its basis
+    starts with room for `_KEPT_CAPACITY` vectors, which most refreshes need no more than, and grows as it must, to
+    the `most` a refresh can use (its graphs then captured again): kept, the basis adds to a training step's
+    memory."""
     device = starts[0].device
     if _METHOD != "lanczos" or device.type not in _KEPT_STATE_DEVICES:
         return None
     key = tuple((spatial, tuple(map(id, layers))) for spatial, layers in groups)
     kept = _KEPT.setdefault(groups[0][1][0], {})
     state = kept.get(key)
-    if state is None:
-        kept.clear()  # the layers' grouping changed (it rarely does): one state per first layer
+    if state is None or not all(apply.serves(layers) for (apply, _), (_, layers) in zip(state.parts, groups)):
+        for _, layers in groups:  # new grouping or weights (rare): the layers' old states go, one per first layer
+            for layer in layers:
+                _KEPT.pop(layer, None)
+        kept = _KEPT.setdefault(groups[0][1][0], {})
         operators = [_NormalOperator(layers, spatial, static=True) for spatial, layers in groups]
         state = kept[key] = _Lanczos(list(zip(operators, starts)), min(_KEPT_CAPACITY, most), most, randoms)
-        if device.type == "cuda" and _CUDA_GRAPHS:
+        if device.type in _GRAPH_DEVICES and _CUDA_GRAPHS:
             state.graphs = {}
         return state
     for apply, _ in state.parts:
@@ -781,8 +811,8 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
                               _FIRST_CHECK if _METHOD == "lanczos" else 0)
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
             state = _kept_state([groups[i] for i in members], vs, rs, first_check + 31) if kept else None
-            state = state or _estimator([(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)],
-                                        rs)
+            state = state or _estimator(
+                [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
             state.extend(first_check)
             states.append(state)
         # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on as
@@ -809,7 +839,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             vectors, row = state.vectors(), 0
             margins = [layer.power_margin for i in members for layer in groups[i][1]]
             est = est.to(vectors[0].device)  # one copy to the device per state, not one per layer
-            margin = margins[0] if len(set(margins)) == 1 else torch.tensor(margins, device=est.device)
+            margin = margins[0] if len(set(margins)) == 1 else torch.tensor(margins, dtype=est.dtype, device=est.device)
             L = (est * margin).clamp_min(1e-6)
             for i, v in zip(members, vectors):
                 for k, (layer, key) in enumerate(zip(groups[i][1], keys[i])):

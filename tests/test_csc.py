@@ -603,15 +603,68 @@ def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
     real = csc._Lanczos.__init__
     monkeypatch.setattr(csc._Lanczos, "__init__", lambda self, *a: made.append(1) or real(self, *a))
     got = _train_and_refresh(model, x, 4)
-    assert len(made) < 8 and len(csc._KEPT) == len(made)  # states made in the first refresh only, then kept
+    mine = [layer for _, layer in sdnet.csc_layers(model) if layer in csc._KEPT]
+    assert len(made) < 8 and len(mine) == len(made)  # states made in the first refresh only, then kept
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-5), step
     states = [state for kept in csc._KEPT.values() for state in kept.values()]
     assert all(state.graphs is None for state in states)  # CUDA only
     assert max(state.Q.shape[1] for state in states) > 8 and all(state.Q.shape[1] <= state.most for state in states)
-    del model
+    del model, mine
     gc.collect()
     assert len(csc._KEPT) == 0
+
+
+class _StandInGraph:
+    """What a CUDA graph of n products does when replayed, on the CPU: the products (`_Lanczos.extend` then
+    advances the size)."""
+    replays = 0
+
+    def __init__(self, state, n):
+        self.state, self.n = state, n
+
+    def replay(self):
+        _StandInGraph.replays += 1
+        size = self.state.size
+        self.state._extend(self.n)
+        self.state.size = size
+
+
+@pytest.mark.parametrize("capture", ["works", "refused"])
+def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
+    """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
+    are seen once, captured the second time and replayed after (the step sizes of fresh states, step after step);
+    a capture CUDA refuses turns the state's graphs off and its products run as they are."""
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
+    captured = []
+
+    def stand_in(self, n):
+        captured.append((self.size, n))
+        if capture == "refused":
+            self.graphs = None
+            return None
+        return _StandInGraph(self, n)
+    monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    fresh = copy.deepcopy(model)
+    x = smooth_images(4, size=16)
+    model(x), fresh(x)
+    _StandInGraph.replays = 0
+    got = _train_and_refresh(model, x, 5)
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
+    expected = _train_and_refresh(fresh, x, 5)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a == pytest.approx(b, rel=1e-5), step
+    states = [state for layer, kept in csc._KEPT.items() for state in kept.values()
+              if any(layer is mine for _, mine in sdnet.csc_layers(model))]
+    assert captured  # the first run of products, (1, 6), comes up in every refresh
+    if capture == "works":
+        assert _StandInGraph.replays > len(captured) and all(state.graphs for state in states)
+    else:
+        assert _StandInGraph.replays == 0 and all(state.graphs is None for state in states)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -694,6 +747,23 @@ def test_channels_last_models_solve_and_refresh(device):
         sdnet.refresh_step_sizes(m)
     for (_, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(other)):
         torch.testing.assert_close(b._lipschitz, a._lipschitz, rtol=1e-4, atol=0)
+
+
+def test_the_power_refresh_mixes_its_start_in_channels_last_too(monkeypatch):
+    """The old power-iteration refresh (train_throughput --refresh power) of a channels-last model starts from the
+    same mix of old vector and fresh draw as a contiguous one: the same step sizes."""
+    monkeypatch.setattr(csc, "_METHOD", "power")
+    monkeypatch.setattr(csc, "_POWER_MIX", 0.3)
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4)
+    other = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = smooth_images(2, size=16, seed=3)
+    model(x), other(x.contiguous(memory_format=torch.channels_last))
+    for m in (model, other):
+        with torch.no_grad():
+            m.conv1.weight.mul_(1.5)
+        sdnet.refresh_step_sizes(m)
+    torch.testing.assert_close(other.conv1._lipschitz, model.conv1._lipschitz, rtol=1e-5, atol=0)
 
 
 def test_first_layer_layout_benchmark_times_both_layouts_and_the_control(monkeypatch):
