@@ -109,6 +109,7 @@ class Trainer:
         self.y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
         self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
         self.csc = sdnet.csc_layers(self.model)
+        self.cuda_graphs = not getattr(args, "no_cuda_graphs", False)
         self.step()
 
     def step(self) -> None:
@@ -125,7 +126,7 @@ class Trainer:
 
     def refresh_step_sizes(self) -> None:
         """The step-size refresh of every CSC layer for the dictionary the last update left."""
-        sdnet.refresh_step_sizes(self.model)
+        sdnet.refresh_step_sizes(self.model, cuda_graphs=self.cuda_graphs)
 
 
 @contextlib.contextmanager
@@ -293,13 +294,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
-    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._CUDA_GRAPHS
+    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
     sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
-    sdnet.csc._CUDA_GRAPHS = not args.no_cuda_graphs
     try:
         return run(args, argv, allocator)
     finally:
-        sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._CUDA_GRAPHS = rule  # set back for a caller in this process
+        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = rule  # set back for a caller in the same process
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None) -> dict | None:

@@ -678,9 +678,8 @@ _RITZ_KEEP = 1
 # later first check can only raise the estimate (Ritz values grow with the space).
 _FIRST_CHECK = 6
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
-# and whether CUDA replays their products as graphs (one launch for each run of products instead of ~20 a product).
+# and those where it replays their products as graphs (one launch for each run of products instead of ~20 a product).
 _KEPT_STATE_DEVICES = {"cuda"}
-_CUDA_GRAPHS = True
 _GRAPH_DEVICES = {"cuda"}  # (tests put "cpu" here, with a stand-in for the capture)
 _GRAPHS_KEPT = 24  # CUDA graphs a kept state captures at most (each costs a sync and empties torch's cache)
 _KEPT_CAPACITY = 16  # basis vectors a kept state starts with: 6 products, then 2 at a time, mostly 10-14 in all
@@ -746,7 +745,7 @@ def _shared_states(starts: list[tuple]) -> list[list[int]]:
 
 
 def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: list[torch.Tensor],
-                randoms: list[torch.Tensor], most: int):
+                randoms: list[torch.Tensor], most: int, graphs: bool):
     """The Lanczos state of these groups' last refresh, restarted from `starts` mixed with `randoms` (None where
     states are not kept: the CPU, the power iteration). Training refreshes the same layers after every optimizer
     step, so on a GPU the state's buffers are kept, and with them the CUDA graphs of its products
@@ -755,11 +754,11 @@ def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: li
     moves or forgets its step size, and made anew when the grouping or the layers' weights change). Its basis
     starts with room for `_KEPT_CAPACITY` vectors, which most refreshes need no more than, and grows as it must, to
     the `most` a refresh can use (its graphs then captured again): kept, the basis adds to a training step's
-    memory."""
+    memory. `graphs`: whether its products are replayed as CUDA graphs (where they can be)."""
     device = starts[0].device
     if _METHOD != "lanczos" or device.type not in _KEPT_STATE_DEVICES:
         return None
-    key = tuple((spatial, tuple(map(id, layers))) for spatial, layers in groups)
+    key = (graphs, *((spatial, tuple(map(id, layers))) for spatial, layers in groups))
     kept = _KEPT.setdefault(groups[0][1][0], {})
     state = kept.get(key)
     if state is None or not all(apply.serves(layers) for (apply, _), (_, layers) in zip(state.parts, groups)):
@@ -769,7 +768,7 @@ def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: li
         kept = _KEPT.setdefault(groups[0][1][0], {})
         operators = [_NormalOperator(layers, spatial, static=True) for spatial, layers in groups]
         state = kept[key] = _Lanczos(list(zip(operators, starts)), min(_KEPT_CAPACITY, most), most, randoms)
-        if device.type in _GRAPH_DEVICES and _CUDA_GRAPHS:
+        if graphs and device.type in _GRAPH_DEVICES:
             state.graphs = {}
         return state
     for apply, _ in state.parts:
@@ -778,7 +777,8 @@ def _kept_state(groups: list[tuple[tuple[int, int], list[CSCLayer]]], starts: li
     return state
 
 
-def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bool = False) -> None:
+def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bool = False,
+                  graphs: bool = False) -> None:
     """The warm step-size refresh of each group (input size, layers of one geometry whose dictionaries changed).
 
     After a small change (a late optimizer step) the old top eigenvector is still close and a few products
@@ -787,7 +787,8 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
     (measured: 0.2x in the second step of sdnet18_all at lr 0.1 with power iteration), so FISTA's step would be
     too long and diverge: iterate on while it rises.
     That check reads the estimates on the host, one sync for all groups together. With `kept` (training's
-    refresh_step_sizes), a GPU keeps each Lanczos state for the next refresh of the same layers (`_kept_state`).
+    refresh_step_sizes), a GPU keeps each Lanczos state for the next refresh of the same layers (`_kept_state`),
+    with `graphs` replaying its products as CUDA graphs.
     Call under _POWER_LOCK."""
     starts = []
     # The cache keys name the dictionaries the estimates are computed for: taken before, not after.
@@ -810,7 +811,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             first_check = max(max(groups[i][1][0].power_iters for i in members),
                               _FIRST_CHECK if _METHOD == "lanczos" else 0)
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
-            state = _kept_state([groups[i] for i in members], vs, rs, first_check + 31) if kept else None
+            state = _kept_state([groups[i] for i in members], vs, rs, first_check + 31, graphs) if kept else None
             state = state or _estimator(
                 [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
             state.extend(first_check)
@@ -892,7 +893,7 @@ def _changed_unseen(layers: list[CSCLayer]) -> set[int]:
     return changed
 
 
-def refresh_step_sizes(model: nn.Module) -> None:
+def refresh_step_sizes(model: nn.Module, cuda_graphs: bool = True) -> None:
     """Bring every CSC layer's step size up to date for its dictionary, all layers at once: call after each
     optimizer step (after `project_dictionaries`), as `python -m sdnet.train` does.
 
@@ -902,7 +903,9 @@ def refresh_step_sizes(model: nn.Module) -> None:
     the model, not one per layer: on an H200 that made a width-64 SDNet-18-All training step 1.2-1.3x as fast
     (bench/README.md), the refresh's many small launches and syncs being a third of the step. There, too, each
     state's runs of products are captured as CUDA graphs the second time they come up and replayed from then on
-    (`_kept_state`, `_Lanczos.extend`): SDNet-18 and SDNet-18-All trained 1.3x and 1.4x as fast again.
+    (`_kept_state`, `_Lanczos.extend`): SDNet-18 and SDNet-18-All trained 1.3x and 1.4x as fast again, for some
+    GPU memory that stays allocated (the graphs' pools: SDNet-18's peak 1.04x -> 1.09-1.10x ResNet-18's).
+    `cuda_graphs=False` runs them kernel by kernel instead (`python -m sdnet.train --no-cuda-graphs`).
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
@@ -925,7 +928,7 @@ def refresh_step_sizes(model: nn.Module) -> None:
                         id(layer) if layer.weight.device.type in _UNGROUPED_DEVICES else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
         if groups:
-            _warm_refresh(list(groups.values()), kept=True)
+            _warm_refresh(list(groups.values()), kept=True, graphs=cuda_graphs)
 
 
 def normalize_atoms_(weight: torch.Tensor) -> torch.Tensor:

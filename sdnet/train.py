@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every-rank", action="store_true",
                    help="with torchrun: also write each rank's final weights to <out>/rank<r>.pt (to check DDP)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (for logs)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the step-size refresh's products kernel by kernel instead of replaying them as "
+                        "CUDA graphs: slower, a little less GPU memory (sdnet.refresh_step_sizes; bench/README.md)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="on the CPU with glibc, keep freed memory for reuse instead of handing big blocks back to the "
                         "kernel: faster steps, a higher resident peak (sdnet.utils.keep_freed_memory; bench/README.md)")
@@ -249,6 +252,8 @@ def _train(argv: list[str] | None) -> dict:
     allocator = keep_freed_memory() if args.keep_freed_memory and device.type == "cpu" else allocator_description()
     if args.keep_freed_memory and device.type != "cpu" and is_main:
         print(f"--keep-freed-memory ignored: it helps the host memory of CPU training, and this run is on {device}")
+    if args.no_cuda_graphs and device.type != "cuda" and is_main:
+        print(f"--no-cuda-graphs ignored: CUDA graphs are only used on CUDA, and this run is on {device}")
     torch.manual_seed(args.seed)
     out = run_folder(args)
     problem = unwritable_folder(out)  # before the data is read, not a traceback after the first epoch
@@ -359,7 +364,7 @@ def _train(argv: list[str] | None) -> dict:
             scaler.step(opt)
             scaler.update()
             project_dictionaries(model)
-            refresh_step_sizes(model)  # every layer's 1/L at once, not one by one in the forward
+            refresh_step_sizes(model, cuda_graphs=not args.no_cuda_graphs)  # every layer's 1/L at once
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)

@@ -570,7 +570,7 @@ def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
         assert L == pytest.approx(alone._lipschitz.item(), rel=0.05), name
 
 
-def _train_and_refresh(model, x, steps: int) -> list[list[float]]:
+def _train_and_refresh(model, x, steps: int, **refresh) -> list[list[float]]:
     """A few SGD steps at lr 0.1, each followed by projection and refresh_step_sizes: every step's step sizes."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     seen = []
@@ -579,7 +579,7 @@ def _train_and_refresh(model, x, steps: int) -> list[list[float]]:
         model(x).square().mean().backward()
         opt.step()
         project_dictionaries(model)
-        sdnet.refresh_step_sizes(model)
+        sdnet.refresh_step_sizes(model, **refresh)
         seen.append([layer._lipschitz.item() for _, layer in sdnet.csc_layers(model)])
     return seen
 
@@ -676,11 +676,7 @@ def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
     eager = copy.deepcopy(model)
     x = smooth_images(4, size=16).cuda()
     model(x), eager(x)
-    csc._CUDA_GRAPHS = False
-    try:
-        expected = _train_and_refresh(eager, x, 5)
-    finally:
-        csc._CUDA_GRAPHS = True
+    expected = _train_and_refresh(eager, x, 5, cuda_graphs=False)
     got = _train_and_refresh(model, x, 5)
     graphs = [g for kept in csc._KEPT.values() for state in kept.values() for g in (state.graphs or {}).values()
               if isinstance(g, torch.cuda.CUDAGraph)]

@@ -111,11 +111,11 @@ def test_ctrl_c_says_what_was_kept_in_one_line(tmp_path, data, capsys, monkeypat
     real = train_module.refresh_step_sizes
 
     def interrupt_at(n):
-        def refresh(model):
+        def refresh(model, **kw):
             steps["n"] += 1
             if steps["n"] == n:
                 raise KeyboardInterrupt
-            return real(model)
+            return real(model, **kw)
         return refresh
     monkeypatch.setattr(train_module, "refresh_step_sizes", interrupt_at(1))
     with pytest.raises(SystemExit) as info:
@@ -183,6 +183,19 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     assert "test_accuracy" not in load_card(run / "model.pt") and load_card(run / "model.pt")["epochs"] == 2
 
 
+def test_no_cuda_graphs_reaches_the_refresh_and_is_said_to_do_nothing_on_the_cpu(tmp_path, data, capsys, monkeypatch):
+    import sdnet.train as train
+    seen = []
+    real = train.refresh_step_sizes
+    monkeypatch.setattr(train, "refresh_step_sizes", lambda model, **kw: seen.append(kw) or real(model, **kw))
+    train_main(TINY + ["--data", data, "--epochs", "1", "--out", str(tmp_path / "a"), "--no-cuda-graphs"])
+    assert seen and all(kw == {"cuda_graphs": False} for kw in seen)
+    assert "--no-cuda-graphs ignored: CUDA graphs are only used on CUDA, and this run is on cpu" in capsys.readouterr().out
+    seen.clear()
+    train_main(TINY + ["--data", data, "--epochs", "1", "--out", str(tmp_path / "b")])
+    assert seen and all(kw == {"cuda_graphs": True} for kw in seen)
+
+
 def test_an_out_folder_that_cannot_be_written_is_said_before_the_data_is_read(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -222,7 +235,7 @@ def test_training_on_cuda_with_mixed_precision(tmp_path, data, amp, capsys):
     cuda = [a if a != "cpu" else "cuda" for a in TINY] + ["--amp", amp, "--data", data, "--epochs", "2"]
     out = tmp_path / "run"
     train_main(cuda + ["--out", str(out), "--stop-after", "1"])
-    train_main(cuda + ["--out", str(out), "--resume"])
+    train_main(cuda + ["--out", str(out), "--resume", "--no-cuda-graphs"])  # the refresh kernel by kernel
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
     config = json.loads((out / "config.json").read_text())
