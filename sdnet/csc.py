@@ -556,23 +556,23 @@ class _Lanczos:
         """A CUDA graph of n products from here, captured on a side stream of the state's own device (None, and
         graphs off for this state, if CUDA refuses one)."""
         size, device = self.size, self.Q.device
-        caller = torch.cuda.current_stream(device)
-        try:
-            with torch.cuda.device(device):
+        with torch.cuda.device(device):  # (set_stream sets the device too: restored inside, the caller's comes back)
+            caller = torch.cuda.current_stream()
+            try:
                 if self.capture_on is None:  # one side stream and memory pool for all of the state's graphs
                     self.capture_on = torch.cuda.Stream(device), torch.cuda.graph_pool_handle()
                 stream, pool = self.capture_on
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     self._extend(n)
-            return graph
-        except RuntimeError as exc:
-            warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
-            self.graphs = None
-            return None
-        finally:
-            self.size = size
-            torch.cuda.set_stream(caller)  # a failed capture can leave the thread on the capture stream
+                return graph
+            except RuntimeError as exc:
+                warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
+                self.graphs = None
+                return None
+            finally:
+                self.size = size
+                torch.cuda.set_stream(caller)  # a failed capture can leave the thread on the capture stream
 
     def _extend(self, n: int) -> None:
         for _ in range(n):
@@ -893,7 +893,7 @@ def _changed_unseen(layers: list[CSCLayer]) -> set[int]:
     return changed
 
 
-def refresh_step_sizes(model: nn.Module, cuda_graphs: bool = True) -> None:
+def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     """Bring every CSC layer's step size up to date for its dictionary, all layers at once: call after each
     optimizer step (after `project_dictionaries`), as `python -m sdnet.train` does.
 

@@ -615,29 +615,66 @@ def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
     assert len(csc._KEPT) == 0
 
 
+def _addresses(state) -> list[int]:
+    """Where a state's buffers and its operators' dictionary copies live: what a captured graph reads and writes."""
+    buffers = [state.Q, state.entries] + ([state.out] if state.out is not None else [])
+    return [t.data_ptr() for t in buffers] + [apply.w.data_ptr() for apply, _ in state.parts]
+
+
 class _StandInGraph:
     """What a CUDA graph of n products does when replayed, on the CPU: the products (`_Lanczos.extend` then
-    advances the size)."""
+    advances the size). Like a real graph it holds the addresses it was captured at, and checks them."""
     replays = 0
 
     def __init__(self, state, n):
-        self.state, self.n = state, n
+        self.state, self.n, self.addresses = state, n, _addresses(state)
 
     def replay(self):
+        assert _addresses(self.state) == self.addresses, "a graph would read or write memory that moved"
         _StandInGraph.replays += 1
         size = self.state.size
         self.state._extend(self.n)
         self.state.size = size
 
 
-@pytest.mark.parametrize("capture", ["works", "refused"])
+def _states_of(model) -> list:
+    layers = [layer for _, layer in sdnet.csc_layers(model)]
+    return [state for layer, kept in csc._KEPT.items() if any(layer is mine for mine in layers) for state in kept.values()]
+
+
+def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
+    """A kept state whose basis must grow (a refresh needing more products than it had room for) forgets its graphs:
+    they read the old buffers. The same run of products then runs as it is again, to the same estimates."""
+    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n: _StandInGraph(self, n))
+    apply = csc._NormalOperator([make_layer(3, 6, 3, 1, seed=1)], (6, 6), static=True)
+    v = torch.randn(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    state, fresh = csc._Lanczos([(apply, v)], capacity=3, most=10), csc._Lanczos([(apply, v)])
+    state.graphs = {}
+    for _ in range(3):  # seen once, captured, replayed
+        state.restart([v])
+        state.extend(2)
+    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph)
+    state.extend(2)  # 3 + 2 vectors: the basis grows
+    assert state.Q.shape[1] > 3 and not any(isinstance(g, _StandInGraph) for g in state.graphs.values())
+    state.restart([v])
+    state.extend(4)
+    fresh.extend(4)
+    (_, a), (_, b) = csc._estimates([state, fresh])
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("capture", ["works", "refused", "not asked for", "few kept"])
 def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
-    are seen once, captured the second time and replayed after (the step sizes of fresh states, step after step);
-    a capture CUDA refuses turns the state's graphs off and its products run as they are."""
+    are seen once, captured the second time and replayed after, at the addresses they were captured at (the step
+    sizes of fresh states, step after step, the bases growing on the way); a capture CUDA refuses turns the state's
+    graphs off and its products run as they are; cuda_graphs=False captures nothing; at most _GRAPHS_KEPT a state."""
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 8)  # room for the first 6 products: the bases grow in the refresh
+    if capture == "few kept":
+        monkeypatch.setattr(csc, "_GRAPHS_KEPT", 1)
     captured = []
 
     def stand_in(self, n):
@@ -653,18 +690,23 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     x = smooth_images(4, size=16)
     model(x), fresh(x)
     _StandInGraph.replays = 0
-    got = _train_and_refresh(model, x, 5)
+    got = _train_and_refresh(model, x, 5, cuda_graphs=capture != "not asked for")
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
     expected = _train_and_refresh(fresh, x, 5)
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-5), step
-    states = [state for layer, kept in csc._KEPT.items() for state in kept.values()
-              if any(layer is mine for _, mine in sdnet.csc_layers(model))]
-    assert captured  # the first run of products, (1, 6), comes up in every refresh
+    states = _states_of(model)
+    assert states and max(state.Q.shape[1] for state in states) > 8
+    graphs = [g for state in states for g in (state.graphs or {}).values() if isinstance(g, _StandInGraph)]
     if capture == "works":
-        assert _StandInGraph.replays > len(captured) and all(state.graphs for state in states)
+        assert captured and _StandInGraph.replays > len(captured) and len(graphs) == len(captured)
+    elif capture == "refused":
+        assert captured and _StandInGraph.replays == 0 and all(state.graphs is None for state in states)
+    elif capture == "not asked for":
+        assert not captured and all(state.graphs is None for state in states)
     else:
-        assert _StandInGraph.replays == 0 and all(state.graphs is None for state in states)
+        assert captured and all(sum(isinstance(g, _StandInGraph) for g in state.graphs.values()) <= 1
+                                for state in states)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -678,9 +720,10 @@ def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
     model(x), eager(x)
     expected = _train_and_refresh(eager, x, 5, cuda_graphs=False)
     got = _train_and_refresh(model, x, 5)
-    graphs = [g for kept in csc._KEPT.values() for state in kept.values() for g in (state.graphs or {}).values()
+    graphs = [g for state in _states_of(model) for g in (state.graphs or {}).values()
               if isinstance(g, torch.cuda.CUDAGraph)]
     assert graphs, "no CUDA graph was captured"
+    assert _states_of(eager) and all(state.graphs is None for state in _states_of(eager))
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-4), step
 
