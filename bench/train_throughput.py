@@ -15,6 +15,8 @@ Input is one fixed random batch, so no data loading is timed.
   Both count parameters, gradients, momentum buffers, activations and the batch.
 - Allocator: `--keep-freed-memory` has glibc keep freed memory for reuse, as `python -m sdnet.train
   --keep-freed-memory` does (`sdnet.utils.keep_freed_memory`); the report names the allocator.
+- Host page faults: the minor page faults per step (4 KiB pages of freshly mapped memory touched first), whose
+  count moves a lot between rounds on the CPU (glibc maps big tensors afresh) and with it the step's time.
 - Step-size cost: for the models with CSC layers, `sdnet.refresh_step_sizes` is timed on its own and
   given as a fraction of the whole step, with the number of A^T A passes it made (layers of one
   shape share a pass, as grouped convolutions; on CUDA the passes replayed as CUDA graphs count too).
@@ -150,21 +152,29 @@ def count_products():
             cls.extend = extend
 
 
-def measure_throughput(trainers: dict[str, Trainer], args, device) -> dict[str, list[float]]:
+def minor_faults() -> int:
+    """The process's minor page faults so far: each a 4 KiB page of freshly mapped memory touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_throughput(trainers: dict[str, Trainer], args, device) -> tuple[dict, dict]:
+    """Images/s of every round, and the minor page faults per step of every round, per model."""
     names = list(trainers)
     for t in trainers.values():
         for _ in range(args.warmup):
             t.step()
     rates: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             for _ in range(args.steps):
                 trainers[name].step()
             sync(device)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
-    return rates
+            faults[name].append((minor_faults() - f0) / args.steps)
+    return rates, faults
 
 
 def measure_step_size_cost(t: Trainer, args, device) -> dict:
@@ -273,7 +283,8 @@ def table(report: dict) -> str:
     res, base = report["results"], report["config"]["models"][0]
     lines = [f"| model | images/s (median round) | x {base}: median of per-round ratios (quartiles) "
              f"| x {base}: best rounds | peak memory (MiB) | x {base} | step-size update, % of step "
-             "(A^T A passes for all CSC layers) |", "|---|---:|---:|---:|---:|---:|---|"]
+             "(A^T A passes for all CSC layers) | host page faults per step, median (rounds' range) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in res.items():
         mem = r.get("peak_memory_bytes")
         mem_cells = f"{mem / 2 ** 20:.0f} | {r['memory_ratio']:.2f}" if mem is not None else "- | -"
@@ -281,9 +292,11 @@ def table(report: dict) -> str:
         ss_cell = f"{100 * ss['fraction']:.1f}% ({ss['refresh_ms']:.1f} ms of {ss['step_ms']:.0f} ms; " \
                   f"{ss['power_passes']:.0f} for {ss['csc_layers']})" if ss else "- (no CSC layer)"
         q1, _, q3 = r["throughput_ratio_quartiles"]
+        rounds = r["rounds_page_faults_per_step"]
         lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['throughput_ratio']:.2f} ({q1:.2f}-{q3:.2f}) "
                      f"| {r['best_round_ratio']:.2f} "
-                     f"| {mem_cells} | {ss_cell} |")
+                     f"| {mem_cells} | {ss_cell} "
+                     f"| {r['page_faults_per_step']:.0f} ({min(rounds):.0f}-{max(rounds):.0f}) |")
     lines += [""] + [f"- {t['model']} {t['measure']}: {t['ratio']:.2f}x {base} (target {t['target']}): "
                      f"{'met' if t['met'] else 'MISSED'}" for t in report["targets"]]
     return "\n".join(lines)
@@ -309,7 +322,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
     device = pick_device(args.device)
     env = environment(device, allocator)
     trainers = {name: Trainer(name, args, device) for name in args.models}
-    rates = measure_throughput(trainers, args, device)
+    rates, faults = measure_throughput(trainers, args, device)
     base, results = args.models[0], {}
     for name, t in trainers.items():
         # The ratio is the median of the per-round ratios: both rates of a round saw the same machine load.
@@ -319,6 +332,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
                          "throughput_ratio": statistics.median(ratios),
                          "throughput_ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
                          "best_round_ratio": max(rates[name]) / max(rates[base]),
+                         "page_faults_per_step": statistics.median(faults[name]),
+                         "rounds_page_faults_per_step": faults[name],
                          "step_size": measure_step_size_cost(t, args, device) if t.csc else None}
     del trainers
     if not args.no_memory:

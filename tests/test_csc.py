@@ -899,6 +899,7 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     results = report["results"]
     assert set(results) == {"resnet18", "sdnet18", "sdnet18_all"} and results["resnet18"]["throughput_ratio"] == 1
     assert all(r["images_per_s"] > 0 for r in results.values())
+    assert all(r["page_faults_per_step"] >= 0 and len(r["rounds_page_faults_per_step"]) == 2 for r in results.values())
     # 17 layers, each at least power_iters = 2 products per refresh
     assert results["sdnet18_all"]["step_size"]["power_passes"] >= 34 and results["resnet18"]["step_size"] is None
     assert {t["model"] for t in report["targets"]} == {"sdnet18", "sdnet18_all"}
