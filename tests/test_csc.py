@@ -883,6 +883,19 @@ def test_step_profile_names_the_update_and_the_refresh(capsys):
     assert "- update: " in sdnet18 and "- refresh_step_sizes: " in sdnet18 and "on the host" in sdnet18
 
 
+def test_the_throughput_benchmarks_fit_at_equal_page_faults():
+    """bench/train_throughput.at_equal_faults recovers each model's own step time and the shared cost of a fault
+    from rounds made so, and declines where the faults hardly vary (nothing to fit)."""
+    fit = bench_module("train_throughput").at_equal_faults
+    own, per_fault, batch = {"a": 2.0, "b": 2.1}, 2e-6, 128
+    faults = {"a": [20_000, 150_000, 260_000, 90_000], "b": [310_000, 50_000, 100_000, 200_000]}
+    rates = {m: [batch / (own[m] + per_fault * n) for n in faults[m]] for m in own}
+    got = fit(rates, faults, batch)
+    assert got["us_per_fault"] == pytest.approx(2.0, rel=1e-6)
+    assert got["seconds"] == pytest.approx(own, rel=1e-9)
+    assert fit(rates, {m: [5.0, 7.0, 6.0, 5.0] for m in own}, batch) is None
+
+
 def test_train_throughput_benchmark_runs(monkeypatch):
     """bench/train_throughput.py, the issue's throughput benchmark, in miniature: every model timed, ratios
     to resnet18, the refresh's cost measured, and the old refresh rule it can switch to set back after."""
