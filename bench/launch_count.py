@@ -78,7 +78,7 @@ def products_as_graphs(counter: CountOps):
         finally:
             counter.muted = False
         counter.ops["graph replay"] += 1
-        counter.ops["product (in a graph)"] += n * (len(self.parts) - len(self.settled))
+        counter.ops["product (in a graph)"] += n * self.live_parts()
     csc._Lanczos._extend, csc._KEPT_STATE_DEVICES = extend, {"cpu"}
     try:
         yield

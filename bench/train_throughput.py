@@ -141,7 +141,7 @@ def count_products():
 
     def counting(cls):
         def extend(self, n):
-            calls[0] += n * (len(getattr(self, "parts", [None])) - len(getattr(self, "settled", ())))
+            calls[0] += n * self.live_parts()
             return real[cls](self, n)
         return extend
 

@@ -474,6 +474,9 @@ class _Power:
         """Whether to go on, given which rows still rise (host booleans)."""
         return bool(rising.any())
 
+    def live_parts(self) -> int:
+        return 1  # one operator, every product
+
 
 class _Lanczos:
     """The Lanczos method on each v[g] (unit norm) at once, with full reorthogonalisation (the vectors are one
@@ -621,7 +624,11 @@ class _Lanczos:
                     self.out[row:row + shape[0]].zero_()
                     self.beta[row:row + shape[0], self.size - 2] = 0
             row += shape[0]
-        return len(self.settled) < len(self.parts)
+        return self.live_parts() > 0
+
+    def live_parts(self) -> int:
+        """The parts still making products: each product is one grouped convolution pair per live part."""
+        return len(self.parts) - len(self.settled)
 
     def device_values(self) -> list[torch.Tensor]:
         return [self.entries]  # whole (contiguous: no copy on the device); `estimates` takes the products' columns
