@@ -67,9 +67,10 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def products_as_graphs(counter: CountOps):
-    """The refresh as training runs it on a GPU now: Lanczos states kept from step to step (`csc._kept_state`), and
-    each run of products (`_Lanczos._extend`) one launch, as a replayed CUDA graph is (products counted apart)."""
-    real, kept = csc._Lanczos._extend, set(csc._KEPT_STATE_DEVICES)
+    """The refresh as training runs it on a GPU now: Lanczos states kept from step to step (`csc._kept_state`),
+    each run of products (`_Lanczos._extend`) one launch, as a replayed CUDA graph is (products counted apart), and
+    the checks on the replayed products' schedule (`csc._replayed`)."""
+    real, kept, replayed = csc._Lanczos._extend, set(csc._KEPT_STATE_DEVICES), csc._replayed
 
     def extend(self, n):
         counter.muted = True
@@ -79,11 +80,11 @@ def products_as_graphs(counter: CountOps):
             counter.muted = False
         counter.ops["graph replay"] += 1
         counter.ops["product (in a graph)"] += n * self.live_parts()
-    csc._Lanczos._extend, csc._KEPT_STATE_DEVICES = extend, {"cpu"}
+    csc._Lanczos._extend, csc._KEPT_STATE_DEVICES, csc._replayed = extend, {"cpu"}, lambda device: True
     try:
         yield
     finally:
-        csc._Lanczos._extend, csc._KEPT_STATE_DEVICES = real, kept
+        csc._Lanczos._extend, csc._KEPT_STATE_DEVICES, csc._replayed = real, kept, replayed
 
 
 def count(model: str, args: argparse.Namespace, grouping: str) -> dict:

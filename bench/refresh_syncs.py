@@ -3,7 +3,9 @@
 Each does-it-still-rise check of `sdnet.refresh_step_sizes` reads the estimates on the host: on a GPU a sync
 that drains the queue. This counts, for real CIFAR batches, the A^T A products per layer and the checks per
 step, early in training (a fresh SDNet-18-All at lr 0.1) and late (a trained checkpoint at lr 0.001), for each
-value of `_FIRST_CHECK` (products before the first check) given. The counts do not depend on the device.
+schedule of checks given: products before the first check, then between checks (the library's `_FIRST_CHECK`
+and `_CHECK_EVERY`, 6:2; where a GPU replays the products as CUDA graphs it uses `_FIRST_CHECK_REPLAYED` and
+`_CHECK_EVERY_REPLAYED`, 10:4). The counts do not depend on the device.
 """
 from __future__ import annotations
 
@@ -79,27 +81,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--width", type=int, default=16, help="width of the fresh model (early)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--first-checks", type=int, nargs="+", default=[csc._FIRST_CHECK])
+    p.add_argument("--schedules", type=schedule, nargs="+", default=None, metavar="FIRST:EVERY",
+                   help=f"check schedules, products before the first check and between checks (default: the "
+                        f"library's {csc._FIRST_CHECK}:{csc._CHECK_EVERY})")
+    p.add_argument("--first-checks", type=int, nargs="+", default=None, metavar="FIRST",
+                   help=f"as --schedules FIRST:{csc._CHECK_EVERY} ...")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    schedules = (args.schedules or []) + [(first, csc._CHECK_EVERY) for first in args.first_checks or []]
     torch.set_num_threads(args.threads)
     data = load_split(args.data, "train").subset(args.batch * (args.steps + 2), 0)
-    library, rows = csc._FIRST_CHECK, []
+    library, rows = (csc._FIRST_CHECK, csc._CHECK_EVERY), []
     print(f"SDNet-18-All, {args.steps} steps of batch {args.batch} after 2 untimed; torch {torch.__version__}, "
           f"{args.threads} thread(s)\n")
-    print("| first check after | phase | host checks per step | products per step | products per layer "
-          "(count of layer refreshes) | refresh, median ms |\n|---:|---|---:|---:|---|---:|")
+    print("| checks: first after, then every | phase | host checks per step | products per step | products per "
+          "layer (count of layer refreshes) | refresh, median ms |\n|---|---|---:|---:|---|---:|")
     try:
-        for first in args.first_checks:
-            csc._FIRST_CHECK = first
+        for first, every in schedules or [library]:
+            csc._FIRST_CHECK, csc._CHECK_EVERY = first, every
             for phase, ckpt, lr in (("early (fresh, lr 0.1)", None, 0.1), ("late (trained, lr 0.001)", args.checkpoint, 0.001)):
-                r = dict(run(phase, ckpt, lr, data, args.steps, args.width), first_check=first)
+                r = dict(run(phase, ckpt, lr, data, args.steps, args.width), first_check=first, every=every)
                 rows.append(r)
                 hist = ", ".join(f"{k}: {v}" for k, v in r["per_layer"].items())
-                print(f"| {first} | {phase} | {r['checks']:.1f} | {r['products']:.0f} | {hist} | {r['ms']:.0f} |")
+                print(f"| {first}, {every} | {phase} | {r['checks']:.1f} | {r['products']:.0f} | {hist} | {r['ms']:.0f} |")
     finally:
-        csc._FIRST_CHECK = library
+        csc._FIRST_CHECK, csc._CHECK_EVERY = library
     return rows
+
+
+def schedule(text: str) -> tuple[int, int]:
+    """FIRST:EVERY -> (FIRST, EVERY), both at least 1."""
+    try:
+        first, every = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a schedule is FIRST:EVERY, two whole numbers, got {text!r}") from None
+    if first < 1 or every < 1:
+        raise argparse.ArgumentTypeError(f"both numbers of a schedule must be at least 1, got {text!r}")
+    return first, every
 
 
 if __name__ == "__main__":

@@ -682,14 +682,25 @@ _RITZ_KEEP = 1
 # From its mostly random start it needed 6 or more in 96% of refreshes at the 3e-4 stop (width 16, 10 steps each
 # early at lr 0.1 and late at lr 0.001: 3 and 11 of 170 stopped at 4, none at 2) and in all of them at 3e-5
 # (bench/refresh_syncs.py), so checks at 2 and 4 only cost host syncs, which stall a GPU. Within one refresh a
-# later first check can only raise the estimate (Ritz values grow with the space).
+# later first check can only raise the estimate (Ritz values grow with the space). Then a check every
+# `_CHECK_EVERY` products, for at most `_MORE_PRODUCTS` more.
 _FIRST_CHECK = 6
+_CHECK_EVERY = 2
+_MORE_PRODUCTS = 30
+# The same where the products are replayed as CUDA graphs (`_replayed`): a replayed run of products is one launch
+# and a few microseconds of GPU work, a check a sync that drains the queue and waits on the host's eigenproblems,
+# so the checks come later and further apart. Counted by bench/refresh_syncs.py on SDNet-18-All (width 16), 10 then
+# every 6 cut the checks per step from 11.0 to 3.4 early in training and from 2.9 to 1.0 late, for 6% and 25%
+# more products (10 then every 4: 5.1 and 1.0 checks, as many products). A check point of this schedule is one of
+# the eager one's, so a refresh stops no earlier and its step sizes are at least as large (as valid).
+_FIRST_CHECK_REPLAYED = 10
+_CHECK_EVERY_REPLAYED = 6
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
 # and those where it replays their products as graphs (one launch for each run of products instead of ~20 a product).
 _KEPT_STATE_DEVICES = {"cuda"}
 _GRAPH_DEVICES = {"cuda"}  # (tests put "cpu" here, with a stand-in for the capture)
 _GRAPHS_KEPT = 24  # CUDA graphs a kept state captures at most (each costs a sync and empties torch's cache)
-_KEPT_CAPACITY = 16  # basis vectors a kept state starts with: 6 products, then 2 at a time, mostly 10-14 in all
+_KEPT_CAPACITY = 17  # basis vectors a kept state starts with: room for 10 products, then 6 more (most refreshes)
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Devices where each layer refreshes on its own. Elsewhere (a GPU) layers of one geometry share grouped
 # convolutions, and groups whose codes are within 2x in length share one Lanczos state: fewer kernel launches.
@@ -721,6 +732,18 @@ def _stack_rows(out: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         out[row:row + len(v), :v[0].numel()] = v.flatten(1)
         row += len(v)
     return out
+
+
+def _replayed(device: torch.device) -> bool:
+    """Whether training's refresh replays its products as CUDA graphs on this device (when asked to)."""
+    return _METHOD == "lanczos" and device.type in _KEPT_STATE_DEVICES and device.type in _GRAPH_DEVICES
+
+
+def _check_schedule(replayed: bool) -> tuple[int, int]:
+    """(products before the first does-it-still-rise check, products between checks) of a refresh."""
+    if _METHOD != "lanczos":
+        return 0, 2  # power iteration: its first check after the layer's power_iters
+    return (_FIRST_CHECK_REPLAYED, _CHECK_EVERY_REPLAYED) if replayed else (_FIRST_CHECK, _CHECK_EVERY)
 
 
 def _mix_start(q: torch.Tensor, r: torch.Tensor) -> None:
@@ -813,31 +836,35 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             gen = torch.Generator(device=first.weight.device).manual_seed(int(first._refreshes))
             starts.append((spatial, v, torch.randn(v.shape, generator=gen, device=first.weight.device)))
         shared = _shared_states(starts)
-        states = []
+        states, schedules = [], []
         for members in shared:
-            first_check = max(max(groups[i][1][0].power_iters for i in members),
-                              _FIRST_CHECK if _METHOD == "lanczos" else 0)
+            first_check, every = _check_schedule(kept and graphs and _replayed(starts[members[0]][1].device))
+            first_check = max(max(groups[i][1][0].power_iters for i in members), first_check)
+            rounds = -(-_MORE_PRODUCTS // every)  # checks after the first that may ask for more products
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
-            state = _kept_state([groups[i] for i in members], vs, rs, first_check + 31, graphs) if kept else None
+            most = first_check + rounds * every + 1
+            state = _kept_state([groups[i] for i in members], vs, rs, most, graphs) if kept else None
             state = state or _estimator(
                 [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
             state.extend(first_check)
             states.append(state)
-        # At most 30 more products, two at a time, for each group with a layer still rising. (A group goes on as
-        # a whole: on the GPU the others ride along in the same grouped convolutions. Groups that share a state
-        # stop one by one, as they would alone; on the CPU each layer has a state of its own.)
+            schedules.append((every, rounds))
+        # At most _MORE_PRODUCTS more products (rounded up to whole rounds), `every` at a time, for each group with a
+        # layer still rising. (A group goes on as a whole: on the GPU the others ride along in the same grouped
+        # convolutions. Groups that share a state stop one by one, as they would alone; on the CPU each layer has a
+        # state of its own.)
         live, final = list(range(len(states))), [None] * len(states)
-        for round_ in range(16):
+        for round_ in range(max(rounds for _, rounds in schedules) + 1):
             rising = []
             for i, (prev, est) in zip(live, _estimates([states[i] for i in live])):
                 final[i] = est
-                if round_ < 15 and states[i].settle(est - prev > _POWER_TOL * est):
+                if round_ < schedules[i][1] and states[i].settle(est - prev > _POWER_TOL * est):
                     rising.append(i)
             live = rising
             if not live:
                 break
             for i in live:
-                states[i].extend(2)
+                states[i].extend(schedules[i][0])
         # Each layer's L and warm vector: views of one tensor per state (a few launches per state, not per layer;
         # the vectors are new tensors, not views of a kept state's basis, which the next refresh overwrites).
         first_row = [0]
@@ -911,8 +938,10 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     (bench/README.md), the refresh's many small launches and syncs being a third of the step. There, too, each
     state's runs of products are captured as CUDA graphs the second time they come up and replayed from then on
     (`_kept_state`, `_Lanczos.extend`): SDNet-18 and SDNet-18-All trained 1.3x and 1.4x as fast again, for some
-    GPU memory that stays allocated (the graphs' pools: SDNet-18's peak 1.04x -> 1.09-1.10x ResNet-18's).
-    `cuda_graphs=False` runs them kernel by kernel instead (`python -m sdnet.train --no-cuda-graphs`).
+    GPU memory that stays allocated (the graphs' pools: SDNet-18's peak 1.04x -> 1.09-1.10x ResNet-18's), and
+    the checks, host syncs there, come after 10 products and then every 6 (`_FIRST_CHECK_REPLAYED`): replayed
+    products are cheap next to a sync. `cuda_graphs=False` runs them kernel by kernel instead, checked after 6 and
+    then every 2 (`python -m sdnet.train --no-cuda-graphs`).
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused

@@ -663,6 +663,58 @@ def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+def _replayed_schedule_everywhere(monkeypatch) -> None:
+    """Eager products checked on the schedule of replayed ones (to compare the two on equal terms)."""
+    monkeypatch.setattr(csc, "_FIRST_CHECK", csc._FIRST_CHECK_REPLAYED)
+    monkeypatch.setattr(csc, "_CHECK_EVERY", csc._CHECK_EVERY_REPLAYED)
+
+
+def _checks_of_refresh(monkeypatch, model, **refresh) -> list[list[int]]:
+    """One refresh_step_sizes of `model`: at each of its host checks, the products each checked state had made."""
+    checks, real = [], csc._estimates
+    monkeypatch.setattr(csc, "_estimates", lambda states: checks.append([s.size - 1 for s in states]) or real(states))
+    sdnet.refresh_step_sizes(model, **refresh)
+    monkeypatch.setattr(csc, "_estimates", real)
+    return checks
+
+
+def test_replayed_products_are_checked_later_and_further_apart(monkeypatch):
+    """Where training's refresh replays its products as CUDA graphs (run here the GPU's way, with a stand-in for
+    the capture), its does-it-still-rise checks, host syncs there, come after _FIRST_CHECK_REPLAYED products and
+    then every _CHECK_EVERY_REPLAYED: on the same weights no more checks than the eager schedule's, and step sizes
+    at least as large (a check point of the sparser schedule is one of the eager one's: it stops no earlier)."""
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n: _StandInGraph(self, n))
+    first, every = csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED
+    assert (first, every) != (csc._FIRST_CHECK, csc._CHECK_EVERY) and (first - csc._FIRST_CHECK) % csc._CHECK_EVERY == 0 \
+        and every % csc._CHECK_EVERY == 0  # the sparser schedule's check points are among the eager one's
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    x = smooth_images(4, size=16)
+    model(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    replayed, eager, _StandInGraph.replays = [], [], 0
+    for step in range(5):  # the first two: states kept, graphs seen and captured
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        project_dictionaries(model)
+        plain = copy.deepcopy(model)  # the same weights and warm starts, refreshed eagerly
+        eager.append(_checks_of_refresh(monkeypatch, plain, cuda_graphs=False))
+        replayed.append(_checks_of_refresh(monkeypatch, model))
+        for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(plain)):
+            assert a._lipschitz.item() >= b._lipschitz.item() * (1 - 1e-5), (step, name)
+    assert _StandInGraph.replays > 0
+    for mine, theirs in zip(replayed, eager):
+        assert 1 <= len(mine) <= len(theirs), (mine, theirs)
+        products = [n for check in mine for n in check]
+        assert min(products) == first and all((n - first) % every == 0 for n in products), mine
+        assert all(n % 2 == 0 for check in theirs for n in check)  # the eager schedule: 6, then 2 at a time
+    assert sum(map(len, replayed)) < sum(map(len, eager))
+
+
 @pytest.mark.parametrize("capture", ["works", "refused", "not asked for", "few kept"])
 def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
@@ -672,7 +724,7 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
-    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 8)  # room for the first 6 products: the bases grow in the refresh
+    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 8)  # less room than a refresh needs: the bases grow in it
     if capture == "few kept":
         monkeypatch.setattr(csc, "_GRAPHS_KEPT", 1)
     captured = []
@@ -692,6 +744,8 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     _StandInGraph.replays = 0
     got = _train_and_refresh(model, x, 5, cuda_graphs=capture != "not asked for")
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
+    if capture != "not asked for":  # the schedule of checks the replayed products had, for fresh states
+        _replayed_schedule_everywhere(monkeypatch)
     expected = _train_and_refresh(fresh, x, 5)
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-5), step
@@ -718,7 +772,10 @@ def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
     eager = copy.deepcopy(model)
     x = smooth_images(4, size=16).cuda()
     model(x), eager(x)
-    expected = _train_and_refresh(eager, x, 5, cuda_graphs=False)
+    mp = pytest.MonkeyPatch()
+    with mp.context() as patched:
+        _replayed_schedule_everywhere(patched)  # the replayed products' schedule of checks, for eager ones
+        expected = _train_and_refresh(eager, x, 5, cuda_graphs=False)
     got = _train_and_refresh(model, x, 5)
     graphs = [g for state in _states_of(model) for g in (state.graphs or {}).values()
               if isinstance(g, torch.cuda.CUDAGraph)]
@@ -826,23 +883,29 @@ def test_first_layer_layout_benchmark_times_both_layouts_and_the_control(monkeyp
 
 
 def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatch):
-    """bench/refresh_syncs.py counts host checks and products per refresh step; a later first check never means
-    more checks, and the library's _FIRST_CHECK is set back."""
+    """bench/refresh_syncs.py counts host checks and products per refresh step, for schedules of checks given as
+    FIRST:EVERY or as first checks alone (then every _CHECK_EVERY); a later first check never means more checks,
+    checks further apart never more either; the library's schedule is set back."""
     from helpers import make_image_folder
     refresh_syncs = bench_module("refresh_syncs")
     monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", n_train=8, n_test=1, size=16)
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
     sdnet.save_checkpoint(tmp_path / "m.pt", model)
-    library = csc._FIRST_CHECK
+    library = csc._FIRST_CHECK, csc._CHECK_EVERY
     rows = refresh_syncs.main(["--data", str(data), "--checkpoint", str(tmp_path / "m.pt"), "--width", "4",
-                               "--steps", "2", "--batch", "4", "--first-checks", "2", "6"])
-    assert csc._FIRST_CHECK == library
-    assert [(r["first_check"], r["phase"][:4]) for r in rows] == [(2, "earl"), (2, "late"), (6, "earl"), (6, "late")]
+                               "--steps", "2", "--batch", "4", "--schedules", "6:6", "--first-checks", "2", "6"])
+    assert (csc._FIRST_CHECK, csc._CHECK_EVERY) == library
+    assert [(r["first_check"], r["every"], r["phase"][:4]) for r in rows] == [
+        (6, 6, "earl"), (6, 6, "late"), (2, 2, "earl"), (2, 2, "late"), (6, 2, "earl"), (6, 2, "late")]
     for r in rows:
         assert r["checks"] >= 1 and min(r["per_layer"]) >= r["first_check"]
+        assert all((k - r["first_check"]) % r["every"] == 0 for k in r["per_layer"])
         assert r["products"] == pytest.approx(sum(k * v for k, v in r["per_layer"].items()) / 2)
-    assert rows[2]["checks"] <= rows[0]["checks"] and rows[3]["checks"] <= rows[1]["checks"]
+    assert rows[4]["checks"] <= rows[2]["checks"] and rows[5]["checks"] <= rows[3]["checks"]
+    assert rows[0]["checks"] <= rows[4]["checks"] and rows[1]["checks"] <= rows[5]["checks"]
+    with pytest.raises(SystemExit):
+        refresh_syncs.main(["--data", str(data), "--schedules", "6"])
 
 
 def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
