@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -25,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 import sdnet  # noqa: E402
 import sdnet.csc as csc  # noqa: E402
 from sdnet.data import load_split  # noqa: E402
+from train_throughput import check_schedule  # noqa: E402
 
 
 def count_step(model: torch.nn.Module) -> tuple[collections.Counter, int, float]:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--width", type=int, default=16, help="width of the fresh model (early)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--schedules", type=schedule, nargs="+", default=None, metavar="FIRST:EVERY",
+    p.add_argument("--schedules", type=check_schedule, nargs="+", default=None, metavar="FIRST:EVERY",
                    help=f"check schedules, products before the first check and between checks (default: the "
                         f"library's {csc._FIRST_CHECK}:{csc._CHECK_EVERY})")
     p.add_argument("--first-checks", type=int, nargs="+", default=None, metavar="FIRST",
@@ -107,17 +109,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         csc._FIRST_CHECK, csc._CHECK_EVERY = library
     return rows
-
-
-def schedule(text: str) -> tuple[int, int]:
-    """FIRST:EVERY -> (FIRST, EVERY), both at least 1."""
-    try:
-        first, every = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a schedule is FIRST:EVERY, two whole numbers, got {text!r}") from None
-    if first < 1 or every < 1:
-        raise argparse.ArgumentTypeError(f"both numbers of a schedule must be at least 1, got {text!r}")
-    return first, every
 
 
 if __name__ == "__main__":

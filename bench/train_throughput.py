@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run the refresh's products one kernel at a time, not replayed as CUDA graphs (the "
                         "library's way before; to put a number on what the graphs save)")
+    p.add_argument("--replayed-checks", type=check_schedule, default=None, metavar="FIRST:EVERY",
+                   help="on CUDA with graphs, check whether the refresh's estimates still rise after FIRST products, "
+                        f"then every EVERY (default: the library's {sdnet.csc._FIRST_CHECK_REPLAYED}:"
+                        f"{sdnet.csc._CHECK_EVERY_REPLAYED}; {sdnet.csc._FIRST_CHECK}:{sdnet.csc._CHECK_EVERY}, the "
+                        "eager refresh's, to put a number on what the sparser checks save)")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -89,6 +94,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def check_schedule(text: str) -> tuple[int, int]:
+    """FIRST:EVERY (a refresh's checks: products before the first, then between checks) -> (FIRST, EVERY)."""
+    try:
+        first, every = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a schedule of checks is FIRST:EVERY, two whole numbers, got {text!r}") from None
+    if first < 1 or every < 1:
+        raise argparse.ArgumentTypeError(f"both numbers of a schedule of checks must be at least 1, got {text!r}")
+    return first, every
+
+
+@contextlib.contextmanager
+def replayed_checks(schedule: tuple[int, int] | None):
+    """The library's schedule of checks for replayed products set to `schedule` (None: left as it is) inside."""
+    library = sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED
+    if schedule:
+        sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED = schedule
+    try:
+        yield
+    finally:
+        sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED = library
 
 
 def pick_device(name: str) -> torch.device:
@@ -267,6 +295,8 @@ def measure_memory(name: str, args) -> dict:
         cmd.append("--channels-last")
     if args.no_cuda_graphs:
         cmd.append("--no-cuda-graphs")
+    if args.replayed_checks:
+        cmd += ["--replayed-checks", "%d:%d" % args.replayed_checks]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -336,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
     sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
     try:
-        return run(args, argv, allocator)
+        with replayed_checks(args.replayed_checks):
+            return run(args, argv, allocator)
     finally:
         sdnet.csc._METHOD, sdnet.csc._POWER_MIX = rule  # set back for a caller in the same process
 
@@ -375,7 +406,9 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
               "at_equal_faults": at_equal_faults(rates, faults, args.batch)}
     refresh = "Lanczos, mix 3" if args.refresh == "lanczos" else "power iteration, mix 0.3"
     if device.type == "cuda" and args.refresh == "lanczos":
-        refresh += ", without CUDA graphs" if args.no_cuda_graphs else ", its products replayed as CUDA graphs"
+        refresh += ", without CUDA graphs" if args.no_cuda_graphs else (
+            ", its products replayed as CUDA graphs, checked after %d products then every %d"
+            % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED))
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

@@ -984,6 +984,15 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         train_throughput.main(argv)
     assert (csc._METHOD, csc._POWER_MIX) == rule
+    # --replayed-checks: the replayed products' schedule of checks for the run (CUDA's), the library's after
+    schedule, during = (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED), []
+    monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(
+        (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED)))
+    train_throughput.main(argv + ["--replayed-checks", "6:2"])
+    assert during == [(6, 2)] and (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED) == schedule
+    for bad in ("6", "0:2", "a:b"):
+        with pytest.raises(SystemExit):
+            train_throughput.parse_args(["--replayed-checks", bad])
 
 
 def test_step_size_validity_benchmark_runs():
