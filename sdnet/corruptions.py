@@ -110,11 +110,6 @@ def corrupt_range(images: torch.Tensor, start: int, stop: int, kind: str, severi
 
 
 def parse_severity(text: str | int | float) -> int | float:
-    """A command-line severity: '1'..'5' (written as whole numbers) is a CIFAR-10-C severity, anything else a float
-    level c: '1.0' is the level 1.0, as its writer typed a float (it used to be read as severity 1)."""
-    if isinstance(text, str):
-        whole = text.strip().lstrip("+").isdigit()
-        value = float(text)
-        return int(value) if whole and 1 <= value <= 5 else value
+    """A command-line severity: '1'..'5' is a CIFAR-10-C severity, anything else a float level c."""
     value = float(text)
-    return int(value) if isinstance(text, int) and 1 <= value <= 5 else value
+    return int(value) if value.is_integer() and 1 <= value <= 5 else value
