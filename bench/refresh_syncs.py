@@ -5,7 +5,7 @@ that drains the queue. This counts, for real CIFAR batches, the A^T A products p
 step, early in training (a fresh SDNet-18-All at lr 0.1) and late (a trained checkpoint at lr 0.001), for each
 schedule of checks given: products before the first check, then between checks (the library's `_FIRST_CHECK`
 and `_CHECK_EVERY`, 6:2; where a GPU replays the products as CUDA graphs it uses `_FIRST_CHECK_REPLAYED` and
-`_CHECK_EVERY_REPLAYED`, 10:4). The counts do not depend on the device.
+`_CHECK_EVERY_REPLAYED`, 10:6). The counts do not depend on the device.
 """
 from __future__ import annotations
 

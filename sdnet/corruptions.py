@@ -110,6 +110,8 @@ def corrupt_range(images: torch.Tensor, start: int, stop: int, kind: str, severi
 
 
 def parse_severity(text: str | int | float) -> int | float:
-    """A command-line severity: '1'..'5' is a CIFAR-10-C severity, anything else a float level c."""
+    """A command-line severity: a whole value 1..5 ('2', '2.0') is a CIFAR-10-C severity, anything else a float
+    level c. (A level c of exactly 1.0-5.0 cannot be asked for this way: as a level, 1.0 is already the most
+    Gaussian or speckle noise, every pixel for impulse noise, and shot noise's CIFAR-10-C levels are 50 and up.)"""
     value = float(text)
     return int(value) if value.is_integer() and 1 <= value <= 5 else value

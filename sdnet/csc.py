@@ -689,10 +689,11 @@ _CHECK_EVERY = 2
 _MORE_PRODUCTS = 30
 # The same where the products are replayed as CUDA graphs (`_replayed`): a replayed run of products is one launch
 # and a few microseconds of GPU work, a check a sync that drains the queue and waits on the host's eigenproblems,
-# so the checks come later and further apart. Counted by bench/refresh_syncs.py on SDNet-18-All (width 16), 10 then
-# every 6 cut the checks per step from 11.0 to 3.4 early in training and from 2.9 to 1.0 late, for 6% and 25%
-# more products (10 then every 4: 5.1 and 1.0 checks, as many products). A check point of this schedule is one of
-# the eager one's, so a refresh stops no earlier and its step sizes are at least as large (as valid).
+# so the checks come later and further apart. Counted by bench/refresh_syncs.py on SDNet-18-All (width 16, one
+# run each), 10 then every 6 cut the checks per step from about 11-12 to 3-4 early in training and from 2.9 to 1.0
+# late, for 6-9% and 25% more products (10 then every 4: 5.1 and 1.0 checks, as many products). Its check points
+# are kept among the eager one's (`_check_schedule`), so a refresh stops no earlier and its step sizes are at
+# least as large (as valid).
 _FIRST_CHECK_REPLAYED = 10
 _CHECK_EVERY_REPLAYED = 6
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
@@ -739,11 +740,20 @@ def _replayed(device: torch.device) -> bool:
     return _METHOD == "lanczos" and device.type in _KEPT_STATE_DEVICES and device.type in _GRAPH_DEVICES
 
 
-def _check_schedule(replayed: bool) -> tuple[int, int]:
-    """(products before the first does-it-still-rise check, products between checks) of a refresh."""
+def _check_schedule(replayed: bool, power_iters: int) -> tuple[int, int]:
+    """(products before the first does-it-still-rise check, products between checks) of a refresh whose layers
+    ask for at least `power_iters` products. The replayed schedule's check points are kept among the eager one's
+    (its first check moved up onto them, its step a multiple of theirs), so that it never stops earlier."""
     if _METHOD != "lanczos":
-        return 0, 2  # power iteration: its first check after the layer's power_iters
-    return (_FIRST_CHECK_REPLAYED, _CHECK_EVERY_REPLAYED) if replayed else (_FIRST_CHECK, _CHECK_EVERY)
+        return power_iters, 2  # power iteration: its first check after the layer's power_iters
+    first = max(power_iters, _FIRST_CHECK)
+    if not replayed:
+        return first, _CHECK_EVERY
+    if _CHECK_EVERY_REPLAYED % _CHECK_EVERY:
+        raise ValueError(f"_CHECK_EVERY_REPLAYED ({_CHECK_EVERY_REPLAYED}) must be a multiple of _CHECK_EVERY "
+                         f"({_CHECK_EVERY}): its checks would fall between the eager refresh's")
+    behind = max(0, max(power_iters, _FIRST_CHECK_REPLAYED) - first)
+    return first + -(-behind // _CHECK_EVERY) * _CHECK_EVERY, _CHECK_EVERY_REPLAYED
 
 
 def _mix_start(q: torch.Tensor, r: torch.Tensor) -> None:
@@ -838,8 +848,10 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
         shared = _shared_states(starts)
         states, schedules = [], []
         for members in shared:
-            first_check, every = _check_schedule(kept and graphs and _replayed(starts[members[0]][1].device))
-            first_check = max(max(groups[i][1][0].power_iters for i in members), first_check)
+            # (a state whose capture CUDA refused, or a run beyond _GRAPHS_KEPT, keeps this schedule though its
+            # products then run kernel by kernel: rare, and its step sizes only the larger)
+            first_check, every = _check_schedule(kept and graphs and _replayed(starts[members[0]][1].device),
+                                                 max(groups[i][1][0].power_iters for i in members))
             rounds = -(-_MORE_PRODUCTS // every)  # checks after the first that may ask for more products
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
             most = first_check + rounds * every + 1

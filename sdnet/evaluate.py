@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(to see how much the stored ones matter)")
     p.add_argument("--corruption", default=None, choices=list(KINDS))
     p.add_argument("--severity", type=severity_value, default=None,
-                   help="with --corruption: 1..5 as in CIFAR-10-C (default 3), or a float: the noise level c itself")
+                   help="with --corruption: 1..5 as in CIFAR-10-C (default 3; a whole value, 2.0 as 2), or any other number: "
+                        "the noise level c itself")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")

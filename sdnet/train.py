@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (for logs)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="on CUDA, run the step-size refresh's products kernel by kernel instead of replaying them as "
-                        "CUDA graphs: slower, a little less GPU memory (sdnet.refresh_step_sizes; bench/README.md)")
+                        "CUDA graphs: slower, a little less GPU memory, and the refresh's checks as on the CPU (after 6 "
+                        "products, then every 2: step sizes a little lower; sdnet.refresh_step_sizes; bench/README.md)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="on the CPU with glibc, keep freed memory for reuse instead of handing big blocks back to the "
                         "kernel: faster steps, a higher resident peak (sdnet.utils.keep_freed_memory; bench/README.md)")

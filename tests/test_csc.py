@@ -678,20 +678,28 @@ def _checks_of_refresh(monkeypatch, model, **refresh) -> list[list[int]]:
     return checks
 
 
-def test_replayed_products_are_checked_later_and_further_apart(monkeypatch):
-    """Where training's refresh replays its products as CUDA graphs (run here the GPU's way, with a stand-in for
-    the capture), its does-it-still-rise checks, host syncs there, come after _FIRST_CHECK_REPLAYED products and
-    then every _CHECK_EVERY_REPLAYED: on the same weights no more checks than the eager schedule's, and step sizes
-    at least as large (a check point of the sparser schedule is one of the eager one's: it stops no earlier)."""
+def _as_the_gpu_replays(monkeypatch) -> None:
+    """Training's refresh the GPU's way, on the CPU: grouped layers, kept states, a stand-in for the capture."""
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
     monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n: _StandInGraph(self, n))
-    first, every = csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED
-    assert (first, every) != (csc._FIRST_CHECK, csc._CHECK_EVERY) and (first - csc._FIRST_CHECK) % csc._CHECK_EVERY == 0 \
-        and every % csc._CHECK_EVERY == 0  # the sparser schedule's check points are among the eager one's
+
+
+@pytest.mark.parametrize("power_iters", [2, 7])
+def test_replayed_products_are_checked_later_and_further_apart(monkeypatch, power_iters):
+    """Where training's refresh replays its products as CUDA graphs (run here the GPU's way), its does-it-still-rise
+    checks, host syncs there, come after _FIRST_CHECK_REPLAYED products and then every _CHECK_EVERY_REPLAYED, moved
+    onto the eager schedule's check points (layers asking for 7 products: 7, 9, ... eagerly, 11, 17, ... replayed),
+    so on the same weights a refresh stops no earlier and its step sizes are at least as large; and over a few
+    steps it makes fewer checks."""
+    _as_the_gpu_replays(monkeypatch)
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
+    for _, layer in sdnet.csc_layers(model):
+        layer.power_iters = power_iters
+    (first, every), (eager_first, eager_every) = (csc._check_schedule(r, power_iters) for r in (True, False))
+    assert first > eager_first and every > eager_every
     x = smooth_images(4, size=16)
     model(x)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -707,12 +715,32 @@ def test_replayed_products_are_checked_later_and_further_apart(monkeypatch):
         for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(plain)):
             assert a._lipschitz.item() >= b._lipschitz.item() * (1 - 1e-5), (step, name)
     assert _StandInGraph.replays > 0
-    for mine, theirs in zip(replayed, eager):
-        assert 1 <= len(mine) <= len(theirs), (mine, theirs)
-        products = [n for check in mine for n in check]
-        assert min(products) == first and all((n - first) % every == 0 for n in products), mine
-        assert all(n % 2 == 0 for check in theirs for n in check)  # the eager schedule: 6, then 2 at a time
+    for schedule, (start, step) in ((replayed, (first, every)), (eager, (eager_first, eager_every))):
+        products = [n for checks in schedule for check in checks for n in check]
+        assert min(products) == start and all((n - start) % step == 0 for n in products), schedule
+        assert all((n - eager_first) % eager_every == 0 for n in products)  # on the eager check points
     assert sum(map(len, replayed)) < sum(map(len, eager))
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_a_refresh_that_never_settles_stops_at_its_cap_in_a_basis_of_its_most(monkeypatch, replayed):
+    """A refresh whose estimates keep rising checks on its schedule up to _MORE_PRODUCTS more products (rounded up
+    to its step) and stops there, its kept basis then exactly `most` vectors long: 10, 16, ..., 40 products and 41
+    vectors replayed; 6, 8, ..., 36 and 37 eager."""
+    _as_the_gpu_replays(monkeypatch)
+    monkeypatch.setattr(csc, "_POWER_TOL", -1.0)  # every check sees a rise
+    model = sdnet.build_model("sdnet18", width=4)
+    x = smooth_images(2, size=8)
+    model(x)
+    with torch.no_grad():
+        model.conv1.weight.mul_(1.01)
+    checks = _checks_of_refresh(monkeypatch, model, cuda_graphs=replayed)
+    first, every = csc._check_schedule(replayed, model.conv1.power_iters)
+    last = first + -(-csc._MORE_PRODUCTS // every) * every
+    assert checks == [[n] for n in range(first, last + 1, every)]
+    (state,) = _states_of(model)
+    assert state.size == state.most == state.Q.shape[1] == last + 1
+    assert (last, state.size) == ((40, 41) if replayed else (36, 37))
 
 
 @pytest.mark.parametrize("capture", ["works", "refused", "not asked for", "few kept"])
@@ -913,10 +941,12 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     refresh makes two convolutions per product, grouping layers as on a GPU needs fewer products (grouped) and no
     more ops; the library's refresh rule and grouping are set back afterwards."""
     launch_count = bench_module("launch_count")
-    library = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES)
+    library = (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES), set(csc._KEPT_STATE_DEVICES),
+               csc._replayed, csc._Lanczos._extend)
     rows = launch_count.main(["--models", "resnet18", "sdnet18_all", "--width", "4", "--batch", "2",
                               "--warmup", "1", "--steps", "1", "--tol", "1e-3"])
-    assert (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._UNGROUPED_DEVICES) == library
+    assert (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._UNGROUPED_DEVICES, csc._KEPT_STATE_DEVICES,
+            csc._replayed, csc._Lanczos._extend) == library
     by = {(r["model"], r["grouping"]): r for r in rows}
     assert by["resnet18", "cpu"]["refresh"] == 0 and by["resnet18", "cpu"]["update"] > 100
     cpu, gpu = by["sdnet18_all", "cpu"], by["sdnet18_all", "gpu"]
