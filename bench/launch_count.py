@@ -1,16 +1,18 @@
 """Kernel launches of a training step, counted without a GPU (`python bench/launch_count.py --help`).
 
 A GPU runs a step on 128 CIFAR images in a few milliseconds, so the number of kernels it is asked to launch
-weighs there (likely, not profiled: bench/README.md), far more than on the CPU, where the convolutions'
+weighs there (bench/step_profile.py showed it on an H200: bench/README.md), far more than on the CPU, where the convolutions'
 arithmetic dominates. This counts the tensor operations a step dispatches, on the CPU, as a proxy that does not
 need the GPU: every aten operation except views, and except the refresh's host-side work (its small tridiagonal
-eigenproblems, in float64, which stay on the host on a GPU too). An operation is about one kernel launch (a
+eigenproblems, in float64, which stay on the host on a GPU too; the does-it-still-rise rule on their results,
+host work as well, is counted in every column but the last). An operation is about one kernel launch (a
 cuDNN convolution may launch more). Each model is set up as in bench/train_throughput.py (fixed random
 batch, SGD at lr 0.05 from a fresh model; the SGD step in torch's multi-tensor kernels, as on a GPU) and counted
 for the update (forward, loss, backward, SGD step, `sdnet.project_dictionaries`) and for `sdnet.refresh_step_sizes`, whose layers are grouped as on the CPU (one
 layer per group) or as on a GPU (layers of one geometry in grouped convolutions, groups whose codes are within
-2x in length sharing one Lanczos state; the last column counts the same refresh on the same weights with a
-state per group, as before shared states). The update's count does not depend on the batch size; the refresh's
+2x in length sharing one Lanczos state; a further column counts the same refresh on the same weights with a
+state per group, as before shared states, and the last two count it as a GPU runs it now: states kept, each run of
+products one replayed CUDA graph, checked on the replayed schedule). The update's count does not depend on the batch size; the refresh's
 does a little (its products depend on the weights, which the batch moves).
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
-        self.muted = False
+        self.host: collections.Counter = collections.Counter()  # ops tallied apart inside `host_checks_apart`
+        self.muted = self.on_host = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -53,7 +56,7 @@ class CountOps(TorchDispatchMode):
                    if isinstance(t, torch.Tensor)]
         if not self.muted and not func.is_view and func not in METADATA_ONLY and \
                 not any(t.dtype == torch.float64 for t in tensors):
-            self.ops[func.overloadpacket.__name__] += 1
+            (self.host if self.on_host else self.ops)[func.overloadpacket.__name__] += 1
         return out
 
 
@@ -63,6 +66,30 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
     with torch.no_grad():
         for a, b in zip(target.parameters(), source.parameters()):
             a.copy_(b)
+
+
+@contextlib.contextmanager
+def host_checks_apart(counter: CountOps):
+    """The refresh's does-it-still-rise rule (`csc._still_rising`) and the settling of its parts on the result
+    (`settle`) tallied in `counter.host`, not `counter.ops`: on a GPU they work on host tensors, no launch."""
+    names = [(csc, "_still_rising"), (csc._Lanczos, "settle"), (csc._Power, "settle")]
+    real = [getattr(owner, name) for owner, name in names]
+
+    def apart(fn):
+        def call(*args, **kwargs):
+            was, counter.on_host = counter.on_host, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.on_host = was
+        return call
+    for (owner, name), fn in zip(names, real):
+        setattr(owner, name, apart(fn))
+    try:
+        yield
+    finally:
+        for (owner, name), fn in zip(names, real):
+            setattr(owner, name, fn)
 
 
 @contextlib.contextmanager
@@ -104,7 +131,7 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
         with CountOps() as counted, products_as_graphs(counted):
             copy_weights(trainer.model, kept_twin)
             sdnet.refresh_step_sizes(kept_twin)
-        update, refresh, products, unshared, graphs = [], [], [], [], []
+        update, refresh, products, unshared, graphs, launches = [], [], [], [], [], []
         for _ in range(args.steps):
             with CountOps() as counted:
                 trainer.update()
@@ -116,9 +143,10 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
                 unshared.append(sum(counted.ops.values()))
             if grouping == "gpu":  # the same refresh on the same weights, its products as CUDA graphs
                 copy_weights(trainer.model, kept_twin)
-                with CountOps() as counted, products_as_graphs(counted):
+                with CountOps() as counted, products_as_graphs(counted), host_checks_apart(counted):
                     sdnet.refresh_step_sizes(kept_twin)
-                graphs.append(sum(counted.ops.values()) - counted.ops["product (in a graph)"])
+                launches.append(sum(counted.ops.values()) - counted.ops["product (in a graph)"])
+                graphs.append(launches[-1] + sum(counted.host.values()))  # as counted before the host checks' tally
             with CountOps() as counted:
                 trainer.refresh_step_sizes()
             refresh.append(sum(counted.ops.values()))
@@ -127,7 +155,8 @@ def count(model: str, args: argparse.Namespace, grouping: str) -> dict:
         csc._UNGROUPED_DEVICES = library
     return dict(model=model, grouping=grouping, update=statistics.median(update), refresh=statistics.median(refresh),
                 products=statistics.median(products), unshared=statistics.median(unshared) if unshared else None,
-                graphs=statistics.median(graphs) if graphs else None)
+                graphs=statistics.median(graphs) if graphs else None,
+                launches=statistics.median(launches) if launches else None)
 
 
 @contextlib.contextmanager
@@ -153,21 +182,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="the library's refresh, or the power iteration (mix 0.3) it replaced, as in train_throughput")
     p.add_argument("--tol", type=float, default=csc._POWER_TOL,
                    help="stop once a product raises the estimate by less than this (default: the library's)")
+    p.add_argument("--replayed-checks", type=train_throughput.check_schedule, default=None, metavar="FIRST:EVERY",
+                   help="the replayed products' schedule of checks for the last two columns (default: the library's "
+                        f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED})")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rule = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL
     csc._METHOD, csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else train_throughput.LIBRARY_REFRESH
     csc._POWER_TOL = args.tol
     try:
-        rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
+        with train_throughput.replayed_checks(args.replayed_checks):
+            schedule = f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}"
+            rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
     finally:
         csc._METHOD, csc._POWER_MIX, csc._POWER_TOL = rule  # set back for a caller in the same process
     print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
-          f"median of {args.steps} steps after {args.warmup}\n")
+          f"median of {args.steps} steps after {args.warmup}; replayed products checked on the schedule {schedule}\n")
     print("| model | ops per update | refresh, grouped as on | ops per refresh | A^T A products (grouped) "
           "| refresh ops / update ops | ops per refresh, each group alone (same weights) "
-          "| launches per refresh, its products replayed as CUDA graphs (a GPU's way now) |"
-          "\n|---|---:|---|---:|---:|---:|---:|---:|")
+          "| launches per refresh, its products replayed as CUDA graphs (a GPU's way now) "
+          "| the same, the host checks' work left out |"
+          "\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["refresh"] == 0 and r["grouping"] == "gpu":
             continue  # no CSC layer: nothing to refresh, one row is enough
@@ -175,9 +210,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grouping = "-" if not r["refresh"] else ("the CPU (a layer per group)" if r["grouping"] == "cpu"
                                                  else "a GPU (one group per geometry)")
         alone_ops = "-" if r["unshared"] is None or not r["refresh"] else f"{r['unshared']:.0f}"
-        graphs = "-" if r["graphs"] is None or not r["refresh"] else f"{r['graphs']:.0f}"
+        graphs, launches = ("-" if r[k] is None or not r["refresh"] else f"{r[k]:.0f}" for k in ("graphs", "launches"))
         print(f"| {r['model']} | {r['update']:.0f} | {grouping} | {r['refresh']:.0f} | {r['products']:.0f} | {ratio} "
-              f"| {alone_ops} | {graphs} |")
+              f"| {alone_ops} | {graphs} | {launches} |")
     return rows
 
 

@@ -735,6 +735,11 @@ def _stack_rows(out: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _still_rising(prev: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
+    """Which rows' estimates the last product raised by more than _POWER_TOL (relative): host tensors, host work."""
+    return est - prev > _POWER_TOL * est
+
+
 def _replayed(device: torch.device) -> bool:
     """Whether training's refresh replays its products as CUDA graphs on this device (when asked to)."""
     return _METHOD == "lanczos" and device.type in _KEPT_STATE_DEVICES and device.type in _GRAPH_DEVICES
@@ -870,7 +875,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             rising = []
             for i, (prev, est) in zip(live, _estimates([states[i] for i in live])):
                 final[i] = est
-                if round_ < schedules[i][1] and states[i].settle(est - prev > _POWER_TOL * est):
+                if round_ < schedules[i][1] and states[i].settle(_still_rising(prev, est)):
                     rising.append(i)
             live = rising
             if not live:

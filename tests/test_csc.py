@@ -953,7 +953,15 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     assert cpu["update"] > by["resnet18", "cpu"]["update"] and cpu["products"] >= 17 * csc._FIRST_CHECK
     assert gpu["products"] < cpu["products"] and gpu["refresh"] <= cpu["refresh"]
     assert gpu["unshared"] > gpu["refresh"] and cpu["unshared"] is None  # shared states: fewer ops, same weights
-    assert "| sdnet18_all |" in capsys.readouterr().out
+    # replayed: far fewer launches than ops; the host checks' work (a subtraction, a comparison... per check) apart
+    assert gpu["launches"] < gpu["graphs"] < gpu["refresh"] and cpu["graphs"] is None
+    out = capsys.readouterr().out
+    assert "| sdnet18_all |" in out and f"schedule {csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}" in out
+    library = csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos.settle
+    launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1", "--steps", "1",
+                       "--replayed-checks", "6:2"])
+    assert "schedule 6:2" in capsys.readouterr().out
+    assert (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos.settle) == library
 
 
 def test_cold_estimate_benchmark_runs(capsys):
