@@ -853,14 +853,17 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
         shared = _shared_states(starts)
         states, schedules = [], []
         for members in shared:
-            # (a state whose capture CUDA refused, or a run beyond _GRAPHS_KEPT, keeps this schedule though its
-            # products then run kernel by kernel: rare, and its step sizes only the larger)
-            first_check, every = _check_schedule(kept and graphs and _replayed(starts[members[0]][1].device),
-                                                 max(groups[i][1][0].power_iters for i in members))
+            replayed = kept and graphs and _replayed(starts[members[0]][1].device)
+            power_iters = max(groups[i][1][0].power_iters for i in members)
+            first_check, every = _check_schedule(replayed, power_iters)
             rounds = -(-_MORE_PRODUCTS // every)  # checks after the first that may ask for more products
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
-            most = first_check + rounds * every + 1
+            most = first_check + rounds * every + 1  # (the eager schedule never needs more)
             state = _kept_state([groups[i] for i in members], vs, rs, most, graphs) if kept else None
+            if replayed and state.graphs is None:  # CUDA refused a capture: its products run kernel by kernel
+                first_check, every = _check_schedule(False, power_iters)
+                rounds = -(-_MORE_PRODUCTS // every)
+            # (a run beyond _GRAPHS_KEPT, or one seen for the first time, runs eagerly on the replayed schedule)
             state = state or _estimator(
                 [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
             state.extend(first_check)

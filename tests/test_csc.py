@@ -570,11 +570,14 @@ def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
         assert L == pytest.approx(alone._lipschitz.item(), rel=0.05), name
 
 
-def _train_and_refresh(model, x, steps: int, **refresh) -> list[list[float]]:
-    """A few SGD steps at lr 0.1, each followed by projection and refresh_step_sizes: every step's step sizes."""
+def _train_and_refresh(model, x, steps: int, before=None, **refresh) -> list[list[float]]:
+    """A few SGD steps at lr 0.1, each followed by projection and refresh_step_sizes: every step's step sizes.
+    `before(step)`, if given, is called before each step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     seen = []
-    for _ in range(steps):
+    for step in range(steps):
+        if before:
+            before(step)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
@@ -747,12 +750,15 @@ def test_a_refresh_that_never_settles_stops_at_its_cap_in_a_basis_of_its_most(mo
 def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
     are seen once, captured the second time and replayed after, at the addresses they were captured at (the step
-    sizes of fresh states, step after step, the bases growing on the way); a capture CUDA refuses turns the state's
-    graphs off and its products run as they are; cuda_graphs=False captures nothing; at most _GRAPHS_KEPT a state."""
+    sizes of fresh states checked on the same schedule, step after step, the bases growing on the way); a capture
+    CUDA refuses turns the state's graphs off, its products run as they are and, from the next refresh on, are
+    checked as eager ones; cuda_graphs=False captures nothing; at most _GRAPHS_KEPT a state."""
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
-    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 8)  # less room than a refresh needs: the bases grow in it
+    # less room than a refresh needs: the bases grow in it (but for a refused capture: room for all from the
+    # start, so that no growth forgets a run of products and every state's capture is refused at its second refresh)
+    monkeypatch.setattr(csc, "_KEPT_CAPACITY", 64 if capture == "refused" else 8)
     if capture == "few kept":
         monkeypatch.setattr(csc, "_GRAPHS_KEPT", 1)
     captured = []
@@ -772,13 +778,22 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     _StandInGraph.replays = 0
     got = _train_and_refresh(model, x, 5, cuda_graphs=capture != "not asked for")
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
-    if capture != "not asked for":  # the schedule of checks the replayed products had, for fresh states
-        _replayed_schedule_everywhere(monkeypatch)
-    expected = _train_and_refresh(fresh, x, 5)
+    eager = csc._FIRST_CHECK, csc._CHECK_EVERY
+
+    def schedule(step):
+        """Fresh states checked as the kept ones were: on the replayed schedule while they had graphs (a refused
+        capture, at the second refresh, turns them off: the eager schedule from the third on)."""
+        if capture == "not asked for" or (capture == "refused" and step >= 2):
+            monkeypatch.setattr(csc, "_FIRST_CHECK", eager[0])
+            monkeypatch.setattr(csc, "_CHECK_EVERY", eager[1])
+        else:
+            _replayed_schedule_everywhere(monkeypatch)
+    expected = _train_and_refresh(fresh, x, 5, before=schedule)
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-5), step
     states = _states_of(model)
-    assert states and max(state.Q.shape[1] for state in states) > 8
+    assert states and max(state.Q.shape[1] for state in states) > 8 and all(state.Q.shape[1] <= state.most
+                                                                            for state in states)
     graphs = [g for state in states for g in (state.graphs or {}).values() if isinstance(g, _StandInGraph)]
     if capture == "works":
         assert captured and _StandInGraph.replays > len(captured) and len(graphs) == len(captured)
