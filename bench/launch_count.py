@@ -70,9 +70,11 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def host_checks_apart(counter: CountOps):
-    """The refresh's does-it-still-rise rule (`csc._still_rising`) and the settling of its parts on the result
-    (`settle`) tallied in `counter.host`, not `counter.ops`: on a GPU they work on host tensors, no launch."""
-    names = [(csc, "_still_rising"), (csc._Lanczos, "settle"), (csc._Power, "settle")]
+    """The refresh's does-it-still-rise rule (`csc._still_rising`) and the choice of the parts that stop on its
+    result (`_Lanczos._stopping`, `_Power.settle`) tallied in `counter.host`, not `counter.ops`: on a GPU they work
+    on host tensors, no launch. (What `_Lanczos.settle` then writes into the stopped parts' rows is counted: on a
+    GPU those are launches.)"""
+    names = [(csc, "_still_rising"), (csc._Lanczos, "_stopping"), (csc._Power, "settle")]
     real = [getattr(owner, name) for owner, name in names]
 
     def apart(fn):

@@ -506,6 +506,7 @@ class _Lanczos:
         # the products of a shared state, written into one zero-padded buffer
         self.out = self.Q.new_zeros(rows, 1, n) if len(parts) > 1 else None
         self.graphs: dict | None = None  # CUDA graphs of `extend`, when kept across refreshes (_kept_state)
+        self.capture_refused = False  # CUDA refused one: graphs off for good, products kernel by kernel
         self.capture_on = None  # (stream, memory pool) of the captures
         self.most = most  # basis vectors it will ever need, if known: it grows no further
         self.restart([v for _, v in parts], randoms)
@@ -571,7 +572,7 @@ class _Lanczos:
                 return graph
             except RuntimeError as exc:
                 warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
-                self.graphs = None
+                self.graphs, self.capture_refused = None, True
                 return None
             finally:
                 self.size = size
@@ -615,16 +616,24 @@ class _Lanczos:
         """Given which rows still rise (host booleans), stop the products of the parts with none: their rows
         then get a zero product, and their last coupling (to the basis vector whose product they will not
         make) is cut, so T only gains rows of zeros there and their Ritz values stay exactly where they are, as
-        if the part had stopped on its own. Whether any part goes on."""
-        row = 0
+        if the part had stopped on its own. Whether any part goes on. (When none does, no product follows and
+        nothing is written: the estimates are already taken, and a restart writes every row again.)"""
+        stopping = self._stopping(rising)
+        self.settled.update(k for k, _, _ in stopping)
+        if self.out is not None and self.live_parts() > 0:
+            for _, row, rows in stopping:
+                self.out[row:row + rows].zero_()
+                self.beta[row:row + rows, self.size - 2] = 0
+        return self.live_parts() > 0
+
+    def _stopping(self, rising: torch.Tensor) -> list[tuple[int, int, int]]:
+        """(part, its first row, its rows) of each live part none of whose rows still rises: host work only."""
+        out, row = [], 0
         for k, (_, shape) in enumerate(self.parts):
             if k not in self.settled and not bool(rising[row:row + shape[0]].any()):
-                self.settled.add(k)
-                if self.out is not None:
-                    self.out[row:row + shape[0]].zero_()
-                    self.beta[row:row + shape[0], self.size - 2] = 0
+                out.append((k, row, shape[0]))
             row += shape[0]
-        return self.live_parts() > 0
+        return out
 
     def live_parts(self) -> int:
         """The parts still making products: each product is one grouped convolution pair per live part."""
@@ -860,7 +869,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             vs, rs = [starts[i][1] for i in members], [starts[i][2] for i in members]
             most = first_check + rounds * every + 1  # (the eager schedule never needs more)
             state = _kept_state([groups[i] for i in members], vs, rs, most, graphs) if kept else None
-            if replayed and state.graphs is None:  # CUDA refused a capture: its products run kernel by kernel
+            if state is not None and state.capture_refused:  # its products run kernel by kernel now
                 first_check, every = _check_schedule(False, power_iters)
                 rounds = -(-_MORE_PRODUCTS // every)
             # (a run beyond _GRAPHS_KEPT, or one seen for the first time, runs eagerly on the replayed schedule)

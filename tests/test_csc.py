@@ -765,8 +765,8 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
 
     def stand_in(self, n):
         captured.append((self.size, n))
-        if capture == "refused":
-            self.graphs = None
+        if capture == "refused":  # as _capture does when CUDA refuses
+            self.graphs, self.capture_refused = None, True
             return None
         return _StandInGraph(self, n)
     monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
@@ -956,8 +956,8 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     refresh makes two convolutions per product, grouping layers as on a GPU needs fewer products (grouped) and no
     more ops; the library's refresh rule and grouping are set back afterwards."""
     launch_count = bench_module("launch_count")
-    library = (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES), set(csc._KEPT_STATE_DEVICES),
-               csc._replayed, csc._Lanczos._extend)
+    library = library_rule = (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES),
+                              set(csc._KEPT_STATE_DEVICES), csc._replayed, csc._Lanczos._extend)
     rows = launch_count.main(["--models", "resnet18", "sdnet18_all", "--width", "4", "--batch", "2",
                               "--warmup", "1", "--steps", "1", "--tol", "1e-3"])
     assert (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._UNGROUPED_DEVICES, csc._KEPT_STATE_DEVICES,
@@ -972,11 +972,22 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     assert gpu["launches"] < gpu["graphs"] < gpu["refresh"] and cpu["graphs"] is None
     out = capsys.readouterr().out
     assert "| sdnet18_all |" in out and f"schedule {csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}" in out
-    library = csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos.settle
-    launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1", "--steps", "1",
-                       "--replayed-checks", "6:2"])
+    library = (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos._stopping,
+               csc._Power.settle)
+    # the replayed products checked on the library's schedule and on the eager one, on the same weights (the
+    # trainer's own refresh is never replayed): the sparser checks make fewer launches and host operations
+    common = ["--models", "sdnet18_all", "--width", "4", "--batch", "2", "--warmup", "1", "--steps", "1"]
+    (_, sparse), (_, eager) = launch_count.main(common), launch_count.main(common + ["--replayed-checks", "6:2"])
     assert "schedule 6:2" in capsys.readouterr().out
-    assert (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos.settle) == library
+    assert (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED, csc._still_rising, csc._Lanczos._stopping,
+            csc._Power.settle) == library
+    assert sparse["update"] == eager["update"] and sparse["refresh"] == eager["refresh"]  # the same weights
+    assert sparse["launches"] < eager["launches"] and sparse["graphs"] - sparse["launches"] < \
+        eager["graphs"] - eager["launches"]
+    # the power refresh it compares with runs too (states not kept: nothing replayed)
+    power = launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1", "--steps",
+                               "1", "--refresh", "power", "--tol", "1e-3"])
+    assert power[1]["products"] >= 2 and csc._METHOD == library_rule[0]
 
 
 def test_cold_estimate_benchmark_runs(capsys):
