@@ -108,15 +108,18 @@ def check_schedule(text: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def replayed_checks(schedule: tuple[int, int] | None):
-    """The library's schedule of checks for replayed products set to `schedule` (None: left as it is) inside."""
-    library = sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED
-    if schedule:
-        sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED = schedule
+def replayed_checks(schedule: tuple[int, int] | None, replayed: bool = True):
+    """The library's schedule of checks for replayed products (`replayed=False`: for eager ones) set to `schedule`
+    (None: left as it is) inside the block, and set back after."""
+    names = ("_FIRST_CHECK_REPLAYED", "_CHECK_EVERY_REPLAYED") if replayed else ("_FIRST_CHECK", "_CHECK_EVERY")
+    library = tuple(getattr(sdnet.csc, name) for name in names)
     try:
+        for name, value in zip(names, schedule or library):
+            setattr(sdnet.csc, name, value)
         yield
     finally:
-        sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED = library
+        for name, value in zip(names, library):
+            setattr(sdnet.csc, name, value)
 
 
 def pick_device(name: str) -> torch.device:
