@@ -761,14 +761,16 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     monkeypatch.setattr(csc, "_KEPT_CAPACITY", 64 if capture == "refused" else 8)
     if capture == "few kept":
         monkeypatch.setattr(csc, "_GRAPHS_KEPT", 1)
-    captured = []
+    captured, made = [], []
 
     def stand_in(self, n):
         captured.append((self.size, n))
         if capture == "refused":  # as _capture does when CUDA refuses
             self.graphs, self.capture_refused = None, True
             return None
-        return _StandInGraph(self, n)
+        made.append(_StandInGraph(self, n))
+        made[-1].basis = self.Q  # (held: its memory can't come back at the same address for a grown basis)
+        return made[-1]
     monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False)
@@ -796,7 +798,11 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
                                                                             for state in states)
     graphs = [g for state in states for g in (state.graphs or {}).values() if isinstance(g, _StandInGraph)]
     if capture == "works":
-        assert captured and _StandInGraph.replays > len(captured) and len(graphs) == len(captured)
+        # every graph is kept until its state's basis grows (how often that happens after a capture depends on
+        # the estimates' last digits: torch's version, the thread count); the kept ones are those whose buffers stayed
+        unmoved = [g for g in made if g.basis is g.state.Q]
+        assert captured and _StandInGraph.replays > len(captured) and graphs
+        assert sorted(map(id, graphs)) == sorted(map(id, unmoved))
     elif capture == "refused":
         assert captured and _StandInGraph.replays == 0 and all(state.graphs is None for state in states)
     elif capture == "not asked for":
