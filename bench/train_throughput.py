@@ -332,6 +332,16 @@ def evaluate_targets(results: dict, base: str) -> list[dict]:
     return out
 
 
+def graph_states(model: torch.nn.Module) -> dict:
+    """The refresh's kept states of `model` (a GPU's), the CUDA graphs they hold, and how many had a capture refused
+    (their products then run kernel by kernel: a run 10 capture failure showed only as one warning)."""
+    layers = [layer for _, layer in sdnet.csc_layers(model)]
+    states = {id(s): s for layer, kept in sdnet.csc._KEPT.items() if any(layer is mine for mine in layers)
+              for s in kept.values()}.values()
+    return {"kept_states": len(states), "refused": sum(s.capture_refused for s in states),
+            "graphs": sum(1 for s in states for g in (s.graphs or {}).values() if g)}
+
+
 def table(report: dict) -> str:
     res, base = report["results"], report["config"]["models"][0]
     lines = [f"| model | images/s (median round) | x {base}: median of per-round ratios (quartiles) "
@@ -350,6 +360,10 @@ def table(report: dict) -> str:
                      f"| {r['best_round_ratio']:.2f} "
                      f"| {mem_cells} | {ss_cell} "
                      f"| {r['page_faults_per_step']:.0f} ({min(rounds):.0f}-{max(rounds):.0f}) |")
+    graphs = [f"- {name}: {g['graphs']} CUDA graphs in {g['kept_states']} kept refresh states, {g['refused']} of "
+              "them refused a capture (their products ran kernel by kernel)"
+              for name, r in res.items() if (g := r.get("cuda_graphs")) and g["kept_states"]]
+    lines += [""] + graphs if graphs else []
     lines += [""] + [f"- {t['model']} {t['measure']}: {t['ratio']:.2f}x {base} (target {t['target']}): "
                      f"{'met' if t['met'] else 'MISSED'}" for t in report["targets"]]
     fit = report.get("at_equal_faults")
@@ -395,6 +409,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
                          "page_faults_per_step": statistics.median(faults[name]),
                          "rounds_page_faults_per_step": faults[name],
                          "step_size": measure_step_size_cost(t, args, device) if t.csc else None}
+        if t.csc:
+            results[name]["cuda_graphs"] = graph_states(t.model)
     del trainers
     if not args.no_memory:
         for name in args.models:

@@ -532,6 +532,9 @@ class _Lanczos:
             self.alpha, self.beta = self.entries
             if self.graphs:
                 self.graphs.clear()  # they read the old buffers
+                # and their memory pool, no graph left on it, cannot be shared by a new capture (CUDA's allocator
+                # asserts use_count > 0, and the capture was refused: run 9, reports/cuda-check): a new one
+                self.capture_on = None
 
     def extend(self, n: int) -> None:
         """n more products. With `graphs` (CUDA): the first time a (start, n, settled parts) comes up its

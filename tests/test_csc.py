@@ -647,8 +647,13 @@ def _states_of(model) -> list:
 
 def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     """A kept state whose basis must grow (a refresh needing more products than it had room for) forgets its graphs:
-    they read the old buffers. The same run of products then runs as it is again, to the same estimates."""
-    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n: _StandInGraph(self, n))
+    they read the old buffers, and their memory pool (on CUDA a pool no graph holds any more cannot be shared by a
+    new capture: the next capture makes a new one). The same run of products then runs as it is again, to the same
+    estimates."""
+    def stand_in(self, n):
+        self.capture_on = self.capture_on or ("stream", object())  # as _capture makes them
+        return _StandInGraph(self, n)
+    monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
     apply = csc._NormalOperator([make_layer(3, 6, 3, 1, seed=1)], (6, 6), static=True)
     v = torch.randn(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     state, fresh = csc._Lanczos([(apply, v)], capacity=3, most=10), csc._Lanczos([(apply, v)])
@@ -656,9 +661,10 @@ def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     for _ in range(3):  # seen once, captured, replayed
         state.restart([v])
         state.extend(2)
-    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph)
+    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph) and state.capture_on is not None
     state.extend(2)  # 3 + 2 vectors: the basis grows
     assert state.Q.shape[1] > 3 and not any(isinstance(g, _StandInGraph) for g in state.graphs.values())
+    assert state.capture_on is None
     state.restart([v])
     state.extend(4)
     fresh.extend(4)
@@ -825,9 +831,18 @@ def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
     with mp.context() as patched:
         _replayed_schedule_everywhere(patched)  # the replayed products' schedule of checks, for eager ones
         expected = _train_and_refresh(eager, x, 5, cuda_graphs=False)
-    got = _train_and_refresh(model, x, 5)
-    graphs = [g for state in _states_of(model) for g in (state.graphs or {}).values()
-              if isinstance(g, torch.cuda.CUDAGraph)]
+
+    def grow(step):
+        """Before the fourth refresh (graphs captured at the second and replayed at the third), every basis grows:
+        its graphs go, the fourth refresh sees its runs of products anew and the fifth captures them again."""
+        if step == 3:
+            for state in _states_of(model):
+                assert state.graphs
+                state._reserve(state.Q.shape[1] - state.size + 1)
+    got = _train_and_refresh(model, x, 5, before=grow)
+    states = _states_of(model)
+    assert states and not any(state.capture_refused for state in states), "CUDA refused a capture (see the warning)"
+    graphs = [g for state in states for g in (state.graphs or {}).values() if isinstance(g, torch.cuda.CUDAGraph)]
     assert graphs, "no CUDA graph was captured"
     assert _states_of(eager) and all(state.graphs is None for state in _states_of(eager))
     for step, (a, b) in enumerate(zip(got, expected)):
