@@ -532,9 +532,11 @@ class _Lanczos:
             self.alpha, self.beta = self.entries
             if self.graphs:
                 self.graphs.clear()  # they read the old buffers
-                # and their memory pool, no graph left on it, cannot be shared by a new capture (CUDA's allocator
-                # asserts use_count > 0, and the capture was refused: run 9, reports/cuda-check): a new one
-                self.capture_on = None
+                # and their memory pool, no graph left on it (but kept alive, by the side stream's cuBLAS
+                # workspace), cannot be shared by a new capture (PyTorch's CUDA caching allocator asserts
+                # use_count > 0, and the capture was refused: run 9, reports/cuda-check): a new pool, same stream
+                if self.capture_on is not None:
+                    self.capture_on = self.capture_on[0], torch.cuda.graph_pool_handle()
 
     def extend(self, n: int) -> None:
         """n more products. With `graphs` (CUDA): the first time a (start, n, settled parts) comes up its

@@ -648,8 +648,8 @@ def _states_of(model) -> list:
 def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     """A kept state whose basis must grow (a refresh needing more products than it had room for) forgets its graphs:
     they read the old buffers, and their memory pool (on CUDA a pool no graph holds any more cannot be shared by a
-    new capture: the next capture makes a new one). The same run of products then runs as it is again, to the same
-    estimates."""
+    new capture: the next capture gets a new one, on the same side stream). The same run of products then runs as
+    it is again, to the same estimates."""
     def stand_in(self, n):
         self.capture_on = self.capture_on or ("stream", object())  # as _capture makes them
         return _StandInGraph(self, n)
@@ -661,10 +661,11 @@ def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     for _ in range(3):  # seen once, captured, replayed
         state.restart([v])
         state.extend(2)
-    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph) and state.capture_on is not None
+    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph)
+    stream, pool = state.capture_on
     state.extend(2)  # 3 + 2 vectors: the basis grows
     assert state.Q.shape[1] > 3 and not any(isinstance(g, _StandInGraph) for g in state.graphs.values())
-    assert state.capture_on is None
+    assert state.capture_on[0] is stream and state.capture_on[1] != pool
     state.restart([v])
     state.extend(4)
     fresh.extend(4)
@@ -752,13 +753,14 @@ def test_a_refresh_that_never_settles_stops_at_its_cap_in_a_basis_of_its_most(mo
     assert (last, state.size) == ((40, 41) if replayed else (36, 37))
 
 
-@pytest.mark.parametrize("capture", ["works", "refused", "not asked for", "few kept"])
+@pytest.mark.parametrize("capture", ["works", "grown", "refused", "not asked for", "few kept"])
 def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
     are seen once, captured the second time and replayed after, at the addresses they were captured at (the step
     sizes of fresh states checked on the same schedule, step after step, the bases growing on the way); a capture
     CUDA refuses turns the state's graphs off, its products run as they are and, from the next refresh on, are
-    checked as eager ones; cuda_graphs=False captures nothing; at most _GRAPHS_KEPT a state."""
+    checked as eager ones; cuda_graphs=False captures nothing; at most _GRAPHS_KEPT a state; a basis grown after
+    its captures keeps none of those graphs and captures anew."""
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
@@ -784,7 +786,14 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     x = smooth_images(4, size=16)
     model(x), fresh(x)
     _StandInGraph.replays = 0
-    got = _train_and_refresh(model, x, 5, cuda_graphs=capture != "not asked for")
+
+    def grow(step):
+        """(grown) Every basis grows before the fourth refresh, after its graphs were captured: they go, and the
+        fifth refresh captures them again."""
+        if step == 3 and capture == "grown":
+            for state in _states_of(model):
+                state._reserve(state.Q.shape[1] - state.size + 1)
+    got = _train_and_refresh(model, x, 5, before=grow, cuda_graphs=capture != "not asked for")
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", set())
     eager = csc._FIRST_CHECK, csc._CHECK_EVERY
 
@@ -809,6 +818,9 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
         unmoved = [g for g in made if g.basis is g.state.Q]
         assert captured and _StandInGraph.replays > len(captured) and graphs
         assert sorted(map(id, graphs)) == sorted(map(id, unmoved))
+    elif capture == "grown":
+        unmoved = [g for g in made if g.basis is g.state.Q]
+        assert graphs and len(unmoved) < len(made) and sorted(map(id, graphs)) == sorted(map(id, unmoved))
     elif capture == "refused":
         assert captured and _StandInGraph.replays == 0 and all(state.graphs is None for state in states)
     elif capture == "not asked for":
