@@ -334,7 +334,7 @@ def evaluate_targets(results: dict, base: str) -> list[dict]:
 
 def graph_states(model: torch.nn.Module) -> dict:
     """The refresh's kept states of `model` (a GPU's), the CUDA graphs they hold, and how many had a capture refused
-    (their products then run kernel by kernel: a run 10 capture failure showed only as one warning)."""
+    (their products then run kernel by kernel: run 9's refused captures showed only as one warning a process)."""
     layers = [layer for _, layer in sdnet.csc_layers(model)]
     states = {id(s): s for layer, kept in sdnet.csc._KEPT.items() if any(layer is mine for mine in layers)
               for s in kept.values()}.values()
@@ -360,8 +360,9 @@ def table(report: dict) -> str:
                      f"| {r['best_round_ratio']:.2f} "
                      f"| {mem_cells} | {ss_cell} "
                      f"| {r['page_faults_per_step']:.0f} ({min(rounds):.0f}-{max(rounds):.0f}) |")
-    graphs = [f"- {name}: {g['graphs']} CUDA graphs in {g['kept_states']} kept refresh states, {g['refused']} of "
-              "them refused a capture (their products ran kernel by kernel)"
+    graphs = [f"- {name}: {g['graphs']} CUDA graph(s) in {g['kept_states']} kept refresh state(s), "
+              + (f"{g['refused']} of them refused a capture (their products ran kernel by kernel)" if g["refused"]
+                 else "no capture refused")
               for name, r in res.items() if (g := r.get("cuda_graphs")) and g["kept_states"]]
     lines += [""] + graphs if graphs else []
     lines += [""] + [f"- {t['model']} {t['measure']}: {t['ratio']:.2f}x {base} (target {t['target']}): "
