@@ -187,19 +187,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--replayed-checks", type=train_throughput.check_schedule, default=None, metavar="FIRST:EVERY",
                    help="the replayed products' schedule of checks for the last two columns (default: the library's "
                         f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED})")
+    p.add_argument("--host-checked-every", type=int, default=None, metavar="N",
+                   help="for the last two columns, one refresh in N checks on the host, the others none (default: "
+                        f"the library's, {csc._HOST_CHECKED_EVERY}; a large N counts refreshes that skip their checks)")
     args = p.parse_args(argv)
+    if args.host_checked_every is not None and args.host_checked_every < 1:
+        p.error("--host-checked-every must be at least 1")
     torch.set_num_threads(args.threads)
-    rule = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL
+    rule = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._HOST_CHECKED_EVERY
     csc._METHOD, csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else train_throughput.LIBRARY_REFRESH
     csc._POWER_TOL = args.tol
+    csc._HOST_CHECKED_EVERY = args.host_checked_every or rule[3]
     try:
         with train_throughput.replayed_checks(args.replayed_checks):
             schedule = f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}"
             rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
     finally:
-        csc._METHOD, csc._POWER_MIX, csc._POWER_TOL = rule  # set back for a caller in the same process
+        csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._HOST_CHECKED_EVERY = rule  # set back for a caller
     print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
-          f"median of {args.steps} steps after {args.warmup}; replayed products checked on the schedule {schedule}\n")
+          f"median of {args.steps} steps after {args.warmup}; replayed products checked on the schedule {schedule}"
+          + (f", on the host in one refresh of {args.host_checked_every}" if (args.host_checked_every or 1) > 1 else "")
+          + "\n")
     print("| model | ops per update | refresh, grouped as on | ops per refresh | A^T A products (grouped) "
           "| refresh ops / update ops | ops per refresh, each group alone (same weights) "
           "| launches per refresh, its products replayed as CUDA graphs (a GPU's way now) "

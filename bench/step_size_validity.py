@@ -52,17 +52,23 @@ def main(argv: list[str] | None = None) -> dict | float:
                    help="Lanczos only: how many top Ritz vectors the warm start sums (default: the library's, %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run (weights, batch) per seed")
     p.add_argument("--checkpoint", type=Path, default=None, help="compare this trained model's stored L instead")
+    p.add_argument("--first-check", type=int, default=sdnet.csc._FIRST_CHECK,
+                   help="Lanczos products before a refresh's first check (default: the library's, %(default)s); with "
+                        "--tols 1 every refresh stops there: a fixed run of products, as a refresh that skips its "
+                        "host checks makes (csc._HOST_CHECKED_EVERY)")
     args = p.parse_args(argv)
-    for name in ("width", "batch", "steps", "every", "check_iters"):
+    for name in ("width", "batch", "steps", "every", "check_iters", "first_check"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint:
         return check_checkpoint(args.checkpoint, args.check_iters)
-    library = library_rule()
+    library, first_check = library_rule(), sdnet.csc._FIRST_CHECK
+    sdnet.csc._FIRST_CHECK = args.first_check
     try:
         return run(args, argv)
     finally:
         set_rule(library)
+        sdnet.csc._FIRST_CHECK = first_check
 
 
 def library_rule() -> tuple[str, float, float, int]:

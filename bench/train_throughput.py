@@ -84,14 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"then every EVERY (default: the library's {sdnet.csc._FIRST_CHECK_REPLAYED}:"
                         f"{sdnet.csc._CHECK_EVERY_REPLAYED}; {sdnet.csc._FIRST_CHECK}:{sdnet.csc._CHECK_EVERY}, the "
                         "eager refresh's, to put a number on what the sparser checks save)")
+    p.add_argument("--host-checked-every", type=int, default=None, metavar="N",
+                   help="on CUDA with graphs, one refresh in N checks its estimates on the host; the others make as "
+                        "many products as the last checked one and find the step size on the device, with no sync "
+                        f"(default: the library's, {sdnet.csc._HOST_CHECKED_EVERY}: every refresh checks)")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one model's memory run
     args = p.parse_args(argv)
-    for name in ("width", "batch", "size", "rounds", "steps", "memory_steps", "refresh_steps"):
-        if getattr(args, name) < 1:
+    for name in ("width", "batch", "size", "rounds", "steps", "memory_steps", "refresh_steps", "host_checked_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
@@ -300,6 +304,8 @@ def measure_memory(name: str, args) -> dict:
         cmd.append("--no-cuda-graphs")
     if args.replayed_checks:
         cmd += ["--replayed-checks", "%d:%d" % args.replayed_checks]
+    if args.host_checked_every:
+        cmd += ["--host-checked-every", str(args.host_checked_every)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -381,13 +387,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
-    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX
+    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._HOST_CHECKED_EVERY
     sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
+    sdnet.csc._HOST_CHECKED_EVERY = args.host_checked_every or rule[2]
     try:
         with replayed_checks(args.replayed_checks):
             return run(args, argv, allocator)
-    finally:
-        sdnet.csc._METHOD, sdnet.csc._POWER_MIX = rule  # set back for a caller in the same process
+    finally:  # set back for a caller in the same process
+        sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._HOST_CHECKED_EVERY = rule
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None) -> dict | None:
@@ -428,7 +435,9 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
     if device.type == "cuda" and args.refresh == "lanczos":
         refresh += ", without CUDA graphs" if args.no_cuda_graphs else (
             ", its products replayed as CUDA graphs, checked after %d products then every %d"
-            % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED))
+            % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED)
+            + (", on the host in one refresh of %d" % sdnet.csc._HOST_CHECKED_EVERY
+               if sdnet.csc._HOST_CHECKED_EVERY > 1 else ""))
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

@@ -509,6 +509,10 @@ class _Lanczos:
         self.capture_refused = False  # CUDA refused one: graphs off for good, products kernel by kernel
         self.capture_on = None  # (stream, memory pool) of the captures
         self.most = most  # basis vectors it will ever need, if known: it grows no further
+        # Kept states that skip host checks (`_HOST_CHECKED_EVERY`): products the last checked refresh made, and
+        # refreshes since then.
+        self.checked_products: int | None = None
+        self.since_checked = 0
         self.restart([v for _, v in parts], randoms)
 
     def restart(self, starts: list[torch.Tensor], randoms: list[torch.Tensor] | None = None) -> None:
@@ -522,6 +526,7 @@ class _Lanczos:
         self.settled: set[int] = set()  # parts that stopped rising: no more products, their rows of `out` zero
         self.size = 1                                                     # basis vectors in use
         self.tridiagonal: torch.Tensor | None = None
+        self.ritz: torch.Tensor | None = None  # the top Ritz vector's coefficients, when found on the device
 
     def _reserve(self, n: int) -> None:
         if self.size + n > self.Q.shape[1]:
@@ -649,19 +654,31 @@ class _Lanczos:
 
     def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The largest Ritz value one product ago and now, per g, from `device_values()` on the host."""
-        entries = host[0][:, :, :self.size - 1].double()
-        alpha, beta = entries[0], entries[1][:, :-1]
-        T = self.tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        T = self.tridiagonal = self._tridiagonal(host[0])
+        self.ritz = None
         # "previous": one product fewer, the Krylov space one smaller (the leading block of T), as for _Power
         prev = torch.linalg.eigvalsh(T[:, :-1, :-1])[:, -1] if T.shape[1] > 1 else torch.zeros(T.shape[0])
         return prev.float(), torch.linalg.eigvalsh(T)[:, -1].float()
+
+    def _tridiagonal(self, entries: torch.Tensor) -> torch.Tensor:
+        """T (G, k, k), in float64, from T's entries (`self.entries` or a host copy) for the products made."""
+        entries = entries[:, :, :self.size - 1].double()
+        alpha, beta = entries[0], entries[1][:, :-1]
+        return torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+
+    def estimate_on_device(self) -> torch.Tensor:
+        """The largest Ritz value per g now, found on the device with no host sync (`_top_eigenpair`), for a
+        refresh that skips its host checks; `vectors` then starts from the Ritz vector found with it."""
+        value, self.ritz = _top_eigenpair(self._tridiagonal(self.entries))
+        return value.float()
 
     def vectors(self) -> list[torch.Tensor]:
         """Per part, the warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last
         check. When the dictionary changes, eigenvalues near the top can swap places; a start with weight on
         each of the old top directions follows the new top one, and Lanczos resolves p such directions in p
         products."""
-        s = torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.Q)   # (G, k)
+        s = self.ritz if self.ritz is not None else torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2)
+        s = s.to(self.Q)                                                                     # (G, k)
         u = (s.unsqueeze(1) @ self.Q[:, :s.shape[1]]).squeeze(1)
         u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out, row = [], 0
@@ -669,6 +686,26 @@ class _Lanczos:
             out.append(u[row:row + shape[0], :shape[1:].numel()].reshape(shape))
             row += shape[0]
         return out
+
+
+def _top_eigenpair(T: torch.Tensor, squarings: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest eigenvalue and a unit eigenvector for it of each symmetric positive semi-definite T[g]
+    (G, k, k; float64), with no host sync (torch.linalg.eigvalsh checks its result on the host): T^(2^squarings),
+    scaled by its trace every 4 squarings (so the top eigenvalue stays in [k^-16, 1]), is about rank one, its
+    column of largest norm about the top eigenvector (it holds at least 1/sqrt(k) of it) and that column's
+    Rayleigh quotient, never above the largest eigenvalue, the value. Eigenvalues a fraction d under the top one
+    blend in with weight (1 - d)^(2^(squarings + 1)): the quotient is under it by at most about
+    (k - 1) / (e 2^(squarings + 1)) of it (1.8e-4 for k = 16 at 12 squarings). tests/test_csc.py compares it with
+    eigvalsh."""
+    M = T
+    for i in range(squarings):
+        if i % 4 == 0:
+            M = M / M.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-300)[:, None, None]
+        M = M @ M
+    column = M.norm(dim=1).argmax(1)                                                      # (G,)
+    s = M.gather(2, column[:, None, None].expand(-1, M.shape[1], 1)).squeeze(2)
+    s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (s.unsqueeze(1) @ T @ s.unsqueeze(2))[:, 0, 0], s
 
 
 def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -710,6 +747,12 @@ _MORE_PRODUCTS = 30
 # least as large (as valid).
 _FIRST_CHECK_REPLAYED = 10
 _CHECK_EVERY_REPLAYED = 6
+# Where products are replayed, one refresh of a kept state in this many checks on the host; the others make as many
+# products as the last checked one did (at least the first check's) and find their Ritz value on the device
+# (`_top_eigenpair`): no host sync at all. 1 (the default): every refresh checks. On a GPU a check drains the queue
+# and waits on the host (SDNet-18's one-layer refresh takes 2-3 ms there, most of its gap to ResNet-18: bench/README,
+# "On a GPU"); bench/train_throughput.py --host-checked-every N tries it, not yet timed on a GPU.
+_HOST_CHECKED_EVERY = 1
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
 # and those where it replays their products as graphs (one launch for each run of products instead of ~20 a product).
 _KEPT_STATE_DEVICES = {"cuda"}
@@ -773,6 +816,12 @@ def _check_schedule(replayed: bool, power_iters: int) -> tuple[int, int]:
                          f"({_CHECK_EVERY}): its checks would fall between the eager refresh's")
     behind = max(0, max(power_iters, _FIRST_CHECK_REPLAYED) - first)
     return first + -(-behind // _CHECK_EVERY) * _CHECK_EVERY, _CHECK_EVERY_REPLAYED
+
+
+def _skips_host_check(state) -> bool:
+    """Whether this refresh of a kept, replayed state skips its host checks (`_HOST_CHECKED_EVERY`)."""
+    return (_HOST_CHECKED_EVERY > 1 and _RITZ_KEEP == 1 and not state.capture_refused
+            and state.checked_products is not None and state.since_checked < _HOST_CHECKED_EVERY - 1)
 
 
 def _mix_start(q: torch.Tensor, r: torch.Tensor) -> None:
@@ -878,27 +927,38 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
                 first_check, every = _check_schedule(False, power_iters)
                 rounds = -(-_MORE_PRODUCTS // every)
             # (a run beyond _GRAPHS_KEPT, or one seen for the first time, runs eagerly on the replayed schedule)
+            unchecked = replayed and state is not None and _skips_host_check(state)
             state = state or _estimator(
                 [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
-            state.extend(first_check)
+            state.extend(max(first_check, state.checked_products) if unchecked else first_check)
             states.append(state)
-            schedules.append((every, rounds))
+            schedules.append((every, rounds, unchecked))
         # At most _MORE_PRODUCTS more products (rounded up to whole rounds), `every` at a time, for each group with a
         # layer still rising. (A group goes on as a whole: on the GPU the others ride along in the same grouped
         # convolutions. Groups that share a state stop one by one, as they would alone; on the CPU each layer has a
         # state of its own.)
-        live, final = list(range(len(states))), [None] * len(states)
-        for round_ in range(max(rounds for _, rounds in schedules) + 1):
+        live, final = [], [None] * len(states)
+        for i, (state, (_, _, unchecked)) in enumerate(zip(states, schedules)):
+            if unchecked:
+                final[i] = state.estimate_on_device()
+                state.since_checked += 1
+            else:
+                live.append(i)
+        checked = list(live)
+        for round_ in range(max(rounds for _, rounds, _ in schedules) + 1):
+            if not live:
+                break
             rising = []
             for i, (prev, est) in zip(live, _estimates([states[i] for i in live])):
                 final[i] = est
                 if round_ < schedules[i][1] and states[i].settle(_still_rising(prev, est)):
                     rising.append(i)
             live = rising
-            if not live:
-                break
             for i in live:
                 states[i].extend(schedules[i][0])
+        for i in checked:  # what a kept state's refreshes that skip their host checks will make
+            if isinstance(states[i], _Lanczos):
+                states[i].checked_products, states[i].since_checked = states[i].size - 1, 0
         # Each layer's L and warm vector: views of one tensor per state (a few launches per state, not per layer;
         # the vectors are new tensors, not views of a kept state's basis, which the next refresh overwrites).
         first_row = [0]

@@ -587,6 +587,72 @@ def _train_and_refresh(model, x, steps: int, before=None, **refresh) -> list[lis
     return seen
 
 
+def test_the_top_eigenpair_on_the_device_matches_eigvalsh():
+    """_top_eigenpair (the refresh's Ritz value without a host sync) against LAPACK's eigvalsh: never above the
+    largest eigenvalue, under it by less than its bound, on tridiagonals a real Lanczos run made and on random
+    positive semi-definite matrices up to the 41 vectors a kept basis reaches, zero included."""
+    torch.manual_seed(0)
+    layer = make_layer(3, 16, 3, 1, seed=2)
+    v = torch.randn(1, 16, 12, 12)
+    state = csc._Lanczos([(csc._NormalOperator([layer], (12, 12), static=True), v / v.norm())])
+    state.extend(30)
+    lanczos = state._tridiagonal(state.entries)
+    random = [(lambda b: b @ b.mT)(torch.randn(5, k, k, dtype=torch.float64)) for k in (1, 2, 7, 17, 41)]
+    for T in [lanczos, lanczos[:, :11, :11], torch.zeros(2, 5, 5, dtype=torch.float64), *random]:
+        value, vector = csc._top_eigenpair(T)
+        top = torch.linalg.eigvalsh(T)[:, -1]
+        k = T.shape[1]
+        assert (value <= top * (1 + 1e-12) + 1e-300).all()
+        assert (value >= top * (1 - (k - 1) / (math.e * 2 ** 13)) - 1e-12).all(), (k, value, top)
+        assert torch.allclose(vector.norm(dim=1), torch.ones(len(T), dtype=T.dtype)) or not T.any()
+
+
+def test_refreshes_that_skip_their_host_checks(monkeypatch):
+    """With _HOST_CHECKED_EVERY = 4 a kept, replayed state (the GPU's way, run here on the CPU) checks on the host
+    in one refresh of four; the others make as many products as the last checked one and find their Ritz value
+    on the device. Its step sizes stay above ||A||^2 (a cold 150-product estimate) through early training at lr
+    0.1, by no more than the margin and a little."""
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_replayed", lambda device: True)
+    monkeypatch.setattr(csc, "_HOST_CHECKED_EVERY", 4)
+    checks, real = [], csc._estimates
+    monkeypatch.setattr(csc, "_estimates", lambda states: (checks.append(len(states)) if states else None)
+                        or real(states))
+    made, extend = [], csc._Lanczos.extend
+    monkeypatch.setattr(csc._Lanczos, "extend", lambda self, n: made.append(n) or extend(self, n))
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4)
+    x = smooth_images(4, size=16)
+    model(x)
+    per_refresh, ratios, due = [], [], []
+
+    def compare():
+        """Each layer's L against a cold estimate of ||A||^2 for its dictionary now (its checks not counted)."""
+        counted = len(checks), len(made)
+        for _, layer in sdnet.csc_layers(model):
+            cold = layer.lipschitz(layer._lipschitz_key[-1], iters=150).item() / layer.power_margin  # ~ ||A||^2
+            ratios.append(layer._lipschitz.item() / cold)
+        del checks[counted[0]:], made[counted[1]:]
+
+    def before(step):
+        if step:
+            compare()
+        if step == 1:  # the runs of products the second (unchecked) refresh will make: one a state
+            due.extend(sorted(max(csc._FIRST_CHECK_REPLAYED, state.checked_products) for state in _states_of(model)))
+        per_refresh.append((len(checks), len(made)))
+    _train_and_refresh(model, x, 8, before=before)
+    compare()
+    per_refresh.append((len(checks), len(made)))
+    host_checked = [b[0] > a[0] for a, b in zip(per_refresh, per_refresh[1:])]
+    assert host_checked == [True, False, False, False] * 2
+    states = _states_of(model)
+    assert states and all(state.since_checked == 3 and state.checked_products >= csc._FIRST_CHECK_REPLAYED
+                          for state in states)
+    assert sorted(made[per_refresh[1][1]:per_refresh[2][1]]) == due and len(due) == len(states)
+    assert min(ratios) >= 1.0 and max(ratios) <= 1.051, (min(ratios), max(ratios))  # (the margin: 1.05)
+
+
 def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
     """Training's refresh on a GPU keeps each shared Lanczos state (its buffers, the dictionaries' copies) from one
     optimizer step to the next: run here the GPU's way, it gives the step sizes that fresh states give, step
@@ -1087,6 +1153,13 @@ def test_train_throughput_benchmark_runs(monkeypatch):
         (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED)))
     train_throughput.main(argv + ["--replayed-checks", "6:2"])
     assert during == [(6, 2)] and (csc._FIRST_CHECK_REPLAYED, csc._CHECK_EVERY_REPLAYED) == schedule
+    # --host-checked-every: one refresh in N checks on the host during the run, the library's after
+    every = csc._HOST_CHECKED_EVERY
+    monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(csc._HOST_CHECKED_EVERY))
+    train_throughput.main(argv + ["--host-checked-every", "8"])
+    assert during[-1] == 8 and csc._HOST_CHECKED_EVERY == every
+    with pytest.raises(SystemExit):
+        train_throughput.parse_args(["--host-checked-every", "0"])
     for bad in ("6", "0:2", "a:b"):
         with pytest.raises(SystemExit):
             train_throughput.parse_args(["--replayed-checks", bad])
@@ -1103,6 +1176,16 @@ def test_step_size_validity_benchmark_runs():
     assert set(lowest) == {"trained", library, (method, 1e-2, mix, keep), (method, tol, mix, 3),
                            (method, 1e-2, mix, 3), ("power", tol, mix, keep), ("power", 1e-2, mix, keep)}
     assert (csc._METHOD, csc._POWER_TOL, csc._POWER_MIX, csc._RITZ_KEEP) == library  # set back
+    # --first-check 10 with --tols 1: every refresh makes exactly 10 products; the library's first check after
+    first_check, made = csc._FIRST_CHECK, []
+    real = csc._Lanczos.extend
+    csc._Lanczos.extend = lambda self, n: made.append(n) or real(self, n)
+    try:
+        step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "1", "--every", "1", "--check-iters", "20",
+                                 "--tols", "1", "--methods", "lanczos", "--first-check", "10"])
+    finally:
+        csc._Lanczos.extend = real
+    assert 10 in made and csc._FIRST_CHECK == first_check
     assert lowest[library] == lowest["trained"]  # the shadow with the library's rule follows the trained model
     assert all(0.5 < r < 2 for r in lowest.values())
 
