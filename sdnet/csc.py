@@ -1035,7 +1035,8 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     GPU memory that stays allocated (the graphs' pools: SDNet-18's peak 1.04x -> 1.09-1.10x ResNet-18's), and
     the checks, host syncs there, come after 10 products and then every 6 (`_FIRST_CHECK_REPLAYED`): replayed
     products are cheap next to a sync. `cuda_graphs=False` runs them kernel by kernel instead, checked after 6 and
-    then every 2 (`python -m sdnet.train --no-cuda-graphs`).
+    then every 2 (`python -m sdnet.train --no-cuda-graphs`). With `_HOST_CHECKED_EVERY` above 1 (not the default;
+    untimed on a GPU) most refreshes there skip the checks and find the step size on the device: no sync.
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
