@@ -11,7 +11,8 @@
 #    `--refresh power`, was measured in runs 4-5: reports/cuda-check). Then bench/step_profile.py: where a step's
 #    time goes.
 # `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 590 s, so each fits a
-# 10-minute call; together they took 280-330 s on an H100 (runs 9-10), so `all` fits one call with a timeout. The exit status is 1 if any step failed or timed out.
+# 10-minute call. Their limits add up to 830 s, but `all` took 280-330 s on an H100 (runs 9-10, one variant
+# fewer): run it under a `timeout` that leaves time to bring back what it wrote. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
 set -u -o pipefail

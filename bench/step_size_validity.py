@@ -33,6 +33,9 @@ import sdnet  # noqa: E402
 import sdnet.csc  # noqa: E402
 
 
+LIBRARY_FIRST_CHECK = sdnet.csc._FIRST_CHECK  # (main sets the library's to --first-check for a run)
+
+
 def main(argv: list[str] | None = None) -> dict | float:
     p = argparse.ArgumentParser(prog="python bench/step_size_validity.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--model", default="sdnet18_all", choices=[m for m in sdnet.list_models() if m.startswith("sdnet")])
@@ -136,10 +139,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     print("|---|" + "---:|" * (len(args.seeds) + 2))
     for rule in rules:
         cells = " | ".join(f"{r:.3f} ({name})" for r, name in worst[rule])
-        mark = " (the library's)" if rule == library else ""
+        mark = " (the library's)" if rule == library and args.first_check == LIBRARY_FIRST_CHECK else ""
         print(f"| {label(rule)}{mark} | {cells} | {min(worst[rule])[0]:.3f} | "
               f"{1e3 * statistics.median(seconds[rule]):.0f} |")
-    print(f"\n{torch.get_num_threads()} torch thread(s), width {args.width}, batch {args.batch}")
+    print(f"\n{torch.get_num_threads()} torch thread(s), width {args.width}, batch {args.batch}, the first check "
+          f"after {args.first_check} products")
     # "trained": the model itself, which follows the library's rule as its shadow of that rule should
     return {key: min(found)[0] for key, found in worst.items()}
 

@@ -663,8 +663,10 @@ class _Lanczos:
     def _tridiagonal(self, entries: torch.Tensor) -> torch.Tensor:
         """T (G, k, k), in float64, from T's entries (`self.entries` or a host copy) for the products made."""
         entries = entries[:, :, :self.size - 1].double()
-        alpha, beta = entries[0], entries[1][:, :-1]
-        return torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        T = torch.diag_embed(entries[0])                                  # alpha on the diagonal, beta beside it
+        T.diagonal(1, 1, 2).copy_(entries[1][:, :-1])
+        T.diagonal(-1, 1, 2).copy_(entries[1][:, :-1])
+        return T
 
     def estimate_on_device(self) -> torch.Tensor:
         """The largest Ritz value per g now, found on the device with no host sync (`_top_eigenpair`), for a
@@ -691,21 +693,22 @@ class _Lanczos:
 def _top_eigenpair(T: torch.Tensor, squarings: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest eigenvalue and a unit eigenvector for it of each symmetric positive semi-definite T[g]
     (G, k, k; float64), with no host sync (torch.linalg.eigvalsh checks its result on the host): T^(2^squarings),
-    scaled by its trace every 4 squarings (so the top eigenvalue stays in [k^-16, 1]), is about rank one, its
-    column of largest norm about the top eigenvector (it holds at least 1/sqrt(k) of it) and that column's
-    Rayleigh quotient, never above the largest eigenvalue, the value. Eigenvalues a fraction d under the top one
-    blend in with weight (1 - d)^(2^(squarings + 1)): the quotient is under it by at most about
-    (k - 1) / (e 2^(squarings + 1)) of it (1.8e-4 for k = 16 at 12 squarings). tests/test_csc.py compares it with
-    eigvalsh."""
+    scaled by its Frobenius norm every 6 squarings (which bounds every |eigenvalue|, so the top one stays in
+    [k^-32, 1]), is about rank one, its column of largest norm about the top eigenvector (it holds at least
+    1/sqrt(k) of it) and that column's Rayleigh quotient, never above the largest eigenvalue, the value.
+    Eigenvalues a fraction d under the top one blend in with weight (1 - d)^(2^(squarings + 1)): the quotient is
+    under it by at most about k / (e 2^(squarings + 1)) of it (7e-4 for k = 16 at 12 squarings; rounding can make
+    a Lanczos T indefinite only by ~1e-7 of its norm, far from the top). tests/test_csc.py compares it with
+    eigvalsh. (Launched kernel by kernel: about 30 launches a state; bench/launch_count.py counts them.)"""
     M = T
     for i in range(squarings):
-        if i % 4 == 0:
-            M = M / M.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-300)[:, None, None]
+        if i % 6 == 0:
+            M = M / M.norm(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         M = M @ M
     column = M.norm(dim=1).argmax(1)                                                      # (G,)
     s = M.gather(2, column[:, None, None].expand(-1, M.shape[1], 1)).squeeze(2)
     s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return (s.unsqueeze(1) @ T @ s.unsqueeze(2))[:, 0, 0], s
+    return (s.unsqueeze(1) @ T @ s.unsqueeze(2))[:, 0, 0].clamp_min(0), s
 
 
 def _estimates(states: list) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -589,8 +589,9 @@ def _train_and_refresh(model, x, steps: int, before=None, **refresh) -> list[lis
 
 def test_the_top_eigenpair_on_the_device_matches_eigvalsh():
     """_top_eigenpair (the refresh's Ritz value without a host sync) against LAPACK's eigvalsh: never above the
-    largest eigenvalue, under it by less than its bound, on tridiagonals a real Lanczos run made and on random
-    positive semi-definite matrices up to the 41 vectors a kept basis reaches, zero included."""
+    largest eigenvalue, under it by less than its bound, on tridiagonals a real Lanczos run made, on random
+    positive semi-definite matrices up to the 41 vectors a kept basis reaches, on one whose first column is
+    orthogonal to the top eigenvector, and zero; an indefinite one (rounding's, exaggerated) gives no NaN."""
     torch.manual_seed(0)
     layer = make_layer(3, 16, 3, 1, seed=2)
     v = torch.randn(1, 16, 12, 12)
@@ -598,13 +599,16 @@ def test_the_top_eigenpair_on_the_device_matches_eigvalsh():
     state.extend(30)
     lanczos = state._tridiagonal(state.entries)
     random = [(lambda b: b @ b.mT)(torch.randn(5, k, k, dtype=torch.float64)) for k in (1, 2, 7, 17, 41)]
-    for T in [lanczos, lanczos[:, :11, :11], torch.zeros(2, 5, 5, dtype=torch.float64), *random]:
+    orthogonal = torch.diag(torch.tensor([0.5, 1.0, 0.2], dtype=torch.float64))[None]
+    for T in [lanczos, lanczos[:, :11, :11], torch.zeros(2, 5, 5, dtype=torch.float64), orthogonal, *random]:
         value, vector = csc._top_eigenpair(T)
         top = torch.linalg.eigvalsh(T)[:, -1]
         k = T.shape[1]
         assert (value <= top * (1 + 1e-12) + 1e-300).all()
-        assert (value >= top * (1 - (k - 1) / (math.e * 2 ** 13)) - 1e-12).all(), (k, value, top)
+        assert (value >= top * (1 - k / (math.e * 2 ** 13)) - 1e-12).all(), (k, value, top)
         assert torch.allclose(vector.norm(dim=1), torch.ones(len(T), dtype=T.dtype)) or not T.any()
+    indefinite = torch.diag(torch.tensor([-1e-12, 0.0], dtype=torch.float64))[None]
+    assert csc._top_eigenpair(indefinite)[0].item() == 0 and csc._top_eigenpair(-orthogonal)[0].item() == 0
 
 
 def test_refreshes_that_skip_their_host_checks(monkeypatch):
@@ -650,6 +654,25 @@ def test_refreshes_that_skip_their_host_checks(monkeypatch):
     assert states and all(state.since_checked == 3 and state.checked_products >= csc._FIRST_CHECK_REPLAYED
                           for state in states)
     assert sorted(made[per_refresh[1][1]:per_refresh[2][1]]) == due and len(due) == len(states)
+
+    # every refresh checks on the host where products are not replayed, where a capture was refused, and where the
+    # warm start sums several Ritz vectors (the device finds one)
+    def every_refresh_checks(before=None, **refresh):
+        torch.manual_seed(0)
+        other = sdnet.build_model("sdnet18_all", width=4)
+        other(x)
+        counts = []
+        _train_and_refresh(other, x, 4, before=lambda step: (before and before(other, step)) or
+                           counts.append(len(checks)), **refresh)
+        counts.append(len(checks))
+        return all(b > a for a, b in zip(counts, counts[1:]))
+
+    def refuse(other, step):
+        for state in _states_of(other):
+            state.capture_refused = True
+    assert every_refresh_checks(cuda_graphs=False) and every_refresh_checks(before=refuse)
+    monkeypatch.setattr(csc, "_RITZ_KEEP", 2)
+    assert every_refresh_checks()
     assert min(ratios) >= 1.0 and max(ratios) <= 1.051, (min(ratios), max(ratios))  # (the margin: 1.05)
 
 
@@ -1083,6 +1106,15 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     assert sparse["update"] == eager["update"] and sparse["refresh"] == eager["refresh"]  # the same weights
     assert sparse["launches"] < eager["launches"] and sparse["graphs"] - sparse["launches"] < \
         eager["graphs"] - eager["launches"]
+    # refreshes that skip their host checks: no host work, their device eigenproblem's float64 kernels counted;
+    # the library's setting back after
+    every, estimate, vectors = csc._HOST_CHECKED_EVERY, csc._Lanczos.estimate_on_device, csc._Lanczos.vectors
+    _, unchecked = launch_count.main(common + ["--host-checked-every", "1000"])
+    assert "in one refresh of 1000" in capsys.readouterr().out
+    assert (csc._HOST_CHECKED_EVERY, csc._Lanczos.estimate_on_device, csc._Lanczos.vectors) == (every, estimate, vectors)
+    assert unchecked["graphs"] == unchecked["launches"] > sparse["launches"]  # no host work; the squarings launch
+    with pytest.raises(SystemExit):
+        launch_count.main(common + ["--host-checked-every", "0"])
     # the power refresh it compares with runs too (states not kept: nothing replayed)
     power = launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1", "--steps",
                                "1", "--refresh", "power", "--tol", "1e-3"])
