@@ -42,21 +42,20 @@ METADATA_ONLY = {torch.ops.aten._unsafe_view.default}
 
 
 class CountOps(TorchDispatchMode):
-    """Counts the aten operations dispatched inside the block: views and float64 (host-side) work left out, but for
-    the float64 work a GPU does on the device (`device_float64`)."""
+    """Counts the aten operations dispatched inside the block: views and float64 (host-side) work left out."""
 
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
         self.host: collections.Counter = collections.Counter()  # ops tallied apart inside `host_checks_apart`
-        self.muted = self.on_host = self.device_float64 = False
+        self.muted = self.on_host = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in (*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out]))
                    if isinstance(t, torch.Tensor)]
         if not self.muted and not func.is_view and func not in METADATA_ONLY and \
-                (self.device_float64 or not any(t.dtype == torch.float64 for t in tensors)):
+                not any(t.dtype == torch.float64 for t in tensors):
             (self.host if self.on_host else self.ops)[func.overloadpacket.__name__] += 1
         return out
 
@@ -98,38 +97,24 @@ def host_checks_apart(counter: CountOps):
 @contextlib.contextmanager
 def products_as_graphs(counter: CountOps):
     """The refresh as training runs it on a GPU now: Lanczos states kept from step to step (`csc._kept_state`),
-    each run of products (`_Lanczos._extend`) one launch, as a replayed CUDA graph is (products counted apart), and
-    the checks on the replayed products' schedule (`csc._replayed`)."""
-    real, kept, replayed = csc._Lanczos._extend, set(csc._KEPT_STATE_DEVICES), csc._replayed
-    estimate, vectors = csc._Lanczos.estimate_on_device, csc._Lanczos.vectors
+    each run of products (`_Lanczos._run`, with the device's estimate where a refresh skips its host checks) one
+    launch, as a replayed CUDA graph is (products counted apart), and the checks on the replayed products' schedule
+    (`csc._replayed`)."""
+    real, kept, replayed = csc._Lanczos._run, set(csc._KEPT_STATE_DEVICES), csc._replayed
 
-    def on_device(fn, when=lambda state: True):
-        """fn's float64 work counted: a refresh that skips its host checks finds its Ritz value (and then its
-        vector) on the device, in float64 kernels."""
-        def call(state, *args):
-            was, counter.device_float64 = counter.device_float64, when(state)
-            try:
-                return fn(state, *args)
-            finally:
-                counter.device_float64 = was
-        return call
-
-    def extend(self, n):
+    def run(self, n, estimate):
         counter.muted = True
         try:
-            real(self, n)
+            real(self, n, estimate)
         finally:
             counter.muted = False
         counter.ops["graph replay"] += 1
         counter.ops["product (in a graph)"] += n * self.live_parts()
-    csc._Lanczos._extend, csc._KEPT_STATE_DEVICES, csc._replayed = extend, {"cpu"}, lambda device: True
-    csc._Lanczos.estimate_on_device = on_device(estimate)
-    csc._Lanczos.vectors = on_device(vectors, when=lambda state: state.ritz is not None)
+    csc._Lanczos._run, csc._KEPT_STATE_DEVICES, csc._replayed = run, {"cpu"}, lambda device: True
     try:
         yield
     finally:
-        csc._Lanczos._extend, csc._KEPT_STATE_DEVICES, csc._replayed = real, kept, replayed
-        csc._Lanczos.estimate_on_device, csc._Lanczos.vectors = estimate, vectors
+        csc._Lanczos._run, csc._KEPT_STATE_DEVICES, csc._replayed = real, kept, replayed
 
 
 def count(model: str, args: argparse.Namespace, grouping: str) -> dict:

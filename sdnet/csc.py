@@ -505,6 +505,10 @@ class _Lanczos:
         self.alpha, self.beta = self.entries
         # the products of a shared state, written into one zero-padded buffer
         self.out = self.Q.new_zeros(rows, 1, n) if len(parts) > 1 else None
+        # the top Ritz value and unit Ritz vector a refresh that skips its host checks finds on the device (`_run`):
+        # buffers of their own, made by the first such run (before any capture of one), which a graph writes in place
+        self.found_value: torch.Tensor | None = None
+        self.found_vector: torch.Tensor | None = None
         self.graphs: dict | None = None  # CUDA graphs of `extend`, when kept across refreshes (_kept_state)
         self.capture_refused = False  # CUDA refused one: graphs off for good, products kernel by kernel
         self.capture_on = None  # (stream, memory pool) of the captures
@@ -526,7 +530,7 @@ class _Lanczos:
         self.settled: set[int] = set()  # parts that stopped rising: no more products, their rows of `out` zero
         self.size = 1                                                     # basis vectors in use
         self.tridiagonal: torch.Tensor | None = None
-        self.ritz: torch.Tensor | None = None  # the top Ritz vector's coefficients, when found on the device
+        self.found = False  # whether the last run found the estimate on the device (found_value, found_vector)
 
     def _reserve(self, n: int) -> None:
         if self.size + n > self.Q.shape[1]:
@@ -543,32 +547,45 @@ class _Lanczos:
                 if self.capture_on is not None:
                     self.capture_on = self.capture_on[0], torch.cuda.graph_pool_handle()
 
-    def extend(self, n: int) -> None:
-        """n more products. With `graphs` (CUDA): the first time a (start, n, settled parts) comes up its
-        products run as they are, which warms cuDNN and cuBLAS up; the second time they are captured in a CUDA
-        graph, and from then on replayed in one launch (a GPU refresh is launch-bound: bench/README.md). At most
-        `_GRAPHS_KEPT` graphs a state: runs beyond them (rare sets of settled parts) stay as they are."""
+    def extend(self, n: int, estimate: bool = False) -> None:
+        """n more products, and with `estimate` the top Ritz value after them, found on the device (`_run`). With
+        `graphs` (CUDA): the first time a (start, n, settled parts, estimate) comes up the run goes as it is, which
+        warms cuDNN and cuBLAS up; the second time it is captured in a CUDA graph, and from then on replayed in one
+        launch (a GPU refresh is launch-bound: bench/README.md). At most `_GRAPHS_KEPT` graphs a state: runs beyond
+        them (rare sets of settled parts) stay as they are."""
         self._reserve(n)
+        self.found = estimate
         if self.graphs is None:
-            return self._extend(n)
-        key = (self.size, n, frozenset(self.settled))
+            return self._run(n, estimate)
+        key = (self.size, n, frozenset(self.settled), estimate)
         graph = self.graphs.get(key)
         if graph is None:
             self.graphs[key] = False
-            return self._extend(n)
+            return self._run(n, estimate)
         if graph is False:
             if sum(1 for g in self.graphs.values() if g) >= _GRAPHS_KEPT:  # (False marks a run seen once)
-                return self._extend(n)
-            graph = self._capture(n)
+                return self._run(n, estimate)
+            graph = self._capture(n, estimate)
             if graph is None:  # CUDA refused: graphs are off for this state, the products run as they are
-                return self._extend(n)
+                return self._run(n, estimate)
             self.graphs[key] = graph
         graph.replay()
         self.size += n
 
-    def _capture(self, n: int):
-        """A CUDA graph of n products from here, captured on a side stream of the state's own device (None, and
-        graphs off for this state, if CUDA refuses one)."""
+    def _run(self, n: int, estimate: bool) -> None:
+        """n products (`_extend`); with `estimate`, then the top Ritz value and unit Ritz vector into found_value
+        and found_vector, with no host sync (`_top_eigenpair`): for a refresh that skips its host checks."""
+        self._extend(n)
+        if estimate:
+            if self.found_value is None:  # (a run is seen once, eagerly, before it is captured)
+                self.found_value, self.found_vector = self.Q.new_empty(self.Q.shape[0]), self.Q.new_empty(self.Q[:, 0].shape)
+            value, s = _top_eigenpair(self._tridiagonal(self.entries))
+            self.found_value.copy_(value)
+            self.found_vector.copy_(self._combine(s.to(self.Q)))
+
+    def _capture(self, n: int, estimate: bool):
+        """A CUDA graph of `_run(n, estimate)` from here, captured on a side stream of the state's own device (None,
+        and graphs off for this state, if CUDA refuses one)."""
         size, device = self.size, self.Q.device
         with torch.cuda.device(device):  # (set_stream sets the device too: restored inside, the caller's comes back)
             caller = torch.cuda.current_stream()
@@ -578,7 +595,7 @@ class _Lanczos:
                 stream, pool = self.capture_on
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    self._extend(n)
+                    self._run(n, estimate)
                 return graph
             except RuntimeError as exc:
                 warnings.warn(f"sdnet: the step-size refresh runs without CUDA graphs (capture failed: {exc})")
@@ -655,7 +672,7 @@ class _Lanczos:
     def estimates(self, host: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The largest Ritz value one product ago and now, per g, from `device_values()` on the host."""
         T = self.tridiagonal = self._tridiagonal(host[0])
-        self.ritz = None
+        self.found = False
         # "previous": one product fewer, the Krylov space one smaller (the leading block of T), as for _Power
         prev = torch.linalg.eigvalsh(T[:, :-1, :-1])[:, -1] if T.shape[1] > 1 else torch.zeros(T.shape[0])
         return prev.float(), torch.linalg.eigvalsh(T)[:, -1].float()
@@ -668,21 +685,20 @@ class _Lanczos:
         T.diagonal(-1, 1, 2).copy_(entries[1][:, :-1])
         return T
 
-    def estimate_on_device(self) -> torch.Tensor:
-        """The largest Ritz value per g now, found on the device with no host sync (`_top_eigenpair`), for a
-        refresh that skips its host checks; `vectors` then starts from the Ritz vector found with it."""
-        value, self.ritz = _top_eigenpair(self._tridiagonal(self.entries))
-        return value.float()
+    def _combine(self, s: torch.Tensor) -> torch.Tensor:
+        """The unit vectors of coefficients s (G, k) on the basis."""
+        u = (s.unsqueeze(1) @ self.Q[:, :s.shape[1]]).squeeze(1)
+        return u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def vectors(self) -> list[torch.Tensor]:
         """Per part, the warm start of the next refresh: the sum of the top `_RITZ_KEEP` Ritz vectors at the last
-        check. When the dictionary changes, eigenvalues near the top can swap places; a start with weight on
-        each of the old top directions follows the new top one, and Lanczos resolves p such directions in p
-        products."""
-        s = self.ritz if self.ritz is not None else torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2)
-        s = s.to(self.Q)                                                                     # (G, k)
-        u = (s.unsqueeze(1) @ self.Q[:, :s.shape[1]]).squeeze(1)
-        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        check (or the top one found on the device: a copy, as a graph overwrites its buffer). When the dictionary
+        changes, eigenvalues near the top can swap places; a start with weight on each of the old top directions
+        follows the new top one, and Lanczos resolves p such directions in p products."""
+        if self.found:
+            u = self.found_vector.clone()
+        else:
+            u = self._combine(torch.linalg.eigh(self.tridiagonal)[1][:, :, -_RITZ_KEEP:].sum(2).to(self.Q))
         out, row = [], 0
         for _, shape in self.parts:
             out.append(u[row:row + shape[0], :shape[1:].numel()].reshape(shape))
@@ -699,7 +715,7 @@ def _top_eigenpair(T: torch.Tensor, squarings: int = 12) -> tuple[torch.Tensor, 
     Eigenvalues a fraction d under the top one blend in with weight (1 - d)^(2^(squarings + 1)): the quotient is
     under it by at most about k / (e 2^(squarings + 1)) of it (7e-4 for k = 16 at 12 squarings; rounding can make
     a Lanczos T indefinite only by ~1e-7 of its norm, far from the top). tests/test_csc.py compares it with
-    eigvalsh. (Launched kernel by kernel: about 30 launches a state; bench/launch_count.py counts them.)"""
+    eigvalsh. (In the CUDA graph of the refresh's products, `_Lanczos._run`.)"""
     M = T
     for i in range(squarings):
         if i % 6 == 0:
@@ -752,9 +768,10 @@ _FIRST_CHECK_REPLAYED = 10
 _CHECK_EVERY_REPLAYED = 6
 # Where products are replayed, one refresh of a kept state in this many checks on the host; the others make as many
 # products as the last checked one did (at least the first check's) and find their Ritz value on the device
-# (`_top_eigenpair`): no host sync at all. 1 (the default): every refresh checks. On a GPU a check drains the queue
-# and waits on the host (SDNet-18's one-layer refresh takes 2-3 ms there, most of its gap to ResNet-18: bench/README,
-# "On a GPU"); bench/train_throughput.py --host-checked-every N tries it, not yet timed on a GPU.
+# (`_top_eigenpair`, in the same CUDA graph as the products): no host sync at all. 1 (the default): every refresh
+# checks. On a GPU a check drains the queue and waits on the host (SDNet-18's one-layer refresh takes 2.6-3.3 ms
+# there, maybe most of its gap to ResNet-18: bench/README, "On a GPU"); bench/train_throughput.py
+# --host-checked-every N tries it, not yet timed on a GPU.
 _HOST_CHECKED_EVERY = 1
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
 # and those where it replays their products as graphs (one launch for each run of products instead of ~20 a product).
@@ -933,7 +950,10 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
             unchecked = replayed and state is not None and _skips_host_check(state)
             state = state or _estimator(
                 [(_normal_operator(groups[i][1], groups[i][0]), v) for i, v in zip(members, vs)], rs)
-            state.extend(max(first_check, state.checked_products) if unchecked else first_check)
+            if unchecked:  # the products and the estimate on the device: one replay, no sync
+                state.extend(max(first_check, state.checked_products), estimate=True)
+            else:
+                state.extend(first_check)
             states.append(state)
             schedules.append((every, rounds, unchecked))
         # At most _MORE_PRODUCTS more products (rounded up to whole rounds), `every` at a time, for each group with a
@@ -943,7 +963,7 @@ def _warm_refresh(groups: list[tuple[tuple[int, int], list[CSCLayer]]], kept: bo
         live, final = [], [None] * len(states)
         for i, (state, (_, _, unchecked)) in enumerate(zip(states, schedules)):
             if unchecked:
-                final[i] = state.estimate_on_device()
+                final[i] = state.found_value
                 state.since_checked += 1
             else:
                 live.append(i)

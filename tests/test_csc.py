@@ -624,7 +624,7 @@ def test_refreshes_that_skip_their_host_checks(monkeypatch):
     monkeypatch.setattr(csc, "_estimates", lambda states: (checks.append(len(states)) if states else None)
                         or real(states))
     made, extend = [], csc._Lanczos.extend
-    monkeypatch.setattr(csc._Lanczos, "extend", lambda self, n: made.append(n) or extend(self, n))
+    monkeypatch.setattr(csc._Lanczos, "extend", lambda self, n, **kw: made.append(n) or extend(self, n, **kw))
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4)
     x = smooth_images(4, size=16)
@@ -645,7 +645,7 @@ def test_refreshes_that_skip_their_host_checks(monkeypatch):
         if step == 1:  # the runs of products the second (unchecked) refresh will make: one a state
             due.extend(sorted(max(csc._FIRST_CHECK_REPLAYED, state.checked_products) for state in _states_of(model)))
         per_refresh.append((len(checks), len(made)))
-    _train_and_refresh(model, x, 8, before=before)
+    got = _train_and_refresh(model, x, 8, before=before)
     compare()
     per_refresh.append((len(checks), len(made)))
     host_checked = [b[0] > a[0] for a, b in zip(per_refresh, per_refresh[1:])]
@@ -654,6 +654,20 @@ def test_refreshes_that_skip_their_host_checks(monkeypatch):
     assert states and all(state.since_checked == 3 and state.checked_products >= csc._FIRST_CHECK_REPLAYED
                           for state in states)
     assert sorted(made[per_refresh[1][1]:per_refresh[2][1]]) == due and len(due) == len(states)
+
+    # the same with the runs replayed as graphs (a stand-in for the capture): the device's estimate is part of the
+    # graph and writes the state's own buffers, so the step sizes come out as without graphs
+    monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
+    graphs = []
+    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n, estimate: graphs.append(
+        _StandInGraph(self, n, estimate)) or graphs[-1])
+    torch.manual_seed(0)
+    replayed = sdnet.build_model("sdnet18_all", width=4)
+    replayed(x)
+    _StandInGraph.replays = 0
+    assert _train_and_refresh(replayed, x, 8) == got
+    assert any(g.estimate for g in graphs) and _StandInGraph.replays > len(graphs)
+    monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cuda"})
 
     # every refresh checks on the host where products are not replayed, where a capture was refused, and where the
     # warm start sums several Ritz vectors (the device finds one)
@@ -709,8 +723,8 @@ def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
 
 def _addresses(state) -> list[int]:
     """Where a state's buffers and its operators' dictionary copies live: what a captured graph reads and writes."""
-    buffers = [state.Q, state.entries] + ([state.out] if state.out is not None else [])
-    return [t.data_ptr() for t in buffers] + [apply.w.data_ptr() for apply, _ in state.parts]
+    buffers = [state.Q, state.entries, state.out, state.found_value, state.found_vector]
+    return [t.data_ptr() for t in buffers if t is not None] + [apply.w.data_ptr() for apply, _ in state.parts]
 
 
 class _StandInGraph:
@@ -718,14 +732,14 @@ class _StandInGraph:
     advances the size). Like a real graph it holds the addresses it was captured at, and checks them."""
     replays = 0
 
-    def __init__(self, state, n):
-        self.state, self.n, self.addresses = state, n, _addresses(state)
+    def __init__(self, state, n, estimate=False):
+        self.state, self.n, self.estimate, self.addresses = state, n, estimate, _addresses(state)
 
     def replay(self):
         assert _addresses(self.state) == self.addresses, "a graph would read or write memory that moved"
         _StandInGraph.replays += 1
         size = self.state.size
-        self.state._extend(self.n)
+        self.state._run(self.n, self.estimate)
         self.state.size = size
 
 
@@ -739,9 +753,9 @@ def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     they read the old buffers, and their memory pool (on CUDA a pool no graph holds any more cannot be shared by a
     new capture: the next capture gets a new one, on the same side stream). The same run of products then runs as
     it is again, to the same estimates."""
-    def stand_in(self, n):
+    def stand_in(self, n, estimate):
         self.capture_on = self.capture_on or ("stream", object())  # as _capture makes them
-        return _StandInGraph(self, n)
+        return _StandInGraph(self, n, estimate)
     monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
     apply = csc._NormalOperator([make_layer(3, 6, 3, 1, seed=1)], (6, 6), static=True)
     v = torch.randn(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -750,7 +764,7 @@ def test_a_growing_basis_drops_the_graphs_that_read_the_old_one(monkeypatch):
     for _ in range(3):  # seen once, captured, replayed
         state.restart([v])
         state.extend(2)
-    assert isinstance(state.graphs[(1, 2, frozenset())], _StandInGraph)
+    assert isinstance(state.graphs[(1, 2, frozenset(), False)], _StandInGraph)
     stream, pool = state.capture_on
     state.extend(2)  # 3 + 2 vectors: the basis grows
     assert state.Q.shape[1] > 3 and not any(isinstance(g, _StandInGraph) for g in state.graphs.values())
@@ -782,7 +796,7 @@ def _as_the_gpu_replays(monkeypatch) -> None:
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
     monkeypatch.setattr(csc, "_GRAPH_DEVICES", {"cpu"})
-    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n: _StandInGraph(self, n))
+    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n, estimate: _StandInGraph(self, n, estimate))
 
 
 @pytest.mark.parametrize("power_iters", [2, 7])
@@ -860,12 +874,12 @@ def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
         monkeypatch.setattr(csc, "_GRAPHS_KEPT", 1)
     captured, made = [], []
 
-    def stand_in(self, n):
+    def stand_in(self, n, estimate):
         captured.append((self.size, n))
         if capture == "refused":  # as _capture does when CUDA refuses
             self.graphs, self.capture_refused = None, True
             return None
-        made.append(_StandInGraph(self, n))
+        made.append(_StandInGraph(self, n, estimate))
         made[-1].basis = self.Q  # (held: its memory can't come back at the same address for a grown basis)
         return made[-1]
     monkeypatch.setattr(csc._Lanczos, "_capture", stand_in)
@@ -1079,11 +1093,11 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     more ops; the library's refresh rule and grouping are set back afterwards."""
     launch_count = bench_module("launch_count")
     library = library_rule = (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, set(csc._UNGROUPED_DEVICES),
-                              set(csc._KEPT_STATE_DEVICES), csc._replayed, csc._Lanczos._extend)
+                              set(csc._KEPT_STATE_DEVICES), csc._replayed, csc._Lanczos._run)
     rows = launch_count.main(["--models", "resnet18", "sdnet18_all", "--width", "4", "--batch", "2",
                               "--warmup", "1", "--steps", "1", "--tol", "1e-3"])
     assert (csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._UNGROUPED_DEVICES, csc._KEPT_STATE_DEVICES,
-            csc._replayed, csc._Lanczos._extend) == library
+            csc._replayed, csc._Lanczos._run) == library
     by = {(r["model"], r["grouping"]): r for r in rows}
     assert by["resnet18", "cpu"]["refresh"] == 0 and by["resnet18", "cpu"]["update"] > 100
     cpu, gpu = by["sdnet18_all", "cpu"], by["sdnet18_all", "gpu"]
@@ -1106,13 +1120,12 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     assert sparse["update"] == eager["update"] and sparse["refresh"] == eager["refresh"]  # the same weights
     assert sparse["launches"] < eager["launches"] and sparse["graphs"] - sparse["launches"] < \
         eager["graphs"] - eager["launches"]
-    # refreshes that skip their host checks: no host work, their device eigenproblem's float64 kernels counted;
-    # the library's setting back after
-    every, estimate, vectors = csc._HOST_CHECKED_EVERY, csc._Lanczos.estimate_on_device, csc._Lanczos.vectors
+    # refreshes that skip their host checks: no host work, their estimate in the graph of their products; the
+    # library's setting back after
+    every = csc._HOST_CHECKED_EVERY
     _, unchecked = launch_count.main(common + ["--host-checked-every", "1000"])
-    assert "in one refresh of 1000" in capsys.readouterr().out
-    assert (csc._HOST_CHECKED_EVERY, csc._Lanczos.estimate_on_device, csc._Lanczos.vectors) == (every, estimate, vectors)
-    assert unchecked["graphs"] == unchecked["launches"] > sparse["launches"]  # no host work; the squarings launch
+    assert "in one refresh of 1000" in capsys.readouterr().out and csc._HOST_CHECKED_EVERY == every
+    assert unchecked["graphs"] == unchecked["launches"] < sparse["launches"]  # no host work, fewer launches
     with pytest.raises(SystemExit):
         launch_count.main(common + ["--host-checked-every", "0"])
     # the power refresh it compares with runs too (states not kept: nothing replayed)
@@ -1211,7 +1224,7 @@ def test_step_size_validity_benchmark_runs():
     # --first-check 10 with --tols 1: every refresh makes exactly 10 products; the library's first check after
     first_check, made = csc._FIRST_CHECK, []
     real = csc._Lanczos.extend
-    csc._Lanczos.extend = lambda self, n: made.append(n) or real(self, n)
+    csc._Lanczos.extend = lambda self, n, **kw: made.append(n) or real(self, n, **kw)
     try:
         step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "1", "--every", "1", "--check-iters", "20",
                                  "--tols", "1", "--methods", "lanczos", "--first-check", "10"])
