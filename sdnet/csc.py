@@ -578,7 +578,8 @@ class _Lanczos:
         self._extend(n)
         if estimate:
             if self.found_value is None:  # (a run is seen once, eagerly, before it is captured)
-                self.found_value, self.found_vector = self.Q.new_empty(self.Q.shape[0]), self.Q.new_empty(self.Q[:, 0].shape)
+                self.found_value = self.Q.new_empty(self.Q.shape[0])
+                self.found_vector = self.Q.new_empty(self.Q[:, 0].shape)
             value, s = _top_eigenpair(self._tridiagonal(self.entries))
             self.found_value.copy_(value)
             self.found_vector.copy_(self._combine(s.to(self.Q)))

@@ -721,9 +721,10 @@ def test_kept_lanczos_states_give_the_step_sizes_of_fresh_ones(monkeypatch):
     assert len(csc._KEPT) == 0
 
 
-def _addresses(state) -> list[int]:
-    """Where a state's buffers and its operators' dictionary copies live: what a captured graph reads and writes."""
-    buffers = [state.Q, state.entries, state.out, state.found_value, state.found_vector]
+def _addresses(state, estimate: bool = False) -> list[int]:
+    """Where a state's buffers and its operators' dictionary copies live: what a captured graph reads and writes
+    (with `estimate`, the buffers of the device's estimate too)."""
+    buffers = [state.Q, state.entries, state.out] + ([state.found_value, state.found_vector] if estimate else [])
     return [t.data_ptr() for t in buffers if t is not None] + [apply.w.data_ptr() for apply, _ in state.parts]
 
 
@@ -733,10 +734,10 @@ class _StandInGraph:
     replays = 0
 
     def __init__(self, state, n, estimate=False):
-        self.state, self.n, self.estimate, self.addresses = state, n, estimate, _addresses(state)
+        self.state, self.n, self.estimate, self.addresses = state, n, estimate, _addresses(state, estimate)
 
     def replay(self):
-        assert _addresses(self.state) == self.addresses, "a graph would read or write memory that moved"
+        assert _addresses(self.state, self.estimate) == self.addresses, "a graph would read or write memory that moved"
         _StandInGraph.replays += 1
         size = self.state.size
         self.state._run(self.n, self.estimate)
@@ -856,6 +857,31 @@ def test_a_refresh_that_never_settles_stops_at_its_cap_in_a_basis_of_its_most(mo
     assert (last, state.size) == ((40, 41) if replayed else (36, 37))
 
 
+def test_a_run_with_the_device_estimate_has_a_graph_of_its_own(monkeypatch):
+    """The same run of products with and without the device's estimate (a refresh that skips its host checks, and a
+    checked one) are two graphs: replaying the checked one for an unchecked refresh would leave its estimate
+    unwritten. Each gives what eager runs give, in either order."""
+    monkeypatch.setattr(csc._Lanczos, "_capture", lambda self, n, estimate: _StandInGraph(self, n, estimate))
+    apply = csc._NormalOperator([make_layer(3, 6, 3, 1, seed=1)], (6, 6), static=True)
+    v = torch.randn(1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    eager = csc._Lanczos([(apply, v)], capacity=8)
+    eager.extend(4, estimate=True)
+    state = csc._Lanczos([(apply, v)], capacity=8)
+    state.graphs = {}
+    for _ in range(2):  # a checked run of 4 products: seen, then captured
+        state.restart([v])
+        state.extend(4)
+    for _ in range(3):  # the same run with the estimate: seen (eager), captured, replayed
+        state.restart([v])
+        state.extend(4, estimate=True)
+        assert state.found and torch.equal(state.found_value, eager.found_value)
+        assert torch.equal(state.vectors()[0], eager.vectors()[0])
+    state.restart([v])
+    state.extend(4)  # the checked graph again, after the estimate's buffers were made
+    assert not state.found and sorted(key[3] for key in state.graphs) == [False, True]
+    assert all(isinstance(g, _StandInGraph) for g in state.graphs.values())
+
+
 @pytest.mark.parametrize("capture", ["works", "grown", "refused", "not asked for", "few kept"])
 def test_the_graph_bookkeeping_of_kept_states(monkeypatch, capture):
     """The CUDA-graph path of training's refresh, run on the CPU with a stand-in for the capture: runs of products
@@ -960,6 +986,29 @@ def test_cuda_graphs_of_the_refresh_give_the_step_sizes_of_eager_products():
     graphs = [g for state in states for g in (state.graphs or {}).values() if isinstance(g, torch.cuda.CUDAGraph)]
     assert graphs, "no CUDA graph was captured"
     assert _states_of(eager) and all(state.graphs is None for state in _states_of(eager))
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a == pytest.approx(b, rel=1e-4), step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_of_refreshes_that_skip_their_host_checks(monkeypatch):
+    """On CUDA, with one refresh in 4 checked on the host, the others' products and device estimate replayed as CUDA
+    graphs: step after step, the step sizes of the same refreshes run eagerly (the same schedule, no graphs)."""
+    monkeypatch.setattr(csc, "_HOST_CHECKED_EVERY", 4)
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=8).cuda()
+    eager = copy.deepcopy(model)
+    x = smooth_images(4, size=16).cuda()
+    model(x), eager(x)
+    with monkeypatch.context() as patched:  # the replayed path's schedule and skipped checks, without graphs
+        patched.setattr(csc, "_GRAPH_DEVICES", set())
+        patched.setattr(csc, "_replayed", lambda device: True)
+        expected = _train_and_refresh(eager, x, 9)
+    got = _train_and_refresh(model, x, 9)
+    states = _states_of(model)
+    assert states and not any(state.capture_refused for state in states), "CUDA refused a capture (see the warning)"
+    assert any(isinstance(g, torch.cuda.CUDAGraph) and key[3] for state in states for key, g in state.graphs.items())
+    assert all(state.graphs is None for state in _states_of(eager))
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a == pytest.approx(b, rel=1e-4), step
 
