@@ -18,6 +18,7 @@ sizes of a trained model are compared instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -59,19 +60,40 @@ def main(argv: list[str] | None = None) -> dict | float:
                    help="Lanczos products before a refresh's first check (default: the library's, %(default)s); with "
                         "--tols 1 every refresh stops there: a fixed run of products, as a refresh that skips its "
                         "host checks makes (csc._HOST_CHECKED_EVERY)")
+    p.add_argument("--host-checked-every", type=int, default=None, metavar="N",
+                   help="refresh the GPU's way, emulated on the CPU (Lanczos states kept from step to step and shared "
+                        "across layers, the replayed products' schedule of checks), one refresh in N checked on the "
+                        "host and the others not (csc._HOST_CHECKED_EVERY; 1: all checked)")
     args = p.parse_args(argv)
-    for name in ("width", "batch", "steps", "every", "check_iters", "first_check"):
-        if getattr(args, name) < 1:
+    for name in ("width", "batch", "steps", "every", "check_iters", "first_check", "host_checked_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint:
         return check_checkpoint(args.checkpoint, args.check_iters)
     library, first_check = library_rule(), sdnet.csc._FIRST_CHECK
     sdnet.csc._FIRST_CHECK = args.first_check
     try:
-        return run(args, argv)
+        with gpu_way(args.host_checked_every):
+            return run(args, argv)
     finally:
         set_rule(library)
         sdnet.csc._FIRST_CHECK = first_check
+
+
+@contextlib.contextmanager
+def gpu_way(host_checked_every: int | None):
+    """With a number, the refresh as a GPU runs it (see --host-checked-every), on the CPU, inside the block."""
+    csc = sdnet.csc
+    names = ("_UNGROUPED_DEVICES", "_KEPT_STATE_DEVICES", "_replayed", "_HOST_CHECKED_EVERY")
+    library = [getattr(csc, name) for name in names]
+    if host_checked_every is not None:
+        for name, value in zip(names, (set(), {"cpu"}, lambda device: True, host_checked_every)):
+            setattr(csc, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, library):
+            setattr(csc, name, value)
 
 
 def library_rule() -> tuple[str, float, float, int]:
@@ -142,8 +164,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         mark = " (the library's)" if rule == library and args.first_check == LIBRARY_FIRST_CHECK else ""
         print(f"| {label(rule)}{mark} | {cells} | {min(worst[rule])[0]:.3f} | "
               f"{1e3 * statistics.median(seconds[rule]):.0f} |")
+    way = ("" if args.host_checked_every is None else
+           f"; the GPU's way, emulated, one refresh in {args.host_checked_every} checked on the host")
+    first = sdnet.csc._check_schedule(args.host_checked_every is not None, 2)[0]  # (layers ask for 2 products)
     print(f"\n{torch.get_num_threads()} torch thread(s), width {args.width}, batch {args.batch}, the first check "
-          f"after {args.first_check} products")
+          f"after {first} products{way}")
     # "trained": the model itself, which follows the library's rule as its shadow of that rule should
     return {key: min(found)[0] for key, found in worst.items()}
 

@@ -1280,6 +1280,12 @@ def test_step_size_validity_benchmark_runs():
     finally:
         csc._Lanczos.extend = real
     assert 10 in made and csc._FIRST_CHECK == first_check
+    # --host-checked-every: the GPU's way, emulated, for the run; the library's settings back after
+    settings = (csc._UNGROUPED_DEVICES, csc._KEPT_STATE_DEVICES, csc._replayed, csc._HOST_CHECKED_EVERY)
+    gpu = step_size_validity.main(["--width", "4", "--batch", "4", "--steps", "3", "--every", "1", "--check-iters",
+                                   "20", "--methods", "lanczos", "--tols", str(tol), "--host-checked-every", "2"])
+    assert (csc._UNGROUPED_DEVICES, csc._KEPT_STATE_DEVICES, csc._replayed, csc._HOST_CHECKED_EVERY) == settings
+    assert 1.0 <= gpu[library] <= 1.051 and gpu[library] == gpu["trained"]
     assert lowest[library] == lowest["trained"]  # the shadow with the library's rule follows the trained model
     assert all(0.5 < r < 2 for r in lowest.values())
 
