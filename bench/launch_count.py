@@ -195,16 +195,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.host_checked_every is not None and args.host_checked_every < 1:
         p.error("--host-checked-every must be at least 1")
     torch.set_num_threads(args.threads)
-    rule = csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._HOST_CHECKED_EVERY
-    csc._METHOD, csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else train_throughput.LIBRARY_REFRESH
-    csc._POWER_TOL = args.tol
-    csc._HOST_CHECKED_EVERY = args.host_checked_every or rule[3]
-    try:
-        with train_throughput.replayed_checks(args.replayed_checks):
-            schedule = f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}"
-            rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
-    finally:
-        csc._METHOD, csc._POWER_MIX, csc._POWER_TOL, csc._HOST_CHECKED_EVERY = rule  # set back for a caller
+    method, mix = ("power", 0.3) if args.refresh == "power" else train_throughput.LIBRARY_REFRESH
+    with train_throughput.csc_settings(_METHOD=method, _POWER_MIX=mix, _POWER_TOL=args.tol,
+                                       _HOST_CHECKED_EVERY=args.host_checked_every), \
+            train_throughput.replayed_checks(args.replayed_checks):  # all set back for a caller after
+        schedule = f"{csc._FIRST_CHECK_REPLAYED}:{csc._CHECK_EVERY_REPLAYED}"
+        rows = [count(m, args, g) for m in args.models for g in ("cpu", "gpu")]
     print(f"width {args.width}, torch {torch.__version__}; refresh: {args.refresh}, stop at a rise below {args.tol:g}; "
           f"median of {args.steps} steps after {args.warmup}; replayed products checked on the schedule {schedule}"
           + (f", on the host in one refresh of {args.host_checked_every}" if (args.host_checked_every or 1) > 1 else "")

@@ -18,7 +18,6 @@ sizes of a trained model are compared instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -26,12 +25,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sdnet  # noqa: E402
 import sdnet.csc  # noqa: E402
+from train_throughput import csc_settings  # noqa: E402
 
 
 LIBRARY_FIRST_CHECK = sdnet.csc._FIRST_CHECK  # (main sets the library's to --first-check for a run)
@@ -70,30 +71,16 @@ def main(argv: list[str] | None = None) -> dict | float:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint:
         return check_checkpoint(args.checkpoint, args.check_iters)
-    library, first_check = library_rule(), sdnet.csc._FIRST_CHECK
-    sdnet.csc._FIRST_CHECK = args.first_check
-    try:
-        with gpu_way(args.host_checked_every):
+    library = library_rule()
+    # with --host-checked-every, the refresh as a GPU runs it, on the CPU; everything set back after
+    gpu = args.host_checked_every is not None
+    with csc_settings(_FIRST_CHECK=args.first_check, _HOST_CHECKED_EVERY=args.host_checked_every,
+                      _UNGROUPED_DEVICES=set() if gpu else None, _KEPT_STATE_DEVICES={"cpu"} if gpu else None,
+                      _replayed=(lambda device: True) if gpu else None):
+        try:
             return run(args, argv)
-    finally:
-        set_rule(library)
-        sdnet.csc._FIRST_CHECK = first_check
-
-
-@contextlib.contextmanager
-def gpu_way(host_checked_every: int | None):
-    """With a number, the refresh as a GPU runs it (see --host-checked-every), on the CPU, inside the block."""
-    csc = sdnet.csc
-    names = ("_UNGROUPED_DEVICES", "_KEPT_STATE_DEVICES", "_replayed", "_HOST_CHECKED_EVERY")
-    library = [getattr(csc, name) for name in names]
-    if host_checked_every is not None:
-        for name, value in zip(names, (set(), {"cpu"}, lambda device: True, host_checked_every)):
-            setattr(csc, name, value)
-    try:
-        yield
-    finally:
-        for name, value in zip(names, library):
-            setattr(csc, name, value)
+        finally:
+            set_rule(library)
 
 
 def library_rule() -> tuple[str, float, float, int]:

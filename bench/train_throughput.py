@@ -112,18 +112,27 @@ def check_schedule(text: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def csc_settings(**values):
+    """sdnet.csc's module-level settings (`_HOST_CHECKED_EVERY=8`, ...) set to these values inside the block (None:
+    left as it is), and set back after, also when the block fails: for benchmarks that try the library's choices."""
+    library = {name: getattr(sdnet.csc, name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is not None:
+                setattr(sdnet.csc, name, value)
+        yield
+    finally:
+        for name, value in library.items():
+            setattr(sdnet.csc, name, value)
+
+
 def replayed_checks(schedule: tuple[int, int] | None, replayed: bool = True):
     """The library's schedule of checks for replayed products (`replayed=False`: for eager ones) set to `schedule`
     (None: left as it is) inside the block, and set back after."""
-    names = ("_FIRST_CHECK_REPLAYED", "_CHECK_EVERY_REPLAYED") if replayed else ("_FIRST_CHECK", "_CHECK_EVERY")
-    library = tuple(getattr(sdnet.csc, name) for name in names)
-    try:
-        for name, value in zip(names, schedule or library):
-            setattr(sdnet.csc, name, value)
-        yield
-    finally:
-        for name, value in zip(names, library):
-            setattr(sdnet.csc, name, value)
+    first, every = schedule or (None, None)
+    if replayed:
+        return csc_settings(_FIRST_CHECK_REPLAYED=first, _CHECK_EVERY_REPLAYED=every)
+    return csc_settings(_FIRST_CHECK=first, _CHECK_EVERY=every)
 
 
 def pick_device(name: str) -> torch.device:
@@ -387,14 +396,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
-    rule = sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._HOST_CHECKED_EVERY
-    sdnet.csc._METHOD, sdnet.csc._POWER_MIX = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
-    sdnet.csc._HOST_CHECKED_EVERY = args.host_checked_every or rule[2]
-    try:
-        with replayed_checks(args.replayed_checks):
-            return run(args, argv, allocator)
-    finally:  # set back for a caller in the same process
-        sdnet.csc._METHOD, sdnet.csc._POWER_MIX, sdnet.csc._HOST_CHECKED_EVERY = rule
+    method, mix = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
+    # set back for a caller in the same process
+    with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every), \
+            replayed_checks(args.replayed_checks):
+        return run(args, argv, allocator)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None) -> dict | None:
