@@ -22,7 +22,7 @@ from .csc import csc_layers, load_power_states, power_states
 from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a layer with the FFT bound stores no warm vector (version 1 files still load)
 
 
 class CheckpointError(ValueError):
@@ -169,7 +169,8 @@ def _classes_problem(classes: Any, outputs: Any) -> str | None:
 
 def _check_power_state(name: str, st: Any) -> None:
     """Raise ValueError unless `st` looks like CSCLayer.power_state(): a stored L must be a usable step."""
-    if not isinstance(st, dict) or not all(isinstance(st.get(k), torch.Tensor) for k in ("vec", "lipschitz", "spatial")):
+    if not isinstance(st, dict) or not all(isinstance(st.get(k), torch.Tensor) for k in ("lipschitz", "spatial")) \
+            or not isinstance(st.get("vec", torch.empty(0)), torch.Tensor):  # (no warm vector with the FFT bound)
         raise ValueError(f"step-size state of {name} is not a dictionary of tensors")
     L = st["lipschitz"]
     if L.numel() != 1 or not (torch.isfinite(L).all() and L.item() > 0):
@@ -177,18 +178,23 @@ def _check_power_state(name: str, st: Any) -> None:
 
 
 def _check_step_sizes(model: nn.Module, power: dict) -> None:
-    """ValueError when a stored L is under ||A v||^2 / ||v||^2 for the layer's own stored vector v, a lower bound
-    of ||A||^2: FISTA's step would be certainly too long (an edited L of 1e-9 loaded, and gave logits of 1e10).
-    One product per layer, on the weights just loaded."""
+    """ValueError when a stored L is under a lower bound of ||A||^2: ||A v||^2 / ||v||^2 for the layer's own stored
+    vector v, or where none is stored (layers with the FFT bound) the Ritz value of 10 Lanczos products: FISTA's
+    step would be certainly too long (an edited L of 1e-9 loaded, and gave logits of 1e10). One product per layer
+    with a vector, on the weights just loaded."""
     for name, layer in csc_layers(model):
         if name not in power:
             continue
-        v, L = layer._power_vec, float(layer._lipschitz)
+        v, L, spatial = layer._power_vec, float(layer._lipschitz), tuple(power[name]["spatial"].tolist())
         with torch.no_grad():
-            rayleigh = float(layer.decode(v, tuple(power[name]["spatial"].tolist())).pow(2).sum() / v.pow(2).sum())
-        if not L >= rayleigh * (1 - 1e-3):
-            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under ||A v||^2 / ||v||^2 = "
-                             f"{rayleigh:.4g} for its own stored vector v (an edited file?)")
+            if v is None:
+                below, what = float(layer.lipschitz(spatial, iters=10)) / layer.power_margin, "a 10-product estimate"
+            else:
+                below, what = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
+                    "||A v||^2 / ||v||^2 for its own stored vector v"
+        if not L >= below * (1 - 1e-3):
+            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under {what}, {below:.4g}, "
+                             "a lower bound of ||A||^2 (an edited file?)")
 
 
 def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
@@ -240,7 +246,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
             raise ValueError("the step-size states are not a dictionary")
         for name, st in power.items():
             _check_power_state(name, st)
-        load_power_states(model, {name: dict(st, vec=st["vec"].float()) for name, st in power.items()})
+        load_power_states(model, {name: {k: v.float() if k == "vec" else v for k, v in st.items()}
+                                  for name, st in power.items()})
         _check_step_sizes(model, power)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None

@@ -38,6 +38,12 @@ _POWER_TOL = 3e-5
 _POWER_MIX = 3.0
 _SIZES_KEPT = 4  # input sizes whose step size a layer keeps besides the one it solved last (CSCLayer._set_aside)
 LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
+# Layers with at most this many input channels (image layers: grayscale, RGB) take the FFT bound as their L
+# (`fft_bound`): certified, and cheap where the per-frequency matrices are this small. step_size="lanczos" or "fft"
+# chooses for a layer.
+_FFT_MAX_IN_CHANNELS = 3
+_FFT_SQUARINGS = 10  # trace(G^(2^10))^(1/2^10) is at most side^(1/1024) above lambda_max(G): 1.0011 for side 3
+_STEP_SIZE_RULES = ("auto", "lanczos", "fft")
 
 
 def _check_lam(value: float, where: str) -> float:
@@ -105,7 +111,8 @@ class CSCLayer(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, lam: float = 0.1, n_steps: int = 2,
-                 non_negative: bool = True, power_iters: int = 2, power_margin: float = 1.05):
+                 non_negative: bool = True, power_iters: int = 2, power_margin: float = 1.05,
+                 step_size: str = "auto"):
         super().__init__()
         if isinstance(kernel_size, (tuple, list)):  # nn.Conv2d's (k, k) form; only square kernels here
             if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
@@ -128,6 +135,12 @@ class CSCLayer(nn.Module):
             raise ValueError(f"power_iters (products of each step-size refresh) must be at least 1, got {power_iters}")
         self.non_negative = non_negative
         self.power_iters, self.power_margin = power_iters, power_margin
+        if step_size not in _STEP_SIZE_RULES:
+            raise ValueError(f"step_size must be one of {', '.join(_STEP_SIZE_RULES)}, got {step_size!r}")
+        # how L is found: "fft", the certified FFT bound (`fft_bound`), or "lanczos", a warm-started estimate times
+        # power_margin; "auto" takes the bound for image layers, where it is cheap
+        self.step_size = step_size if step_size != "auto" else (
+            "fft" if in_channels <= _FFT_MAX_IN_CHANNELS else "lanczos")
         self.name: str | None = None  # set by sdnet.models / csc_layers: the key for override(lam={...})
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -145,7 +158,7 @@ class CSCLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, lam={self.lam}, "
-                f"n_steps={self.n_steps}, non_negative={self.non_negative}")
+                f"n_steps={self.n_steps}, non_negative={self.non_negative}, step_size={self.step_size}")
 
     # --- the operator ------------------------------------------------------------------
     def adjoint(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,11 +179,12 @@ class CSCLayer(nn.Module):
 
     # --- step size -----------------------------------------------------------------------
     def lipschitz(self, spatial: tuple[int, int], iters: int | None = None) -> torch.Tensor:
-        """L, meant to bound ||A||^2 for inputs of size `spatial`: a warm-started Lanczos estimate (the largest
-        Ritz value, which approaches ||A||^2 from below) times `power_margin`. Not a certified bound: in early
-        training, when ||A||^2 moves fast, a warm refresh can end under it (bench/step_size_validity.py
-        measures how far). `iters` asks for a cold estimate of that many products instead, as a query: it is
-        returned, and the step size the layer solves with is left as it was (a short one would be far under
+        """L, meant to bound ||A||^2 for inputs of size `spatial`. With `step_size="fft"` (image layers by default)
+        it is `fft_bound`, a certified bound. Otherwise a warm-started Lanczos estimate (the largest Ritz value,
+        which approaches ||A||^2 from below) times `power_margin`: not a certified bound, since in early training,
+        when ||A||^2 moves fast, a warm refresh can end under it (bench/step_size_validity.py measures how far).
+        `iters` asks for a cold Lanczos estimate of that many products instead (for either rule), as a query: it
+        is returned, and the step size the layer solves with is left as it was (a short one would be far under
         ||A||^2).
 
         Recomputed only when the dictionary changes (its version counter moves), so inference
@@ -186,6 +200,10 @@ class CSCLayer(nn.Module):
             if iters is None and self._lipschitz_key == key and self._lipschitz is not None:
                 return self._lipschitz
             if iters is None and self._swap_in(key):  # a size solved before, for this very dictionary
+                return self._lipschitz
+            if iters is None and self.step_size == "fft":
+                self._set_aside()
+                _fft_refresh([self], [key])
                 return self._lipschitz
             shape = self._code_shape(spatial)
             v = self._power_vec
@@ -262,7 +280,9 @@ class CSCLayer(nn.Module):
             out = super()._apply(fn, *args, **kwargs)
             if current:
                 dev = self.weight.device
-                self._power_vec, self._lipschitz = self._power_vec.to(dev), self._lipschitz.to(dev)
+                self._lipschitz = self._lipschitz.to(dev)
+                if self._power_vec is not None:
+                    self._power_vec = self._power_vec.to(dev)
                 self._lipschitz_key = self._cache_key(self._lipschitz_key[-1])
                 self._fingerprint = _fingerprints([self])[0]  # of the weight as it is now (a cast may round it)
         return out
@@ -280,19 +300,25 @@ class CSCLayer(nn.Module):
         return new
 
     def power_state(self) -> dict | None:
-        """The step-size cache (L, the warm vector) as tensors, for a training state that resumes bit for bit."""
-        if self._power_vec is None or self._lipschitz_key is None:
+        """The step-size cache (L, and the warm vector where the layer keeps one: not with the FFT bound) as
+        tensors, for a training state that resumes bit for bit."""
+        if self._lipschitz is None or self._lipschitz_key is None:
             return None
         # clones: a refresh leaves them views of tensors shared by a group of layers, which would all be saved
-        return {"vec": self._power_vec.clone(), "lipschitz": self._lipschitz.clone(),
-                "spatial": torch.tensor(self._lipschitz_key[-1]),
-                "refreshes": torch.tensor(self._refreshes)}
+        state = {"lipschitz": self._lipschitz.clone(), "spatial": torch.tensor(self._lipschitz_key[-1]),
+                 "refreshes": torch.tensor(self._refreshes)}
+        if self._power_vec is not None:
+            state["vec"] = self._power_vec.clone()
+        return state
 
     def load_power_state(self, state: dict) -> None:
-        """Restore `power_state()` for the dictionary as it is now (call after loading the weights)."""
+        """Restore `power_state()` for the dictionary as it is now (call after loading the weights). A layer with
+        the FFT bound drops a stored warm vector (one from before it had the bound); a Lanczos layer stored
+        without one starts its next refresh cold."""
         dev = self.weight.device
+        vec = state.get("vec") if self.step_size != "fft" else None
         with _POWER_LOCK:
-            self._power_vec, self._lipschitz = state["vec"].to(dev), state["lipschitz"].to(dev)
+            self._power_vec, self._lipschitz = None if vec is None else vec.to(dev), state["lipschitz"].to(dev)
             self._other_sizes = {}
             self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
             self._fingerprint = _fingerprints([self])[0]
@@ -401,6 +427,54 @@ def check_override_names(layer_names: set[str]) -> None:
                    if layer_names else "it has none")
             raise ValueError(f"override({key}=...) names CSC layers this model does not have: {', '.join(unknown)} "
                              f"({has})")
+
+
+# --- the FFT bound ------------------------------------------------------------------------------
+def fft_bound(weight: torch.Tensor, stride: int, padding: int, spatial: tuple[int, int]) -> torch.Tensor:
+    """A certified upper bound on ||A||^2 for the layer with dictionary `weight` on inputs of size `spatial`
+    (a 0-dim float32 tensor on the weight's device; no host sync).
+
+    A zero-padded convolution is a piece of a circular one on a grid it fits in without wrapping around, so ||A||^2
+    is at most the circular operator's: the largest, over the grid's frequencies, of the top eigenvalue of the
+    per-frequency Gram matrix G(f) = T(f) T(f)^H of the kernel's transfer matrix T(f) (in x out channels). G is
+    the DFT of the kernel's autocorrelation (one small convolution), and its top eigenvalue is bounded from above
+    by trace(G^p)^(1/p), p = 2^_FFT_SQUARINGS (found by squarings, no eigensolver: those sync on a GPU), at most
+    side^(1/p) above it. A stride-2 layer is a stride-1 one on the input's four phases (pixel_unshuffle).
+    How far above ||A||^2 it lies: 1.00-1.01x for image layers on 32x32 maps, more on small maps (bench/README.md,
+    bench/circulant_bound.py); the cost grows with the channels, hence only for layers with few of them."""
+    device = weight.device
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        w = weight.detach().to(device if device.type in ("cpu", "cuda") else "cpu", torch.float64)  # (no fp64 there)
+        k = w.shape[-1]
+        if stride == 2:  # conv2d(x, w, stride 2) = conv2d(pixel_unshuffle(x), pixel_unshuffle(w), stride 1)
+            w = F.pixel_unshuffle(F.pad(w, (0, k % 2, 0, k % 2)), 2)
+            spatial = tuple(-(-(n + 2 * padding) // 2) for n in spatial)  # the padded input's phases
+            k = w.shape[-1]
+        x = w.transpose(0, 1) if w.shape[0] >= w.shape[1] else w  # the smaller of the two Gram matrices
+        corr = F.conv2d(x, x, padding=k - 1)  # (side, side, 2k-1, 2k-1): the autocorrelation at lags -(k-1)..k-1
+        grid = [max(n + k - 1, 2 * k - 1) for n in spatial]
+        corr = F.pad(corr, (0, grid[1] - 2 * k + 1, 0, grid[0] - 2 * k + 1)).roll((1 - k, 1 - k), (-2, -1))
+        gram = torch.fft.rfft2(corr).permute(2, 3, 0, 1).flatten(0, 1)  # G at each frequency (the rest conjugate)
+        traces = torch.empty(_FFT_SQUARINGS + 1, gram.shape[0], dtype=torch.float64, device=gram.device)
+        for j in range(_FFT_SQUARINGS + 1):  # G_j+1 = (G_j / tr G_j)^2, so tr G^(2^J) = tr G_J * prod tr_j^(2^(J-j))
+            torch.sum(gram.diagonal(dim1=-2, dim2=-1).real, -1, out=traces[j])
+            if j < _FFT_SQUARINGS:
+                gram = gram / traces[j].clamp_min(1e-300)[:, None, None]
+                gram = gram @ gram
+        powers = 0.5 ** torch.arange(_FFT_SQUARINGS + 1, dtype=torch.float64, device=gram.device)
+        powers[-1] = powers[-2]  # log trace(G^p) / p = sum_j log(tr_j) / 2^j + log(tr_J) / 2^J
+        top = (traces.clamp_min(1e-300).log() * powers[:, None]).sum(0).max().exp()
+        return (top * (1 + 1e-6)).float().to(device)  # (1e-6: the cast to float32 must not round it under)
+
+
+def _fft_refresh(layers: list[CSCLayer], keys: list[tuple]) -> None:
+    """Set each layer's L to `fft_bound` for the input size its cache key names (`keys`: taken before, as the
+    dictionaries the bounds are computed for). Call under _POWER_LOCK."""
+    prints = _fingerprints_by_device(layers)
+    for layer, key, fingerprint in zip(layers, keys, prints):
+        layer._lipschitz = fft_bound(layer.weight, layer.stride, layer.padding, key[-1]).clamp_min(1e-6)
+        layer._power_vec, layer._lipschitz_key, layer._fingerprint = None, key, fingerprint
+        layer._refreshes += 1
 
 
 # --- the step size of many layers at once ----------------------------------------------------
@@ -1061,27 +1135,35 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     products are cheap next to a sync. `cuda_graphs=False` runs them kernel by kernel instead, checked after 6 and
     then every 2 (`python -m sdnet.train --no-cuda-graphs`). With `_HOST_CHECKED_EVERY` above 1 (not the default;
     untimed on a GPU) most refreshes there skip the checks and find the step size on the device: no sync.
+    Layers with the FFT bound (`step_size="fft"`, image layers by default) recompute it instead: a fixed set of
+    small kernels, no iterations, no host sync.
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
     optimizer) is found here by its norms (`_fingerprints`); a layer's own forward trusts the counter (no host
     sync per solve): after such a write, call this or the layer's `reset_step_size()` before solving."""
     groups: dict[tuple, tuple[tuple[int, int], list[CSCLayer]]] = {}
+    bounded = []  # layers with the FFT bound: no warm vector, no iterations
     with _POWER_LOCK:
-        layers = [layer for _, layer in csc_layers(model)
-                  if layer._lipschitz_key is not None and layer._power_vec is not None]
+        layers = [layer for _, layer in csc_layers(model) if layer._lipschitz_key is not None
+                  and (layer._power_vec is not None or layer.step_size == "fft")]
         current = [layer for layer in layers if layer.step_size_is_current()]
         unseen = {id(current[i]) for i in _changed_unseen(current)} if current else set()
         for layer in layers:
             if layer.step_size_is_current() and id(layer) not in unseen:
                 continue
             spatial = layer._lipschitz_key[-1]
+            if layer.step_size == "fft":
+                bounded.append(layer)
+                continue
             if layer._power_vec.shape != layer._code_shape(spatial):
                 continue
             geometry = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                         spatial, layer.weight.device, layer.power_iters, layer._refreshes,
                         id(layer) if layer.weight.device.type in _UNGROUPED_DEVICES else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
+        if bounded:
+            _fft_refresh(bounded, [layer._cache_key(layer._lipschitz_key[-1]) for layer in bounded])
         if groups:
             _warm_refresh(list(groups.values()), kept=True, graphs=cuda_graphs)
 

@@ -68,6 +68,8 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
         layer._lipschitz = layer._lipschitz * 1.1
     path = tmp_path / "m.pt"
     sdnet.save_checkpoint(path, model, half=half)
+    stored = torch.load(path, weights_only=True)["power"]  # the image layer's FFT bound needs no warm vector
+    assert "vec" not in stored["conv1"] and "vec" in stored["layer1.0.conv1"]
     loaded, _ = sdnet.load_checkpoint(path)
     for (name, a), (_, b) in zip(sdnet.csc_layers(model), sdnet.csc_layers(loaded)):
         assert torch.equal(a._lipschitz, b._lipschitz), name
@@ -242,7 +244,14 @@ BAD_FILES = {
                                                     "power": {"conv1": {"vec": torch.ones(1, 4, 2, 2),
                                                                         "spatial": torch.tensor([2, 2]),
                                                                         "lipschitz": torch.tensor(1e-9)}}}, p),
-                           r"damaged: the stored step size of conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2"),
+                           r"damaged: the stored step size of conv1 is too long: L = 1e-09 is under a 10-product "
+                           r"estimate, [0-9.]+, a lower bound of \|\|A\|\|\^2"),  # (the image layer's warm vector dropped)
+    "step size too long, a warm vector": (
+        lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": m.sdnet_config,
+                                 "state_dict": m.state_dict(),
+                                 "power": {"layer1.0.conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
+                                                              "lipschitz": torch.tensor(1e-9)}}}, p),
+        r"damaged: the stored step size of layer1.0.conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2 / \|\|v\|\|\^2"),
     "step sizes not tensors": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
                                                         "config": m.sdnet_config, "state_dict": m.state_dict(),
                                                         "power": {"conv1": [1.0]}}, p), "not a dictionary of tensors"),

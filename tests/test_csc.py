@@ -260,19 +260,107 @@ def test_gradients_reach_input_and_weight(stride, non_negative, device):
                                                   (4, 4, 1, 1, (6, 6)),
                                                   (1, 64, 1, 1, (4, 4))])  # invariant after one product
 def test_lipschitz_bound_is_valid_and_tight(cin, cout, k, stride, hw, device):
-    layer = make_layer(cin, cout, k, stride, seed=k + stride).to(device)
+    layer = make_layer(cin, cout, k, stride, seed=k + stride, step_size="lanczos").to(device)
     top = np.linalg.norm(dense_matrix(layer, hw), 2) ** 2
     L = layer.lipschitz(hw).item()
     # the cold estimate (30 Lanczos products) is ||A||^2 to 0.1%, times the layer's 5% margin
     assert 1.05 * top * (1 - 1e-3) <= L <= 1.05 * top * (1 + 1e-5), (L, top)
 
 
+# (in, out channels, kernel, stride, padding, input size, how far above ||A||^2 the bound may be)
+FFT_CASES = [(3, 4, 3, 1, 1, (8, 8), 1.1), (3, 4, 3, 2, 1, (8, 8), 1.1), (2, 8, 5, 1, 2, (7, 6), 1.6),
+             (3, 16, 7, 2, 3, (9, 9), 1.5), (3, 5, 5, 2, 0, (9, 7), 1.5), (1, 4, 7, 2, 1, (10, 11), 1.7),
+             (4, 6, 3, 2, 2, (6, 6), 1.1), (8, 3, 3, 1, 1, (5, 5), 1.2),  # more in than out: the other Gram
+             (3, 2, 3, 1, 0, (6, 5), 1.35), (3, 2, 5, 1, 2, (2, 3), 5.2),  # valid padding; a map smaller than the kernel
+             (1, 64, 1, 1, 0, (4, 4), 1.0 + 1e-5), (3, 16, 3, 1, 1, (32, 32), 1.003)]  # exact for 1x1; tight on 32x32
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,hw,slack", FFT_CASES)
+def test_the_fft_bound_is_at_least_the_dense_operators_norm(cin, cout, k, stride, padding, hw, slack, device):
+    """fft_bound (the step size of image layers) against ||A||^2 of the explicit matrix, by LAPACK's SVD: never
+    under it, whatever the stride, padding or map size, and close on large maps (loose on tiny ones, as it may be)."""
+    layer = make_layer(cin, cout, k, stride, padding=padding, seed=k + stride, step_size="fft").to(device)
+    top = np.linalg.norm(dense_matrix(layer, hw), 2) ** 2
+    L = layer.lipschitz(hw)
+    assert L.dtype == torch.float32 and L.device.type == device.type
+    assert top <= L.item() <= slack * top, (L.item() / top)
+    # the function itself, on a dictionary in float64, is as close to its own exact circulant norm (by eigvalsh)
+    assert csc.fft_bound(layer.weight.double(), stride, padding, hw).item() == pytest.approx(L.item(), rel=1e-6)
+
+
+def test_the_fft_bound_is_the_circulant_operators_norm():
+    """On a grid, the bound is the largest eigenvalue of the circular convolution's normal operator (checked on the
+    explicit circulant matrix), up to its trace-power slack: so it is not loose beyond what the grid makes it."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    n = 8  # fft_bound's grid for a 6x6 input and a 3x3 kernel: 6 + 3 - 1
+    eye = torch.eye(3 * n * n, dtype=torch.float64).view(-1, 3, n, n)
+    circular = F.conv2d(F.pad(eye, (1, 1, 1, 1), mode="circular"), w).reshape(3 * n * n, -1)
+    exact = torch.linalg.matrix_norm(circular, 2).item() ** 2
+    bound = csc.fft_bound(w, 1, 1, (6, 6)).item()
+    assert exact <= bound <= exact * 3 ** (1 / 2 ** csc._FFT_SQUARINGS) * (1 + 2e-6)
+    # and bench/circulant_bound.py's form (the kernel's DFT, LAPACK's eigvalsh per frequency), on the same grid
+    reference = bench_module("circulant_bound").circulant_bound
+    for k, hw in ((3, (8, 8)), (5, (9, 7)), (1, (5, 5))):
+        layer = make_layer(3, 8, k, 1, seed=k, step_size="fft")
+        assert reference(layer, hw) <= layer.lipschitz(hw).item() <= reference(layer, hw) * 1.0012, (k, hw)
+
+
+def test_image_layers_take_the_fft_bound_and_others_lanczos():
+    """step_size="auto" (the default): the FFT bound for layers of at most 3 input channels (an image's), Lanczos
+    above; either can be asked for; anything else is refused. SDNet models' first layer has the bound."""
+    assert [CSCLayer(c, 8, 3).step_size for c in (1, 3, 4, 64)] == ["fft", "fft", "lanczos", "lanczos"]
+    assert CSCLayer(3, 8, 3, step_size="lanczos").step_size == "lanczos"
+    assert CSCLayer(64, 8, 3, step_size="fft").step_size == "fft"
+    with pytest.raises(ValueError, match="step_size must be one of auto, lanczos, fft"):
+        CSCLayer(3, 8, 3, step_size="power")
+    model = sdnet.build_model("sdnet18_all", width=4)
+    assert [layer.step_size for _, layer in sdnet.csc_layers(model)] == ["fft"] + ["lanczos"] * 16
+    assert "step_size=fft" in repr(model.conv1)
+
+
+def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(device):
+    """Training with the bound: refresh_step_sizes recomputes it for the changed dictionary (no warm vector, no
+    Lanczos state), forward solves with it, and an unchanged dictionary keeps its L (the same tensor)."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18", width=4).to(device)
+    x = smooth_images(4, size=16).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        project_dictionaries(model)
+        before = model.conv1._lipschitz
+        sdnet.refresh_step_sizes(model)
+        layer = model.conv1
+        assert layer._lipschitz is not before and layer._power_vec is None and layer.step_size_is_current()
+        expected = csc.fft_bound(layer.weight, 1, 1, (16, 16))
+        assert layer._lipschitz.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert _true_top(layer, (16, 16)) <= layer._lipschitz.item()
+    assert layer not in csc._KEPT
+    L = layer._lipschitz
+    sdnet.refresh_step_sizes(model)
+    model.eval()(x)
+    assert layer._lipschitz is L
+    # its state: L without a warm vector, and back
+    state = layer.power_state()
+    assert "vec" not in state and state["spatial"].tolist() == [16, 16]
+    other = sdnet.build_model("sdnet18", width=4).to(device)
+    other.load_state_dict(model.state_dict())
+    other.conv1.load_power_state(state)
+    assert other.conv1.step_size_is_current() and torch.equal(other.conv1._lipschitz, L)
+
+
 def test_lipschitz_of_a_wide_1x1_dictionary(device):
     """1024 unit atoms of one channel: A A^T = 1024 I. The Krylov space is invariant after two products, and
     rounding left after the projection must not be taken for a new direction (it once gave 268x ||A||^2)."""
     torch.manual_seed(0)
-    layer = sdnet.CSCLayer(1, 1024, 1, 1).to(device)
+    layer = sdnet.CSCLayer(1, 1024, 1, 1, step_size="lanczos").to(device)
     assert layer.lipschitz((4, 4)).item() == pytest.approx(1.05 * 1024, rel=1e-4)
+    fft = sdnet.CSCLayer(1, 1024, 1, 1).to(device)
+    fft.weight.data.copy_(layer.weight.data)
+    assert fft.lipschitz((4, 4)).item() == pytest.approx(1024, rel=1e-5)  # the FFT bound: exact here
 
 
 def test_power_iters_must_be_positive():
@@ -283,7 +371,7 @@ def test_power_iters_must_be_positive():
 def test_lipschitz_when_the_krylov_space_stops_growing(device):
     """A 1x1 single-atom dictionary is the identity: the first product spans an invariant space, and the
     remaining products of a cold estimate must add nothing (no division by ~0, no NaN)."""
-    layer = make_layer(1, 1, 1, 1).to(device)
+    layer = make_layer(1, 1, 1, 1, step_size="lanczos").to(device)
     assert layer.lipschitz((4, 4)).item() == pytest.approx(1.05, rel=1e-6)
     x = torch.rand(1, 1, 4, 4, device=device)
     assert torch.isfinite(layer(x)).all()
@@ -472,7 +560,7 @@ def test_a_group_of_layers_with_different_margins_gets_each_its_own(monkeypatch)
     """Layers refreshed together (one state, the GPU's way) each get their estimate times their own power_margin."""
     monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
     hw = (6, 6)
-    layers = [make_layer(3, 6, 3, 1, seed=s, power_margin=m) for s, m in ((1, 1.05), (2, 1.5))]
+    layers = [make_layer(3, 6, 3, 1, seed=s, power_margin=m, step_size="lanczos") for s, m in ((1, 1.05), (2, 1.5))]
     for layer in layers:
         layer.lipschitz(hw)
         with torch.no_grad():
@@ -556,12 +644,12 @@ def test_the_gpus_shared_refresh_run_here_keeps_valid_step_sizes(monkeypatch):
         return lambda v: products.update([name]) or apply(v)
     monkeypatch.setattr(csc, "_normal_operator", counted)
     sdnet.refresh_step_sizes(model)
-    assert len(sizes) < 8 and max(sizes) > 1, sizes   # 8 geometries in SDNet-18-All, fewer states
+    assert len(sizes) < 7 and max(sizes) > 1, sizes   # 7 geometries with Lanczos in SDNet-18-All, fewer states
     shared_products, sizes[:] = dict(products), []
     products.clear()
     monkeypatch.setattr(csc, "_shared_states", lambda starts: [[i] for i in range(len(starts))])
     sdnet.refresh_step_sizes(unshared)
-    assert sizes == [1] * 8 and dict(products) == shared_products
+    assert sizes == [1] * 7 and dict(products) == shared_products
     for (name, layer), (_, alone), (_, grouped) in zip(*map(sdnet.csc_layers, (model, own, unshared))):
         spatial = layer._lipschitz_key[-1]
         L, top = layer._lipschitz.item(), _true_top(layer, spatial)
@@ -844,6 +932,7 @@ def test_a_refresh_that_never_settles_stops_at_its_cap_in_a_basis_of_its_most(mo
     _as_the_gpu_replays(monkeypatch)
     monkeypatch.setattr(csc, "_POWER_TOL", -1.0)  # every check sees a rise
     model = sdnet.build_model("sdnet18", width=4)
+    model.conv1.step_size = "lanczos"  # (an image layer: it would take the FFT bound)
     x = smooth_images(2, size=8)
     model(x)
     with torch.no_grad():
@@ -1178,7 +1267,7 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     with pytest.raises(SystemExit):
         launch_count.main(common + ["--host-checked-every", "0"])
     # the power refresh it compares with runs too (states not kept: nothing replayed)
-    power = launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1", "--steps",
+    power = launch_count.main(["--models", "sdnet18_all", "--width", "2", "--batch", "2", "--warmup", "1", "--steps",
                                "1", "--refresh", "power", "--tol", "1e-3"])
     assert power[1]["products"] >= 2 and csc._METHOD == library_rule[0]
 
@@ -1394,7 +1483,7 @@ def test_override_changes_the_solve_and_restores(device):
 def test_step_size_cached_at_inference(monkeypatch, device):
     """After the first call, inference pays no step-size products: with n_steps=2 a forward is
     A^T x, one A and one A^T, i.e. exactly one conv_transpose2d."""
-    layer = make_layer(3, 8, 3, 2, seed=4).to(device).eval()
+    layer = make_layer(3, 8, 3, 2, seed=4, step_size="lanczos").to(device).eval()
     x = smooth_images(2, size=16).to(device)
     with torch.no_grad():
         layer(x)  # the cold start computes L for this input size
