@@ -43,6 +43,7 @@ LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictiona
 # chooses for a layer.
 _FFT_MAX_IN_CHANNELS = 3
 _FFT_SQUARINGS = 10  # trace(G^(2^10))^(1/2^10) is at most side^(1/1024) above lambda_max(G): 1.0011 for side 3
+_FFT_RESCALE_EVERY = 5
 _STEP_SIZE_RULES = ("auto", "lanczos", "fft")
 
 
@@ -455,15 +456,19 @@ def fft_bound(weight: torch.Tensor, stride: int, padding: int, spatial: tuple[in
         grid = [max(n + k - 1, 2 * k - 1) for n in spatial]
         corr = F.pad(corr, (0, grid[1] - 2 * k + 1, 0, grid[0] - 2 * k + 1)).roll((1 - k, 1 - k), (-2, -1))
         gram = torch.fft.rfft2(corr).permute(2, 3, 0, 1).flatten(0, 1)  # G at each frequency (the rest conjugate)
-        traces = torch.empty(_FFT_SQUARINGS + 1, gram.shape[0], dtype=torch.float64, device=gram.device)
-        for j in range(_FFT_SQUARINGS + 1):  # G_j+1 = (G_j / tr G_j)^2, so tr G^(2^J) = tr G_J * prod tr_j^(2^(J-j))
-            torch.sum(gram.diagonal(dim1=-2, dim2=-1).real, -1, out=traces[j])
-            if j < _FFT_SQUARINGS:
-                gram = gram / traces[j].clamp_min(1e-300)[:, None, None]
-                gram = gram @ gram
-        powers = 0.5 ** torch.arange(_FFT_SQUARINGS + 1, dtype=torch.float64, device=gram.device)
-        powers[-1] = powers[-2]  # log trace(G^p) / p = sum_j log(tr_j) / 2^j + log(tr_J) / 2^J
-        top = (traces.clamp_min(1e-300).log() * powers[:, None]).sum(0).max().exp()
+        # G_J = G^(2^J) / prod over rescalings at squaring j of c_j^(2^(J-j)), c_j the trace then, so
+        # log trace(G^p) / p = log tr(G_J) / 2^J + sum_j log(c_j) / 2^j. Rescaled every few squarings (fewer
+        # launches than every one): between two, the smallest trace is still over side^-32, far from underflow.
+        logs = []
+        for j in range(_FFT_SQUARINGS + 1):
+            if j % _FFT_RESCALE_EVERY == 0 or j == _FFT_SQUARINGS:
+                trace = gram.diagonal(dim1=-2, dim2=-1).real.sum(-1).clamp_min(1e-300)
+                logs.append(trace.log() * 0.5 ** j)
+                if j == _FFT_SQUARINGS:
+                    break
+                gram = gram / trace[:, None, None]
+            gram = gram @ gram
+        top = torch.stack(logs).sum(0).max().exp()
         return (top * (1 + 1e-6)).float().to(device)  # (1e-6: the cast to float32 must not round it under)
 
 

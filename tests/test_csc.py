@@ -1266,10 +1266,28 @@ def test_launch_count_benchmark_counts_ops_and_sets_the_library_back(capsys):
     assert unchecked["graphs"] == unchecked["launches"] < sparse["launches"]  # no host work, fewer launches
     with pytest.raises(SystemExit):
         launch_count.main(common + ["--host-checked-every", "0"])
+    # SDNet-18's one layer takes the FFT bound: no products, its float64 work counted (it runs on the device), the
+    # same launches however the refresh is grouped, none of them host checks
+    (fft,) = [r for r in launch_count.main(["--models", "sdnet18", "--width", "2", "--batch", "2", "--warmup", "1",
+                                            "--steps", "1"]) if r["grouping"] == "gpu"]
+    assert fft["products"] == 0 and fft["refresh"] > 40 and fft["refresh"] == fft["launches"] == fft["graphs"]
     # the power refresh it compares with runs too (states not kept: nothing replayed)
     power = launch_count.main(["--models", "sdnet18_all", "--width", "2", "--batch", "2", "--warmup", "1", "--steps",
                                "1", "--refresh", "power", "--tol", "1e-3"])
     assert power[1]["products"] >= 2 and csc._METHOD == library_rule[0]
+
+
+def test_image_layer_step_size_benchmark_compares_the_two_rules(capsys):
+    """bench/image_layer_step_size.py: per training step, the FFT bound (no products, never under ||A||^2) and the
+    Lanczos refresh of a twin's first layer (its products, its margin above ||A||^2), on the same weights."""
+    rows = bench_module("image_layer_step_size").main(["--width", "4", "--batch", "2", "--size", "12", "--steps", "2",
+                                                       "--check-iters", "60"])
+    assert len(rows) == 2
+    for r in rows:
+        assert r["fft_products"] == 0 and r["products"] >= csc._FIRST_CHECK
+        assert 1.0 <= r["fft_ratio"] < 1.1 and r["lanczos_ratio"] == pytest.approx(1.05, rel=2e-3)
+    out = capsys.readouterr().out
+    assert "| step | FFT bound, ms |" in out and "Medians: the FFT bound" in out
 
 
 def test_cold_estimate_benchmark_runs(capsys):
