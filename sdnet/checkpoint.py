@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .csc import csc_layers, load_power_states, power_states
+from .csc import csc_layers, fft_bound, load_power_states, power_states
 from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
 VERSION = 2  # 2: a layer with the FFT bound stores no warm vector (version 1 files still load)
+MAX_STORED_SIDE = 2048  # the largest input side a stored step size may name
 
 
 class CheckpointError(ValueError):
@@ -175,26 +176,35 @@ def _check_power_state(name: str, st: Any) -> None:
     L = st["lipschitz"]
     if L.numel() != 1 or not (torch.isfinite(L).all() and L.item() > 0):
         raise ValueError(f"step-size state of {name} has an unusable L ({L.flatten()[:1].tolist()})")
+    spatial = st["spatial"]
+    if spatial.shape != (2,) or spatial.is_floating_point() or not all(1 <= n <= MAX_STORED_SIDE for n in spatial.tolist()):
+        # (checking L costs work at that size)
+        raise ValueError(f"step-size state of {name} has an unusable input size ({spatial.flatten()[:4].tolist()}; "
+                         f"two sides of 1 to {MAX_STORED_SIDE} pixels)")
 
 
 def _check_step_sizes(model: nn.Module, power: dict) -> None:
-    """ValueError when a stored L is under a lower bound of ||A||^2: ||A v||^2 / ||v||^2 for the layer's own stored
-    vector v, or where none is stored (layers with the FFT bound) the Ritz value of 10 Lanczos products: FISTA's
-    step would be certainly too long (an edited L of 1e-9 loaded, and gave logits of 1e10). One product per layer
-    with a vector, on the weights just loaded."""
+    """ValueError when a stored L is certainly too small, FISTA's step too long (an edited L of 1e-9 loaded, and
+    gave logits of 1e10): under ||A v||^2 / ||v||^2 for the stored warm vector v (a lower bound of ||A||^2; one
+    product), or, stored without one (a layer with the FFT bound), under that bound of the loaded dictionary by
+    more than a half-precision file's rounding can explain. A layer with the FFT bound then solves with the larger of
+    its stored L and the bound of its dictionary as loaded (the two differ only where the file rounded the weights)."""
     for name, layer in csc_layers(model):
         if name not in power:
             continue
-        v, L, spatial = layer._power_vec, float(layer._lipschitz), tuple(power[name]["spatial"].tolist())
+        L, spatial, v = float(layer._lipschitz), tuple(power[name]["spatial"].tolist()), power[name].get("vec")
         with torch.no_grad():
-            if v is None:
-                below, what = float(layer.lipschitz(spatial, iters=10)) / layer.power_margin, "a 10-product estimate"
+            if v is not None:
+                v = v.float().to(layer.weight.device)
+                below, what, slack = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
+                    "||A v||^2 / ||v||^2 for its own stored vector v, a lower bound of ||A||^2", 1e-3
             else:
-                below, what = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
-                    "||A v||^2 / ||v||^2 for its own stored vector v"
-        if not L >= below * (1 - 1e-3):
-            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under {what}, {below:.4g}, "
-                             "a lower bound of ||A||^2 (an edited file?)")
+                below, what, slack = float(fft_bound(layer.weight, layer.stride, layer.padding, spatial)), \
+                    "the FFT bound of its dictionary", 1e-2
+        if not L >= below * (1 - slack):
+            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under {what}, {below:.4g} "
+                             "(an edited file?)")
+        layer.certify_step_size()
 
 
 def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:

@@ -38,11 +38,13 @@ _POWER_TOL = 3e-5
 _POWER_MIX = 3.0
 _SIZES_KEPT = 4  # input sizes whose step size a layer keeps besides the one it solved last (CSCLayer._set_aside)
 LAM_MAX = 100.0  # a lambda above this zeroes every code of a unit-norm dictionary
-# Layers with at most this many input channels (image layers: grayscale, RGB) take the FFT bound as their L
-# (`fft_bound`): certified, and cheap where the per-frequency matrices are this small. step_size="lanczos" or "fft"
-# chooses for a layer.
+# Layers with at most this many input channels (image layers: grayscale, RGB; also the body of a model of width 3
+# or less) take the FFT bound as their L (`fft_bound`): certified, and cheap where the per-frequency matrices are
+# this small. step_size="lanczos" or "fft" chooses for a layer.
 _FFT_MAX_IN_CHANNELS = 3
-_FFT_SQUARINGS = 10  # trace(G^(2^10))^(1/2^10) is at most side^(1/1024) above lambda_max(G): 1.0011 for side 3
+# trace(G^(2^10))^(1/2^10) is at most side^(1/1024) above lambda_max(G): 1.0011 for side 3 (RGB, stride 1),
+# 1.0024 for side 12 (RGB, stride 2)
+_FFT_SQUARINGS = 10
 _FFT_RESCALE_EVERY = 5
 _STEP_SIZE_RULES = ("auto", "lanczos", "fft")
 
@@ -272,7 +274,9 @@ class CSCLayer(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cpu(), .cuda(), .half(), channels_last replace the weight tensor: keep a step size that was
         # current for the dictionary (a move does not change it; a cast to half only rounds it, within the
-        # bound's margin) instead of re-estimating it, so a moved model solves as it was saved.
+        # Lanczos estimate's margin; the FFT bound has none, so a cast takes the larger of it and the bound of the
+        # rounded dictionary) instead of re-estimating it, so a moved model solves as it was saved.
+        dtype = self.weight.dtype
         with _POWER_LOCK:
             # carried over only if current by content too: a move must not launder a write the counter missed
             current = self.step_size_is_current() and self._content_unchanged()
@@ -286,6 +290,8 @@ class CSCLayer(nn.Module):
                     self._power_vec = self._power_vec.to(dev)
                 self._lipschitz_key = self._cache_key(self._lipschitz_key[-1])
                 self._fingerprint = _fingerprints([self])[0]  # of the weight as it is now (a cast may round it)
+                if self.step_size == "fft" and self.weight.dtype != dtype:
+                    self.certify_step_size()
         return out
 
     def __deepcopy__(self, memo):
@@ -314,16 +320,28 @@ class CSCLayer(nn.Module):
 
     def load_power_state(self, state: dict) -> None:
         """Restore `power_state()` for the dictionary as it is now (call after loading the weights). A layer with
-        the FFT bound drops a stored warm vector (one from before it had the bound); a Lanczos layer stored
-        without one starts its next refresh cold."""
+        the FFT bound drops a stored warm vector (one from before it had the bound); a Lanczos layer refuses a
+        state without one (ValueError: its refresh would have nothing to start from)."""
         dev = self.weight.device
         vec = state.get("vec") if self.step_size != "fft" else None
+        if vec is None and self.step_size != "fft":
+            raise ValueError(f"the step-size state of {self.name or 'a Lanczos layer'} has no warm vector ('vec'), "
+                             "which a layer with step_size='lanczos' needs")
         with _POWER_LOCK:
             self._power_vec, self._lipschitz = None if vec is None else vec.to(dev), state["lipschitz"].to(dev)
             self._other_sizes = {}
             self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
             self._fingerprint = _fingerprints([self])[0]
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
+
+    def certify_step_size(self) -> None:
+        """For a layer with the FFT bound: make its current L at least the bound of its dictionary as it is now (a
+        stored or carried-over L may be a rounded dictionary's). Does nothing for a Lanczos layer or without a
+        current L."""
+        with _POWER_LOCK:
+            if self.step_size == "fft" and self.step_size_is_current():
+                bound = fft_bound(self.weight, self.stride, self.padding, self._lipschitz_key[-1])
+                self._lipschitz = torch.maximum(self._lipschitz, bound.to(self._lipschitz.device))
 
     def reset_step_size(self) -> None:
         """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""

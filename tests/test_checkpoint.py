@@ -93,6 +93,20 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
         assert float(conv1.lipschitz((16, 16))) > 3 * float(dict(sdnet.csc_layers(model))["conv1"]._lipschitz)
 
 
+def test_a_format_1_checkpoint_keeps_its_image_layers_stored_step_size():
+    """The shipped checkpoints are format 1: their image layer stored a Lanczos L (1.05x ||A||^2) and a warm vector.
+    Loaded now, that layer takes the FFT bound: it drops the vector and keeps the stored L (larger than the bound,
+    so the models score what their cards say)."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "sdnet18_all-w16-e40.pt"
+    stored = torch.load(path, weights_only=True)
+    assert stored["version"] == 1 and "vec" in stored["power"]["conv1"]
+    model, _ = sdnet.load_checkpoint(path)
+    conv1 = model.conv1
+    assert conv1.step_size == "fft" and conv1._power_vec is None and conv1.step_size_is_current()
+    assert torch.equal(conv1._lipschitz, stored["power"]["conv1"]["lipschitz"])
+    assert conv1._lipschitz.item() > sdnet.csc.fft_bound(conv1.weight, 1, 1, (32, 32)).item()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_checkpoint_saved_on_cuda_loads_on_cpu_and_cuda(model, tmp_path):
     """A model trained on the GPU is saved from there; the file holds no device and loads on either."""
@@ -215,6 +229,12 @@ def _cut_short(path: Path, model) -> None:
     path.write_bytes(data[: len(data) // 5])  # torch's reader: "[Errno 22] Invalid argument"
 
 
+def _with_power(power: dict):
+    """A maker of a checkpoint of the model with these stored step-size states."""
+    return lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": m.sdnet_config,
+                                    "state_dict": m.state_dict(), "power": power}, p)
+
+
 BAD_FILES = {
     "truncated": (_truncated, "truncated or corrupt"),
     "cut short": (_cut_short, r"truncated or corrupt\?\): its zip archive could not be read$"),
@@ -233,28 +253,29 @@ BAD_FILES = {
     "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
     "damaged fields": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "config": m.sdnet_config,
                                                 "meta": {}, "state_dict": [1, 2]}, p), "damaged"),
-    "bad step size": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
-                                               "config": m.sdnet_config, "state_dict": m.state_dict(),
-                                               "power": {"conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
-                                                                   "lipschitz": torch.tensor(float("nan"))}}}, p),
+    "bad step size": (_with_power({"conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
+                                             "lipschitz": torch.tensor(float("nan"))}}),
                       "damaged: step-size state of conv1 has an unusable L"),
     # a positive L far under ||A||^2 (edited): FISTA's step far too long, logits of 1e10
-    "step size too long": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
-                                                    "config": m.sdnet_config, "state_dict": m.state_dict(),
-                                                    "power": {"conv1": {"vec": torch.ones(1, 4, 2, 2),
-                                                                        "spatial": torch.tensor([2, 2]),
-                                                                        "lipschitz": torch.tensor(1e-9)}}}, p),
-                           r"damaged: the stored step size of conv1 is too long: L = 1e-09 is under a 10-product "
-                           r"estimate, [0-9.]+, a lower bound of \|\|A\|\|\^2"),  # (the image layer's warm vector dropped)
-    "step size too long, a warm vector": (
-        lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": m.sdnet_config,
-                                 "state_dict": m.state_dict(),
-                                 "power": {"layer1.0.conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
-                                                              "lipschitz": torch.tensor(1e-9)}}}, p),
+    "step size too long": (_with_power({"conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
+                                                  "lipschitz": torch.tensor(1e-9)}}),
+                           r"damaged: the stored step size of conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2"),
+    # the image layer stores no warm vector (format 2): its L is checked against the FFT bound, which it came from
+    "step size too long, no warm vector": (
+        _with_power({"conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1.0)}}),
+        r"damaged: the stored step size of conv1 is too long: L = 1 is under the FFT bound of its dictionary, [0-9.]+"),
+    "step size too long, a Lanczos layer": (
+        _with_power({"layer1.0.conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
+                                        "lipschitz": torch.tensor(1e-9)}}),
         r"damaged: the stored step size of layer1.0.conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2 / \|\|v\|\|\^2"),
-    "step sizes not tensors": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
-                                                        "config": m.sdnet_config, "state_dict": m.state_dict(),
-                                                        "power": {"conv1": [1.0]}}, p), "not a dictionary of tensors"),
+    "a Lanczos layer without its warm vector": (
+        _with_power({"layer1.0.conv1": {"spatial": torch.tensor([2, 2]), "lipschitz": torch.tensor(50.0)}}),
+        r"damaged: the step-size state of layer1.0.conv1 has no warm vector"),
+    # a stored size is where the check works: a huge one would make it allocate as much as the file asks
+    "step size of a huge input": (
+        _with_power({"conv1": {"spatial": torch.tensor([100000, 8]), "lipschitz": torch.tensor(50.0)}}),
+        r"damaged: step-size state of conv1 has an unusable input size \(\[100000, 8\]; two sides of 1 to 2048"),
+    "step sizes not tensors": (_with_power({"conv1": [1.0]}), "not a dictionary of tensors"),
     "newer format": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION + 1}, p), "newer sdnet"),
     "wrong weights": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
                                                "config": dict(m.sdnet_config, width=8),
