@@ -334,14 +334,16 @@ class CSCLayer(nn.Module):
             self._fingerprint = _fingerprints([self])[0]
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
 
-    def certify_step_size(self) -> None:
+    def certify_step_size(self) -> torch.Tensor | None:
         """For a layer with the FFT bound: make its current L at least the bound of its dictionary as it is now (a
-        stored or carried-over L may be a rounded dictionary's). Does nothing for a Lanczos layer or without a
-        current L."""
+        stored or carried-over L may be a rounded dictionary's), and return that bound. Does nothing (None) for a
+        Lanczos layer or without a current L."""
         with _POWER_LOCK:
-            if self.step_size == "fft" and self.step_size_is_current():
-                bound = fft_bound(self.weight, self.stride, self.padding, self._lipschitz_key[-1])
-                self._lipschitz = torch.maximum(self._lipschitz, bound.to(self._lipschitz.device))
+            if self.step_size != "fft" or not self.step_size_is_current():
+                return None
+            bound = fft_bound(self.weight, self.stride, self.padding, self._lipschitz_key[-1])
+            self._lipschitz = torch.maximum(self._lipschitz, bound.to(self._lipschitz.device))
+            return bound
 
     def reset_step_size(self) -> None:
         """Forget the cached L and warm vector: the next solve estimates L afresh (cold start)."""
