@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=32, help="image side")
+    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar",
+                   help="the first layer: 3x3 stride 1 (CIFAR), or the paper's ImageNet 7x7 stride 2")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("--steps and --check-iters must be at least 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = sdnet.build_model("sdnet18", width=args.width)
+    model = sdnet.build_model("sdnet18", width=args.width, stem=args.stem)
     twin = copy.deepcopy(model)
     twin.conv1.step_size = "lanczos"
     x, y = torch.rand(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     spatial = (args.size, args.size)
     print(f"python bench/image_layer_step_size.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
-    print(f"SDNet-18 width {args.width}, its first layer 3->{args.width} on {args.size}x{args.size}; "
+    first = model.conv1
+    print(f"SDNet-18 width {args.width}, its first layer 3->{args.width}, {first.kernel_size}x{first.kernel_size} "
+          f"stride {first.stride}, on {args.size}x{args.size}; "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}\n")
     print("| step | FFT bound, ms | FFT bound / ||A||^2 | Lanczos refresh, ms | its products | Lanczos L / ||A||^2 |")
     print("|---:|---:|---:|---:|---:|---:|")
