@@ -2,7 +2,8 @@
 
 One training step is what `python -m sdnet.train` does per batch: forward, cross-entropy, backward,
 SGD step (momentum 0.9, weight decay 5e-4), then `sdnet.project_dictionaries` (paper eq. 5) and
-`sdnet.refresh_step_sizes` (warm-started Lanczos on every changed dictionary, all layers at once).
+`sdnet.refresh_step_sizes` (every changed dictionary's step size, all layers at once: the FFT bound for image
+layers, a warm-started Lanczos estimate for the others; `--image-step-size lanczos`: Lanczos for all).
 Input is one fixed random batch, so no data loading is timed.
 
 - Throughput: every model is built in this one process on one device; rounds are interleaved
@@ -88,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on CUDA with graphs, one refresh in N checks its estimates on the host; the others make as "
                         "many products as the last checked one and find the step size on the device, with no sync "
                         f"(default: the library's, {sdnet.csc._HOST_CHECKED_EVERY}: every refresh checks)")
+    p.add_argument("--image-step-size", choices=["fft", "lanczos"], default="fft",
+                   help="the image layers' step size: the library's FFT bound, or the Lanczos refresh they had before "
+                        "(to put a number on what the bound saves, in the same call)")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -151,6 +155,9 @@ class Trainer:
         torch.manual_seed(0)
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = sdnet.build_model(name, width=args.width).to(device, memory_format=fmt).train()
+        for _, layer in sdnet.csc_layers(self.model):
+            if layer.step_size == "fft":  # the library's choice for image layers, or what they had before it
+                layer.step_size = getattr(args, "image_step_size", "fft")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         gen = torch.Generator().manual_seed(1)
         self.x = torch.rand(args.batch, 3, args.size, args.size, generator=gen).to(device, memory_format=fmt)
@@ -315,6 +322,7 @@ def measure_memory(name: str, args) -> dict:
         cmd += ["--replayed-checks", "%d:%d" % args.replayed_checks]
     if args.host_checked_every:
         cmd += ["--host-checked-every", str(args.host_checked_every)]
+    cmd += ["--image-step-size", args.image_step_size]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -438,6 +446,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
               "targets": evaluate_targets(results, args.models[0]),
               "at_equal_faults": at_equal_faults(rates, faults, args.batch)}
     refresh = "Lanczos, mix 3" if args.refresh == "lanczos" else "power iteration, mix 0.3"
+    refresh += " (image layers: " + ("the FFT bound)" if args.image_step_size == "fft" else "the same)")
     if device.type == "cuda" and args.refresh == "lanczos":
         refresh += ", without CUDA graphs" if args.no_cuda_graphs else (
             ", its products replayed as CUDA graphs, checked after %d products then every %d"

@@ -1377,6 +1377,10 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     assert all(r["page_faults_per_step"] >= 0 and len(r["rounds_page_faults_per_step"]) == 2 for r in results.values())
     # 17 layers, each at least power_iters = 2 products per refresh
     assert results["sdnet18_all"]["step_size"]["power_passes"] >= 34 and results["resnet18"]["step_size"] is None
+    assert results["sdnet18"]["step_size"]["power_passes"] == 0  # its one layer takes the FFT bound
+    # --image-step-size lanczos: the image layers as before the bound, for a comparison in the same call
+    before = train_throughput.main(argv[:-2] + ["--models", "resnet18", "sdnet18", "--image-step-size", "lanczos"])
+    assert before["results"]["sdnet18"]["step_size"]["power_passes"] >= csc._FIRST_CHECK
     assert {t["model"] for t in report["targets"]} == {"sdnet18", "sdnet18_all"}
     # set back even when the run fails
     monkeypatch.setattr(train_throughput, "run", lambda *a: 1 / 0)
