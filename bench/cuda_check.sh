@@ -11,8 +11,8 @@
 #    size by Lanczos, as before the FFT bound (`--image-step-size lanczos`) (the power refresh the library had before,
 #    `--refresh power`, was measured in runs 4-5: reports/cuda-check). Then bench/step_profile.py: where a step's
 #    time goes.
-# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 590 s, so each fits a
-# 10-minute call. Their limits add up to 910 s, but `all` took 280-330 s on an H100 (runs 9-10, two variants
+# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 240 s and 580 s, so each fits a
+# 10-minute call. Their limits add up to 820 s, but `all` took 280-330 s on an H100 (runs 9-10, two variants
 # fewer; expect about 400 s now): run it under a `timeout` that leaves time to bring back what it wrote. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
@@ -44,11 +44,11 @@ run_bench() {  # name, seconds, flags...
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
 run_bench fp32 120
-run_bench bf16 100 --no-memory --amp bf16
-run_bench fp32-no-graphs 100 --no-memory --no-cuda-graphs
-run_bench fp32-eager-checks 100 --no-memory --replayed-checks 6:2
-run_bench fp32-host-checked-every-8 100 --no-memory --host-checked-every 8
-run_bench fp32-image-lanczos 80 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
-timeout 70 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
+run_bench bf16 85 --no-memory --amp bf16
+run_bench fp32-no-graphs 85 --no-memory --no-cuda-graphs
+run_bench fp32-eager-checks 85 --no-memory --replayed-checks 6:2
+run_bench fp32-host-checked-every-8 85 --no-memory --host-checked-every 8
+run_bench fp32-image-lanczos 60 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
+timeout 60 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
 grep -A3 "^## " "$OUT/step-profile.txt"
 exit $FAILED

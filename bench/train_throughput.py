@@ -446,13 +446,13 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
               "targets": evaluate_targets(results, args.models[0]),
               "at_equal_faults": at_equal_faults(rates, faults, args.batch)}
     refresh = "Lanczos, mix 3" if args.refresh == "lanczos" else "power iteration, mix 0.3"
-    refresh += " (image layers: " + ("the FFT bound)" if args.image_step_size == "fft" else "the same)")
     if device.type == "cuda" and args.refresh == "lanczos":
         refresh += ", without CUDA graphs" if args.no_cuda_graphs else (
             ", its products replayed as CUDA graphs, checked after %d products then every %d"
             % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED)
             + (", on the host in one refresh of %d" % sdnet.csc._HOST_CHECKED_EVERY
                if sdnet.csc._HOST_CHECKED_EVERY > 1 else ""))
+    refresh += "; image layers: " + ("the FFT bound" if args.image_step_size == "fft" else "the same as the others")
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

@@ -320,13 +320,10 @@ class CSCLayer(nn.Module):
 
     def load_power_state(self, state: dict) -> None:
         """Restore `power_state()` for the dictionary as it is now (call after loading the weights). A layer with
-        the FFT bound drops a stored warm vector (one from before it had the bound); a Lanczos layer refuses a
-        state without one (ValueError: its refresh would have nothing to start from)."""
+        the FFT bound drops a stored warm vector (one from before it had the bound); a Lanczos layer stored
+        without one (saved with the bound) keeps its L until its dictionary changes, then estimates L cold."""
         dev = self.weight.device
         vec = state.get("vec") if self.step_size != "fft" else None
-        if vec is None and self.step_size != "fft":
-            raise ValueError(f"the step-size state of {self.name or 'a Lanczos layer'} has no warm vector ('vec'), "
-                             "which a layer with step_size='lanczos' needs")
         with _POWER_LOCK:
             self._power_vec, self._lipschitz = None if vec is None else vec.to(dev), state["lipschitz"].to(dev)
             self._other_sizes = {}
@@ -462,7 +459,9 @@ def fft_bound(weight: torch.Tensor, stride: int, padding: int, spatial: tuple[in
     by trace(G^p)^(1/p), p = 2^_FFT_SQUARINGS (found by squarings, no eigensolver: those sync on a GPU), at most
     side^(1/p) above it. A stride-2 layer is a stride-1 one on the input's four phases (pixel_unshuffle).
     How far above ||A||^2 it lies: 1.00-1.01x for image layers on 32x32 maps, more on small maps (bench/README.md,
-    bench/circulant_bound.py); the cost grows with the channels, hence only for layers with few of them."""
+    bench/circulant_bound.py); the cost grows with the channels, hence only for layers with few of them. It certifies
+    the dictionary as it is stored: a 16-bit forward rounds L and the dictionary again (up to 2^-8), which only the
+    bound's own slack absorbs (none for a 1x1 kernel)."""
     device = weight.device
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         w = weight.detach().to(device if device.type in ("cpu", "cuda") else "cpu", torch.float64)  # (no fp64 there)
@@ -1170,8 +1169,7 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     groups: dict[tuple, tuple[tuple[int, int], list[CSCLayer]]] = {}
     bounded = []  # layers with the FFT bound: no warm vector, no iterations
     with _POWER_LOCK:
-        layers = [layer for _, layer in csc_layers(model) if layer._lipschitz_key is not None
-                  and (layer._power_vec is not None or layer.step_size == "fft")]
+        layers = [layer for _, layer in csc_layers(model) if layer._lipschitz_key is not None]
         current = [layer for layer in layers if layer.step_size_is_current()]
         unseen = {id(current[i]) for i in _changed_unseen(current)} if current else set()
         for layer in layers:
@@ -1180,6 +1178,9 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
             spatial = layer._lipschitz_key[-1]
             if layer.step_size == "fft":
                 bounded.append(layer)
+                continue
+            if layer._power_vec is None:  # a Lanczos layer loaded without a warm vector: a cold estimate, lazily
+                layer.reset_step_size()
                 continue
             if layer._power_vec.shape != layer._code_shape(spatial):
                 continue

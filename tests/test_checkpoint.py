@@ -93,6 +93,41 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
         assert float(conv1.lipschitz((16, 16))) > 3 * float(dict(sdnet.csc_layers(model))["conv1"]._lipschitz)
 
 
+def test_stored_step_sizes_without_warm_vectors_and_of_huge_inputs(model, tmp_path):
+    """A Lanczos layer's state without a warm vector (a layer saved with the FFT bound) loads, keeps its L, and
+    once its dictionary changes is estimated afresh (refresh_step_sizes has no vector to start from); a half file's
+    image layer solves with at least the FFT bound of its rounded dictionary (the bound has no margin); a step size
+    stored for an input over 1024 pixels a side is left out (checking it would cost seconds and GBs) and the rest
+    loads."""
+    path = tmp_path / "m.pt"
+    layer = dict(sdnet.csc_layers(model))["layer1.0.conv1"]
+    top = float(layer.lipschitz((8, 8), iters=60)) / layer.power_margin
+    _with_power({"layer1.0.conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1.5 * top)}})(path, model)
+    loaded, _ = sdnet.load_checkpoint(path)
+    fresh = dict(sdnet.csc_layers(loaded))["layer1.0.conv1"]
+    assert fresh._power_vec is None and fresh._lipschitz.item() == pytest.approx(1.5 * top) and fresh.step_size_is_current()
+    with torch.no_grad():
+        fresh.weight.mul_(3)
+    sdnet.refresh_step_sizes(loaded)
+    assert not fresh.step_size_is_current()
+    assert fresh.lipschitz((8, 8)).item() >= 9 * top * (1 - 1e-3)  # a cold estimate for the new dictionary
+    # a half file's image layer: its stored L a little under the bound of the weights as rounded
+    conv1 = model.conv1
+    rounded = conv1.weight.detach().half().float()
+    bound = sdnet.csc.fft_bound(rounded, 1, 1, (8, 8)).item()
+    sdnet.save_checkpoint(path, model, half=True)
+    stored = torch.load(path, weights_only=True)
+    stored["power"] = {"conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(0.995 * bound)}}
+    torch.save(stored, path)
+    loaded, _ = sdnet.load_checkpoint(path)
+    assert loaded.conv1._lipschitz.item() == pytest.approx(bound, rel=1e-6) and loaded.conv1._lipschitz.item() >= bound
+    # a huge stored input: that state is left out, the others load
+    _with_power({"conv1": {"spatial": torch.tensor([100000, 8]), "lipschitz": torch.tensor(50.0)},
+                 "layer1.0.conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1.5 * top)}})(path, model)
+    loaded, _ = sdnet.load_checkpoint(path)
+    assert loaded.conv1._lipschitz is None and dict(sdnet.csc_layers(loaded))["layer1.0.conv1"].step_size_is_current()
+
+
 def test_a_format_1_checkpoint_keeps_its_image_layers_stored_step_size():
     """The shipped checkpoints are format 1: their image layer stored a Lanczos L (1.05x ||A||^2) and a warm vector.
     Loaded now, that layer takes the FFT bound: it drops the vector and keeps the stored L (larger than the bound,
@@ -268,13 +303,12 @@ BAD_FILES = {
         _with_power({"layer1.0.conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
                                         "lipschitz": torch.tensor(1e-9)}}),
         r"damaged: the stored step size of layer1.0.conv1 is too long: L = 1e-09 is under \|\|A v\|\|\^2 / \|\|v\|\|\^2"),
-    "a Lanczos layer without its warm vector": (
-        _with_power({"layer1.0.conv1": {"spatial": torch.tensor([2, 2]), "lipschitz": torch.tensor(50.0)}}),
-        r"damaged: the step-size state of layer1.0.conv1 has no warm vector"),
-    # a stored size is where the check works: a huge one would make it allocate as much as the file asks
-    "step size of a huge input": (
-        _with_power({"conv1": {"spatial": torch.tensor([100000, 8]), "lipschitz": torch.tensor(50.0)}}),
-        r"damaged: step-size state of conv1 has an unusable input size \(\[100000, 8\]; two sides of 1 to 2048"),
+    "step size too long, a Lanczos layer without its warm vector": (
+        _with_power({"layer1.0.conv1": {"spatial": torch.tensor([2, 2]), "lipschitz": torch.tensor(1e-9)}}),
+        r"damaged: the stored step size of layer1.0.conv1 is too long: L = 1e-09 is under a 10-product estimate"),
+    "step size of no input size": (
+        _with_power({"conv1": {"spatial": torch.tensor([0, 8]), "lipschitz": torch.tensor(50.0)}}),
+        r"damaged: step-size state of conv1 has an unusable input size \(\[0, 8\]\)"),
     "step sizes not tensors": (_with_power({"conv1": [1.0]}), "not a dictionary of tensors"),
     "newer format": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION + 1}, p), "newer sdnet"),
     "wrong weights": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
