@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
-from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes
+from .csc import csc_layers, load_power_states, power_states, project_dictionaries, refresh_step_sizes
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
@@ -203,6 +203,16 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
     return state
 
 
+def _step_size_rules_changed(state: dict, model: nn.Module) -> str:
+    """The layers (named, comma-separated; '' for none) whose step-size rule differs from the one the training state
+    records: states written before the FFT bound record none, and every layer then had Lanczos."""
+    layers = csc_layers(model)
+    stored = state.get("step_sizes") or {name: "lanczos" for name, _ in layers}
+    changed = [f"{name} ({stored.get(name)} there, {layer.step_size} here)" for name, layer in layers
+               if stored.get(name) != layer.step_size]
+    return ", ".join(changed)
+
+
 def _all_or_subset(data, args: argparse.Namespace, option: str, is_main: bool):
     """The --train-subset / --test-subset of `data`; one at least as large as the split is the whole split, said,
     and recorded as such (None), so the card does not name 100000 training images for CIFAR's 50000."""
@@ -298,6 +308,10 @@ def _train(argv: list[str] | None) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         load_power_states(model, state["power"])  # for a bit-exact resume
+        changed = _step_size_rules_changed(state, model)
+        if changed and is_main:
+            print(f"note: --resume: the step-size rule of {changed} differs from the one {out / 'last.pt'} was "
+                  "trained with (a newer sdnet: image layers take the FFT bound); training goes on with this one")
         if state.get("scaler"):  # fp16's loss scale as it was, not restarted at 65536
             scaler.load_state_dict(state["scaler"])
         start_epoch, train_seconds = state["epoch"], state["train_seconds"]
@@ -395,6 +409,7 @@ def _train(argv: list[str] | None) -> dict:
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
+                         "step_sizes": {name: layer.step_size for name, layer in csc_layers(model)},
                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "train_seconds": train_seconds,
                          "config": json.dumps(config, default=str)}, out / "last.pt")
         if distributed:

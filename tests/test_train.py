@@ -64,6 +64,25 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert not torch.equal(a["conv1.weight"], _weights_init())
 
 
+def test_resume_says_when_the_step_size_rule_changed_since_the_state_was_written(tmp_path, data, capsys):
+    """A training state records each layer's step-size rule; one written before the FFT bound (none recorded: every
+    layer had Lanczos) resumes with the image layer on the bound, and says so; a state of this version says
+    nothing."""
+    for run in (tmp_path / "now", tmp_path / "older"):
+        train_main(TINY + ["--data", data, "--epochs", "2", "--out", str(run), "--stop-after", "1"])
+    state = torch.load(tmp_path / "now" / "last.pt", weights_only=True)
+    assert state["step_sizes"]["conv1"] == "fft" and state["step_sizes"]["layer1.0.conv1"] == "lanczos"
+    capsys.readouterr()
+    train_main(TINY + ["--data", data, "--epochs", "2", "--out", str(tmp_path / "now"), "--resume"])
+    assert "step-size rule" not in capsys.readouterr().out
+    del state["step_sizes"]  # as an older sdnet wrote it
+    torch.save(state, tmp_path / "older" / "last.pt")
+    train_main(TINY + ["--data", data, "--epochs", "2", "--out", str(tmp_path / "older"), "--resume"])
+    out = capsys.readouterr().out
+    assert "note: --resume: the step-size rule of conv1 (lanczos there, fft here) differs" in out
+    assert "layer1.0.conv1" not in out.split("note:")[1].split("\n")[0]
+
+
 def _weights_init():
     torch.manual_seed(0)
     from sdnet import build_model
