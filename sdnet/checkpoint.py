@@ -140,7 +140,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
              for name, st in power_states(model, current_only=True).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
-                 "meta": dict(meta), "state_dict": state, "power": power}, path)
+                 "meta": dict(meta), "state_dict": state, "power": power,
+                 "step_sizes": {name: layer.step_size for name, layer in csc_layers(model)}}, path)
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -206,6 +207,19 @@ def _check_step_sizes(model: nn.Module, power: dict) -> None:
                              "(an edited file?)")
 
 
+def _restore_step_size_rules(model: nn.Module, rules: Any) -> None:
+    """Each CSC layer's step-size rule as saved (a layer given `step_size=` by hand comes back with it; files of
+    format 1 have none: the build's defaults stand); ValueError for anything but a layer name -> rule mapping."""
+    if rules is None:
+        return
+    layers = dict(csc_layers(model))
+    if not isinstance(rules, dict) or not all(name in layers and rule in ("lanczos", "fft") for name, rule in rules.items()):
+        raise ValueError(f"the step-size rules are not a mapping of the model's CSC layers to 'lanczos' or 'fft' "
+                         f"({str(rules)[:120]})")
+    for name, rule in rules.items():
+        layers[name].step_size = rule
+
+
 def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
     """Why the checkpoint at `path` (its loaded `meta`) cannot be the ResNet baseline an SDNet is compared with,
     or None when it can."""
@@ -249,6 +263,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
                               f"{', ...' if len(bad) > 3 else ''}): a training run that diverged?")
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
     try:
+        _restore_step_size_rules(model, obj.get("step_sizes"))
         power = obj.get("power")
         power = {} if power is None else power  # absent in checkpoints written before step sizes were stored
         if not isinstance(power, dict):

@@ -128,6 +128,23 @@ def test_stored_step_sizes_without_warm_vectors_and_of_huge_inputs(model, tmp_pa
     assert loaded.conv1._lipschitz is None and dict(sdnet.csc_layers(loaded))["layer1.0.conv1"].step_size_is_current()
 
 
+def test_a_layers_step_size_rule_chosen_by_hand_is_saved_and_restored(model, tmp_path):
+    """A layer given the FFT bound by hand (a wider one than the auto rule gives it to) is saved with its rule and
+    comes back with it, its L (stored without a warm vector) still current; the other layers keep the defaults."""
+    model = copy.deepcopy(model)  # (the fixture is shared)
+    layer = dict(sdnet.csc_layers(model))["layer1.0.conv1"]
+    layer.step_size = "fft"
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))
+    sdnet.save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = sdnet.load_checkpoint(tmp_path / "m.pt")
+    rules = {name: l.step_size for name, l in sdnet.csc_layers(loaded)}
+    assert rules["layer1.0.conv1"] == "fft" and rules["conv1"] == "fft" and rules["layer1.0.conv2"] == "lanczos"
+    again = dict(sdnet.csc_layers(loaded))["layer1.0.conv1"]
+    assert again.step_size_is_current() and again._power_vec is None
+    assert torch.equal(again._lipschitz.cpu(), layer._lipschitz.cpu())
+
+
 def test_a_format_1_checkpoint_keeps_its_image_layers_stored_step_size():
     """The shipped checkpoints are format 1: their image layer stored a Lanczos L (1.05x ||A||^2) and a warm vector.
     Loaded now, that layer takes the FFT bound: it drops the vector and keeps the stored L (larger than the bound,
@@ -309,6 +326,10 @@ BAD_FILES = {
     "step size of no input size": (
         _with_power({"conv1": {"spatial": torch.tensor([0, 8]), "lipschitz": torch.tensor(50.0)}}),
         r"damaged: step-size state of conv1 has an unusable input size \(\[0, 8\]\)"),
+    "step-size rules damaged": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
+                                                         "config": m.sdnet_config, "state_dict": m.state_dict(),
+                                                         "step_sizes": {"conv1": "power"}}, p),
+                                "damaged: the step-size rules are not a mapping of the model's CSC layers"),
     "step sizes not tensors": (_with_power({"conv1": [1.0]}), "not a dictionary of tensors"),
     "newer format": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION + 1}, p), "newer sdnet"),
     "wrong weights": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {},
