@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .csc import csc_layers, load_power_states, power_states
+from .csc import STEP_SIZE_RULES, csc_layers, load_power_states, power_states, step_size_rules
 from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
@@ -141,7 +141,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
              for name, st in power_states(model, current_only=True).items()}
     atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
                  "meta": dict(meta), "state_dict": state, "power": power,
-                 "step_sizes": {name: layer.step_size for name, layer in csc_layers(model)}}, path)
+                 "step_sizes": step_size_rules(model)}, path)
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -213,7 +213,7 @@ def _restore_step_size_rules(model: nn.Module, rules: Any) -> None:
     if rules is None:
         return
     layers = dict(csc_layers(model))
-    if not isinstance(rules, dict) or not all(name in layers and rule in ("lanczos", "fft") for name, rule in rules.items()):
+    if not isinstance(rules, dict) or not all(name in layers and rule in STEP_SIZE_RULES for name, rule in rules.items()):
         raise ValueError(f"the step-size rules are not a mapping of the model's CSC layers to 'lanczos' or 'fft' "
                          f"({str(rules)[:120]})")
     for name, rule in rules.items():

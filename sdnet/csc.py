@@ -46,7 +46,7 @@ _FFT_MAX_IN_CHANNELS = 3
 # 1.0024 for side 12 (RGB, stride 2)
 _FFT_SQUARINGS = 10
 _FFT_RESCALE_EVERY = 5
-_STEP_SIZE_RULES = ("auto", "lanczos", "fft")
+STEP_SIZE_RULES = ("lanczos", "fft")  # what a layer's `step_size` is; the constructor also takes "auto"
 
 
 def _check_lam(value: float, where: str) -> float:
@@ -138,8 +138,8 @@ class CSCLayer(nn.Module):
             raise ValueError(f"power_iters (products of each step-size refresh) must be at least 1, got {power_iters}")
         self.non_negative = non_negative
         self.power_iters, self.power_margin = power_iters, power_margin
-        if step_size not in _STEP_SIZE_RULES:
-            raise ValueError(f"step_size must be one of {', '.join(_STEP_SIZE_RULES)}, got {step_size!r}")
+        if step_size not in ("auto", *STEP_SIZE_RULES):
+            raise ValueError(f"step_size must be one of auto, {', '.join(STEP_SIZE_RULES)}, got {step_size!r}")
         # how L is found: "fft", the certified FFT bound (`fft_bound`), or "lanczos", a warm-started estimate times
         # power_margin; "auto" takes the bound for image layers, where it is cheap
         self.step_size = step_size if step_size != "auto" else (
@@ -1218,6 +1218,12 @@ def power_states(model: nn.Module, current_only: bool = False) -> dict[str, dict
     return {name: st for name, layer in csc_layers(model)
             if (not current_only or (layer.step_size_is_current() and layer._content_unchanged()))
             and (st := layer.power_state()) is not None}
+
+
+def step_size_rules(model: nn.Module) -> dict[str, str]:
+    """Every CSC layer's step-size rule ("lanczos" or "fft"), by layer name: checkpoints and training states keep
+    them beside the step sizes."""
+    return {name: layer.step_size for name, layer in csc_layers(model)}
 
 
 def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:

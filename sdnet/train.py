@@ -30,7 +30,7 @@ from torch.utils.data import DistributedSampler
 
 from .cards import load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
-from .csc import csc_layers, load_power_states, power_states, project_dictionaries, refresh_step_sizes
+from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
@@ -206,10 +206,10 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
 def _step_size_rules_changed(state: dict, model: nn.Module) -> str:
     """The layers (named, comma-separated; '' for none) whose step-size rule differs from the one the training state
     records: states written before the FFT bound record none, and every layer then had Lanczos."""
-    layers = csc_layers(model)
-    stored = state.get("step_sizes") or {name: "lanczos" for name, _ in layers}
-    changed = [f"{name} ({stored.get(name)} there, {layer.step_size} here)" for name, layer in layers
-               if stored.get(name) != layer.step_size]
+    rules = step_size_rules(model)
+    stored = state.get("step_sizes") or dict.fromkeys(rules, "lanczos")
+    changed = [f"{name} ({stored.get(name)} there, {rule} here)" for name, rule in rules.items()
+               if stored.get(name) != rule]
     return ", ".join(changed)
 
 
@@ -409,7 +409,7 @@ def _train(argv: list[str] | None) -> dict:
             with open(out / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(result) + "\n")
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "power": power_states(model),
-                         "step_sizes": {name: layer.step_size for name, layer in csc_layers(model)},
+                         "step_sizes": step_size_rules(model),
                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "train_seconds": train_seconds,
                          "config": json.dumps(config, default=str)}, out / "last.pt")
         if distributed:
