@@ -97,7 +97,8 @@ def make_layer(cin, cout, k=3, stride=1, non_negative=True, seed=0, **kw) -> CSC
 
 
 # --- (a) the solve against independent solvers ---------------------------------------------
-PROBLEMS = [(3, 4, (8, 8)), (2, 4, (7, 6))]
+# the third is wide enough (out >= 2 * (in * k * k + 1)) that on the CPU the layer solves it by matrix products
+PROBLEMS = [(3, 4, (8, 8)), (2, 4, (7, 6)), (3, 56, (6, 6))]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -192,6 +193,67 @@ def test_objective_falls_with_more_steps():
 
 
 # --- (d) shapes, projection, gradients, step size, override ---------------------------------
+def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tensor):
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    z = layer(x)
+    z.backward(upstream)
+    return z.detach(), x.grad, layer.weight.grad
+
+
+@pytest.mark.parametrize("stride,padding,hw", [(1, None, (9, 7)), (2, None, (9, 7)), (2, None, (8, 8)),
+                                               (1, 0, (7, 8)), (2, 0, (9, 9))])
+@pytest.mark.parametrize("non_negative", [True, False])
+@pytest.mark.parametrize("n_steps", [1, 2, 3])
+def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, monkeypatch):
+    """On the CPU a wide image layer solves by batched products on its unfolded input (csc._ShiftedAdjoint):
+    the same codes and the same gradients, to the input, the dictionary and through the momentum steps."""
+    layer = make_layer(3, 64, 3, stride, non_negative, padding=padding, n_steps=n_steps).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, *hw, generator=gen, dtype=torch.float64)
+    assert layer._uses_products(x)
+    z = layer(x)
+    upstream = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    products = _solve_with_gradients(layer, x, upstream)
+    monkeypatch.setattr(csc, "_PRODUCTS_MIN_ROWS_RATIO", math.inf)
+    assert not layer._uses_products(x)
+    convolutions = _solve_with_gradients(layer, x, upstream)
+    assert (products[0] != 0).any() and (products[0] == 0).any()  # thresholds both ways: masks matter
+    for ours, ref in zip(products, convolutions):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_the_matrix_product_step_passes_gradcheck(stride, with_base):
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w_aug = torch.randn(4, 3 * 9 + 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    code_hw = tuple((n + 2 - 3) // stride + 1 for n in signal.shape[-2:])
+    base = torch.randn(2, 4, *code_hw, generator=gen, dtype=torch.float64, requires_grad=True) if with_base else None
+
+    def step(signal, w_aug, *base):
+        return csc._ShiftedAdjoint.apply(signal, w_aug, base[0] if base else None, 3, stride, 1, code_hw)
+    inputs = (signal, w_aug, *([base] if with_base else []))
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
+def test_which_layers_solve_by_matrix_products():
+    """Where the unfolded input has under half the code's rows: SDNet-18's image layer at paper width, on the
+    CPU in float32 or float64 and NCHW; narrow or 7x7 image layers, other dtypes and devices, and channels-last
+    inputs (whose convolutions oneDNN runs fast) use convolutions."""
+    x = torch.rand(1, 3, 8, 8)
+    assert CSCLayer(3, 64, 3)._uses_products(x) and CSCLayer(3, 64, 3)._uses_products(x.double())
+    assert CSCLayer(3, 64, 3, stride=2)._uses_products(x)
+    assert not CSCLayer(3, 32, 3)._uses_products(x)  # 28 rows against 32: the convolutions were faster
+    assert not CSCLayer(3, 64, 7, stride=2)._uses_products(x)  # the ImageNet stem
+    assert not CSCLayer(64, 64, 3)._uses_products(torch.rand(1, 64, 8, 8))
+    assert not CSCLayer(3, 64, 3).bfloat16()._uses_products(x.bfloat16())
+    assert not CSCLayer(3, 64, 3)._uses_products(x.to("meta"))
+    assert not CSCLayer(3, 64, 3)._uses_products(x.contiguous(memory_format=torch.channels_last))
+
+
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 7), (9, 6)])
@@ -479,10 +541,11 @@ def test_writes_the_version_counter_misses_are_caught_by_the_refresh(device):
         assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
 
 
-def test_torch_func_transforms_over_the_dictionary():
+@pytest.mark.parametrize("cin,cout", [(2, 3), (3, 64)])  # by convolutions, by matrix products
+def test_torch_func_transforms_over_the_dictionary(cin, cout):
     from torch.func import functional_call, grad
-    layer = make_layer(2, 3, 3, 1, seed=0)
-    x = torch.randn(1, 2, 5, 5)
+    layer = make_layer(cin, cout, 3, 1, seed=0)
+    x = torch.randn(1, cin, 5, 5)
     w = layer.weight.detach().clone()
     g = grad(lambda p: functional_call(layer, p, (x,)).sum())({"weight": w})["weight"]  # was a data-pointer error
     w.requires_grad_(True)
@@ -1232,6 +1295,28 @@ def test_first_layer_layout_benchmark_times_both_layouts_and_the_control(monkeyp
     report = layout.main(["--width", "2", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
                           "--refresh-steps", "1"])
     assert list(report["results"]) == layout.MODELS
+
+
+def test_the_matrix_product_benchmarks_time_both_ways(monkeypatch, capsys):
+    """bench/layer_products.py (one layer, both ways), bench/first_layer_products.py (whole steps: sdnet18 and its
+    twin whose image layer solves by convolutions) and bench/first_layer_cost.py's A/B part."""
+    (row,) = bench_module("layer_products").main(["--quick", "--rounds", "1", "--warmup", "0"])
+    assert row["uses_products"] and row["products_ms"] > 0 and row["convolutions_ms"] > 0
+    assert csc._PRODUCTS_MIN_ROWS_RATIO == 2.0  # set back
+    monkeypatch.setattr(sdnet.models, "_REGISTRY", dict(sdnet.models._REGISTRY))
+    products = bench_module("first_layer_products")
+    x = torch.rand(2, 3, 8, 8)
+    report = products.main(["--width", "2", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                            "--refresh-steps", "1"])
+    assert list(report["results"]) == products.MODELS
+    twin, plain = sdnet.build_model("sdnet18_convolutions", width=64).eval(), sdnet.build_model("sdnet18", width=64)
+    plain.eval().load_state_dict(twin.state_dict())
+    assert plain.conv1._uses_products(x) and not twin.conv1._uses_products(x)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), plain(x), rtol=1e-4, atol=1e-5)
+    cost = bench_module("first_layer_cost").main(["--width", "64", "--batch", "2", "--rounds", "1", "--threads", "1"])
+    assert "sdnet18 conv1 (CSC), by convolutions" in cost["median_ms"]
+    assert "Solved by convolutions it would add" in capsys.readouterr().out
 
 
 def test_refresh_syncs_benchmark_counts_checks_and_products(tmp_path, monkeypatch):
