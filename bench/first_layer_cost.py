@@ -4,12 +4,15 @@ SDNet-18 differs from ResNet-18 only in its first layer, so its throughput ratio
 step / (step - conv1 + csc1 + refresh). The whole-step ratios of bench/train_throughput.py move by several
 percent from round to round; this script times the two first layers alone (forward and backward at the
 training batch, the image not requiring a gradient, as in training), interleaved with whole ResNet-18
-training steps in the same process, and prints the ratio those parts imply. With --profile it also lists
+training steps in the same process, and prints the ratio those parts imply. On the CPU it also times the CSC layer
+solved with convolutions instead of its batched matrix products (`sdnet.csc._PRODUCTS_MIN_ROWS_RATIO`), an A/B
+of that choice in the same process. With --profile it also lists
 the operations of the CSC layer's forward and backward by their own time (torch.profiler).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import sdnet  # noqa: E402
+import sdnet.csc as csc_module  # noqa: E402
 from train_throughput import Trainer, environment, pick_device, sync  # noqa: E402
 
 
@@ -42,6 +46,17 @@ def layer_pass(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> N
     """One forward and backward of `layer` as in training: the gradient reaches its weight, not the image."""
     layer(x).backward(grad)
     layer.weight.grad = None
+
+
+def with_convolutions(fn):
+    """fn, run with every CSC layer solving by convolutions (the matrix-product path turned off)."""
+    def run():
+        kept, csc_module._PRODUCTS_MIN_ROWS_RATIO = csc_module._PRODUCTS_MIN_ROWS_RATIO, math.inf
+        try:
+            fn()
+        finally:
+            csc_module._PRODUCTS_MIN_ROWS_RATIO = kept
+    return run
 
 
 def timed(fn, device) -> float:
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     conv = resnet.model.conv1
     parts = {"resnet18 step": resnet.step, "resnet18 conv1": lambda: layer_pass(conv, x, grad),
              "sdnet18 conv1 (CSC)": lambda: layer_pass(csc, x, grad)}
+    if csc._uses_products(x):
+        parts["sdnet18 conv1 (CSC), by convolutions"] = with_convolutions(lambda: layer_pass(csc, x, grad))
     for fn in parts.values():  # warm-up: kernels chosen, step size estimated
         fn()
     times: dict[str, list[float]] = {name: [] for name in parts}
@@ -99,6 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
                 layer_pass(csc, x, grad)
         print("\nThe CSC layer's operations over 3 forward+backward passes, by own time:\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+    if "sdnet18 conv1 (CSC), by convolutions" in med:
+        slow = med["sdnet18 conv1 (CSC), by convolutions"] - med["resnet18 conv1"]
+        print(f"Solved by convolutions it would add {slow:.1f} ms "
+              f"({med['resnet18 step'] / (med['resnet18 step'] + slow):.3f}x ResNet-18).")
     return {"median_ms": med, "fresh_ms": fresh, "implied_ratio": implied}
 
 

@@ -58,14 +58,19 @@ def register() -> None:
     sdnet.models._register("resnet18_cl_first")(_variant("resnet18", _ChannelsLastConv))
 
 
-def main(argv: list[str] | None = None):
-    register()
+def run_variants(prog: str, doc: str, models: list[str], argv: list[str] | None) -> dict | None:
+    """bench/train_throughput.py over `models` (registered variants among them), its options passed on."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):  # its own words first: every option is train_throughput's
-        print(f"usage: python bench/first_layer_layout.py [options of bench/train_throughput.py]\n\n{__doc__}")
+        print(f"usage: python {prog} [options of bench/train_throughput.py]\n\n{doc}")
         return train_throughput.main(["--help"])
-    print("python bench/first_layer_layout.py " + " ".join(argv))
-    return train_throughput.main(["--models", *MODELS, "--no-memory", *argv])
+    print(f"python {prog} " + " ".join(argv))
+    return train_throughput.main(["--models", *models, "--no-memory", *argv])
+
+
+def main(argv: list[str] | None = None):
+    register()
+    return run_variants("bench/first_layer_layout.py", __doc__, MODELS, argv)
 
 
 if __name__ == "__main__":
