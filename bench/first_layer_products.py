@@ -2,7 +2,7 @@
 (`python bench/first_layer_products.py --help`).
 
 On the CPU, SDNet-18's first CSC layer (3 -> 64 channels, 3x3) solves with batched matrix products on its unfolded
-input (`sdnet.csc._ShiftedAdjoint`) rather than with oneDNN's 3-channel convolutions (bench/layer_products.py times
+input (`sdnet.fista_products`) rather than with oneDNN's 3-channel convolutions (bench/layer_products.py times
 the layer alone). This times, in one `bench/train_throughput.py` run (same process, interleaved rounds, ratios to
 resnet18):
 

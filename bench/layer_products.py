@@ -1,7 +1,7 @@
 """One CSC layer solved by batched matrix products or by convolutions, over layer shapes
 (`python bench/layer_products.py --help`).
 
-On the CPU a CSC layer may solve with products [W/L | -thr] @ [unfold(x); 1] (`sdnet.csc._ShiftedAdjoint`) instead
+On the CPU a CSC layer may solve with products [W/L | -thr] @ [unfold(x); 1] (`sdnet.fista_products`, a few images at a time) instead
 of oneDNN's convolutions; the library does so where the code has at least `_PRODUCTS_MIN_ROWS_RATIO` (2) times the
 rows of the unfolded input. For each shape this times a training pass of the layer alone (forward, then backward
 of a fixed gradient to its dictionary, the input needing none, as for an image layer), both ways interleaved in

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fista_products import ProductSolve
 from .utils import check_dtype
 
 # Per-call settings: {"lam": float | dict | None, "n_steps": int | None}.
@@ -48,11 +49,11 @@ _FFT_SQUARINGS = 10
 _FFT_RESCALE_EVERY = 5
 STEP_SIZE_RULES = ("lanczos", "fft")  # what a layer's `step_size` is; the constructor also takes "auto"
 # On the CPU, a layer whose code has at least this many times the rows of its unfolded signal (out_channels >=
-# ratio * (in_channels*k*k + 1): image layers of paper width, 3 -> 64 at 3x3) solves with batched matrix products
-# [W/L | -thr] @ [unfold(x); 1] instead of convolutions (`_ShiftedAdjoint`): oneDNN runs 3-channel NCHW
-# convolutions and their transposes far under the machine's speed, and such a product is a well-shaped GEMM that
-# writes the code in NCHW directly. Where the unfolding is nearly as large as the code (3 -> 32 at 3x3, 7x7
-# stems) the convolutions stay faster (bench/layer_products.py). math.inf turns it off.
+# ratio * (in_channels*k*k + 1): image layers of paper width, 3 -> 64 at 3x3) solves by batched matrix products
+# [W/L | -thr] @ [unfold(x); 1], a few images at a time (sdnet.fista_products), instead of oneDNN's 3-channel NCHW
+# convolutions: 0.35x the time for SDNet-18's first layer at batch 128, one fresh code-sized buffer instead of
+# thirteen. Narrower layers (3 -> 8) and 7x7 stems at small batches were slower so (bench/layer_products.py);
+# this ratio keeps to the shapes where the products won at every batch from 8 up. math.inf turns it off.
 _PRODUCTS_MIN_ROWS_RATIO = 2.0
 
 
@@ -394,37 +395,31 @@ class CSCLayer(nn.Module):
         return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
 
     def _uses_products(self, x: torch.Tensor) -> bool:
-        """Whether this solve runs on matrix products (`_ShiftedAdjoint`) rather than convolutions: NCHW inputs
+        """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: NCHW inputs
         only (oneDNN's channels-last convolutions are fast, and a channels-last model keeps its layout)."""
         rows = self.in_channels * self.kernel_size ** 2 + 1
         return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
                 and self.out_channels >= _PRODUCTS_MIN_ROWS_RATIO * rows)
 
-    def _fista_operators(self, x: torch.Tensor, L: torch.Tensor, thr: torch.Tensor):
-        """The two operators a FISTA step applies, for inputs of x's size: shifted(signal, base) =
-        base + A^T(signal)/L - thr (base None: 0), and decode(code) = A(code)."""
-        k, s, p, size = self.kernel_size, self.stride, self.padding, x.shape[-2:]
-        if self._uses_products(x):
-            code_hw = tuple((n + 2 * p - k) // s + 1 for n in size)
-            w = self.weight.reshape(self.out_channels, -1)
-            w_aug = torch.cat([w / L, (-thr).expand(self.out_channels, 1)], 1)
-
-            def shifted(signal, base=None):
-                return _ShiftedAdjoint.apply(signal, w_aug, base, k, s, p, code_hw)
-
-            def decode(code):
-                cols = torch.bmm(w.t().expand(code.shape[0], -1, -1), code.flatten(2))
-                return F.fold(cols, size, k, padding=p, stride=s)
-            return shifted, decode
-        # The step 1/L scales the small dictionary rather than the large codes, and the threshold rides in the
-        # convolution's bias
+    def _solve_by_convolutions(self, x: torch.Tensor, L: torch.Tensor, thr: torch.Tensor, n_steps: int):
+        # The step 1/L scales the small dictionary rather than the large codes, the threshold rides in the
+        # convolution's bias, and the residual is taken in signal space (input channels, usually far fewer
+        # or smaller than the code's), so a FISTA step is
+        #   z <- prox(y + A^T(x - A y) / L) = prox_shifted(y + conv(x - A y, W / L, bias=-thr))
+        # with a single pass over the code-sized tensors besides the prox. From z = 0 it is prox_shifted(conv(x)).
         w_step = self.weight / L
         bias = (-thr).expand(self.out_channels)
-
-        def shifted(signal, base=None):
-            out = F.conv2d(signal, w_step, bias, stride=s, padding=p)
-            return out if base is None else out.add_(base)
-        return shifted, lambda code: self.decode(code, size)
+        z = self._prox(F.conv2d(x, w_step, bias, stride=self.stride, padding=self.padding), thr)
+        z_prev, y, t = z, z, 1.0
+        for i in range(n_steps - 1):
+            residual = x - self.decode(y, x.shape[-2:])
+            z = self._prox(F.conv2d(residual, w_step, bias, stride=self.stride, padding=self.padding).add_(y), thr)
+            if i < n_steps - 2:               # the momentum point for the next step (none after the last)
+                t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+                coef = (t - 1) / t_next
+                y = z if coef == 0 else torch.add(z, z - z_prev, alpha=coef)
+                z_prev, t = z, t_next
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # said here: the convolution's own message names a bias (the threshold) the user never gave
@@ -433,21 +428,11 @@ class CSCLayer(nn.Module):
         L = self.lipschitz(tuple(x.shape[-2:]))
         dtype = self.weight.dtype
         thr = (lam / L).to(dtype)
-        # The residual is taken in signal space (input channels, usually far fewer or smaller than the code's),
-        # so a FISTA step is
-        #   z <- prox(y + A^T(x - A y) / L) = prox_shifted(y + A^T(x - A y) / L - thr)
-        # with a single pass over the code-sized tensors besides the prox. From z = 0 it is prox_shifted(A^T x / L).
-        shifted, decode = self._fista_operators(x, L.to(dtype), thr)
-        z = self._prox(shifted(x), thr)
-        z_prev, y, t = z, z, 1.0
-        for i in range(n_steps - 1):
-            residual = x - decode(y)
-            z = self._prox(shifted(residual, y), thr)
-            if i < n_steps - 2:               # the momentum point for the next step (none after the last)
-                t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-                coef = (t - 1) / t_next
-                y = z if coef == 0 else torch.add(z, z - z_prev, alpha=coef)
-                z_prev, t = z, t_next
+        if self._uses_products(x):
+            z = ProductSolve.apply(x, self.weight, L.to(dtype), thr, self.stride, self.padding, n_steps,
+                                   self.non_negative)
+        else:
+            z = self._solve_by_convolutions(x, L.to(dtype), thr, n_steps)
         recorder = _RECORDER.get()
         if recorder is not None:
             record = self._record(x, z, lam)
@@ -469,50 +454,6 @@ class CSCLayer(nn.Module):
                     rel_residual=torch.where(x_norm > 0, res_norm / x_norm.clamp_min(1e-30), torch.nan),
                     sparsity=(z == 0).float().mean(dim=tuple(range(1, z.dim()))),
                     objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
-
-
-def _unfold_with_ones(signal: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
-    """The signal's k x k patches as columns (B, C*k*k, P), with a row of ones below for the threshold."""
-    cols = F.unfold(signal, k, padding=p, stride=s)
-    return torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
-
-
-class _ShiftedAdjoint(torch.autograd.Function):
-    """base + A^T(signal)/L - thr as one batched product [W/L | -thr] @ [unfold(signal); 1] (`w_aug` is
-    [W/L | -thr], C x (C_in*k*k + 1)), written straight into a (B, C, *code_hw) code. Saves the signal rather
-    than its unfolding (k*k times larger, and alive until the backward) and unfolds it again there."""
-
-    @staticmethod
-    def forward(signal, w_aug, base, k, s, p, code_hw):
-        w = w_aug.expand(signal.shape[0], -1, -1)
-        cols = _unfold_with_ones(signal, k, s, p)
-        # a fresh tensor, not a view of the product: the prox then works on it in place, as autograd allows
-        out = cols.new_empty(signal.shape[0], w_aug.shape[0], *code_hw)
-        if base is None:
-            torch.bmm(w, cols, out=out.flatten(2))
-        else:
-            torch.baddbmm(base.flatten(2), w, cols, out=out.flatten(2))
-        return out
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        signal, w_aug, base, k, s, p, _ = inputs
-        ctx.save_for_backward(signal, w_aug)
-        ctx.geometry, ctx.has_base = (k, s, p), base is not None
-
-    @staticmethod
-    def backward(ctx, grad):
-        signal, w_aug = ctx.saved_tensors
-        k, s, p = ctx.geometry
-        flat = grad.reshape(*grad.shape[:2], -1)
-        grad_signal = grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(flat, _unfold_with_ones(signal, k, s, p).transpose(1, 2)).sum(0)
-        if ctx.needs_input_grad[0]:
-            w_t = w_aug[:, :-1].t().expand(grad.shape[0], -1, -1)
-            grad_signal = F.fold(torch.bmm(w_t, flat), signal.shape[-2:], k, padding=p, stride=s)
-        grad_base = grad if ctx.has_base and ctx.needs_input_grad[2] else None
-        return grad_signal, grad_w, grad_base, None, None, None, None
 
 
 def check_override_names(layer_names: set[str]) -> None:

@@ -20,6 +20,7 @@ from sklearn.linear_model import Lasso
 
 import sdnet
 import sdnet.csc as csc
+import sdnet.fista_products as fista_products
 from sdnet.csc import CSCLayer, lasso_objective, normalize_atoms_, project_dictionaries
 
 SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
@@ -205,12 +206,17 @@ def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tens
                                                (1, 0, (7, 8)), (2, 0, (9, 9))])
 @pytest.mark.parametrize("non_negative", [True, False])
 @pytest.mark.parametrize("n_steps", [1, 2, 3])
-def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, monkeypatch):
-    """On the CPU a wide image layer solves by batched products on its unfolded input (csc._ShiftedAdjoint):
-    the same codes and the same gradients, to the input, the dictionary and through the momentum steps."""
+@pytest.mark.parametrize("chunk_bytes", [1, None])  # one image a chunk, and the library's
+def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, chunk_bytes,
+                                                      monkeypatch):
+    """On the CPU a wide image layer solves by batched products on its unfolded input (sdnet.fista_products),
+    a few images at a time: the same codes and the same gradients, to the input, the dictionary and through
+    the momentum steps."""
+    if chunk_bytes:
+        monkeypatch.setattr(fista_products, "_CHUNK_BYTES", chunk_bytes)
     layer = make_layer(3, 64, 3, stride, non_negative, padding=padding, n_steps=n_steps).double()
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, *hw, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, 3, *hw, generator=gen, dtype=torch.float64)
     assert layer._uses_products(x)
     z = layer(x)
     upstream = torch.randn(z.shape, generator=gen, dtype=torch.float64)
@@ -224,19 +230,22 @@ def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_n
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("with_base", [True, False])
-def test_the_matrix_product_step_passes_gradcheck(stride, with_base):
+@pytest.mark.parametrize("non_negative", [True, False])
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_the_matrix_product_solve_passes_gradcheck(stride, non_negative, n_steps, monkeypatch):
+    """Its hand-written backward (each chunk's solve recomputed, then gone back through) against finite
+    differences, in chunks of one image, and its gradients differentiated once more."""
+    monkeypatch.setattr(fista_products, "_CHUNK_BYTES", 1)
     gen = torch.Generator().manual_seed(0)
-    signal = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    w_aug = torch.randn(4, 3 * 9 + 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    code_hw = tuple((n + 2 - 3) // stride + 1 for n in signal.shape[-2:])
-    base = torch.randn(2, 4, *code_hw, generator=gen, dtype=torch.float64, requires_grad=True) if with_base else None
+    x = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = normalize_atoms_(torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    L, thr = torch.tensor(30.0, dtype=torch.float64), torch.tensor(0.01, dtype=torch.float64)
 
-    def step(signal, w_aug, *base):
-        return csc._ShiftedAdjoint.apply(signal, w_aug, base[0] if base else None, 3, stride, 1, code_hw)
-    inputs = (signal, w_aug, *([base] if with_base else []))
-    assert torch.autograd.gradcheck(step, inputs)
-    assert torch.autograd.gradgradcheck(step, inputs)
+    def solve(x, weight):
+        return fista_products.ProductSolve.apply(x, weight, L, thr, stride, 1, n_steps, non_negative)
+    assert (solve(x, weight) != 0).any() and (solve(x, weight) == 0).any()
+    assert torch.autograd.gradcheck(solve, (x, weight))
+    assert torch.autograd.gradgradcheck(solve, (x, weight))
 
 
 def test_which_layers_solve_by_matrix_products():
