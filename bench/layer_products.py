@@ -60,7 +60,7 @@ def measure(shape: tuple, rounds: int, warmup: int) -> dict:
                 runs[name].append((ms, faults))
     med = {name: (statistics.median(t for t, _ in v), statistics.median(f for _, f in v)) for name, v in runs.items()}
     rows = cin * k * k + 1
-    return dict(shape=shape, rows_ratio=cout / rows, uses_products=cout >= csc._PRODUCTS_MIN_ROWS_RATIO * rows,
+    return dict(shape=shape, rows_ratio=cout / rows, uses_products=layer._uses_products(x),
                 products_ms=med["products"][0], convolutions_ms=med["convolutions"][0],
                 products_faults=med["products"][1], convolutions_faults=med["convolutions"][1])
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .fista_products import ProductSolve
 from .utils import check_dtype
@@ -395,11 +396,16 @@ class CSCLayer(nn.Module):
         return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
 
     def _uses_products(self, x: torch.Tensor) -> bool:
-        """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: NCHW inputs
-        only (oneDNN's channels-last convolutions are fast, and a channels-last model keeps its layout)."""
+        """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: a non-empty
+        NCHW batch (oneDNN's channels-last convolutions are fast, and a channels-last model keeps its layout),
+        outside autocast (whose casts the hand-made products would not get), torch.func transforms (vmap, jvp,
+        jacrev) and forward-mode AD (ProductSolve defines neither a batching rule nor a jvp)."""
         rows = self.in_channels * self.kernel_size ** 2 + 1
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-                and self.out_channels >= _PRODUCTS_MIN_ROWS_RATIO * rows)
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and x.dim() == 4 and x.shape[0] > 0 and x.is_contiguous()
+                and self.out_channels >= _PRODUCTS_MIN_ROWS_RATIO * rows
+                and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
+                and all(forward_ad.unpack_dual(t).tangent is None for t in (x, self.weight)))
 
     def _solve_by_convolutions(self, x: torch.Tensor, L: torch.Tensor, thr: torch.Tensor, n_steps: int):
         # The step 1/L scales the small dictionary rather than the large codes, the threshold rides in the

@@ -89,7 +89,7 @@ def _solve_chunk(x, w_aug, w_t, thr, geo, n_steps, non_negative, bufs, out=None,
     for j in range(n_steps):
         signal = x if j == 0 else x - geo.fold(torch.bmm(w_t.expand(b, -1, -1), y))
         cols = geo.unfold_into(bufs[j if keep else min(j, 1)], signal)
-        if j > 0:
+        if keep and j > 0:
             rs.append(signal)
         if keep and j == n_steps - 1:
             break
@@ -101,14 +101,18 @@ def _solve_chunk(x, w_aug, w_t, thr, geo, n_steps, non_negative, bufs, out=None,
         if j < n_steps - 1:  # the start of the next step
             c = coefs[j]
             y = z_new if c == 0 else torch.add(z_new, z_new - z, alpha=c)
-            ys.append(y)
+            if keep:
+                ys.append(y)
         z = z_new
-        zs.append(z)
+        if keep:  # (only the backward's recompute keeps them: the forward's memory stays flat in n_steps)
+            zs.append(z)
     return zs, ys, rs
 
 
-def _backward_chunk(grad, z_last, x, w_aug, w_t, weight_flat, thr, geo, n_steps, non_negative, bufs, need_x):
-    """Gradients of one chunk: to its images (or None), to [W/L | -thr] and to W through the decodes."""
+def _backward_chunk(grad, z_last, x, w_aug, w_t, weight_flat, thr, geo, n_steps, non_negative, bufs, need_x,
+                    need_w):
+    """Gradients of one chunk: to its images and to [W/L | -thr] and to W through the decodes (each None when
+    not needed)."""
     b = x.shape[0]
     zs, ys, rs = _solve_chunk(x, w_aug, w_t, thr, geo, n_steps, non_negative, bufs, keep=True)
     zs.append(z_last)
@@ -123,8 +127,9 @@ def _backward_chunk(grad, z_last, x, w_aug, w_t, weight_flat, thr, geo, n_steps,
         # the prox's derivative: 1 where z_j is not 0 (relu and the soft threshold alike), as autograd has it
         g_u = (torch.ops.aten.threshold_backward(g_z[j], zs[j], 0) if non_negative
                else g_z[j] * (zs[j] != 0))
-        part = torch.bmm(g_u, bufs[j][:b].transpose(1, 2)).sum(0)
-        g_aug = part if g_aug is None else g_aug + part
+        if need_w:
+            part = torch.bmm(g_u, bufs[j][:b].transpose(1, 2)).sum(0)
+            g_aug = part if g_aug is None else g_aug + part
         if j == 0 and not need_x:
             break
         g_signal = geo.fold(torch.bmm(wm_t, g_u))  # the adjoint of unfold
@@ -134,8 +139,9 @@ def _backward_chunk(grad, z_last, x, w_aug, w_t, weight_flat, thr, geo, n_steps,
             break
         # r_j = x - fold(W^T y_{j-1}): to W (as W_flat, C x rows) and to y_{j-1}
         g_cols = geo.unfold(g_signal)
-        part = torch.bmm(ys[j - 1], g_cols.transpose(1, 2)).sum(0)
-        g_decode = -part if g_decode is None else g_decode - part
+        if need_w:
+            part = torch.bmm(ys[j - 1], g_cols.transpose(1, 2)).sum(0)
+            g_decode = -part if g_decode is None else g_decode - part
         g_y = torch.baddbmm(g_u, weight_flat.expand(b, -1, -1), g_cols, alpha=-1)
         i, c = j - 1, coefs[j - 1]  # y_i = z_i + c (z_i - z_{i-1})
         g_z[i] = (g_y if c == 0 else (1 + c) * g_y) if g_z[i] is None else g_z[i] + (1 + c) * g_y
@@ -176,7 +182,7 @@ class ProductSolve(torch.autograd.Function):
         w_aug = torch.cat([w_flat / L, (-thr).expand(weight.shape[0], 1)], 1)
         b, c = x.shape[0], weight.shape[0]
         grad, z = grad.reshape(b, c, -1), z.reshape(b, c, -1)
-        need_x = ctx.needs_input_grad[0]
+        need_x, need_w = ctx.needs_input_grad[:2]
         # a double backward (create_graph) records the buffers' writes: there each chunk gets its own
         reuse = not torch.is_grad_enabled()
         g_x = torch.empty_like(x) if need_x else None
@@ -186,11 +192,14 @@ class ProductSolve(torch.autograd.Function):
                 bufs = [geo.columns(x) for _ in range(n_steps)]
             part = slice(i, i + geo.chunk)
             gx, ga, gd = _backward_chunk(grad[part], z[part], x[part], w_aug, w_flat.t(), w_flat, thr, geo,
-                                         n_steps, non_negative, bufs, need_x)
+                                         n_steps, non_negative, bufs, need_x, need_w)
             if need_x:
                 g_x[part] = gx
-            g_aug = ga if g_aug is None else g_aug + ga
+            if need_w:
+                g_aug = ga if g_aug is None else g_aug + ga
             if gd is not None:
                 g_decode = gd if g_decode is None else g_decode + gd
-        g_w = g_aug[:, :-1] / L if g_decode is None else g_aug[:, :-1] / L + g_decode
-        return g_x, g_w.reshape(weight.shape), None, None, None, None, None, None
+        g_w = None
+        if need_w:
+            g_w = (g_aug[:, :-1] / L if g_decode is None else g_aug[:, :-1] / L + g_decode).reshape(weight.shape)
+        return g_x, g_w, None, None, None, None, None, None

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import bench_module
+from torch.autograd import forward_ad
 from sklearn.linear_model import Lasso
 
 import sdnet
@@ -194,9 +195,9 @@ def test_objective_falls_with_more_steps():
 
 
 # --- (d) shapes, projection, gradients, step size, override ---------------------------------
-def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tensor):
+def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tensor, input_grad: bool = True):
     layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone().requires_grad_(input_grad)
     z = layer(x)
     z.backward(upstream)
     return z.detach(), x.grad, layer.weight.grad
@@ -205,33 +206,35 @@ def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tens
 @pytest.mark.parametrize("stride,padding,hw", [(1, None, (9, 7)), (2, None, (9, 7)), (2, None, (8, 8)),
                                                (1, 0, (7, 8)), (2, 0, (9, 9))])
 @pytest.mark.parametrize("non_negative", [True, False])
-@pytest.mark.parametrize("n_steps", [1, 2, 3])
-@pytest.mark.parametrize("chunk_bytes", [1, None])  # one image a chunk, and the library's
-def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, chunk_bytes,
-                                                      monkeypatch):
+@pytest.mark.parametrize("n_steps", [1, 2, 4])  # 4: the first with a momentum term (c = 0 up to 3 steps)
+@pytest.mark.parametrize("chunk_images", [1, 2, None])  # 2: a short last chunk of 1; None: the library's
+@pytest.mark.parametrize("input_grad", [True, False])  # False: an image layer in training
+def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, chunk_images,
+                                                      input_grad, monkeypatch):
     """On the CPU a wide image layer solves by batched products on its unfolded input (sdnet.fista_products),
     a few images at a time: the same codes and the same gradients, to the input, the dictionary and through
     the momentum steps."""
-    if chunk_bytes:
-        monkeypatch.setattr(fista_products, "_CHUNK_BYTES", chunk_bytes)
     layer = make_layer(3, 64, 3, stride, non_negative, padding=padding, n_steps=n_steps).double()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 3, *hw, generator=gen, dtype=torch.float64)
     assert layer._uses_products(x)
     z = layer(x)
+    if chunk_images:
+        monkeypatch.setattr(fista_products, "_CHUNK_BYTES", chunk_images * z[0].numel() * z.element_size())
     upstream = torch.randn(z.shape, generator=gen, dtype=torch.float64)
-    products = _solve_with_gradients(layer, x, upstream)
+    products = _solve_with_gradients(layer, x, upstream, input_grad)
     monkeypatch.setattr(csc, "_PRODUCTS_MIN_ROWS_RATIO", math.inf)
     assert not layer._uses_products(x)
-    convolutions = _solve_with_gradients(layer, x, upstream)
+    convolutions = _solve_with_gradients(layer, x, upstream, input_grad)
     assert (products[0] != 0).any() and (products[0] == 0).any()  # thresholds both ways: masks matter
+    assert (products[1] is None) == (not input_grad)
     for ours, ref in zip(products, convolutions):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("non_negative", [True, False])
-@pytest.mark.parametrize("n_steps", [1, 3])
+@pytest.mark.parametrize("n_steps", [1, 4])
 def test_the_matrix_product_solve_passes_gradcheck(stride, non_negative, n_steps, monkeypatch):
     """Its hand-written backward (each chunk's solve recomputed, then gone back through) against finite
     differences, in chunks of one image, and its gradients differentiated once more."""
@@ -261,6 +264,27 @@ def test_which_layers_solve_by_matrix_products():
     assert not CSCLayer(3, 64, 3).bfloat16()._uses_products(x.bfloat16())
     assert not CSCLayer(3, 64, 3)._uses_products(x.to("meta"))
     assert not CSCLayer(3, 64, 3)._uses_products(x.contiguous(memory_format=torch.channels_last))
+    assert not CSCLayer(3, 64, 3)._uses_products(x[:0]) and not CSCLayer(3, 64, 3)._uses_products(x[0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func.jvp's own
+def test_a_wide_image_layer_under_autocast_transforms_and_forward_ad_solves_by_convolutions():
+    """The matrix-product solve has no autocast casts, batching rule or jvp: under those the layer takes its
+    convolutions (a bf16 autocast training step crashed on the products)."""
+    layer = make_layer(3, 64, 3, 1, seed=0)
+    x = torch.rand(2, 3, 8, 8)
+    ref = layer(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._uses_products(x)
+        layer(x).float().sum().backward()
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1), ref, rtol=1e-5, atol=1e-6)
+    tangent = torch.randn_like(x)
+    _, jvp = torch.func.jvp(layer, (x,), (tangent,))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        assert not layer._uses_products(dual)
+        torch.testing.assert_close(forward_ad.unpack_dual(layer(dual)).tangent, jvp)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
