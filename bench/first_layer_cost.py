@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import sdnet  # noqa: E402
-import sdnet.csc as csc_module  # noqa: E402
-from train_throughput import Trainer, environment, pick_device, sync  # noqa: E402
+from train_throughput import Trainer, csc_settings, environment, pick_device, sync  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,11 +50,8 @@ def layer_pass(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> N
 def with_convolutions(fn):
     """fn, run with every CSC layer solving by convolutions (the matrix-product path turned off)."""
     def run():
-        kept, csc_module._PRODUCTS_MIN_ROWS_RATIO = csc_module._PRODUCTS_MIN_ROWS_RATIO, math.inf
-        try:
+        with csc_settings(_PRODUCTS_MIN_ROWS_RATIO=math.inf):
             fn()
-        finally:
-            csc_module._PRODUCTS_MIN_ROWS_RATIO = kept
     return run
 
 

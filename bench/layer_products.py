@@ -18,12 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 import torch  # noqa: E402
 
 import sdnet  # noqa: E402
 import sdnet.csc as csc  # noqa: E402
+from train_throughput import csc_settings  # noqa: E402
 
 # (batch, in, out, kernel, stride, side): SDNet-18's image layer at paper width first, then the shapes around the rule
 SHAPES = [(128, 3, 64, 3, 1, 32), (128, 3, 64, 3, 2, 32), (128, 3, 128, 3, 1, 32), (128, 3, 32, 3, 1, 32),
@@ -32,16 +34,13 @@ SHAPES = [(128, 3, 64, 3, 1, 32), (128, 3, 64, 3, 2, 32), (128, 3, 128, 3, 1, 32
 
 def timed_pass(layer: csc.CSCLayer, x: torch.Tensor, grad: torch.Tensor, ratio: float) -> tuple[float, int]:
     """Milliseconds and minor page faults of one forward and backward, solved as `ratio` decides."""
-    kept, csc._PRODUCTS_MIN_ROWS_RATIO = csc._PRODUCTS_MIN_ROWS_RATIO, ratio
-    try:
+    with csc_settings(_PRODUCTS_MIN_ROWS_RATIO=ratio):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         layer(x).backward(grad)
         elapsed = 1e3 * (time.perf_counter() - start)
         layer.weight.grad = None
         return elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    finally:
-        csc._PRODUCTS_MIN_ROWS_RATIO = kept
 
 
 def measure(shape: tuple, rounds: int, warmup: int) -> dict:

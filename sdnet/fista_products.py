@@ -150,6 +150,12 @@ def _backward_chunk(grad, z_last, x, w_aug, w_t, weight_flat, thr, geo, n_steps,
     return g_x, g_aug, g_decode
 
 
+def _dictionaries(weight: torch.Tensor, L: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W as a (C, C_in*k*k) matrix, and [W/L | -thr], the step's matrix with the threshold as its last column."""
+    w_flat = weight.reshape(weight.shape[0], -1)
+    return w_flat, torch.cat([w_flat / L, (-thr).expand(weight.shape[0], 1)], 1)
+
+
 class ProductSolve(torch.autograd.Function):
     """z = FISTA(x) for a layer with dictionary `weight` (C, C_in, k, k), step 1/L and threshold thr = lam/L
     (0-d tensors, not differentiated), from z = 0, `n_steps` steps; differentiable in x and weight."""
@@ -157,8 +163,7 @@ class ProductSolve(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, L, thr, stride, padding, n_steps, non_negative):
         geo = _Geometry(x, weight, stride, padding)
-        w_flat = weight.reshape(weight.shape[0], -1)
-        w_aug = torch.cat([w_flat / L, (-thr).expand(weight.shape[0], 1)], 1)
+        w_flat, w_aug = _dictionaries(weight, L, thr)
         out = x.new_empty(x.shape[0], weight.shape[0], *geo.code_hw)
         flat = out.view(x.shape[0], weight.shape[0], -1)
         bufs = [geo.columns(x) for _ in range(min(n_steps, 2))]
@@ -178,8 +183,7 @@ class ProductSolve(torch.autograd.Function):
         x, weight, L, thr, z = ctx.saved_tensors
         stride, padding, n_steps, non_negative = ctx.settings
         geo = _Geometry(x, weight, stride, padding)
-        w_flat = weight.reshape(weight.shape[0], -1)
-        w_aug = torch.cat([w_flat / L, (-thr).expand(weight.shape[0], 1)], 1)
+        w_flat, w_aug = _dictionaries(weight, L, thr)
         b, c = x.shape[0], weight.shape[0]
         grad, z = grad.reshape(b, c, -1), z.reshape(b, c, -1)
         need_x, need_w = ctx.needs_input_grad[:2]
