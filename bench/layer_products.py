@@ -25,11 +25,16 @@ import torch  # noqa: E402
 
 import sdnet  # noqa: E402
 import sdnet.csc as csc  # noqa: E402
+import sdnet.fista_products as fista_products  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from train_throughput import csc_settings  # noqa: E402
 
-# (batch, in, out, kernel, stride, side): SDNet-18's image layer at paper width first, then the shapes around the rule
-SHAPES = [(128, 3, 64, 3, 1, 32), (128, 3, 64, 3, 2, 32), (128, 3, 128, 3, 1, 32), (128, 3, 32, 3, 1, 32),
-          (128, 3, 16, 3, 2, 32), (128, 1, 16, 3, 1, 28), (128, 3, 64, 5, 1, 32), (16, 3, 64, 7, 2, 224)]
+# (batch, in, out, kernel, stride, side): SDNet-18's image layer at paper width first (then at the app's batch 1
+# and at 8), then the shapes around the rule, and a body layer of SDNet-18-All
+SHAPES = [(128, 3, 64, 3, 1, 32), (1, 3, 64, 3, 1, 32), (8, 3, 64, 3, 1, 32), (128, 3, 64, 3, 2, 32),
+          (128, 3, 128, 3, 1, 32), (128, 3, 32, 3, 1, 32), (128, 3, 16, 3, 2, 32), (128, 3, 8, 3, 1, 32),
+          (128, 1, 16, 3, 1, 28), (128, 3, 64, 5, 1, 32), (8, 3, 64, 7, 2, 224), (16, 3, 64, 7, 2, 224),
+          (128, 64, 64, 3, 1, 32)]
 
 
 def timed_pass(layer: csc.CSCLayer, x: torch.Tensor, grad: torch.Tensor, ratio: float) -> tuple[float, int]:
@@ -64,6 +69,21 @@ def measure(shape: tuple, rounds: int, warmup: int) -> dict:
                 products_faults=med["products"][1], convolutions_faults=med["convolutions"][1])
 
 
+def unfold_times(repeats: int = 50) -> tuple[float, float]:
+    """Median ms to unfold one chunk of the paper's layer (4 RGB 32x32 images, 3x3): F.unfold (im2col) and the
+    strided copy sdnet.fista_products uses."""
+    x = torch.rand(4, 3, 32, 32)
+    geo = fista_products._Geometry(x, torch.empty(64, 3, 3, 3), 1, 1)
+    buf = geo.columns(x)
+    times = {"im2col": [], "strided": []}
+    for _ in range(repeats):
+        for name, fn in (("im2col", lambda: F.unfold(x, 3, padding=1)), ("strided", lambda: geo.unfold_into(buf, x))):
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times["im2col"]), statistics.median(times["strided"])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python bench/layer_products.py", description=sdnet.utils.summary(__doc__))
     p.add_argument("--rounds", type=int, default=7, help="timed passes each way per shape (medians reported)")
@@ -90,6 +110,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['products_faults']:.0f} / {r['convolutions_faults']:.0f} | "
               f"{'products' if r['uses_products'] else 'convolutions'} |", flush=True)
         results.append(r)
+    im2col, strided = unfold_times()
+    print(f"\nUnfolding a chunk of 4 images of the first shape: F.unfold (im2col) {im2col:.3f} ms, the strided copy "
+          f"{strided:.3f} ms ({im2col / strided:.1f}x faster)")
     return results
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
-from .fista_products import ProductSolve
+from .fista_products import ProductSolve, momentum, prox_
 from .utils import check_dtype
 
 # Per-call settings: {"lam": float | dict | None, "n_steps": int | None}.
@@ -387,15 +387,6 @@ class CSCLayer(nn.Module):
         return self._effective("n_steps", self.n_steps)
 
     # --- the solve -------------------------------------------------------------------------
-    def _prox(self, u: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-        """The proximal step of lam*||z||_1 (z >= 0 when non_negative) at v, given u = v - thr.
-        `u` is a fresh convolution output that nothing else holds (a convolution's backward needs only its
-        input and weight), so the non-negative prox overwrites it: one code-sized allocation less per step."""
-        if self.non_negative:
-            return F.relu_(u)
-        # soft threshold: v - clamp(v, -thr, thr) = u - clamp(u, -2 thr, 0); sync-free with tensor bounds
-        return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
-
     def _uses_products(self, x: torch.Tensor) -> bool:
         """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: a non-empty
         NCHW batch (oneDNN's channels-last convolutions are fast, and a channels-last model keeps its layout),
@@ -416,16 +407,16 @@ class CSCLayer(nn.Module):
         # with a single pass over the code-sized tensors besides the prox. From z = 0 it is prox_shifted(conv(x)).
         w_step = self.weight / L
         bias = (-thr).expand(self.out_channels)
-        z = self._prox(F.conv2d(x, w_step, bias, stride=self.stride, padding=self.padding), thr)
-        z_prev, y, t = z, z, 1.0
-        for i in range(n_steps - 1):
+        # (a fresh convolution output, which nothing else holds, is what the prox may overwrite)
+        z = prox_(F.conv2d(x, w_step, bias, stride=self.stride, padding=self.padding), thr, self.non_negative)
+        y, coefs = z, momentum(n_steps)
+        for j in range(1, n_steps):
             residual = x - self.decode(y, x.shape[-2:])
-            z = self._prox(F.conv2d(residual, w_step, bias, stride=self.stride, padding=self.padding).add_(y), thr)
-            if i < n_steps - 2:               # the momentum point for the next step (none after the last)
-                t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-                coef = (t - 1) / t_next
-                y = z if coef == 0 else torch.add(z, z - z_prev, alpha=coef)
-                z_prev, t = z, t_next
+            z_new = prox_(F.conv2d(residual, w_step, bias, stride=self.stride, padding=self.padding).add_(y), thr,
+                          self.non_negative)
+            if j < n_steps - 1:  # the momentum point for the next step (none after the last)
+                y = z_new if coefs[j] == 0 else torch.add(z_new, z_new - z, alpha=coefs[j])
+            z = z_new
         return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

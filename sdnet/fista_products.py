@@ -69,9 +69,11 @@ class _Geometry:
         return F.fold(cols, self.size, self.k, padding=self.p, stride=self.s)
 
 
-def _prox_(u: torch.Tensor, thr: torch.Tensor, non_negative: bool) -> torch.Tensor:
-    """The prox of lam*||z||_1 (z >= 0 when non_negative) at v, given u = v - thr; in place when non-negative
-    (the soft threshold's clamp would need u as it was, were a double backward recording it)."""
+def prox_(u: torch.Tensor, thr: torch.Tensor, non_negative: bool) -> torch.Tensor:
+    """The prox of lam*||z||_1 (z >= 0 when non_negative) at v, given u = v - thr, for either solve of
+    sdnet.csc: in place when non-negative (one code-sized allocation less per step; relu's backward needs only
+    its output), and for the soft threshold v - clamp(v, -thr, thr) = u - clamp(u, -2 thr, 0) (sync-free with
+    tensor bounds; out of place, since the clamp's backward needs u as it was)."""
     if non_negative:
         return u.relu_()
     return u - torch.clamp(u, -2 * thr, torch.zeros_like(thr))
@@ -95,7 +97,7 @@ def _solve_chunk(x, w_aug, w_t, thr, geo, n_steps, non_negative, bufs, out=None,
             break
         target = out if j == n_steps - 1 else None
         u = torch.bmm(wa, cols, out=target) if j == 0 else torch.baddbmm(y, wa, cols, out=target)
-        z_new = _prox_(u, thr, non_negative)
+        z_new = prox_(u, thr, non_negative)
         if target is not None and z_new is not u:
             target.copy_(z_new)
         if j < n_steps - 1:  # the start of the next step
