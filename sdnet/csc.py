@@ -52,10 +52,10 @@ STEP_SIZE_RULES = ("lanczos", "fft")  # what a layer's `step_size` is; the const
 # On the CPU, a layer whose code has at least this many times the rows of its unfolded signal (out_channels >=
 # ratio * (in_channels*k*k + 1): image layers of paper width, 3 -> 64 at 3x3) solves by batched matrix products
 # [W/L | -thr] @ [unfold(x); 1], a few images at a time (sdnet.fista_products), instead of oneDNN's 3-channel NCHW
-# convolutions: 0.34x the time for SDNet-18's first layer at batch 128, one fresh code-sized buffer instead of
-# thirteen. Narrower layers (3 -> 16 at stride 2 in bench/layer_products.py, 3 -> 8) and 7x7 stems at batches up
-# to 8 were slower so; this ratio keeps to the shapes where the products won at every batch from 8 up (at batch 1,
-# the app's, they take 1.4 ms against 1.0). math.inf turns it off.
+# convolutions: 0.36x the time for SDNet-18's first layer at batch 128, one fresh code-sized buffer instead of
+# thirteen. Narrower layers (3 -> 16 at stride 2, 3 -> 8) and body layers (64 -> 64) were slower so, 3 -> 32 and
+# 7x7 stems won by less (bench/layer_products.py); this ratio keeps to the shapes where the products won clearly,
+# from batch 8 up (at batch 1, the app's, 1.4 ms against 1.2). math.inf turns it off.
 _PRODUCTS_MIN_ROWS_RATIO = 2.0
 
 
