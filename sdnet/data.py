@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,8 @@ def _load_image_folder(p: Path, split: str) -> ImageSet:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images)
         os.replace(tmp, cached)
+        _name_sources(cached, [str(root.resolve())])
+        _forget_older_copies(cached)
     return ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes, f"{root}")
 
 
@@ -226,6 +229,10 @@ def _unpack_once(p: Path) -> Path:
     key = _content_key(p)
     dest = cache_dir() / "unpacked" / f"{p.name.split('.')[0]}-{key}"
     if (dest / ".complete").exists():
+        sources = _sources(dest)
+        if sources is not None and str(p.resolve()) not in sources:  # the same bytes at another path
+            _name_sources(dest, sources + [str(p.resolve())])
+            _forget_older_copies(dest)
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -242,7 +249,70 @@ def _unpack_once(p: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+        _name_sources(dest, [str(p.resolve())])
+        _forget_older_copies(dest)
     return dest
+
+
+# --- one cached copy per source -------------------------------------------------------------------
+# Each copy in the cache (an unpacked archive, a decoded split) names the paths it was made from, so that a
+# source that changed (a new archive at the same path, images edited in a folder) replaces its older copy instead
+# of leaving it: nothing pruned the cache before, and this machine's had grown to 5 GB of stale copies. A copy
+# whose sources are all gone (the folder an older archive unpacked to, a deleted image folder) goes too.
+# Copies made before this (no list of sources) are left alone: delete the cache folder at any time to free them.
+_STALE_SCRATCH_SECONDS = 24 * 3600  # a half-written .tmp<pid> this old belongs to a process that was killed
+
+
+def _sources_file(copy: Path) -> Path:
+    return copy / ".sources" if copy.is_dir() else copy.with_name(copy.name + ".sources")
+
+
+def _sources(copy: Path) -> list[str] | None:
+    try:
+        return _sources_file(copy).read_text().splitlines()
+    except OSError:
+        return None
+
+
+def _name_sources(copy: Path, sources: list[str]) -> None:
+    from .checkpoint import atomic_write_text
+    atomic_write_text(_sources_file(copy), "".join(f"{s}\n" for s in sources))
+
+
+def _forget_older_copies(kept: Path) -> None:
+    """Remove the other copies in `kept`'s cache folder made from `kept`'s sources (the paths move to the
+    newest copy), those whose sources no longer exist, and scratch left by killed processes."""
+    mine = set(_sources(kept) or [])
+    for other in kept.parent.iterdir():
+        if other.name.endswith(".sources"):
+            if not other.with_name(other.name[: -len(".sources")]).exists():  # its copy was deleted by hand
+                other.unlink(missing_ok=True)
+            continue
+        if other == kept:
+            continue
+        if ".tmp" in other.name:
+            try:
+                if time.time() - other.stat().st_mtime > _STALE_SCRATCH_SECONDS:
+                    _remove_copy(other)
+            except OSError:
+                pass
+            continue
+        sources = _sources(other)
+        if sources is None:
+            continue  # made before copies named their sources, or being written now
+        left = [s for s in sources if s not in mine and Path(s).exists()]
+        if not left:
+            _remove_copy(other)
+        elif left != sources:
+            _name_sources(other, left)
+
+
+def _remove_copy(copy: Path) -> None:
+    if copy.is_dir():
+        shutil.rmtree(copy, ignore_errors=True)  # its list of sources inside with it
+    else:
+        _sources_file(copy).unlink(missing_ok=True)
+        copy.unlink(missing_ok=True)
 
 
 # --- batches and augmentation ---------------------------------------------------------------------

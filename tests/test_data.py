@@ -67,6 +67,65 @@ def test_tarball_is_unpacked_once(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "unpacked").iterdir())) == 1
 
 
+def _archive(root, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    return path
+
+
+def test_the_cache_keeps_one_copy_per_source(tmp_path):
+    """Nothing pruned the cache: a new archive at the same path, or edited images, left the older copies (5 GB of
+    them on the machine this was built on). A changed source now replaces its copy; a copy still serving another
+    path stays, and copies made before copies named their sources, or being written, are left alone."""
+    import os
+    import time
+
+    import sdnet.data as data
+    cache = tmp_path / "cache"
+    first, second = (make_image_folder(tmp_path / name / "cifar10-jpg", n_train=1, n_test=n)
+                     for name, n in (("a", 1), ("b", 2)))
+    archive = _archive(first, tmp_path / "data" / "cifar.tar.gz")
+    twin = tmp_path / "twin" / "cifar.tar.gz"  # the same bytes at another path
+    twin.parent.mkdir()
+    twin.write_bytes(archive.read_bytes())
+    legacy = cache / "decoded" / "cifar10-jpg-test-0123456789abcdef.npz"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"from before")
+    scratch_old, scratch_new = cache / "decoded" / "x.npz.tmp1", cache / "decoded" / "y.npz.tmp2"
+    for f in (scratch_old, scratch_new):
+        f.write_bytes(b"half")
+    day_ago = time.time() - 2 * data._STALE_SCRATCH_SECONDS
+    os.utime(scratch_old, (day_ago, day_ago))
+    for split in ("train", "test"):
+        load_split(archive, split)
+        load_split(twin, split)
+    unpacked = list((cache / "unpacked").iterdir())
+    assert len(unpacked) == 1 and sorted((unpacked[0] / ".sources").read_text().split()) == sorted(
+        str(p.resolve()) for p in (archive, twin))
+    decoded = sorted(f.name for f in (cache / "decoded").glob("*.npz"))
+    assert len(decoded) == 3 and legacy.name in decoded  # train, test, and the one from before
+    assert not scratch_old.exists() and scratch_new.exists()
+
+    _archive(second, archive)  # new bytes at the first path: the old copy still serves the twin
+    new_test = load_split(archive, "test")
+    assert len(list((cache / "unpacked").iterdir())) == 2
+    twin.write_bytes(archive.read_bytes())  # and at the twin's: the first copy serves nobody now, and goes
+    assert torch.equal(load_split(twin, "test").images, new_test.images)
+    assert not unpacked[0].exists() and len(list((cache / "unpacked").iterdir())) == 1
+    load_split(twin, "train")  # a decoded copy written: those of the first copy's splits go with it
+    assert len(list((cache / "decoded").glob("*.npz"))) == 3  # the new train and test, and the one from before
+
+    # images edited in a folder: the split's older decoded copy goes, the other split's stays
+    load_split(second, "test"), load_split(second, "train")
+    before = set((cache / "decoded").glob("*.npz"))
+    edited = sorted((second / "test").rglob("*.png"))[0]
+    os.utime(edited, ns=(edited.stat().st_mtime_ns + 10**9,) * 2)
+    load_split(second, "test")
+    after = set((cache / "decoded").glob("*.npz"))
+    assert len(after) == len(before) and len(after - before) == 1
+
+
 def test_tarball_with_path_traversal_is_refused(tmp_path):
     evil = tmp_path / "evil.tar.gz"
     payload = tmp_path / "payload.txt"
