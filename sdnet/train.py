@@ -162,6 +162,8 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
                      "test_subset_during_training": config.get("test_subset"),
                      "train_subset": config.get("train_subset")},  # None: the whole training split
     })
+    if not config["model"].startswith("sdnet"):  # a ResNet has no CSC layer: its λ and FISTA steps mean nothing
+        del card["lam"], card["n_steps"]
     write_card(out / "model.pt", card)
     return card
 
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, not a torch stack
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank gets the Ctrl-C: one says it
+            raise SystemExit(130) from None
         args = parse_args(argv)
         out = run_folder(args)
         kept = (f"{out / 'last.pt'} holds the last finished epoch: rerun the same command with --resume to go on"

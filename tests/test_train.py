@@ -151,6 +151,13 @@ def test_ctrl_c_says_what_was_kept_in_one_line(tmp_path, data, capsys, monkeypat
     with pytest.raises(SystemExit):
         train_main(args + ["--resume"])
     assert "last.pt holds the last finished epoch: rerun the same command with --resume" in capsys.readouterr().err
+    # under torchrun every rank gets the Ctrl-C: only rank 0 says what was kept
+    monkeypatch.setattr(train_module, "_train", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt))
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as info:
+            train_main(args + ["--resume"])
+        assert info.value.code == 130 and ("interrupted;" in capsys.readouterr().err) == said
 
 
 def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path, data, capsys):
@@ -423,6 +430,7 @@ def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
     """A ResNet has no lambda to change, and a checkpoint cannot be scored on data with other classes."""
     run = tmp_path / "run"
     train_main(TINY + ["--model", "resnet18", "--data", data, "--epochs", "1", "--out", str(run)])
+    assert not {"lam", "n_steps"} & set(load_card(run / "model.pt"))  # its card names no λ it does not have
     base = ["--checkpoint", str(run / "model.pt"), "--data", data, "--device", "cpu"]
     with pytest.raises(SystemExit, match="has no CSC layer"):
         evaluate_main(base + ["--lam", "0.5"])
