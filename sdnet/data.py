@@ -171,6 +171,8 @@ def _load_image_folder(p: Path, split: str) -> ImageSet:
     if cached.exists():
         with np.load(cached) as npz:
             images = npz["images"]
+        if _sources(cached) is None:  # made before copies named their sources: this folder's, by its key
+            _keep_one_copy(cached, [str(root.resolve())])
     else:
         print(f"decoding {len(files)} images of {root} into {cached} (once; later runs read that)", file=sys.stderr,
               flush=True)
@@ -180,8 +182,7 @@ def _load_image_folder(p: Path, split: str) -> ImageSet:
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images)
         os.replace(tmp, cached)
-        _name_sources(cached, [str(root.resolve())])
-        _forget_older_copies(cached)
+        _keep_one_copy(cached, [str(root.resolve())])
     return ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes, f"{root}")
 
 
@@ -229,10 +230,9 @@ def _unpack_once(p: Path) -> Path:
     key = _content_key(p)
     dest = cache_dir() / "unpacked" / f"{p.name.split('.')[0]}-{key}"
     if (dest / ".complete").exists():
-        sources = _sources(dest)
-        if sources is not None and str(p.resolve()) not in sources:  # the same bytes at another path
-            _name_sources(dest, sources + [str(p.resolve())])
-            _forget_older_copies(dest)
+        sources = _sources(dest) or []  # none: made before copies named their sources
+        if str(p.resolve()) not in sources:  # the same bytes at another path
+            _keep_one_copy(dest, sources + [str(p.resolve())])
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,7 @@ def _unpack_once(p: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, dest)
-        _name_sources(dest, [str(p.resolve())])
-        _forget_older_copies(dest)
+        _keep_one_copy(dest, [str(p.resolve())])
     return dest
 
 
@@ -259,8 +258,17 @@ def _unpack_once(p: Path) -> Path:
 # source that changed (a new archive at the same path, images edited in a folder) replaces its older copy instead
 # of leaving it: nothing pruned the cache before, and this machine's had grown to 5 GB of stale copies. A copy
 # whose sources are all gone (the folder an older archive unpacked to, a deleted image folder) goes too.
-# Copies made before this (no list of sources) are left alone: delete the cache folder at any time to free them.
+# A copy made before this (no list of sources) is named when its source next uses it; others are left alone: delete
+# the cache folder at any time to free them. All of this is housekeeping: a cache it cannot write is not an error.
 _STALE_SCRATCH_SECONDS = 24 * 3600  # a half-written .tmp<pid> this old belongs to a process that was killed
+
+
+def _keep_one_copy(copy: Path, sources: list[str]) -> None:
+    try:
+        _name_sources(copy, sources)
+        _forget_older_copies(copy)
+    except OSError as err:  # a read-only or shared cache: it still serves, it is just not pruned
+        print(f"note: could not tidy the cache folder {copy.parent}: {err}", file=sys.stderr)
 
 
 def _sources_file(copy: Path) -> Path:

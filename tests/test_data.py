@@ -125,6 +125,24 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
     after = set((cache / "decoded").glob("*.npz"))
     assert len(after) == len(before) and len(after - before) == 1
 
+    # a copy from before copies named their sources is named when its source uses it
+    named = [*(cache / "unpacked").iterdir(), *(after - before)]
+    for copy in named:
+        data._sources_file(copy).unlink()
+    load_split(twin, "test"), load_split(second, "test")
+    assert [data._sources(copy) for copy in named] == [[str(twin.resolve())], [str((second / "test").resolve())]]
+
+
+def test_a_cache_that_cannot_be_tidied_still_serves(tmp_path, monkeypatch, capsys):
+    import sdnet.data as data
+    root = make_image_folder(tmp_path / "tree", n_train=1, n_test=1)
+
+    def refuse(*args):
+        raise PermissionError("read-only file system")
+    monkeypatch.setattr(data, "_name_sources", refuse)
+    assert len(load_split(root, "test")) == 3 and len(load_split(root, "test")) == 3
+    assert "note: could not tidy the cache folder" in capsys.readouterr().err
+
 
 def test_tarball_with_path_traversal_is_refused(tmp_path):
     evil = tmp_path / "evil.tar.gz"
