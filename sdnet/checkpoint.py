@@ -78,6 +78,23 @@ def _first_line(e: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# What a file that is not a checkpoint is, said by its kind: its first bytes were quoted, which let the app's
+# "Other path..." box show the start of any file the server can read.
+_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+          b"\x1f\x8b": "gzip data (a .tar.gz?)", b"%PDF": "a PDF document", b"\x93NUMPY": "a NumPy .npy array",
+          b"\x89HDF": "an HDF5 file (Keras?)"}
+
+
+def _file_kind(head: bytes) -> str:
+    kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    if kind:
+        return kind
+    text = head.decode("utf-8", errors="ignore")  # eight bytes may end inside a character
+    if text and len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "text"
+    return "binary data of another format"
+
+
 def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
@@ -91,7 +108,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         head = f.read(8)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
-                              f"file starts with {head!r}")
+                              f"file is {_file_kind(head)}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -294,7 +294,9 @@ BAD_FILES = {
     "zip of junk": (lambda p, m: p.write_bytes(b"PK\x03\x04" + random.Random(1).randbytes(4096)),
                     "not a readable PyTorch file"),
     "text": (lambda p, m: p.write_text("epoch,loss\n1,2.3\n"),
-             "not a readable PyTorch file: torch.save writes a zip archive, and this file starts with b'epoch,lo'"),
+             "not a readable PyTorch file: torch.save writes a zip archive, and this file is text$"),
+    # what it is, not its first bytes: the app's "Other path..." box showed the start of any file the server reads
+    "image": (lambda p, m: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "this file is a PNG image$"),
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
     "plain tensor": (lambda p, m: torch.save(torch.zeros(3), p), "not an SDNet Explorer checkpoint"),
     "bare state dict": (lambda p, m: torch.save(m.state_dict(), p), "not an SDNet Explorer checkpoint"),
