@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,6 @@ def _code(text: str) -> str:
     """A user's file name or path inside markdown, as a code span: 'red.png' is not a colour directive there, nor
     ':smile:' an emoji, nor '*x*' emphasis."""
     return "`" + str(text).replace("`", "'") + "`"
-
-
-def _short(v: float) -> str:
-    """A usage or score label: 290, not 2.9e+02."""
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
@@ -185,7 +181,7 @@ def corruption_sidebar() -> dict[str, Any]:
     kind = sb.selectbox("Noise (CIFAR-10-C)", state.CORRUPTIONS, key="noise")
     if kind == "none":
         return dict(kind="none", severity=None, seed=None)
-    mode = sb.radio("Strength", ["Severity 1-5", "Continuous level"], horizontal=True, key="noise_mode")
+    mode = sb.radio("Strength", STRENGTHS, horizontal=True, key="noise_mode", on_change=_carry_strength, args=(kind,))
     if mode == "Severity 1-5":
         _default("severity", 3)
         severity: int | float = sb.slider("Severity", 1, 5, key="severity")
@@ -203,6 +199,22 @@ def corruption_sidebar() -> dict[str, Any]:
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
 
+STRENGTHS = ("Severity 1-5", "Continuous level")
+
+
+def _carry_strength(kind: str) -> None:
+    """Switching between a severity and a continuous level keeps the noise as strong as it was (impulse 5 turned
+    into the level slider's default, severity 3's 0.03): the level of the severity, or the nearest severity."""
+    levels = sdnet.corruptions.SEVERITY[kind]
+    if st.session_state["noise_mode"] == STRENGTHS[1]:
+        lo, hi, _, step = state.LEVELS[kind]
+        c = levels[_default("severity", 3) - 1]
+        st.session_state[f"level_{kind}"] = float(f"{min(max(round(c / step) * step, lo), hi):.6g}")
+    elif f"level_{kind}" in st.session_state:
+        c = st.session_state[f"level_{kind}"]
+        st.session_state["severity"] = 1 + min(range(5), key=lambda i: abs(math.log(levels[i] / c)))
+
+
 def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict) -> None:
     cols = st.columns([1, 1, 2])
     cols[0].image(_enlarge(clean), caption=f"clean ({_code(info['source'])})")
@@ -216,9 +228,10 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
         if info.get("label"):
             article = "an" if info["label"][:1].lower() in "aeiou" else "a"
             st.markdown(f"A CIFAR-10 test image of {article} **{info['label']}** (`{info['path']}`).")
-        if info.get("notes"):
+        if info.get("original_size"):  # an upload (a 32x32 RGB one has no notes: said too, not left blank)
             w, h = info["original_size"]
-            st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; " + "; ".join(info["notes"]) + ".")
+            st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; "
+                       + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + ".")
         psnr = _psnr(clean, image)
         if corruption["kind"] != "none":
             st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")
@@ -295,17 +308,19 @@ def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: 
     st.session_state["auto_lam"] = (note, value, list(layers or []), trained, image)
 
 
-def _auto_lam_current(image: str) -> bool:
-    """Is the view still at what Auto λ set, for the same model input (so its note, which quotes that image's
-    residual, still describes it)?"""
+def _auto_lam_held(image: str) -> str | None:
+    """Is λ still where Auto λ set it? "current" for the same model input (its note, which quotes that image's
+    residual, still describes it), "earlier image" for another one, None when λ has moved since."""
     note, value, layers, trained, for_image = st.session_state.get("auto_lam") or (None, None, [], None, None)
-    if note is None or for_image != image:
-        return False
+    if note is None:
+        return None
     if not layers:
-        return st.session_state.get("lam") == value
-    return st.session_state.get("lam") == trained and all(
-        n in st.session_state.get("lam_layers", []) and st.session_state.get(_per_layer_key(n)) == value
-        for n in layers)
+        held = st.session_state.get("lam") == value
+    else:
+        held = st.session_state.get("lam") == trained and all(
+            n in st.session_state.get("lam_layers", []) and st.session_state.get(_per_layer_key(n)) == value
+            for n in layers)
+    return None if not held else "current" if for_image == image else "earlier image"
 
 
 def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, state.StepsSpec, dict]:
@@ -387,8 +402,13 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained, image),
               help=f"Sets λ {where} from this image's relative residual there at the trained λ "
                    "(paper, Algorithm 1).")
-    if _auto_lam_current(image):
+    held = _auto_lam_held(image)
+    if held == "current":
         st.caption(st.session_state["auto_lam"][0])
+    elif held == "earlier image":  # the per-layer λ stayed, its explanation went, unsaid (a review)
+        _, value, layers, _, _ = st.session_state["auto_lam"]
+        in_layers = f" in {', '.join(layers)}" if layers else ""
+        st.caption(f"λ{in_layers} is still Auto λ's {value:g} for an earlier image; press Auto λ for this one.")
     seen = [p["residual"] for p in fit.get("points", []) if isinstance(p.get("residual"), (int, float))]
     if ctx.corruption["kind"] != noise:
         st.caption(f"The image has {'no' if ctx.corruption['kind'] == 'none' else ctx.corruption['kind']} noise; "
@@ -430,12 +450,13 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
                       help="The chart shows the k most likely classes of every prediction compared, so it can list "
                            "more than k classes.")
     with right, st.container(key="prediction_summary"):
-        # short headers: the column is two fifths of the page, and a markdown table does not wrap (700 px windows)
-        lines = ["| | class | prob. |", "|---|---|---|"]
+        # a list, not a table: the column is two fifths of the page, and at 800 px a table's probability column
+        # was cut off however short its headers; a list wraps at any width
+        lines = []
         for label, color, p in series:
             i = int(np.argmax(p))
-            # the baseline's file is in the chart's legend: its name overflowed the table at 800 px
-            lines.append(f"| {'ResNet baseline' if color == 'resnet' else label} | **{classes[i]}** | {p[i]:.1%} |")
+            # the baseline's file is in the chart's legend
+            lines.append(f"- {'ResNet baseline' if color == 'resnet' else label}: **{classes[i]}** {p[i]:.1%}")
         st.markdown("\n".join(lines))
         if cur["layers"]:
             dead = sum(r["input_zero"] for r in cur["layers"])
@@ -557,8 +578,11 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     series = lambda k: [(lam_text, "current", values(cur, k)), ("trained λ", "trained", values(trained, k))]  # noqa: E731
     dead = [r["name"] for r in cur["layers"] if r["input_zero"]]
     if dead:
-        st.warning(f"{len(dead)} layer(s) get an all-zero input at this λ (every code upstream was thresholded "
-                   f"to 0): {', '.join(dead)}. Their relative residual is undefined and left out of the chart.")
+        # not "every code upstream was thresholded to 0": after an all-zero code, BatchNorm's offsets still reach
+        # the next layer unless ReLU cuts them all (at λ 10 every code was 0 and only 2 inputs were)
+        st.warning(f"{len(dead)} layer(s) get an all-zero input at this λ: {', '.join(dead)}. What the layer before "
+                   "passes on was all cut to 0 (its code by the threshold, then BatchNorm's offsets by ReLU), so "
+                   "their relative residual is undefined and left out of the chart.")
     c1, c2 = st.columns(2)
     with c1:
         _chart(plots.across_depth(names, series("rel_residual"), "Relative residual ||x - A(z)|| / ||x||",
@@ -663,7 +687,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
     st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
     st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
-    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({_short(usage[c])})" for c in view.atom_order],
+    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({plots.short_number(usage[c])})" for c in view.atom_order],
                        ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160), key="atoms_chart")
     if loaded.meta["config"].get("shortcut", True):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
@@ -683,7 +707,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); shown in the "
                f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
                f"with a 1-pixel grey border. Grey is 0.")
-    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({_short(dusage[c])})" for c in dorder], ncols=8,
+    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({plots.short_number(dusage[c])})" for c in dorder], ncols=8,
                        height_per_row=120), key="deep_atoms_chart")
     st.subheader("What each layer sees")
     st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "

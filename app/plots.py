@@ -26,6 +26,11 @@ NO_AXIS = dict(visible=False, constrain="domain")
 WIDTH = 900  # about the width of a chart in the page's main column, in CSS pixels
 
 
+def short_number(v: float) -> str:
+    """A usage or score label, the same in every tab: 90.5 and 290, not 2.9e+02 (nor 91 in one tab, 90.5 in another)."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
     base = dict(height=height, margin=MARGIN, title=title, legend=LEGEND)
     if title and sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
@@ -172,7 +177,7 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
                 colorscale="Viridis", hoverongaps=False, colorbar=dict(title="z", thickness=12),
                 hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
                               "<br>z=%{z:.4f}<extra></extra>")
-    titles = [f"ch {c} (Σ|z|={activity[c]:.2g})" for c in channels]
+    titles = [f"ch {c} (Σ|z|={short_number(activity[c])})" for c in channels]
     return _tiled([heat], n, ncols, h, w, py, px, titles, 110 / (h + py))
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package, as .ci/run installs it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-SUMMARY = ".st-key-prediction_summary"  # the prediction table: its first row is SDNet at the current λ
+SUMMARY = ".st-key-prediction_summary"  # the predictions in words: the first line is SDNet at the current λ
 LAM_SLIDER = ".st-key-lam input[type=range]"
 
 
@@ -67,13 +67,14 @@ def serve(log_path: Path, env: dict[str, str] | None = None, timeout: float = 90
                 proc.wait()
 
 
-def current_lam_row(summary: str) -> str:
-    """The row of SDNet at the current λ in the prediction table's text (label, class, probability)."""
-    return next(line for line in summary.splitlines() if line.startswith("SDNet at λ="))
+def current_lam_row(summary: str) -> tuple[str, str, str]:
+    """The line of SDNet at the current λ in the prediction summary's text: (label, class, probability)."""
+    line = next(line for line in summary.splitlines() if line.startswith("SDNet at λ="))
+    return re.fullmatch(r"(.*): (\S+) ([0-9.]+%)", line.strip()).groups()
 
 
 def wait_for_lam(page, label: str, timeout_ms: float = 90_000) -> None:
-    """Wait until the prediction table shows SDNet at `label` (e.g. 'λ=1,'), then until the run ends."""
+    """Wait until the prediction summary shows SDNet at `label` (e.g. 'λ=1,'), then until the run ends."""
     page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel);"
                            " return e && e.innerText.includes('SDNet at ' + want); }",
                            arg=[SUMMARY, label], timeout=timeout_ms)
@@ -81,12 +82,12 @@ def wait_for_lam(page, label: str, timeout_ms: float = 90_000) -> None:
 
 
 def shown_lam(page) -> float:
-    """The λ of the SDNet row the prediction table shows now."""
+    """The λ of the SDNet line the prediction summary shows now."""
     return float(re.search(r"SDNet at λ=([0-9.eE+-]+),", page.locator(SUMMARY).inner_text()).group(1))
 
 
 def move_lam_to(page, target: float, max_presses: int = 40) -> None:
-    """Step the λ slider with the arrow keys until the prediction table shows SDNet at `target`, one press
+    """Step the λ slider with the arrow keys until the prediction summary shows SDNet at `target`, one press
     at a time: under load a press sent while the page reruns can be lost, so count on the table, not on keys."""
     for _ in range(max_presses):
         page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")

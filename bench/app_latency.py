@@ -106,7 +106,7 @@ def time_page(checkpoint: Path, sample: str, lams: list[float]) -> list[float]:
 
 def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[float], list[float]]:
     """In headless Chromium, against `streamlit run app/main.py`: press the λ slider's right arrow
-    `presses` times (each a λ never seen before) and time, per press, until the prediction table
+    `presses` times (each a λ never seen before) and time, per press, until the prediction summary
     shows the new λ, and until the rerun has finished (every chart of the open tab sent)."""
     from playwright.sync_api import sync_playwright
 

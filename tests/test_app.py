@@ -385,6 +385,22 @@ def test_each_corruption(app, kind):
         assert other.settings["corruption"]["seed"] == 7 and not np.array_equal(other.image, view.image)
 
 
+def test_switching_the_noise_strength_keeps_it_as_strong(app):
+    """Impulse at severity 5 switched to a continuous level became the slider's default 0.03 (severity 3), and the
+    prediction changed; now the level is the severity's, and back the nearest severity."""
+    at = app(noise="impulse")
+    at.slider(key="severity").set_value(5).run()
+    before = at.session_state["view"]
+    at.radio(key="noise_mode").set_value("Continuous level").run()
+    ok(at)
+    after = at.session_state["view"]
+    assert at.slider(key="level_impulse").value == pytest.approx(0.07) and np.array_equal(after.image, before.image)
+    at.slider(key="level_impulse").set_value(0.045).run()
+    at.radio(key="noise_mode").set_value("Severity 1-5").run()
+    ok(at)
+    assert at.slider(key="severity").value == 4  # 0.05 is nearer 0.045 than 0.03, on a log scale
+
+
 def test_attribution_that_is_all_zero_says_why(app):
     """At the largest λ the first layer's code is empty: every attribution is exactly 0, and the page says so
     instead of showing blank maps with a colour bar from -1p to 1p."""
@@ -571,6 +587,10 @@ def test_bad_uploads_give_a_message(app):
     view = at.session_state["view"]
     assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
     assert any("centre-cropped 200x300 to 200x200" in c.value and "resized 200x200 -> 32x32" in c.value for c in at.caption)
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
+    ok(at)
+    assert any(c.value == "Uploaded 32x32 RGB image; used as it is." for c in at.caption)  # it had no caption at all
 
 
 def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
@@ -673,6 +693,8 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     at.button(key="auto_lam_btn").click().run()
     at.slider(key="severity").set_value(1).run()  # another image: the note quoted the old one's residual
     assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    # ...but λ is still the one it set: said, not left to the prediction's label
+    assert any(f"λ is still Auto λ's {expected:g} for an earlier image" in c.value for c in at.caption)
     # the fit follows the sidebar's noise; one made on another noise, or far from the image's residual, says so
     at.selectbox(key="noise").set_value("shot").run()
     assert any("The image has shot noise; this fit was made on gaussian noise." in c.value for c in at.caption)
@@ -804,8 +826,8 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     at = app(ckpt="resnet18-w8.pt")
     ok(at)
     assert any("no CSC layers" in i.value for i in at.info)
-    table = next(m.value for m in at.markdown if "| class | prob. |" in m.value)
-    assert "SDNet" not in table and "| resnet18 (resnet18-w8.pt) |" in table and table.count("\n") == 2  # one row
+    summary = next(m.value for m in at.markdown if m.value.startswith("- resnet18"))
+    assert "SDNet" not in summary and summary.startswith("- resnet18 (resnet18-w8.pt): **") and "\n" not in summary
     assert "lambda / FISTA steps**: - (no CSC layer)" in " ".join(m.value for m in at.sidebar.markdown)
     at = app(ckpt="sdnet18-w8.pt", tab="Atoms")
     ok(at)

@@ -48,7 +48,7 @@ def upload_file(tmp_path: Path) -> Path:
 
 def numbers(summary: str) -> tuple[list[str], float]:
     """SDNet's prediction and probability at the current λ, and the mean relative residual."""
-    row = current_lam_row(summary).split("\t")[1:]
+    row = list(current_lam_row(summary)[1:])
     return row, float(re.search(r"Mean relative residual over the CSC layers: ([0-9.]+)", summary).group(1))
 
 
