@@ -77,6 +77,11 @@ CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"
 PATH_COLORS = {"mean": "#222222", "first": "#17becf"}
 
 
+# One tick a decade on every λ axis: left to plotly, the wide chart labelled 2 and 5 between decades and the
+# narrow ones some of them or none
+LAM_AXIS = dict(type="log", title="λ (log scale)", dtick=1)
+
+
 def _lam_marks(current: float, trained: float, silent_from: float | None, top: float) -> tuple[list, list]:
     """Vertical lines at the current and the trained λ, and a grey band from the λ where a code goes all zero."""
     # a λ of 0 (a model trained without sparsity, or the slider at it) is off the log axis: not marked
@@ -100,8 +105,7 @@ def lam_path_probs(lams: np.ndarray, probs: np.ndarray, classes: list[str], show
              for i, c in enumerate(shown)]
     shapes, notes = _lam_marks(current, trained, silent_from, float(lams[-1]))
     return _figure(lines, 340, "Class probability along λ", shapes=shapes, annotations=notes,
-                   xaxis=dict(type="log", title="λ (log scale)"), yaxis=dict(title="probability", tickformat=".0%",
-                                                                          range=[0, 1.02]))
+                   xaxis=LAM_AXIS, yaxis=dict(title="probability", tickformat=".0%", range=[0, 1.02]))
 
 
 def lam_path_layers(lams: np.ndarray, series: list[tuple[str, str, np.ndarray]], title: str, ytitle: str,
@@ -112,7 +116,7 @@ def lam_path_layers(lams: np.ndarray, series: list[tuple[str, str, np.ndarray]],
                   hovertemplate="λ=%{x:g}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
              for label, color, v in series]
     shapes, notes = _lam_marks(current, trained, silent_from, float(lams[-1]))
-    return _figure(lines, 300, title, shapes=shapes, annotations=notes, xaxis=dict(type="log", title="λ (log scale)"),
+    return _figure(lines, 300, title, shapes=shapes, annotations=notes, xaxis=LAM_AXIS,
                    yaxis=dict(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero"))
 
 

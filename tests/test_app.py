@@ -425,8 +425,11 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     from app import state
     at = app(tab="λ path")
     ok(at)
-    charts = {c.key for c in at.get("plotly_chart")}
-    assert {"path_probs_chart", "path_residual_chart", "path_sparsity_chart"} <= charts
+    charts = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    assert {"path_probs_chart", "path_residual_chart", "path_sparsity_chart"} <= charts.keys()
+    # one tick a decade on all three (plotly labelled 2 and 5 between decades on the wide one only)
+    assert all(charts[k]["layout"]["xaxis"]["dtick"] == 1 for k in ("path_probs_chart", "path_residual_chart",
+                                                                    "path_sparsity_chart"))
     page = " ".join(m.value for m in at.markdown)
     assert "Prediction along λ:" in page
     view = at.session_state["view"]
