@@ -19,7 +19,8 @@ from sdnet import attribution, images
 from . import plots, state
 
 OTHER_PATH = "Other path..."
-PLOTLY_CONFIG = {"displaylogo": False}
+# every chart saves itself as a PNG from its camera icon: at twice the screen's pixels, named by its key
+PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Context:
 
 
 def _chart(fig, key: str | None = None) -> None:
-    st.plotly_chart(fig, config=PLOTLY_CONFIG, key=key)
+    image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": (key or "chart").removesuffix("_chart")}
+    st.plotly_chart(fig, config={**PLOTLY_CONFIG, "toImageButtonOptions": image}, key=key)
 
 
 def _code(text: str) -> str:
@@ -806,7 +808,8 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 def export_panel(view: state.View, unnormalize) -> None:
     st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), and one ZIP with all of them, "
                "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv) and "
-               "settings.json, which reproduces this view.")
+               "settings.json, which reproduces this view. Each chart saves itself as a PNG from the camera icon "
+               "in its top-right corner.")
     cols = st.columns(2)  # two: in a 700 px window three cut "attribution_integrated_gradients.png"
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
         cols[i % 2].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",

@@ -426,6 +426,9 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     at = app(tab="λ path")
     ok(at)
     charts = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    # each chart saves itself as a PNG named by its key (not plotly's "newplot"), at twice the screen's pixels
+    saved = {c.key: json.loads(c.proto.config)["toImageButtonOptions"] for c in at.get("plotly_chart")}
+    assert saved["path_probs_chart"] == {"format": "png", "scale": 2, "filename": "path_probs"}
     assert {"path_probs_chart", "path_residual_chart", "path_sparsity_chart"} <= charts.keys()
     # one tick a decade on all three (plotly labelled 2 and 5 between decades on the wide one only)
     assert all(charts[k]["layout"]["xaxis"]["dtick"] == 1 for k in ("path_probs_chart", "path_residual_chart",
