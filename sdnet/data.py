@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -261,6 +262,7 @@ def _unpack_once(p: Path) -> Path:
 # A copy made before this (no list of sources) is named when its source next uses it; others are left alone: delete
 # the cache folder at any time to free them. All of this is housekeeping: a cache it cannot write is not an error.
 _STALE_SCRATCH_SECONDS = 24 * 3600  # a half-written .tmp<pid> this old belongs to a process that was killed
+_SCRATCH = re.compile(r"\.tmp\d+$|^\..*\.tmp$")  # ours (<copy>.tmp<pid>) and atomic_write_text's (.<name>.*.tmp)
 
 
 def _keep_one_copy(copy: Path, sources: list[str]) -> None:
@@ -298,7 +300,7 @@ def _forget_older_copies(kept: Path) -> None:
             continue
         if other == kept:
             continue
-        if ".tmp" in other.name:
+        if _SCRATCH.search(other.name):
             try:
                 if time.time() - other.stat().st_mtime > _STALE_SCRATCH_SECONDS:
                     _remove_copy(other)

@@ -93,10 +93,12 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(b"from before")
     scratch_old, scratch_new = cache / "decoded" / "x.npz.tmp1", cache / "decoded" / "y.npz.tmp2"
-    for f in (scratch_old, scratch_new):
+    named_tmp = cache / "decoded" / "my.tmp-test-0123456789abcdef.npz"  # a copy of a folder named my.tmp: not scratch
+    for f in (scratch_old, scratch_new, named_tmp):
         f.write_bytes(b"half")
     day_ago = time.time() - 2 * data._STALE_SCRATCH_SECONDS
-    os.utime(scratch_old, (day_ago, day_ago))
+    for f in (scratch_old, named_tmp):
+        os.utime(f, (day_ago, day_ago))
     for split in ("train", "test"):
         load_split(archive, split)
         load_split(twin, split)
@@ -104,8 +106,8 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
     assert len(unpacked) == 1 and sorted((unpacked[0] / ".sources").read_text().split()) == sorted(
         str(p.resolve()) for p in (archive, twin))
     decoded = sorted(f.name for f in (cache / "decoded").glob("*.npz"))
-    assert len(decoded) == 3 and legacy.name in decoded  # train, test, and the one from before
-    assert not scratch_old.exists() and scratch_new.exists()
+    assert len(decoded) == 4 and {legacy.name, named_tmp.name} <= set(decoded)  # train, test, two from before
+    assert not scratch_old.exists() and scratch_new.exists() and named_tmp.exists()
 
     _archive(second, archive)  # new bytes at the first path: the old copy still serves the twin
     new_test = load_split(archive, "test")
@@ -114,7 +116,7 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
     assert torch.equal(load_split(twin, "test").images, new_test.images)
     assert not unpacked[0].exists() and len(list((cache / "unpacked").iterdir())) == 1
     load_split(twin, "train")  # a decoded copy written: those of the first copy's splits go with it
-    assert len(list((cache / "decoded").glob("*.npz"))) == 3  # the new train and test, and the one from before
+    assert len(list((cache / "decoded").glob("*.npz"))) == 4  # the new train and test, two from before
 
     # images edited in a folder: the split's older decoded copy goes, the other split's stays
     load_split(second, "test"), load_split(second, "train")
