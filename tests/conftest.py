@@ -16,6 +16,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every test's tensors are tiny: one intra-op thread is faster, and far faster on a busy 2-core machine (the
+    product solve's gradchecks took 100 s with two threads beside another process, 21 s with one). Tests that time
+    or train at a thread count set their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _calibrated_model(name: str, width: int, shortcut: bool, seed: int = 0) -> torch.nn.Module:
     """An untrained model whose BatchNorm statistics are set on random images, so its codes are not all zero."""
     import sdnet
