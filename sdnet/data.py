@@ -85,16 +85,32 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, got {dataset!r}")
+    made = None
     if download and path is not None and not Path(path).expanduser().exists():
-        Path(path).expanduser().mkdir(parents=True)  # "~/data" made ./~/data
+        made = Path(path).expanduser()
+        made.mkdir(parents=True)  # "~/data" made ./~/data
     p = resolve_data_path(path)
     if p.is_file():
         if not _is_tarball(p):
             raise DatasetError(f"{p} is a file but not a .tar.gz/.tgz/.tar archive of an ImageFolder tree")
         p = _unpack_once(p)
-    if _torchvision_folder(p, dataset) or download:
-        return _load_torchvision(p, split, dataset, download)
+        download = False  # the data is here: --download fetched CIFAR into the cache's unpacked copy, used that
+    if _torchvision_folder(p, dataset) or (download and not _is_image_folder(p, split)):
+        try:
+            return _load_torchvision(p, split, dataset, download)
+        except DatasetError:
+            if made is not None and not any(made.iterdir()):  # a failed download leaves no empty folder behind
+                made.rmdir()
+            raise
     return _check_named(_load_image_folder(p, split), dataset)
+
+
+def _is_image_folder(p: Path, split: str) -> bool:
+    try:
+        _split_root(p, split)
+    except DatasetError:
+        return False
+    return True
 
 
 def _check_named(data: ImageSet, dataset: str) -> ImageSet:
@@ -140,6 +156,10 @@ def _load_torchvision(p: Path, split: str, dataset: str, download: bool) -> Imag
         ds = cls(str(p), train=split == "train", download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
+    except OSError as err:  # urllib's URLError (no network, no such host) is an OSError
+        raise DatasetError(f"could not download {dataset} into {p}: {getattr(err, 'reason', err)}; without a "
+                           "network, pass --data to a copy you have (a torchvision folder, an ImageFolder tree or "
+                           "a .tar.gz of one)") from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return ImageSet(images, torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes), f"{p} ({split})")
 

@@ -146,6 +146,27 @@ def test_a_cache_that_cannot_be_tidied_still_serves(tmp_path, monkeypatch, capsy
     assert "note: could not tidy the cache folder" in capsys.readouterr().err
 
 
+def test_download_fetches_only_where_there_is_no_data(tmp_path, monkeypatch):
+    """--download with a tree or an archive fetched CIFAR into it (or, offline, died in a urllib traceback) instead
+    of loading the data given; offline, a new folder gets a one-line error and is not left behind empty."""
+    import urllib.error
+
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(datasets, "CIFAR10", offline)
+    root = make_image_folder(tmp_path / "tree" / "cifar10-jpg", n_train=1, n_test=1)
+    archive = _archive(root, tmp_path / "data" / "cifar.tar.gz")
+    for given in (root, archive):
+        assert load_split(given, "test", download=True).classes == CLASSES[:3]
+    fresh = tmp_path / "new" / "cifar"
+    with pytest.raises(DatasetError, match="could not download cifar10 into .*Name or service not known; without a "
+                                           "network, pass --data"):
+        load_split(fresh, "train", download=True)
+    assert not fresh.exists()
+
+
 def test_tarball_with_path_traversal_is_refused(tmp_path):
     evil = tmp_path / "evil.tar.gz"
     payload = tmp_path / "payload.txt"
