@@ -20,7 +20,7 @@ from .cards import card_path, update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import NUM_CLASSES, DatasetError, ImageSet, align_classes, load_split, resolve_data_path
+from .data import NUM_CLASSES, DatasetError, ImageSet, align_classes, data_from_env, load_split, resolve_data_path
 from .inspect import trace
 from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value, summary
 
@@ -121,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> EvalResult:
     args = parse_args(argv)
+    argv = data_from_env(args, argv)
     device = default_device() if args.device == "auto" else torch.device(args.device)
     try:
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
@@ -182,7 +183,7 @@ def main(argv=None) -> EvalResult:
         update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
                     data=f"{resolve_data_path(args.data).name}, {args.split} split, {res.n_images} images"
                          + (f" (random subset, seed {args.subset_seed})" if len(data) < n_split else ""),
-                    evaluation={"command": "python -m sdnet.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
+                    evaluation={"command": "python -m sdnet.evaluate " + shlex.join(argv),
                                 "seconds": res.seconds, "device": str(device),
                                 "mean_rel_residual": res.mean_rel_residual},
                     **({"baseline": args.baseline} if args.baseline else {}))

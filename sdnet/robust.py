@@ -70,7 +70,7 @@ from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, upd
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, align_classes, load_split
+from .data import DatasetError, ImageSet, align_classes, data_from_env, load_split
 from .inspect import trace
 from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
                     steps_value, unwritable_folder)
@@ -1012,6 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    argv = data_from_env(args, argv)
     args.device_obj = default_device() if args.device == "auto" else torch.device(args.device)
     threads = torch.get_num_threads()
     if args.threads:

@@ -31,7 +31,7 @@ from torch.utils.data import DistributedSampler
 from .cards import load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
-from .data import NUM_CLASSES, DatasetError, align_classes, augment, load_split
+from .data import NUM_CLASSES, DatasetError, align_classes, augment, data_from_env, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
                     nonnegative_float, positive_float, positive_int, steps_value, summary, unwritable_folder)
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(argv: list[str] | None) -> dict:
     args = parse_args(argv)
+    argv = data_from_env(args, argv)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
         backend = "nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo"
@@ -337,7 +338,7 @@ def _train(argv: list[str] | None) -> dict:
     total_steps = steps_per_epoch * args.epochs
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
-    command = "python -m sdnet.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m sdnet.train " + shlex.join(argv)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data or --resume leaves no empty folder
     config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, command=command,
                   machine=machine_description(device), allocator=allocator)

@@ -471,3 +471,18 @@ def test_help_of_every_cli(capsys):
     for option in ("--epochs EPOCHS length of the schedule (220: the paper's) (default: 220)", "--seed SEED",
                    "--momentum MOMENTUM SGD momentum (default: 0.9)"):
         assert option in text  # every option says what it does and its default
+
+
+def test_data_from_the_environment_is_named_in_what_a_run_records(tmp_path, data, monkeypatch):
+    """With SDNET_DATA and no --data, config.json said "data": null and the card's commands named no data: they
+    did not say what the model was trained and scored on, nor reproduce the run elsewhere."""
+    monkeypatch.setenv("SDNET_DATA", data)
+    run = tmp_path / "run"
+    train_main(TINY + ["--epochs", "1", "--out", str(run)])
+    assert json.loads((run / "config.json").read_text())["data"] == data
+    assert load_card(run / "model.pt")["training"]["command"].endswith(f"--data {data}")
+    evaluate_main(["--checkpoint", str(run / "model.pt"), "--device", "cpu", "--update-card"])
+    assert load_card(run / "model.pt")["evaluation"]["command"].endswith(f"--data {data}")
+    # given on the command line, it is recorded once, as given
+    evaluate_main(["--checkpoint", str(run / "model.pt"), "--device", "cpu", "--data", data, "--update-card"])
+    assert load_card(run / "model.pt")["evaluation"]["command"].count("--data") == 1
