@@ -134,10 +134,28 @@ def writable_card(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return card or {}
 
 
-def update_card(checkpoint: str | os.PathLike, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into the card beside `checkpoint` (creating it) and write it back. A card that exists but
-    does not parse is a ValueError: rewriting it would wipe every field it had."""
+def described(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a card says of a checkpoint that the checkpoint itself stores (its build config, data and epochs), as
+    `python -m sdnet.train` writes it: for a card that another tool makes, beside a checkpoint that had none."""
+    cfg = meta.get("config") or {}
+    name, width, shortcut, epochs = cfg.get("name"), cfg.get("width"), cfg.get("shortcut", True), meta.get("epochs")
+    card = {"name": f"{name}-w{width}" + (f"-e{epochs}" if epochs else "") + ("" if shortcut else " (no shortcuts)"),
+            "architecture": name, "width": width, "shortcut": shortcut, "dataset": meta.get("dataset"),
+            "epochs": epochs}
+    if str(name).startswith("sdnet"):  # a ResNet has no λ or FISTA steps
+        card.update(lam=cfg.get("lam"), n_steps=cfg.get("n_steps"))
+    return {k: v for k, v in card.items() if v is not None}
+
+
+def update_card(checkpoint: str | os.PathLike, checkpoint_meta: Mapping[str, Any] | None = None,
+                **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into the card beside `checkpoint` and write it back. A card that exists but does not parse is
+    a ValueError: rewriting it would wipe every field it had. A new card starts from what `checkpoint_meta` (the
+    checkpoint's, from load_checkpoint) describes: made of `fields` alone, cards_table showed its architecture as
+    None and a ResNet with no shortcuts."""
     card = writable_card(checkpoint)
+    if not card and checkpoint_meta is not None:
+        card = described(checkpoint_meta)
     card.update(fields)
     write_card(checkpoint, card)
     return card
@@ -187,7 +205,8 @@ def markdown_table(checkpoints: list[str | os.PathLike]) -> str:
     for path, label in zip(checkpoints, shown):
         card = checked_card(load_card(path))[0]  # a hand-edited "86%" or "training": null is left out, not a crash
         if card is None:
-            rows.append(f"| `{label}` | {'(no card)' if Path(path).exists() else '(no such file)'} |||||||||")
+            why = "(no such file)" if not Path(path).exists() else "(a folder)" if Path(path).is_dir() else "(no card)"
+            rows.append(f"| `{label}` | {why} |" + " |" * 9)  # the header's 11 cells
             continue
         train = card.get("training") or {}
         acc = card.get("test_accuracy")

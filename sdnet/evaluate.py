@@ -180,7 +180,7 @@ def main(argv=None) -> EvalResult:
             print(f"  {name:<24} mean relative residual "
                   + (f"{r:.4f}" if r is not None else "undefined (its input was all zeros for every image)"))
     if args.update_card:
-        update_card(args.checkpoint, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
+        update_card(args.checkpoint, meta, test_accuracy=round(res.accuracy, 2), test_images=res.n_images,
                     data=f"{resolve_data_path(args.data).name}, {args.split} split, {res.n_images} images"
                          + (f" (random subset, seed {args.subset_seed})" if len(data) < n_split else ""),
                     evaluation={"command": "python -m sdnet.evaluate " + shlex.join(argv),

@@ -546,7 +546,7 @@ def cmd_fit(args, argv) -> dict:
     report.figure(figure_lambda_vs_residual(fits), "fig3-lambda-vs-residual" + _suffix(kinds),
                   "Figure 3 (training data): (r_c, λ_c) and the fitted line")
     path = report.write({"fits": fits})
-    update_card(args.checkpoint, robust_fit=merged)
+    update_card(args.checkpoint, ctx.meta, robust_fit=merged)
     print(f"wrote {path} and the fits to {Path(args.checkpoint).with_suffix('.json')}")
     return fits
 

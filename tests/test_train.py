@@ -321,6 +321,7 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     other = Path(ckpt).parent.parent / "other" / "model.pt"
     rows = markdown_table([ckpt, str(other)]).splitlines()[2:]
     assert rows[0].startswith(f"| `{Path(ckpt).parent.name}/model.pt` |") and "(no such file)" in rows[1]
+    assert all(row.count("|") == rows[0].count("|") for row in rows)  # as many cells as the header (10 for 11)
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
     # the checkpoint carries the step sizes of training; --fresh-step-size estimates them again instead
@@ -431,6 +432,17 @@ def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
     run = tmp_path / "run"
     train_main(TINY + ["--model", "resnet18", "--data", data, "--epochs", "1", "--out", str(run)])
     assert not {"lam", "n_steps"} & set(load_card(run / "model.pt"))  # its card names no λ it does not have
+    # a checkpoint without a card gets one that describes it, not only the fields the tool measured (cards_table
+    # showed "None" for its architecture, width and epochs)
+    bare = tmp_path / "bare" / "rn.pt"
+    bare.parent.mkdir()
+    shutil.copy(run / "model.pt", bare)
+    evaluate_main(["--checkpoint", str(bare), "--data", data, "--device", "cpu", "--update-card"])
+    card = load_card(bare)
+    assert {k: card[k] for k in ("name", "architecture", "width", "shortcut", "epochs", "dataset")} == {
+        "name": "resnet18-w4-e1 (no shortcuts)", "architecture": "resnet18", "width": 4, "shortcut": False, "epochs": 1,
+        "dataset": "cifar10"} and "lam" not in card
+    assert "| `rn.pt` | resnet18 | 4 | no | - | - | 1 |" in markdown_table([bare])  # TINY has --no-shortcut
     base = ["--checkpoint", str(run / "model.pt"), "--data", data, "--device", "cpu"]
     with pytest.raises(SystemExit, match="has no CSC layer"):
         evaluate_main(base + ["--lam", "0.5"])
