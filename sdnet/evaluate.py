@@ -173,9 +173,11 @@ def main(argv=None) -> EvalResult:
     else:
         what = ("clean" if not args.corruption else f"{args.corruption} severity {args.severity}"
                 if isinstance(args.severity, int) else f"{args.corruption} at noise level c = {args.severity:g}")
-        print(f"{args.checkpoint}: top-1 {res.accuracy:.2f}% on {res.n_images} {args.split} images ({what}, "
-              f"lambda {'trained' if args.lam is None else args.lam}"
-              f"{', step sizes estimated afresh' if args.fresh_step_size else ''}) in {res.seconds:.1f}s on {device}")
+        lam = ("" if not res.layers else  # a ResNet has no λ to name
+               f", lambda {'trained' if args.lam is None else args.lam}"
+               f"{', step sizes estimated afresh' if args.fresh_step_size else ''}")
+        print(f"{args.checkpoint}: top-1 {res.accuracy:.2f}% on {res.n_images} {args.split} images ({what}{lam}) "
+              f"in {res.seconds:.1f}s on {device}")
         for name, r in res.layers.items():
             print(f"  {name:<24} mean relative residual "
                   + (f"{r:.4f}" if r is not None else "undefined (its input was all zeros for every image)"))

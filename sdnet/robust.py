@@ -17,8 +17,8 @@ layers: run in every layer, 4 steps instead of the trained 2 already leave the m
 
 Every subcommand takes --subset N (a fixed random subset of the split; default: all of it),
 --batch-size, --seed (of the noise and the attacks), --device, --threads and --out (default
-reports/), shows a tqdm bar, and writes a Markdown report, its numbers as JSON, and plotly figures
-as HTML (and PNG through kaleido unless --no-png). The report starts with the exact command, the
+reports/), shows a tqdm bar, and writes a Markdown report and its numbers as JSON; fit and eval also write
+plotly figures as HTML (and PNG through kaleido unless --no-png). The report starts with the exact command, the
 checkpoints, the data split and the seed. A report of the same name already in --out, or (fit) a fit of the
 same noise already on the card, is kept: the command stops before its work unless --overwrite.
 
@@ -54,6 +54,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -253,6 +254,7 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
+_FIGURE_LINK = re.compile(r"\]\(([^()/\\]+\.(?:png|html))\)")  # a report's links to its figures, beside it
 _OPEN_REPORTS: list["Report"] = []  # this process's reports, whose staged figures an interrupt discards
 
 
@@ -316,10 +318,16 @@ class Report:
                 md_table(["", ""], fields)]
         md = self.out / f"{self.stem}.md"
         self.out.mkdir(parents=True, exist_ok=True)
+        # the figures of the report this one replaces (--overwrite) that it does not write again: left, a PNG of
+        # the old run sat beside the new HTML (a run with --no-png), and a figure of a sweep not run again stayed
+        old = set(_FIGURE_LINK.findall(md.read_text(errors="replace"))) if md.exists() else set()
+        stale = old - {final.name for _, final in self.staged}
         for staged, final in self.staged:
             os.replace(staged, final)
         self.staged.clear()
         atomic_write_text(md, "\n".join(head) + "\n\n" + "\n\n".join(self.sections) + "\n")
+        for name in stale:  # once the new report is in place: an interrupted run keeps the old one whole
+            (self.out / name).unlink(missing_ok=True)
         meta = {"command": self.command, **dict(fields), "wall_seconds": round(wall, 1)}
         # strict JSON: a NaN (an accuracy over no image, a residual of all-zero inputs) is written as null
         atomic_write_text(self.out / f"{self.stem}.json", json.dumps(_no_nan({**meta, **data}), indent=1) + "\n")

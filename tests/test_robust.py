@@ -236,9 +236,17 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
     assert (ck / "sd.json").read_text() == card and (out / "robust-fit-gaussian.md").read_text() == report
     assert figure_file.read_text() == figure and not [f for f in out.iterdir() if f.name.startswith(".")]
     monkeypatch.setattr(robust.Report, "write", real_write)
+    # the replaced report's figures that the new run does not write go (a PNG of a run without --no-png sat beside
+    # the HTML of a run with it); the new ones and files it never linked stay
+    md = out / "robust-fit-gaussian.md"
+    md.write_text(md.read_text() + "\n![old](fig3-lambda-vs-residual-gaussian.png)\n")
+    old_png, mine = out / "fig3-lambda-vs-residual-gaussian.png", out / "notes.png"
+    old_png.write_bytes(b"png of the old run")
+    mine.write_bytes(b"the user's")
     robust.main([*fit, "--subset", "2", "--overwrite"])
     assert sdnet.load_card(ck / "sd.pt")["robust_fit"]["gaussian"]["n_images"] == 2
-    assert "--overwrite" in (out / "robust-fit-gaussian.md").read_text()
+    assert "--overwrite" in md.read_text()
+    assert not old_png.exists() and figure_file.exists() and mine.exists()
 
 
 def test_refusals_before_any_work(setup, tmp_path, capsys):
