@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
     start = options.index(float(next(iter(trained.values()))))
     labels = [f"λ={v:g}," for v in options[start + 1: start + 1 + presses]]
     shown, done = [], []
-    log = ROOT / "tests" / "artifacts" / "bench-streamlit.log"
+    log = Path(tempfile.gettempdir()) / "sdnet-app-latency-streamlit.log"  # not into the repository's tests/
     with serve(log, env={"SDNET_CHECKPOINTS": str(checkpoint.resolve().parent)}) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -167,11 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     quiet_streamlit()
-    ckpt = args.checkpoint or default_checkpoint()
+    ckpt = (args.checkpoint or default_checkpoint()).resolve()  # relative paths were compared with ROOT: a crash
+    sample = ROOT / "assets" / "samples" / f"{args.sample}.png"
+    if not sample.exists():
+        sys.exit(f"error: --sample {args.sample}: not an image of assets/samples/ (there: "
+                 f"{', '.join(sorted(f.stem for f in sample.parent.glob('*.png')))})")
     device = sdnet.default_device()
-    model, meta = sdnet.load_checkpoint(ckpt, map_location=device)
+    try:
+        model, meta = sdnet.load_checkpoint(ckpt, map_location=device)
+    except sdnet.CheckpointError as err:
+        sys.exit(f"error: {err}")
     size = images.input_size(meta["config"])
-    x = images.load_rgb_file(ROOT / "assets" / "samples" / f"{args.sample}.png", size).numpy()
+    x = images.load_rgb_file(sample, size).numpy()
     # distinct lambdas, log-spaced, never repeated: every call is a cache miss in the app
     lams = [float(v) for v in np.logspace(-2, 0.5, args.repeats)]
     threads = args.threads or sorted({torch.get_num_threads(), 1}, reverse=True)

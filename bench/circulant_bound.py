@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     p.add_argument("--check-iters", type=int, default=200, help="Lanczos products of the ||A||^2 estimate")
     args = p.parse_args(argv)
     if args.checkpoint:
-        model, _ = sdnet.load_checkpoint(args.checkpoint)
+        try:
+            model, _ = sdnet.load_checkpoint(args.checkpoint)
+        except sdnet.CheckpointError as err:
+            sys.exit(f"error: {err}")
     else:
         torch.manual_seed(0)
         model = sdnet.build_model(args.model, width=args.width, shortcut=False).eval()

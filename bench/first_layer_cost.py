@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import sdnet  # noqa: E402
+import sdnet.utils  # noqa: E402
 from train_throughput import Trainer, csc_settings, environment, pick_device, sync  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians are reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    p.add_argument("--device", default="auto", type=sdnet.utils.device_value, help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.add_argument("--profile", action="store_true", help="also list the CSC layer's operations by own time")
     args = p.parse_args(argv)
     for name in ("width", "batch", "rounds"):

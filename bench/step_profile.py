@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
+import sdnet.utils  # noqa: E402
 import train_throughput  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="images per step (default: %(default)s)")
     p.add_argument("--size", type=int, default=32, help="image side (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--device", default="auto", type=sdnet.utils.device_value, help="auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps per model (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="unprofiled steps first (default: %(default)s)")
     p.add_argument("--top", type=int, default=12, help="operators listed per part (default: %(default)s)")

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=64, help="channels of the first stage (64 = paper)")
     p.add_argument("--batch", type=int, default=128, help="images per step")
     p.add_argument("--size", type=int, default=32, help="image side (32 = CIFAR)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", type=sdnet.utils.device_value, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the median is reported)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")

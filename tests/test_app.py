@@ -836,7 +836,7 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     assert any("from conv1 on nothing depends on the image" in w.value for w in at.warning), [w.value for w in at.warning]
 
 
-def test_latency_benchmark_runs(checkpoint_dir):
+def test_latency_benchmark_runs(checkpoint_dir, monkeypatch):
     """bench/app_latency.py (its numbers are in bench/README.md) times real probes through the app's cache."""
     app_latency = bench_module("app_latency")
     ckpt = sorted(checkpoint_dir.glob("sdnet18_all*.pt"))[0]
@@ -844,3 +844,9 @@ def test_latency_benchmark_runs(checkpoint_dir):
     timing = result["probe"]["1 thread"]
     assert result["csc_layers"] == 17 and timing["n"] == 3 and 0 < timing["min_ms"] <= timing["median_ms"]
     assert "load average" in result["load"]
+    # a relative path (its help's default is one) crashed; a missing file or sample was a traceback
+    monkeypatch.chdir(ckpt.parent)
+    assert app_latency.main(["--checkpoint", ckpt.name, "--repeats", "1", "--threads", "1", "--json"])["csc_layers"] == 17
+    for args, said in ((["--checkpoint", "nope.pt"], "error: no file at"), (["--sample", "dog_99"], "not an image of")):
+        with pytest.raises(SystemExit, match=said):
+            app_latency.main([*args, "--checkpoint", ckpt.name] if "--sample" in args else args)
