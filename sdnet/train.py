@@ -197,7 +197,9 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
     except (TypeError, ValueError):
         raise CheckpointError(f"{path} is damaged: its config is not JSON") from None
     # (a key older training states do not store is not compared)
-    differ = [f"{k}={stored[k]!r} there, {config[k]!r} here" for k in RESUME_MUST_MATCH
+    def shown(key: str, value) -> str:  # a subset as large as the split is recorded as None: say what that is
+        return "None (the whole split)" if value is None and key.endswith("_subset") else repr(value)
+    differ = [f"{k}={shown(k, stored[k])} there, {shown(k, config[k])} here" for k in RESUME_MUST_MATCH
               if k in stored and stored[k] != config[k]]
     if differ:
         raise CheckpointError(f"--resume: {path} is a different run ({'; '.join(differ)}): resume it with its own "

@@ -171,7 +171,7 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     before = {f.name: f.read_bytes() for f in run.iterdir()}
     for extra, message in ((["--seed", "5"], "seed=0 there, 5 here"), (["--lr", "1.0"], "lr=0.1 there, 1.0 here"),
                            (["--batch-size", "4"], "batch_size=8 there, 4 here"),
-                           (["--train-subset", "6"], "train_subset=None there, 6 here")):
+                           (["--train-subset", "6"], r"train_subset=None \(the whole split\) there, 6 here")):
         with pytest.raises(SystemExit, match=f"is a different run .*{message}"):
             train_main(first + extra + ["--resume"])
     with pytest.raises(SystemExit, match="epochs=2 there, 3 here"):
