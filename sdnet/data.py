@@ -13,6 +13,7 @@ the cache folder from `SDNET_CACHE` (default `~/.cache/sdnet`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -98,10 +99,11 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {sorted(NUM_CLASSES)}, got {dataset!r}")
-    made = None
+    made = None  # the first folder the download had to make (with those under it)
     if download and path is not None and not Path(path).expanduser().exists():
-        made = Path(path).expanduser()
-        made.mkdir(parents=True)  # "~/data" made ./~/data
+        target = Path(path).expanduser()
+        made = next(d for d in (*reversed(target.parents), target) if not d.exists())
+        target.mkdir(parents=True)  # "~/data" made ./~/data
     p = resolve_data_path(path)
     if p.is_file():
         if not _is_tarball(p):
@@ -112,8 +114,8 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         try:
             return _load_torchvision(p, split, dataset, download)
         except DatasetError:
-            if made is not None and not any(made.iterdir()):  # a failed download leaves no empty folder behind
-                made.rmdir()
+            if made is not None and not any(f.is_file() for f in made.rglob("*")):  # no empty folders left behind
+                shutil.rmtree(made, ignore_errors=True)
             raise
     return _check_named(_load_image_folder(p, split), dataset)
 
@@ -170,6 +172,8 @@ def _load_torchvision(p: Path, split: str, dataset: str, download: bool) -> Imag
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
     except OSError as err:  # urllib's URLError (no network, no such host) is an OSError
+        if not download:  # reading the folder failed (permissions, a bad file): nothing to do with a network
+            raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
         raise DatasetError(f"could not download {dataset} into {p}: {getattr(err, 'reason', err)}; without a "
                            "network, pass --data to a copy you have (a torchvision folder, an ImageFolder tree or "
                            "a .tar.gz of one)") from None
@@ -189,7 +193,9 @@ def _split_root(p: Path, split: str) -> Path:
 
 
 def _load_image_folder(p: Path, split: str) -> ImageSet:
-    root = _split_root(p, split)
+    # resolved: the key (of its files' paths) and the source a copy names are then one spelling of the folder;
+    # data/x and /abs/data/x had keys of their own and one source, so each pruned the other's copy
+    root = _split_root(p, split).resolve()
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files, labels = [], []
     for i, c in enumerate(classes):
@@ -279,9 +285,11 @@ def _unpack_once(p: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-unpacked scratch folder left behind
         raise DatasetError(f"cannot unpack {p}: {err}") from None
     (tmp / ".complete").touch()
-    if dest.exists():  # another process won the race
+    if (dest / ".complete").exists():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     else:
+        if dest.exists():  # left half removed by a pruning that could not finish: not to be trusted
+            shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         _keep_one_copy(dest, [str(p.resolve())])
     return dest
@@ -291,9 +299,11 @@ def _unpack_once(p: Path) -> Path:
 # Each copy in the cache (an unpacked archive, a decoded split) names the paths it was made from, so that a
 # source that changed (a new archive at the same path, images edited in a folder) replaces its older copy instead
 # of leaving it: nothing pruned the cache before, and this machine's had grown to 5 GB of stale copies. A copy
-# whose sources are all gone (the folder an older archive unpacked to, a deleted image folder) goes too.
-# A copy made before this (no list of sources) is named when its source next uses it; others are left alone: delete
-# the cache folder at any time to free them. All of this is housekeeping: a cache it cannot write is not an error.
+# whose sources were all inside the cache and are gone (the decoded splits of an unpacked copy removed so) goes too;
+# a source elsewhere that is missing is not taken as gone (an unmounted drive, a path another machine sharing this
+# cache does not have). A copy made before this (no list of sources) is named when its source next uses it; others
+# are left alone: delete the cache folder at any time to free them. All of this is housekeeping: a cache it cannot
+# write is not an error. The list is JSON: a path may hold line breaks, or bytes that are not UTF-8.
 _STALE_SCRATCH_SECONDS = 24 * 3600  # a half-written .tmp<pid> this old belongs to a process that was killed
 _SCRATCH = re.compile(r"\.tmp\d+$|^\..*\.tmp$")  # ours (<copy>.tmp<pid>) and atomic_write_text's (.<name>.*.tmp)
 
@@ -302,7 +312,7 @@ def _keep_one_copy(copy: Path, sources: list[str]) -> None:
     try:
         _name_sources(copy, sources)
         _forget_older_copies(copy)
-    except OSError as err:  # a read-only or shared cache: it still serves, it is just not pruned
+    except (OSError, ValueError) as err:  # a read-only cache (or a hand-edited list): it serves, unpruned
         print(f"note: could not tidy the cache folder {copy.parent}: {err}", file=sys.stderr)
 
 
@@ -312,14 +322,21 @@ def _sources_file(copy: Path) -> Path:
 
 def _sources(copy: Path) -> list[str] | None:
     try:
-        return _sources_file(copy).read_text().splitlines()
-    except OSError:
+        sources = json.loads(_sources_file(copy).read_text())
+    except (OSError, ValueError):
         return None
+    return sources if isinstance(sources, list) and all(isinstance(s, str) for s in sources) else None
 
 
 def _name_sources(copy: Path, sources: list[str]) -> None:
     from .checkpoint import atomic_write_text
-    atomic_write_text(_sources_file(copy), "".join(f"{s}\n" for s in sources))
+    atomic_write_text(_sources_file(copy), json.dumps(sources))  # ASCII: lone surrogates are escaped
+
+
+def _gone(source: str) -> bool:
+    """A source that no longer exists and was in the cache folder itself (not a drive that may be back)."""
+    path = Path(source)
+    return not path.exists() and path.is_relative_to(cache_dir().resolve())
 
 
 def _forget_older_copies(kept: Path) -> None:
@@ -343,7 +360,7 @@ def _forget_older_copies(kept: Path) -> None:
         sources = _sources(other)
         if sources is None:
             continue  # made before copies named their sources, or being written now
-        left = [s for s in sources if s not in mine and Path(s).exists()]
+        left = [s for s in sources if s not in mine and not _gone(s)]
         if not left:
             _remove_copy(other)
         elif left != sources:
@@ -352,6 +369,7 @@ def _forget_older_copies(kept: Path) -> None:
 
 def _remove_copy(copy: Path) -> None:
     if copy.is_dir():
+        (copy / ".complete").unlink(missing_ok=True)  # first: a folder half removed is never taken as unpacked
         shutil.rmtree(copy, ignore_errors=True)  # its list of sources inside with it
     else:
         _sources_file(copy).unlink(missing_ok=True)

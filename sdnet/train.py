@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, not a torch stack
-        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank gets the Ctrl-C: one says it
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) != 0:  # torchrun: every
+            # rank gets the Ctrl-C, one says it (a launcher may set RANK for a single process: that one says it)
             raise SystemExit(130) from None
         args = parse_args(argv)
         out = run_folder(args)

@@ -103,7 +103,7 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
         load_split(archive, split)
         load_split(twin, split)
     unpacked = list((cache / "unpacked").iterdir())
-    assert len(unpacked) == 1 and sorted((unpacked[0] / ".sources").read_text().split()) == sorted(
+    assert len(unpacked) == 1 and sorted(data._sources(unpacked[0])) == sorted(
         str(p.resolve()) for p in (archive, twin))
     decoded = sorted(f.name for f in (cache / "decoded").glob("*.npz"))
     assert len(decoded) == 4 and {legacy.name, named_tmp.name} <= set(decoded)  # train, test, two from before
@@ -135,6 +135,31 @@ def test_the_cache_keeps_one_copy_per_source(tmp_path):
     assert [data._sources(copy) for copy in named] == [[str(twin.resolve())], [str((second / "test").resolve())]]
 
 
+def test_the_cache_prunes_no_copy_in_use(tmp_path, monkeypatch):
+    """What a review found the pruning removed wrongly: the copy of one folder spelt two ways (relative and absolute
+    paths had keys of their own and one source, so each load decoded again and removed the other's copy); the copy
+    of a folder that is only out of sight for a while (an unmounted drive); a path with a line break in it."""
+    import sdnet.data as data
+    decoded = []
+    real = data._decode_all
+    monkeypatch.setattr(data, "_decode_all", lambda files: decoded.append(len(files)) or real(files))
+    root = make_image_folder(tmp_path / "data" / "tree", n_train=1, n_test=1)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("data/tree", root, "data/../data/tree"):
+        load_split(spelling, "test")
+    assert decoded == [3]
+    away = tmp_path / "away"
+    root.rename(away)  # unmounted: another folder's copy is made meanwhile
+    load_split(make_image_folder(tmp_path / "other", n_train=1, n_test=1), "test")
+    away.rename(root)
+    load_split(root, "test")
+    assert decoded == [3, 3]
+    odd = make_image_folder(tmp_path / "line\nbreak", n_train=1, n_test=1)
+    load_split(odd, "test"), load_split(root, "train")
+    load_split(odd, "test")
+    assert decoded == [3, 3, 3, 3]
+
+
 def test_a_cache_that_cannot_be_tidied_still_serves(tmp_path, monkeypatch, capsys):
     import sdnet.data as data
     root = make_image_folder(tmp_path / "tree", n_train=1, n_test=1)
@@ -164,7 +189,12 @@ def test_download_fetches_only_where_there_is_no_data(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="could not download cifar10 into .*Name or service not known; without a "
                                            "network, pass --data"):
         load_split(fresh, "train", download=True)
-    assert not fresh.exists()
+    assert not fresh.exists() and not fresh.parent.exists()  # nor the parent it made for it
+    # a torchvision folder that cannot be read is not a network problem
+    monkeypatch.setattr(datasets, "CIFAR10", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    (tmp_path / "tv" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"^torchvision cifar10 at .*denied$"):
+        load_split(tmp_path / "tv", "test")
 
 
 def test_tarball_with_path_traversal_is_refused(tmp_path):

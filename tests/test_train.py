@@ -153,7 +153,8 @@ def test_ctrl_c_says_what_was_kept_in_one_line(tmp_path, data, capsys, monkeypat
     assert "last.pt holds the last finished epoch: rerun the same command with --resume" in capsys.readouterr().err
     # under torchrun every rank gets the Ctrl-C: only rank 0 says what was kept
     monkeypatch.setattr(train_module, "_train", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt))
-    for rank, said in (("1", False), ("0", True)):
+    for world, rank, said in (("2", "1", False), ("2", "0", True), ("1", "3", True)):
+        monkeypatch.setenv("WORLD_SIZE", world)
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as info:
             train_main(args + ["--resume"])
