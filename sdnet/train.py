@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from .cards import load_card, write_card
+from .cards import described, load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
 from .data import NUM_CLASSES, DatasetError, align_classes, augment, data_from_env, load_split
@@ -146,14 +146,12 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
     config = json.loads((out / "config.json").read_text())
     log = [e for e in map(_log_entry, (out / "log.jsonl").read_text().splitlines()) if e] or [{}]
     card = load_card(out / "model.pt") or {}
-    for key in MEASURED_FIELDS:  # measured on a model this run has just replaced
-        card.pop(key, None)
+    for key in (*MEASURED_FIELDS, "lam", "n_steps"):  # measured on a model this run has just replaced; λ and
+        card.pop(key, None)  # steps come back below for an SDNet (a ResNet has none)
+    built = {k: config[k] for k in ("width", "shortcut", "lam", "n_steps")}
     card.update({
-        "name": f"{config['model']}-w{config['width']}-e{config['epochs']}"
-                + ("" if config["shortcut"] else " (no shortcuts)"),
-        "architecture": config["model"], "width": config["width"], "shortcut": config["shortcut"],
-        "lam": config["lam"], "n_steps": config["n_steps"], "dataset": config["dataset"],
-        "epochs": config["epochs"],
+        **described({"config": {"name": config["model"], **built}, "epochs": config["epochs"],
+                     "dataset": config["dataset"]}),
         "training": {"command": command or config.get("command"), "seconds": log[-1].get("train_seconds"),
                      "machine": machine or config.get("machine"), "device": config["device"],
                      "world_size": config["world_size"], "seed": config["seed"],
@@ -162,8 +160,6 @@ def write_training_card(out: str | os.PathLike, command: str | None = None, mach
                      "test_subset_during_training": config.get("test_subset"),
                      "train_subset": config.get("train_subset")},  # None: the whole training split
     })
-    if not config["model"].startswith("sdnet"):  # a ResNet has no CSC layer: its λ and FISTA steps mean nothing
-        del card["lam"], card["n_steps"]
     write_card(out / "model.pt", card)
     return card
 

@@ -56,6 +56,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     # the run wrote a model card saying what it trained and how
     card = load_card(resumed / "model.pt")
     assert card["architecture"] == "sdnet18_all" and card["width"] == 4 and card["shortcut"] is False
+    assert (card["lam"], card["n_steps"], card["dataset"]) == (0.1, 2, "cifar10")
     assert card["epochs"] == 3 and card["training"]["command"].startswith("python -m sdnet.train ")
     assert card["name"] == "sdnet18_all-w4-e3 (no shortcuts)"  # two schedules of one model get two names
     assert "--resume" in card["training"]["command"] and card["training"]["seconds"] > 0
