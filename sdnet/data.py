@@ -341,7 +341,7 @@ def _gone(source: str) -> bool:
 
 def _forget_older_copies(kept: Path) -> None:
     """Remove the other copies in `kept`'s cache folder made from `kept`'s sources (the paths move to the
-    newest copy), those whose sources no longer exist, and scratch left by killed processes."""
+    newest copy) or from sources in the cache that it removed (`_gone`), and scratch left by killed processes."""
     mine = set(_sources(kept) or [])
     for other in kept.parent.iterdir():
         if other.name.endswith(".sources"):
