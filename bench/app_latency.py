@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     # distinct lambdas, log-spaced, never repeated: every call is a cache miss in the app
     lams = [float(v) for v in np.logspace(-2, 0.5, args.repeats)]
     threads = args.threads or sorted({torch.get_num_threads(), 1}, reverse=True)
-    result = dict(checkpoint=str(ckpt.relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt),
+    result = dict(checkpoint=str(ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt),
                   device=str(device), machine=machine(), image=f"{args.sample} ({size}x{size})",
                   csc_layers=len(sdnet.csc_layers(model)), probe={})
     load_before = busy()

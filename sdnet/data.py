@@ -68,7 +68,6 @@ def data_from_env(args, argv: list[str] | None) -> list[str]:
     """The arguments to record for a run that read its data from $SDNET_DATA: those given, plus --data naming it
     (a command recorded without it did not say which data it used, nor reproduced the run elsewhere); and
     `args.data` set to it, so that configs and reports name it too."""
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ.get("SDNET_DATA")
     if getattr(args, "data", None) is None and env:
