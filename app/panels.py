@@ -793,16 +793,14 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                 _chart(plots.overlay(ctx.image.transpose(1, 2, 0), amap, attribution.SIGNED[m],
                                      attribution.METHODS[m]), key=f"attr_{m}")
     scores = result["atoms"]
-    top = [int(c) for c in np.argsort(-np.abs(scores), kind="stable")[:16]]
+    top, tiles, labels = state.strongest_atoms(scores, view.atom_tiles, view.atom_order)
     # a short title (a long one was cut at 700 px); what was summed goes in the caption
     _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "First-layer atoms that drove the decision"),
            key="atom_attr_chart")
     strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
                f"channel; {strongest}, strongest first.")
-    pos = {c: i for i, c in enumerate(view.atom_order)}
-    _chart(plots.tiles(view.atom_tiles[[pos[c] for c in top]], [f"#{c} ({'0' if scores[c] == 0 else f'{scores[c]:+.2g}'})" for c in top], ncols=8,
-                       height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
+    _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
 
 
 def export_panel(view: state.View, unnormalize) -> None:

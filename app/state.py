@@ -412,6 +412,8 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
             makers[f"sees_{safe}.png"] = lambda: images.png_bytes(view.sees, up)
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view.image, a, m, up)
+    if view.atom_scores is not None and view.atom_tiles is not None:
+        makers["attribution_atoms.png"] = lambda: _atom_attribution_png(view)
     makers.update({name: make for name, make in view.more_pngs.items() if name not in makers})
     return makers
 
@@ -444,6 +446,22 @@ def _attribution_png(image: np.ndarray, attr: np.ndarray, method: str, scale: in
     amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
     heat = images.colorize(amap, diverging=attribution.SIGNED[method])
     return images.png_bytes(0.45 * image.transpose(1, 2, 0) + 0.55 * heat, scale)
+
+
+def strongest_atoms(scores: np.ndarray, tiles: np.ndarray, order: list[int], k: int = 16
+                    ) -> tuple[list[int], np.ndarray, list[str]]:
+    """The `k` first-layer atoms with the largest |attribution|, strongest first (ties by atom number): their
+    numbers, their tiles (`tiles` are in `order`, most used first) and labels with their scores."""
+    top = [int(c) for c in np.argsort(-np.abs(scores), kind="stable")[:k]]
+    pos = {c: i for i, c in enumerate(order)}
+    labels = [f"#{c} ({'0' if scores[c] == 0 else f'{scores[c]:+.2g}'})" for c in top]
+    return top, tiles[[pos[c] for c in top]], labels
+
+
+def _atom_attribution_png(view: View) -> bytes:
+    """The Attribution tab's strongest first-layer atoms with bars of their scores, as the page shows them."""
+    top, tiles, labels = strongest_atoms(view.atom_scores, view.atom_tiles, view.atom_order)
+    return images.png_bytes(images.scored_tiles(tiles, view.atom_scores[top], labels))
 
 
 def export_pngs(view: View, unnormalize) -> dict[str, bytes]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000   # width * height above this is refused (a decompression bomb, or just too big)
 MAX_BYTES = 50 * 2 ** 20  # files above 50 MiB are refused before decoding
@@ -252,6 +252,38 @@ def tile_grid(tiles: np.ndarray, ncols: int | None = None, pad: int | tuple[int,
         r, c = divmod(i, ncols)
         out[r * (h + py): r * (h + py) + h, c * (w + px): c * (w + px) + w] = t
     return out
+
+
+def scored_tiles(tiles: np.ndarray, scores: np.ndarray, labels: list[str], ncols: int = 8,
+                 cell: int = 64) -> np.ndarray:
+    """Ranked tiles (N, h, w, 3) in [0, 1] with their scores, as one RGB picture in [0, 1]: each tile enlarged
+    to about `cell` pixels wide, under it a bar as long as its |score| against the largest (red for a positive
+    score, blue for a negative one, none for 0) and its label. A bar chart of atoms that needs no plotting
+    library, so it can go in a PNG export."""
+    tiles, scores = np.asarray(tiles), np.asarray(scores, dtype=np.float64)
+    if not len(tiles) == len(scores) == len(labels):
+        raise ValueError(f"scored_tiles needs one score and label per tile, got {len(tiles)} tiles, "
+                         f"{len(scores)} scores, {len(labels)} labels")
+    peak = float(np.abs(scores).max()) if scores.size else 0.0
+    font = ImageFont.load_default(size=11)
+    h, w = tiles.shape[1:3]
+    scale = max(1, (cell - 8) // max(h, w))
+    side = max(cell, w * scale + 8)
+    bar, text = 6, 14
+    cells = []
+    for tile, score, label in zip(tiles, scores, labels):
+        img = Image.new("RGB", (side, h * scale + bar + text + 8), "white")
+        pic = to_uint8(tile).repeat(scale, axis=0).repeat(scale, axis=1)
+        img.paste(Image.fromarray(pic), ((side - w * scale) // 2, 0))
+        draw = ImageDraw.Draw(img)
+        top = h * scale + 3
+        draw.rectangle((0, top, side - 1, top + bar - 1), fill=(230, 230, 230))  # the track: the largest |score|
+        length = round(abs(score) / peak * side) if peak > 0 else 0
+        if length:
+            draw.rectangle((0, top, length - 1, top + bar - 1), fill=(214, 39, 40) if score > 0 else (31, 119, 180))
+        draw.text((side // 2, top + bar + 2), label, fill=(0, 0, 0), font=font, anchor="mt")
+        cells.append(np.asarray(img, dtype=np.float64) / 255)
+    return tile_grid(np.stack(cells), ncols=ncols, pad=4)
 
 
 # viridis at 9 evenly spaced points: enough for a faithful linear interpolation

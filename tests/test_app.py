@@ -155,6 +155,36 @@ def test_display_helpers():
     assert Image.open(io.BytesIO(data)).size == (32, 32)
 
 
+def test_scored_tiles_draw_each_atom_with_a_bar_as_long_as_its_score():
+    """The exported picture of the atoms that drove a decision: bar length is |score| against the largest, red
+    for, blue against, none for 0; the tile itself is shown above its bar."""
+    tiles = np.stack([np.full((3, 3, 3), v) for v in (0.0, 0.5, 1.0, 0.25)])
+    scores = np.array([-2.0, 1.0, 0.0, 0.5])
+    pic = images.scored_tiles(tiles, scores, ["a", "b", "c", "d"], ncols=4)
+    cell = (pic.shape[1] - 3 * 4) // 4
+
+    def bar_row(i: int) -> np.ndarray:  # the first row under the tile whose pixels are not all white
+        col = pic[:, i * (cell + 4): i * (cell + 4) + cell]
+        for y in range(col.shape[0]):
+            if not np.allclose(col[y], 1.0) and y > 0 and np.allclose(col[y - 1], 1.0):
+                return col[y]
+        raise AssertionError(f"no bar under tile {i}")
+
+    red, blue = np.array([214, 39, 40]) / 255, np.array([31, 119, 180]) / 255
+    lengths = []
+    for i in range(4):
+        row = bar_row(i)
+        coloured = np.all(np.isclose(row, red, atol=1e-3), 1) | np.all(np.isclose(row, blue, atol=1e-3), 1)
+        lengths.append(int(coloured.sum()))
+        if scores[i]:
+            assert np.allclose(row[0], red if scores[i] > 0 else blue, atol=1e-3)
+    assert lengths[0] == cell and lengths[2] == 0
+    assert abs(lengths[1] - cell / 2) <= 1 and abs(lengths[3] - cell / 4) <= 1
+    assert np.allclose(pic[0, cell // 2], 0.0) and np.allclose(pic[0, 2 * (cell + 4) + cell // 2], 1.0)  # tiles on top
+    with pytest.raises(ValueError, match="one score and label per tile"):
+        images.scored_tiles(tiles, scores[:3], ["a", "b", "c", "d"])
+
+
 def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
     """uint8 pictures were scaled by 255 again (every non-zero pixel white, hashes alike); NaN crashed colorize."""
     u8 = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -483,7 +513,7 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
     zf = zipfile.ZipFile(io.BytesIO(data))
     names = set(zf.namelist())
     for expected in ("png/atoms_first_layer.png", "png/codes_conv1.png", "png/reconstruction_conv1.png",
-                     "png/attribution_saliency.png",
+                     "png/attribution_saliency.png", "png/attribution_atoms.png",
                      "png/input_clean.png", "png/sees_conv1.png", "arrays.npz", "settings.json", "lam_path.csv"):
         assert expected in names
     # the Atoms tab's pictures too, as its widgets stand though it is closed: what each chosen layer sees, and
