@@ -92,8 +92,10 @@ def resolve_data_path(path: str | os.PathLike | None) -> Path:
 
 
 def load_split(path: str | os.PathLike | None, split: str = "train", dataset: str = "cifar10",
-               download: bool = False) -> ImageSet:
-    """Load `split` ("train" or "test") of CIFAR-10/100 from `path` (see the module doc)."""
+               download: bool = False, classes: list[str] | None = None) -> ImageSet:
+    """Load `split` ("train" or "test") of CIFAR-10/100 from `path` (see the module doc). With `classes` (a
+    model's), an ImageFolder tree holding others is refused before its images are decoded (minutes, the
+    first time), with align_classes' message; align_classes still matches the labels to them."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if dataset not in NUM_CLASSES:
@@ -116,7 +118,7 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
             if made is not None and not any(f.is_file() for f in made.rglob("*")):  # no empty folders left behind
                 shutil.rmtree(made, ignore_errors=True)
             raise
-    return _check_named(_load_image_folder(p, split), dataset)
+    return _check_named(_load_image_folder(p, split, classes), dataset)
 
 
 def _is_image_folder(p: Path, split: str) -> bool:
@@ -139,6 +141,14 @@ def _check_named(data: ImageSet, dataset: str) -> ImageSet:
     return data
 
 
+def _refuse_unknown(classes: list[str], source: str, model_classes: list[str] | None) -> None:
+    unknown = [c for c in classes if model_classes and c not in model_classes]
+    if unknown:
+        raise DatasetError(f"{source} has classes the model was not trained on: {', '.join(unknown[:5])}"
+                           f"{' ...' if len(unknown) > 5 else ''} (it knows {', '.join(model_classes[:10])}"
+                           f"{' ...' if len(model_classes) > 10 else ''})")
+
+
 def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:
     """`data` with labels as the model's class indices, matched by name: an ImageFolder numbers its classes in
     sorted order of the folders it has, so a folder with some of the classes would otherwise be scored against
@@ -147,11 +157,7 @@ def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: in
         if len(data.classes) > n_classes:
             raise DatasetError(f"the model predicts {n_classes} classes; {data.source} has {len(data.classes)}")
         return data
-    unknown = [c for c in data.classes if c not in model_classes]
-    if unknown:
-        raise DatasetError(f"{data.source} has classes the model was not trained on: {', '.join(unknown[:5])}"
-                           f"{' ...' if len(unknown) > 5 else ''} (it knows {', '.join(model_classes[:10])}"
-                           f"{' ...' if len(model_classes) > 10 else ''})")
+    _refuse_unknown(data.classes, data.source, model_classes)
     if list(data.classes) == list(model_classes):
         return data
     index = torch.tensor([list(model_classes).index(c) for c in data.classes])
@@ -191,11 +197,12 @@ def _split_root(p: Path, split: str) -> Path:
                        "(an ImageFolder tree), or a torchvision CIFAR folder")
 
 
-def _load_image_folder(p: Path, split: str) -> ImageSet:
+def _load_image_folder(p: Path, split: str, model_classes: list[str] | None = None) -> ImageSet:
     # resolved: the key (of its files' paths) and the source a copy names are then one spelling of the folder;
     # data/x and /abs/data/x had keys of their own and one source, so each pruned the other's copy
     root = _split_root(p, split).resolve()
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    _refuse_unknown(classes, f"{root}", model_classes)
     files, labels = [], []
     for i, c in enumerate(classes):
         found = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)

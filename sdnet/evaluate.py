@@ -127,13 +127,11 @@ def main(argv=None) -> EvalResult:
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
         if args.dataset and meta.get("dataset") and args.dataset != meta["dataset"]:
             sys.exit(f"error: {args.checkpoint} was trained on {meta['dataset']}, not --dataset {args.dataset}")
-        data = load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"))
+        data = align_classes(load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"),
+                                        classes=meta.get("classes")),
+                             meta.get("classes"), model.sdnet_config["num_classes"])
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
-    try:
-        data = align_classes(data, meta.get("classes"), model.sdnet_config["num_classes"])
-    except DatasetError as err:
-        sys.exit(f"error: {args.checkpoint}: {err}")
     if not csc_layers(model) and (args.lam is not None or args.n_steps is not None or args.fresh_step_size):
         sys.exit(f"error: {args.checkpoint} ({model.sdnet_config['name']}) has no CSC layer: "
                  "--lam, --n-steps and --fresh-step-size do not apply")

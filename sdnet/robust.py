@@ -432,7 +432,8 @@ class _Context:
         if baseline:
             self._load_baseline(args, device)
         try:
-            full = align_classes(load_split(args.data, split, self.dataset), self.meta.get("classes"),
+            full = align_classes(load_split(args.data, split, self.dataset, classes=self.meta.get("classes")),
+                                 self.meta.get("classes"),
                                  self.model.sdnet_config["num_classes"])
         except DatasetError as err:
             sys.exit(f"error: {err}")
@@ -727,7 +728,8 @@ def cmd_adversarial(args, argv) -> dict:
                            "(normalised gradient)")
     tune_data = None
     if args.tuned_lam == "auto":
-        tune_data = align_classes(load_split(args.data, "train", ctx.dataset), ctx.meta.get("classes"),
+        tune_data = align_classes(load_split(args.data, "train", ctx.dataset, classes=ctx.meta.get("classes")),
+                                  ctx.meta.get("classes"),
                                   ctx.model.sdnet_config["num_classes"]).subset(args.tune_subset, args.subset_seed + 1)
         report.field("tuned λ", f"per norm, the λ of {_join(args.lams)} with the best robust accuracy under the "
                                 f"paper's protocol (PGD at the trained λ) on {len(tune_data)} training images "

@@ -283,8 +283,8 @@ def _train(argv: list[str] | None) -> dict:
     # as many outputs as the data has classes (a folder may hold some of CIFAR's), the test split's labels matched
     # to the training split's classes by name
     num_classes = len(train.classes)
-    test = _all_or_subset(align_classes(load_split(args.data, "test", args.dataset), train.classes, num_classes),
-                          args, "test_subset", is_main)
+    test = _all_or_subset(align_classes(load_split(args.data, "test", args.dataset, classes=train.classes),
+                                        train.classes, num_classes), args, "test_subset", is_main)
     model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
                         lam=args.lam, n_steps=args.n_steps).to(device)
     if args.channels_last:

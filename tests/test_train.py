@@ -14,7 +14,7 @@ from helpers import make_image_folder
 import sdnet
 from sdnet import load_card, load_checkpoint
 from sdnet.cards import markdown_table
-from sdnet.data import ImageSet, align_classes
+from sdnet.data import ImageSet, align_classes, cache_dir
 from sdnet.evaluate import main as evaluate_main
 from sdnet.train import main as train_main
 
@@ -460,8 +460,10 @@ def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
                             ["a", "b", "c"], 3)
     assert aligned.labels.tolist() == [2, 1, 1] and aligned.classes == ["a", "b", "c"]
     shutil.copytree(folder / "test" / names[0], some / "test" / "unicorn")
+    decoded = set((cache_dir() / "decoded").iterdir())
     with pytest.raises(SystemExit, match="classes the model was not trained on: unicorn"):
         evaluate_main(["--checkpoint", str(run / "model.pt"), "--data", str(some), "--device", "cpu"])
+    assert set((cache_dir() / "decoded").iterdir()) == decoded  # refused before decoding the images
     with pytest.raises(SystemExit, match="was trained on cifar10, not --dataset cifar100"):
         evaluate_main(base + ["--dataset", "cifar100"])
     with pytest.raises(SystemExit) as info:  # a ValueError traceback from load_split
