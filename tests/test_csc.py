@@ -49,9 +49,11 @@ def norm_squared(A: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(gram)[-1])
 
 
-def numpy_fista(A: np.ndarray, x: np.ndarray, lam: float, non_negative: bool, iters: int = 5000) -> np.ndarray:
-    """Textbook FISTA (Beck & Teboulle 2009) on the dense matrix with the exact step 1/||A||^2."""
-    L = norm_squared(A)
+def numpy_fista(A: np.ndarray, x: np.ndarray, lam: float, non_negative: bool, iters: int = 5000,
+                L: float | None = None) -> np.ndarray:
+    """Textbook FISTA (Beck & Teboulle 2009) on the dense matrix, from z = 0, with the step 1/L (by default the
+    exact 1/||A||^2)."""
+    L = norm_squared(A) if L is None else L
     z = np.zeros(A.shape[1])
     y, t = z.copy(), 1.0
     for _ in range(iters):
@@ -163,6 +165,27 @@ def images(request) -> torch.Tensor:
     return sample_images() if request.param == "samples" else smooth_images(8)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("non_negative", [True, False])
+@pytest.mark.parametrize("cin,cout,hw", PROBLEMS)
+def test_every_fista_step_is_textbook_fista(cin, cout, hw, stride, non_negative, device):
+    """Step by step, not only at convergence: the code after each of 1..6 steps is textbook FISTA's with the
+    layer's own step size. (A momentum sequence one step late passed the solver test above: it converges to the
+    same optimum, but every solve of 3 or more steps was another algorithm's.)"""
+    lam = 0.1
+    layer = make_layer(cin, cout, 3, stride, non_negative, seed=7).double()
+    x = torch.randn(1, cin, *hw, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A, xv = dense_matrix(layer, hw), x.flatten().numpy()
+    layer, x = layer.to(device), x.to(device)
+    L = float(layer.lipschitz(hw))
+    for n_steps in range(1, 7):
+        with torch.no_grad(), sdnet.override(n_steps=n_steps):
+            z = layer(x).cpu().flatten().numpy()
+        ref = numpy_fista(A, xv, lam, non_negative, iters=n_steps, L=L)
+        # (1e-7, not machine precision: the layer keeps λ = 0.1 in float32)
+        assert np.abs(z - ref).max() <= 1e-7 * max(1.0, np.abs(ref).max()), n_steps
+
+
 @pytest.mark.parametrize("dictionary", ["random", "dct"])
 @pytest.mark.parametrize("non_negative", [True, False])
 def test_two_steps_beat_one_on_images(images, dictionary, non_negative, device):
@@ -213,7 +236,7 @@ def _solve_with_gradients(layer: CSCLayer, x: torch.Tensor, upstream: torch.Tens
 @pytest.mark.parametrize("stride,padding,hw", [(1, None, (9, 7)), (2, None, (9, 7)), (2, None, (8, 8)),
                                                (1, 0, (7, 8)), (2, 0, (9, 9))])
 @pytest.mark.parametrize("non_negative", [True, False])
-@pytest.mark.parametrize("n_steps", [1, 2, 4])  # 4: the first with a momentum term (c = 0 up to 3 steps)
+@pytest.mark.parametrize("n_steps", [1, 2, 4])  # 4: two steps with momentum (the third step is the first)
 @pytest.mark.parametrize("chunk_images", [1, 2, None])  # 2: a short last chunk of 1; None: the library's
 @pytest.mark.parametrize("input_grad", [True, False])  # False: an image layer in training
 def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_negative, n_steps, chunk_images,
