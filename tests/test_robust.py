@@ -373,6 +373,9 @@ def test_fista_report(setup, tmp_path):
     assert all(set(r["trained"]) == {"clean", "gaussian"} and set(r["adaptive"]) == {"gaussian"} for r in res["rows"])
     md = (out / "robust-fista-all-layers.md").read_text()  # named apart from the default run's report
     assert "every CSC layer" in md and "Table 5: trained λ" in md and "Table 5: adaptive λ" in md and "n_steps 1, 3 at inference" in md
+    # the claim is checked on both rows: the paper's noise columns are adaptive-λ accuracies
+    claim = md.split("## The paper's claim")[1]
+    assert "At the trained λ, clean: " in claim and "; with the adaptive λ, gaussian: " in claim
 
 
 def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
