@@ -1,4 +1,4 @@
-"""CIFAR-10/100 as in-memory uint8 tensors, from three kinds of sources, with the paper's augmentation.
+"""CIFAR-10/100 as in-memory uint8 tensors, from three kinds of sources, with the usual CIFAR augmentation.
 
 Sources, in the order they are recognised:
   (a) a torchvision folder (`cifar-10-batches-py/` or `cifar-100-python/` inside), or an empty
@@ -384,7 +384,8 @@ def _remove_copy(copy: Path) -> None:
 
 # --- batches and augmentation ---------------------------------------------------------------------
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """The paper's training augmentation on a float batch: random crop with zero padding, random flip.
+    """Training augmentation on a float batch: random crop with zero padding, random flip (the paper names
+    none; this is that of the kuangliu CIFAR ResNets it builds on).
 
     Runs on the batch's device with `generator` (on the same device), so it is seeded and cheap.
     """
