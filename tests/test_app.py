@@ -1,6 +1,7 @@
 """The app (streamlit AppTest) and the library modules it stands on: sdnet.images, sdnet.attribution."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import struct
@@ -265,8 +266,22 @@ def test_attribution_methods(small_sdnet):
         drop = full - small_sdnet(masked[None])[0, 3]
     assert torch.allclose(occ[:, 16:, :16], drop.expand(3, 16, 16), atol=1e-4)
     assert attribution.attribution_map(ig, "integrated_gradients").shape == (32, 32)
-    name, scores = attribution.atom_attribution(small_sdnet, x, 3, "grad_x_activation")
-    assert name == "conv1" and scores.shape == (8,) and float(scores.abs().sum()) > 0
+    seen = []  # the modules a hook on the shared model's first layer sees run (a deep copy carries the hook along)
+    spy = small_sdnet.conv1.register_forward_hook(lambda m, i, out: seen.append(m))
+    try:
+        name, scores = attribution.atom_attribution(small_sdnet, x, 3, "grad_x_activation")
+    finally:
+        spy.remove()
+    assert seen and all(m is not small_sdnet.conv1 for m in seen)  # captum hooked a private copy only
+    assert name == "conv1" and scores.shape == (8,)
+    # gradient x activation by hand: atom c's score is the sum over positions of dlogit/dz_c * z_c, signed
+    ref, codes = copy.deepcopy(small_sdnet), []
+    ref.conv1.register_forward_hook(lambda m, i, out: codes.append(out))
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(ref(x[None])[0, 3], codes[0])
+    expected = (grad * codes[0]).detach()[0].flatten(1).sum(1)
+    assert (expected > 0).any() and (expected < 0).any()  # both signs, so a lost sign shows
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
     _, lig = attribution.atom_attribution(small_sdnet, x, 3, "integrated_gradients", ig_steps=4)
     assert lig.shape == (8,) and torch.isfinite(lig).all()
     # the shared model is untouched: no hooks left behind, same weights, same lambdas
@@ -275,6 +290,12 @@ def test_attribution_methods(small_sdnet):
     assert all(layer.lam == 0.1 for _, layer in sdnet.csc_layers(small_sdnet))
     with pytest.raises(ValueError, match="unknown"):
         attribution.attribute(small_sdnet, x, 3, "guesswork")
+
+
+def test_attribution_maps_sum_signed_colours_and_take_the_largest_magnitude():
+    a = torch.tensor([[[1.0, -2.0]], [[-3.0, 0.5]], [[0.5, 0.5]]])  # (3 colours, 1, 2)
+    torch.testing.assert_close(attribution.attribution_map(a, "integrated_gradients"), torch.tensor([[-1.5, -1.0]]))
+    torch.testing.assert_close(attribution.attribution_map(a, "saliency"), torch.tensor([[3.0, 2.0]]))
 
 
 def test_attribution_refuses_a_model_in_training_mode():

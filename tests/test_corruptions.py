@@ -45,6 +45,7 @@ def test_impulse_flips_the_table_fraction_to_salt_or_pepper(severity):
 
 def test_output_is_clipped_seeded_and_keeps_shape():
     x = torch.rand(2, 3, 16, 16)
+    before = x.clone()
     for kind in SEVERITY:
         a = corrupt(x, kind, 5, seed=7)
         assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
@@ -52,7 +53,7 @@ def test_output_is_clipped_seeded_and_keeps_shape():
         assert not torch.equal(a, corrupt(x, kind, 5, seed=8))
     single = corrupt(x[0], "gaussian", 2, seed=0)
     assert single.shape == (3, 16, 16)
-    assert torch.equal(x, x.clone())  # input untouched
+    assert torch.equal(x, before)  # input untouched
 
 
 def test_float_levels_and_severity_parsing():
@@ -116,3 +117,12 @@ def test_a_cache_keeps_the_last_block_for_small_batches(monkeypatch):
     parts = torch.cat([corrupt_range(split, i, min(i + 7, 300), "gaussian", 2, seed=3, cache=cache)
                        for i in range(0, 300, 7)])
     assert torch.equal(parts, whole) and len(draws) == 2  # one draw a block, not one a batch of 7
+
+
+def test_severity_table_is_cifar10_c():
+    """The constants of CIFAR-10-C (Hendrycks & Dietterich 2019, make_cifar_c.py), literally: a typo in one
+    severity changes one column of every robustness report and nothing else would notice."""
+    assert SEVERITY == {"gaussian": (0.04, 0.06, 0.08, 0.09, 0.10), "shot": (500, 250, 100, 75, 50),
+                        "speckle": (0.06, 0.10, 0.12, 0.16, 0.20), "impulse": (0.01, 0.02, 0.03, 0.05, 0.07)}
+    for s in range(1, 6):  # severities stay integers (a float is a continuous level), 5 included
+        assert type(parse_severity(str(s))) is int and parse_severity(str(s)) == s

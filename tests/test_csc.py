@@ -1776,6 +1776,26 @@ def test_override_and_trace_per_thread(device):
         torch.testing.assert_close(sdnet.trace(model, x).layers[0].lam, 0.1)
 
 
+def test_trace_records_measure_what_they_say(calibrated_model):
+    """Each record's residual, relative residual (Algorithm 1's r), sparsity and objective, recomputed here from
+    its x and z alone with the layer's decode: the app's table and the robustness reports read them."""
+    model = calibrated_model("sdnet18_all", 4, False)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with sdnet.override(lam={"layer1.0.conv1": 0.3}):
+        t = sdnet.trace(model, x)
+    layers = dict(sdnet.csc_layers(model))
+    assert [r.lam for r in t.layers[:3]] == [0.1, 0.3, 0.1]
+    for rec in t.layers[:3]:
+        with torch.no_grad():
+            residual = rec.x - layers[rec.name].decode(rec.z, rec.x.shape[-2:])
+        norm = residual.flatten(1).norm(dim=1)
+        torch.testing.assert_close(rec.residual, residual)
+        torch.testing.assert_close(rec.rel_residual, norm / rec.x.flatten(1).norm(dim=1))
+        torch.testing.assert_close(rec.objective, rec.lam * rec.z.abs().flatten(1).sum(1) + 0.5 * norm ** 2)
+        torch.testing.assert_close(rec.sparsity, (rec.z == 0).flatten(1).float().mean(1))
+        assert 0 < float(rec.rel_residual.min()) and float(rec.rel_residual.max()) < 1
+
+
 def test_lam_path_is_one_trace_per_lambda_and_keeps_the_surrounding_override(device):
     model, x = _two_thread_model(device)
     names = [n for n, _ in sdnet.csc_layers(model)]

@@ -55,6 +55,25 @@ def test_resnet18_and_sdnet18_have_the_papers_parameter_count():
     assert isinstance(model.conv1, CSCLayer) and model.conv1.weight.shape == (64, 3, 3, 3)
 
 
+def test_parameter_counts_exactly():
+    """To the parameter, not rounded to 11.17M: a projection shortcut that lost its BatchNorm (256 parameters at
+    width 64) rounded alike. SDNet-All's dictionaries have their convolutions' shapes, so all three agree."""
+    counts = {name: n_params(sdnet.build_model(name)) for name in ("resnet18", "sdnet18", "sdnet18_all")}
+    assert set(counts.values()) == {11_173_962}, counts
+    # without shortcuts: less the three 1x1 projections (64x128, 128x256 and 256x512 weights) and their BatchNorms
+    assert n_params(sdnet.build_model("resnet18", shortcut=False)) == 11_173_962 - 172_032 - 2 * (128 + 256 + 512)
+
+
+def test_a_block_without_shortcut_is_its_main_path_only():
+    """shortcut=False drops the identity too, not only the projections (appendix B's models decode through it)."""
+    torch.manual_seed(0)
+    block = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval().layer1[0]
+    x = torch.rand(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        main = torch.relu(block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x))))))
+        torch.testing.assert_close(block(x), main, rtol=0, atol=0)
+
+
 def test_shortcut_false_removes_every_shortcut():
     with_sc = sdnet.build_model("sdnet18_all", width=8)
     without = sdnet.build_model("sdnet18_all", width=8, shortcut=False)
@@ -134,6 +153,9 @@ def test_decode_to_input_inverts_the_chain(no_shortcut_model):
     lin = lambda t: sdnet.decode_to_input(model, name, t, bias=False)  # noqa: E731
     torch.testing.assert_close(lin(2 * a - 3 * b), 2 * lin(a) - 3 * lin(b), atol=1e-5, rtol=1e-4)
     assert lin(a).shape == (1, 3, 32, 32)
+    # and it is the linear part of the map with them: linearity alone holds for any wrong scale as well
+    full = lambda t: sdnet.decode_to_input(model, name, t)  # noqa: E731
+    torch.testing.assert_close(full(a) - full(torch.zeros_like(a)), lin(a), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (33, 31)])
