@@ -412,7 +412,8 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
             makers[f"sees_{safe}.png"] = lambda: images.png_bytes(view.sees, up)
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view.image, a, m, up)
-    if view.atom_scores is not None and view.atom_tiles is not None:
+    if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
+        # (all zero, the page shows no atoms but says why: a picture of empty bars would look like a failure)
         makers["attribution_atoms.png"] = lambda: _atom_attribution_png(view)
     makers.update({name: make for name, make in view.more_pngs.items() if name not in makers})
     return makers

@@ -384,8 +384,8 @@ def _remove_copy(copy: Path) -> None:
 
 # --- batches and augmentation ---------------------------------------------------------------------
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Training augmentation on a float batch: random crop with zero padding, random flip (the paper names
-    none; this is that of the kuangliu CIFAR ResNets it builds on).
+    """Training augmentation on a float batch: random crop with zero padding, random flip (the paper's text
+    names none; it is what the authors' code and the kuangliu CIFAR ResNets use).
 
     Runs on the batch's device with `generator` (on the same device), so it is seeded and cheap.
     """

@@ -265,10 +265,14 @@ def scored_tiles(tiles: np.ndarray, scores: np.ndarray, labels: list[str], ncols
         raise ValueError(f"scored_tiles needs one score and label per tile, got {len(tiles)} tiles, "
                          f"{len(scores)} scores, {len(labels)} labels")
     peak = float(np.abs(scores).max()) if scores.size else 0.0
-    font = ImageFont.load_default(size=11)
+    try:
+        font = ImageFont.load_default(size=11)
+    except ImportError:  # a Pillow without FreeType has only its fixed bitmap font
+        font = ImageFont.load_default()
     h, w = tiles.shape[1:3]
     scale = max(1, (cell - 8) // max(h, w))
-    side = max(cell, w * scale + 8)
+    # as wide as the widest label: "#255 (-3.4e-05)" was cut at both ends in 64 px
+    side = max(cell, w * scale + 8, *(int(np.ceil(font.getlength(label))) + 6 for label in labels))
     bar, text = 6, 14
     cells = []
     for tile, score, label in zip(tiles, scores, labels):

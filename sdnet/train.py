@@ -3,7 +3,8 @@
 Defaults follow the paper: SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128,
 lr 0.1 with cosine decay, 220 epochs; after every optimizer step the CSC dictionaries are
 projected back onto unit-norm atoms (projected SGD, eq. 5). Weight decay spares BatchNorm and
-biases (the paper does not say; kuangliu's code decays every parameter).
+biases: our choice, where the paper says only 5e-4 and both the authors' and kuangliu's code decay
+every parameter.
 
 Every epoch writes `<out>/last.pt` (the whole training state) atomically and appends a line to
 `<out>/log.jsonl`; `--resume` continues a killed run bit for bit, because the data order and the

@@ -181,7 +181,10 @@ def test_scored_tiles_draw_each_atom_with_a_bar_as_long_as_its_score():
             assert np.allclose(row[0], red if scores[i] > 0 else blue, atol=1e-3)
     assert lengths[0] == cell and lengths[2] == 0
     assert abs(lengths[1] - cell / 2) <= 1 and abs(lengths[3] - cell / 4) <= 1
-    assert np.allclose(pic[0, cell // 2], 0.0) and np.allclose(pic[0, 2 * (cell + 4) + cell // 2], 1.0)  # tiles on top
+    for i, v in enumerate((0.0, 0.5, 1.0, 0.25)):  # each tile on top of its cell, in its own colour
+        assert np.allclose(pic[0, i * (cell + 4) + cell // 2], v, atol=1 / 255), i
+    wide = images.scored_tiles(tiles[:2], scores[:2], ["#255 (-3.4e-05)", "#1"])  # a cell is as wide as its label
+    assert wide.shape[1] > pic.shape[1] / 2
     with pytest.raises(ValueError, match="one score and label per tile"):
         images.scored_tiles(tiles, scores[:3], ["a", "b", "c", "d"])
 
@@ -455,12 +458,15 @@ def test_attribution_that_is_all_zero_says_why(app):
     assert any("Every attribution is exactly zero: conv1's code was all zeros at λ = 10" in i.value
                and "compute again" in i.value for i in at.info)
     assert not any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # no blank maps
+    view = at.session_state["view"]
+    assert "attribution_atoms.png" not in state.export_png_makers(view, None)  # nor a picture of empty bars
     at.select_slider(key="lam").set_value(0.1).run()  # not recomputed: the message names the old λ, no advice
     assert any("at λ = 10" in i.value and "compute again" not in i.value for i in at.info)
     at.button(key="attr_run").click().run()
     ok(at)
     assert not any("Every attribution is exactly zero" in i.value for i in at.info)
     assert any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # the maps are back
+    assert "attribution_atoms.png" in state.export_png_makers(at.session_state["view"], None)
 
 
 def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):

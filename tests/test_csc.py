@@ -182,7 +182,7 @@ def test_every_fista_step_is_textbook_fista(cin, cout, hw, stride, non_negative,
         with torch.no_grad(), sdnet.override(n_steps=n_steps):
             z = layer(x).cpu().flatten().numpy()
         ref = numpy_fista(A, xv, lam, non_negative, iters=n_steps, L=L)
-        # (1e-7, not machine precision: the layer keeps λ = 0.1 in float32)
+        # (1e-7, not machine precision: the layer's cached L is float32, so is its threshold λ / L)
         assert np.abs(z - ref).max() <= 1e-7 * max(1.0, np.abs(ref).max()), n_steps
 
 

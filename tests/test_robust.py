@@ -376,6 +376,7 @@ def test_fista_report(setup, tmp_path):
     # the claim is checked on both rows: the paper's noise columns are adaptive-λ accuracies
     claim = md.split("## The paper's claim")[1]
     assert "At the trained λ, clean: " in claim and "; with the adaptive λ, gaussian: " in claim
+    assert "one model trained with 2 steps runs other counts at inference" in claim  # 1 is not more than 2
 
 
 def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
