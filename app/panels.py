@@ -800,7 +800,8 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
                f"channel; {strongest}, strongest first.")
-    _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles")  # 8 a row: 16 labels ran together at 700 px
+    # 8 a row: 16 labels ran together at 700 px
+    _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles")
 
 
 def export_panel(view: state.View, unnormalize) -> None:

@@ -2,8 +2,8 @@
 
 The layer's output is z* = argmin_z lam*||z||_1 + 1/2*||x - A(z)||^2, with
 A(z) = conv_transpose2d(z, W) and A^T(x) = conv2d(x, W); by default over z >= 0 (eq. 4 has no
-such constraint, the authors' code has it), `non_negative=False` for the plain Lasso. Lambda and the number of
-FISTA steps can be changed per call with `override`, which uses contextvars, so a
+such constraint, the authors' code has it), `non_negative=False` for the plain Lasso. Lambda and
+the number of FISTA steps can be changed per call with `override`, which uses contextvars, so a
 model shared by several threads (Streamlit sessions) is never mutated.
 """
 from __future__ import annotations

@@ -149,6 +149,13 @@ def _refuse_unknown(classes: list[str], source: str, model_classes: list[str] | 
                            f"{' ...' if len(model_classes) > 10 else ''})")
 
 
+def load_for_model(path: str | os.PathLike | None, split: str, dataset: str, model_classes: list[str] | None,
+                   n_classes: int) -> ImageSet:
+    """`split` with labels as a model's class indices (align_classes); data holding classes the model does not
+    know is refused before its images are decoded."""
+    return align_classes(load_split(path, split, dataset, classes=model_classes), model_classes, n_classes)
+
+
 def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: int) -> ImageSet:
     """`data` with labels as the model's class indices, matched by name: an ImageFolder numbers its classes in
     sorted order of the folders it has, so a folder with some of the classes would otherwise be scored against

@@ -20,7 +20,7 @@ from .cards import card_path, update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import NUM_CLASSES, DatasetError, ImageSet, align_classes, data_from_env, load_split, resolve_data_path
+from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model, resolve_data_path
 from .inspect import trace
 from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value, summary
 
@@ -127,9 +127,8 @@ def main(argv=None) -> EvalResult:
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
         if args.dataset and meta.get("dataset") and args.dataset != meta["dataset"]:
             sys.exit(f"error: {args.checkpoint} was trained on {meta['dataset']}, not --dataset {args.dataset}")
-        data = align_classes(load_split(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"),
-                                        classes=meta.get("classes")),
-                             meta.get("classes"), model.sdnet_config["num_classes"])
+        data = load_for_model(args.data, args.split, args.dataset or meta.get("dataset", "cifar10"),
+                              meta.get("classes"), model.sdnet_config["num_classes"])
     except (CheckpointError, DatasetError) as err:
         sys.exit(f"error: {err}")
     if not csc_layers(model) and (args.lam is not None or args.n_steps is not None or args.fresh_step_size):

@@ -71,7 +71,7 @@ from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, upd
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, align_classes, data_from_env, load_split
+from .data import DatasetError, ImageSet, data_from_env, load_for_model
 from .inspect import trace
 from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
                     steps_value, unwritable_folder)
@@ -432,9 +432,8 @@ class _Context:
         if baseline:
             self._load_baseline(args, device)
         try:
-            full = align_classes(load_split(args.data, split, self.dataset, classes=self.meta.get("classes")),
-                                 self.meta.get("classes"),
-                                 self.model.sdnet_config["num_classes"])
+            full = load_for_model(args.data, split, self.dataset, self.meta.get("classes"),
+                                  self.model.sdnet_config["num_classes"])
         except DatasetError as err:
             sys.exit(f"error: {err}")
         self.data = full.subset(args.subset, args.subset_seed)
@@ -729,8 +728,8 @@ def cmd_adversarial(args, argv) -> dict:
     tune_data = None
     if args.tuned_lam == "auto":
         try:  # as the test split's load: a missing train/ folder or foreign classes is one line, not a traceback
-            tune_data = align_classes(load_split(args.data, "train", ctx.dataset, classes=ctx.meta.get("classes")),
-                                      ctx.meta.get("classes"), ctx.model.sdnet_config["num_classes"])
+            tune_data = load_for_model(args.data, "train", ctx.dataset, ctx.meta.get("classes"),
+                                       ctx.model.sdnet_config["num_classes"])
         except DatasetError as err:
             sys.exit(f"error: {err}")
         tune_data = tune_data.subset(args.tune_subset, args.subset_seed + 1)

@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 from .cards import described, load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
-from .data import NUM_CLASSES, DatasetError, align_classes, augment, data_from_env, load_split
+from .data import NUM_CLASSES, DatasetError, augment, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
                     nonnegative_float, positive_float, positive_int, steps_value, summary, unwritable_folder)
@@ -285,8 +285,8 @@ def _train(argv: list[str] | None) -> dict:
     # as many outputs as the data has classes (a folder may hold some of CIFAR's), the test split's labels matched
     # to the training split's classes by name
     num_classes = len(train.classes)
-    test = _all_or_subset(align_classes(load_split(args.data, "test", args.dataset, classes=train.classes),
-                                        train.classes, num_classes), args, "test_subset", is_main)
+    test = _all_or_subset(load_for_model(args.data, "test", args.dataset, train.classes, num_classes), args,
+                          "test_subset", is_main)
     model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
                         lam=args.lam, n_steps=args.n_steps).to(device)
     if args.channels_last:
