@@ -47,21 +47,15 @@ def test_every_model_builds_and_runs(name, device):
 
 
 def test_resnet18_and_sdnet18_have_the_papers_parameter_count():
-    counts = {name: n_params(sdnet.build_model(name)) for name in ("resnet18", "sdnet18")}
-    assert counts["resnet18"] == counts["sdnet18"]
-    assert round(counts["resnet18"] / 1e6, 2) == 11.17, counts
-    # The CSC stem's dictionary has the shape of the convolution it replaces.
-    model = sdnet.build_model("sdnet18")
-    assert isinstance(model.conv1, CSCLayer) and model.conv1.weight.shape == (64, 3, 3, 3)
-
-
-def test_parameter_counts_exactly():
-    """To the parameter, not rounded to 11.17M: a projection shortcut that lost its BatchNorm (256 parameters at
-    width 64) rounded alike. SDNet-All's dictionaries have their convolutions' shapes, so all three agree."""
+    """11.17M, to the parameter: rounded, a projection shortcut that lost its BatchNorm (256 parameters at width
+    64) passed too. SDNet-All's dictionaries have their convolutions' shapes, so all three agree."""
     counts = {name: n_params(sdnet.build_model(name)) for name in ("resnet18", "sdnet18", "sdnet18_all")}
     assert set(counts.values()) == {11_173_962}, counts
     # without shortcuts: less the three 1x1 projections (64x128, 128x256 and 256x512 weights) and their BatchNorms
     assert n_params(sdnet.build_model("resnet18", shortcut=False)) == 11_173_962 - 172_032 - 2 * (128 + 256 + 512)
+    # The CSC stem's dictionary has the shape of the convolution it replaces.
+    model = sdnet.build_model("sdnet18")
+    assert isinstance(model.conv1, CSCLayer) and model.conv1.weight.shape == (64, 3, 3, 3)
 
 
 def test_a_block_without_shortcut_is_its_main_path_only():
