@@ -179,8 +179,9 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
             assert r["lam"] == pytest.approx(sdnet.adaptive_lam(fit, r["residual"]))
     md = (out / "robust-noise-gaussian-impulse.md").read_text()
     for text in ("--seed 3", "`" + str(root / "rn.pt") + "`", "test split", "9 of 9", "Table 2: impulse",
-                 "Table 3", "λ from the fit", "claims", "wall time"):
+                 "Table 3", "λ from the fit", "claims", "wall time", "at every severity of Gaussian noise"):
         assert text in md, text
+    assert "for each additive noise" not in md  # table 3's means are over severities 1-5, not this run's 1, 3
     for fig in ("fig2-accuracy-vs-lambda", "fig3-lambda-vs-residual-test"):
         assert (out / f"{fig}-gaussian-impulse.html").exists()
     assert json.loads((out / "robust-noise-gaussian-impulse.json").read_text())["command"].startswith(
@@ -197,6 +198,39 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
 
 
+def test_adaptive_lambda_claims_hold_each_noise_to_the_papers_own_gain():
+    """Table 2's per-severity Gaussian gains and table 3's per-noise means, each against the paper's number."""
+    def claims(gains, se=0.1, sevs=robust.SEVERITIES, kinds=NOISES):
+        rows = {(k, s): {"gain": gains[k][s - 1], "gain_se": se} for k in kinds for s in robust.SEVERITIES}
+        return robust._adaptive_claims(lambda k, s, key: rows[k, s][key], list(kinds), sevs)
+
+    paper2 = [a - b for a, b in zip(robust.PAPER["table2"]["adaptive"], robust.PAPER["table2"]["sdnet"])]
+    assert paper2 == pytest.approx([2.98, 11.37, 17.52, 18.93, 20.92])  # the paper's table 2, levels 0-4
+    big = {k: [25.0] * 5 for k in NOISES}
+    t2, t3 = claims(big)
+    assert "Gaussian" in t2 and "+17.52" in t2 and t2.endswith("Reproduced: as large as the paper's everywhere.")
+    assert "gaussian +14.34, shot +7.84, speckle +4.31, impulse +3.35" in t3 and "Reproduced:" in t3
+
+    # impulse's +4 beats the paper's +3.35; the rest are real gains, smaller than the paper's
+    mixed = {"gaussian": [2.5] * 5, "shot": [2.0] * 5, "speckle": [1.0] * 5, "impulse": [4.0] * 5}
+    t2, t3 = claims(mixed)
+    assert t2.endswith("Partly: a gain everywhere, smaller than the paper's.")
+    assert "impulse +4.00 (± at most 0.10)" in t3
+    assert t3.endswith("Partly: a gain everywhere, as large as the paper's for impulse, smaller elsewhere.")
+
+    # a gain must clear twice its standard error and a tenth of the paper's: +0.25 beside +2.98 is no gain
+    small = {"gaussian": [0.25] * 5, "shot": [0.5] * 5, "speckle": [0.5] * 5, "impulse": [0.5] * 5}
+    t2, t3 = claims(small)
+    assert "Not reproduced" in t2 and t3.endswith("Partly: a gain for speckle, impulse (2 of 4), smaller than the paper's.")
+    assert "Not reproduced" in claims(mixed, se=3.0)[1]  # each above the paper's tenth, none above 2 SE
+
+    # table 3 needs all five severities; table 2 reads the ones there are (a float is a level c, skipped)
+    (t2,) = claims(mixed, sevs=(1, 3, 0.5))
+    assert "severities 1, 3:" in t2 and "severity 2" not in t2
+    (t3,) = claims(mixed, kinds=("shot",))  # no Gaussian: no table 2 line
+    assert "(table 3, mean over severities 1, 2, 3, 4, 5: shot +7.84 points): shot +2.00" in t3
+
+
 def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch, capsys):
     """The README's commands write where the shipped reports and cards are: a second run stops before its work and
     keeps them, saying what made them; --overwrite replaces them. One noise at a time gets a report each."""
@@ -207,8 +241,10 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
     fit = ["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "gaussian", *base]
     robust.main(fit)
     card, report = (ck / "sd.json").read_text(), (out / "robust-fit-gaussian.md").read_text()
-    with pytest.raises(SystemExit, match=r"already holds fits for gaussian \(on 9 training images\): pass --overwrite"):
-        robust.main([*fit, "--subset", "2"])
+    with monkeypatch.context() as m:  # refused before the training split is read, not after
+        m.setattr(robust, "load_for_model", lambda *a, **k: pytest.fail("the data was loaded before the refusal"))
+        with pytest.raises(SystemExit, match=r"already holds fits for gaussian \(on 9 training images\): pass --overwrite"):
+            robust.main([*fit, "--subset", "2"])
     robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "shot", *base])  # beside the first
     assert set(sdnet.load_card(ck / "sd.pt")["robust_fit"]) == {"gaussian", "shot"}
     assert (out / "robust-fit-shot.md").exists() and (out / "robust-fit-gaussian.md").read_text() == report
