@@ -28,14 +28,14 @@ panels.keep_state()
 torch.set_num_threads(state.cpu_threads())
 device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)
-clean, image_info = panels.image_sidebar(loaded.input_size)
+clean, image_info, alpha = panels.image_sidebar(loaded.input_size)
 corruption = panels.corruption_sidebar()
 if clean is None:  # no usable upload, said on the page; the noise controls stay in the sidebar
     st.stop()
 image = state.corrupted(clean, corruption["kind"], corruption["severity"], corruption["seed"] or 0)
 
 st.markdown(f"**{loaded.title}** from `{loaded.path.name}` on **{state.device_label(device)}**")
-panels.show_inputs(clean, image, image_info, corruption)
+panels.show_inputs(clean, image, image_info, corruption, alpha)
 panels.reset_on_model_change(loaded)
 panels.explore(panels.Context(loaded=loaded, baseline=baseline, clean=clean, image=image, image_info=image_info,
                               corruption=corruption, device=state.device_label(device)))

@@ -53,6 +53,27 @@ def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
     return img.repeat(f, 0).repeat(f, 1)
 
 
+# A transparent upload, composited onto white as the model takes it, merged with the white page: its picture shows
+# the transparent parts on light and dark grey squares (as image editors do), and every picture has a thin grey frame.
+CHECKER = (0.85, 0.65)
+FRAME = 0.8  # about the grey of the page's widget borders
+
+
+def framed_picture(x: np.ndarray, alpha: np.ndarray | None = None, side: int = 224) -> np.ndarray:
+    """An image as the page shows it: enlarged (`_enlarge`) in a thin grey frame, and where `alpha` (H, W) says
+    the upload was transparent, on a checkerboard instead of the white that `x`, like the model, has there."""
+    img = _enlarge(x, side).astype(np.float32) / 255
+    h, w = img.shape[:2]
+    if alpha is not None:
+        a = _enlarge(alpha, side)[..., None].astype(np.float32) / 255
+        square = max(2, h // 16)
+        ys, xs = np.indices((h, w)) // square
+        board = np.where((ys + xs) % 2 == 0, CHECKER[0], CHECKER[1])[..., None]
+        img = np.clip(img + (1 - a) * (board - 1), 0, 1)  # white composite -> the picture over the checkerboard
+    edge = max(1, h // 112)  # 2 pixels at 224: one on the page, where the column shrinks the picture to half
+    return images.to_uint8(np.pad(img, ((edge, edge), (edge, edge), (0, 0)), constant_values=FRAME))
+
+
 # --- sidebar: model ----------------------------------------------------------------------------
 
 def _show_card(loaded: state.Loaded) -> None:
@@ -143,9 +164,10 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
 
 # --- sidebar: image and corruption ---------------------------------------------------------------
 
-def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """The clean model input (3, size, size) and where it came from; None (the message said) when there is no
-    usable upload: the caller draws the rest of the sidebar, then stops."""
+def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], np.ndarray | None]:
+    """The clean model input (3, size, size), where it came from and an upload's opacity where it has transparent
+    pixels (for display; else None); None (the message said) when there is no usable upload: the caller draws the
+    rest of the sidebar, then stops."""
     sb = st.sidebar
     sb.header("Image")
     source = sb.radio("Source", ["Sample", "Upload"], horizontal=True, key="source")
@@ -161,20 +183,20 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any]]:
         name = sb.selectbox("CIFAR-10 test image", names, key="sample")
         clean = state.sample_image(str(samples[name]), size)
         return clean, dict(source=f"sample:{name}", path=str(samples[name].relative_to(state.ROOT)), notes=[],
-                           label=name.rsplit("_", 1)[0])
+                           label=name.rsplit("_", 1)[0]), None
     up = sb.file_uploader("Image file", type=list(images.SUFFIXES), key="upload",
                           help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
     if up is None:
         st.info("Upload an image in the sidebar (PNG, JPEG, WebP, BMP, GIF, TIFF), or pick a sample.")
-        return None, {}
+        return None, {}, None
     try:
-        clean, notes, file_hash, osize, omode = state.upload_image(up.getvalue(), size)
+        clean, notes, file_hash, osize, omode, alpha = state.upload_image(up.getvalue(), size)
     except images.ImageError as e:
         st.error(f"Cannot use {_code(up.name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
-        return None, {}
+        return None, {}, None
     return clean, dict(source=f"upload:{up.name}", file_sha256=file_hash, original_size=list(osize),
-                       original_mode=omode, notes=notes)
+                       original_mode=omode, notes=notes), alpha
 
 
 def corruption_sidebar() -> dict[str, Any]:
@@ -217,15 +239,18 @@ def _carry_strength(kind: str) -> None:
         st.session_state["severity"] = 1 + min(range(5), key=lambda i: abs(math.log(levels[i] / c)))
 
 
-def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict) -> None:
+def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict,
+                alpha: np.ndarray | None = None) -> None:
+    """The clean image (an upload's transparent parts on a checkerboard) and the model input (white there)."""
     cols = st.columns([1, 1, 2])
-    cols[0].image(_enlarge(clean), caption=f"clean ({_code(info['source'])})")
+    cols[0].image(framed_picture(clean, alpha), caption=f"clean ({_code(info['source'])})")
     if corruption["kind"] == "none":
-        cols[1].image(_enlarge(image), caption="model input (no corruption)")
+        cols[1].image(framed_picture(image), caption="model input (no corruption)")
     else:
         what = (f"severity {corruption['severity']}" if isinstance(corruption["severity"], int)
                 else f"level {corruption['severity']:g}")
-        cols[1].image(_enlarge(image), caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
+        cols[1].image(framed_picture(image),
+                      caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
     with cols[2]:
         if info.get("label"):
             article = "an" if info["label"][:1].lower() in "aeiou" else "a"
@@ -233,7 +258,9 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
         if info.get("original_size"):  # an upload (a 32x32 RGB one has no notes: said too, not left blank)
             w, h = info["original_size"]
             st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; "
-                       + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + ".")
+                       + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + "."
+                       + (" Its transparent parts are shown on a checkerboard; the model sees them white."
+                          if alpha is not None else ""))
         psnr = _psnr(clean, image)
         if corruption["kind"] != "none":
             st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")
@@ -335,14 +362,17 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
                                help="The sparsity weight of every CSC layer, at inference only: the model is "
                                     "not retrained or changed (sdnet.override).")
     # up to 20, or the model's own count if it was trained with more
+    first = loaded.layer_names[0] if len(loaded.layer_names) > 1 else None
     n_steps = c2.slider("FISTA steps", 1, max(20, loaded.trained_steps), key="n_steps",
-                        help="Unrolled FISTA iterations per CSC layer.")
+                        help="Unrolled FISTA iterations per CSC layer" + (
+                            "." if first is None else f"; with 'in {first} only' on, in the first CSC layer only, "
+                            "where the image (and its noise) enters: the others keep the trained count."))
     first_only = False
-    if len(loaded.layer_names) > 1:  # as sdnet.robust fista does by default: the image's layer only
+    if first is not None:  # as sdnet.robust fista does by default: the image's layer only
         _default("steps_first", False)
-        first_only = c2.toggle(f"in {loaded.layer_names[0]} only", key="steps_first",
-                               help="FISTA steps in the first CSC layer only, where the image (and its noise) "
-                                    "enters; the others keep the trained count.")
+        # no help= on the toggle (its ? is the slider's, above): Streamlit keeps a label with a tooltip to one line
+        # and cut it to "in conv..." in an 800 px window; without one, the label wraps
+        first_only = c2.toggle(f"in {first} only", key="steps_first")
     if n_steps != loaded.trained_steps and not first_only:
         c2.caption(f"In every CSC layer; trained with {loaded.trained_steps}. The deep layers learnt from "
                    f"{loaded.trained_steps}-step codes: other counts can swing the prediction to any class, "
@@ -608,7 +638,8 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     rel = "undefined (all-zero input)" if rec["input_zero"] else f"{rec['rel_residual']:.4f}"
     st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, relative residual "
                f"{rel}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
-               f"{len(activity)} code channels active for this image.")
+               f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
+               "first, each titled #channel (Σ|z|).")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
     _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart")
     _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
@@ -689,7 +720,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     usage, _ = _ranked(state.layer_record(cur, names[0])["z"])
     st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
     st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
-    _chart(plots.tiles(view.atom_tiles, [f"#{c} ({plots.short_number(usage[c])})" for c in view.atom_order],
+    _chart(plots.tiles(view.atom_tiles, plots.usage_titles(view.atom_order, usage),
                        ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160), key="atoms_chart")
     if loaded.meta["config"].get("shortcut", True):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
@@ -709,7 +740,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); shown in the "
                f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
                f"with a 1-pixel grey border. Grey is 0.")
-    _chart(plots.tiles(images.atom_tiles(crop), [f"#{c} ({plots.short_number(dusage[c])})" for c in dorder], ncols=8,
+    _chart(plots.tiles(images.atom_tiles(crop), plots.usage_titles(dorder, dusage), ncols=8,
                        height_per_row=120), key="deep_atoms_chart")
     st.subheader("What each layer sees")
     st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "
@@ -721,11 +752,12 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     offsets = st.radio("Show", SEES_MODES, key="sees_mode", horizontal=True) == SEES_MODES[1]
     if picks:
         cols = st.columns(len(picks) + 1)
-        cols[0].image(_enlarge(ctx.image, 160), caption="model input")
+        cols[0].image(framed_picture(ctx.image, side=160), caption="model input")
         for col, name in zip(cols[1:], picks):
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
             zero = not np.any(state.layer_record(cur, name)["z"])  # stretched, an all-zero code is just black
-            col.image(_enlarge(img, 160), caption=f"{name} (all-zero code: sees nothing)" if zero else name)
+            col.image(framed_picture(img, side=160),
+                      caption=f"{name} (all-zero code: sees nothing)" if zero else name)
 
 
 def _spread(names: list[str], n: int) -> list[str]:
@@ -740,19 +772,25 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     loaded, classes = ctx.loaded, ctx.loaded.classes
     target = _attr_target(ctx, view.probe)
     signature = _attr_signature(ctx, spec, n_steps, target)
-    # two rows of two, not one of three: in a 700 px window three columns cut the method chips and labels
+    # the methods on a row of their own: in a 700 px window three columns cut their chips and labels, and in 800 px
+    # two chips (240 px) were still cut beside "Explain"
+    methods = st.multiselect("Methods", list(attribution.METHODS), format_func=attribution.METHODS.get,
+                             key="attr_methods")
     c1, c2 = st.columns([2, 3])
     which = c1.radio("Explain", ["predicted class", "another class"], key="attr_which", horizontal=True)
     if which == "another class":
         c1.selectbox("Class", classes, key="attr_class")
-    methods = c2.multiselect("Methods", list(attribution.METHODS), format_func=attribution.METHODS.get,
-                             key="attr_methods")
-    c3, c4 = st.columns([2, 3])
-    atom_method = c3.selectbox("Atom attribution", list(attribution.LAYER_METHODS),
-                               format_func=attribution.LAYER_METHODS.get, key="attr_atom_method")
+    # the methods' short names: "Layer Integrated Gradients" was cut in an 800 px window; the tooltip has the rest
+    atom_method = c2.selectbox("Atom attribution", list(attribution.LAYER_METHODS), key="attr_atom_method",
+                               format_func=lambda m: attribution.LAYER_METHODS[m].removeprefix("Layer "),
+                               help=f"Which of {loaded.layer_names[0]}'s atoms drove the decision: "
+                                    f"{' or '.join(attribution.LAYER_METHODS.values())} on its code, summed per "
+                                    "channel (atom).")
+    c3, c4 = st.columns([2, 3], vertical_alignment="center")
+    run = c3.button("Compute attribution", type="primary", key="attr_run")
     live = c4.toggle("Recompute on every change", key="attr_live",
                      help="Attribution costs tens of forward passes; off, it runs when you press the button.")
-    run = st.button("Compute attribution", type="primary", key="attr_run") or live
+    run = run or live
     result = st.session_state.get("attr_result")
     if run and (result is None or result["signature"] != signature):
         progress = st.progress(0.0, text="Attribution...")

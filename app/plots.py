@@ -24,11 +24,25 @@ TITLE_OVER_LEGEND = dict(margin=dict(MARGIN, t=64), title_y=1.0, title_yanchor="
                          title_pad=dict(t=8))
 NO_AXIS = dict(visible=False, constrain="domain")
 WIDTH = 900  # about the width of a chart in the page's main column, in CSS pixels
+NARROW = 468  # ...and in an 800 px window, the narrowest the page is laid out for
+TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
 
 
 def short_number(v: float) -> str:
     """A usage or score label, the same in every tab: 90.5 and 290, not 2.9e+02 (nor 91 in one tab, 90.5 in another)."""
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def usage_titles(channels: list[int], usage: np.ndarray) -> list[str]:
+    """Tile titles of code channels (or the atoms they code): '#channel (usage)', the same in every tab."""
+    return [f"#{c} ({short_number(usage[c])})" for c in channels]
+
+
+def text_width(text: str, size: float) -> float:
+    """About how wide `text` is, in pixels at font `size`, in the page's sans-serif: 0.58 em a character, 0.3 em
+    for the narrow ones (erring wide)."""
+    narrow = sum(ch in " .,:;|()'!-ijlrtI" for ch in text)
+    return size * (0.58 * (len(text) - narrow) + 0.3 * narrow)
 
 
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
@@ -136,7 +150,13 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     nrows = math.ceil(n / ncols)
     scale = min(scale, WIDTH / (ncols * (w + px) - px))
     top = 16 / scale  # room for the first row's titles, in picture pixels
-    labels = dict(type="scatter", mode="text", text=titles, textposition="top center", textfont=dict(size=10),
+    # The titles' font is in screen pixels while the tiles shrink with the chart: in an 800 px window 16-character
+    # titles ran into each other. The largest size at which the longest fits its tile's width there, gap included.
+    bar = 70 if any(trace.get("colorbar") for trace in data) else 0  # the colour bar's room, in screen pixels
+    pitch = (w + px) * min(scale, (NARROW - MARGIN["l"] - MARGIN["r"] - bar) / (ncols * (w + px) - px))
+    longest = max(text_width(t, 1) for t in titles) if titles else 0
+    size = next((s for s in TITLE_SIZES if s * longest <= pitch - 4), TITLE_SIZES[-1])  # 4 px between titles
+    labels = dict(type="scatter", mode="text", text=titles, textposition="top center", textfont=dict(size=size),
                   x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
                   y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hoverinfo="skip", showlegend=False)
     bottom = nrows * (h + py) - py
@@ -181,8 +201,8 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
                 colorscale="Viridis", hoverongaps=False, colorbar=dict(title="z", thickness=12),
                 hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
                               "<br>z=%{z:.4f}<extra></extra>")
-    titles = [f"ch {c} (Σ|z|={short_number(activity[c])})" for c in channels]
-    return _tiled([heat], n, ncols, h, w, py, px, titles, 110 / (h + py))
+    # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window
+    return _tiled([heat], n, ncols, h, w, py, px, usage_titles(channels, activity), 110 / (h + py))
 
 
 def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_row: int = 110) -> go.Figure:

@@ -192,10 +192,12 @@ def sample_image(path: str, size: int) -> np.ndarray:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def upload_image(data: bytes, size: int) -> tuple[np.ndarray, list[str], str, tuple[int, int], str]:
-    """(image, notes, file hash, original size, original mode); raises images.ImageError."""
+def upload_image(data: bytes, size: int
+                 ) -> tuple[np.ndarray, list[str], str, tuple[int, int], str, np.ndarray | None]:
+    """(image, notes, file hash, original size, original mode, alpha: its opacity where it has transparent pixels,
+    for display only); raises images.ImageError."""
     prep = images.prepare_image(data, size)
-    return prep.tensor.numpy(), prep.notes, prep.file_sha256, prep.original_size, prep.original_mode
+    return prep.tensor.numpy(), prep.notes, prep.file_sha256, prep.original_size, prep.original_mode, prep.alpha
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

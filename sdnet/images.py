@@ -38,6 +38,9 @@ class PreparedImage:
     original_mode: str              # PIL mode of the file ("RGB", "L", "I;16", "CMYK", ...)
     notes: list[str] = field(default_factory=list)  # each conversion step, for the user
     file_sha256: str = ""           # of the file's bytes
+    # (size, size) opacity in [0, 1], resized and cropped as the tensor was, where the file has transparent pixels
+    # (the tensor is composited onto white there: what the model sees); None for an opaque file. For display only.
+    alpha: np.ndarray | None = None
 
     @property
     def sha256(self) -> str:
@@ -83,9 +86,15 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
     """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white."""
+    rgb, _, notes = _to_rgb_and_alpha(img)
+    return rgb, notes
+
+
+def _to_rgb_and_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]]:
+    """to_rgb, and the alpha channel (mode L) it composited with, if any pixel was transparent."""
     mode, notes = img.mode, []
     if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG may name a transparent colour (tRNS)
-        return img, notes
+        return img, None, notes
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # float32 is exact to 2^24, plenty for 8 bits out; the steps below work in place, so a 40-megapixel
         # 16-bit image needs one float copy (160 MB), not one per step
@@ -112,25 +121,25 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
         np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
         img = Image.fromarray(arr.astype(np.uint8), "L")
         notes.append("grayscale converted to RGB")
-        return img.convert("RGB"), notes
+        return img.convert("RGB"), None, notes
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         notes.append("palette image expanded")
         if img.mode == "RGB":
-            return img, notes
+            return img, None, notes
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode != "RGBA" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] == 255:
             notes.append(f"{mode} (fully opaque) converted to RGB")
-            return rgba.convert("RGB"), notes
+            return rgba.convert("RGB"), None, notes
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         notes.append(f"{mode} with transparency composited onto white")
-        return Image.alpha_composite(background, rgba).convert("RGB"), notes
+        return Image.alpha_composite(background, rgba).convert("RGB"), rgba.getchannel("A"), notes
     if mode in ("L", "1"):
         notes.append(f"{'black-and-white' if mode == '1' else 'grayscale'} converted to RGB")
     elif mode != "P":
         notes.append(f"{mode} converted to RGB")
-    return img.convert("RGB"), notes
+    return img.convert("RGB"), None, notes
 
 
 def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
@@ -170,11 +179,13 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)
         img = ImageOps.exif_transpose(img)
         notes.append("rotated as its EXIF orientation says")
-    img, conv = to_rgb(img)
+    img, alpha, conv = _to_rgb_and_alpha(img)
     img, fit = fit_to_input(img, size)
     tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    if alpha is not None:
+        alpha = np.asarray(fit_to_input(alpha, size)[0], dtype=np.float32) / 255
     return PreparedImage(tensor=tensor, original_size=original_size, original_mode=original_mode,
-                         notes=notes + conv + fit, file_sha256=hashlib.sha256(data).hexdigest())
+                         notes=notes + conv + fit, file_sha256=hashlib.sha256(data).hexdigest(), alpha=alpha)
 
 
 def load_rgb_file(path, size: int = 32) -> torch.Tensor:

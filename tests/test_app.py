@@ -226,6 +226,25 @@ def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
     assert any("transparency composited onto white" in note for note in prepared.notes)
 
 
+def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_white_there():
+    """Composited onto white, as the model takes it, a transparent upload's picture merged with the white page."""
+    from app import panels
+    rgba = np.zeros((8, 16, 4), np.uint8)
+    rgba[..., 2] = 200  # blue, transparent on the left half, opaque on the right
+    rgba[:, 8:, 3] = 255
+    prep = images.prepare_image(png(Image.fromarray(rgba, "RGBA")), size=8)  # centre-cropped: columns 4-11
+    seen = images.to_uint8(prep.tensor)
+    assert (seen[:, :4] == 255).all() and (seen[:, 4:] == [0, 0, 200]).all()  # the model input, as before
+    assert prep.alpha.shape == (8, 8) and (prep.alpha[:, :4] == 0).all() and (prep.alpha[:, 4:] == 1).all()
+    assert images.prepare_image(png(Image.fromarray(rgba[:, 8:], "RGBA")), size=8).alpha is None  # all opaque
+    frame, squares = round(panels.FRAME * 255), {round(c * 255) for c in panels.CHECKER}
+    for alpha, behind in ((prep.alpha, squares), (None, {255})):  # the clean image, and the model input (white)
+        shown = panels.framed_picture(prep.tensor.numpy(), alpha, side=64)  # pixels 8x8, a 1-pixel frame
+        assert shown.shape == (66, 66, 3)
+        assert all((edge == frame).all() for edge in (shown[0], shown[-1], shown[:, 0], shown[:, -1]))
+        assert set(np.unique(shown[1:-1, 1:33])) == behind and (shown[1:-1, 33:-1] == [0, 0, 200]).all()
+
+
 def test_the_probability_axis_has_no_tick_past_100_percent():
     from app import plots
     for top in (1.0, 0.9, 0.5, 0.1, 0.02):
@@ -375,6 +394,8 @@ def test_page_renders_and_lambda_changes_residuals(app):
     assert layers[0]["lam"] == 0.01 and all(r["lam"] == 1.0 for r in layers[1:])
     assert at.session_state["view"].settings["n_steps"] == 5
     every = at.session_state["view"].probe["logits"]
+    # the toggle has no tooltip of its own (Streamlit cut its label then): the slider's explains it, by its label
+    assert f"'{at.toggle(key='steps_first').label}'" in at.slider(key="n_steps").help
     at.toggle(key="steps_first").set_value(True).run()  # FISTA steps in the image's layer only, as robust fista does
     ok(at)
     view = at.session_state["view"]
@@ -645,6 +666,21 @@ def test_bad_uploads_give_a_message(app):
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
     assert any(c.value == "Uploaded 32x32 RGB image; used as it is." for c in at.caption)  # it had no caption at all
+
+
+def test_a_transparent_upload_says_how_it_is_shown(app):
+    at = app(source="Upload")
+    clear = Image.new("RGBA", (32, 32), (200, 0, 0, 0))
+    clear.paste((200, 0, 0, 255), (8, 8, 24, 24))  # a red square on a transparent ground
+    at.file_uploader(key="upload").set_value(("icon.png", png(clear), "image/png")).run()
+    ok(at)
+    assert any("composited onto white" in c.value and "on a checkerboard; the model sees them white" in c.value
+               for c in at.caption), [c.value for c in at.caption]
+    view = at.session_state["view"]
+    assert (view.clean[:, 0, 0] == 1).all() and np.allclose(view.clean[:, 16, 16], [200 / 255, 0, 0])
+    json.dumps(view.settings)  # the opacity went to the picture only, not into settings.json
+    at.file_uploader(key="upload").set_value(("opaque.png", png(clear.convert("RGB")), "image/png")).run()
+    assert not any("checkerboard" in c.value for c in at.caption)
 
 
 def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change and
 that a second browser session keeps its own lambda, and saves screenshots to tests/artifacts/ (set
-SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png).
+SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In an 800 px and a
+1400 px window, checks that no label is cut and no tile titles run together.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app import plots  # noqa: E402
 from app.serve import CHROMIUM, CHROMIUM_ARGS, SUMMARY, current_lam_row, move_lam_to, serve, wait_for_lam  # noqa: E402
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -29,9 +31,10 @@ pytestmark = [pytest.mark.browser,
                                  reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)")]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(checkpoint_dir):
-    """The app on a free local port, pointed at the test checkpoints; yields its URL."""
+    """The app on a free local port, pointed at the test checkpoints; yields its URL (one server for the module:
+    each test's browser sessions are their own)."""
     with serve(ARTIFACTS / "streamlit.log", env={"SDNET_CHECKPOINTS": str(checkpoint_dir), "OMP_NUM_THREADS": "1"}) as url:
         yield url
 
@@ -106,3 +109,55 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             browser.close()
     if os.environ.get("SDNET_SCREENSHOT"):
         shutil.copy(shot, os.environ["SDNET_SCREENSHOT"])
+
+
+# Text on the page (charts aside) that its box cuts: an ellipsis, or a field too narrow for its value
+CUT_TEXT = """() => [...document.querySelectorAll('[data-testid=stMain] *')].filter(e => {
+    if (e instanceof SVGElement || !(e.tagName === 'INPUT' ? e.type === 'text' && e.value : e.textContent.trim())) {
+        return false;
+    }
+    const style = getComputedStyle(e);
+    return e.scrollWidth > e.clientWidth + 1
+        && (e.tagName === 'INPUT' || style.overflowX !== 'visible' || style.textOverflow !== 'clip');
+}).map(e => e.value || e.textContent)"""
+# A tile chart's titles (plotly text points): [text, font size in px, width drawn in px] each
+TILE_TITLES = """(key) => [...document.querySelectorAll(`.st-key-${key} .textpoint text`)].map(
+    e => [e.textContent, parseFloat(getComputedStyle(e).fontSize), e.getBBox().width, e.getBoundingClientRect().toJSON()])"""
+
+
+def overlapping(titles: list) -> list[tuple[str, str]]:
+    boxes = [(text, box) for text, _, _, box in titles]
+    return [(a, b) for i, (a, r) in enumerate(boxes) for b, q in boxes[i + 1:]
+            if r["left"] < q["right"] and q["left"] < r["right"] and r["top"] < q["bottom"] and q["top"] < r["bottom"]]
+
+
+@pytest.mark.parametrize("width", [800, 1400])
+def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
+    """In an 800 px window the toggle 'in conv1 only' read 'in conv...', the atom attribution method 'Layer Integrated
+    Gradi', the second attribution method's chip 'Salienc', and the code maps' titles ran into each other."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 1000})
+            page.set_default_timeout(90_000)
+            page.goto(server)
+            wait_for_lam(page, "λ=0.1,")
+            charts = {"Layers": ["codes_chart", "maps_chart"], "Atoms": ["atoms_chart", "deep_atoms_chart"],
+                      "Attribution": ["atom_attr_tiles"]}
+            for tab, keys in charts.items():
+                page.get_by_role("tab", name=tab).click()
+                if tab == "Attribution":
+                    page.locator(".st-key-attr_run button").click()
+                for key in keys:
+                    page.locator(f".st-key-{key} .textpoint").first.wait_for()
+                page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+                assert page.evaluate(CUT_TEXT) == [], tab
+                for key in keys:
+                    titles = page.evaluate(TILE_TITLES, key)
+                    assert titles and overlapping(titles) == [], key
+                    # the font was picked by this estimate of the titles' width: it must not fall short
+                    assert all(drawn <= plots.text_width(text, size) for text, size, drawn, _ in titles), titles
+            page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
+        finally:
+            browser.close()
