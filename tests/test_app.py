@@ -245,6 +245,26 @@ def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_whit
         assert set(np.unique(shown[1:-1, 1:33])) == behind and (shown[1:-1, 33:-1] == [0, 0, 200]).all()
 
 
+def test_tile_titles_shrink_to_fit_an_800_px_window_then_drop_the_usage():
+    """The titles' font is in screen pixels while tiles shrink with the chart: each chart takes the largest of
+    10, 9, 8 px at which its longest title fits the narrow (800 px window) chart, and where none does (64 atoms in
+    16 columns) the '#63' alone, its usage on hover."""
+    from app import plots
+    pics = np.zeros((64, 3, 3, 3))
+    titles = plots.usage_titles(list(range(64)), np.full(64, 12.3))
+
+    def title_trace(n, ncols):
+        return plots.tiles(pics[:n], titles[:n], ncols=ncols).data[-1]
+
+    few, many = title_trace(16, 8), title_trace(64, 16)
+    assert list(few.text) == titles[:16] and few.textfont.size in plots.TITLE_SIZES and few.hoverinfo == "skip"
+    assert list(many.text) == [f"#{c}" for c in range(64)] and list(many.hovertext) == titles  # none fitted
+    assert many.hoverinfo == "text"
+    one = plots.text_width("#1 (1)", 1)  # its width at 1 px: the largest size whose width + 4 px fits the pitch
+    assert plots._title_size(["#1 (1)"], 100) == 10 and plots._title_size(["#1 (1)"], 4 + 9.5 * one) == 9
+    assert plots._title_size(["#1 (1)"], 4 + 8 * one) == 8 and plots._title_size(["#1 (1)"], 3 + 8 * one) is None
+
+
 def test_the_probability_axis_has_no_tick_past_100_percent():
     from app import plots
     for top in (1.0, 0.9, 0.5, 0.1, 0.02):

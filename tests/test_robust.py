@@ -206,6 +206,9 @@ def test_adaptive_lambda_claims_hold_each_noise_to_the_papers_own_gain():
 
     paper2 = [a - b for a, b in zip(robust.PAPER["table2"]["adaptive"], robust.PAPER["table2"]["sdnet"])]
     assert paper2 == pytest.approx([2.98, 11.37, 17.52, 18.93, 20.92])  # the paper's table 2, levels 0-4
+    # its levels 0-4 are all five severities: their mean is table 3's Gaussian column (50.58 and 64.92 there)
+    t2, t3 = robust.PAPER["table2"], robust.PAPER["table3"]["gaussian"]
+    assert (sum(t2["sdnet"]) / 5, sum(t2["adaptive"]) / 5) == pytest.approx(t3, abs=0.005)
     big = {k: [25.0] * 5 for k in NOISES}
     t2, t3 = claims(big)
     assert "Gaussian" in t2 and "+17.52" in t2 and t2.endswith("Reproduced: as large as the paper's everywhere.")
