@@ -84,14 +84,9 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
-def to_rgb(img: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white."""
-    rgb, _, notes = _to_rgb_and_alpha(img)
-    return rgb, notes
-
-
-def _to_rgb_and_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]]:
-    """to_rgb, and the alpha channel (mode L) it composited with, if any pixel was transparent."""
+def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]]:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels are composited onto white, and the alpha channel
+    (mode L) it composited with comes back too (None when no pixel was transparent)."""
     mode, notes = img.mode, []
     if mode == "RGB" and "transparency" not in img.info:  # an RGB PNG may name a transparent colour (tRNS)
         return img, None, notes
@@ -179,7 +174,7 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)
         img = ImageOps.exif_transpose(img)
         notes.append("rotated as its EXIF orientation says")
-    img, alpha, conv = _to_rgb_and_alpha(img)
+    img, alpha, conv = to_rgb(img)
     img, fit = fit_to_input(img, size)
     tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     if alpha is not None:
