@@ -191,9 +191,9 @@ def count_products():
     calls, real = [0], {cls: cls.extend for cls in (sdnet.csc._Lanczos, sdnet.csc._Power)}
 
     def counting(cls):
-        def extend(self, n):
+        def extend(self, n, **options):  # options: _Lanczos's `estimate` (refreshes that skip their host checks)
             calls[0] += n * self.live_parts()
-            return real[cls](self, n)
+            return real[cls](self, n, **options)
         return extend
 
     for cls in real:

@@ -1377,7 +1377,9 @@ def test_the_matrix_product_benchmarks_time_both_ways(monkeypatch, capsys):
     assert plain.conv1._uses_products(x) and not twin.conv1._uses_products(x)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), plain(x), rtol=1e-4, atol=1e-5)
-    cost = bench_module("first_layer_cost").main(["--width", "64", "--batch", "2", "--rounds", "1", "--threads", "1"])
+    # the matrix-product path is the CPU's (a GPU solves by convolutions): the A/B part is there only on the CPU
+    cost = bench_module("first_layer_cost").main(["--width", "64", "--batch", "2", "--rounds", "1", "--threads", "1",
+                                                  "--device", "cpu"])
     assert "sdnet18 conv1 (CSC), by convolutions" in cost["median_ms"]
     assert "Solved by convolutions it would add" in capsys.readouterr().out
 
@@ -1551,6 +1553,22 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     for bad in ("6", "0:2", "a:b"):
         with pytest.raises(SystemExit):
             train_throughput.parse_args(["--replayed-checks", bad])
+
+
+def test_train_throughput_times_refreshes_that_skip_their_host_checks(monkeypatch):
+    """`--host-checked-every` for real, the GPU's way emulated on the CPU: the benchmark's product counter passes
+    the unchecked refreshes' `estimate` on (GPU run 11 failed there, unseen by a test that stubbed the run)."""
+    train_throughput = bench_module("train_throughput")
+    monkeypatch.setattr(csc, "_UNGROUPED_DEVICES", set())
+    monkeypatch.setattr(csc, "_KEPT_STATE_DEVICES", {"cpu"})
+    monkeypatch.setattr(csc, "_replayed", lambda device: True)
+    skipped, real = [], csc._Lanczos.extend
+    monkeypatch.setattr(csc._Lanczos, "extend", lambda self, n, **kw: skipped.append(kw.get("estimate", False))
+                        or real(self, n, **kw))
+    report = train_throughput.main(["--width", "2", "--batch", "4", "--size", "16", "--rounds", "2", "--steps", "2",
+                                    "--warmup", "1", "--no-memory", "--models", "resnet18", "sdnet18_all",
+                                    "--host-checked-every", "2", "--device", "cpu"])  # (kept states on the CPU)
+    assert any(skipped) and report["results"]["sdnet18_all"]["step_size"]["power_passes"] > 0
 
 
 def test_step_size_validity_benchmark_runs():
