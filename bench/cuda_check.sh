@@ -9,7 +9,8 @@
 #    graphs and the sparser checks save, measured in the same call; and fp32 with host checks in one refresh of 8
 #    (`--host-checked-every 8`, the others with no sync); and ResNet-18 and SDNet-18 with the image layer's step
 #    size by Lanczos, as before the FFT bound (`--image-step-size lanczos`) (the power refresh the library had before,
-#    `--refresh power`, was measured in runs 4-5: reports/cuda-check). Then bench/step_profile.py: where a step's
+#    `--refresh power`, was measured in runs 4-5: reports/cuda-check), and with the FFT bound computed kernel by
+#    kernel, not replayed as a CUDA graph (`--eager-image-bound`). Then bench/step_profile.py: where a step's
 #    time goes.
 # `all` runs the benchmarks first (less the two variants last changed before run 9), then the tests.
 # `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 320 s and 580 s, so each fits a
@@ -51,6 +52,7 @@ run_bench fp32 120
 run_bench bf16 85 --no-memory --amp bf16
 run_bench fp32-host-checked-every-8 85 --no-memory --host-checked-every 8
 run_bench fp32-image-lanczos 60 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
+run_bench fp32-eager-image-bound 60 --no-memory --models resnet18 sdnet18 --eager-image-bound
 # measured in runs 9-10 and not changed since: left out of `all`, so that its tests fit one 10-minute call
 if [ "$PART" = bench ]; then
   run_bench fp32-no-graphs 85 --no-memory --no-cuda-graphs

@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-step-size", choices=["fft", "lanczos"], default="fft",
                    help="the image layers' step size: the library's FFT bound, or the Lanczos refresh they had before "
                         "(to put a number on what the bound saves, in the same call)")
+    p.add_argument("--eager-image-bound", action="store_true",
+                   help="on CUDA, compute the image layers' FFT bound kernel by kernel, not replayed as a CUDA graph "
+                        "(as before; an A/B in the same call)")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -322,7 +325,7 @@ def measure_memory(name: str, args) -> dict:
         cmd += ["--replayed-checks", "%d:%d" % args.replayed_checks]
     if args.host_checked_every:
         cmd += ["--host-checked-every", str(args.host_checked_every)]
-    cmd += ["--image-step-size", args.image_step_size]
+    cmd += ["--image-step-size", args.image_step_size] + (["--eager-image-bound"] if args.eager_image_bound else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -361,8 +364,10 @@ def graph_states(model: torch.nn.Module) -> dict:
     layers = [layer for _, layer in sdnet.csc_layers(model)]
     states = {id(s): s for layer, kept in sdnet.csc._KEPT.items() if any(layer is mine for mine in layers)
               for s in kept.values()}.values()
+    bounds = [b for layer in layers if (b := sdnet.csc._BOUND_GRAPHS.get(layer)) is not None]
     return {"kept_states": len(states), "refused": sum(s.capture_refused for s in states),
-            "graphs": sum(1 for s in states for g in (s.graphs or {}).values() if g)}
+            "graphs": sum(1 for s in states for g in (s.graphs or {}).values() if g),
+            "bound_graphs": sum(b.graph is not None for b in bounds), "bound_refused": sum(b.refused for b in bounds)}
 
 
 def table(report: dict) -> str:
@@ -386,7 +391,11 @@ def table(report: dict) -> str:
     graphs = [f"- {name}: {g['graphs']} CUDA graph(s) in {g['kept_states']} kept refresh state(s), "
               + (f"{g['refused']} of them refused a capture (their products ran kernel by kernel)" if g["refused"]
                  else "no capture refused")
-              for name, r in res.items() if (g := r.get("cuda_graphs")) and g["kept_states"]]
+              + (f"; the image layer's bound: {g['bound_graphs']} CUDA graph(s)"
+                 + (f", {g['bound_refused']} capture(s) refused (run kernel by kernel)" if g["bound_refused"] else "")
+                 if g.get("bound_graphs") or g.get("bound_refused") else "")
+              for name, r in res.items()
+              if (g := r.get("cuda_graphs")) and (g["kept_states"] or g.get("bound_graphs") or g.get("bound_refused"))]
     lines += [""] + graphs if graphs else []
     lines += [""] + [f"- {t['model']} {t['measure']}: {t['ratio']:.2f}x {base} (target {t['target']}): "
                      f"{'met' if t['met'] else 'MISSED'}" for t in report["targets"]]
@@ -406,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     allocator = sdnet.utils.keep_freed_memory() if args.keep_freed_memory else None
     method, mix = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
     # set back for a caller in the same process
-    with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every), \
+    with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every,
+                      _BOUND_GRAPH_DEVICES=set() if args.eager_image_bound else None), \
             replayed_checks(args.replayed_checks):
         return run(args, argv, allocator)
 
@@ -452,7 +462,9 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
             % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED)
             + (", on the host in one refresh of %d" % sdnet.csc._HOST_CHECKED_EVERY
                if sdnet.csc._HOST_CHECKED_EVERY > 1 else ""))
-    refresh += "; image layers: " + ("the FFT bound" if args.image_step_size == "fft" else "the same as the others")
+    refresh += "; image layers: " + ("the same as the others" if args.image_step_size != "fft" else "the FFT bound" + (
+        ", replayed as a CUDA graph" if device.type == "cuda" and not args.no_cuda_graphs and "cuda" in sdnet.csc._BOUND_GRAPH_DEVICES
+        else ""))
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

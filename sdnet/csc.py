@@ -293,6 +293,7 @@ class CSCLayer(nn.Module):
             current = self.step_size_is_current() and self._content_unchanged()
             self._other_sizes = {}  # other sizes' step sizes are estimated again where the weights now are
             _KEPT.pop(self, None)  # buffers on the old device
+            _BOUND_GRAPHS.pop(self, None)
             out = super()._apply(fn, *args, **kwargs)
             if current:
                 dev = self.weight.device
@@ -358,6 +359,7 @@ class CSCLayer(nn.Module):
         with _POWER_LOCK:
             self._power_vec = self._lipschitz = self._lipschitz_key = self._fingerprint = None
             _KEPT.pop(self, None)
+            _BOUND_GRAPHS.pop(self, None)
             self._other_sizes = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -513,14 +515,75 @@ def fft_bound(weight: torch.Tensor, stride: int, padding: int, spatial: tuple[in
         return (top * (1 + 1e-6)).float().to(device)  # (1e-6: the cast to float32 must not round it under)
 
 
-def _fft_refresh(layers: list[CSCLayer], keys: list[tuple]) -> None:
+def _fft_refresh(layers: list[CSCLayer], keys: list[tuple], graphs: bool = False) -> None:
     """Set each layer's L to `fft_bound` for the input size its cache key names (`keys`: taken before, as the
-    dictionaries the bounds are computed for). Call under _POWER_LOCK."""
+    dictionaries the bounds are computed for). With `graphs` (training's refresh), on a GPU each layer's bound is
+    replayed as a CUDA graph (`_BoundGraph`). Call under _POWER_LOCK."""
     prints = _fingerprints_by_device(layers)
     for layer, key, fingerprint in zip(layers, keys, prints):
-        layer._lipschitz = fft_bound(layer.weight, layer.stride, layer.padding, key[-1]).clamp_min(1e-6)
+        spatial = key[-1]
+        if graphs and layer.weight.device.type in _BOUND_GRAPH_DEVICES:
+            kept = _BOUND_GRAPHS.get(layer)
+            if kept is None or not kept.serves(layer, spatial):
+                kept = _BOUND_GRAPHS[layer] = _BoundGraph(layer, spatial)
+            bound = kept.bound(layer)
+        else:
+            bound = fft_bound(layer.weight, layer.stride, layer.padding, spatial)
+        layer._lipschitz = bound.clamp_min(1e-6)
         layer._power_vec, layer._lipschitz_key, layer._fingerprint = None, key, fingerprint
         layer._refreshes += 1
+
+
+class _BoundGraph:
+    """`fft_bound` of one layer's dictionary for one input size, replayed as a CUDA graph by training's refresh:
+    its ~40 small kernels in one launch (on a GPU the refresh is launch-bound: GPU runs 11-12 timed SDNet-18's
+    eager bound at 2.0 ms a step, bench/README.md). As the products' graphs (`_Lanczos.extend`): run as it is the
+    first time (which makes cuFFT's plan and cuBLAS's workspace), captured the second, replayed from then on. The
+    graph reads the dictionary where it is stored, so it serves while the layer's weight is stored there with the
+    same shape and type (an optimizer's in-place step keeps it so; a move drops it: `CSCLayer._apply`)."""
+
+    def __init__(self, layer: CSCLayer, spatial: tuple[int, int]):
+        self.key = self._key(layer, spatial)
+        self.spatial = spatial
+        self.seen = False  # run once as it is
+        self.graph = None
+        self.out: torch.Tensor | None = None  # the graph's output, overwritten by each replay
+        self.refused = False  # CUDA refused the capture: the bound runs as it is, for good
+
+    @staticmethod
+    def _key(layer: CSCLayer, spatial) -> tuple:
+        w = layer.weight
+        return w.data_ptr(), tuple(w.shape), w.dtype, w.device, layer.stride, layer.padding, tuple(spatial)
+
+    def serves(self, layer: CSCLayer, spatial) -> bool:
+        return self.key == self._key(layer, spatial)
+
+    def bound(self, layer: CSCLayer) -> torch.Tensor:
+        """The layer's bound now, a tensor of the caller's own (the next replay overwrites the graph's output)."""
+        if self.graph is None and self.seen and not self.refused:
+            self.graph = self._capture(layer)
+        if self.graph is None:
+            self.seen = True
+            return fft_bound(layer.weight, layer.stride, layer.padding, self.spatial)
+        self.graph.replay()
+        return self.out.clone()
+
+    def _capture(self, layer: CSCLayer):
+        """A CUDA graph of the bound (None, and the bound run as it is from then on, if CUDA refuses it)."""
+        device = layer.weight.device
+        with torch.cuda.device(device):
+            caller = torch.cuda.current_stream()
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.out = fft_bound(layer.weight, layer.stride, layer.padding, self.spatial)
+                return graph
+            except RuntimeError as exc:
+                warnings.warn(f"sdnet: the image layer's step size runs without a CUDA graph (capture failed: {exc})")
+                self.refused = True
+                return None
+            finally:
+                torch.cuda.set_stream(caller)  # a failed capture can leave the thread on the capture stream
 
 
 # --- the step size of many layers at once ----------------------------------------------------
@@ -901,6 +964,10 @@ _GRAPH_DEVICES = {"cuda"}  # (tests put "cpu" here, with a stand-in for the capt
 _GRAPHS_KEPT = 24  # CUDA graphs a kept state captures at most (each costs a sync and empties torch's cache)
 _KEPT_CAPACITY = 17  # basis vectors a kept state starts with: room for 10 products, then 6 more (most refreshes)
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Devices where training's refresh replays each FFT-bounded layer's bound as a CUDA graph (`_BoundGraph`, by layer;
+# bench/train_throughput.py --eager-image-bound empties it for an A/B in one run).
+_BOUND_GRAPH_DEVICES = {"cuda"}
+_BOUND_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Devices where each layer refreshes on its own. Elsewhere (a GPU) layers of one geometry share grouped
 # convolutions, and groups whose codes are within 2x in length share one Lanczos state: fewer kernel launches.
 # On the CPU a grouped convolution cost more than its parts (oneDNN, in a quick check on this project's machine)
@@ -1182,7 +1249,7 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     then every 2 (`python -m sdnet.train --no-cuda-graphs`). With `_HOST_CHECKED_EVERY` above 1 (not the default;
     untimed on a GPU) most refreshes there skip the checks and find the step size on the device: no sync.
     Layers with the FFT bound (`step_size="fft"`, image layers by default) recompute it instead: a fixed set of
-    small kernels, no iterations, no host sync.
+    small kernels, no iterations, no host sync (on a GPU replayed as one CUDA graph, `_BoundGraph`).
     Layers that have not solved anything yet (no input size known) are left to their first forward.
 
     A dictionary changed by writes that autograd's version counter misses (`weight.data.copy_(...)`, a fused
@@ -1211,7 +1278,7 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
                         id(layer) if layer.weight.device.type in _UNGROUPED_DEVICES else None)
             groups.setdefault(geometry, (spatial, []))[1].append(layer)
         if bounded:
-            _fft_refresh(bounded, [layer._cache_key(layer._lipschitz_key[-1]) for layer in bounded])
+            _fft_refresh(bounded, [layer._cache_key(layer._lipschitz_key[-1]) for layer in bounded], cuda_graphs)
         if groups:
             _warm_refresh(list(groups.values()), kept=True, graphs=cuda_graphs)
 

@@ -479,6 +479,66 @@ def test_image_layers_take_the_fft_bound_and_others_lanczos():
     assert "step_size=fft" in repr(model.conv1)
 
 
+def test_the_graph_bookkeeping_of_the_image_layers_bound(monkeypatch):
+    """Training's refresh the GPU's way, on the CPU, with a stand-in for the capture that reads the dictionary
+    tensor it was captured with (as a graph reads its address): the bound runs as it is once, is captured the
+    second time and replayed after, giving the bound of the dictionary as it is now; a new weight tensor or input
+    size gets a graph of its own, a move or reset_step_size drops it, cuda_graphs=False and a refused capture
+    capture nothing."""
+    monkeypatch.setattr(csc, "_BOUND_GRAPH_DEVICES", {"cpu"})
+    captures, replays = [], []
+
+    def stand_in(self, layer):
+        if refuse:
+            self.refused = True
+            return None
+        weight, self.out = layer.weight, torch.empty(())
+        captures.append(self)
+
+        class Graph:
+            def replay(graph):
+                replays.append(self)
+                self.out.copy_(csc.fft_bound(weight, layer.stride, layer.padding, self.spatial))
+        return Graph()
+    monkeypatch.setattr(csc._BoundGraph, "_capture", stand_in)
+    refuse = False
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18", width=4)
+    x = smooth_images(4, size=16)
+    model(x)
+
+    def expected():
+        return [csc.fft_bound(model.conv1.weight, 1, 1, (16, 16)).item()]
+    got = [_train_and_refresh(model, x, 1)[0] + expected() for _ in range(4)]
+    for L, bound in got:
+        assert L == pytest.approx(bound, rel=1e-6)
+    kept = csc._BOUND_GRAPHS[model.conv1]
+    assert captures == [kept] and len(replays) == 3 and kept.graph is not None
+    # a new weight tensor (same shape) is not the captured one: a graph of its own
+    model.conv1.weight = torch.nn.Parameter(model.conv1.weight.detach().clone())
+    (L,), = _train_and_refresh(model, x, 1)
+    assert csc._BOUND_GRAPHS[model.conv1] is not kept and L == pytest.approx(expected()[0], rel=1e-6)
+    _train_and_refresh(model, x, 1)
+    assert len(captures) == 2 and captures[-1] is csc._BOUND_GRAPHS[model.conv1]
+    # another input size: the graph's key names it
+    model(smooth_images(2, size=12))
+    assert not csc._BoundGraph._key(model.conv1, (12, 12)) == captures[-1].key
+    model.conv1.reset_step_size()
+    assert model.conv1 not in csc._BOUND_GRAPHS
+    model(x)
+    _train_and_refresh(model, x, 2)
+    model.to(torch.float64).to(torch.float32)  # a move drops it
+    assert model.conv1 not in csc._BOUND_GRAPHS
+    # no graphs asked for, or the capture refused: the bound as it is, every time
+    before = len(captures), len(replays)
+    _train_and_refresh(model, x, 3, cuda_graphs=False)
+    assert model.conv1 not in csc._BOUND_GRAPHS and (len(captures), len(replays)) == before
+    refuse = True
+    for (L,), bound in [(_train_and_refresh(model, x, 1)[0], expected()[0]) for _ in range(3)]:
+        assert L == pytest.approx(bound, rel=1e-6)
+    assert csc._BOUND_GRAPHS[model.conv1].refused and (len(captures), len(replays)) == before
+
+
 def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(device):
     """Training with the bound: refresh_step_sizes recomputes it for the changed dictionary (no warm vector, no
     Lanczos state), forward solves with it, and an unchanged dictionary keeps its L (the same tensor)."""
@@ -486,7 +546,7 @@ def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(devic
     model = sdnet.build_model("sdnet18", width=4).to(device)
     x = smooth_images(4, size=16).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(3):
+    for _ in range(4):  # (on CUDA: the bound as it is, then captured as a CUDA graph, then replayed twice)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
@@ -499,6 +559,10 @@ def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(devic
         assert layer._lipschitz.item() == pytest.approx(expected.item(), rel=1e-6)
         assert _true_top(layer, (16, 16)) <= layer._lipschitz.item()
     assert layer not in csc._KEPT
+    if device == "cuda":
+        kept = csc._BOUND_GRAPHS[layer]
+        assert not kept.refused, "CUDA refused the bound's capture (see the warning)"
+        assert isinstance(kept.graph, torch.cuda.CUDAGraph)
     L = layer._lipschitz
     sdnet.refresh_step_sizes(model)
     model.eval()(x)
@@ -1548,6 +1612,10 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(csc._HOST_CHECKED_EVERY))
     train_throughput.main(argv + ["--host-checked-every", "8"])
     assert during[-1] == 8 and csc._HOST_CHECKED_EVERY == every
+    # --eager-image-bound: the image layers' bound not replayed as a CUDA graph during the run, as before after
+    monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(set(csc._BOUND_GRAPH_DEVICES)))
+    train_throughput.main(argv + ["--eager-image-bound"])
+    assert during[-1] == set() and csc._BOUND_GRAPH_DEVICES == {"cuda"}
     with pytest.raises(SystemExit):
         train_throughput.parse_args(["--host-checked-every", "0"])
     for bad in ("6", "0:2", "a:b"):
