@@ -953,9 +953,9 @@ _CHECK_EVERY_REPLAYED = 6
 # Where products are replayed, one refresh of a kept state in this many checks on the host; the others make as many
 # products as the last checked one did (at least the first check's) and find their Ritz value on the device
 # (`_top_eigenpair`, in the same CUDA graph as the products): no host sync at all. 1 (the default): every refresh
-# checks. On a GPU a check drains the queue and waits on the host (SDNet-18's one-layer refresh takes 2.6-3.3 ms
-# there, maybe most of its gap to ResNet-18: bench/README, "On a GPU"); bench/train_throughput.py
-# --host-checked-every N tries it, not yet timed on a GPU.
+# checks. On a GPU a check drains the queue and waits on the host; bench/train_throughput.py --host-checked-every N
+# tries it: on an H200, SDNet-18-All 0.30x ResNet-18 against 0.27x in one call, 0.27x both ways in another (runs
+# 12-13, bench/README, "On a GPU"): no clear gain, so not the default.
 _HOST_CHECKED_EVERY = 1
 # Devices where training's refresh keeps its Lanczos states from one optimizer step to the next (`_kept_state`),
 # and those where it replays their products as graphs (one launch for each run of products instead of ~20 a product).
@@ -1246,8 +1246,8 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
     GPU memory that stays allocated (the graphs' pools: SDNet-18's peak 1.04x -> 1.09-1.10x ResNet-18's), and
     the checks, host syncs there, come after 10 products and then every 6 (`_FIRST_CHECK_REPLAYED`): replayed
     products are cheap next to a sync. `cuda_graphs=False` runs them kernel by kernel instead, checked after 6 and
-    then every 2 (`python -m sdnet.train --no-cuda-graphs`). With `_HOST_CHECKED_EVERY` above 1 (not the default;
-    untimed on a GPU) most refreshes there skip the checks and find the step size on the device: no sync.
+    then every 2 (`python -m sdnet.train --no-cuda-graphs`). With `_HOST_CHECKED_EVERY` above 1 (not the default:
+    no clear gain on an H200) most refreshes there skip the checks and find the step size on the device: no sync.
     Layers with the FFT bound (`step_size="fft"`, image layers by default) recompute it instead: a fixed set of
     small kernels, no iterations, no host sync (on a GPU replayed as one CUDA graph, `_BoundGraph`).
     Layers that have not solved anything yet (no input size known) are left to their first forward.

@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with torchrun: also write each rank's final weights to <out>/rank<r>.pt (to check DDP)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (for logs)")
     p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, run the step-size refresh's products kernel by kernel instead of replaying them as "
-                        "CUDA graphs: slower, a little less GPU memory, and the refresh's checks as on the CPU (after 6 "
+                   help="on CUDA, run the step-size refresh's products (and the image layer's bound) kernel by kernel instead "
+                        "of replaying them as CUDA graphs: slower, a little less GPU memory, and the refresh's checks as on the CPU (after 6 "
                         "products, then every 2: step sizes a little lower; sdnet.refresh_step_sizes; bench/README.md)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="on the CPU with glibc, keep freed memory for reuse instead of handing big blocks back to the "
