@@ -750,6 +750,10 @@ def _gain_verdict(cells) -> str:
     """Verdict on (name, our gain, its standard error, the paper's gain) cells: a gain counts when it is above
     twice its standard error and a tenth of the paper's (+0.3 is no "significant improvement" beside +18.9), and
     it is the paper's when it is at least as large."""
+    if not cells:
+        return "Nothing to compare."
+    if not all(math.isfinite(c[2]) for c in cells):  # one image (--subset 1): no spread to measure
+        return "Not judged: a standard error needs at least two images."
     won = [c for c in cells if c[1] > max(2 * c[2], c[3] / 10)]
     full = [c[0] for c in won if c[1] >= c[3]]
     if len(full) == len(cells):
@@ -932,13 +936,16 @@ def cmd_fista(args, argv) -> dict:
 
 
 # --- command line ------------------------------------------------------------------------------------
-def _parse_list(text: str, convert, what: str) -> tuple:
+def _parse_list(text: str, convert, what: str, once: bool = False) -> tuple:
     try:
         vals = tuple(convert(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
         vals = ()
     if not vals:
         raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
+    twice = sorted({str(v) for v in vals if vals.count(v) > 1}) if once else []
+    if twice:  # each would be a row (and a pass over the data) of its own, counted twice in every mean
+        raise argparse.ArgumentTypeError(f"{what} given more than once in {text!r}: {', '.join(twice)}")
     return vals
 
 
@@ -966,7 +973,7 @@ def parse_lams(text: str) -> tuple[float, ...]:
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    kinds = KINDS if text == "all" else _parse_list(text, str, "noises")
+    kinds = KINDS if text == "all" else _parse_list(text, str, "noises", once=True)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown noise {', '.join(bad)}; choose from {', '.join(KINDS)} or all")
@@ -975,7 +982,7 @@ def parse_kinds(text: str) -> tuple[str, ...]:
 
 def parse_levels(text: str) -> tuple[int | float, ...]:
     """Comma list of severities 1..5 (or float levels c); 0 means clean."""
-    return _parse_list(text, lambda v: 0 if float(v) == 0 else severity_value(v), "severities")
+    return _parse_list(text, lambda v: 0 if float(v) == 0 else severity_value(v), "severities", once=True)
 
 
 def parse_steps(text: str) -> tuple[int, ...]:

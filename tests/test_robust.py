@@ -6,6 +6,7 @@ accuracies.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import os
@@ -85,6 +86,10 @@ def test_parsers_and_command_line_errors(capsys):
     assert robust.parse_lams("0.2,1") == (0.2, 1.0)
     assert robust.parse_kinds("all") == NOISES and robust.parse_kinds("shot,impulse") == ("shot", "impulse")
     assert robust.parse_levels("0,1,0.05") == (0, 1, 0.05)
+    # a value given twice would be a row of its own and counted twice in every mean: refused, named
+    for parse, text in ((robust.parse_levels, "3,3.0"), (robust.parse_kinds, "shot,shot")):  # (a λ twice is harmless)
+        with pytest.raises(argparse.ArgumentTypeError, match="more than once"):
+            parse(text)
     for bad in (["fit", "--checkpoint", "x.pt", "--noise", "fog"], ["fit", "--checkpoint", "x.pt", "--lams", "1:0:0.1"],
                 ["fista", "--checkpoint", "x.pt", "--fista-steps", "0"]):
         with pytest.raises(SystemExit):
@@ -233,6 +238,11 @@ def test_adaptive_lambda_claims_hold_each_noise_to_the_papers_own_gain():
     assert "severities 1, 3:" in t2 and "severity 2" not in t2
     (t3,) = claims(mixed, kinds=("shot",))  # no Gaussian: no table 2 line
     assert "(table 3, mean over severities 1, 2, 3, 4, 5: shot +7.84 points): shot +2.00" in t3
+
+    # one image (--subset 1) has no standard error: no verdict either way; no cells, nothing claimed
+    assert all(line.endswith("Not judged: a standard error needs at least two images.")
+               for line in claims(big, se=float("nan")))
+    assert robust._gain_verdict([]) == "Nothing to compare."
 
 
 def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch, capsys):
