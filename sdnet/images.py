@@ -94,6 +94,11 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
         # float32 is exact to 2^24, plenty for 8 bits out; the steps below work in place, so a 40-megapixel
         # 16-bit image needs one float copy (160 MB), not one per step
         arr = np.array(img, dtype=np.float32)
+        # a grayscale PNG may name one value transparent (tRNS): those pixels go onto white, as in colour images
+        key = img.info.get("transparency") if mode != "F" else None
+        clear = arr == float(key) if isinstance(key, int) else None
+        if clear is not None and not clear.any():
+            clear = None
         if mode == "F":
             bad = ~np.isfinite(arr)
             if bad.any():  # NaN or inf in a float image: say so, rather than let them blacken the whole picture
@@ -114,9 +119,14 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
             arr *= 255.0 / (65535.0 if hi <= 65535 else hi)
             notes.append(f"{mode} ({'16-bit range' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
         np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
+        alpha = None
+        if clear is not None:
+            arr[clear] = 255.0
+            alpha = Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")
+            notes.append(f"{mode} with transparency (value {key}) composited onto white")
         img = Image.fromarray(arr.astype(np.uint8), "L")
         notes.append("grayscale converted to RGB")
-        return img.convert("RGB"), None, notes
+        return img.convert("RGB"), alpha, notes
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         notes.append("palette image expanded")

@@ -226,6 +226,21 @@ def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
     assert any("transparency composited onto white" in note for note in prepared.notes)
 
 
+def test_a_16_bit_grayscale_png_with_a_transparent_value_is_composited_onto_white():
+    """A grayscale PNG's tRNS names one value transparent; at 16 bits Pillow gives the value, not an alpha."""
+    gray = np.full((4, 4), 30000, dtype=np.uint16)
+    gray[0, 0] = 1000
+    buf = io.BytesIO()
+    Image.fromarray(gray).save(buf, format="PNG", transparency=1000)
+    prepared = images.prepare_image(buf.getvalue(), size=4)
+    seen = images.to_uint8(prepared.tensor)
+    assert seen[0, 0].tolist() == [255] * 3 and seen[1, 1].tolist() == [117] * 3  # 30000 of 65535 in 8 bits
+    assert prepared.alpha[0, 0] == 0 and (prepared.alpha.flatten()[1:] == 1).all()
+    assert any("transparency (value 1000) composited onto white" in note for note in prepared.notes)
+    Image.fromarray(gray).save(buf := io.BytesIO(), format="PNG", transparency=7)  # no pixel has it
+    assert images.prepare_image(buf.getvalue(), size=4).alpha is None
+
+
 def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_white_there():
     """Composited onto white, as the model takes it, a transparent upload's picture merged with the white page."""
     from app import panels
