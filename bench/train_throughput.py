@@ -364,7 +364,7 @@ def graph_states(model: torch.nn.Module) -> dict:
     layers = [layer for _, layer in sdnet.csc_layers(model)]
     states = {id(s): s for layer, kept in sdnet.csc._KEPT.items() if any(layer is mine for mine in layers)
               for s in kept.values()}.values()
-    bounds = [b for layer in layers if (b := sdnet.csc._BOUND_GRAPHS.get(layer)) is not None]
+    bounds = [b for layer in layers for b in sdnet.csc._BOUND_GRAPHS.get(layer, {}).values()]
     return {"kept_states": len(states), "refused": sum(s.capture_refused for s in states),
             "graphs": sum(1 for s in states for g in (s.graphs or {}).values() if g),
             "bound_graphs": sum(b.graph is not None for b in bounds), "bound_refused": sum(b.refused for b in bounds)}

@@ -518,70 +518,92 @@ def fft_bound(weight: torch.Tensor, stride: int, padding: int, spatial: tuple[in
 def _fft_refresh(layers: list[CSCLayer], keys: list[tuple], graphs: bool = False) -> None:
     """Set each layer's L to `fft_bound` for the input size its cache key names (`keys`: taken before, as the
     dictionaries the bounds are computed for). With `graphs` (training's refresh), on a GPU each layer's bound is
-    replayed as a CUDA graph (`_BoundGraph`). Call under _POWER_LOCK."""
+    replayed as a CUDA graph (`_BoundGraph`, one per input size, the last few kept). Call under _POWER_LOCK."""
     prints = _fingerprints_by_device(layers)
     for layer, key, fingerprint in zip(layers, keys, prints):
         spatial = key[-1]
         if graphs and layer.weight.device.type in _BOUND_GRAPH_DEVICES:
-            kept = _BOUND_GRAPHS.get(layer)
-            if kept is None or not kept.serves(layer, spatial):
-                kept = _BOUND_GRAPHS[layer] = _BoundGraph(layer, spatial)
-            bound = kept.bound(layer)
+            kept = _BOUND_GRAPHS.setdefault(layer, {})
+            which = _BoundGraph.key(layer, spatial)
+            kept[which] = kept.pop(which, None) or _BoundGraph(spatial)  # (the most recent last)
+            while len(kept) > _SIZES_KEPT + 1:
+                kept.pop(next(iter(kept)))
+            layer._lipschitz = kept[which].bound(layer)
         else:
-            bound = fft_bound(layer.weight, layer.stride, layer.padding, spatial)
-        layer._lipschitz = bound.clamp_min(1e-6)
+            layer._lipschitz = _clamped_bound(layer.weight, layer, spatial)
         layer._power_vec, layer._lipschitz_key, layer._fingerprint = None, key, fingerprint
         layer._refreshes += 1
 
 
+def _clamped_bound(weight: torch.Tensor, layer: CSCLayer, spatial) -> torch.Tensor:
+    return fft_bound(weight, layer.stride, layer.padding, spatial).clamp_min(1e-6)
+
+
 class _BoundGraph:
     """`fft_bound` of one layer's dictionary for one input size, replayed as a CUDA graph by training's refresh:
-    its ~40 small kernels in one launch (on a GPU the refresh is launch-bound: GPU runs 11-12 timed SDNet-18's
-    eager bound at 2.0 ms a step, bench/README.md). As the products' graphs (`_Lanczos.extend`): run as it is the
-    first time (which makes cuFFT's plan and cuBLAS's workspace), captured the second, replayed from then on. The
-    graph reads the dictionary where it is stored, so it serves while the layer's weight is stored there with the
-    same shape and type (an optimizer's in-place step keeps it so; a move drops it: `CSCLayer._apply`)."""
+    its ~40 small kernels in one launch (on a GPU the refresh is launch-bound: SDNet-18 trained at 0.90x ResNet-18
+    with it against 0.80x without, bench/README.md, "On a GPU"). As the products' graphs (`_Lanczos.extend`): run
+    as it is the first time (which makes cuFFT's plan and cuBLAS's workspace), captured the second, replayed from
+    then on. The graph reads a copy of the dictionary of its own, brought up to date by one copy before each replay
+    (as the products' operators do, `_NormalOperator.load`), so where and how the layer stores its weight does not
+    matter; its key is what the captured kernels depend on: shape, type, device, stride, padding and input size."""
 
-    def __init__(self, layer: CSCLayer, spatial: tuple[int, int]):
-        self.key = self._key(layer, spatial)
+    def __init__(self, spatial: tuple[int, int]):
         self.spatial = spatial
         self.seen = False  # run once as it is
         self.graph = None
+        self.weight: torch.Tensor | None = None  # the graph's copy of the dictionary
         self.out: torch.Tensor | None = None  # the graph's output, overwritten by each replay
-        self.refused = False  # CUDA refused the capture: the bound runs as it is, for good
+        self.refused = False  # CUDA refused the capture, or its replay was wrong: the bound runs as it is, for good
 
     @staticmethod
-    def _key(layer: CSCLayer, spatial) -> tuple:
+    def key(layer: CSCLayer, spatial) -> tuple:
         w = layer.weight
-        return w.data_ptr(), tuple(w.shape), w.dtype, w.device, layer.stride, layer.padding, tuple(spatial)
-
-    def serves(self, layer: CSCLayer, spatial) -> bool:
-        return self.key == self._key(layer, spatial)
+        return tuple(w.shape), w.dtype, w.device, layer.stride, layer.padding, tuple(spatial)
 
     def bound(self, layer: CSCLayer) -> torch.Tensor:
-        """The layer's bound now, a tensor of the caller's own (the next replay overwrites the graph's output)."""
+        """The layer's bound now (clamped above 0 as L is), a tensor of the caller's own (the next replay
+        overwrites the graph's output)."""
         if self.graph is None and self.seen and not self.refused:
             self.graph = self._capture(layer)
         if self.graph is None:
             self.seen = True
-            return fft_bound(layer.weight, layer.stride, layer.padding, self.spatial)
+            return _clamped_bound(layer.weight, layer, self.spatial)
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
         self.graph.replay()
         return self.out.clone()
 
     def _capture(self, layer: CSCLayer):
-        """A CUDA graph of the bound (None, and the bound run as it is from then on, if CUDA refuses it)."""
-        device = layer.weight.device
+        """A CUDA graph of the bound, checked once against the bound run as it is (None, and the bound run as it is
+        from then on, if CUDA refuses the capture or its replay disagrees)."""
+        with torch.no_grad():
+            self.weight = layer.weight.detach().clone(memory_format=torch.contiguous_format)
+        expected = _clamped_bound(self.weight, layer, self.spatial)
+        try:
+            graph = self._record(layer)
+            self.out.fill_(float("nan"))  # a graph that recorded nothing (kernels run outside it) leaves NaN here
+            graph.replay()
+            if not torch.allclose(self.out, expected, rtol=1e-5, atol=0):  # (a host sync, once)
+                raise RuntimeError(f"its replay gave {self.out.item():.6g}, "
+                                   f"the bound run as it is {expected.item():.6g}")
+            return graph
+        except RuntimeError as exc:
+            warnings.warn(f"sdnet: the image layer's step size runs without a CUDA graph (capture failed: {exc})")
+            self.refused, self.weight, self.out = True, None, None
+            return None
+
+    def _record(self, layer: CSCLayer):
+        """The capture itself, on a side stream of the layer's own device (torch's default capture stream is made
+        on whichever device was current first: on another one the kernels would run outside the graph)."""
+        device = self.weight.device
         with torch.cuda.device(device):
             caller = torch.cuda.current_stream()
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.out = fft_bound(layer.weight, layer.stride, layer.padding, self.spatial)
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                    self.out = _clamped_bound(self.weight, layer, self.spatial)
                 return graph
-            except RuntimeError as exc:
-                warnings.warn(f"sdnet: the image layer's step size runs without a CUDA graph (capture failed: {exc})")
-                self.refused = True
-                return None
             finally:
                 torch.cuda.set_stream(caller)  # a failed capture can leave the thread on the capture stream
 

@@ -480,63 +480,76 @@ def test_image_layers_take_the_fft_bound_and_others_lanczos():
 
 
 def test_the_graph_bookkeeping_of_the_image_layers_bound(monkeypatch):
-    """Training's refresh the GPU's way, on the CPU, with a stand-in for the capture that reads the dictionary
-    tensor it was captured with (as a graph reads its address): the bound runs as it is once, is captured the
-    second time and replayed after, giving the bound of the dictionary as it is now; a new weight tensor or input
-    size gets a graph of its own, a move or reset_step_size drops it, cuda_graphs=False and a refused capture
-    capture nothing."""
+    """Training's refresh the GPU's way, on the CPU, with a stand-in for the capture whose replay computes the bound
+    of the graph's own copy of the dictionary (as a graph reads fixed addresses): the bound runs as it is once, is
+    captured the second time and replayed after, giving the bound of the dictionary as it is now (the copy brought
+    up to date); each input size has a graph of its own (the last few kept), a new weight tensor of the same shape
+    is served by the same one, a move or reset_step_size drops them; cuda_graphs=False, a refused capture and a
+    graph whose replay does nothing (kernels run outside it) capture nothing that is used."""
     monkeypatch.setattr(csc, "_BOUND_GRAPH_DEVICES", {"cpu"})
-    captures, replays = [], []
+    captures, replays, mode = [], [], {"capture": "works"}
 
     def stand_in(self, layer):
-        if refuse:
-            self.refused = True
-            return None
-        weight, self.out = layer.weight, torch.empty(())
+        if mode["capture"] == "refused":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        # the kernels of a graph that records nothing ran as they are at its capture: its output is right, once
+        empty = mode["capture"] == "empty"
+        self.out = csc._clamped_bound(self.weight, layer, self.spatial) if empty else torch.empty(())
         captures.append(self)
 
         class Graph:
             def replay(graph):
                 replays.append(self)
-                self.out.copy_(csc.fft_bound(weight, layer.stride, layer.padding, self.spatial))
+                if mode["capture"] == "works":  # (an empty graph leaves its output as it was)
+                    self.out.copy_(csc._clamped_bound(self.weight, layer, self.spatial))
         return Graph()
-    monkeypatch.setattr(csc._BoundGraph, "_capture", stand_in)
-    refuse = False
+    monkeypatch.setattr(csc._BoundGraph, "_record", stand_in)
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18", width=4)
-    x = smooth_images(4, size=16)
+    layer = model.conv1
+    x, small = smooth_images(4, size=16), smooth_images(4, size=12)
     model(x)
 
-    def expected():
-        return [csc.fft_bound(model.conv1.weight, 1, 1, (16, 16)).item()]
-    got = [_train_and_refresh(model, x, 1)[0] + expected() for _ in range(4)]
-    for L, bound in got:
-        assert L == pytest.approx(bound, rel=1e-6)
-    kept = csc._BOUND_GRAPHS[model.conv1]
-    assert captures == [kept] and len(replays) == 3 and kept.graph is not None
-    # a new weight tensor (same shape) is not the captured one: a graph of its own
-    model.conv1.weight = torch.nn.Parameter(model.conv1.weight.detach().clone())
-    (L,), = _train_and_refresh(model, x, 1)
-    assert csc._BOUND_GRAPHS[model.conv1] is not kept and L == pytest.approx(expected()[0], rel=1e-6)
-    _train_and_refresh(model, x, 1)
-    assert len(captures) == 2 and captures[-1] is csc._BOUND_GRAPHS[model.conv1]
-    # another input size: the graph's key names it
-    model(smooth_images(2, size=12))
-    assert not csc._BoundGraph._key(model.conv1, (12, 12)) == captures[-1].key
-    model.conv1.reset_step_size()
-    assert model.conv1 not in csc._BOUND_GRAPHS
+    def refresh_and_compare(inputs, steps=1, **refresh):
+        """Train and refresh; each L against the bound of the dictionary as it is now, run as it is."""
+        for _ in range(steps):
+            (L,), = _train_and_refresh(model, inputs, 1, **refresh)
+            assert L == pytest.approx(csc.fft_bound(layer.weight, 1, 1, tuple(inputs.shape[-2:])).item(), rel=1e-6)
+
+    refresh_and_compare(x, 4)
+    (big,) = csc._BOUND_GRAPHS[layer].values()
+    assert captures == [big] and replays == [big] * 4 and big.graph is not None  # (the capture's check, then 3)
+    # another input size: a graph of its own; the first one kept and used again when its size comes back
+    model(small)
+    refresh_and_compare(small, 3)
+    assert len(captures) == 2 and captures[-1].spatial == (12, 12) and len(csc._BOUND_GRAPHS[layer]) == 2
     model(x)
-    _train_and_refresh(model, x, 2)
+    refresh_and_compare(x)
+    assert len(captures) == 2 and replays[-1] is big
+    # a new weight tensor of the same shape: the same graph, which reads its copy brought up to date
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    refresh_and_compare(x)
+    assert len(captures) == 2 and replays[-1] is big
+    layer.reset_step_size()
+    assert layer not in csc._BOUND_GRAPHS
+    model(x)
+    refresh_and_compare(x, 2)
     model.to(torch.float64).to(torch.float32)  # a move drops it
-    assert model.conv1 not in csc._BOUND_GRAPHS
-    # no graphs asked for, or the capture refused: the bound as it is, every time
+    assert layer not in csc._BOUND_GRAPHS
+    # no graphs asked for: the bound as it is, every time
     before = len(captures), len(replays)
-    _train_and_refresh(model, x, 3, cuda_graphs=False)
-    assert model.conv1 not in csc._BOUND_GRAPHS and (len(captures), len(replays)) == before
-    refuse = True
-    for (L,), bound in [(_train_and_refresh(model, x, 1)[0], expected()[0]) for _ in range(3)]:
-        assert L == pytest.approx(bound, rel=1e-6)
-    assert csc._BOUND_GRAPHS[model.conv1].refused and (len(captures), len(replays)) == before
+    refresh_and_compare(x, 3, cuda_graphs=False)
+    assert layer not in csc._BOUND_GRAPHS and (len(captures), len(replays)) == before
+    # a refused capture, or a graph that recorded nothing: said once, the bound as it is from then on
+    for failure in ("refused", "empty"):
+        mode["capture"] = failure
+        layer.reset_step_size()
+        model(x)
+        with pytest.warns(UserWarning, match="without a CUDA graph"):
+            refresh_and_compare(x, 2)
+        refresh_and_compare(x, 2)
+        (kept,) = csc._BOUND_GRAPHS[layer].values()
+        assert kept.refused and kept.graph is None
 
 
 def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(device):
@@ -560,7 +573,7 @@ def test_a_layer_with_the_fft_bound_refreshes_it_after_each_optimizer_step(devic
         assert _true_top(layer, (16, 16)) <= layer._lipschitz.item()
     assert layer not in csc._KEPT
     if device == "cuda":
-        kept = csc._BOUND_GRAPHS[layer]
+        (kept,) = csc._BOUND_GRAPHS[layer].values()
         assert not kept.refused, "CUDA refused the bound's capture (see the warning)"
         assert isinstance(kept.graph, torch.cuda.CUDAGraph)
     L = layer._lipschitz
