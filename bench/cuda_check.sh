@@ -4,18 +4,19 @@
 #    checkpoints run again on CUDA, training runs with bf16 and fp16 autocast, and the app's AppTest
 #    cases run on the GPU (the app picks CUDA when there is one).
 # 2. bench/train_throughput.py at the paper's width: fp32 (the issue's setting), bf16 autocast (what
-#    `python -m sdnet.train` does on CUDA by default), fp32 without the refresh's CUDA graphs (`--no-cuda-graphs`)
-#    and fp32 with the graphs but the eager refresh's schedule of checks (`--replayed-checks 6:2`): what the
-#    graphs and the sparser checks save, measured in the same call; and fp32 with host checks in one refresh of 8
-#    (`--host-checked-every 8`, the others with no sync); and ResNet-18 and SDNet-18 with the image layer's step
-#    size by Lanczos, as before the FFT bound (`--image-step-size lanczos`) (the power refresh the library had before,
-#    `--refresh power`, was measured in runs 4-5: reports/cuda-check), and with the FFT bound computed kernel by
-#    kernel, not replayed as a CUDA graph (`--eager-image-bound`). Then bench/step_profile.py: where a step's
-#    time goes.
-# `all` runs the benchmarks first (less the two variants last changed before run 9), then the tests.
-# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 320 s and 580 s, so each fits a
-# 10-minute call. `all`'s limits add up to 730 s, but it took 280-330 s on an H100 (runs 9-10): run it under a
-# `timeout` that leaves time to bring back what it wrote. The exit status is 1 if any step failed or timed out.
+#    `python -m sdnet.train` does on CUDA by default), fp32 with host checks in one refresh of 8
+#    (`--host-checked-every 8`, the others with no sync), ResNet-18 and SDNet-18 with the image layer's step size
+#    by Lanczos, as before the FFT bound (`--image-step-size lanczos`), and with the FFT bound computed kernel by
+#    kernel, not replayed as a CUDA graph (`--eager-image-bound`): each an A/B in the same call. `bench` alone also
+#    runs fp32 without the refresh's CUDA graphs (`--no-cuda-graphs`) and with the graphs but the eager refresh's
+#    schedule of checks (`--replayed-checks 6:2`), unchanged since runs 9-10. (The power refresh the library had
+#    before, `--refresh power`, was measured in runs 4-5: reports/cuda-check.) Then bench/step_profile.py: where a
+#    step's time goes.
+# `all` runs the benchmarks first, then the tests (the CUDA cases first, in a call of their own).
+# `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 320 s and 590 s, so each fits a
+# 10-minute call. `all`'s limits add up to 760 s, but each benchmark took 20-30 s and the tests 41 + 172 s on an
+# H200 (run 11, 361 s in all by the device tool's clock): run it under a `timeout` that leaves time to bring back
+# what it wrote. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
 set -u -o pipefail
@@ -35,7 +36,7 @@ fi
 
 run_pytest() {  # name, seconds, pytest selection...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider "$@" > "$OUT/$name.txt" 2>&1
+  timeout -k 10 "$limit" python3 -m pytest -q -m "not browser" -ra -p no:cacheprovider "$@" > "$OUT/$name.txt" 2>&1
   rc=$?; echo "$name exit $rc"; tail -30 "$OUT/$name.txt"; [ $rc -eq 0 ] || FAILED=1
 }
 # the cases that run on CUDA (skipped on a CPU) first, so that they come back even if the rest runs out of time
@@ -44,21 +45,21 @@ if [ "$PART" = tests ]; then run_tests; exit $FAILED; fi
 
 run_bench() {  # name, seconds, flags...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
+  timeout -k 10 "$limit" python3 bench/train_throughput.py --device cuda --width 64 --batch 128 --rounds 15 --steps 10 \
     --json "$OUT/throughput-$name.json" "$@" 2>&1 | tee "$OUT/throughput-$name.txt" | tail -9
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
 run_bench fp32 120
-run_bench bf16 85 --no-memory --amp bf16
-run_bench fp32-host-checked-every-8 85 --no-memory --host-checked-every 8
-run_bench fp32-image-lanczos 60 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
-run_bench fp32-eager-image-bound 60 --no-memory --models resnet18 sdnet18 --eager-image-bound
+run_bench bf16 80 --no-memory --amp bf16
+run_bench fp32-host-checked-every-8 80 --no-memory --host-checked-every 8
+run_bench fp32-image-lanczos 50 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
+run_bench fp32-eager-image-bound 50 --no-memory --models resnet18 sdnet18 --eager-image-bound
 # measured in runs 9-10 and not changed since: left out of `all`, so that its tests fit one 10-minute call
 if [ "$PART" = bench ]; then
-  run_bench fp32-no-graphs 85 --no-memory --no-cuda-graphs
-  run_bench fp32-eager-checks 85 --no-memory --replayed-checks 6:2
+  run_bench fp32-no-graphs 75 --no-memory --no-cuda-graphs
+  run_bench fp32-eager-checks 75 --no-memory --replayed-checks 6:2
 fi
-timeout 60 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
+timeout -k 10 60 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
 grep -A3 "^## " "$OUT/step-profile.txt"
 # the tests after the benchmarks in `all`: the suite has grown (run 10: 373 tests in 161 s, now over 600), and if
 # it runs out of time the throughput numbers have come back already
