@@ -105,7 +105,8 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
                 arr[bad] = 0.0
                 notes.append(f"{int(bad.sum())} NaN or infinite pixel value(s) set to 0")
             del bad
-        hi = float(arr.max()) if arr.size else 0.0
+        # the brightest pixel shown (a transparent value goes to white, whatever it is)
+        hi = float(arr.max(initial=0.0, where=True if clear is None else ~clear)) if arr.size else 0.0
         if mode.startswith("I;16"):
             # 16 bits per pixel whatever the content: a dark 16-bit image stays dark
             arr *= 255.0 / 65535.0
@@ -122,7 +123,7 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
         alpha = None
         if clear is not None:
             arr[clear] = 255.0
-            alpha = Image.fromarray(np.where(clear, 0, 255).astype(np.uint8), "L")
+            alpha = Image.fromarray(np.where(clear, np.uint8(0), np.uint8(255)), "L")  # (uint8: no 8-byte copy)
             notes.append(f"{mode} with transparency (value {key}) composited onto white")
         img = Image.fromarray(arr.astype(np.uint8), "L")
         notes.append("grayscale converted to RGB")

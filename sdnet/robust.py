@@ -749,11 +749,13 @@ def _adaptive_claims(get, kinds, sevs) -> list[str]:
 def _gain_verdict(cells) -> str:
     """Verdict on (name, our gain, its standard error, the paper's gain) cells: a gain counts when it is above
     twice its standard error and a tenth of the paper's (+0.3 is no "significant improvement" beside +18.9), and
-    it is the paper's when it is at least as large."""
+    it is the paper's when it is at least as large. No verdict without cells, or where a standard error is not
+    finite (NaN from a single image, --subset 1)."""
     if not cells:
         return "Nothing to compare."
-    if not all(math.isfinite(c[2]) for c in cells):  # one image (--subset 1): no spread to measure
-        return "Not judged: a standard error needs at least two images."
+    if not all(math.isfinite(c[2]) for c in cells):
+        return ("Not judged: a standard error needs at least two images." if any(math.isnan(c[2]) for c in cells)
+                else "Not judged: a standard error is infinite.")
     won = [c for c in cells if c[1] > max(2 * c[2], c[3] / 10)]
     full = [c[0] for c in won if c[1] >= c[3]]
     if len(full) == len(cells):
@@ -973,11 +975,12 @@ def parse_lams(text: str) -> tuple[float, ...]:
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    kinds = KINDS if text == "all" else _parse_list(text, str, "noises", once=True)
-    bad = [k for k in kinds if k not in KINDS]
+    if text == "all":
+        return KINDS
+    bad = [k for k in _parse_list(text, str, "noises") if k not in KINDS]  # unknown names first, then repeats
     if bad:
         raise argparse.ArgumentTypeError(f"unknown noise {', '.join(bad)}; choose from {', '.join(KINDS)} or all")
-    return kinds
+    return _parse_list(text, str, "noises", once=True)
 
 
 def parse_levels(text: str) -> tuple[int | float, ...]:

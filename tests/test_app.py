@@ -239,6 +239,11 @@ def test_a_16_bit_grayscale_png_with_a_transparent_value_is_composited_onto_whit
     assert any("transparency (value 1000) composited onto white" in note for note in prepared.notes)
     Image.fromarray(gray).save(buf := io.BytesIO(), format="PNG", transparency=7)  # no pixel has it
     assert images.prepare_image(buf.getvalue(), size=4).alpha is None
+    # a dark picture whose transparent value is white-hot is still said to be dark (that value is not shown)
+    gray[:] = 119
+    gray[0, 0] = 65535
+    Image.fromarray(gray).save(buf := io.BytesIO(), format="PNG", transparency=65535)
+    assert any("brightest value 119 of 65535" in n for n in images.prepare_image(buf.getvalue(), size=4).notes)
 
 
 def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_white_there():
