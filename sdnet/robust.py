@@ -411,9 +411,11 @@ def _describe(path: str | Path, meta: dict) -> str:
 class _Context:
     """What a subcommand works on: the SDNet checkpoint and its card, the baseline, the data split."""
 
-    def __init__(self, args: argparse.Namespace, split: str, baseline: bool = False, writes_card: bool = False,
-                 check_card: Callable[[dict], None] | None = None):
-        """`check_card(fits)` may refuse the run on the card's fits, before the baseline and the data load."""
+    def __init__(self, args: argparse.Namespace, split: str, stem: str, baseline: bool = False,
+                 writes_card: bool = False, check_card: Callable[[dict], None] | None = None):
+        """`stem`: the report's file name (the layers' suffix added); an existing one is refused unless --overwrite,
+        and `check_card(fits)` may refuse the run on the card's fits: both before the baseline and the data load
+        (the slow part)."""
         device = args.device_obj
         if writes_card:
             try:
@@ -436,6 +438,9 @@ class _Context:
         self.lam0 = trained_lam(self.model)
         self.n_steps = getattr(args, "n_steps", None)  # the run's FISTA steps (None: the trained ones)
         self.layers = scope_layers(self.model, args.lam_layers)
+        # (the layers' suffix goes on the figures' names too: Report)
+        self.stem, self.suffix = stem, "-all-layers" if self.layers is None else ""
+        self._refuse_existing(args)
         self.dataset = args.dataset or self.meta.get("dataset", "cifar10")
         self.baseline, self.baseline_field = None, None
         if baseline:
@@ -497,12 +502,15 @@ class _Context:
             sys.exit(f"error: {problem}")
         self.baseline_field = _describe(path, meta)
 
-    def report(self, args, argv, title: str, stem: str) -> Report:
-        report = Report(args, argv, title, stem, "-all-layers" if self.layers is None else "")
-        existing = report.out / f"{report.stem}.md"
+    def _refuse_existing(self, args) -> None:
+        existing = Path(args.out) / f"{self.stem}{self.suffix}.md"
         if existing.exists() and not args.overwrite:  # the shipped reports are what their commands wrote
             sys.exit(f"error: {existing} exists ({_made_by(existing)}): pass --overwrite to replace it and its "
                      "figures, or --out another folder")
+
+    def report(self, args, argv, title: str) -> Report:
+        self._refuse_existing(args)  # (again: another run may have written it since)
+        report = Report(args, argv, title, self.stem, self.suffix)
         for name, value in self.fields:
             report.field(name, value)
         return report
@@ -526,9 +534,9 @@ def cmd_fit(args, argv) -> dict:
                      + (f" (on {_join(sorted(made))} training images)" if None not in made else "")
                      + ": pass --overwrite to replace them, or fit other --noise")
 
-    ctx = _Context(args, "train", writes_card=True, check_card=refuse_replacing)  # refused before the data loads
-    report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data",
-                        "robust-fit" + _suffix(kinds))  # one noise at a time: a report each, as eval's
+    # one noise at a time: a report each, as eval's; refused before the data loads
+    ctx = _Context(args, "train", "robust-fit" + _suffix(kinds), writes_card=True, check_card=refuse_replacing)
+    report = ctx.report(args, argv, "Algorithm 1: λ versus residual, fitted on training data")
     report.field("settings", f"levels {_join(levels)} (CIFAR-10-C severities; a float is the level c itself); "
                              f"λ grid {_join(lams)}; n_steps {args.n_steps or 'trained'}")
     fits = {}
@@ -579,15 +587,14 @@ def _suffix(kinds: Sequence[str]) -> str:
 def cmd_eval(args, argv) -> dict:
     if not any(args.severities):  # the run ended in an IndexError after all its work
         sys.exit("error: --severities needs a severity or level above 0 (the clean images, 0, are always in)")
-    ctx = _Context(args, "test", baseline=True)
+    ctx = _Context(args, "test", "robust-noise" + _suffix(args.noise), baseline=True)
     model, base, data, lam0 = ctx.model, ctx.baseline, ctx.data, ctx.lam0
     labels, bs, kinds, lams = data.labels, args.batch_size, args.noise, args.lams
     sevs = tuple(s for s in args.severities if s)
     fits = ctx.fits_for(kinds)
     n_sweep = min(args.sweep_subset, len(data))
     sweep_idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n_sweep]
-    report = ctx.report(args, argv, "Robustness to additive noise (paper tables 2-3, figures 2-3)",
-                        "robust-noise" + _suffix(kinds))
+    report = ctx.report(args, argv, "Robustness to additive noise (paper tables 2-3, figures 2-3)")
     missing = [k for k in kinds if k not in fits]
     if missing:  # said before the work too, not only inside the report at its end
         print(f"warning: the card has no Algorithm 1 fit for {', '.join(missing)}: the report's adaptive-λ column "
@@ -769,11 +776,11 @@ def _gain_verdict(cells) -> str:
 
 
 def cmd_adversarial(args, argv) -> dict:
-    ctx = _Context(args, "test", baseline=True)
+    ctx = _Context(args, "test", "robust-adversarial", baseline=True)
     model, base, lam0 = ctx.model, ctx.baseline, ctx.lam0
     x, y, bs = ctx.data.float_images(), ctx.data.labels, args.batch_size
     step = {n: args.step_factor * eps / args.steps for n, (eps, _) in RADII.items()}
-    report = ctx.report(args, argv, "Adversarial robustness under PGD (paper table 4)", "robust-adversarial")
+    report = ctx.report(args, argv, "Adversarial robustness under PGD (paper table 4)")
     report.field("attack", f"PGD (captum.robust.PGD through sdnet.attacks), untargeted, cross-entropy, pixel space "
                            f"[0, 1], {args.steps} steps, {args.restarts} random start(s) (an image is robust only if "
                            f"no start fools the model); step size {args.step_factor:g} × radius / steps: "
@@ -879,11 +886,11 @@ def _adversarial_report(report: Report, res, ctx: _Context) -> None:
 
 
 def cmd_fista(args, argv) -> dict:
-    ctx = _Context(args, "test")
+    ctx = _Context(args, "test", "robust-fista")
     model, data, bs, kinds, sevs = ctx.model, ctx.data, args.batch_size, args.noise, args.severities
     labels = data.labels
     fits = ctx.fits_for(kinds, required=False)  # the trained-λ rows stand on their own
-    report = ctx.report(args, argv, "FISTA iterations at inference (paper table 5)", "robust-fista")
+    report = ctx.report(args, argv, "FISTA iterations at inference (paper table 5)")
     report.field("settings", f"n_steps {_join(args.fista_steps)} at inference, in the layers above (trained with "
                              f"{ctx.meta.get('config', {}).get('n_steps')}); noise columns: mean over severities "
                              f"{_join(sevs)}; adaptive λ: λ(r_test) from the card's fit (made at the trained n_steps) "

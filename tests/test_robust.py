@@ -265,10 +265,16 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
     card = (ck / "sd.json").read_text()
     (out / "robust-fit-speckle.md").write_text("# a report\n\nRegenerate with:\n\n```bash\n"
                                               "python -m sdnet.robust fit --noise speckle --checkpoint other.pt\n```\n")
-    with pytest.raises(SystemExit, match=re.escape(f"{out / 'robust-fit-speckle.md'} exists (made by `python -m "
-                                                   "sdnet.robust fit --noise speckle --checkpoint other.pt`)")
-                       + ".*pass --overwrite"):
-        robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "speckle", *base])
+    with monkeypatch.context() as m:  # an existing report is refused before the data (and a baseline) load too
+        m.setattr(robust, "load_for_model", lambda *a, **k: pytest.fail("the data was loaded before the refusal"))
+        with pytest.raises(SystemExit, match=re.escape(f"{out / 'robust-fit-speckle.md'} exists (made by `python -m "
+                                                       "sdnet.robust fit --noise speckle --checkpoint other.pt`)")
+                           + ".*pass --overwrite"):
+            robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "speckle", *base])
+        (out / "robust-noise-gaussian.md").write_text("# a report\n")
+        m.setattr(robust._Context, "_load_baseline", lambda *a: pytest.fail("the baseline was loaded before the refusal"))
+        with pytest.raises(SystemExit, match="robust-noise-gaussian.md exists .*pass --overwrite"):
+            robust.main(["eval", "--severities", "2", "--noise", "gaussian", *base])
     assert (ck / "sd.json").read_text() == card
     # Ctrl-C once the figures are made, before the report is written: the report, its figures and the card are
     # as they were (the figures were rewritten, the card too, before the report was), and nothing staged is left
