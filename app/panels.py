@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,13 @@ from sdnet import attribution, images
 from . import plots, state
 
 OTHER_PATH = "Other path..."
-# every chart saves itself as a PNG from its camera icon: at twice the screen's pixels, named by its key
-PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+RESIDUAL = "||x - A(z)|| / ||x||"  # the relative residual, on its charts' axes
+# every chart saves itself as a PNG from its camera icon: at twice the screen's pixels, named by its key. Its toolbar
+# keeps that icon and Streamlit's fullscreen, no zoom buttons: a drag still zooms and a double click resets, and
+# eight icons ran over the charts' titles and legends (plots.TOOLBAR keeps a strip for the two)
+PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2},
+                 "modeBarButtonsToRemove": ["zoom2d", "pan2d", "select2d", "lasso2d", "zoomIn2d", "zoomOut2d",
+                                            "autoScale2d", "resetScale2d"]}
 
 
 @dataclass
@@ -37,13 +43,28 @@ class Context:
 
 def _chart(fig, key: str | None = None) -> None:
     image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": (key or "chart").removesuffix("_chart")}
-    st.plotly_chart(fig, config={**PLOTLY_CONFIG, "toImageButtonOptions": image}, key=key)
+    config = {**PLOTLY_CONFIG, "toImageButtonOptions": image}
+    fitted = plots.fitted_height(fig)
+    if not (fitted and key):
+        st.plotly_chart(fig, config=config, key=key)
+        return
+    # A tile chart, as tall as its tiles at the width it gets: a box around it is the container its CSS height is a
+    # length of, and the chart stretches to that height (in fullscreen, to the screen's, as any chart)
+    with st.container(key=f"{key}_box"):
+        st.html(f"<style>.st-key-{key}_box {{container-type: inline-size}} .st-key-{key} {{height: {fitted}}}</style>")
+        st.plotly_chart(fig, config=config, key=key, height="stretch")
 
 
 def _code(text: str) -> str:
     """A user's file name or path inside markdown, as a code span: 'red.png' is not a colour directive there, nor
     ':smile:' an emoji, nor '*x*' emphasis."""
     return "`" + str(text).replace("`", "'") + "`"
+
+
+def _wrappable(name: str) -> str:
+    """A file or layer name for a picture's narrow caption: a zero-width space after each '.', ':', '/', '_' or '-'
+    lets it wrap there ('layer1.1.' over 'conv2'), where it broke mid-word ('layer1.1.c' over 'onv2') at 800 px."""
+    return re.sub(r"(?<=[.:/_-])(?=[^\s.:/_-])", "\u200b", name)
 
 
 def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
@@ -243,7 +264,7 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
                 alpha: np.ndarray | None = None) -> None:
     """The clean image (an upload's transparent parts on a checkerboard) and the model input (white there)."""
     cols = st.columns([1, 1, 2])
-    cols[0].image(framed_picture(clean, alpha), caption=f"clean ({_code(info['source'])})")
+    cols[0].image(framed_picture(clean, alpha), caption=f"clean ({_code(_wrappable(info['source']))})")
     if corruption["kind"] == "none":
         cols[1].image(framed_picture(image), caption="model input (no corruption)")
     else:
@@ -617,11 +638,11 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                    "their relative residual is undefined and left out of the chart.")
     c1, c2 = st.columns(2)
     with c1:
-        _chart(plots.across_depth(names, series("rel_residual"), "Relative residual ||x - A(z)|| / ||x||",
-                                  "relative residual"), key="residual_chart")
+        # short titles, the definitions on the axes: in half of an 800 px window a long one ran under the toolbar
+        _chart(plots.across_depth(names, series("rel_residual"), "Relative residual", RESIDUAL), key="residual_chart")
     with c2:
-        _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z (fraction of zeros)", "sparsity",
-                                  percent=True), key="sparsity_chart")
+        _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z", "fraction of zeros", percent=True),
+               key="sparsity_chart")
     table = pd.DataFrame({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
                           # text: a layer fed all zeros has none, and a NaN cell read "None" in the browser
                           "relative residual": ["" if r["input_zero"] else f"{r['rel_residual']:.5f}"
@@ -702,13 +723,13 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     with c1:
         _chart(plots.lam_path_layers(lams, [("mean over layers", "mean", path["mean_rel_residual"]),
                                             (first, "first", path["rel_residual"][:, 0])],
-                                     "Relative residual ||x - A(z)|| / ||x||", "relative residual", lam["all"],
-                                     trained, cut), key="path_residual_chart")
+                                     "Relative residual", RESIDUAL, lam["all"], trained, cut),
+               key="path_residual_chart")
     with c2:
         _chart(plots.lam_path_layers(lams, [("mean over layers", "mean", path["sparsity"].mean(1)),
                                             (first, "first", path["sparsity"][:, 0])],
-                                     "Sparsity of z (fraction of zeros)", "sparsity", lam["all"], trained, cut,
-                                     percent=True), key="path_sparsity_chart")
+                                     "Sparsity of z", "fraction of zeros", lam["all"], trained, cut, percent=True),
+               key="path_sparsity_chart")
     st.download_button("lam_path.csv", data=lambda: state.lam_path_csv(path, classes), file_name="lam_path.csv",
                        mime="text/csv", key="dl_lam_path", on_click="ignore",
                        help="Every class's probability and every layer's residual and sparsity at each λ of the path")
@@ -757,7 +778,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
             zero = not np.any(state.layer_record(cur, name)["z"])  # stretched, an all-zero code is just black
             col.image(framed_picture(img, side=160),
-                      caption=f"{name} (all-zero code: sees nothing)" if zero else name)
+                      caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else ""))
 
 
 def _spread(names: list[str], n: int) -> list[str]:

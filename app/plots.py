@@ -17,15 +17,21 @@ from sdnet import images
 # One colour per compared setting, the same in every chart of the page.
 COLORS = {"current": "#d62728", "trained": "#1f77b4", "resnet": "#7f7f7f"}
 MARGIN = dict(l=10, r=10, t=40, b=10)
-LEGEND = dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0)
-# With a title and a legend, the title gets its own line above the legend's: in a narrow column (a 700 px
-# window) a legend anchored right ran into a title anchored left on the same line.
-TITLE_OVER_LEGEND = dict(margin=dict(MARGIN, t=64), title_y=1.0, title_yanchor="top", title_yref="container",
-                         title_pad=dict(t=8))
+# Plotly's toolbar (on hover: the camera and Streamlit's fullscreen, panels.PLOTLY_CONFIG drops the rest) sits in a
+# strip this tall at the top right of every chart. Nothing but a title at its left goes there: over the legend, the
+# titles or the tiles, it hid them. A legend starts under it and grows downwards (plotly then pushes the plot down).
+TOOLBAR = 30
+LEGEND = dict(orientation="h", xanchor="right", x=1.0, yref="container", yanchor="top")
+TITLE = dict(y=1.0, yref="container", yanchor="top", pad=dict(t=7))
 NO_AXIS = dict(visible=False, constrain="domain")
 WIDTH = 900  # about the width of a chart in the page's main column, in CSS pixels
 NARROW = 468  # ...and in an 800 px window, the narrowest the page is laid out for
+# A tile chart's colour bar in a right margin of its own, its title along it: plotly widened the margin for a title
+# on top ('l2 norm over channels'), narrowing the tiles below the width their chart's height was fitted to
+COLORBAR = 84
+TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
+TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
 def short_number(v: float) -> str:
@@ -46,9 +52,10 @@ def text_width(text: str, size: float) -> float:
 
 
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
-    base = dict(height=height, margin=MARGIN, title=title, legend=LEGEND)
-    if title and sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
-        base.update(TITLE_OVER_LEGEND, height=height + 24)
+    base = dict(height=height, margin=MARGIN, title=dict(TITLE, text=title), legend=LEGEND)
+    if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
+        # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
+        base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))
     return go.Figure(dict(data=data, layout=dict(base, **layout)))
 
 
@@ -135,7 +142,8 @@ def lam_path_layers(lams: np.ndarray, series: list[tuple[str, str, np.ndarray]],
 
 
 def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
-    trace = dict(type="image", z=np.clip(img, 0, 1) * 255)
+    # 8-bit, as the screen shows it: the hover read 'rgb=[154.33871984481812, ...]'
+    trace = dict(type="image", z=np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8))
     if hover:
         trace["hovertemplate"] = "x=%{x} y=%{y}<br>rgb=%{z}<extra></extra>"
     else:
@@ -146,25 +154,37 @@ def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
 def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: int, px: int,
            titles: list[str], scale: float) -> go.Figure:
     """A figure of tile_grid pictures with a title above each tile (one text trace), pixels square, no axes;
-    `scale` is the wanted screen pixels per picture pixel (less when the page's width limits it)."""
+    `scale` is the wanted screen pixels per picture pixel, less where the chart's width limits it. Its height follows
+    the width the page gives it (`fitted_height`): a height fixed for one width left blank bands at another."""
     nrows = math.ceil(n / ncols)
-    scale = min(scale, WIDTH / (ncols * (w + px) - px))
-    top = 16 / scale  # room for the first row's titles, in picture pixels
+    width, height = ncols * (w + px) - px, nrows * (h + py) - py  # the grid, in picture pixels
+    # the first row's titles under the toolbar's strip; a colour bar in a right margin of its own
+    bar = any(trace.get("colorbar") for trace in data)
+    margin = dict(MARGIN, t=TOOLBAR + TITLE_ROOM, r=COLORBAR if bar else MARGIN["r"])
+    sides, ends = margin["l"] + margin["r"], margin["t"] + margin["b"]  # screen pixels around the plot
     # The titles' font is in screen pixels while the tiles shrink with the chart: in an 800 px window 16-character
     # titles ran into each other. The largest size at which the longest fits its tile's width there, gap included.
-    bar = 70 if any(trace.get("colorbar") for trace in data) else 0  # the colour bar's room, in screen pixels
-    pitch = (w + px) * min(scale, (NARROW - MARGIN["l"] - MARGIN["r"] - bar) / (ncols * (w + px) - px))
+    pitch = (w + px) * min(scale, (NARROW - sides) / width)
     size, shown = _title_size(titles, pitch), titles
     if size is None:  # not even at the smallest (64 atoms in 16 columns): '#63', its '(12.3)' on hover
         shown = [t.split(" (")[0] for t in titles]
         size = _title_size(shown, pitch) or TITLE_SIZES[-1]
     labels = dict(type="scatter", mode="text", text=shown, textposition="top center", textfont=dict(size=size),
                   x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
-                  y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles,
+                  y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles, cliponaxis=False,
                   hoverinfo="skip" if shown == titles else "text", showlegend=False)
-    bottom = nrows * (h + py) - py
-    return _figure(data + [labels], int((bottom + top) * scale) + 14, margin=dict(MARGIN, t=4), xaxis=NO_AXIS,
-                   yaxis=dict(NO_AXIS, autorange=False, scaleanchor="x", range=[bottom - 0.5, -top - 0.5]))
+    # the height at the wanted scale, or where the chart's width (100cqw) limits the scale, the height it gives;
+    # the figure's own height (where no CSS applies) is the one at about the main column's width
+    fit = f"min({ends + height * scale:.1f}px, calc((100cqw - {sides}px) * {height / width:.5f} + {ends}px))"
+    return _figure(data + [labels], round(ends + height * min(scale, WIDTH / width)), margin=margin,
+                   meta=dict(fitted_height=fit), xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]),
+                   yaxis=dict(NO_AXIS, scaleanchor="x", range=[height - 0.5, -0.5]))
+
+
+def fitted_height(fig: go.Figure) -> str | None:
+    """A tile chart's height as a CSS length of its width, 100cqw (None for the other charts)."""
+    meta = fig.layout.meta
+    return meta.get("fitted_height") if isinstance(meta, dict) else None
 
 
 def _title_size(titles: list[str], pitch: float) -> int | None:
@@ -187,7 +207,7 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
         which = images.tile_grid(np.stack([np.full((h, w), float(i)) for i in range(n)]), n, (pad, pad), fill=np.nan)
         label = np.where(np.isnan(which), "", np.array(titles, dtype=object)[np.nan_to_num(which).astype(int)])
         trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
-                     hoverongaps=False, colorbar=dict(title=colorbar_title, thickness=12),
+                     hoverongaps=False, colorbar=dict(TILE_COLORBAR, title=dict(text=colorbar_title, side="right")),
                      hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>")
     return _tiled([trace], n, n, h, w, pad, pad, titles, 260 / (h + pad))
 
@@ -207,7 +227,8 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
     vmax = max(float(np.abs(z[channels]).max()), 1e-12)
     heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if z.min() >= 0 else -vmax, zmax=vmax,
-                colorscale="Viridis", hoverongaps=False, colorbar=dict(title="z", thickness=12),
+                colorscale="Viridis", hoverongaps=False,
+                colorbar=dict(TILE_COLORBAR, title=dict(text="z", side="right")),
                 hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
                               "<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window

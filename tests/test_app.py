@@ -226,6 +226,13 @@ def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
     assert any("transparency composited onto white" in note for note in prepared.notes)
 
 
+def test_rgb_pictures_hover_with_8_bit_values():
+    """The hover read 'rgb=[154.33871984481812, ...]': the picture's values are the 8-bit ones the screen shows."""
+    from app import plots
+    z = plots._rgb_trace(np.array([[[0.6052, 0.2, 1.3]]]))["z"]
+    assert z.dtype == np.uint8 and z.tolist() == [[[154, 51, 255]]]
+
+
 def test_a_16_bit_grayscale_png_with_a_transparent_value_is_composited_onto_white():
     """A grayscale PNG's tRNS names one value transparent; at 16 bits Pillow gives the value, not an alpha."""
     gray = np.full((4, 4), 30000, dtype=np.uint16)
@@ -283,6 +290,73 @@ def test_tile_titles_shrink_to_fit_an_800_px_window_then_drop_the_usage():
     one = plots.text_width("#1 (1)", 1)  # its width at 1 px: the largest size whose width + 4 px fits the pitch
     assert plots._title_size(["#1 (1)"], 100) == 10 and plots._title_size(["#1 (1)"], 4 + 9.5 * one) == 9
     assert plots._title_size(["#1 (1)"], 4 + 8 * one) == 8 and plots._title_size(["#1 (1)"], 3 + 8 * one) is None
+
+
+def _css_px(length: str, width: float) -> float:
+    """A CSS length made of min(), calc(), px and 100cqw, in pixels for a container `width` px wide."""
+    expr = length.replace("100cqw", f"{width}").replace("px", "").replace("calc", "")
+    assert set(expr) <= set("0123456789.+-*/(), min"), length
+    return eval(expr, {"__builtins__": {}, "min": min})
+
+
+def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
+    """A tile chart's height was fixed for a ~900 px wide chart: in an 800 px window (468 px) its tiles, shrunk to the
+    width, left blank bands above and below. Its height is a CSS length of its width, at which the square-pixel
+    picture fills the plot exactly: as wide as the plot where that limits it, else at its wanted scale."""
+    from app import plots
+    rng = np.random.default_rng(0)
+    maps = [(t, rng.random((32, 32))) for t in ("input x", "A(z)", "residual")]
+    figs = [plots.tiles(rng.random((16, 7, 7, 3)), [f"#{i} (1.5)" for i in range(16)], height_per_row=120),
+            plots.tiles(rng.random((64, 3, 3, 3)), [f"#{i}" for i in range(64)], ncols=16),
+            plots.code_grid(rng.random((16, 16, 16)), list(range(16)), np.arange(16.0)),
+            plots.layer_maps([(t, rng.random((32, 32, 3))) for t, _ in maps], rgb=True),
+            plots.layer_maps(maps, rgb=False, colorbar_title="l2 norm over channels")]
+    for fig in figs:
+        rows, cols = np.asarray(fig.data[0].z).shape[:2]  # the grid, in picture pixels
+        margin = fig.layout.margin
+        scales = []
+        for width in (plots.NARROW, 940, 2000):  # an 800 px and a 1400 px window's main column, and a wide screen
+            height = _css_px(plots.fitted_height(fig), width)
+            across, down = width - margin.l - margin.r, height - margin.t - margin.b  # the plot, in screen pixels
+            scales.append(min(across / cols, down / rows))  # pixels stay square: the axis with less room sets it
+            assert scales[-1] * rows == pytest.approx(down, abs=0.5), (fig.layout.height, width)  # no blank bands
+        assert scales == sorted(scales)  # tiles grow with the width, up to their wanted scale
+        assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
+        assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
+    assert plots.fitted_height(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
+
+
+def test_the_toolbar_has_a_strip_of_its_own():
+    """Plotly's toolbar, shown on hover at a chart's top right, covered the predictions chart's legend, the titles of
+    the charts in half of an 800 px window and a tile chart's last titles. Two buttons are left (the camera and
+    Streamlit's fullscreen), in a strip where only a title goes: legends start under it, tiles' titles too."""
+    from app import panels, plots
+    assert {"zoom2d", "pan2d", "zoomIn2d", "zoomOut2d", "autoScale2d", "resetScale2d"} <= set(
+        panels.PLOTLY_CONFIG["modeBarButtonsToRemove"])
+    probs = np.array([0.1, 0.2, 0.3, 0.4])
+    pred = plots.predictions(list("abcd"), [("SDNet at λ=0.1", "current", probs), ("trained", "trained", probs[::-1]),
+                                            ("ResNet", "resnet", probs)], 2)
+    depth = plots.across_depth(["conv1", "layer1.0.conv1"],
+                               [("λ=0.1", "current", [0.2, 0.3]), ("trained λ", "trained", [0.2, 0.4])], "Sparsity", "s")
+    lone = plots.atom_scores(np.array([1.0, -0.5]), ["atom 0", "atom 1"], "First-layer atoms")
+    for fig in (pred, depth):  # its rows grow downwards from under the strip, and push the plot down
+        legend = fig.layout.legend
+        assert legend.yref == "container" and legend.yanchor == "top" and legend.xanchor == "right"
+        assert (1 - legend.y) * fig.layout.height == pytest.approx(plots.TOOLBAR)
+    for fig in (depth, lone):  # the title in the strip, at its left
+        assert fig.layout.title.yref == "container" and fig.layout.title.y == 1 and fig.layout.title.yanchor == "top"
+    grid = plots.tiles(np.zeros((16, 7, 7, 3)), [f"#{i} (1.5)" for i in range(16)])
+    assert grid.layout.margin.t >= plots.TOOLBAR + max(plots.TITLE_SIZES)
+
+
+def test_names_in_picture_captions_wrap_after_their_separators():
+    """In an 800 px window a picture's caption broke mid-word ('upload:disc.pn' over 'g', 'layer1.1.c' over 'onv2'):
+    a zero-width space after each separator lets it wrap there instead."""
+    from app import panels
+    zw = "\u200b"
+    assert panels._wrappable("layer1.1.conv2") == f"layer1.{zw}1.{zw}conv2"
+    assert panels._wrappable("upload:my_photo-2.png") == f"upload:{zw}my_{zw}photo-{zw}2.{zw}png"
+    assert panels._wrappable("conv1") == "conv1" and panels._wrappable("a. b..") == "a. b.."  # nothing to wrap
 
 
 def test_the_probability_axis_has_no_tick_past_100_percent():
@@ -452,6 +526,27 @@ def test_page_renders_and_lambda_changes_residuals(app):
     ok(at)
     assert at.select_slider(key="lam").value == 1.0 and at.slider(key="n_steps").value == 5
     assert at.session_state["view"].probe["layers"][0]["lam"] == 0.01
+
+
+def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
+    """On the page: every chart's toolbar drops the zoom buttons, and each tile chart gets the CSS that makes its
+    height follow its width (see test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get)."""
+    import plotly.graph_objects as go
+
+    from app import plots
+    at = app(tab="Layers")
+    ok(at)
+    charts = {c.key: c for c in at.get("plotly_chart")}
+    assert {"pred_chart", "residual_chart", "maps_chart", "codes_chart"} <= charts.keys()
+    assert all({"zoom2d", "pan2d", "autoScale2d"} <= set(json.loads(c.proto.config)["modeBarButtonsToRemove"])
+               for c in charts.values())
+    styles = " ".join(h.proto.body for h in at.get("html"))
+    tiles = {key for key, c in charts.items() if json.loads(c.proto.spec)["layout"].get("meta")}
+    assert tiles == {"maps_chart", "codes_chart"}
+    for key in tiles:
+        fitted = plots.fitted_height(go.Figure(json.loads(charts[key].proto.spec)))
+        assert f".st-key-{key}_box {{container-type: inline-size}}" in styles
+        assert f".st-key-{key} {{height: {fitted}}}" in styles
 
 
 def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):

@@ -3,7 +3,8 @@
 Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change and
 that a second browser session keeps its own lambda, and saves screenshots to tests/artifacts/ (set
 SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In an 800 px and a
-1400 px window, checks that no label is cut and no tile titles run together.
+1400 px window, checks that no label is cut, no tile titles run together, the charts' toolbar covers no title or
+legend, tile charts have no blank bands and the pictures' captions wrap names at their separators.
 """
 from __future__ import annotations
 
@@ -125,16 +126,60 @@ TILE_TITLES = """(key) => [...document.querySelectorAll(`.st-key-${key} .textpoi
     e => [e.textContent, parseFloat(getComputedStyle(e).fontSize), e.getBBox().width, e.getBoundingClientRect().toJSON()])"""
 
 
+# A chart's toolbar buttons, what they must leave uncovered (its title, legend and tiles' titles), and its picture
+CHART_BOXES = """(key) => {
+    const root = document.querySelector(`.st-key-${key}`), box = e => e.getBoundingClientRect().toJSON();
+    return {toolbar: [...root.querySelectorAll('.modebar-btn')].map(e => [e.dataset.title, box(e)]),
+            labels: [...root.querySelectorAll('.gtitle, .legend, .textpoint text')].map(e => [e.textContent, box(e)]),
+            chart: box(root.querySelector('.main-svg')),
+            picture: [...root.querySelectorAll('.imagelayer image, .hm image')].map(box)}; }"""
+# Where the pictures' captions wrap: [caption, the character before the break, the one after] for each break
+CAPTION_BREAKS = """() => [...document.querySelectorAll('[data-testid=stImageCaption]')].flatMap(caption => {
+    const chars = [], walk = document.createTreeWalker(caption, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walk.nextNode());) {
+        for (let i = 0; i < node.length; i++) {
+            const range = document.createRange();
+            range.setStart(node, i);
+            range.setEnd(node, i + 1);
+            const rect = range.getClientRects()[0];
+            if (rect) chars.push([node.data[i], rect.top, rect.bottom]);
+        }
+    }
+    // a character below the one before it (code spans' smaller letters sit lower on the same line) starts a line
+    return chars.flatMap(([c, top], i) => i && top >= chars[i - 1][2] - 1
+                                          ? [[caption.textContent, chars[i - 1][0], c]] : []);
+})"""
+WRAPS_AFTER = " \u200b:./_-"  # a caption may wrap after a space or a separator, not inside a name
+
+
 def overlapping(titles: list) -> list[tuple[str, str]]:
     boxes = [(text, box) for text, _, _, box in titles]
-    return [(a, b) for i, (a, r) in enumerate(boxes) for b, q in boxes[i + 1:]
-            if r["left"] < q["right"] and q["left"] < r["right"] and r["top"] < q["bottom"] and q["top"] < r["bottom"]]
+    return [(a, b) for i, (a, r) in enumerate(boxes) for b, q in boxes[i + 1:] if meet(r, q)]
+
+
+def meet(r: dict, q: dict) -> bool:
+    return r["left"] < q["right"] and q["left"] < r["right"] and r["top"] < q["bottom"] and q["top"] < r["bottom"]
+
+
+def check_chart(page, key: str) -> None:
+    """The toolbar (the camera and fullscreen only) covers none of the chart's labels, and a tile chart's picture fills
+    it but for its margins: no blank band above or below its tiles."""
+    boxes = page.evaluate(CHART_BOXES, key)
+    assert [title for title, _ in boxes["toolbar"]] == ["Download plot as a PNG", "Fullscreen"], key
+    covered = [text for text, label in boxes["labels"] for _, button in boxes["toolbar"] if meet(label, button)]
+    assert covered == [], (key, covered)
+    chart = boxes["chart"]
+    for picture in boxes["picture"]:
+        above, below = picture["top"] - chart["top"], chart["bottom"] - picture["bottom"]
+        assert above <= plots.TOOLBAR + plots.TITLE_ROOM + 1.5 and below <= plots.MARGIN["b"] + 1.5, (key, above, below)
 
 
 @pytest.mark.parametrize("width", [800, 1400])
 def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
     """In an 800 px window the toggle 'in conv1 only' read 'in conv...', the atom attribution method 'Layer Integrated
-    Gradi', the second attribution method's chip 'Salienc', and the code maps' titles ran into each other."""
+    Gradi', the second attribution method's chip 'Salienc', and the code maps' titles ran into each other; then the
+    charts' toolbar covered the predictions' legend and the half-width charts' titles, the tile charts had blank bands
+    above and below their tiles, and captions broke names mid-word ('layer1.1.c' over 'onv2')."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -145,6 +190,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             wait_for_lam(page, "λ=0.1,")
             charts = {"Layers": ["codes_chart", "maps_chart"], "Atoms": ["atoms_chart", "deep_atoms_chart"],
                       "Attribution": ["atom_attr_tiles"]}
+            others = {"Layers": ["pred_chart", "residual_chart", "sparsity_chart"], "Attribution": ["atom_attr_chart"]}
             for tab, keys in charts.items():
                 page.get_by_role("tab", name=tab).click()
                 if tab == "Attribution":
@@ -158,6 +204,10 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     assert titles and overlapping(titles) == [], key
                     # the font was picked by this estimate of the titles' width: it must not fall short
                     assert all(drawn <= plots.text_width(text, size) for text, size, drawn, _ in titles), titles
+                for key in keys + others.get(tab, []):
+                    check_chart(page, key)
+                breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
+                assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
         finally:
             browser.close()
