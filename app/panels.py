@@ -61,6 +61,12 @@ def _code(text: str) -> str:
     return "`" + str(text).replace("`", "'") + "`"
 
 
+# PIL's mode names, in words where they are not ('Uploaded 640x480 1 image' was a 1-bit one)
+_MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "PA": "palette+alpha",
+               "I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
+               "I;16L": "16-bit grayscale", "I;16N": "16-bit grayscale"}
+
+
 def _wrappable(name: str) -> str:
     """A file or layer name for a picture's narrow caption: a zero-width space after each '.', ':', '/', '_' or '-'
     lets it wrap there ('layer1.1.' over 'conv2'), where it broke mid-word ('layer1.1.c' over 'onv2') at 800 px."""
@@ -278,7 +284,7 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
             st.markdown(f"A CIFAR-10 test image of {article} **{info['label']}** (`{info['path']}`).")
         if info.get("original_size"):  # an upload (a 32x32 RGB one has no notes: said too, not left blank)
             w, h = info["original_size"]
-            st.caption(f"Uploaded {w}x{h} {info['original_mode']} image; "
+            st.caption(f"Uploaded {w}x{h} {_MODE_NAMES.get(info['original_mode'], info['original_mode'])} image; "
                        + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + "."
                        + (" Its transparent parts are shown on a checkerboard; the model sees them white."
                           if alpha is not None else ""))

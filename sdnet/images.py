@@ -58,15 +58,17 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if not data:
         raise ImageError("the file is empty (0 bytes)")
     if len(data) > MAX_BYTES:
-        raise ImageError(f"the file is {len(data) / 2 ** 20:.0f} MiB; the limit is {MAX_BYTES // 2 ** 20} MiB")
+        # one decimal: '50 MiB; the limit is 50 MiB' read as a refusal at the limit
+        raise ImageError(f"the file is {len(data) / 2 ** 20:.1f} MiB; the limit is {MAX_BYTES // 2 ** 20} MiB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=DECODERS)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                                 f"{max_pixels / 1e6:.0f} megapixels (a decompression bomb is refused)")
+                raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
+                                 f"{max_pixels / 1e6:.0f} megapixels: scale it down first (a model input is "
+                                 "32x32 or 224x224 pixels)")
             if w < 1 or h < 1:
                 raise ImageError(f"the image has no pixels ({w}x{h})")
             img.seek(0)

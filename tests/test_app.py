@@ -104,7 +104,8 @@ def test_prepare_image_resizes_and_centre_crops():
     (b"this is not an image, just text" * 10, "not an image"),
     (None, "truncated"),
     (png_header(50_000, 50_000), "over the 40 megapixel limit .a decompression bomb"),  # over Pillow's own limit too
-    (png_header(7_000, 7_000), "megapixels"),
+    (png_header(7_000, 7_000), r"7000x7000 = 49.0 megapixels; the limit is 40 megapixels: scale it down first"),
+    (png_header(6_400, 6_300), r"= 40.3 megapixels; the limit is 40"),  # (rounded to 40, it read as at the limit)
     # an EPS renamed .png: never handed to Pillow's EPS decoder (Ghostscript), refused as not an image
     (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "not an image"),
 ])
@@ -801,6 +802,10 @@ def test_bad_uploads_give_a_message(app):
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
     assert any(c.value == "Uploaded 32x32 RGB image; used as it is." for c in at.caption)  # it had no caption at all
+    bilevel = Image.fromarray(np.random.default_rng(3).integers(0, 2, (32, 32), dtype=np.uint8) * 255).convert("1")
+    at.file_uploader(key="upload").set_value(("bw.png", png(bilevel), "image/png")).run()
+    ok(at)
+    assert any(c.value.startswith("Uploaded 32x32 1-bit image;") for c in at.caption)  # PIL's mode "1", in words
 
 
 def test_a_transparent_upload_says_how_it_is_shown(app):
