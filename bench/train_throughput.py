@@ -462,9 +462,9 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
             % (sdnet.csc._FIRST_CHECK_REPLAYED, sdnet.csc._CHECK_EVERY_REPLAYED)
             + (", on the host in one refresh of %d" % sdnet.csc._HOST_CHECKED_EVERY
                if sdnet.csc._HOST_CHECKED_EVERY > 1 else ""))
-    refresh += "; image layers: " + ("the same as the others" if args.image_step_size != "fft" else "the FFT bound" + (
-        ", replayed as a CUDA graph" if device.type == "cuda" and not args.no_cuda_graphs and "cuda" in sdnet.csc._BOUND_GRAPH_DEVICES
-        else ""))
+    graphed = device.type == "cuda" and not args.no_cuda_graphs and "cuda" in sdnet.csc._BOUND_GRAPH_DEVICES
+    refresh += "; image layers: " + ("the same as the others" if args.image_step_size != "fft" else
+                                     "the FFT bound" + (", replayed as a CUDA graph" if graphed else ""))
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "
