@@ -540,13 +540,14 @@ def _clamped_bound(weight: torch.Tensor, layer: CSCLayer, spatial) -> torch.Tens
 
 
 class _BoundGraph:
-    """`fft_bound` of one layer's dictionary for one input size, replayed as a CUDA graph by training's refresh:
-    its ~40 small kernels in one launch (on a GPU the refresh is launch-bound: SDNet-18 trained at 0.90x ResNet-18
-    with its first form against 0.80x without, bench/README.md, "On a GPU"; this form is not yet timed there). As the products' graphs (`_Lanczos.extend`): run
-    as it is the first time (which makes cuFFT's plan and cuBLAS's workspace), captured the second, replayed from
-    then on. The graph reads a copy of the dictionary of its own, brought up to date by one copy before each replay
-    (as the products' operators do, `_NormalOperator.load`), so where and how the layer stores its weight does not
-    matter; its key is what the captured kernels depend on: shape, type, device, stride, padding and input size."""
+    """`fft_bound` of one layer's dictionary for one input size, replayed as a CUDA graph by training's refresh: its ~40
+    small kernels in one launch (on a GPU the refresh is launch-bound: SDNet-18 trained at 0.90x ResNet-18 with its
+    first form against 0.80x without, bench/README.md, "On a GPU"; this form is not yet timed there). As the
+    products' graphs (`_Lanczos.extend`): run as it is the first time (which makes cuFFT's plan and cuBLAS's
+    workspace), captured the second, replayed from then on. The graph reads a copy of the dictionary of its own,
+    brought up to date by one copy before each replay (as the products' operators do, `_NormalOperator.load`), so
+    where and how the layer stores its weight does not matter; its key is what the captured kernels depend on:
+    shape, type, device, stride, padding and input size."""
 
     def __init__(self, spatial: tuple[int, int]):
         self.spatial = spatial
