@@ -1,7 +1,6 @@
 """The sections of the page, top to bottom. Each reads its widgets, calls `state`, and draws."""
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -871,9 +870,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 
 def export_panel(view: state.View, unnormalize) -> None:
     st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), and one ZIP with all of them, "
-               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv) and "
-               "settings.json, which reproduces this view. Each chart saves itself as a PNG from the camera icon "
-               "in its top-right corner.")
+               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
+               "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves itself "
+               "as a PNG from the camera icon in its top-right corner.")
     cols = st.columns(2)  # two: in a 700 px window three cut "attribution_integrated_gradients.png"
     for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
         cols[i % 2].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
@@ -886,8 +885,8 @@ def export_panel(view: state.View, unnormalize) -> None:
                        file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",
                        on_click="ignore")
     with st.expander("settings.json"):
-        st.code(json.dumps(view.settings, indent=2), language="json")
-    with st.expander("Reproduce in Python"):
+        st.code(state.settings_json(view.settings), language="json", wrap_lines=True)
+    with st.expander("Reproduce in Python (reproduce.py in the ZIP)"):
         st.code(state.reproduce_snippet(view.settings), language="python")
 
 

@@ -502,8 +502,27 @@ def export_stem(settings: dict) -> str:
     return f"sdnet-view-{settings['image']['sha256'][:8]}-{digest}"
 
 
+def settings_json(settings: dict) -> str:
+    """settings.json's text: nested dicts indented, but a list or dict of plain values (λ per layer, an image
+    size) on one line: indented throughout, 17 layers' λ three times made a page-long file and expander."""
+    def leaf(v: Any) -> bool:
+        return not isinstance(v, (dict, list)) or (isinstance(v, list) and all(not isinstance(i, (dict, list))
+                                                                                 for i in v))
+
+    def text(v: Any, indent: str) -> str:
+        if isinstance(v, (dict, list)) and not all(leaf(i) for i in (v.values() if isinstance(v, dict) else v)):
+            inner = indent + "  "
+            items = ([f"{inner}{json.dumps(k)}: {text(i, inner)}" for k, i in v.items()] if isinstance(v, dict)
+                     else [inner + text(i, inner) for i in v])
+            brackets = "{}" if isinstance(v, dict) else "[]"
+            return brackets[0] + "\n" + ",\n".join(items) + "\n" + indent + brackets[1] if items else brackets
+        return json.dumps(v, ensure_ascii=False)
+    return text(settings, "") + "\n"
+
+
 def export_zip(view: View, unnormalize) -> bytes:
-    """One ZIP: every PNG, arrays.npz, lam_path.csv and settings.json (which reproduces the view)."""
+    """One ZIP: every PNG, arrays.npz, lam_path.csv, settings.json and reproduce.py (which recomputes the view
+    from those two)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in export_pngs(view, unnormalize).items():
@@ -511,26 +530,53 @@ def export_zip(view: View, unnormalize) -> bytes:
         zf.writestr("arrays.npz", export_arrays(view))
         if view.lam_path_csv is not None:
             zf.writestr("lam_path.csv", view.lam_path_csv())
-        zf.writestr("settings.json", json.dumps(view.settings, indent=2))
+        zf.writestr("settings.json", settings_json(view.settings))
+        zf.writestr("reproduce.py", reproduce_snippet(view.settings))
     return buf.getvalue()
 
 
 def reproduce_snippet(settings: dict) -> str:
-    """Python that recomputes the view's trace from the exported settings.json and arrays.npz."""
-    corr = settings["corruption"]
-    lines = ["import json, numpy as np, torch, sdnet",
+    """A Python script (reproduce.py in the ZIP) that recomputes the view's trace from the exported settings.json
+    and arrays.npz, and says how close it came: the prediction, and the largest differences from the export."""
+    checkpoint = Path(settings["checkpoint"]["path"])
+    root = "" if checkpoint.is_absolute() else f"{str(ROOT)!r}"
+    lines = ['"""Recompute an SDNet Explorer view: run `python reproduce.py` where the export was unpacked."""',
+             "import hashlib, json, sys",
              "from pathlib import Path",
-             "s = json.load(open('settings.json'))  # run in the unzipped export",
-             f"app_root = Path({str(ROOT)!r})  # a relative checkpoint path is relative to the app's folder",
-             "model, meta = sdnet.load_checkpoint(app_root / s['checkpoint']['path'])",
-             "x = torch.from_numpy(np.load('arrays.npz')['clean'])  # the clean model input, exact"]
-    if corr["kind"] != "none":
+             "import numpy as np, torch, sdnet",
+             "",
+             "s = json.load(open('settings.json'))",
+             "saved = np.load('arrays.npz')"]
+    if root:
+        lines += ["# The SDNet Explorer checkout the export was made in (the checkpoint's path is relative to it):",
+                  "# on another machine, your own checkout",
+                  f"checkout = Path({root})",
+                  "ckpt = checkout / s['checkpoint']['path']"]
+    else:
+        lines += ["ckpt = Path(s['checkpoint']['path'])  # on another machine, where your copy of it is"]
+    lines += ["if not ckpt.is_file():",
+              "    sys.exit(f'No checkpoint at {ckpt}: set the path above to where it is on this machine')",
+              "if hashlib.sha256(ckpt.read_bytes()).hexdigest() != s['checkpoint']['sha256']:",
+              "    print(f'Note: {ckpt} is not the file the export was made with (its sha256 differs)')",
+              "model, meta = sdnet.load_checkpoint(ckpt)",
+              "x = torch.from_numpy(saved['clean'])  # the clean model input, exact"]
+    if settings["corruption"]["kind"] != "none":
         lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['severity'], "
                      "seed=s['corruption']['seed'])")
-    lines += ["lam = s['lam']['override']", "lam = dict(lam) if isinstance(lam, list) else lam",
+    lines += ["lam = s['lam']['override']",
+              "lam = dict(lam) if isinstance(lam, list) else lam  # per layer, or one λ for all (None: as trained)",
               "with sdnet.override(lam=lam, n_steps=s['n_steps']):",
-              "    t = sdnet.trace(model, x[None])"]
-    return "\n".join(lines)
+              "    t = sdnet.trace(model, x[None])",
+              "",
+              "probs = t.logits[0].softmax(0)",
+              "best = int(probs.argmax())",
+              "classes = meta.get('classes') or [f'class {i}' for i in range(len(probs))]",
+              "print(f'prediction: {classes[best]} {float(probs[best]):.1%}')",
+              "print(f'largest logit difference from the export: '",
+              "      f'{np.abs(t.logits[0].numpy() - saved[\"logits\"]).max():.2g}')",
+              "codes = max(float(np.abs(layer.z[0].numpy() - saved[f'{layer.name}.z']).max()) for layer in t.layers)",
+              "print(f'largest code difference over the {len(t.layers)} CSC layers: {codes:.2g}')"]
+    return "\n".join(lines) + "\n"
 
 
 def file_sha256(path: Path) -> str:

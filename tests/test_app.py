@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import struct
+import subprocess
 import sys
 import threading
 import zipfile
@@ -680,7 +682,7 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     assert at.session_state["view"].lam_path_csv is None
 
 
-def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
+def test_export_zip_reproduces_the_view(app, tmp_path):
     at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
     at.button(key="attr_run").click().run()
     ok(at)
@@ -711,6 +713,10 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
             Image.open(io.BytesIO(zf.read(name))).verify()
     settings = json.loads(zf.read("settings.json"))
     assert {"checkpoint", "image", "corruption", "lam", "n_steps"} <= set(settings)
+    # its 17 layers' λ a line each (per layer, the override and as trained), it was 90 lines, a page-long expander
+    text = zf.read("settings.json").decode()
+    assert text == state.settings_json(settings) and len(text.splitlines()) < 30, text
+    assert json.loads(state.settings_json(view.settings)) == json.loads(json.dumps(view.settings))
     assert settings["image"]["sha256"] == images.image_hash(view.clean)
     arrays = np.load(io.BytesIO(zf.read("arrays.npz")))
     names17 = list(arrays["layer_names"])
@@ -724,12 +730,54 @@ def test_export_zip_reproduces_the_view(app, tmp_path, monkeypatch):
         t = sdnet.trace(model, x[None])
     assert np.allclose(t.layers[5].z[0].numpy(), arrays[f"{names17[5]}.z"], atol=1e-5)
     assert np.allclose(t.logits[0].numpy(), arrays["logits"], atol=1e-4)
-    # and the "Reproduce in Python" snippet does it, run where the ZIP was unpacked
+    # and reproduce.py (the "Reproduce in Python" snippet) does it, run as a script where the ZIP was unpacked,
+    # and says so: it printed nothing
+    assert zf.read("reproduce.py").decode() == state.reproduce_snippet(settings)
     zf.extractall(tmp_path / "export")
-    monkeypatch.chdir(tmp_path / "export")
-    scope: dict = {}
-    exec(state.reproduce_snippet(settings), scope)
-    assert np.allclose(scope["t"].logits[0].numpy(), arrays["logits"], atol=1e-4)
+    assert_reproduces(tmp_path / "export", arrays, loaded.classes)
+
+
+def assert_reproduces(folder: Path, arrays, classes: list[str]) -> None:
+    """reproduce.py, run as a script in an unpacked export, prints the export's prediction and differences from
+    its arrays too small to matter, and no doubt about the checkpoint."""
+    run = subprocess.run([sys.executable, "reproduce.py"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    best = int(np.argmax(arrays["probs"]))
+    assert f"prediction: {classes[best]} {arrays['probs'][best]:.1%}" in out, out
+    for what in ("logit", "code"):
+        gap = re.search(rf"largest {what} difference .*: (\S+)", out)
+        assert gap and float(gap.group(1)) < 1e-4, out
+    assert "not the file the export was made with" not in out
+
+
+def test_reproduce_py_redraws_the_noise_and_finds_a_checkpoint_in_the_checkout(app, tmp_path):
+    at = app(noise="shot", seed=7, tab="Export")
+    at.slider(key="severity").set_value(4).run()
+    ok(at)
+    from app import panels, state
+    view = at.session_state["view"]
+    loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
+    zf = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
+    zf.extractall(tmp_path)
+    arrays = np.load(tmp_path / "arrays.npz")
+    assert not np.allclose(arrays["input"], arrays["clean"])  # the script must draw the same noise
+    assert_reproduces(tmp_path, arrays, loaded.classes)
+    # a checkpoint in the checkout (as the app's own are) is named relative to it, from the checkout's root
+    shipped = ROOT / "checkpoints" / loaded.path.name
+    if shipped.is_file():
+        settings = dict(view.settings, checkpoint=dict(view.settings["checkpoint"],
+                                                       path=f"checkpoints/{loaded.path.name}"))
+        (tmp_path / "settings.json").write_text(state.settings_json(settings))
+        script = state.reproduce_snippet(settings)
+        assert f"checkout = Path({str(ROOT)!r})" in script
+        (tmp_path / "reproduce.py").write_text(script)
+        assert_reproduces(tmp_path, arrays, loaded.classes)
+    # and one that is not where it was says so, and where it looked
+    (tmp_path / "settings.json").write_text(state.settings_json(
+        dict(view.settings, checkpoint=dict(view.settings["checkpoint"], path=str(tmp_path / "gone.pt")))))
+    run = subprocess.run([sys.executable, "reproduce.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and f"No checkpoint at {tmp_path / 'gone.pt'}" in run.stderr, run.stderr
 
 
 def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(app):
