@@ -75,8 +75,7 @@ def _wrappable(name: str) -> str:
 def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
     """(3, H, W) in [0, 1] -> uint8 (side, side, 3) with nearest neighbours: pixels stay pixels."""
     img = images.to_uint8(x)
-    f = max(1, side // img.shape[0])
-    return img.repeat(f, 0).repeat(f, 1)
+    return images.enlarge(img, max(1, side // img.shape[0]))
 
 
 # A transparent upload, composited onto white as the model takes it, merged with the white page: its picture shows
@@ -581,11 +580,6 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
     tiles = images.atom_tiles(first.weight.detach())[order]
-    sees, more = None, {}
-    if not loaded.meta["config"].get("shortcut", True):
-        offsets = _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1]
-        sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer, offsets)
-        more = _atoms_tab_pngs(ctx, cur, spec, n_steps, offsets)
     result = st.session_state.get("attr_result")
     target = _attr_target(ctx, cur)
     fresh = result is not None and result["signature"] == _attr_signature(ctx, spec, n_steps, target)
@@ -593,6 +587,11 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     atom_scores = result["atoms"] if fresh else None
     settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
                            target if fresh else None)
+    sees, more, offsets = None, {}, False
+    if not loaded.meta["config"].get("shortcut", True):
+        offsets = _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1]
+        sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer, offsets)
+        more = _atoms_tab_pngs(ctx, cur, spec, n_steps, offsets, settings)
     held = _held(lam)
     extra = tuple(st.session_state.get("lam_extra", []))
     path_csv = None if len(held) == len(names) else (
@@ -600,7 +599,7 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                                    loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      attributions=attrs, atom_scores=atom_scores, more_pngs=more, lam_path_csv=path_csv)
+                      sees_offsets=offsets, attributions=attrs, atom_scores=atom_scores, more_pngs=more, lam_path_csv=path_csv)
 
 
 def _held(lam: dict) -> tuple[tuple[str, float], ...]:
@@ -608,22 +607,22 @@ def _held(lam: dict) -> tuple[tuple[str, float], ...]:
     return tuple(sorted((name, float(v)) for name, v in lam["per_layer"].items()))
 
 
-def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state.StepsSpec, offsets: bool) -> dict:
+def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state.StepsSpec, offsets: bool,
+                    settings: dict) -> dict:
     """Export makers of the Atoms tab's pictures as its widgets stand (drawn or not): what each chosen layer sees
     and the deeper atoms shown; each computed only when downloaded."""
     loaded, names = ctx.loaded, ctx.loaded.layer_names
-    up = max(1, 256 // ctx.image.shape[-1])
     makers = {}
     for name in _default("sees_layers", _spread(names, 5)):
         if name in names:
-            makers[f"sees_{name.replace('.', '_')}.png"] = lambda n=name: images.png_bytes(
-                state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), up)
+            makers[f"sees_{name.replace('.', '_')}.png"] = lambda n=name: state.sees_png(
+                state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), n, offsets, settings)
     deep = _default("atoms_layer", (names[1:] or names)[0])
     drec = state.layer_record(cur, deep)
     if drec is not None:
-        _, order = _ranked(drec["z"], st.session_state.get("n_atoms", min(16, drec["z"].shape[0])))
+        usage, order = _ranked(drec["z"], st.session_state.get("n_atoms", min(16, drec["z"].shape[0])))
         makers[f"atoms_{deep.replace('.', '_')}.png"] = lambda: state.deep_atoms_png(
-            loaded.model, loaded.key, deep, tuple(drec["z"].shape), order)
+            loaded.model, loaded.key, deep, tuple(drec["z"].shape), order, usage, settings)
     return makers
 
 
@@ -869,7 +868,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
 
 
 def export_panel(view: state.View, unnormalize) -> None:
-    st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), and one ZIP with all of them, "
+    st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), each titled with its layer, the "
+               "image, the noise and λ, and where colours stand for values, with its colour scale (the inputs as "
+               "plain images), and one ZIP with all of them, "
                "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
                "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves itself "
                "as a PNG from the camera icon in its top-right corner.")

@@ -30,6 +30,8 @@ from sdnet import attribution, images
 from sdnet.cards import checked_card
 from sdnet.corruptions import corrupt
 
+from app import plots
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "assets" / "samples"
 CHECKPOINTS_ENV = "SDNET_CHECKPOINTS"
@@ -369,6 +371,7 @@ class View:
     atom_tiles: np.ndarray | None = None   # (C, k, k, 3) first-layer atoms, sorted by use
     atom_order: list[int] = field(default_factory=list)
     sees: np.ndarray | None = None         # (3, H, W) what the picked layer sees
+    sees_offsets: bool = False             # ...in absolute pixels (else the code's own contribution, stretched)
     attributions: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, W)
     atom_scores: np.ndarray | None = None  # (C,) first-layer atom attribution
     # the Atoms tab's pictures (what each chosen layer sees, the deeper atoms), made only when exported
@@ -396,24 +399,46 @@ def recon_panels(rec: dict, unnormalize) -> tuple[list[tuple[str, np.ndarray]], 
             ("residual ||x - A(z)||", channel_norm(rec["residual"]))], False
 
 
+def export_subtitle(settings: dict) -> str:
+    """The line under every exported figure's title: model, image, noise and the λ and FISTA steps it was made at."""
+    corr, lam, steps = settings["corruption"], settings["lam"], settings["n_steps"]
+    noise = ("no noise" if corr["kind"] == "none" else
+             f"{corr['kind']} noise, severity {corr['severity']:g}, seed {corr['seed']}")
+    own = sum(1 for v in lam["per_layer"].values() if v != lam["all"])
+    lam_text = ("λ as trained" if lam["override"] is None else
+                f"λ={lam['all']:g}" + (f" ({own} layer{'s' if own != 1 else ''} their own)" if own else ""))
+    count = steps if isinstance(steps, int) else next(iter(steps.values())) if isinstance(steps, dict) else None
+    steps_text = ("FISTA steps as trained" if count is None else f"{count} FISTA step{'s' if count != 1 else ''}"
+                  + ("" if not isinstance(steps, dict) else f" in {next(iter(steps))}"))
+    return f"{settings['checkpoint']['model']} · {settings['image']['source']} · {noise} · {lam_text}, {steps_text}"
+
+
+def _figure_png(picture: np.ndarray, title: str, settings: dict, scale: int = 1,
+                colorbar: tuple[float, float, str] | None = None, diverging: bool = False) -> bytes:
+    """An exported picture (H, W, 3) enlarged `scale` times, with its title, the view's subtitle and its colour
+    scale: a PNG that says what it shows when it is read away from the page."""
+    return images.png_bytes(images.figure(images.enlarge(picture, scale), title, export_subtitle(settings), colorbar,
+                                          diverging))
+
+
 def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]:
-    """The PNGs of the view, each made only when asked for: inputs, atom grid, code maps, the
-    picked layer's reconstruction, what it sees, attribution overlays."""
+    """The PNGs of the view, each made only when asked for: the inputs (as images), and as titled figures the atom
+    grid, code maps, the picked layer's reconstruction, what it sees and attribution overlays."""
     up = max(1, 256 // view.image.shape[-1])
     makers: dict[str, Callable[[], bytes]] = {
         "input_clean.png": lambda: images.png_bytes(view.clean, up),
         "input_model.png": lambda: images.png_bytes(view.image, up)}
     if view.atom_tiles is not None:
-        makers["atoms_first_layer.png"] = lambda: images.png_bytes(images.tile_grid(view.atom_tiles), 16)
+        makers["atoms_first_layer.png"] = lambda: _first_atoms_png(view)
     rec = layer_record(view.probe, view.layer)
     if rec is not None:
         safe = view.layer.replace(".", "_")
-        makers[f"codes_{safe}.png"] = lambda: _codes_png(rec, view.top_channels)
-        makers[f"reconstruction_{safe}.png"] = lambda: _recon_png(rec, unnormalize)
+        makers[f"codes_{safe}.png"] = lambda: _codes_png(rec, view.top_channels, view.settings)
+        makers[f"reconstruction_{safe}.png"] = lambda: _recon_png(rec, unnormalize, view.settings)
         if view.sees is not None:
-            makers[f"sees_{safe}.png"] = lambda: images.png_bytes(view.sees, up)
+            makers[f"sees_{safe}.png"] = lambda: sees_png(view.sees, view.layer, view.sees_offsets, view.settings)
     for method, attr in view.attributions.items():
-        makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view.image, a, m, up)
+        makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
     if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
         # (all zero, the page shows no atoms but says why: a picture of empty bars would look like a failure)
         makers["attribution_atoms.png"] = lambda: _atom_attribution_png(view)
@@ -421,34 +446,74 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
     return makers
 
 
+def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict) -> bytes:
+    """'What a layer sees' (3, H, W) as an exported figure."""
+    what = ("in absolute pixels, with BatchNorm's offsets" if offsets else
+            "the code's own contribution, offsets left out, contrast stretched")
+    return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})",
+                       settings, max(1, 256 // picture.shape[-1]))
+
+
+def _usage_grid(tiles: np.ndarray, channels: list[int], usage: np.ndarray, cell: int, ncols: int = 8) -> np.ndarray:
+    """Tiles titled '#channel (Σ|z|)' as on the page."""
+    return images.scored_tiles(tiles, None, plots.usage_titles(channels, usage), ncols=ncols, cell=cell)
+
+
+def _first_atoms_png(view: View) -> bytes:
+    first = view.probe["layers"][0]
+    grid = _usage_grid(view.atom_tiles, view.atom_order, images.channel_activity(first["z"]), 56,
+                       ncols=8 if len(view.atom_order) <= 32 else 16)
+    return _figure_png(grid, f"{first['name']}'s atoms, most used by this image first: #atom (Σ|z| of its code); "
+                             "grey is 0, each atom scaled to its largest |weight|", view.settings)
+
+
 def deep_atoms_png(model: torch.nn.Module, model_key: str, layer: str, code_shape: tuple[int, int, int],
-                   order: list[int]) -> bytes:
+                   order: list[int], usage: np.ndarray, settings: dict) -> bytes:
     """The Atoms tab's grid of `layer`'s atoms in pixel space, in `order` (most used first), cropped to their
-    receptive field, 8 a row."""
+    receptive field, 8 a row, titled by their use."""
     crop = images.crop_to_support(pixel_atoms(model, model_key, layer, code_shape)[order])
-    return images.png_bytes(images.tile_grid(images.atom_tiles(crop), ncols=8, pad=1), max(1, 96 // crop.shape[-1]))
+    grid = _usage_grid(images.atom_tiles(crop), order, usage, max(64, 2 * crop.shape[-1]))
+    return _figure_png(grid, f"{layer}'s atoms in pixel space (sdnet.decode_to_input), most used first: #atom "
+                             f"(Σ|z|); a {crop.shape[-2]}x{crop.shape[-1]} window, grey is 0", settings)
 
 
-def _codes_png(rec: dict, channels: list[int]) -> bytes:
-    chans = channels or list(range(min(16, rec["z"].shape[0])))
-    codes = images.colorize(rec["z"][chans], vmin=0 if rec["z"].min() >= 0 else None)
-    return images.png_bytes(images.tile_grid(codes, ncols=8, pad=1), max(1, 128 // rec["z"].shape[-1]))
+def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
+    z = rec["z"]
+    chans = channels or list(range(min(16, z.shape[0])))
+    vmax = max(float(np.abs(z[chans]).max()), 1e-12)
+    low = 0.0 if z.min() >= 0 else -vmax  # the page's scale: one for all the channels shown
+    grid = _usage_grid(images.colorize(z[chans], low, vmax), chans, images.channel_activity(z),
+                       max(64, min(136, 4 * z.shape[-1] + 8)))
+    return _figure_png(grid, f"{rec['name']}'s code z: its {len(chans)} most active of {z.shape[0]} channels, "
+                             "#channel (Σ|z|)", settings, colorbar=(low, vmax, "z"))
 
 
-def _recon_png(rec: dict, unnormalize) -> bytes:
+def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
     panels, rgb = recon_panels(rec, unnormalize)
+    bar = None
     if rgb:
         pics = np.stack([p for _, p in panels])
     else:
         vmax = max(float(p.max()) for _, p in panels)
         pics = np.stack([images.colorize(p, 0, vmax) for _, p in panels])
-    return images.png_bytes(images.tile_grid(pics, ncols=3, pad=1), max(1, 256 // rec["x"].shape[-1]))
+        bar = (0.0, vmax, "l2 norm over channels")
+    grid = images.scored_tiles(pics, None, [t for t, _ in panels], ncols=3, cell=256 + 8)
+    return _figure_png(grid, f"{rec['name']}: its input x, the reconstruction A(z) from its code, and the residual",
+                       settings, colorbar=bar)
 
 
-def _attribution_png(image: np.ndarray, attr: np.ndarray, method: str, scale: int) -> bytes:
+def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> bytes:
     amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
-    heat = images.colorize(amap, diverging=attribution.SIGNED[method])
-    return images.png_bytes(0.45 * image.transpose(1, 2, 0) + 0.55 * heat, scale)
+    signed = attribution.SIGNED[method]
+    heat = images.colorize(amap, diverging=signed)
+    peak = float(np.abs(amap).max())
+    bar = (-peak, peak, "attribution") if signed else (float(amap.min()), float(amap.max()), "attribution")
+    target = view.settings["attribution"]["target"]
+    of = f" of class {view.classes[target]}" if target is not None else ""
+    return _figure_png(0.45 * view.image.transpose(1, 2, 0) + 0.55 * heat,
+                       f"{attribution.METHODS[method]}{of} over the model input"
+                       + (" (red: for the class, blue: against)" if signed else ""), view.settings, scale,
+                       colorbar=bar, diverging=signed)
 
 
 def strongest_atoms(scores: np.ndarray, tiles: np.ndarray, order: list[int], k: int = 16
@@ -464,7 +529,11 @@ def strongest_atoms(scores: np.ndarray, tiles: np.ndarray, order: list[int], k: 
 def _atom_attribution_png(view: View) -> bytes:
     """The Attribution tab's strongest first-layer atoms with bars of their scores, as the page shows them."""
     top, tiles, labels = strongest_atoms(view.atom_scores, view.atom_tiles, view.atom_order)
-    return images.png_bytes(images.scored_tiles(tiles, view.atom_scores[top], labels))
+    target = view.settings["attribution"]["target"]
+    of = f" class {view.classes[target]}" if target is not None else " the class"
+    return _figure_png(images.scored_tiles(tiles, view.atom_scores[top], labels),
+                       f"The first-layer atoms that drove{of} most: #atom (score); a red bar for, blue against",
+                       view.settings)
 
 
 def export_pngs(view: View, unnormalize) -> dict[str, bytes]:

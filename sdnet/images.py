@@ -224,12 +224,15 @@ def image_hash(image: torch.Tensor | np.ndarray) -> str:
 
 def png_bytes(image: np.ndarray | torch.Tensor, scale: int = 1) -> bytes:
     """PNG of an image in [0, 1] (or uint8), enlarged `scale` times with nearest neighbours."""
-    arr = to_uint8(image)
-    if scale > 1:
-        arr = arr.repeat(scale, axis=0).repeat(scale, axis=1)
+    arr = enlarge(to_uint8(image), scale)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def enlarge(picture: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W[, C]) -> (scale H, scale W[, C]) with nearest neighbours: pixels stay pixels."""
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else picture
 
 
 def display_rgb(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -273,40 +276,120 @@ def tile_grid(tiles: np.ndarray, ncols: int | None = None, pad: int | tuple[int,
     return out
 
 
-def scored_tiles(tiles: np.ndarray, scores: np.ndarray, labels: list[str], ncols: int = 8,
-                 cell: int = 64) -> np.ndarray:
-    """Ranked tiles (N, h, w, 3) in [0, 1] with their scores, as one RGB picture in [0, 1]: each tile enlarged
-    to about `cell` pixels wide, under it a bar as long as its |score| against the largest (red for a positive
-    score, blue for a negative one, none for 0) and its label. A bar chart of atoms that needs no plotting
-    library, so it can go in a PNG export."""
-    tiles, scores = np.asarray(tiles), np.asarray(scores, dtype=np.float64)
-    if not len(tiles) == len(scores) == len(labels):
-        raise ValueError(f"scored_tiles needs one score and label per tile, got {len(tiles)} tiles, "
-                         f"{len(scores)} scores, {len(labels)} labels")
-    peak = float(np.abs(scores).max()) if scores.size else 0.0
+# Exported figures' text is drawn in DejaVu Sans where the system has it (Debian's fonts-dejavu-core, which
+# Chromium pulls in): Pillow's own font has no λ, Σ or ‖ and drew boxes. Without it, those are spelt out.
+_SPELT = {"λ": "lambda", "Σ": "sum", "‖": "||", "−": "-", "·": "|"}
+
+
+def _font(size: int):
     try:
-        font = ImageFont.load_default(size=11)
-    except ImportError:  # a Pillow without FreeType has only its fixed bitmap font
-        font = ImageFont.load_default()
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        try:
+            return ImageFont.load_default(size=size)
+        except ImportError:  # a Pillow without FreeType has only its fixed bitmap font
+            return ImageFont.load_default()
+
+
+def _drawable(text: str, font) -> str:
+    """`text` as `font` can draw it: its non-ASCII symbols spelt out unless the font is DejaVu Sans."""
+    if "DejaVu" in str(getattr(font, "path", "")):
+        return text
+    return "".join(_SPELT.get(ch, ch if ch.isascii() else "?") for ch in text)
+
+
+def scored_tiles(tiles: np.ndarray, scores: np.ndarray | None, labels: list[str], ncols: int = 8,
+                 cell: int = 64) -> np.ndarray:
+    """Ranked tiles (N, h, w, 3) in [0, 1] with their labels, as one RGB picture in [0, 1]: each tile enlarged
+    to about `cell` pixels wide, under it (given `scores`) a bar as long as its |score| against the largest (red
+    for a positive score, blue for a negative one, none for 0), then its label. A bar chart of atoms that needs
+    no plotting library, so it can go in a PNG export; without scores, a grid of labelled tiles."""
+    tiles = np.asarray(tiles)
+    scores = None if scores is None else np.asarray(scores, dtype=np.float64)
+    if not len(tiles) == len(labels) or (scores is not None and len(scores) != len(tiles)):
+        raise ValueError(f"scored_tiles needs one score and label per tile, got {len(tiles)} tiles, "
+                         f"{'no' if scores is None else len(scores)} scores, {len(labels)} labels")
+    peak = float(np.abs(scores).max()) if scores is not None and scores.size else 0.0
+    font = _font(11)
     h, w = tiles.shape[1:3]
     scale = max(1, (cell - 8) // max(h, w))
     # as wide as the widest label: "#255 (-3.4e-05)" was cut at both ends in 64 px
+    labels = [_drawable(label, font) for label in labels]
     side = max(cell, w * scale + 8, *(int(np.ceil(font.getlength(label))) + 6 for label in labels))
-    bar, text = 6, 14
+    bar, text = (6 if scores is not None else 0), 14
     cells = []
-    for tile, score, label in zip(tiles, scores, labels):
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
         img = Image.new("RGB", (side, h * scale + bar + text + 8), "white")
         pic = to_uint8(tile).repeat(scale, axis=0).repeat(scale, axis=1)
         img.paste(Image.fromarray(pic), ((side - w * scale) // 2, 0))
         draw = ImageDraw.Draw(img)
         top = h * scale + 3
-        draw.rectangle((0, top, side - 1, top + bar - 1), fill=(230, 230, 230))  # the track: the largest |score|
-        length = round(abs(score) / peak * side) if peak > 0 else 0
-        if length:
-            draw.rectangle((0, top, length - 1, top + bar - 1), fill=(214, 39, 40) if score > 0 else (31, 119, 180))
+        if scores is not None:
+            draw.rectangle((0, top, side - 1, top + bar - 1), fill=(230, 230, 230))  # the track: the largest |score|
+            length = round(abs(scores[i]) / peak * side) if peak > 0 else 0
+            if length:
+                draw.rectangle((0, top, length - 1, top + bar - 1),
+                               fill=(214, 39, 40) if scores[i] > 0 else (31, 119, 180))
         draw.text((side // 2, top + bar + 2), label, fill=(0, 0, 0), font=font, anchor="mt")
         cells.append(np.asarray(img, dtype=np.float64) / 255)
     return tile_grid(np.stack(cells), ncols=ncols, pad=4)
+
+
+def _wrapped(text: str, font, width: float) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken at spaces (a word longer than that keeps a line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def figure(picture: np.ndarray, title: str, subtitle: str = "", colorbar: tuple[float, float, str] | None = None,
+           diverging: bool = False) -> np.ndarray:
+    """A picture (H, W, 3) in [0, 1] as an exported figure, RGB in [0, 1]: its title (and a grey subtitle) above,
+    wrapped to its width, and given `colorbar` = (low, high, label), the colour scale of `colorize` (viridis, or
+    blue-white-red when `diverging`) at its right with those values at its ends (and 0 in the middle when
+    diverging), so a PNG read alone says what its colours mean."""
+    pic = Image.fromarray(to_uint8(picture))
+    width, height = pic.size
+    pad, font, small = 8, _font(13), _font(11)
+    bar = None
+    if colorbar is not None:
+        low, high, label = colorbar
+        ticks = [(0.0, f"{high:.3g}"), (1.0, f"{low:.3g}")] + ([(0.5, "0")] if diverging else [])
+        ramp = colorize(np.linspace(high, low, max(height, 2))[:, None].repeat(12, 1), low, high, diverging=diverging)
+        text_w = max(font.getlength(t) for _, t in ticks)
+        bar = (Image.fromarray(to_uint8(ramp)), ticks, _drawable(label, small))
+        extra = 12 + 4 + int(np.ceil(max(text_w, small.getlength(label)))) + pad
+    else:
+        extra = 0
+    total = max(width + extra, 240) + 2 * pad  # room for a readable title over a small picture
+    title_lines = _wrapped(_drawable(title, font), font, total - 2 * pad)
+    sub_lines = _wrapped(_drawable(subtitle, small), small, total - 2 * pad) if subtitle else []
+    head = pad + 17 * len(title_lines) + 14 * len(sub_lines) + pad
+    foot = 16 if bar is not None else 0  # the colour bar's label under it
+    canvas = Image.new("RGB", (total, head + height + foot + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for line in title_lines:
+        draw.text((pad, y), line, fill=(0, 0, 0), font=font)
+        y += 17
+    for line in sub_lines:
+        draw.text((pad, y), line, fill=(90, 90, 90), font=small)
+        y += 14
+    canvas.paste(pic, (pad, head))
+    if bar is not None:
+        ramp_img, ticks, label = bar
+        x = pad + width + pad
+        canvas.paste(ramp_img.resize((12, height), Image.Resampling.NEAREST), (x, head))
+        draw.rectangle((x - 1, head - 1, x + 12, head + height), outline=(120, 120, 120))
+        for at, text in ticks:
+            draw.text((x + 16, head + at * (height - 1)), text, fill=(0, 0, 0), font=font,
+                      anchor="lt" if at == 0 else "lb" if at == 1 else "lm")
+        draw.text((x, head + height + 3), label, fill=(90, 90, 90), font=small)
+    return np.asarray(canvas, dtype=np.float64) / 255
 
 
 # viridis at 9 evenly spaced points: enough for a faithful linear interpolation

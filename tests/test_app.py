@@ -192,6 +192,29 @@ def test_scored_tiles_draw_each_atom_with_a_bar_as_long_as_its_score():
         images.scored_tiles(tiles, scores[:3], ["a", "b", "c", "d"])
 
 
+def test_an_exported_figure_has_its_title_and_a_colour_bar_that_says_what_its_colours_are():
+    """The Export tab's PNGs were bare pictures: no layer, no λ, no scale for their colours."""
+    picture = np.full((40, 60, 3), 0.5)
+    plain = images.figure(picture, "conv1's code z")
+    assert plain.shape[1] >= 60 and plain.shape[0] > 40
+    head = plain.shape[0] - 40 - 8  # the picture sits under the title, 8 px from the bottom
+    assert np.allclose(plain[head:head + 40, 8:68], 0.5, atol=1 / 255)
+    assert (plain[:head].min(-1) < 0.3).any()  # the title's dark text
+    tall = images.figure(picture, "a long title " * 12, "and its subtitle")
+    assert tall.shape[0] > plain.shape[0] + 30 and tall.shape[1] == plain.shape[1]  # wrapped to the width, not cut
+    for diverging, low in ((False, 0.0), (True, -2.0)):
+        fig = images.figure(picture, "z", colorbar=(low, 2.0, "z"), diverging=diverging)
+        head = fig.shape[0] - 40 - 16 - 8  # ...and the colour bar's label under it
+        x = 8 + 60 + 8 + 6  # the middle of the colour bar, right of the picture
+        ramp = fig[head:head + 40, x]
+        assert np.allclose(ramp[0], images.colorize(np.array(2.0), low, 2.0, diverging=diverging), atol=2 / 255)
+        assert np.allclose(ramp[-1], images.colorize(np.array(low), low, 2.0, diverging=diverging), atol=2 / 255)
+        assert (fig[head:head + 40, x + 12:].min(-1) < 0.3).any()  # its values written beside it
+    # a font without λ or Σ (no DejaVu Sans on the system) spells them out instead of drawing boxes
+    from PIL import ImageFont
+    assert images._drawable("λ=0.1 · #3 (Σ|z|)", ImageFont.load_default()) == "lambda=0.1 | #3 (sum|z|)"
+
+
 def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
     """uint8 pictures were scaled by 255 again (every non-zero pixel white, hashes alike); NaN crashed colorize."""
     u8 = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -711,6 +734,11 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     for name in names:
         if name.endswith(".png"):
             Image.open(io.BytesIO(zf.read(name))).verify()
+            pic = np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))
+            if name.startswith("png/input_"):  # the images themselves, to use as inputs: no title
+                assert pic.shape[:2] == (256, 256), name
+            else:  # the figures have a title (dark text on white) above their picture
+                assert (pic[:6] == 255).all() and (pic[6:24].min(-1) < 80).any(), name
     settings = json.loads(zf.read("settings.json"))
     assert {"checkpoint", "image", "corruption", "lam", "n_steps"} <= set(settings)
     # its 17 layers' λ a line each (per layer, the override and as trained), it was 90 lines, a page-long expander
