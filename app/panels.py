@@ -40,8 +40,11 @@ class Context:
     device: str
 
 
-def _chart(fig, key: str | None = None) -> None:
-    image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": (key or "chart").removesuffix("_chart")}
+def _chart(fig, key: str | None = None, name: str | None = None) -> None:
+    """A plotly chart whose camera saves `name`.png (default: its key's stem), a layer's name in it where the chart
+    is one layer's (the Export tab's names): every layer's code maps were saved as 'codes.png'."""
+    filename = (name or (key or "chart").removesuffix("_chart")).replace(".", "_")
+    image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": filename}
     config = {**PLOTLY_CONFIG, "toImageButtonOptions": image}
     fitted = plots.fitted_height(fig)
     if not (fitted and key):
@@ -522,7 +525,7 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
                         f"(trained λ: {fmt(trained['mean_rel_residual'])})"
                         + (f"; {dead} layer(s) fed all zeros left out" if dead else ""))
     with left:
-        _chart(plots.predictions(classes, series, k), key="pred_chart")
+        _chart(plots.predictions(classes, series, k), key="pred_chart", name="predictions")
     silent = [r["name"] for r in cur["layers"] if not np.any(r["z"])]
     if silent:
         if _cuts_off(ctx.loaded, silent):
@@ -666,8 +669,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
                "first, each titled #channel (Σ|z|).")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
-    _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart")
-    _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart")
+    _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart",
+           name=f"reconstruction_{view.layer}")
+    _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart", name=f"codes_{view.layer}")
 
 
 def _cuts_off(loaded: state.Loaded, silent: list[str]) -> bool:
@@ -746,7 +750,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     st.subheader(f"First-layer atoms ({names[0]}), most used by this image first")
     st.caption("Each tile is one atom (3 x k x k, unit norm); grey is 0. Usage is Σ|z| of its code channel.")
     _chart(plots.tiles(view.atom_tiles, plots.usage_titles(view.atom_order, usage),
-                       ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160), key="atoms_chart")
+                       ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160),
+           key="atoms_chart", name="atoms_first_layer")
     if loaded.meta["config"].get("shortcut", True):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
                 "with shortcuts a layer's input is not the previous layer's reconstruction alone.")
@@ -766,7 +771,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
                f"with a 1-pixel grey border. Grey is 0.")
     _chart(plots.tiles(images.atom_tiles(crop), plots.usage_titles(dorder, dusage), ncols=8,
-                       height_per_row=120), key="deep_atoms_chart")
+                       height_per_row=120), key="deep_atoms_chart", name=f"atoms_{deep}")
     st.subheader("What each layer sees")
     st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "
                "of A's and inverted BatchNorms reaches the pixels): what the layer keeps of the input. "
@@ -854,17 +859,17 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
             amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()
             with col:
                 _chart(plots.overlay(ctx.image.transpose(1, 2, 0), amap, attribution.SIGNED[m],
-                                     attribution.METHODS[m]), key=f"attr_{m}")
+                                     attribution.METHODS[m]), key=f"attr_{m}", name=f"attribution_{m}")
     scores = result["atoms"]
     top, tiles, labels = state.strongest_atoms(scores, view.atom_tiles, view.atom_order)
     # a short title (a long one was cut at 700 px); what was summed goes in the caption
     _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "First-layer atoms that drove the decision"),
-           key="atom_attr_chart")
+           key="atom_attr_chart", name="attribution_atoms_bars")
     strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
                f"channel; {strongest}, strongest first.")
     # 8 a row: 16 labels ran together at 700 px
-    _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles")
+    _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles", name="attribution_atoms")
 
 
 def export_panel(view: state.View, unnormalize) -> None:

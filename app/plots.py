@@ -30,6 +30,10 @@ NARROW = 468  # ...and in an 800 px window, the narrowest the page is laid out f
 # on top ('l2 norm over channels'), narrowing the tiles below the width their chart's height was fitted to
 COLORBAR = 84
 TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
+# The charts' text in fonts the system has, not the page's web font (Source Sans): a chart's camera PNG is drawn from
+# its SVG where web fonts are not loaded, in the system's sans-serif, wider than the layout measured in Source Sans,
+# and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
+FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
@@ -52,7 +56,7 @@ def text_width(text: str, size: float) -> float:
 
 
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
-    base = dict(height=height, margin=MARGIN, title=dict(TITLE, text=title), legend=LEGEND)
+    base = dict(height=height, margin=MARGIN, title=dict(TITLE, text=title), legend=LEGEND, font=FONT)
     if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
         # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
         base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))

@@ -68,6 +68,9 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             wait_for_lam(page, "λ=0.1,")
             initial = summary.inner_text()  # the default sample at the trained λ
             assert "CPU" in page.content() or "CUDA" in page.content()
+            # a local tool: no "Deploy" to Community Cloud in its toolbar (.streamlit/config.toml)
+            assert page.locator("[data-testid=stToolbarActions]").count() == 1
+            assert page.locator("[data-testid=stAppDeployButton]").count() == 0
 
             page.locator("[data-testid=stSidebar]").get_by_text("Upload", exact=True).click()
             page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(upload_file(tmp_path)))
@@ -174,6 +177,15 @@ def check_chart(page, key: str) -> None:
         assert above <= plots.TOOLBAR + plots.TITLE_ROOM + 1.5 and below <= plots.MARGIN["b"] + 1.5, (key, above, below)
 
 
+def camera_png(page, key: str) -> tuple[str, np.ndarray]:
+    """What a chart's camera button saves: its file name and its picture in grey levels."""
+    chart = page.locator(f".st-key-{key}")
+    chart.hover()
+    with page.expect_download() as download:
+        chart.locator('.modebar-btn[data-title="Download plot as a PNG"]').click()
+    return download.value.suggested_filename, np.asarray(Image.open(download.value.path()).convert("L"))
+
+
 @pytest.mark.parametrize("width", [800, 1400])
 def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
     """In an 800 px window the toggle 'in conv1 only' read 'in conv...', the atom attribution method 'Layer Integrated
@@ -206,8 +218,19 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     assert all(drawn <= plots.text_width(text, size) for text, size, drawn, _ in titles), titles
                 for key in keys + others.get(tab, []):
                     check_chart(page, key)
+                if tab == "Layers":  # its camera names the layer: every layer's code maps were 'codes.png'
+                    assert camera_png(page, "codes_chart")[0] == "codes_conv1.png"
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
                 assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
+            # the predictions' camera PNG keeps its legend whole: drawn from the chart's SVG in the system's font
+            # (not the page's web font), it ran off the picture's right edge ('SDNet at trained λ=0.:')
+            name, png = camera_png(page, "pred_chart")
+            assert name == "predictions.png"
+            legend = png[: png.shape[0] // 5] < 128  # the legend's text, above the bars (the PNG is at scale 2)
+            # its box ends at the plot's right edge: a clipped text ran up to it (1 px short), a whole one ends
+            # short of it by the box's padding (13 px at either width)
+            right = int(np.nonzero(legend.any(0))[0].max())
+            assert right <= png.shape[1] - 2 * plots.MARGIN["r"] - 8, (width, right, png.shape)
         finally:
             browser.close()
