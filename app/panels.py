@@ -53,7 +53,10 @@ def _chart(fig, key: str | None = None, name: str | None = None) -> None:
     # A tile chart, as tall as its tiles at the width it gets: a box around it is the container its CSS height is a
     # length of, and the chart stretches to that height (in fullscreen, to the screen's, as any chart)
     with st.container(key=f"{key}_box"):
-        st.html(f"<style>.st-key-{key}_box {{container-type: inline-size}} .st-key-{key} {{height: {fitted}}}</style>")
+        st.html(f"<style>.st-key-{key}_box {{container-type: inline-size}} .st-key-{key} {{height: {fitted}}} "
+                f".st-key-{key} .textpoint text {{font-size: {plots.fitted_title_size(fig)} !important; "
+                # plotly set them above their tiles for its own size: larger, their descenders ('(') reached in
+                "translate: 0 -2px}</style>")
         st.plotly_chart(fig, config=config, key=key, height="stretch")
 
 

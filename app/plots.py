@@ -35,6 +35,7 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
+TITLE_SIZES_WIDE = (12,)  # ...and on the page, as large as fits at the width the chart gets, up to 12
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
@@ -49,10 +50,12 @@ def usage_titles(channels: list[int], usage: np.ndarray) -> list[str]:
 
 
 def text_width(text: str, size: float) -> float:
-    """About how wide `text` is, in pixels at font `size`, in the page's sans-serif: 0.58 em a character, 0.34 em
-    for the narrow ones (erring wide: digits are 0.56 em in Arial, '(', ')', '-' and 'r' 0.33)."""
+    """About how wide `text` is, in pixels at font `size`, in the charts' font (FONT): 0.58 em a character, 0.34 em
+    for the narrow ones, 0.68 for capitals (erring wide: in Arial digits are 0.56 em, '(', ')', '-' and 'r' 0.33,
+    'A' 0.67; 'A(z)' at 11 px was wider than 0.58 em a letter)."""
     narrow = sum(ch in " .,:;|()'!-ijlrtI" for ch in text)
-    return size * (0.58 * (len(text) - narrow) + 0.34 * narrow)
+    capitals = sum(ch.isupper() and ch != "I" for ch in text)
+    return size * (0.58 * (len(text) - narrow - capitals) + 0.34 * narrow + 0.68 * capitals)
 
 
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
@@ -179,9 +182,16 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
                   hoverinfo="skip" if shown == titles else "text", showlegend=False)
     # the height at the wanted scale, or where the chart's width (100cqw) limits the scale, the height it gives;
     # the figure's own height (where no CSS applies) is the one at about the main column's width
-    fit = f"min({ends + height * scale:.1f}px, calc((100cqw - {sides}px) * {height / width:.5f} + {ends}px))"
+    across = f"(100cqw - {sides}px)"  # the plot's width on the page
+    fit = f"min({ends + height * scale:.1f}px, calc({across} * {height / width:.5f} + {ends}px))"
+    # ...and the titles as large as fit there, up to the largest: in a 1400 px window they stayed at the 8 px that
+    # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile.
+    longest = max(text_width(t, 1) for t in shown)
+    title = (f"clamp({TITLE_SIZES[-1]}px, min({((w + px) * scale - 4) / longest:.2f}px, "
+             f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
+             f"calc({across} * {py / width:.6f} - 2px)), {TITLE_SIZES_WIDE[0]}px)")
     return _figure(data + [labels], round(ends + height * min(scale, WIDTH / width)), margin=margin,
-                   meta=dict(fitted_height=fit), xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]),
+                   meta=dict(fitted_height=fit, title_size=title), xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]),
                    yaxis=dict(NO_AXIS, scaleanchor="x", range=[height - 0.5, -0.5]))
 
 
@@ -189,6 +199,12 @@ def fitted_height(fig: go.Figure) -> str | None:
     """A tile chart's height as a CSS length of its width, 100cqw (None for the other charts)."""
     meta = fig.layout.meta
     return meta.get("fitted_height") if isinstance(meta, dict) else None
+
+
+def fitted_title_size(fig: go.Figure) -> str | None:
+    """A tile chart's titles' font size as a CSS length of its width, 100cqw (None for the other charts)."""
+    meta = fig.layout.meta
+    return meta.get("title_size") if isinstance(meta, dict) else None
 
 
 def _title_size(titles: list[str], pitch: float) -> int | None:

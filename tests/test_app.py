@@ -319,10 +319,10 @@ def test_tile_titles_shrink_to_fit_an_800_px_window_then_drop_the_usage():
 
 
 def _css_px(length: str, width: float) -> float:
-    """A CSS length made of min(), calc(), px and 100cqw, in pixels for a container `width` px wide."""
-    expr = length.replace("100cqw", f"{width}").replace("px", "").replace("calc", "")
-    assert set(expr) <= set("0123456789.+-*/(), min"), length
-    return eval(expr, {"__builtins__": {}, "min": min})
+    """A CSS length made of clamp(), min(), calc(), px and 100cqw, in pixels for a container `width` px wide."""
+    expr = length.replace("100cqw", f"{width}").replace("px", "").replace("calc", "").replace("clamp", "between")
+    assert set(expr) <= set("0123456789.+-*/(), minbetw"), length
+    return eval(expr, {"__builtins__": {}, "min": min, "between": lambda lo, v, hi: max(lo, min(v, hi))})
 
 
 def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
@@ -347,6 +347,17 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
             scales.append(min(across / cols, down / rows))  # pixels stay square: the axis with less room sets it
             assert scales[-1] * rows == pytest.approx(down, abs=0.5), (fig.layout.height, width)  # no blank bands
         assert scales == sorted(scales)  # tiles grow with the width, up to their wanted scale
+        # the titles as large as fit their tiles' pitch (4 px between) and the gap above them at each width, 8 to 12 px
+        # (at 1400 px they stayed at the 8 px that fitted 800 px)
+        titles = fig.data[-1]
+        longest = max(plots.text_width(t, 1) for t in titles.text)
+        xs = sorted(set(titles.x))
+        pitch = xs[1] - xs[0] if len(xs) > 1 else cols
+        sizes = [_css_px(plots.fitted_title_size(fig), width) for width in (plots.NARROW, 940, 2000)]
+        assert sizes == sorted(sizes) and 8 <= sizes[0] and sizes[-1] <= 12, sizes
+        for size, scale in zip(sizes, scales):
+            assert size == 8 or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
+        assert sizes[0] >= titles.textfont.size - 1  # at least the narrow chart's, as plotly draws it without CSS
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
         assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
     assert plots.fitted_height(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
@@ -570,9 +581,10 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
     tiles = {key for key, c in charts.items() if json.loads(c.proto.spec)["layout"].get("meta")}
     assert tiles == {"maps_chart", "codes_chart"}
     for key in tiles:
-        fitted = plots.fitted_height(go.Figure(json.loads(charts[key].proto.spec)))
+        fig = go.Figure(json.loads(charts[key].proto.spec))
         assert f".st-key-{key}_box {{container-type: inline-size}}" in styles
-        assert f".st-key-{key} {{height: {fitted}}}" in styles
+        assert f".st-key-{key} {{height: {plots.fitted_height(fig)}}}" in styles
+        assert f".st-key-{key} .textpoint text {{font-size: {plots.fitted_title_size(fig)} !important" in styles
 
 
 def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):

@@ -215,7 +215,8 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     titles = page.evaluate(TILE_TITLES, key)
                     assert titles and overlapping(titles) == [], key
                     # the font was picked by this estimate of the titles' width: it must not fall short
-                    assert all(drawn <= plots.text_width(text, size) for text, size, drawn, _ in titles), titles
+                    wider = [(text, size, drawn) for text, size, drawn, _ in titles if drawn > plots.text_width(text, size)]
+                    assert wider == [], (key, wider)
                 for key in keys + others.get(tab, []):
                     check_chart(page, key)
                 if tab == "Layers":  # its camera names the layer: every layer's code maps were 'codes.png'
