@@ -278,10 +278,7 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
     if corruption["kind"] == "none":
         cols[1].image(framed_picture(image), caption="model input (no corruption)")
     else:
-        what = (f"severity {corruption['severity']}" if isinstance(corruption["severity"], int)
-                else f"level {corruption['severity']:g}")
-        cols[1].image(framed_picture(image),
-                      caption=f"{corruption['kind']} noise, {what}, seed {corruption['seed']}")
+        cols[1].image(framed_picture(image), caption=state.noise_text(corruption))
     with cols[2]:
         if info.get("label"):
             article = "an" if info["label"][:1].lower() in "aeiou" else "a"
@@ -937,12 +934,7 @@ def explore(ctx: Context) -> None:
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
     cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
-    own = {name: v for name, v in lam["per_layer"].items() if v != lam["all"]}
-    count = n_steps if isinstance(n_steps, int) else n_steps[0][1]
-    lam_text = f"λ={lam['all']:g}" + (
-        f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2 else
-        f" ({len(own)} layers their own)" if own else "") + f", {count} step{'s' if count != 1 else ''}" + (
-        f" in {n_steps[0][0]}" if not isinstance(n_steps, int) else "")
+    lam_text = state.setting_text(lam["all"], lam["per_layer"], state.as_override(n_steps))
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
     predictions_panel(ctx, cur, trained, resnet, lam_text)

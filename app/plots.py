@@ -186,7 +186,7 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     fit = f"min({ends + height * scale:.1f}px, calc({across} * {height / width:.5f} + {ends}px))"
     # ...and the titles as large as fit there, up to the largest: in a 1400 px window they stayed at the 8 px that
     # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile.
-    longest = max(text_width(t, 1) for t in shown)
+    longest = max((text_width(t, 1) for t in shown), default=0) or 1  # no titles (or empty ones): any size fits
     title = (f"clamp({TITLE_SIZES[-1]}px, min({((w + px) * scale - 4) / longest:.2f}px, "
              f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
              f"calc({across} * {py / width:.6f} - 2px)), {TITLE_SIZES_WIDE[0]}px)")

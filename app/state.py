@@ -399,26 +399,57 @@ def recon_panels(rec: dict, unnormalize) -> tuple[list[tuple[str, np.ndarray]], 
             ("residual ||x - A(z)||", channel_norm(rec["residual"]))], False
 
 
-def export_subtitle(settings: dict) -> str:
-    """The line under every exported figure's title: model, image, noise and the λ and FISTA steps it was made at."""
-    corr, lam, steps = settings["corruption"], settings["lam"], settings["n_steps"]
-    noise = ("no noise" if corr["kind"] == "none" else
-             f"{corr['kind']} noise, severity {corr['severity']:g}, seed {corr['seed']}")
-    own = sum(1 for v in lam["per_layer"].values() if v != lam["all"])
-    lam_text = ("λ as trained" if lam["override"] is None else
-                f"λ={lam['all']:g}" + (f" ({own} layer{'s' if own != 1 else ''} their own)" if own else ""))
-    count = steps if isinstance(steps, int) else next(iter(steps.values())) if isinstance(steps, dict) else None
-    steps_text = ("FISTA steps as trained" if count is None else f"{count} FISTA step{'s' if count != 1 else ''}"
-                  + ("" if not isinstance(steps, dict) else f" in {next(iter(steps))}"))
-    return f"{settings['checkpoint']['model']} · {settings['image']['source']} · {noise} · {lam_text}, {steps_text}"
+def setting_text(lam_all: float, per_layer: dict[str, float], n_steps: int | dict[str, int],
+                 layer: str | None = None) -> str:
+    """The λ and FISTA steps in words, as the page's legends and the exported figures say them: 'λ=0.1, 2 steps',
+    'λ=0.1 (conv1 0.5), 7 steps in conv1'; for one `layer` with a λ of its own, that λ first ('λ=0.5 in conv1
+    (others 0.1)'): a figure of conv1's codes read 'λ=0.1 (2 layers their own)'."""
+    own = {name: v for name, v in per_layer.items() if v != lam_all}
+    if layer in own:
+        rest = len(own) - 1
+        text = f"λ={own[layer]:g} in {layer} (others {lam_all:g}" + (f", {rest} their own)" if rest else ")")
+    else:
+        text = f"λ={lam_all:g}" + (f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2
+                                   else f" ({len(own)} layers their own)" if own else "")
+    count = n_steps if isinstance(n_steps, int) else next(iter(n_steps.values()))
+    return text + f", {count} step{'s' if count != 1 else ''}" + (
+        f" in {next(iter(n_steps))}" if isinstance(n_steps, dict) else "")
+
+
+def noise_text(corruption: dict) -> str:
+    """A corruption in words: 'gaussian noise, severity 3, seed 0' or, at a continuous level, 'shot noise, level
+    c=5, seed 3' (a level is not a severity: shot's severity 5 is c=50)."""
+    if corruption["kind"] == "none":
+        return "no noise"
+    strength = corruption["severity"]
+    what = f"severity {strength}" if isinstance(strength, int) else f"level c={strength:g}"
+    return f"{corruption['kind']} noise, {what}, seed {corruption['seed']}"
+
+
+def export_subtitle(settings: dict, layer: str | None = None) -> str:
+    """The line under every exported figure's title: model, image, noise and the λ and FISTA steps it was made
+    at (`layer`'s own λ first where it has one)."""
+    lam = settings["lam"]
+    setting = setting_text(lam["all"], lam["per_layer"], settings["n_steps"], layer)
+    return (f"{settings['checkpoint']['model']} · {settings['image']['source']} · "
+            f"{noise_text(settings['corruption'])} · {setting}")
 
 
 def _figure_png(picture: np.ndarray, title: str, settings: dict, scale: int = 1,
-                colorbar: tuple[float, float, str] | None = None, diverging: bool = False) -> bytes:
-    """An exported picture (H, W, 3) enlarged `scale` times, with its title, the view's subtitle and its colour
-    scale: a PNG that says what it shows when it is read away from the page."""
-    return images.png_bytes(images.figure(images.enlarge(picture, scale), title, export_subtitle(settings), colorbar,
-                                          diverging))
+                colorbar: tuple[float, float, str] | None = None, diverging: bool = False,
+                layer: str | None = None) -> bytes:
+    """An exported picture (H, W, 3) enlarged `scale` times, with its title, the view's subtitle (`layer`'s own λ
+    first) and its colour scale: a PNG that says what it shows when it is read away from the page."""
+    return images.png_bytes(images.figure(images.enlarge(picture, scale), title, export_subtitle(settings, layer),
+                                          colorbar, diverging))
+
+
+def _finite_peak(a: np.ndarray, absolute: bool = True) -> float:
+    """The largest (absolute) finite value of `a`, 0 if none: one NaN made a whole code map's scale NaN."""
+    v = np.asarray(a, dtype=np.float64)
+    v = np.abs(v) if absolute else v
+    v = v[np.isfinite(v)]
+    return float(v.max()) if v.size else 0.0
 
 
 def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]:
@@ -451,7 +482,7 @@ def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict) -> 
     what = ("in absolute pixels, with BatchNorm's offsets" if offsets else
             "the code's own contribution, offsets left out, contrast stretched")
     return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})",
-                       settings, max(1, 256 // picture.shape[-1]))
+                       settings, max(1, 256 // picture.shape[-1]), layer=layer)
 
 
 def _usage_grid(tiles: np.ndarray, channels: list[int], usage: np.ndarray, cell: int, ncols: int = 8) -> np.ndarray:
@@ -464,7 +495,7 @@ def _first_atoms_png(view: View) -> bytes:
     grid = _usage_grid(view.atom_tiles, view.atom_order, images.channel_activity(first["z"]), 56,
                        ncols=8 if len(view.atom_order) <= 32 else 16)
     return _figure_png(grid, f"{first['name']}'s atoms, most used by this image first: #atom (Σ|z| of its code); "
-                             "grey is 0, each atom scaled to its largest |weight|", view.settings)
+                             "grey is 0, each atom scaled to its largest |weight|", view.settings, layer=first["name"])
 
 
 def deep_atoms_png(model: torch.nn.Module, model_key: str, layer: str, code_shape: tuple[int, int, int],
@@ -472,20 +503,21 @@ def deep_atoms_png(model: torch.nn.Module, model_key: str, layer: str, code_shap
     """The Atoms tab's grid of `layer`'s atoms in pixel space, in `order` (most used first), cropped to their
     receptive field, 8 a row, titled by their use."""
     crop = images.crop_to_support(pixel_atoms(model, model_key, layer, code_shape)[order])
-    grid = _usage_grid(images.atom_tiles(crop), order, usage, max(64, 2 * crop.shape[-1]))
+    side = max(crop.shape[-2:])  # each atom about 96 px, as the page's tiles (a 32 px window 1x looked like a stamp)
+    grid = _usage_grid(images.atom_tiles(crop), order, usage, max(64, side * max(1, 96 // side) + 8))
     return _figure_png(grid, f"{layer}'s atoms in pixel space (sdnet.decode_to_input), most used first: #atom "
-                             f"(Σ|z|); a {crop.shape[-2]}x{crop.shape[-1]} window, grey is 0", settings)
+                             f"(Σ|z|); a {crop.shape[-2]}x{crop.shape[-1]} window, grey is 0", settings, layer=layer)
 
 
 def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
     z = rec["z"]
     chans = channels or list(range(min(16, z.shape[0])))
-    vmax = max(float(np.abs(z[chans]).max()), 1e-12)
-    low = 0.0 if z.min() >= 0 else -vmax  # the page's scale: one for all the channels shown
-    grid = _usage_grid(images.colorize(z[chans], low, vmax), chans, images.channel_activity(z),
+    vmax = _finite_peak(z[chans])
+    low = 0.0 if not np.nanmin(z) < 0 else -vmax  # the page's scale: one for all the channels shown
+    grid = _usage_grid(images.colorize(z[chans], low, max(vmax, 1e-12)), chans, images.channel_activity(z),
                        max(64, min(136, 4 * z.shape[-1] + 8)))
     return _figure_png(grid, f"{rec['name']}'s code z: its {len(chans)} most active of {z.shape[0]} channels, "
-                             "#channel (Σ|z|)", settings, colorbar=(low, vmax, "z"))
+                             "#channel (Σ|z|)", settings, colorbar=(low, vmax, "z"), layer=rec["name"])
 
 
 def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
@@ -494,26 +526,28 @@ def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
     if rgb:
         pics = np.stack([p for _, p in panels])
     else:
-        vmax = max(float(p.max()) for _, p in panels)
-        pics = np.stack([images.colorize(p, 0, vmax) for _, p in panels])
+        vmax = max(_finite_peak(p) for _, p in panels)
+        pics = np.stack([images.colorize(p, 0, max(vmax, 1e-12)) for _, p in panels])
         bar = (0.0, vmax, "l2 norm over channels")
     grid = images.scored_tiles(pics, None, [t for t, _ in panels], ncols=3, cell=256 + 8)
     return _figure_png(grid, f"{rec['name']}: its input x, the reconstruction A(z) from its code, and the residual",
-                       settings, colorbar=bar)
+                       settings, colorbar=bar, layer=rec["name"])
 
 
 def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> bytes:
     amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
     signed = attribution.SIGNED[method]
     heat = images.colorize(amap, diverging=signed)
-    peak = float(np.abs(amap).max())
-    bar = (-peak, peak, "attribution") if signed else (float(amap.min()), float(amap.max()), "attribution")
+    peak = _finite_peak(amap)
+    bar = ((-peak, peak, "attribution") if signed else
+           (-_finite_peak(-amap, absolute=False), _finite_peak(amap, absolute=False), "attribution"))
     target = view.settings["attribution"]["target"]
     of = f" of class {view.classes[target]}" if target is not None else ""
     return _figure_png(0.45 * view.image.transpose(1, 2, 0) + 0.55 * heat,
                        f"{attribution.METHODS[method]}{of} over the model input"
-                       + (" (red: for the class, blue: against)" if signed else ""), view.settings, scale,
-                       colorbar=bar, diverging=signed)
+                       + (" (red: for the class, blue: against)" if signed else "")
+                       + "; the map at 55% over the image, so its hues are paler than the scale's", view.settings,
+                       scale, colorbar=bar, diverging=signed)
 
 
 def strongest_atoms(scores: np.ndarray, tiles: np.ndarray, order: list[int], k: int = 16

@@ -336,13 +336,20 @@ def scored_tiles(tiles: np.ndarray, scores: np.ndarray | None, labels: list[str]
 
 
 def _wrapped(text: str, font, width: float) -> list[str]:
-    """`text` in lines no wider than `width` pixels, broken at spaces (a word longer than that keeps a line)."""
+    """`text` in lines no wider than `width` pixels, broken at spaces, and a word wider than that (a long layer
+    name) after its dots or underscores, else anywhere: it ran off the figure's edge."""
     lines: list[str] = []
     for word in text.split():
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] += f" {word}"
-        else:
-            lines.append(word)
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            fits = max(i for i in range(1, len(word) + 1) if i == 1 or font.getlength(word[:i]) <= width)
+            breaks = [i + 1 for i in range(fits - 1) if word[i] in "._/-"]
+            cut = breaks[-1] if breaks else fits
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
     return lines or [""]
 
 

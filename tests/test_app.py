@@ -215,6 +215,32 @@ def test_an_exported_figure_has_its_title_and_a_colour_bar_that_says_what_its_co
     assert images._drawable("λ=0.1 · #3 (Σ|z|)", ImageFont.load_default()) == "lambda=0.1 | #3 (sum|z|)"
 
 
+def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
+    """A figure of conv1's codes read 'λ=0.1 (2 layers their own)' with conv1 at 0.5, and a continuous noise level
+    c=5 of shot noise was written 'severity 5' (which is c=50)."""
+    from app import state
+    per_layer = {"conv1": 0.5, "layer1.0.conv1": 0.2}
+    assert state.setting_text(0.1, {}, 2) == "λ=0.1, 2 steps"
+    assert state.setting_text(0.1, per_layer, {"conv1": 7}) == "λ=0.1 (conv1 0.5, layer1.0.conv1 0.2), 7 steps in conv1"
+    assert state.setting_text(0.1, per_layer, 1, "conv1") == "λ=0.5 in conv1 (others 0.1, 1 their own), 1 step"
+    assert state.setting_text(0.1, {"conv1": 0.5}, 2, "conv1") == "λ=0.5 in conv1 (others 0.1), 2 steps"
+    assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers their own), 2 steps"
+    assert state.noise_text(dict(kind="none", severity=None, seed=None)) == "no noise"
+    assert state.noise_text(dict(kind="shot", severity=5.0, seed=3)) == "shot noise, level c=5, seed 3"
+    assert state.noise_text(dict(kind="gaussian", severity=3, seed=0)) == "gaussian noise, severity 3, seed 0"
+    settings = dict(checkpoint=dict(model="sdnet18_all (width 16, no shortcuts)"), image=dict(source="sample:cat_2"),
+                    corruption=dict(kind="shot", severity=5.0, seed=3),
+                    lam=dict(all=0.1, per_layer={"conv1": 0.5}), n_steps=2)
+    assert state.export_subtitle(settings, "conv1") == ("sdnet18_all (width 16, no shortcuts) · sample:cat_2 · shot "
+                                                        "noise, level c=5, seed 3 · λ=0.5 in conv1 (others 0.1), 2 steps")
+    # one NaN in a code: the map keeps its colours and its scale its numbers (it was all one colour, 'nan' to 'nan')
+    z = np.random.default_rng(0).random((4, 8, 8))
+    z[0, 0, 0] = np.nan
+    rec = dict(name="conv1", z=z)
+    pic = np.asarray(Image.open(io.BytesIO(state._codes_png(rec, [0, 1, 2, 3], settings))).convert("RGB"))
+    assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
+
+
 def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
     """uint8 pictures were scaled by 255 again (every non-zero pixel white, hashes alike); NaN crashed colorize."""
     u8 = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -355,8 +381,12 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         pitch = xs[1] - xs[0] if len(xs) > 1 else cols
         sizes = [_css_px(plots.fitted_title_size(fig), width) for width in (plots.NARROW, 940, 2000)]
         assert sizes == sorted(sizes) and 8 <= sizes[0] and sizes[-1] <= 12, sizes
+        ys = sorted(set(titles.y))
+        gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
         for size, scale in zip(sizes, scales):
             assert size == 8 or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
+            assert size == 8 or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
+        assert plots.tiles(rng.random((4, 5, 5, 3)), [""] * 4).data[-1].text == ("",) * 4  # no titles: no crash
         assert sizes[0] >= titles.textfont.size - 1  # at least the narrow chart's, as plotly draws it without CSS
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
         assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
@@ -774,6 +804,14 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     # and says so: it printed nothing
     assert zf.read("reproduce.py").decode() == state.reproduce_snippet(settings)
     zf.extractall(tmp_path / "export")
+    # the last layer's atoms reach the whole 32 px image: 4 of them are drawn at 3x, about as large as the page's
+    # tiles (at 1x in 64 px cells they looked like stamps)
+    last = view.probe["layers"][-1]
+    png = state.deep_atoms_png(loaded.model, loaded.key, last["name"], tuple(last["z"].shape), [0, 1, 2, 3],
+                               np.ones(last["z"].shape[0]), view.settings)
+    if images.crop_to_support(state.pixel_atoms(loaded.model, loaded.key, last["name"],
+                                                tuple(last["z"].shape))[:4]).shape[-1] == 32:
+        assert Image.open(io.BytesIO(png)).width >= 4 * (96 + 8)
     assert_reproduces(tmp_path / "export", arrays, loaded.classes)
 
 
