@@ -643,13 +643,15 @@ def reproduce_snippet(settings: dict) -> str:
     and arrays.npz, and says how close it came: the prediction, and the largest differences from the export."""
     checkpoint = Path(settings["checkpoint"]["path"])
     root = "" if checkpoint.is_absolute() else f"{str(ROOT)!r}"
-    lines = ['"""Recompute an SDNet Explorer view: run `python reproduce.py` where the export was unpacked."""',
+    lines = ['"""Recompute an SDNet Explorer view: `python reproduce.py` in the unpacked export."""',
              "import hashlib, json, sys",
              "from pathlib import Path",
              "import numpy as np, torch, sdnet",
              "",
-             "s = json.load(open('settings.json'))",
-             "saved = np.load('arrays.npz')"]
+             "# beside this script (run from anywhere), or in the current folder (pasted into a notebook there)",
+             "export = Path(__file__).resolve().parent if '__file__' in globals() else Path('.')",
+             "s = json.loads((export / 'settings.json').read_text())",
+             "saved = np.load(export / 'arrays.npz')"]
     if root:
         lines += ["# The SDNet Explorer checkout the export was made in (the checkpoint's path is relative to it):",
                   "# on another machine, your own checkout",

@@ -818,7 +818,9 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
 def assert_reproduces(folder: Path, arrays, classes: list[str]) -> None:
     """reproduce.py, run as a script in an unpacked export, prints the export's prediction and differences from
     its arrays too small to matter, and no doubt about the checkpoint."""
-    run = subprocess.run([sys.executable, "reproduce.py"], cwd=folder, capture_output=True, text=True, timeout=120)
+    # run from another folder: it reads the files beside it
+    run = subprocess.run([sys.executable, str(folder / "reproduce.py")], cwd=folder.parent, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = run.stdout
     best = int(np.argmax(arrays["probs"]))
