@@ -879,13 +879,15 @@ def export_panel(view: state.View, unnormalize) -> None:
                "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
                "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves itself "
                "as a PNG from the camera icon in its top-right corner.")
-    cols = st.columns(2)  # two: in a 700 px window three cut "attribution_integrated_gradients.png"
-    for i, (name, make) in enumerate(state.export_png_makers(view, unnormalize).items()):
-        cols[i % 2].download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
-                                    on_click="ignore", help=f"Save {name}")
-    if view.lam_path_csv is not None:
-        cols[0].download_button("lam_path.csv", data=view.lam_path_csv, file_name="lam_path.csv", mime="text/csv",
-                                key="dl_path_csv", on_click="ignore", help="The λ path tab's table")
+    # side by side as many as fit, each as wide as its name: in two columns at 800 px a deep layer's
+    # "reconstruction_layer4_1_conv2.png" was cut (and three columns cut shorter names at 700 px)
+    with st.container(horizontal=True, key="export_buttons"):
+        for name, make in state.export_png_makers(view, unnormalize).items():
+            st.download_button(name, data=make, file_name=name, mime="image/png", key=f"dl_{name}",
+                               on_click="ignore", help=f"Save {name}")
+        if view.lam_path_csv is not None:
+            st.download_button("lam_path.csv", data=view.lam_path_csv, file_name="lam_path.csv", mime="text/csv",
+                               key="dl_path_csv", on_click="ignore", help="The λ path tab's table")
     stem = state.export_stem(view.settings)
     st.download_button("Download everything (ZIP)", data=lambda: state.export_zip(view, unnormalize),
                        file_name=f"{stem}.zip", mime="application/zip", key="dl_zip", type="primary",
@@ -893,7 +895,7 @@ def export_panel(view: state.View, unnormalize) -> None:
     with st.expander("settings.json"):
         st.code(state.settings_json(view.settings), language="json", wrap_lines=True)
     with st.expander("Reproduce in Python (reproduce.py in the ZIP)"):
-        st.code(state.reproduce_snippet(view.settings), language="python")
+        st.code(state.reproduce_snippet(view.settings), language="python", wrap_lines=True)  # none cut at 800 px
 
 
 def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: state.StepsSpec, layer: str | None,

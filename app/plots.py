@@ -63,6 +63,8 @@ def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, *
     if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
         # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
         base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))
+        # an em space after each entry: side by side, one entry's text ran into the next one's line ('2 steps—trained')
+        data = [dict(trace, name=trace["name"] + "\u2003") if trace.get("name") else trace for trace in data]
     return go.Figure(dict(data=data, layout=dict(base, **layout)))
 
 

@@ -1037,7 +1037,7 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     # parsed first: depending on the installed JSON encoder, the spec writes λ as is or as \u03bb
     fit_fig = next(spec for spec in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
                    if "λ(r)" in json.dumps(spec["layout"], ensure_ascii=False))
-    assert [t["name"] for t in fit_fig["data"]] == ["training", "fit", "this image"]
+    assert [t["name"].rstrip("\u2003") for t in fit_fig["data"]] == ["training", "fit", "this image"]
     r = at.session_state["view"].trained["mean_rel_residual"]
     expected = float(f"{sdnet.adaptive_lam(fit, r):.3g}")  # to 3 digits: the slider reads 0.502, not 0.502475
     assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]

@@ -224,6 +224,14 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
                 assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
+            # the Export tab's buttons with a deep layer's long file names (cut in two columns at 800 px)
+            page.get_by_role("tab", name="Layers").click()
+            page.locator(".st-key-layer").get_by_role("combobox").click()
+            page.get_by_role("option", name="layer4.1.conv2").click()
+            page.get_by_role("tab", name="Export").click()
+            page.get_by_role("button", name="reconstruction_layer4_1_conv2").first.wait_for()
+            page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+            assert page.evaluate(CUT_TEXT) == [], "Export"
             # the predictions' camera PNG keeps its legend whole: drawn from the chart's SVG in the system's font
             # (not the page's web font), it ran off the picture's right edge ('SDNet at trained λ=0.:')
             name, png = camera_png(page, "pred_chart")
