@@ -58,13 +58,30 @@ def text_width(text: str, size: float) -> float:
     return size * (0.58 * (len(text) - narrow - capitals) + 0.34 * narrow + 0.68 * capitals)
 
 
+LEGEND_LINE = 30  # characters: about 170 px, so an entry fits a half-width chart in an 800 px window
+
+
+def legend_name(name: str) -> str:
+    """A legend entry in lines of at most LEGEND_LINE characters, broken at spaces: plotly does not wrap them, and
+    at 800 px 'λ=0.1 (layer2.0.conv1 0.15, layer3.1.conv2 0.15), 5 steps in conv1' ran off the chart's left edge,
+    taking the other entries with it."""
+    lines: list[str] = []
+    for word in name.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= LEGEND_LINE:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines)
+
+
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
     base = dict(height=height, margin=MARGIN, title=dict(TITLE, text=title), legend=LEGEND, font=FONT)
     if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
         # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
         base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))
         # an em space after each entry: side by side, one entry's text ran into the next one's line ('2 steps—trained')
-        data = [dict(trace, name=trace["name"] + "\u2003") if trace.get("name") else trace for trace in data]
+        data = [dict(trace, name=legend_name(trace["name"]) + "\u2003") if trace.get("name") else trace
+                for trace in data]
     return go.Figure(dict(data=data, layout=dict(base, **layout)))
 
 
@@ -97,7 +114,7 @@ def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], ti
                   line=dict(color=COLORS.get(color, color), dash="dash" if color == "trained" else "solid"),
                   hovertemplate="%{x}: %{y:" + (".1%" if percent else ".4f") + "}<extra>" + label + "</extra>")
              for label, color, values in series]
-    return _figure(lines, 300, title, xaxis=dict(tickangle=-45),
+    return _figure(lines, 300, title, xaxis=dict(tickangle=-90),
                    yaxis=dict(title=ytitle, tickformat=".0%" if percent else None, rangemode="tozero"))
 
 

@@ -416,6 +416,20 @@ def test_the_toolbar_has_a_strip_of_its_own():
     assert grid.layout.margin.t >= plots.TOOLBAR + max(plots.TITLE_SIZES)
 
 
+def test_long_legend_entries_wrap_and_layer_names_stand_upright():
+    """At 800 px 'λ=0.1 (layer2.0.conv1 0.15, layer3.1.conv2 0.15), 5 steps in conv1' ran off the legend's left edge
+    (plotly does not wrap legend text), and the residual chart's 17 layer names, at 45 degrees, ran into each other."""
+    from app import plots
+    long = "λ=0.1 (layer2.0.conv1 0.15, layer3.1.conv2 0.15), 5 steps in conv1"
+    fig = plots.across_depth(["conv1", "layer1.0.conv1"], [(long, "current", [0.2, 0.3]),
+                                                           ("trained λ", "trained", [0.2, 0.4])], "Residual", "r")
+    names = [t.name for t in fig.data]
+    assert [n.replace("<br>", " ").rstrip("\u2003") for n in names] == [long, "trained λ"]
+    assert all(len(line) <= plots.LEGEND_LINE for n in names for line in n.rstrip("\u2003").split("<br>"))
+    assert names[0].count("<br>") == 2 and fig.layout.xaxis.tickangle == -90
+    assert plots.legend_name("trained λ") == "trained λ"
+
+
 def test_names_in_picture_captions_wrap_after_their_separators():
     """In an 800 px window a picture's caption broke mid-word ('upload:disc.pn' over 'g', 'layer1.1.c' over 'onv2'):
     a zero-width space after each separator lets it wrap there instead."""
