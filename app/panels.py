@@ -619,7 +619,8 @@ def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state
     for name in _default("sees_layers", _spread(names, 5)):
         if name in names:
             makers[f"sees_{name.replace('.', '_')}.png"] = lambda n=name: state.sees_png(
-                state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), n, offsets, settings)
+                state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), n, offsets, settings,
+                zero=not np.any(state.layer_record(cur, n)["z"]))
     deep = _default("atoms_layer", (names[1:] or names)[0])
     drec = state.layer_record(cur, deep)
     if drec is not None:
@@ -667,7 +668,7 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, relative residual "
                f"{rel}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
                f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
-               "first, each titled #channel (Σ|z|).")
+               "first, each titled #channel (Σ|z|), the Σ|z| on hover where a tile is too narrow for it.")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
     _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart",
            name=f"reconstruction_{view.layer}")

@@ -120,7 +120,9 @@ def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], ti
 
 # Class lines of the λ path: a qualitative palette apart from the three setting colours above; its layer lines
 # (the mean over layers, the first layer) in colours of their own too, since red and blue mean λ settings here.
-CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79")
+# One a class (by its index: a class kept its colour as λ reordered the ones shown; cat went green to purple).
+CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#c49c94",
+                "#f7b6d2")
 PATH_COLORS = {"mean": "#222222", "first": "#17becf"}
 
 
@@ -147,9 +149,9 @@ def lam_path_probs(lams: np.ndarray, probs: np.ndarray, classes: list[str], show
     """Class probabilities along λ (log axis), one line per class in `shown`; the current and trained λ marked,
     and the λ from which some CSC code is all zero (the prediction no longer depends on the image) shaded."""
     lines = [dict(type="scatter", x=lams, y=probs[:, c], mode="lines+markers", name=classes[c], marker=dict(size=4),
-                  line=dict(color=CLASS_COLORS[i % len(CLASS_COLORS)]),
+                  line=dict(color=CLASS_COLORS[c % len(CLASS_COLORS)]),
                   hovertemplate="λ=%{x:g}: %{y:.1%}<extra>" + classes[c] + "</extra>")
-             for i, c in enumerate(shown)]
+             for c in shown]
     shapes, notes = _lam_marks(current, trained, silent_from, float(lams[-1]))
     return _figure(lines, 340, "Class probability along λ", shapes=shapes, annotations=notes,
                    xaxis=LAM_AXIS, yaxis=dict(title="probability", tickformat=".0%", range=[0, 1.02]))
@@ -264,10 +266,11 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
     ys, xs = np.indices((h, w))
     info = np.stack([tiled(np.stack([np.full((h, w), float(c)) for c in channels])),
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
-    vmax = max(float(np.abs(z[channels]).max()), 1e-12)
-    heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if z.min() >= 0 else -vmax, zmax=vmax,
-                colorscale="Viridis", hoverongaps=False,
-                colorbar=dict(TILE_COLORBAR, title=dict(text="z", side="right")),
+    vmax = float(np.nanmax(np.abs(z[channels]))) if z[channels].size else 0.0
+    zero = not vmax > 0  # all zero (or NaN): a 0-to-1 scale saying so, not '0, 0.5p, 1p' (a scale up to 1e-12)
+    heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if zero or np.nanmin(z) >= 0 else -vmax,
+                zmax=1.0 if zero else vmax, colorscale="Viridis", hoverongaps=False,
+                colorbar=dict(TILE_COLORBAR, title=dict(text="z (all 0)" if zero else "z", side="right")),
                 hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
                               "<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window

@@ -407,7 +407,8 @@ def setting_text(lam_all: float, per_layer: dict[str, float], n_steps: int | dic
     own = {name: v for name, v in per_layer.items() if v != lam_all}
     if layer in own:
         rest = len(own) - 1
-        text = f"λ={own[layer]:g} in {layer} (others {lam_all:g}" + (f", {rest} their own)" if rest else ")")
+        more = f", {rest} more with {'its' if rest == 1 else 'their'} own" if rest else ""
+        text = f"λ={own[layer]:g} in {layer} (others {lam_all:g}{more})"
     else:
         text = f"λ={lam_all:g}" + (f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2
                                    else f" ({len(own)} layers their own)" if own else "")
@@ -436,12 +437,12 @@ def export_subtitle(settings: dict, layer: str | None = None) -> str:
 
 
 def _figure_png(picture: np.ndarray, title: str, settings: dict, scale: int = 1,
-                colorbar: tuple[float, float, str] | None = None, diverging: bool = False,
+                colorbar: tuple[float, float, str] | None = None, diverging: bool = False, hot: bool = False,
                 layer: str | None = None) -> bytes:
     """An exported picture (H, W, 3) enlarged `scale` times, with its title, the view's subtitle (`layer`'s own λ
     first) and its colour scale: a PNG that says what it shows when it is read away from the page."""
     return images.png_bytes(images.figure(images.enlarge(picture, scale), title, export_subtitle(settings, layer),
-                                          colorbar, diverging))
+                                          colorbar, diverging, hot))
 
 
 def _finite_peak(a: np.ndarray, absolute: bool = True) -> float:
@@ -467,7 +468,8 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
         makers[f"codes_{safe}.png"] = lambda: _codes_png(rec, view.top_channels, view.settings)
         makers[f"reconstruction_{safe}.png"] = lambda: _recon_png(rec, unnormalize, view.settings)
         if view.sees is not None:
-            makers[f"sees_{safe}.png"] = lambda: sees_png(view.sees, view.layer, view.sees_offsets, view.settings)
+            makers[f"sees_{safe}.png"] = lambda: sees_png(view.sees, view.layer, view.sees_offsets, view.settings,
+                                                          zero=not np.any(rec["z"]))
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
     if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
@@ -477,11 +479,13 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
     return makers
 
 
-def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict) -> bytes:
-    """'What a layer sees' (3, H, W) as an exported figure."""
+def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict, zero: bool = False) -> bytes:
+    """'What a layer sees' (3, H, W) as an exported figure; `zero`: its code is all zero (said, as on the page:
+    a black square titled 'contrast stretched' looked like a picture of something)."""
     what = ("in absolute pixels, with BatchNorm's offsets" if offsets else
             "the code's own contribution, offsets left out, contrast stretched")
-    return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})",
+    return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})"
+                       + ("; its code is all zero at this λ: it sees nothing" if zero else ""),
                        settings, max(1, 256 // picture.shape[-1]), layer=layer)
 
 
@@ -516,8 +520,9 @@ def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
     low = 0.0 if not np.nanmin(z) < 0 else -vmax  # the page's scale: one for all the channels shown
     grid = _usage_grid(images.colorize(z[chans], low, max(vmax, 1e-12)), chans, images.channel_activity(z),
                        max(64, min(136, 4 * z.shape[-1] + 8)))
-    return _figure_png(grid, f"{rec['name']}'s code z: its {len(chans)} most active of {z.shape[0]} channels, "
-                             "#channel (Σ|z|)", settings, colorbar=(low, vmax, "z"), layer=rec["name"])
+    what = (f"its {len(chans)} most active of {z.shape[0]} channels, #channel (Σ|z|)" if vmax > 0 else
+            f"all {z.shape[0]} channels are zero at this λ ({len(chans)} shown)")
+    return _figure_png(grid, f"{rec['name']}'s code z: {what}", settings, colorbar=(low, vmax, "z"), layer=rec["name"])
 
 
 def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
@@ -535,19 +540,20 @@ def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
 
 
 def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> bytes:
+    """The Attribution tab's overlay as its page shows it: the map at 60% over the image, red-white-blue around 0
+    for a signed method, white-yellow-red-black from 0 for a magnitude (saliency)."""
     amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
     signed = attribution.SIGNED[method]
-    heat = images.colorize(amap, diverging=signed)
     peak = _finite_peak(amap)
-    bar = ((-peak, peak, "attribution") if signed else
-           (-_finite_peak(-amap, absolute=False), _finite_peak(amap, absolute=False), "attribution"))
+    heat = images.colorize(amap, 0.0, max(peak, 1e-12), diverging=signed, hot=not signed)
     target = view.settings["attribution"]["target"]
     of = f" of class {view.classes[target]}" if target is not None else ""
-    return _figure_png(0.45 * view.image.transpose(1, 2, 0) + 0.55 * heat,
+    return _figure_png(0.4 * view.image.transpose(1, 2, 0) + 0.6 * heat,
                        f"{attribution.METHODS[method]}{of} over the model input"
                        + (" (red: for the class, blue: against)" if signed else "")
-                       + "; the map at 55% over the image, so its hues are paler than the scale's", view.settings,
-                       scale, colorbar=bar, diverging=signed)
+                       + "; the map at 60% over the image, so its hues are paler than the scale's", view.settings,
+                       scale, colorbar=(-peak if signed else 0.0, peak, "attribution"), diverging=signed,
+                       hot=not signed)
 
 
 def strongest_atoms(scores: np.ndarray, tiles: np.ndarray, order: list[int], k: int = 16

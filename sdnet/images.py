@@ -354,11 +354,11 @@ def _wrapped(text: str, font, width: float) -> list[str]:
 
 
 def figure(picture: np.ndarray, title: str, subtitle: str = "", colorbar: tuple[float, float, str] | None = None,
-           diverging: bool = False) -> np.ndarray:
+           diverging: bool = False, hot: bool = False) -> np.ndarray:
     """A picture (H, W, 3) in [0, 1] as an exported figure, RGB in [0, 1]: its title (and a grey subtitle) above,
     wrapped to its width, and given `colorbar` = (low, high, label), the colour scale of `colorize` (viridis, or
-    blue-white-red when `diverging`) at its right with those values at its ends (and 0 in the middle when
-    diverging), so a PNG read alone says what its colours mean."""
+    blue-white-red when `diverging`, white-yellow-red-black when `hot`) at its right with those values at its ends
+    (and 0 in the middle when diverging), so a PNG read alone says what its colours mean."""
     pic = Image.fromarray(to_uint8(picture))
     width, height = pic.size
     pad, font, small = 8, _font(13), _font(11)
@@ -366,7 +366,8 @@ def figure(picture: np.ndarray, title: str, subtitle: str = "", colorbar: tuple[
     if colorbar is not None:
         low, high, label = colorbar
         ticks = [(0.0, f"{high:.3g}"), (1.0, f"{low:.3g}")] + ([(0.5, "0")] if diverging else [])
-        ramp = colorize(np.linspace(high, low, max(height, 2))[:, None].repeat(12, 1), low, high, diverging=diverging)
+        ramp = colorize(np.linspace(high, low, max(height, 2))[:, None].repeat(12, 1), low, high, diverging=diverging,
+                        hot=hot)
         text_w = max(font.getlength(t) for _, t in ticks)
         bar = (Image.fromarray(to_uint8(ramp)), ticks, _drawable(label, small))
         extra = 12 + 4 + int(np.ceil(max(text_w, small.getlength(label)))) + pad
@@ -404,10 +405,15 @@ _VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], 
                      [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64) / 255
 
 
+# plotly's "Hot" reversed (white, yellow, red, black), as the app's magnitude-only attribution maps are drawn
+_HOT_R = (np.array([0.0, 0.4, 0.7, 1.0]), np.array([[255, 255, 255], [255, 210, 0], [230, 0, 0], [0, 0, 0]]) / 255)
+
+
 def colorize(values: np.ndarray, vmin: float | None = None, vmax: float | None = None,
-             diverging: bool = False) -> np.ndarray:
-    """A 2-D (or N x 2-D) array -> RGB in [0, 1]: viridis, or blue-white-red around 0 when diverging. The range
-    comes from the finite values; NaN shows as the bottom of the scale (white when diverging), +-inf as its ends."""
+             diverging: bool = False, hot: bool = False) -> np.ndarray:
+    """A 2-D (or N x 2-D) array -> RGB in [0, 1]: viridis (or white-yellow-red-black when `hot`), or blue-white-red
+    around 0 when diverging. The range comes from the finite values; NaN shows as the bottom of the scale (white when
+    diverging), +-inf as its ends."""
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     if diverging:
@@ -417,7 +423,11 @@ def colorize(values: np.ndarray, vmin: float | None = None, vmax: float | None =
         return np.where(t >= 0, white + t * (red - white), white - t * (blue - white))
     lo = (float(finite.min()) if finite.size else 0.0) if vmin is None else vmin
     hi = (float(finite.max()) if finite.size else 0.0) if vmax is None else vmax
-    t = np.nan_to_num(np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1), nan=0.0) * (len(_VIRIDIS) - 1)
+    t = np.nan_to_num(np.clip((v - lo) / max(hi - lo, 1e-12), 0, 1), nan=0.0)
+    if hot:
+        stops, colours = _HOT_R
+        return np.stack([np.interp(t, stops, colours[:, k]) for k in range(3)], -1)
+    t = t * (len(_VIRIDIS) - 1)
     i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
     f = (t - i)[..., None]
     return _VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f

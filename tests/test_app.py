@@ -202,14 +202,20 @@ def test_an_exported_figure_has_its_title_and_a_colour_bar_that_says_what_its_co
     assert (plain[:head].min(-1) < 0.3).any()  # the title's dark text
     tall = images.figure(picture, "a long title " * 12, "and its subtitle")
     assert tall.shape[0] > plain.shape[0] + 30 and tall.shape[1] == plain.shape[1]  # wrapped to the width, not cut
-    for diverging, low in ((False, 0.0), (True, -2.0)):
-        fig = images.figure(picture, "z", colorbar=(low, 2.0, "z"), diverging=diverging)
+    for diverging, hot, low in ((False, False, 0.0), (True, False, -2.0), (False, True, 0.0)):
+        fig = images.figure(picture, "z", colorbar=(low, 2.0, "z"), diverging=diverging, hot=hot)
         head = fig.shape[0] - 40 - 16 - 8  # ...and the colour bar's label under it
         x = 8 + 60 + 8 + 6  # the middle of the colour bar, right of the picture
         ramp = fig[head:head + 40, x]
-        assert np.allclose(ramp[0], images.colorize(np.array(2.0), low, 2.0, diverging=diverging), atol=2 / 255)
-        assert np.allclose(ramp[-1], images.colorize(np.array(low), low, 2.0, diverging=diverging), atol=2 / 255)
+        for value, end in ((2.0, ramp[0]), (low, ramp[-1])):
+            assert np.allclose(end, images.colorize(np.array(value), low, 2.0, diverging=diverging, hot=hot),
+                               atol=2 / 255)
         assert (fig[head:head + 40, x + 12:].min(-1) < 0.3).any()  # its values written beside it
+    # the saliency maps' scale, as the page draws them (plotly's Hot reversed): white at 0, black at the top
+    import plotly.colors
+    hot = plotly.colors.PLOTLY_SCALES["Hot"][::-1]  # the page's overlay: colorscale "Hot", reversescale
+    rgb = np.array([[int(c) for c in colour[4:-1].split(",")] for _, colour in hot]) / 255
+    assert np.allclose(images.colorize(np.array([1 - p for p, _ in hot]), 0, 1, hot=True), rgb)
     # a font without λ or Σ (no DejaVu Sans on the system) spells them out instead of drawing boxes
     from PIL import ImageFont
     assert images._drawable("λ=0.1 · #3 (Σ|z|)", ImageFont.load_default()) == "lambda=0.1 | #3 (sum|z|)"
@@ -222,7 +228,7 @@ def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
     per_layer = {"conv1": 0.5, "layer1.0.conv1": 0.2}
     assert state.setting_text(0.1, {}, 2) == "λ=0.1, 2 steps"
     assert state.setting_text(0.1, per_layer, {"conv1": 7}) == "λ=0.1 (conv1 0.5, layer1.0.conv1 0.2), 7 steps in conv1"
-    assert state.setting_text(0.1, per_layer, 1, "conv1") == "λ=0.5 in conv1 (others 0.1, 1 their own), 1 step"
+    assert state.setting_text(0.1, per_layer, 1, "conv1") == "λ=0.5 in conv1 (others 0.1, 1 more with its own), 1 step"
     assert state.setting_text(0.1, {"conv1": 0.5}, 2, "conv1") == "λ=0.5 in conv1 (others 0.1), 2 steps"
     assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers their own), 2 steps"
     assert state.noise_text(dict(kind="none", severity=None, seed=None)) == "no noise"
@@ -239,6 +245,27 @@ def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
     rec = dict(name="conv1", z=z)
     pic = np.asarray(Image.open(io.BytesIO(state._codes_png(rec, [0, 1, 2, 3], settings))).convert("RGB"))
     assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 50
+
+
+def test_exported_figures_and_code_maps_say_when_a_code_is_all_zero(monkeypatch):
+    """At λ=1 deep codes are all zero: the page says 'sees nothing', but the export was a black square titled
+    'contrast stretched', its code map 'its 16 most active of 128 channels' on a 0-to-0 scale, and the page's colour
+    bar read '0, 0.5p, 1p' (a scale up to 1e-12)."""
+    from app import plots, state
+    titles = []
+    real = images.figure
+    monkeypatch.setattr(images, "figure", lambda picture, title, *a, **k: titles.append(title) or real(picture, title,
+                                                                                                     *a, **k))
+    settings = dict(checkpoint=dict(model="m"), image=dict(source="sample:cat_2"),
+                    corruption=dict(kind="none", severity=None, seed=None), lam=dict(all=1.0, per_layer={}), n_steps=2)
+    zero = dict(name="layer4.1.conv2", z=np.zeros((8, 4, 4)))
+    state._codes_png(zero, [0, 1, 2], settings)
+    state.sees_png(np.zeros((3, 32, 32)), "layer4.1.conv2", False, settings, zero=True)
+    state._codes_png(dict(zero, z=np.ones((8, 4, 4))), [0, 1, 2], settings)
+    assert "all 8 channels are zero at this λ" in titles[0] and "it sees nothing" in titles[1]
+    assert "most active" in titles[2]
+    grid = plots.code_grid(np.zeros((8, 4, 4)), [0, 1], np.zeros(8))
+    assert grid.data[0].zmax == 1 and grid.data[0].colorbar.title.text == "z (all 0)"
 
 
 def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
