@@ -46,15 +46,18 @@ def _chart(fig, key: str | None = None, name: str | None = None) -> None:
     filename = (name or (key or "chart").removesuffix("_chart")).replace(".", "_")
     image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": filename}
     config = {**PLOTLY_CONFIG, "toImageButtonOptions": image}
-    fitted = plots.fitted_height(fig)
-    if not (fitted and key):
+    css = plots.fitted_css(fig)
+    if not (css and key):
         st.plotly_chart(fig, config=config, key=key)
         return
-    # A tile chart, as tall as its tiles at the width it gets: a box around it is the container its CSS height is a
-    # length of, and the chart stretches to that height (in fullscreen, to the screen's, as any chart)
+    # A tile chart, as large as its tiles at the width it gets: a box around it is the container its CSS sizes are
+    # lengths of, and the chart stretches to them. No fullscreen: at the screen's shape its square pixels stretched
+    # (plotly's own way of keeping them square broke the chart after fullscreen: plots._tiled)
     with st.container(key=f"{key}_box"):
-        st.html(f"<style>.st-key-{key}_box {{container-type: inline-size}} .st-key-{key} {{height: {fitted}}} "
-                f".st-key-{key} .textpoint text {{font-size: {plots.fitted_title_size(fig)} !important; "
+        st.html(f"<style>.st-key-{key}_box {{container-type: inline-size}} "
+                f".st-key-{key} {{height: {css['fitted_height']}; width: {css['fitted_width']}}} "
+                f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}} '
+                f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important; "
                 # plotly set them above their tiles for its own size: larger, their descenders ('(') reached in
                 "translate: 0 -2px}</style>")
         st.plotly_chart(fig, config=config, key=key, height="stretch")

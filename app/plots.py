@@ -211,15 +211,27 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     title = (f"clamp({TITLE_SIZES[-1]}px, min({((w + px) * scale - 4) / longest:.2f}px, "
              f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
              f"calc({across} * {py / width:.6f} - 2px)), {TITLE_SIZES_WIDE[0]}px)")
+    # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
+    # plotly's scaleanchor: plotly wrote the ranges it widened to keep them square back into the figure, so after
+    # fullscreen or a resize (another shape) the tiles came back a quarter as large, smaller at each round trip.
+    # (Streamlit's fullscreen, which would stretch them, is hidden for these charts: panels._chart.)
+    fitted_width = f"min(100cqw, {sides + width * scale:.1f}px)"
     return _figure(data + [labels], round(ends + height * min(scale, WIDTH / width)), margin=margin,
-                   meta=dict(fitted_height=fit, title_size=title), xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]),
-                   yaxis=dict(NO_AXIS, scaleanchor="x", range=[height - 0.5, -0.5]))
+                   meta=dict(fitted_height=fit, fitted_width=fitted_width, title_size=title),
+                   xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]), yaxis=dict(NO_AXIS, range=[height - 0.5, -0.5]))
 
 
 def fitted_height(fig: go.Figure) -> str | None:
     """A tile chart's height as a CSS length of its width, 100cqw (None for the other charts)."""
     meta = fig.layout.meta
     return meta.get("fitted_height") if isinstance(meta, dict) else None
+
+
+def fitted_css(fig: go.Figure) -> dict[str, str] | None:
+    """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size): None for the
+    other charts."""
+    meta = fig.layout.meta
+    return dict(meta) if isinstance(meta, dict) and "fitted_height" in meta else None
 
 
 def fitted_title_size(fig: go.Figure) -> str | None:

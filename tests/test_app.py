@@ -394,11 +394,16 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         rows, cols = np.asarray(fig.data[0].z).shape[:2]  # the grid, in picture pixels
         margin = fig.layout.margin
         scales = []
+        css = plots.fitted_css(fig)
         for width in (plots.NARROW, 940, 2000):  # an 800 px and a 1400 px window's main column, and a wide screen
-            height = _css_px(plots.fitted_height(fig), width)
-            across, down = width - margin.l - margin.r, height - margin.t - margin.b  # the plot, in screen pixels
-            scales.append(min(across / cols, down / rows))  # pixels stay square: the axis with less room sets it
-            assert scales[-1] * rows == pytest.approx(down, abs=0.5), (fig.layout.height, width)  # no blank bands
+            height, chart = _css_px(css["fitted_height"], width), _css_px(css["fitted_width"], width)
+            across, down = chart - margin.l - margin.r, height - margin.t - margin.b  # the plot, in screen pixels
+            scales.append(down / rows)
+            # pixels square by the chart's size alone, no blank bands at any side (plotly's scaleanchor, which wrote
+            # the ranges it widened back into the figure, broke the chart after fullscreen)
+            assert across / cols == pytest.approx(scales[-1], rel=2e-3) and chart <= width + 1e-9, (fig.layout.height,
+                                                                                                 width)
+        assert fig.layout.yaxis.scaleanchor is None and fig.layout.xaxis.scaleanchor is None
         assert scales == sorted(scales)  # tiles grow with the width, up to their wanted scale
         # the titles as large as fit their tiles' pitch (4 px between) and the gap above them at each width, 8 to 12 px
         # (at 1400 px they stayed at the 8 px that fitted 800 px)
@@ -654,7 +659,9 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
     for key in tiles:
         fig = go.Figure(json.loads(charts[key].proto.spec))
         assert f".st-key-{key}_box {{container-type: inline-size}}" in styles
-        assert f".st-key-{key} {{height: {plots.fitted_height(fig)}}}" in styles
+        css = plots.fitted_css(fig)
+        assert f".st-key-{key} {{height: {css['fitted_height']}; width: {css['fitted_width']}}}" in styles
+        assert f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}}' in styles
         assert f".st-key-{key} .textpoint text {{font-size: {plots.fitted_title_size(fig)} !important" in styles
 
 

@@ -132,7 +132,8 @@ TILE_TITLES = """(key) => [...document.querySelectorAll(`.st-key-${key} .textpoi
 # A chart's toolbar buttons, what they must leave uncovered (its title, legend and tiles' titles), and its picture
 CHART_BOXES = """(key) => {
     const root = document.querySelector(`.st-key-${key}`), box = e => e.getBoundingClientRect().toJSON();
-    return {toolbar: [...root.querySelectorAll('.modebar-btn')].map(e => [e.dataset.title, box(e)]),
+    return {toolbar: [...root.querySelectorAll('.modebar-btn')].filter(e => e.getBoundingClientRect().width > 0)
+                        .map(e => [e.dataset.title, box(e)]),
             labels: [...root.querySelectorAll('.gtitle, .legend, .textpoint text')].map(e => [e.textContent, box(e)]),
             chart: box(root.querySelector('.main-svg')),
             picture: [...root.querySelectorAll('.imagelayer image, .hm image')].map(box)}; }"""
@@ -164,17 +165,21 @@ def meet(r: dict, q: dict) -> bool:
     return r["left"] < q["right"] and q["left"] < r["right"] and r["top"] < q["bottom"] and q["top"] < r["bottom"]
 
 
-def check_chart(page, key: str) -> None:
-    """The toolbar (the camera and fullscreen only) covers none of the chart's labels, and a tile chart's picture fills
-    it but for its margins: no blank band above or below its tiles."""
+def check_chart(page, key: str, tiles: bool = False) -> None:
+    """The toolbar (the camera and fullscreen only; a tile chart, whose square pixels the screen's shape would
+    stretch, the camera) covers none of the chart's labels, and a tile chart's picture fills it but for its margins:
+    no blank band above or below its tiles."""
     boxes = page.evaluate(CHART_BOXES, key)
-    assert [title for title, _ in boxes["toolbar"]] == ["Download plot as a PNG", "Fullscreen"], key
+    assert [title for title, _ in boxes["toolbar"]] == ["Download plot as a PNG"] + ([] if tiles else ["Fullscreen"]), key
     covered = [text for text, label in boxes["labels"] for _, button in boxes["toolbar"] if meet(label, button)]
     assert covered == [], (key, covered)
     chart = boxes["chart"]
     for picture in boxes["picture"]:
         above, below = picture["top"] - chart["top"], chart["bottom"] - picture["bottom"]
         assert above <= plots.TOOLBAR + plots.TITLE_ROOM + 1.5 and below <= plots.MARGIN["b"] + 1.5, (key, above, below)
+        # ...nor left or right of them: the chart is as wide as its tiles (their pixels square by its size alone)
+        left, right = picture["left"] - chart["left"], chart["right"] - picture["right"]
+        assert left <= plots.MARGIN["l"] + 1.5 and right <= plots.COLORBAR + 1.5, (key, left, right)
 
 
 def camera_png(page, key: str) -> tuple[str, np.ndarray]:
@@ -218,7 +223,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     wider = [(text, size, drawn) for text, size, drawn, _ in titles if drawn > plots.text_width(text, size)]
                     assert wider == [], (key, wider)
                 for key in keys + others.get(tab, []):
-                    check_chart(page, key)
+                    check_chart(page, key, tiles=key in keys)
                 if tab == "Layers":  # its camera names the layer: every layer's code maps were 'codes.png'
                     assert camera_png(page, "codes_chart")[0] == "codes_conv1.png"
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
