@@ -21,8 +21,8 @@ from . import plots, state
 OTHER_PATH = "Other path..."
 RESIDUAL = "||x - A(z)|| / ||x||"  # the relative residual, on its charts' axes
 # every chart saves itself as a PNG from its camera icon: at twice the screen's pixels, named by its key. Its toolbar
-# keeps that icon and Streamlit's fullscreen, no zoom buttons: a drag still zooms and a double click resets, and
-# eight icons ran over the charts' titles and legends (plots.TOOLBAR keeps a strip for the two)
+# keeps that icon and Streamlit's fullscreen, no zoom buttons: a drag still zooms (not on tile charts: plots._tiled)
+# and a double click resets, and eight icons ran over the charts' titles and legends (plots.TOOLBAR keeps a strip)
 PLOTLY_CONFIG = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2},
                  "modeBarButtonsToRemove": ["zoom2d", "pan2d", "select2d", "lasso2d", "zoomIn2d", "zoomOut2d",
                                             "autoScale2d", "resetScale2d"]}

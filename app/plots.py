@@ -121,9 +121,9 @@ def across_depth(names: list[str], series: list[tuple[str, str, np.ndarray]], ti
 # Class lines of the λ path: a qualitative palette apart from the three setting colours above; its layer lines
 # (the mean over layers, the first layer) in colours of their own too, since red and blue mean λ settings here.
 # One a class (by its index: a class kept its colour as λ reordered the ones shown; cat went green to purple).
-CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#c49c94",
-                "#f7b6d2")
-PATH_COLORS = {"mean": "#222222", "first": "#17becf"}
+CLASS_COLORS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939",
+                "#7b4173")
+PATH_COLORS = {"mean": "#222222", "first": "#8c6d31"}  # (a class's colour on the chart beside them was confusing)
 
 
 # One tick a decade on every λ axis: left to plotly, the wide chart labelled 2 and 5 between decades and the
@@ -212,13 +212,15 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
              f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
              f"calc({across} * {py / width:.6f} - 2px)), {TITLE_SIZES_WIDE[0]}px)")
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
-    # plotly's scaleanchor: plotly wrote the ranges it widened to keep them square back into the figure, so after
-    # fullscreen or a resize (another shape) the tiles came back a quarter as large, smaller at each round trip.
-    # (Streamlit's fullscreen, which would stretch them, is hidden for these charts: panels._chart.)
+    # plotly's scaleanchor (off, though plotly sets it for an image trace): plotly wrote the ranges it widened to keep
+    # them square back into the figure, so after fullscreen or a resize (another shape) the tiles came back a quarter
+    # as large, smaller at each round trip. So no zoom either (a drag's box of any shape would stretch them), and
+    # Streamlit's fullscreen, which would, is hidden for these charts (panels._chart); values show on hover.
     fitted_width = f"min(100cqw, {sides + width * scale:.1f}px)"
+    fixed = dict(NO_AXIS, scaleanchor=False, fixedrange=True)
     return _figure(data + [labels], round(ends + height * min(scale, WIDTH / width)), margin=margin,
                    meta=dict(fitted_height=fit, fitted_width=fitted_width, title_size=title),
-                   xaxis=dict(NO_AXIS, range=[-0.5, width - 0.5]), yaxis=dict(NO_AXIS, range=[height - 0.5, -0.5]))
+                   xaxis=dict(fixed, range=[-0.5, width - 0.5]), yaxis=dict(fixed, range=[height - 0.5, -0.5]))
 
 
 def fitted_height(fig: go.Figure) -> str | None:

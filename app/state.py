@@ -411,7 +411,7 @@ def setting_text(lam_all: float, per_layer: dict[str, float], n_steps: int | dic
         text = f"λ={own[layer]:g} in {layer} (others {lam_all:g}{more})"
     else:
         text = f"λ={lam_all:g}" + (f" ({', '.join(f'{name} {v:g}' for name, v in own.items())})" if 0 < len(own) <= 2
-                                   else f" ({len(own)} layers their own)" if own else "")
+                                   else f" ({len(own)} layers with their own)" if own else "")
     count = n_steps if isinstance(n_steps, int) else next(iter(n_steps.values()))
     return text + f", {count} step{'s' if count != 1 else ''}" + (
         f" in {next(iter(n_steps))}" if isinstance(n_steps, dict) else "")
@@ -522,7 +522,8 @@ def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
                        max(64, min(136, 4 * z.shape[-1] + 8)))
     what = (f"its {len(chans)} most active of {z.shape[0]} channels, #channel (Σ|z|)" if vmax > 0 else
             f"all {z.shape[0]} channels are zero at this λ ({len(chans)} shown)")
-    return _figure_png(grid, f"{rec['name']}'s code z: {what}", settings, colorbar=(low, vmax, "z"), layer=rec["name"])
+    bar = (low, vmax, "z") if vmax > 0 else (0.0, 1.0, "z (all 0)")  # as the page's: not '0' at both ends
+    return _figure_png(grid, f"{rec['name']}'s code z: {what}", settings, colorbar=bar, layer=rec["name"])
 
 
 def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
@@ -551,7 +552,7 @@ def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> b
     return _figure_png(0.4 * view.image.transpose(1, 2, 0) + 0.6 * heat,
                        f"{attribution.METHODS[method]}{of} over the model input"
                        + (" (red: for the class, blue: against)" if signed else "")
-                       + "; the map at 60% over the image, so its hues are paler than the scale's", view.settings,
+                       + "; the map at 60% over the image, so its colours are mixed with the image's", view.settings,
                        scale, colorbar=(-peak if signed else 0.0, peak, "attribution"), diverging=signed,
                        hot=not signed)
 

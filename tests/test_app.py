@@ -230,7 +230,7 @@ def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
     assert state.setting_text(0.1, per_layer, {"conv1": 7}) == "λ=0.1 (conv1 0.5, layer1.0.conv1 0.2), 7 steps in conv1"
     assert state.setting_text(0.1, per_layer, 1, "conv1") == "λ=0.5 in conv1 (others 0.1, 1 more with its own), 1 step"
     assert state.setting_text(0.1, {"conv1": 0.5}, 2, "conv1") == "λ=0.5 in conv1 (others 0.1), 2 steps"
-    assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers their own), 2 steps"
+    assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers with their own), 2 steps"
     assert state.noise_text(dict(kind="none", severity=None, seed=None)) == "no noise"
     assert state.noise_text(dict(kind="shot", severity=5.0, seed=3)) == "shot noise, level c=5, seed 3"
     assert state.noise_text(dict(kind="gaussian", severity=3, seed=0)) == "gaussian noise, severity 3, seed 0"
@@ -403,7 +403,8 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
             # the ranges it widened back into the figure, broke the chart after fullscreen)
             assert across / cols == pytest.approx(scales[-1], rel=2e-3) and chart <= width + 1e-9, (fig.layout.height,
                                                                                                  width)
-        assert fig.layout.yaxis.scaleanchor is None and fig.layout.xaxis.scaleanchor is None
+        # (plotly sets it for image traces unless told not to) and no zoom: a drag's box would stretch them
+        assert fig.layout.yaxis.scaleanchor is False and fig.layout.xaxis.fixedrange and fig.layout.yaxis.fixedrange
         assert scales == sorted(scales)  # tiles grow with the width, up to their wanted scale
         # the titles as large as fit their tiles' pitch (4 px between) and the gap above them at each width, 8 to 12 px
         # (at 1400 px they stayed at the 8 px that fitted 800 px)

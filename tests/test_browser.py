@@ -171,6 +171,10 @@ def check_chart(page, key: str, tiles: bool = False) -> None:
     no blank band above or below its tiles."""
     boxes = page.evaluate(CHART_BOXES, key)
     assert [title for title, _ in boxes["toolbar"]] == ["Download plot as a PNG"] + ([] if tiles else ["Fullscreen"]), key
+    if tiles:  # square pixels by the chart's size, no scaleanchor (plotly's default for an image trace) to widen ranges
+        layout = page.evaluate("(key) => document.querySelector(`.st-key-${key} .js-plotly-plot`)._fullLayout.yaxis",
+                               key)
+        assert not layout.get("scaleanchor") and layout.get("fixedrange"), (key, layout.get("scaleanchor"))
     covered = [text for text, label in boxes["labels"] for _, button in boxes["toolbar"] if meet(label, button)]
     assert covered == [], (key, covered)
     chart = boxes["chart"]
