@@ -136,11 +136,18 @@ def _lam_marks(current: float, trained: float, silent_from: float | None, top: f
     # a λ of 0 (a model trained without sparsity, or the slider at it) is off the log axis: not marked
     shapes = [dict(type="line", x0=v, x1=v, y0=0, y1=1, yref="paper", line=dict(color=COLORS[key], dash=dash, width=2))
               for v, key, dash in ((trained, "trained", "dot"), (current, "current", "dash")) if v > 0]
-    notes = [dict(x=math.log10(current), y=1.0, yref="paper", text=f"λ={current:g}", showarrow=False,
-                  xanchor="left", yanchor="top", font=dict(color=COLORS["current"], size=11))] if current > 0 else []
+    # each mark labelled on the chart (a camera PNG has no caption to say what the dotted line and the band are),
+    # on the side of its line away from the other one: in a narrow chart a label ran over the other line
+    notes = [dict(x=math.log10(v), y=y, yref="paper", text=text, showarrow=False, yanchor="top",
+                  xanchor="left" if v >= other else "right", font=dict(color=COLORS[key], size=11))
+             for v, other, y, text, key in ((current, trained, 1.0, f"λ={current:g}", "current"),
+                                            (trained, current, 0.92, f"trained λ={trained:g}", "trained"))
+             if v > 0 and (key == "current" or v != current)]
     if silent_from is not None:
         shapes.insert(0, dict(type="rect", x0=silent_from, x1=top, y0=0, y1=1, yref="paper", line_width=0,
                               fillcolor="rgba(127,127,127,0.15)", layer="below"))
+        notes.append(dict(x=math.log10(silent_from), y=0.0, yref="paper", text="a code all 0", showarrow=False,
+                          xanchor="left", yanchor="bottom", font=dict(color=COLORS["resnet"], size=10)))
     return shapes, notes
 
 

@@ -788,6 +788,12 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     from app import plots
     fig = plots.lam_path_probs(np.array([0.001, 0.1]), np.full((2, 10), 0.1), view.classes, [0], 0.0, 0.0, None)
     assert not fig.layout.shapes and not fig.layout.annotations
+    # each mark says what it is on the chart (a camera PNG has no caption): the current λ, the trained one where it
+    # differs, and the band from the λ where a code goes all zero
+    fig = plots.lam_path_probs(np.array([0.001, 10.0]), np.full((2, 10), 0.1), view.classes, [0], 1.0, 0.1, 5.0)
+    assert [a.text for a in fig.layout.annotations] == ["λ=1", "trained λ=0.1", "a code all 0"]
+    fig = plots.lam_path_probs(np.array([0.001, 10.0]), np.full((2, 10), 0.1), view.classes, [0], 0.1, 0.1, None)
+    assert [a.text for a in fig.layout.annotations] == ["λ=0.1"]
     # every layer held: no path, said so
     at.session_state["lam_layers"] = list(at.session_state["view"].probe["layers"][i]["name"] for i in range(17))
     at.run()
