@@ -276,8 +276,8 @@ def tile_grid(tiles: np.ndarray, ncols: int | None = None, pad: int | tuple[int,
     return out
 
 
-# Exported figures' text is drawn in DejaVu Sans where the system has it (Debian's fonts-dejavu-core, which
-# Chromium pulls in): Pillow's own font has no λ, Σ or ‖ and drew boxes. Without it, those are spelt out.
+# Exported figures' text is drawn in DejaVu Sans where the system has it (Debian's fonts-dejavu-core, the font
+# fontconfig usually brings): Pillow's own font has no λ, Σ or ‖ and drew boxes. Without it, those are spelt out.
 _SPELT = {"λ": "lambda", "Σ": "sum", "‖": "||", "−": "-", "·": "|"}
 
 
@@ -320,8 +320,7 @@ def scored_tiles(tiles: np.ndarray, scores: np.ndarray | None, labels: list[str]
     cells = []
     for i, (tile, label) in enumerate(zip(tiles, labels)):
         img = Image.new("RGB", (side, h * scale + bar + text + 8), "white")
-        pic = to_uint8(tile).repeat(scale, axis=0).repeat(scale, axis=1)
-        img.paste(Image.fromarray(pic), ((side - w * scale) // 2, 0))
+        img.paste(Image.fromarray(enlarge(to_uint8(tile), scale)), ((side - w * scale) // 2, 0))
         draw = ImageDraw.Draw(img)
         top = h * scale + 3
         if scores is not None:
@@ -370,7 +369,7 @@ def figure(picture: np.ndarray, title: str, subtitle: str = "", colorbar: tuple[
                         hot=hot)
         text_w = max(font.getlength(t) for _, t in ticks)
         bar = (Image.fromarray(to_uint8(ramp)), ticks, _drawable(label, small))
-        extra = 12 + 4 + int(np.ceil(max(text_w, small.getlength(label)))) + pad
+        extra = 12 + 4 + int(np.ceil(max(text_w, small.getlength(bar[2])))) + pad
     else:
         extra = 0
     total = max(width + extra, 240) + 2 * pad  # room for a readable title over a small picture
