@@ -605,7 +605,8 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                                    loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      sees_offsets=offsets, attributions=attrs, atom_scores=atom_scores, more_pngs=more, lam_path_csv=path_csv)
+                      sees_offsets=offsets, attributions=attrs, atom_scores=atom_scores, more_pngs=more,
+                      lam_path_csv=path_csv)
 
 
 def _held(lam: dict) -> tuple[tuple[str, float], ...]:

@@ -35,7 +35,7 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
-TITLE_SIZES_WIDE = (12,)  # ...and on the page, as large as fits at the width the chart gets, up to 12
+TITLE_MAX = 12  # ...and on the page, as large as fits at the width the chart gets, up to 12
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
@@ -79,7 +79,7 @@ def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, *
     if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
         # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
         base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))
-        # an em space after each entry: side by side, one entry's text ran into the next one's line ('2 steps—trained')
+        # an em space after each entry: side by side, one entry's text ran into the next one's ('2 steps—trained')
         data = [dict(trace, name=legend_name(trace["name"]) + "\u2003") if trace.get("name") else trace
                 for trace in data]
     return go.Figure(dict(data=data, layout=dict(base, **layout)))
@@ -190,7 +190,7 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
            titles: list[str], scale: float) -> go.Figure:
     """A figure of tile_grid pictures with a title above each tile (one text trace), pixels square, no axes;
     `scale` is the wanted screen pixels per picture pixel, less where the chart's width limits it. Its height follows
-    the width the page gives it (`fitted_height`): a height fixed for one width left blank bands at another."""
+    the width the page gives it (`fitted_css`): a height fixed for one width left blank bands at another."""
     nrows = math.ceil(n / ncols)
     width, height = ncols * (w + px) - px, nrows * (h + py) - py  # the grid, in picture pixels
     # the first row's titles under the toolbar's strip; a colour bar in a right margin of its own
@@ -217,7 +217,7 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     longest = max((text_width(t, 1) for t in shown), default=0) or 1  # no titles (or empty ones): any size fits
     title = (f"clamp({TITLE_SIZES[-1]}px, min({((w + px) * scale - 4) / longest:.2f}px, "
              f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
-             f"calc({across} * {py / width:.6f} - 2px)), {TITLE_SIZES_WIDE[0]}px)")
+             f"calc({across} * {py / width:.6f} - 2px)), {TITLE_MAX}px)")
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
     # plotly's scaleanchor (off, though plotly sets it for an image trace): plotly wrote the ranges it widened to keep
     # them square back into the figure, so after fullscreen or a resize (another shape) the tiles came back a quarter
@@ -230,23 +230,11 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
                    xaxis=dict(fixed, range=[-0.5, width - 0.5]), yaxis=dict(fixed, range=[height - 0.5, -0.5]))
 
 
-def fitted_height(fig: go.Figure) -> str | None:
-    """A tile chart's height as a CSS length of its width, 100cqw (None for the other charts)."""
-    meta = fig.layout.meta
-    return meta.get("fitted_height") if isinstance(meta, dict) else None
-
-
 def fitted_css(fig: go.Figure) -> dict[str, str] | None:
     """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size): None for the
     other charts."""
     meta = fig.layout.meta
     return dict(meta) if isinstance(meta, dict) and "fitted_height" in meta else None
-
-
-def fitted_title_size(fig: go.Figure) -> str | None:
-    """A tile chart's titles' font size as a CSS length of its width, 100cqw (None for the other charts)."""
-    meta = fig.layout.meta
-    return meta.get("title_size") if isinstance(meta, dict) else None
 
 
 def _title_size(titles: list[str], pitch: float) -> int | None:
@@ -287,7 +275,7 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
     ys, xs = np.indices((h, w))
     info = np.stack([tiled(np.stack([np.full((h, w), float(c)) for c in channels])),
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
-    vmax = float(np.nanmax(np.abs(z[channels]))) if z[channels].size else 0.0
+    vmax = images.finite_peak(z[channels])
     zero = not vmax > 0  # all zero (or NaN): a 0-to-1 scale saying so, not '0, 0.5p, 1p' (a scale up to 1e-12)
     heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if zero or np.nanmin(z) >= 0 else -vmax,
                 zmax=1.0 if zero else vmax, colorscale="Viridis", hoverongaps=False,
@@ -309,7 +297,7 @@ def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_ro
 
 def overlay(image: np.ndarray, amap: np.ndarray, signed: bool, title: str) -> go.Figure:
     """An attribution map over its image: red/blue for signed maps (for/against), hot for magnitudes."""
-    peak = max(float(np.abs(amap).max()), 1e-12)
+    peak = max(images.finite_peak(amap), 1e-12)
     heat = dict(type="heatmap", z=amap, opacity=0.6, zmin=-peak if signed else 0, zmax=peak,
                 colorscale="RdBu_r" if signed else "Hot", reversescale=not signed, colorbar=dict(thickness=12),
                 hovertemplate="x=%{x} y=%{y}<br>attribution=%{z:.3g}<extra></extra>")

@@ -445,14 +445,6 @@ def _figure_png(picture: np.ndarray, title: str, settings: dict, scale: int = 1,
                                           colorbar, diverging, hot))
 
 
-def _finite_peak(a: np.ndarray, absolute: bool = True) -> float:
-    """The largest (absolute) finite value of `a`, 0 if none: one NaN made a whole code map's scale NaN."""
-    v = np.asarray(a, dtype=np.float64)
-    v = np.abs(v) if absolute else v
-    v = v[np.isfinite(v)]
-    return float(v.max()) if v.size else 0.0
-
-
 def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]:
     """The PNGs of the view, each made only when asked for: the inputs (as images), and as titled figures the atom
     grid, code maps, the picked layer's reconstruction, what it sees and attribution overlays."""
@@ -516,7 +508,7 @@ def deep_atoms_png(model: torch.nn.Module, model_key: str, layer: str, code_shap
 def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
     z = rec["z"]
     chans = channels or list(range(min(16, z.shape[0])))
-    vmax = _finite_peak(z[chans])
+    vmax = images.finite_peak(z[chans])
     low = 0.0 if not np.nanmin(z) < 0 else -vmax  # the page's scale: one for all the channels shown
     grid = _usage_grid(images.colorize(z[chans], low, max(vmax, 1e-12)), chans, images.channel_activity(z),
                        max(64, min(136, 4 * z.shape[-1] + 8)))
@@ -532,7 +524,7 @@ def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
     if rgb:
         pics = np.stack([p for _, p in panels])
     else:
-        vmax = max(_finite_peak(p) for _, p in panels)
+        vmax = max(images.finite_peak(p) for _, p in panels)
         pics = np.stack([images.colorize(p, 0, max(vmax, 1e-12)) for _, p in panels])
         bar = (0.0, vmax, "l2 norm over channels")
     grid = images.scored_tiles(pics, None, [t for t, _ in panels], ncols=3, cell=256 + 8)
@@ -545,7 +537,7 @@ def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> b
     for a signed method, white-yellow-red-black from 0 for a magnitude (saliency)."""
     amap = attribution.attribution_map(torch.from_numpy(attr), method).numpy()
     signed = attribution.SIGNED[method]
-    peak = _finite_peak(amap)
+    peak = images.finite_peak(amap)
     heat = images.colorize(amap, 0.0, max(peak, 1e-12), diverging=signed, hot=not signed)
     target = view.settings["attribution"]["target"]
     of = f" of class {view.classes[target]}" if target is not None else ""

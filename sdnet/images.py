@@ -432,6 +432,14 @@ def colorize(values: np.ndarray, vmin: float | None = None, vmax: float | None =
     return _VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f
 
 
+def finite_peak(values: np.ndarray, absolute: bool = True) -> float:
+    """The largest (absolute) finite value, 0 if there is none: a colour scale's end that one NaN does not spoil."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.abs(v) if absolute else v
+    v = v[np.isfinite(v)]
+    return float(v.max()) if v.size else 0.0
+
+
 def crop_to_support(stack: np.ndarray, margin: int = 1, rel: float = 1e-3) -> np.ndarray:
     """Crop (N, C, H, W) to the smallest window holding every value above `rel` x the max |value|,
     plus `margin` pixels: e.g. a deep atom's receptive field instead of the whole image."""

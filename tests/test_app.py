@@ -412,7 +412,7 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         longest = max(plots.text_width(t, 1) for t in titles.text)
         xs = sorted(set(titles.x))
         pitch = xs[1] - xs[0] if len(xs) > 1 else cols
-        sizes = [_css_px(plots.fitted_title_size(fig), width) for width in (plots.NARROW, 940, 2000)]
+        sizes = [_css_px(plots.fitted_css(fig)["title_size"], width) for width in (plots.NARROW, 940, 2000)]
         assert sizes == sorted(sizes) and 8 <= sizes[0] and sizes[-1] <= 12, sizes
         ys = sorted(set(titles.y))
         gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
@@ -423,7 +423,7 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         assert sizes[0] >= titles.textfont.size - 1  # at least the narrow chart's, as plotly draws it without CSS
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
         assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
-    assert plots.fitted_height(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
+    assert plots.fitted_css(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
 
 
 def test_the_toolbar_has_a_strip_of_its_own():
@@ -663,7 +663,7 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
         css = plots.fitted_css(fig)
         assert f".st-key-{key} {{height: {css['fitted_height']}; width: {css['fitted_width']}}}" in styles
         assert f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}}' in styles
-        assert f".st-key-{key} .textpoint text {{font-size: {plots.fitted_title_size(fig)} !important" in styles
+        assert f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important" in styles
 
 
 def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):
