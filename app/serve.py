@@ -101,3 +101,16 @@ def move_lam_to(page, target: float, max_presses: int = 40) -> None:
                                    " return e && !e.innerText.includes('SDNet at λ=' + old + ','); }",
                                    arg=[SUMMARY, f"{now:g}"], timeout=20_000)
     raise AssertionError(f"λ slider did not reach {target} in {max_presses} presses (shows {shown_lam(page)})")
+
+
+def choose_option(page, key: str, option: str) -> None:
+    """Pick `option` in the selectbox with widget key `key` by typing it and clicking the one match. A click on the
+    box right after a rerun can focus its input without opening the list (CI waited 90 s for an option that was
+    never drawn); typing opens it whether the click did or not."""
+    box = page.locator(f".st-key-{key}").get_by_role("combobox")
+    box.click()
+    box.fill(option)
+    page.get_by_role("option", name=option, exact=True).click()
+    page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel + ' input[role=combobox]');"
+                           " return e && e.value === want && e.getAttribute('aria-expanded') === 'false'; }",
+                           arg=[f".st-key-{key}", option])

@@ -23,7 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import plots  # noqa: E402
-from app.serve import CHROMIUM, CHROMIUM_ARGS, SUMMARY, current_lam_row, move_lam_to, serve, wait_for_lam  # noqa: E402
+from app.serve import (CHROMIUM, CHROMIUM_ARGS, SUMMARY, choose_option, current_lam_row, move_lam_to,  # noqa: E402
+                       serve, wait_for_lam)
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -235,8 +236,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
             # the Export tab's buttons with a deep layer's long file names (cut in two columns at 800 px)
             page.get_by_role("tab", name="Layers").click()
-            page.locator(".st-key-layer").get_by_role("combobox").click()
-            page.get_by_role("option", name="layer4.1.conv2").click()
+            choose_option(page, "layer", "layer4.1.conv2")
             page.get_by_role("tab", name="Export").click()
             page.get_by_role("button", name="reconstruction_layer4_1_conv2").first.wait_for()
             page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
