@@ -111,7 +111,7 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
     shows the new λ, and until the rerun has finished (every chart of the open tab sent)."""
     from playwright.sync_api import sync_playwright
 
-    from app.serve import CHROMIUM, CHROMIUM_ARGS, LAM_SLIDER, SUMMARY, serve
+    from app.serve import CHROMIUM, CHROMIUM_ARGS, LAM_SLIDER, SUMMARY, choose_option, serve
     from app.state import lam_options
     model, _ = sdnet.load_checkpoint(checkpoint)
     trained = {n: layer.lam for n, layer in sdnet.csc_layers(model)}
@@ -128,8 +128,7 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
         page.locator(SUMMARY).wait_for()
         from app import state
         if sample != state.DEFAULT_SAMPLE:  # the page opens on that one
-            page.locator("[data-testid=stSidebar] [data-testid=stSelectbox]").nth(1).click()
-            page.get_by_role("option", name=sample, exact=True).click()
+            choose_option(page, "sample", sample)
         idle = "() => !document.querySelector('[data-testid=stStatusWidget]')"
         page.wait_for_timeout(1000)
         page.wait_for_function(idle)
