@@ -20,6 +20,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 SUMMARY = ".st-key-prediction_summary"  # the predictions in words: the first line is SDNet at the current λ
 LAM_SLIDER = ".st-key-lam input[type=range]"
+IDLE = "() => !document.querySelector('[data-testid=stStatusWidget]')"  # no rerun running
 
 
 class ServerError(RuntimeError):
@@ -78,7 +79,7 @@ def wait_for_lam(page, label: str, timeout_ms: float = 90_000) -> None:
     page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel);"
                            " return e && e.innerText.includes('SDNet at ' + want); }",
                            arg=[SUMMARY, label], timeout=timeout_ms)
-    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=timeout_ms)
+    page.wait_for_function(IDLE, timeout=timeout_ms)
 
 
 def shown_lam(page) -> float:
@@ -90,7 +91,7 @@ def move_lam_to(page, target: float, max_presses: int = 40) -> None:
     """Step the λ slider with the arrow keys until the prediction summary shows SDNet at `target`, one press
     at a time: under load a press sent while the page reruns can be lost, so count on the table, not on keys."""
     for _ in range(max_presses):
-        page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+        page.wait_for_function(IDLE)
         now = shown_lam(page)
         if math.isclose(now, target, rel_tol=1e-6):
             return
@@ -103,14 +104,23 @@ def move_lam_to(page, target: float, max_presses: int = 40) -> None:
     raise AssertionError(f"λ slider did not reach {target} in {max_presses} presses (shows {shown_lam(page)})")
 
 
-def choose_option(page, key: str, option: str) -> None:
+def choose_option(page, key: str, option: str, tries: int = 3) -> None:
     """Pick `option` in the selectbox with widget key `key` by typing it and clicking the one match. A click on the
     box right after a rerun can focus its input without opening the list (CI waited 90 s for an option that was
-    never drawn); typing opens it whether the click did or not."""
+    never drawn): typing opens it whether the click did or not, and a rerun that redraws the box midway (a tab
+    switch's) is met by trying again."""
     box = page.locator(f".st-key-{key}").get_by_role("combobox")
-    box.click()
-    box.fill(option)
-    page.get_by_role("option", name=option, exact=True).click()
-    page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel + ' input[role=combobox]');"
-                           " return e && e.value === want && e.getAttribute('aria-expanded') === 'false'; }",
-                           arg=[f".st-key-{key}", option])
+    for attempt in range(tries):
+        page.wait_for_function(IDLE)
+        box.click()
+        box.fill(option)
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=15_000)
+            page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel + ' input[role=combobox]');"
+                                   " return e && e.value === want && e.getAttribute('aria-expanded') === 'false'; }",
+                                   arg=[f".st-key-{key}", option], timeout=15_000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")  # the open list hides the rest of the page from its roles (tabs too)
+            if attempt == tries - 1:
+                raise

@@ -111,7 +111,7 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
     shows the new λ, and until the rerun has finished (every chart of the open tab sent)."""
     from playwright.sync_api import sync_playwright
 
-    from app.serve import CHROMIUM, CHROMIUM_ARGS, LAM_SLIDER, SUMMARY, choose_option, serve
+    from app.serve import CHROMIUM, CHROMIUM_ARGS, IDLE, LAM_SLIDER, SUMMARY, choose_option, serve
     from app.state import lam_options
     model, _ = sdnet.load_checkpoint(checkpoint)
     trained = {n: layer.lam for n, layer in sdnet.csc_layers(model)}
@@ -129,9 +129,8 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
         from app import state
         if sample != state.DEFAULT_SAMPLE:  # the page opens on that one
             choose_option(page, "sample", sample)
-        idle = "() => !document.querySelector('[data-testid=stStatusWidget]')"
         page.wait_for_timeout(1000)
-        page.wait_for_function(idle)
+        page.wait_for_function(IDLE)
         for label in labels:
             page.locator(LAM_SLIDER).focus()
             t0 = time.perf_counter()
@@ -140,7 +139,7 @@ def time_browser(checkpoint: Path, sample: str, presses: int) -> tuple[list[floa
                                    " return e && e.innerText.includes('SDNet at ' + want); }",
                                    arg=[SUMMARY, label], polling="raf")
             shown.append((time.perf_counter() - t0) * 1000)
-            page.wait_for_function(idle, polling="raf")
+            page.wait_for_function(IDLE, polling="raf")
             done.append((time.perf_counter() - t0) * 1000)
             page.wait_for_timeout(300)
         browser.close()

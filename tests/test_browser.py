@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app import plots  # noqa: E402
-from app.serve import (CHROMIUM, CHROMIUM_ARGS, SUMMARY, choose_option, current_lam_row, move_lam_to,  # noqa: E402
-                       serve, wait_for_lam)
+from app.serve import (CHROMIUM, CHROMIUM_ARGS, IDLE, SUMMARY, choose_option, current_lam_row,  # noqa: E402
+                       move_lam_to, serve, wait_for_lam)
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -219,7 +219,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     page.locator(".st-key-attr_run button").click()
                 for key in keys:
                     page.locator(f".st-key-{key} .textpoint").first.wait_for()
-                page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+                page.wait_for_function(IDLE)
                 assert page.evaluate(CUT_TEXT) == [], tab
                 for key in keys:
                     titles = page.evaluate(TILE_TITLES, key)
@@ -239,7 +239,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             choose_option(page, "layer", "layer4.1.conv2")
             page.get_by_role("tab", name="Export").click()
             page.get_by_role("button", name="reconstruction_layer4_1_conv2").first.wait_for()
-            page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')")
+            page.wait_for_function(IDLE)
             assert page.evaluate(CUT_TEXT) == [], "Export"
             # the predictions' camera PNG keeps its legend whole: drawn from the chart's SVG in the system's font
             # (not the page's web font), it ran off the picture's right edge ('SDNet at trained λ=0.:')
