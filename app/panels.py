@@ -44,9 +44,11 @@ def _chart(fig, key: str | None = None, name: str | None = None) -> None:
     """A plotly chart whose camera saves `name`.png (default: its key's stem), a layer's name in it where the chart
     is one layer's (the Export tab's names): every layer's code maps were saved as 'codes.png'."""
     filename = (name or (key or "chart").removesuffix("_chart")).replace(".", "_")
-    image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": filename}
-    config = {**PLOTLY_CONFIG, "toImageButtonOptions": image}
     css = plots.fitted_css(fig)
+    image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": filename}
+    if css:  # the picture the figure's title sizes were made for, at any window's width
+        image.update(width=css["png_width"], height=css["png_height"])
+    config = {**PLOTLY_CONFIG, "toImageButtonOptions": image}
     if not (css and key):
         st.plotly_chart(fig, config=config, key=key)
         return

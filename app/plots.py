@@ -198,13 +198,11 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     margin = dict(MARGIN, t=TOOLBAR + TITLE_ROOM, r=COLORBAR if bar else MARGIN["r"])
     sides, ends = margin["l"] + margin["r"], margin["t"] + margin["b"]  # screen pixels around the plot
     # The titles' font is in screen pixels while the tiles shrink with the chart: in an 800 px window 16-character
-    # titles ran into each other. The largest size at which the longest fits its tile's width there, gap included.
+    # titles ran into each other. Where they fit their tiles' width there at no size: '#63', its '(12.3)' on hover
+    # (64 atoms in 16 columns).
     pitch = (w + px) * min(scale, (NARROW - sides) / width)
-    size, shown = _title_size(titles, pitch), titles
-    if size is None:  # not even at the smallest (64 atoms in 16 columns): '#63', its '(12.3)' on hover
-        shown = [t.split(" (")[0] for t in titles]
-        size = _title_size(shown, pitch) or TITLE_SIZES[-1]
-    labels = dict(type="scatter", mode="text", text=shown, textposition="top center", textfont=dict(size=size),
+    shown = titles if _title_size(titles, pitch) else [t.split(" (")[0] for t in titles]
+    labels = dict(type="scatter", mode="text", text=shown, textposition="top center",
                   x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
                   y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles, cliponaxis=False,
                   hoverinfo="skip" if shown == titles else "text", showlegend=False)
@@ -224,15 +222,22 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     # as large, smaller at each round trip. So no zoom either (a drag's box of any shape would stretch them), and
     # Streamlit's fullscreen, which would, is hidden for these charts (panels._chart); values show on hover.
     fitted_width = f"min(100cqw, {sides + width * scale:.1f}px)"
+    # The camera's PNG is drawn at one size, the figure's own (the chart at about the main column's width), whatever
+    # the window: from the figure, where the page's CSS title size does not apply, so its titles were the narrow
+    # chart's 8-9 px on 80 px tiles. The figure's titles are the size the CSS gives at that width.
+    own = min(scale, (WIDTH - sides) / width)
+    labels["textfont"] = dict(size=max(TITLE_SIZES[-1], min(TITLE_MAX, math.floor(min(((w + px) * own - 4) / longest,
+                                                                                      py * own - 2)))))
     fixed = dict(NO_AXIS, scaleanchor=False, fixedrange=True)
-    return _figure(data + [labels], round(ends + height * min(scale, WIDTH / width)), margin=margin,
-                   meta=dict(fitted_height=fit, fitted_width=fitted_width, title_size=title),
+    png = dict(png_width=round(sides + width * own), png_height=round(ends + height * own))
+    return _figure(data + [labels], png["png_height"], margin=margin,
+                   meta=dict(fitted_height=fit, fitted_width=fitted_width, title_size=title, **png),
                    xaxis=dict(fixed, range=[-0.5, width - 0.5]), yaxis=dict(fixed, range=[height - 0.5, -0.5]))
 
 
-def fitted_css(fig: go.Figure) -> dict[str, str] | None:
-    """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size): None for the
-    other charts."""
+def fitted_css(fig: go.Figure) -> dict[str, Any] | None:
+    """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size) and its camera
+    PNG's size in CSS pixels (png_width, png_height): None for the other charts."""
     meta = fig.layout.meta
     return dict(meta) if isinstance(meta, dict) and "fitted_height" in meta else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import re
 import struct
 import subprocess
@@ -363,7 +364,7 @@ def test_tile_titles_shrink_to_fit_an_800_px_window_then_drop_the_usage():
         return plots.tiles(pics[:n], titles[:n], ncols=ncols).data[-1]
 
     few, many = title_trace(16, 8), title_trace(64, 16)
-    assert list(few.text) == titles[:16] and few.textfont.size in plots.TITLE_SIZES and few.hoverinfo == "skip"
+    assert list(few.text) == titles[:16] and few.hoverinfo == "skip"
     assert list(many.text) == [f"#{c}" for c in range(64)] and list(many.hovertext) == titles  # none fitted
     assert many.hoverinfo == "text"
     one = plots.text_width("#1 (1)", 1)  # its width at 1 px: the largest size whose width + 4 px fits the pitch
@@ -420,7 +421,13 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
             assert size == 8 or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
             assert size == 8 or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
         assert plots.tiles(rng.random((4, 5, 5, 3)), [""] * 4).data[-1].text == ("",) * 4  # no titles: no crash
-        assert sizes[0] >= titles.textfont.size - 1  # at least the narrow chart's, as plotly draws it without CSS
+        # The camera's PNG: one size at any window's width (the figure's own), square pixels, no blank bands, its
+        # titles (drawn from the figure: no CSS there) the size the page's CSS gives at that width, rounded down. They
+        # were the narrow chart's 8-9 px on 80 px tiles.
+        png_w, png_h = css["png_width"], css["png_height"]
+        assert fig.layout.height == png_h and png_w <= plots.WIDTH
+        assert (png_w - margin.l - margin.r) / cols == pytest.approx((png_h - margin.t - margin.b) / rows, rel=0.02)
+        assert titles.textfont.size == max(8, math.floor(_css_px(css["title_size"], png_w))), (css, png_w)
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
         assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
     assert plots.fitted_css(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
@@ -664,6 +671,8 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
         assert f".st-key-{key} {{height: {css['fitted_height']}; width: {css['fitted_width']}}}" in styles
         assert f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}}' in styles
         assert f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important" in styles
+        camera = json.loads(charts[key].proto.config)["toImageButtonOptions"]  # the size its titles were made for
+        assert (camera["width"], camera["height"]) == (css["png_width"], css["png_height"])
 
 
 def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):

@@ -230,7 +230,11 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                 for key in keys + others.get(tab, []):
                     check_chart(page, key, tiles=key in keys)
                 if tab == "Layers":  # its camera names the layer: every layer's code maps were 'codes.png'
-                    assert camera_png(page, "codes_chart")[0] == "codes_conv1.png"
+                    name, png = camera_png(page, "codes_chart")
+                    assert name == "codes_conv1.png"
+                    # ...and draws the figure's own size (its titles' size was made for it) at any window's width
+                    own = page.evaluate("() => document.querySelector('.st-key-codes_chart .js-plotly-plot').layout.meta")
+                    assert png.shape == (2 * own["png_height"], 2 * own["png_width"]), (png.shape, own)
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
                 assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
