@@ -36,6 +36,7 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
 TITLE_MAX = 12  # ...and on the page, as large as fits at the width the chart gets, up to 12
+TITLE_FLOOR = 5  # ...down to this in a window narrower than the page is laid out for (a phone's): at 8 they ran together
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
@@ -213,7 +214,7 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     # ...and the titles as large as fit there, up to the largest: in a 1400 px window they stayed at the 8 px that
     # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile.
     longest = max((text_width(t, 1) for t in shown), default=0) or 1  # no titles (or empty ones): any size fits
-    title = (f"clamp({TITLE_SIZES[-1]}px, min({((w + px) * scale - 4) / longest:.2f}px, "
+    title = (f"clamp({TITLE_FLOOR}px, min({((w + px) * scale - 4) / longest:.2f}px, "
              f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
              f"calc({across} * {py / width:.6f} - 2px)), {TITLE_MAX}px)")
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by

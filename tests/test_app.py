@@ -384,6 +384,7 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
     width, left blank bands above and below. Its height is a CSS length of its width, at which the square-pixel
     picture fills the plot exactly: as wide as the plot where that limits it, else at its wanted scale."""
     from app import plots
+    widths = (350, plots.NARROW, 940, 2000)  # a chart's width in a phone's, an 800 and a 1400 px window, a wide screen
     rng = np.random.default_rng(0)
     maps = [(t, rng.random((32, 32))) for t in ("input x", "A(z)", "residual")]
     figs = [plots.tiles(rng.random((16, 7, 7, 3)), [f"#{i} (1.5)" for i in range(16)], height_per_row=120),
@@ -396,7 +397,7 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         margin = fig.layout.margin
         scales = []
         css = plots.fitted_css(fig)
-        for width in (plots.NARROW, 940, 2000):  # an 800 px and a 1400 px window's main column, and a wide screen
+        for width in widths:
             height, chart = _css_px(css["fitted_height"], width), _css_px(css["fitted_width"], width)
             across, down = chart - margin.l - margin.r, height - margin.t - margin.b  # the plot, in screen pixels
             scales.append(down / rows)
@@ -413,13 +414,14 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         longest = max(plots.text_width(t, 1) for t in titles.text)
         xs = sorted(set(titles.x))
         pitch = xs[1] - xs[0] if len(xs) > 1 else cols
-        sizes = [_css_px(plots.fitted_css(fig)["title_size"], width) for width in (plots.NARROW, 940, 2000)]
-        assert sizes == sorted(sizes) and 8 <= sizes[0] and sizes[-1] <= 12, sizes
+        sizes = [_css_px(plots.fitted_css(fig)["title_size"], width) for width in widths]
+        # 8 px or more from the narrowest the page is laid out for; below it (a phone) less, down to 5, not overlapping
+        assert sizes == sorted(sizes) and 8 <= sizes[1] and plots.TITLE_FLOOR <= sizes[0] and sizes[-1] <= 12, sizes
         ys = sorted(set(titles.y))
         gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
         for size, scale in zip(sizes, scales):
-            assert size == 8 or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
-            assert size == 8 or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
+            assert size == plots.TITLE_FLOOR or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
+            assert size == plots.TITLE_FLOOR or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
         assert plots.tiles(rng.random((4, 5, 5, 3)), [""] * 4).data[-1].text == ("",) * 4  # no titles: no crash
         # The camera's PNG: one size at any window's width (the figure's own), square pixels, no blank bands, its
         # titles (drawn from the figure: no CSS there) the size the page's CSS gives at that width, rounded down. They
