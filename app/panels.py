@@ -869,8 +869,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                                      attribution.METHODS[m]), key=f"attr_{m}", name=f"attribution_{m}")
     scores = result["atoms"]
     top, tiles, labels = state.strongest_atoms(scores, view.atom_tiles, view.atom_order)
-    # a short title (a long one was cut at 700 px); what was summed goes in the caption
-    _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "First-layer atoms that drove the decision"),
+    # a short title (a long one was cut at 700 px, and under the toolbar in a phone's window); the layer and what was
+    # summed go in the caption
+    _chart(plots.atom_scores(scores[top], [f"atom {c}" for c in top], "Atoms that drove the decision"),
            key="atom_attr_chart", name="attribution_atoms_bars")
     strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "

@@ -34,9 +34,12 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # its SVG where web fonts are not loaded, in the system's sans-serif, wider than the layout measured in Source Sans,
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
-TITLE_SIZES = (10, 9, 8)  # px: a tile's title is as large as fits above its tile in the narrow chart, down to 8
-TITLE_MAX = 12  # ...and on the page, as large as fits at the width the chart gets, up to 12
-TITLE_FLOOR = 5  # ...down to this in a window narrower than the page is laid out for (a phone's): at 8 they ran together
+# px: a tile's titles are as large as fit their tiles' width and the gap above at the width the chart gets, up to
+# TITLE_MAX, down to TITLE_FLOOR (in a phone's window, held at 8, they ran together); where they fit the narrow chart
+# (an 800 px window) at none of TITLE_SIZES, they drop their usage numbers ('#63', its '(12.3)' on hover)
+TITLE_SIZES = (10, 9, 8)
+TITLE_MAX = 12
+TITLE_FLOOR = 5
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
@@ -227,7 +230,7 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     # the window: from the figure, where the page's CSS title size does not apply, so its titles were the narrow
     # chart's 8-9 px on 80 px tiles. The figure's titles are the size the CSS gives at that width.
     own = min(scale, (WIDTH - sides) / width)
-    labels["textfont"] = dict(size=max(TITLE_SIZES[-1], min(TITLE_MAX, math.floor(min(((w + px) * own - 4) / longest,
+    labels["textfont"] = dict(size=max(TITLE_FLOOR, min(TITLE_MAX, math.floor(min(((w + px) * own - 4) / longest,
                                                                                       py * own - 2)))))
     fixed = dict(NO_AXIS, scaleanchor=False, fixedrange=True)
     png = dict(png_width=round(sides + width * own), png_height=round(ends + height * own))

@@ -105,22 +105,24 @@ def move_lam_to(page, target: float, max_presses: int = 40) -> None:
 
 
 def choose_option(page, key: str, option: str, tries: int = 3) -> None:
-    """Pick `option` in the selectbox with widget key `key` by typing it and clicking the one match. A click on the
+    """Pick `option` in the selectbox with widget key `key` by typing it and clicking the option of that exact name
+    among those the typing leaves (it filters by substring: 'conv1' leaves 'conv10' too). A click on the
     box right after a rerun can focus its input without opening the list (CI waited 90 s for an option that was
     never drawn): typing opens it whether the click did or not, and a rerun that redraws the box midway (a tab
     switch's) is met by trying again."""
     box = page.locator(f".st-key-{key}").get_by_role("combobox")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # a dev requirement: imported where it is used
     for attempt in range(tries):
         page.wait_for_function(IDLE)
-        box.click()
-        box.fill(option)
         try:
+            box.click(timeout=15_000)
+            box.fill(option, timeout=15_000)
             page.get_by_role("option", name=option, exact=True).click(timeout=15_000)
             page.wait_for_function("([sel, want]) => { const e = document.querySelector(sel + ' input[role=combobox]');"
                                    " return e && e.value === want && e.getAttribute('aria-expanded') === 'false'; }",
                                    arg=[f".st-key-{key}", option], timeout=15_000)
             return
-        except Exception:
+        except PlaywrightTimeout:  # a redraw's; others (two options of one name, a closed page) are not retried
             page.keyboard.press("Escape")  # the open list hides the rest of the page from its roles (tabs too)
             if attempt == tries - 1:
                 raise

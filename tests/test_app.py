@@ -415,7 +415,8 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         xs = sorted(set(titles.x))
         pitch = xs[1] - xs[0] if len(xs) > 1 else cols
         sizes = [_css_px(plots.fitted_css(fig)["title_size"], width) for width in widths]
-        # 8 px or more from the narrowest the page is laid out for; below it (a phone) less, down to 5, not overlapping
+        # 8 px or more in the narrowest window the page is laid out for (these charts); in a phone's less, down to 5,
+        # rather than overlapping
         assert sizes == sorted(sizes) and 8 <= sizes[1] and plots.TITLE_FLOOR <= sizes[0] and sizes[-1] <= 12, sizes
         ys = sorted(set(titles.y))
         gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
@@ -429,7 +430,8 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         png_w, png_h = css["png_width"], css["png_height"]
         assert fig.layout.height == png_h and png_w <= plots.WIDTH
         assert (png_w - margin.l - margin.r) / cols == pytest.approx((png_h - margin.t - margin.b) / rows, rel=0.02)
-        assert titles.textfont.size == max(8, math.floor(_css_px(css["title_size"], png_w))), (css, png_w)
+        own_size = max(plots.TITLE_FLOOR, math.floor(_css_px(css["title_size"], png_w)))
+        assert titles.textfont.size == own_size, (css, png_w)
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
         assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
     assert plots.fitted_css(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None

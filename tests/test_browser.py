@@ -2,9 +2,9 @@
 
 Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change and
 that a second browser session keeps its own lambda, and saves screenshots to tests/artifacts/ (set
-SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In an 800 px and a
-1400 px window, checks that no label is cut, no tile titles run together, the charts' toolbar covers no title or
-legend, tile charts have no blank bands and the pictures' captions wrap names at their separators.
+SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In a 390 px (a phone's), an
+800 px and a 1400 px window, checks that no label is cut, no tile titles run together, the charts' toolbar covers
+no title or legend, tile charts have no blank bands and the pictures' captions wrap names at their separators.
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def camera_png(page, key: str) -> tuple[str, np.ndarray]:
     return download.value.suggested_filename, np.asarray(Image.open(download.value.path()).convert("L"))
 
 
-@pytest.mark.parametrize("width", [800, 1400])
+@pytest.mark.parametrize("width", [390, 800, 1400])  # a phone's window, and the narrowest the page is laid out for
 def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
     """In an 800 px window the toggle 'in conv1 only' read 'in conv...', the atom attribution method 'Layer Integrated
     Gradi', the second attribution method's chip 'Salienc', and the code maps' titles ran into each other; then the
@@ -233,7 +233,8 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     name, png = camera_png(page, "codes_chart")
                     assert name == "codes_conv1.png"
                     # ...and draws the figure's own size (its titles' size was made for it) at any window's width
-                    own = page.evaluate("() => document.querySelector('.st-key-codes_chart .js-plotly-plot').layout.meta")
+                    own = page.evaluate("() => document.querySelector('.st-key-codes_chart .js-plotly-plot')"
+                                        ".layout.meta")
                     assert png.shape == (2 * own["png_height"], 2 * own["png_width"]), (png.shape, own)
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
                 assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
