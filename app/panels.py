@@ -43,7 +43,7 @@ class Context:
 def _chart(fig, key: str | None = None, name: str | None = None) -> None:
     """A plotly chart whose camera saves `name`.png (default: its key's stem), a layer's name in it where the chart
     is one layer's (the Export tab's names): every layer's code maps were saved as 'codes.png'."""
-    filename = (name or (key or "chart").removesuffix("_chart")).replace(".", "_")
+    filename = state.file_stem(name or (key or "chart").removesuffix("_chart"))
     css = plots.fitted_css(fig)
     image = {**PLOTLY_CONFIG["toImageButtonOptions"], "filename": filename}
     if css:  # the picture the figure's title sizes were made for, at any window's width
@@ -624,14 +624,14 @@ def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state
     makers = {}
     for name in _default("sees_layers", _spread(names, 5)):
         if name in names:
-            makers[f"sees_{name.replace('.', '_')}.png"] = lambda n=name: state.sees_png(
+            makers[f"{state.file_stem('sees', name)}.png"] = lambda n=name: state.sees_png(
                 state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), n, offsets, settings,
                 zero=not np.any(state.layer_record(cur, n)["z"]))
     deep = _default("atoms_layer", (names[1:] or names)[0])
     drec = state.layer_record(cur, deep)
     if drec is not None:
         usage, order = _ranked(drec["z"], st.session_state.get("n_atoms", min(16, drec["z"].shape[0])))
-        makers[f"atoms_{deep.replace('.', '_')}.png"] = lambda: state.deep_atoms_png(
+        makers[f"{state.file_stem('atoms', deep)}.png"] = lambda: state.deep_atoms_png(
             loaded.model, loaded.key, deep, tuple(drec["z"].shape), order, usage, settings)
     return makers
 

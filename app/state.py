@@ -380,6 +380,12 @@ class View:
     lam_path_csv: Callable[[], bytes] | None = None
 
 
+def file_stem(*parts: str) -> str:
+    """A picture's file name without '.png', a layer's dots as underscores ('codes', 'layer1.0.conv1' ->
+    'codes_layer1_0_conv1'): one name for a picture in the Export tab, the ZIP and its chart's camera."""
+    return "_".join(parts).replace(".", "_")
+
+
 def layer_record(probe_result: dict, name: str | None) -> dict | None:
     return next((r for r in probe_result["layers"] if r["name"] == name), None)
 
@@ -456,12 +462,11 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
         makers["atoms_first_layer.png"] = lambda: _first_atoms_png(view)
     rec = layer_record(view.probe, view.layer)
     if rec is not None:
-        safe = view.layer.replace(".", "_")
-        makers[f"codes_{safe}.png"] = lambda: _codes_png(rec, view.top_channels, view.settings)
-        makers[f"reconstruction_{safe}.png"] = lambda: _recon_png(rec, unnormalize, view.settings)
+        makers[f"{file_stem('codes', view.layer)}.png"] = lambda: _codes_png(rec, view.top_channels, view.settings)
+        makers[f"{file_stem('reconstruction', view.layer)}.png"] = lambda: _recon_png(rec, unnormalize, view.settings)
         if view.sees is not None:
-            makers[f"sees_{safe}.png"] = lambda: sees_png(view.sees, view.layer, view.sees_offsets, view.settings,
-                                                          zero=not np.any(rec["z"]))
+            makers[f"{file_stem('sees', view.layer)}.png"] = lambda: sees_png(
+                view.sees, view.layer, view.sees_offsets, view.settings, zero=not np.any(rec["z"]))
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
     if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
