@@ -215,11 +215,12 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     across = f"(100cqw - {sides}px)"  # the plot's width on the page
     fit = f"min({ends + height * scale:.1f}px, calc({across} * {height / width:.5f} + {ends}px))"
     # ...and the titles as large as fit there, up to the largest: in a 1400 px window they stayed at the 8 px that
-    # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile.
+    # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile (the
+    # first row's titles have TITLE_ROOM, more than the largest size needs).
     longest = max((text_width(t, 1) for t in shown), default=0) or 1  # no titles (or empty ones): any size fits
+    gap = f", {py * scale - 2:.2f}px, calc({across} * {py / width:.6f} - 2px)" if nrows > 1 else ""
     title = (f"clamp({TITLE_FLOOR}px, min({((w + px) * scale - 4) / longest:.2f}px, "
-             f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px), {py * scale - 2:.2f}px, "
-             f"calc({across} * {py / width:.6f} - 2px)), {TITLE_MAX}px)")
+             f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px){gap}), {TITLE_MAX}px)")
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
     # plotly's scaleanchor (off, though plotly sets it for an image trace): plotly wrote the ranges it widened to keep
     # them square back into the figure, so after fullscreen or a resize (another shape) the tiles came back a quarter
@@ -230,8 +231,8 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     # the window: from the figure, where the page's CSS title size does not apply, so its titles were the narrow
     # chart's 8-9 px on 80 px tiles. The figure's titles are the size the CSS gives at that width.
     own = min(scale, (WIDTH - sides) / width)
-    labels["textfont"] = dict(size=max(TITLE_FLOOR, min(TITLE_MAX, math.floor(min(((w + px) * own - 4) / longest,
-                                                                                      py * own - 2)))))
+    fits = min(((w + px) * own - 4) / longest, py * own - 2 if nrows > 1 else TITLE_MAX)
+    labels["textfont"] = dict(size=max(TITLE_FLOOR, min(TITLE_MAX, math.floor(fits))))
     fixed = dict(NO_AXIS, scaleanchor=False, fixedrange=True)
     png = dict(png_width=round(sides + width * own), png_height=round(ends + height * own))
     return _figure(data + [labels], png["png_height"], margin=margin,
@@ -305,13 +306,15 @@ def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_ro
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, signed: bool, title: str) -> go.Figure:
-    """An attribution map over its image: red/blue for signed maps (for/against), hot for magnitudes."""
+    """An attribution map over its image: red/blue for signed maps (for/against), hot for magnitudes; a tile chart
+    of one tile, titled above it (with plotly's scaleanchor each fullscreen round trip shrank it by a third)."""
     peak = max(images.finite_peak(amap), 1e-12)
     heat = dict(type="heatmap", z=amap, opacity=0.6, zmin=-peak if signed else 0, zmax=peak,
-                colorscale="RdBu_r" if signed else "Hot", reversescale=not signed, colorbar=dict(thickness=12),
+                colorscale="RdBu_r" if signed else "Hot", reversescale=not signed,
+                colorbar=dict(TILE_COLORBAR, title=dict(text="attribution", side="right")),
                 hovertemplate="x=%{x} y=%{y}<br>attribution=%{z:.3g}<extra></extra>")
-    return _figure([_rgb_trace(image), heat], 320, title, xaxis=NO_AXIS,
-                   yaxis=dict(NO_AXIS, autorange="reversed", scaleanchor="x"))
+    h, w = amap.shape
+    return _tiled([_rgb_trace(image), heat], 1, 1, h, w, 0, 0, [title], 260 / h)
 
 
 def atom_scores(scores: np.ndarray, labels: list[str], title: str) -> go.Figure:

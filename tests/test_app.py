@@ -391,7 +391,9 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
             plots.tiles(rng.random((64, 3, 3, 3)), [f"#{i}" for i in range(64)], ncols=16),
             plots.code_grid(rng.random((16, 16, 16)), list(range(16)), np.arange(16.0)),
             plots.layer_maps([(t, rng.random((32, 32, 3))) for t, _ in maps], rgb=True),
-            plots.layer_maps(maps, rgb=False, colorbar_title="l2 norm over channels")]
+            plots.layer_maps(maps, rgb=False, colorbar_title="l2 norm over channels"),
+            # an attribution over its image (with plotly's scaleanchor a fullscreen round trip shrank it by a third)
+            plots.overlay(rng.random((32, 32, 3)), rng.standard_normal((32, 32)), True, "Integrated Gradients")]
     for fig in figs:
         rows, cols = np.asarray(fig.data[0].z).shape[:2]  # the grid, in picture pixels
         margin = fig.layout.margin

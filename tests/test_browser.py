@@ -211,7 +211,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             page.goto(server)
             wait_for_lam(page, "λ=0.1,")
             charts = {"Layers": ["codes_chart", "maps_chart"], "Atoms": ["atoms_chart", "deep_atoms_chart"],
-                      "Attribution": ["atom_attr_tiles"]}
+                      "Attribution": ["attr_integrated_gradients", "attr_saliency", "atom_attr_tiles"]}
             others = {"Layers": ["pred_chart", "residual_chart", "sparsity_chart"], "Attribution": ["atom_attr_chart"]}
             for tab, keys in charts.items():
                 page.get_by_role("tab", name=tab).click()
