@@ -676,7 +676,8 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
                "first, each titled #channel (Σ|z|), the Σ|z| on hover where a tile is too narrow for it.")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
-    _chart(plots.layer_maps(panels, rgb, "l2 norm over channels"), key="maps_chart",
+    # a short colour-bar title: a deep layer's chart is short, and 'l2 norm over channels' lost its 'l2' below it
+    _chart(plots.layer_maps(panels, rgb, "l2 norm"), key="maps_chart",
            name=f"reconstruction_{view.layer}")
     _chart(plots.code_grid(rec["z"], view.top_channels, activity), key="codes_chart", name=f"codes_{view.layer}")
 

@@ -322,9 +322,9 @@ def atom_scores(scores: np.ndarray, labels: list[str], title: str) -> go.Figure:
     bars = dict(type="bar", x=labels, y=np.asarray(scores, dtype=float),
                 marker_color=[COLORS["current"] if s >= 0 else COLORS["trained"] for s in scores],
                 hovertemplate="%{x}: %{y:.4g}<extra></extra>")
-    # category: labels like "#4" would otherwise be parsed as numbers
-    return _figure([bars], 280, title, xaxis=dict(type="category"),
-                   yaxis=dict(title="attribution (summed over positions)"))
+    # category: labels like "#4" would otherwise be parsed as numbers; a short y title, summed over positions as the
+    # caption says ('attribution (summed over positions)' ran past the plot's top into the title at 800 px)
+    return _figure([bars], 280, title, xaxis=dict(type="category"), yaxis=dict(title="summed attribution"))
 
 
 def lam_fit(fit: dict, residual: float, lam: float, noise: str) -> go.Figure:

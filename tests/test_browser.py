@@ -136,6 +136,8 @@ CHART_BOXES = """(key) => {
     return {toolbar: [...root.querySelectorAll('.modebar-btn')].filter(e => e.getBoundingClientRect().width > 0)
                         .map(e => [e.dataset.title, box(e)]),
             labels: [...root.querySelectorAll('.gtitle, .legend, .textpoint text')].map(e => [e.textContent, box(e)]),
+            titles: [...root.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text, .cbtitle text')]
+                        .filter(e => e.textContent).map(e => [e.textContent, box(e)]),
             chart: box(root.querySelector('.main-svg')),
             picture: [...root.querySelectorAll('.imagelayer image, .hm image')].map(box)}; }"""
 # Where the pictures' captions wrap: [caption, the character before the break, the one after] for each break
@@ -168,8 +170,8 @@ def meet(r: dict, q: dict) -> bool:
 
 def check_chart(page, key: str, tiles: bool = False) -> None:
     """The toolbar (the camera and fullscreen only; a tile chart, whose square pixels the screen's shape would
-    stretch, the camera) covers none of the chart's labels, and a tile chart's picture fills it but for its margins:
-    no blank band above or below its tiles."""
+    stretch, the camera) covers none of the chart's labels, its titles are whole and apart, and a tile chart's picture
+    fills it but for its margins: no blank band above or below its tiles."""
     boxes = page.evaluate(CHART_BOXES, key)
     assert [title for title, _ in boxes["toolbar"]] == ["Download plot as a PNG"] + ([] if tiles else ["Fullscreen"]), key
     if tiles:  # square pixels by the chart's size, no scaleanchor (plotly's default for an image trace) to widen ranges
@@ -179,6 +181,13 @@ def check_chart(page, key: str, tiles: bool = False) -> None:
     covered = [text for text, label in boxes["labels"] for _, button in boxes["toolbar"] if meet(label, button)]
     assert covered == [], (key, covered)
     chart = boxes["chart"]
+    # the chart's, its axes' and its colour bar's titles whole and apart: in a short chart the colour bar's 'l2 norm
+    # over channels' lost its 'l2' below the picture, the bars' y title ran into the chart's title
+    titles = boxes["titles"]
+    cut = [text for text, r in titles if r["top"] < chart["top"] - 0.5 or r["bottom"] > chart["bottom"] + 0.5
+           or r["left"] < chart["left"] - 0.5 or r["right"] > chart["right"] + 0.5]
+    together = [(a, b) for i, (a, r) in enumerate(titles) for b, q in titles[i + 1:] if meet(r, q)]
+    assert cut == [] and together == [], (key, cut, together)
     for picture in boxes["picture"]:
         above, below = picture["top"] - chart["top"], chart["bottom"] - picture["bottom"]
         assert above <= plots.TOOLBAR + plots.TITLE_ROOM + 1.5 and below <= plots.MARGIN["b"] + 1.5, (key, above, below)
@@ -210,15 +219,19 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             page.set_default_timeout(90_000)
             page.goto(server)
             wait_for_lam(page, "λ=0.1,")
-            charts = {"Layers": ["codes_chart", "maps_chart"], "Atoms": ["atoms_chart", "deep_atoms_chart"],
+            charts = {"Layers": ["codes_chart", "maps_chart"], "λ path": [], "Atoms": ["atoms_chart", "deep_atoms_chart"],
                       "Attribution": ["attr_integrated_gradients", "attr_saliency", "atom_attr_tiles"]}
-            others = {"Layers": ["pred_chart", "residual_chart", "sparsity_chart"], "Attribution": ["atom_attr_chart"]}
+            others = {"Layers": ["pred_chart", "residual_chart", "sparsity_chart"],
+                      "λ path": ["path_probs_chart", "path_residual_chart", "path_sparsity_chart"],
+                      "Attribution": ["atom_attr_chart"]}
             for tab, keys in charts.items():
                 page.get_by_role("tab", name=tab).click()
                 if tab == "Attribution":
                     page.locator(".st-key-attr_run button").click()
                 for key in keys:
                     page.locator(f".st-key-{key} .textpoint").first.wait_for()
+                for key in others.get(tab, []):
+                    page.locator(f".st-key-{key} .main-svg").first.wait_for()
                 page.wait_for_function(IDLE)
                 assert page.evaluate(CUT_TEXT) == [], tab
                 for key in keys:
@@ -242,6 +255,9 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             # the Export tab's buttons with a deep layer's long file names (cut in two columns at 800 px)
             page.get_by_role("tab", name="Layers").click()
             choose_option(page, "layer", "layer4.1.conv2")
+            page.wait_for_function("() => (document.querySelector('.st-key-maps_chart .cbtitle') || {}).textContent")
+            page.wait_for_function(IDLE)
+            check_chart(page, "maps_chart", tiles=True)  # a deep layer's: shorter, its colour bar's title was cut
             page.get_by_role("tab", name="Export").click()
             page.get_by_role("button", name="reconstruction_layer4_1_conv2").first.wait_for()
             page.wait_for_function(IDLE)
