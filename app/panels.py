@@ -61,8 +61,23 @@ def _chart(fig, key: str | None = None, name: str | None = None) -> None:
                 f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}} '
                 f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important; "
                 # plotly set them above their tiles for its own size: larger, their descenders ('(') reached in
-                "translate: 0 -2px}</style>")
+                f"translate: 0 -2px}} {_long_titles_css(key, css)}</style>")
         st.plotly_chart(fig, config=config, key=key, height="stretch")
+
+
+def _long_titles_css(key: str, css: dict) -> str:
+    """A tile chart with titles in two lengths (plots._tiled: a text trace each, the short first): the long ones
+    from the container's width where they fit, at their own size; each shown one opaque (the figure shows only the
+    ones for its own width, for the camera's PNG)."""
+    if "title_switch" not in css:
+        return ""
+    short, long = (f".st-key-{key} .scatterlayer .trace:nth-child({i})" for i in (1, 2))
+
+    def show(hidden: str, shown: str) -> str:  # !important: plotly writes the traces' display and opacity inline
+        return f"{{{hidden} {{display: none !important}} {shown} {{opacity: 1 !important}}}}"
+    return (f"{long} .textpoint text {{font-size: {css['long_title_size']} !important}} "
+            f"@container (width < {css['title_switch']}px) {show(long, short)} "
+            f"@container (width >= {css['title_switch']}px) {show(short, long)}")
 
 
 def _code(text: str) -> str:

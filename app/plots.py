@@ -35,11 +35,11 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 # px: a tile's titles are as large as fit their tiles' width and the gap above at the width the chart gets, up to
-# TITLE_MAX, down to TITLE_FLOOR (in a phone's window, held at 8, they ran together); where they fit the narrow chart
-# (an 800 px window) at none of TITLE_SIZES, they drop their usage numbers ('#63', its '(12.3)' on hover)
-TITLE_SIZES = (10, 9, 8)
+# TITLE_MAX, down to TITLE_FLOOR (in a phone's window, held at 8, they ran together); where titles with a usage
+# ('#63 (12.3)') would be under LONG_TITLE_MIN, they drop it ('#63', the usage on hover)
 TITLE_MAX = 12
 TITLE_FLOOR = 5
+LONG_TITLE_MIN = 8
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
 
 
@@ -192,7 +192,7 @@ def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
 
 def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: int, px: int,
            titles: list[str], scale: float) -> go.Figure:
-    """A figure of tile_grid pictures with a title above each tile (one text trace), pixels square, no axes;
+    """A figure of tile_grid pictures with a title above each tile (one or two text traces), pixels square, no axes;
     `scale` is the wanted screen pixels per picture pixel, less where the chart's width limits it. Its height follows
     the width the page gives it (`fitted_css`): a height fixed for one width left blank bands at another."""
     nrows = math.ceil(n / ncols)
@@ -201,26 +201,46 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     bar = any(trace.get("colorbar") for trace in data)
     margin = dict(MARGIN, t=TOOLBAR + TITLE_ROOM, r=COLORBAR if bar else MARGIN["r"])
     sides, ends = margin["l"] + margin["r"], margin["t"] + margin["b"]  # screen pixels around the plot
-    # The titles' font is in screen pixels while the tiles shrink with the chart: in an 800 px window 16-character
-    # titles ran into each other. Where they fit their tiles' width there at no size: '#63', its '(12.3)' on hover
-    # (64 atoms in 16 columns).
-    pitch = (w + px) * min(scale, (NARROW - sides) / width)
-    shown = titles if _title_size(titles, pitch) else [t.split(" (")[0] for t in titles]
-    labels = dict(type="scatter", mode="text", text=shown, textposition="top center",
-                  x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
-                  y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles, cliponaxis=False,
-                  hoverinfo="skip" if shown == titles else "text", showlegend=False)
     # the height at the wanted scale, or where the chart's width (100cqw) limits the scale, the height it gives;
     # the figure's own height (where no CSS applies) is the one at about the main column's width
     across = f"(100cqw - {sides}px)"  # the plot's width on the page
     fit = f"min({ends + height * scale:.1f}px, calc({across} * {height / width:.5f} + {ends}px))"
-    # ...and the titles as large as fit there, up to the largest: in a 1400 px window they stayed at the 8 px that
-    # fitted 800 px, hard to read. Each fits its tile's width (4 px between titles) and the gap above its tile (the
-    # first row's titles have TITLE_ROOM, more than the largest size needs).
-    longest = max((text_width(t, 1) for t in shown), default=0) or 1  # no titles (or empty ones): any size fits
-    gap = f", {py * scale - 2:.2f}px, calc({across} * {py / width:.6f} - 2px)" if nrows > 1 else ""
-    title = (f"clamp({TITLE_FLOOR}px, min({((w + px) * scale - 4) / longest:.2f}px, "
-             f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px){gap}), {TITLE_MAX}px)")
+    own = min(scale, (WIDTH - sides) / width)  # the figure's own scale (see png below)
+    # The titles' font is in screen pixels while the tiles shrink with the chart: in an 800 px window 16-character
+    # titles ran into each other, and in a 1400 px window they stayed at the 8 px that fitted 800 px. So they are as
+    # large as fit their tiles' width (4 px between titles) and the gap above them at the width the chart gets
+    # (the first row's have TITLE_ROOM), up to TITLE_MAX, down to TITLE_FLOOR.
+    def sizes(text: list[str]) -> tuple[str, int]:
+        """The CSS size of these titles at the page's width, and their size at the figure's own width."""
+        longest = max((text_width(t, 1) for t in text), default=0) or 1  # no titles (or empty ones): any size fits
+        gap = f", {py * scale - 2:.2f}px, calc({across} * {py / width:.6f} - 2px)" if nrows > 1 else ""
+        css = (f"clamp({TITLE_FLOOR}px, min({((w + px) * scale - 4) / longest:.2f}px, "
+               f"calc({across} * {(w + px) / (width * longest):.6f} - {4 / longest:.3f}px){gap}), {TITLE_MAX}px)")
+        fits = min(((w + px) * own - 4) / longest, py * own - 2 if nrows > 1 else TITLE_MAX)
+        return css, max(TITLE_FLOOR, min(TITLE_MAX, math.floor(fits)))
+
+    def trace(text: list[str], hover: bool, size: int, shown: bool) -> dict[str, Any]:
+        return dict(type="scatter", mode="text", text=text, textposition="top center", textfont=dict(size=size),
+                    x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
+                    y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles, cliponaxis=False,
+                    hoverinfo="text" if hover else "skip", showlegend=False, opacity=1 if shown else 0)
+    # Titles with a usage ('#12 (57.6)') where that fits at LONG_TITLE_MIN or more, else '#12', the '(57.6)' on hover:
+    # two text traces, the page's CSS showing the one for the chart's width (in a phone's window the long ones were
+    # 6 px; 64 atoms in 16 columns had the short ones in any window). From `switch` px on the long ones fit.
+    short = [t.split(" (")[0] for t in titles]
+    longest = max((text_width(t, 1) for t in titles), default=0)
+    need = max((LONG_TITLE_MIN * longest + 4) / (w + px), (LONG_TITLE_MIN + 2) / max(py, 1e-9) if nrows > 1 else 0)
+    switch = sides + width * need if short != titles and need <= scale else None
+    (short_css, short_own), (long_css, long_own) = sizes(short), sizes(titles)
+    css = dict(title_size=long_css)
+    if short == titles:  # nothing to shorten
+        labels = [trace(titles, False, long_own, True)]
+    elif switch is None:  # the long ones never fit
+        labels, css = [trace(short, True, short_own, True)], dict(title_size=short_css)
+    else:  # the figure itself (its camera PNG, no CSS) shows the ones for its own width
+        long_in_png = sides + width * own >= switch
+        labels = [trace(short, True, short_own, not long_in_png), trace(titles, False, long_own, long_in_png)]
+        css = dict(title_size=short_css, long_title_size=long_css, title_switch=math.ceil(switch))
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
     # plotly's scaleanchor (off, though plotly sets it for an image trace): plotly wrote the ranges it widened to keep
     # them square back into the figure, so after fullscreen or a resize (another shape) the tiles came back a quarter
@@ -230,27 +250,19 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     # The camera's PNG is drawn at one size, the figure's own (the chart at about the main column's width), whatever
     # the window: from the figure, where the page's CSS title size does not apply, so its titles were the narrow
     # chart's 8-9 px on 80 px tiles. The figure's titles are the size the CSS gives at that width.
-    own = min(scale, (WIDTH - sides) / width)
-    fits = min(((w + px) * own - 4) / longest, py * own - 2 if nrows > 1 else TITLE_MAX)
-    labels["textfont"] = dict(size=max(TITLE_FLOOR, min(TITLE_MAX, math.floor(fits))))
     fixed = dict(NO_AXIS, scaleanchor=False, fixedrange=True)
     png = dict(png_width=round(sides + width * own), png_height=round(ends + height * own))
-    return _figure(data + [labels], png["png_height"], margin=margin,
-                   meta=dict(fitted_height=fit, fitted_width=fitted_width, title_size=title, **png),
+    return _figure(data + labels, png["png_height"], margin=margin,
+                   meta=dict(fitted_height=fit, fitted_width=fitted_width, **css, **png),
                    xaxis=dict(fixed, range=[-0.5, width - 0.5]), yaxis=dict(fixed, range=[height - 0.5, -0.5]))
 
 
 def fitted_css(fig: go.Figure) -> dict[str, Any] | None:
-    """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size) and its camera
-    PNG's size in CSS pixels (png_width, png_height): None for the other charts."""
+    """A tile chart's CSS lengths of its container's width (fitted_height, fitted_width, title_size; with titles in
+    two lengths, long_title_size and title_switch, the container's width in px from which the long ones show) and its
+    camera PNG's size in CSS pixels (png_width, png_height): None for the other charts."""
     meta = fig.layout.meta
     return dict(meta) if isinstance(meta, dict) and "fitted_height" in meta else None
-
-
-def _title_size(titles: list[str], pitch: float) -> int | None:
-    """The largest of TITLE_SIZES at which the longest title fits `pitch` screen pixels, 4 between titles."""
-    longest = max((text_width(t, 1) for t in titles), default=0)
-    return next((s for s in TITLE_SIZES if s * longest <= pitch - 4), None)
 
 
 def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: str = "") -> go.Figure:

@@ -352,24 +352,35 @@ def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_whit
         assert set(np.unique(shown[1:-1, 1:33])) == behind and (shown[1:-1, 33:-1] == [0, 0, 200]).all()
 
 
-def test_tile_titles_shrink_to_fit_an_800_px_window_then_drop_the_usage():
-    """The titles' font is in screen pixels while tiles shrink with the chart: each chart takes the largest of
-    10, 9, 8 px at which its longest title fits the narrow (800 px window) chart, and where none does (64 atoms in
-    16 columns) the '#63' alone, its usage on hover."""
+def test_tile_titles_drop_their_usage_where_it_would_be_under_8_px():
+    """Titles '#3 (12.3)' show where they fit at 8 px or more, else '#3', the usage on hover: two text traces and the
+    container's width from which the long ones show. In a phone's window the code maps' long titles were 6 px; 64
+    atoms in 16 columns had the short ones in any window."""
     from app import plots
     pics = np.zeros((64, 3, 3, 3))
     titles = plots.usage_titles(list(range(64)), np.full(64, 12.3))
 
-    def title_trace(n, ncols):
-        return plots.tiles(pics[:n], titles[:n], ncols=ncols).data[-1]
+    def chart(n, ncols):
+        fig = plots.tiles(pics[:n], titles[:n], ncols=ncols)
+        return [t for t in fig.data if t.type == "scatter"], plots.fitted_css(fig)
 
-    few, many = title_trace(16, 8), title_trace(64, 16)
-    assert list(few.text) == titles[:16] and few.hoverinfo == "skip"
-    assert list(many.text) == [f"#{c}" for c in range(64)] and list(many.hovertext) == titles  # none fitted
-    assert many.hoverinfo == "text"
-    one = plots.text_width("#1 (1)", 1)  # its width at 1 px: the largest size whose width + 4 px fits the pitch
-    assert plots._title_size(["#1 (1)"], 100) == 10 and plots._title_size(["#1 (1)"], 4 + 9.5 * one) == 9
-    assert plots._title_size(["#1 (1)"], 4 + 8 * one) == 8 and plots._title_size(["#1 (1)"], 3 + 8 * one) is None
+    for n, ncols in ((16, 8), (64, 16)):
+        (short, long), css = chart(n, ncols)
+        assert list(short.text) == [f"#{c}" for c in range(n)] and list(short.hovertext) == titles[:n]
+        assert short.hoverinfo == "text" and list(long.text) == titles[:n] and long.hoverinfo == "skip"
+        # the long ones fit at 8 px from the switch on (the pitch of their tiles, 4 px between), not below it
+        fig = plots.tiles(pics[:n], titles[:n], ncols=ncols)
+        for width, fits in ((css["title_switch"], True), (css["title_switch"] - 3, False)):
+            assert (_css_px(css["long_title_size"], width) >= plots.LONG_TITLE_MIN - 1e-6) == fits, (n, width)
+        assert fig.layout.margin.t == plots.TOOLBAR + plots.TITLE_ROOM
+    # 16 atoms in 8 columns: long from below an 800 px window's chart; 64 in 16: short there, long at 1400 px
+    assert chart(16, 8)[1]["title_switch"] < plots.NARROW < chart(64, 16)[1]["title_switch"] < 940
+    # titles without a usage, or whose long form never fits: one trace, no switch
+    plain = plots.tiles(pics[:4], ["input x", "A(z)", "r", ""], ncols=4)
+    assert len([t for t in plain.data if t.type == "scatter"]) == 1 and "title_switch" not in plots.fitted_css(plain)
+    tiny = plots.tiles(np.zeros((8, 1, 1, 3)), titles[:8], ncols=8, height_per_row=4)
+    (only,) = [t for t in tiny.data if t.type == "scatter"]
+    assert only.text[0] == "#0" and "title_switch" not in plots.fitted_css(tiny)
 
 
 def _css_px(length: str, width: float) -> float:
@@ -411,31 +422,41 @@ def test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get():
         assert fig.layout.yaxis.scaleanchor is False and fig.layout.xaxis.fixedrange and fig.layout.yaxis.fixedrange
         assert scales == sorted(scales)  # tiles grow with the width, up to their wanted scale
         # the titles as large as fit their tiles' pitch (4 px between) and the gap above them at each width, 8 to 12 px
-        # (at 1400 px they stayed at the 8 px that fitted 800 px)
-        titles = fig.data[-1]
-        longest = max(plots.text_width(t, 1) for t in titles.text)
-        xs = sorted(set(titles.x))
-        pitch = xs[1] - xs[0] if len(xs) > 1 else cols
-        sizes = [_css_px(plots.fitted_css(fig)["title_size"], width) for width in widths]
+        # (at 1400 px they stayed at the 8 px that fitted 800 px); one text trace, or two (short '#3', long
+        # '#3 (12.3)'), the long ones from title_switch px on, at 8 px or more
+        traces = [t for t in fig.data if t.type == "scatter"]
+        keys = ["title_size", "long_title_size"][:len(traces)]
+        png_w, png_h = css["png_width"], css["png_height"]
+
+        def shown(key, width):
+            return len(traces) == 1 or (width >= css["title_switch"]) == (key == "long_title_size")
+        visible = []  # the shown titles' size at each width
+        for titles, key in zip(traces, keys):
+            longest = max(plots.text_width(t, 1) for t in titles.text)
+            xs, ys = sorted(set(titles.x)), sorted(set(titles.y))
+            pitch = xs[1] - xs[0] if len(xs) > 1 else cols
+            gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
+            at = [(width, scale) for width, scale in zip(widths, scales) if shown(key, width)]
+            sizes = [_css_px(css[key], width) for width, _ in at]
+            assert sizes == sorted(sizes) and all(plots.TITLE_FLOOR <= size <= 12 for size in sizes), sizes
+            assert key == "title_size" or min(sizes, default=8) >= plots.LONG_TITLE_MIN - 1e-6, sizes
+            for size, (width, scale) in zip(sizes, at):
+                assert size == plots.TITLE_FLOOR or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
+                assert size == plots.TITLE_FLOOR or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
+                visible.append((width, size))
+            # The camera's PNG (drawn from the figure: no CSS there) shows the titles for its own width, at the size
+            # the page's CSS gives there, rounded down. They were the narrow chart's 8-9 px on 80 px tiles.
+            own_size = max(plots.TITLE_FLOOR, math.floor(_css_px(css[key], png_w)))
+            assert titles.textfont.size == own_size and titles.opacity == shown(key, png_w), (css, png_w, key)
+            assert titles.cliponaxis is False  # the first row's titles, above the plot
         # 8 px or more in the narrowest window the page is laid out for (these charts); in a phone's less, down to 5,
         # rather than overlapping
-        assert sizes == sorted(sizes) and 8 <= sizes[1] and plots.TITLE_FLOOR <= sizes[0] and sizes[-1] <= 12, sizes
-        ys = sorted(set(titles.y))
-        gap = len(ys) * (ys[1] - ys[0]) - rows if len(ys) > 1 else None  # picture pixels between rows of tiles
-        for size, scale in zip(sizes, scales):
-            assert size == plots.TITLE_FLOOR or size * longest + 4 <= pitch * scale + 0.01, (size, scale)
-            assert size == plots.TITLE_FLOOR or gap is None or size <= gap * scale - 2 + 0.01, (size, gap, scale)
+        assert min(size for width, size in visible if width == plots.NARROW) >= 8, visible
         assert plots.tiles(rng.random((4, 5, 5, 3)), [""] * 4).data[-1].text == ("",) * 4  # no titles: no crash
-        # The camera's PNG: one size at any window's width (the figure's own), square pixels, no blank bands, its
-        # titles (drawn from the figure: no CSS there) the size the page's CSS gives at that width, rounded down. They
-        # were the narrow chart's 8-9 px on 80 px tiles.
-        png_w, png_h = css["png_width"], css["png_height"]
+        # The camera's PNG: one size at any window's width (the figure's own), square pixels, no blank bands
         assert fig.layout.height == png_h and png_w <= plots.WIDTH
         assert (png_w - margin.l - margin.r) / cols == pytest.approx((png_h - margin.t - margin.b) / rows, rel=0.02)
-        own_size = max(plots.TITLE_FLOOR, math.floor(_css_px(css["title_size"], png_w)))
-        assert titles.textfont.size == own_size, (css, png_w)
         assert list(fig.layout.xaxis.range) == [-0.5, cols - 0.5] and list(fig.layout.yaxis.range) == [rows - 0.5, -0.5]
-        assert fig.data[-1].cliponaxis is False  # the first row's titles, above the plot
     assert plots.fitted_css(plots.predictions(["a", "b"], [("SDNet", "current", np.array([0.4, 0.6]))], 2)) is None
 
 
@@ -459,7 +480,7 @@ def test_the_toolbar_has_a_strip_of_its_own():
     for fig in (depth, lone):  # the title in the strip, at its left
         assert fig.layout.title.yref == "container" and fig.layout.title.y == 1 and fig.layout.title.yanchor == "top"
     grid = plots.tiles(np.zeros((16, 7, 7, 3)), [f"#{i} (1.5)" for i in range(16)])
-    assert grid.layout.margin.t >= plots.TOOLBAR + max(plots.TITLE_SIZES)
+    assert grid.layout.margin.t >= plots.TOOLBAR + plots.TITLE_MAX
 
 
 def test_long_legend_entries_wrap_and_layer_names_stand_upright():
@@ -677,6 +698,10 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
         assert f".st-key-{key} {{height: {css['fitted_height']}; width: {css['fitted_width']}}}" in styles
         assert f'.st-key-{key} .modebar-btn[data-title="Fullscreen"] {{display: none}}' in styles
         assert f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important" in styles
+        if "title_switch" in css:  # titles in two lengths: the long ones from the container's width where they fit
+            switch = css["title_switch"]
+            assert f"@container (width >= {switch}px) {{.st-key-{key} .scatterlayer .trace:nth-child(1) {{display: none" \
+                   in styles and f"@container (width < {switch}px) {{.st-key-{key} .scatterlayer .trace:nth-child(2)" in styles
         camera = json.loads(charts[key].proto.config)["toImageButtonOptions"]  # the size its titles were made for
         assert (camera["width"], camera["height"]) == (css["png_width"], css["png_height"])
 

@@ -126,16 +126,25 @@ CUT_TEXT = """() => [...document.querySelectorAll('[data-testid=stMain] *')].fil
         && (e.tagName === 'INPUT' || style.overflowX !== 'visible' || style.textOverflow !== 'clip');
 }).map(e => e.value || e.textContent)"""
 # A tile chart's titles (plotly text points): [text, font size in px, width drawn in px] each
-TILE_TITLES = """(key) => [...document.querySelectorAll(`.st-key-${key} .textpoint text`)].map(
+# the tile titles on screen (of a chart's two lengths, the one its width shows)
+SHOWN = ("e => { const trace = e.closest('.trace');"  # (checkVisibility says yes under a display: none <g>)
+         " return e.getBoundingClientRect().width > 0 && !(trace && getComputedStyle(trace).opacity === '0'); }")
+TILE_TITLES = f"""(key) => [...document.querySelectorAll(`.st-key-${{key}} .textpoint text`)].filter({SHOWN}).map(
     e => [e.textContent, parseFloat(getComputedStyle(e).fontSize), e.getBBox().width, e.getBoundingClientRect().toJSON()])"""
+# how many tiles a chart has, and the container's width from which it shows its long titles (none: one length)
+TILE_COUNT = """(key) => { const g = document.querySelector(`.st-key-${key} .js-plotly-plot`);
+    return [g.data.filter(t => t.type === 'scatter')[0].text.length, g.layout.meta.title_switch || null,
+            document.querySelector(`.st-key-${key}_box`).getBoundingClientRect().width]; }"""
 
 
 # A chart's toolbar buttons, what they must leave uncovered (its title, legend and tiles' titles), and its picture
 CHART_BOXES = """(key) => {
+    const SHOWN = """ + SHOWN + """;
     const root = document.querySelector(`.st-key-${key}`), box = e => e.getBoundingClientRect().toJSON();
     return {toolbar: [...root.querySelectorAll('.modebar-btn')].filter(e => e.getBoundingClientRect().width > 0)
                         .map(e => [e.dataset.title, box(e)]),
-            labels: [...root.querySelectorAll('.gtitle, .legend, .textpoint text')].map(e => [e.textContent, box(e)]),
+            labels: [...root.querySelectorAll('.gtitle, .legend, .textpoint text')].filter(SHOWN)
+                        .map(e => [e.textContent, box(e)]),
             titles: [...root.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text, .cbtitle text')]
                         .filter(e => e.textContent).map(e => [e.textContent, box(e)]),
             chart: box(root.querySelector('.main-svg')),
@@ -229,7 +238,7 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                 if tab == "Attribution":
                     page.locator(".st-key-attr_run button").click()
                 for key in keys:
-                    page.locator(f".st-key-{key} .textpoint").first.wait_for()
+                    page.locator(f".st-key-{key} .textpoint >> visible=true").first.wait_for()
                 for key in others.get(tab, []):
                     page.locator(f".st-key-{key} .main-svg").first.wait_for()
                 page.wait_for_function(IDLE)
@@ -237,8 +246,16 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                 for key in keys:
                     titles = page.evaluate(TILE_TITLES, key)
                     assert titles and overlapping(titles) == [], key
-                    # the font was picked by this estimate of the titles' width: it must not fall short
-                    wider = [(text, size, drawn) for text, size, drawn, _ in titles if drawn > plots.text_width(text, size)]
+                    # one length shown, the long one ('#3 (12.3)') from its switch on: in a phone's window the long
+                    # titles were 6 px, 64 atoms in 16 columns had the short ones in any window
+                    n, switch, box = page.evaluate(TILE_COUNT, key)
+                    long = switch is not None and box >= switch
+                    assert len(titles) == n and all(("(" in t) == long for t, *_ in titles if t.startswith("#")), (
+                        key, titles, switch, box)
+                    # the font was picked by this estimate of the titles' width: it must not fall short (by more than
+                    # the ~0.3 px of side bearings a 2-character '#4' at 7.8 px has over it)
+                    wider = [(text, size, drawn) for text, size, drawn, _ in titles
+                             if drawn > plots.text_width(text, size) + 0.5]
                     assert wider == [], (key, wider)
                 for key in keys + others.get(tab, []):
                     check_chart(page, key, tiles=key in keys)
