@@ -66,12 +66,13 @@ def _chart(fig, key: str | None = None, name: str | None = None) -> None:
 
 
 def _long_titles_css(key: str, css: dict) -> str:
-    """A tile chart with titles in two lengths (plots._tiled: a text trace each, the short first): the long ones
+    """A tile chart with titles in two lengths (plots._tiled: a text trace each, the short one first): the long ones
     from the container's width where they fit, at their own size; each shown one opaque (the figure shows only the
     ones for its own width, for the camera's PNG)."""
     if "title_switch" not in css:
         return ""
-    short, long = (f".st-key-{key} .scatterlayer .trace:nth-child({i})" for i in (1, 2))
+    # the last two scatter traces (the titles follow the pictures, whatever traces those are)
+    short, long = (f".st-key-{key} .scatterlayer .trace:nth-last-child({i})" for i in (2, 1))
 
     def show(hidden: str, shown: str) -> str:  # !important: plotly writes the traces' display and opacity inline
         return f"{{{hidden} {{display: none !important}} {shown} {{opacity: 1 !important}}}}"
@@ -877,8 +878,9 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
         advice = "; lower λ and compute again to see what drives the decision" if result["signature"] == signature else ""
         st.info(f"Every attribution is exactly zero: {why}{advice}.")
         return  # nothing to draw: blank maps and bars would only look like a failure
-    if shown:
-        for col, (m, attr) in zip(st.columns(len(shown)), shown.items()):
+    methods = list(shown.items())
+    for row in range(0, len(methods), 2):  # two a row: three in an 800 px window left each picture 51 px wide
+        for col, (m, attr) in zip(st.columns(min(2, len(methods))), methods[row:row + 2]):
             amap = attribution.attribution_map(torch.from_numpy(attr), m).numpy()
             with col:
                 _chart(plots.overlay(ctx.image.transpose(1, 2, 0), amap, attribution.SIGNED[m],

@@ -35,8 +35,8 @@ TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
 FONT = dict(family="Arial, 'Liberation Sans', Helvetica, sans-serif")
 # px: a tile's titles are as large as fit their tiles' width and the gap above at the width the chart gets, up to
-# TITLE_MAX, down to TITLE_FLOOR (in a phone's window, held at 8, they ran together); where titles with a usage
-# ('#63 (12.3)') would be under LONG_TITLE_MIN, they drop it ('#63', the usage on hover)
+# TITLE_MAX, down to TITLE_FLOOR (in a phone's window, held at 8, they ran together); where titles with a
+# parenthetical (a usage '#63 (12.3)', a key '(grey = 0)') would be under LONG_TITLE_MIN, they drop it ('#63')
 TITLE_MAX = 12
 TITLE_FLOOR = 5
 LONG_TITLE_MIN = 8
@@ -190,6 +190,11 @@ def _rgb_trace(img: np.ndarray, hover: bool = True) -> dict[str, Any]:
     return trace
 
 
+def _tile_index(n: int, ncols: int, h: int, w: int, pad: tuple[int, int]) -> np.ndarray:
+    """Each pixel's tile number in a tile_grid of n (h, w) tiles, NaN between tiles: for hover texts."""
+    return images.tile_grid(np.stack([np.full((h, w), float(i)) for i in range(n)]), ncols, pad, fill=np.nan)
+
+
 def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: int, px: int,
            titles: list[str], scale: float) -> go.Figure:
     """A figure of tile_grid pictures with a title above each tile (one or two text traces), pixels square, no axes;
@@ -219,14 +224,17 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
         fits = min(((w + px) * own - 4) / longest, py * own - 2 if nrows > 1 else TITLE_MAX)
         return css, max(TITLE_FLOOR, min(TITLE_MAX, math.floor(fits)))
 
-    def trace(text: list[str], hover: bool, size: int, shown: bool) -> dict[str, Any]:
+    # no hover on titles: plotly hovers from the data, so a hidden one did too, and a text point within ~20 px beat
+    # the tile's own hover (its values; the whole title there)
+    def trace(text: list[str], size: int, shown: bool) -> dict[str, Any]:
         return dict(type="scatter", mode="text", text=text, textposition="top center", textfont=dict(size=size),
                     x=[(i % ncols) * (w + px) + (w - 1) / 2 for i in range(n)],
-                    y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], hovertext=titles, cliponaxis=False,
-                    hoverinfo="text" if hover else "skip", showlegend=False, opacity=1 if shown else 0)
-    # Titles with a usage ('#12 (57.6)') where that fits at LONG_TITLE_MIN or more, else '#12', the '(57.6)' on hover:
-    # two text traces, the page's CSS showing the one for the chart's width (in a phone's window the long ones were
-    # 6 px; 64 atoms in 16 columns had the short ones in any window). From `switch` px on the long ones fit.
+                    y=[(i // ncols) * (h + py) - 0.5 for i in range(n)], cliponaxis=False, hoverinfo="skip",
+                    showlegend=False, opacity=1 if shown else 0)
+    # Titles with a parenthetical ('#12 (57.6)') where they fit at LONG_TITLE_MIN or more, else without ('#12'; the
+    # tile's hover says it): two text traces, the page's CSS showing the one for the chart's width (in a phone's
+    # window the long ones were 6 px; 64 atoms in 16 columns had the short ones in any window). From `switch` px on
+    # the long ones fit.
     short = [t.split(" (")[0] for t in titles]
     longest = max((text_width(t, 1) for t in titles), default=0)
     need = max((LONG_TITLE_MIN * longest + 4) / (w + px), (LONG_TITLE_MIN + 2) / max(py, 1e-9) if nrows > 1 else 0)
@@ -234,12 +242,12 @@ def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: i
     (short_css, short_own), (long_css, long_own) = sizes(short), sizes(titles)
     css = dict(title_size=long_css)
     if short == titles:  # nothing to shorten
-        labels = [trace(titles, False, long_own, True)]
+        labels = [trace(titles, long_own, True)]
     elif switch is None:  # the long ones never fit
-        labels, css = [trace(short, True, short_own, True)], dict(title_size=short_css)
+        labels, css = [trace(short, short_own, True)], dict(title_size=short_css)
     else:  # the figure itself (its camera PNG, no CSS) shows the ones for its own width
         long_in_png = sides + width * own >= switch
-        labels = [trace(short, True, short_own, not long_in_png), trace(titles, False, long_own, long_in_png)]
+        labels = [trace(short, short_own, not long_in_png), trace(titles, long_own, long_in_png)]
         css = dict(title_size=short_css, long_title_size=long_css, title_switch=math.ceil(switch))
     # Pixels are square by the chart's size alone (as wide as its tiles at the wanted scale, or the column), not by
     # plotly's scaleanchor (off, though plotly sets it for an image trace): plotly wrote the ranges it widened to keep
@@ -276,7 +284,7 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
         trace = _rgb_trace(images.tile_grid(stack, n, (pad, pad), fill=1.0))
     else:
         grid = images.tile_grid(stack, n, (pad, pad), fill=np.nan)
-        which = images.tile_grid(np.stack([np.full((h, w), float(i)) for i in range(n)]), n, (pad, pad), fill=np.nan)
+        which = _tile_index(n, n, h, w, (pad, pad))
         label = np.where(np.isnan(which), "", np.array(titles, dtype=object)[np.nan_to_num(which).astype(int)])
         trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
                      hoverongaps=False, colorbar=dict(TILE_COLORBAR, title=dict(text=colorbar_title, side="right")),
@@ -295,15 +303,17 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
     def tiled(a: np.ndarray) -> np.ndarray:
         return images.tile_grid(a, ncols, (py, px), fill=np.nan)
     ys, xs = np.indices((h, w))
-    info = np.stack([tiled(np.stack([np.full((h, w), float(c)) for c in channels])),
+    tile = np.nan_to_num(_tile_index(n, ncols, h, w, (py, px)), nan=0).astype(int)  # (between tiles: no hover)
+    # the channel and its usage (its title, which may be the short one, in full) and the position in it
+    info = np.stack([np.asarray(channels, float)[tile], np.asarray(activity, float)[np.asarray(channels)][tile],
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
     vmax = images.finite_peak(z[channels])
     zero = not vmax > 0  # all zero (or NaN): a 0-to-1 scale saying so, not '0, 0.5p, 1p' (a scale up to 1e-12)
     heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if zero or np.nanmin(z) >= 0 else -vmax,
                 zmax=1.0 if zero else vmax, colorscale="Viridis", hoverongaps=False,
                 colorbar=dict(TILE_COLORBAR, title=dict(text="z (all 0)" if zero else "z", side="right")),
-                hovertemplate="channel %{customdata[0]} (x=%{customdata[1]}, y=%{customdata[2]})"
-                              "<br>z=%{z:.4f}<extra></extra>")
+                hovertemplate="channel %{customdata[0]} (Σ|z| %{customdata[1]:.3~g}; x=%{customdata[2]}, "
+                              "y=%{customdata[3]})<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window
     return _tiled([heat], n, ncols, h, w, py, px, usage_titles(channels, activity), 110 / (h + py))
 
@@ -314,7 +324,11 @@ def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_ro
     ncols = min(ncols, n)
     py, px = max(3, h // 2), max(2, (w + 1) // 2)  # room for each title
     grid = images.tile_grid(pictures, ncols, (py, px), fill=1.0)
-    return _tiled([_rgb_trace(grid, hover=False)], n, ncols, h, w, py, px, titles, height_per_row / (h + py))
+    # each tile's whole title on hover (its title may be the short one), none between tiles
+    which = _tile_index(n, ncols, h, w, (py, px))
+    hover = np.where(np.isnan(which), "", np.array(titles + [""], dtype=object)[np.nan_to_num(which, nan=n).astype(int)])
+    picture = dict(_rgb_trace(grid, hover=False), hovertext=hover, hoverinfo="text")
+    return _tiled([picture], n, ncols, h, w, py, px, titles, height_per_row / (h + py))
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, signed: bool, title: str) -> go.Figure:

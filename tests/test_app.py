@@ -366,18 +366,33 @@ def test_tile_titles_drop_their_usage_where_it_would_be_under_8_px():
 
     for n, ncols in ((16, 8), (64, 16)):
         (short, long), css = chart(n, ncols)
-        assert list(short.text) == [f"#{c}" for c in range(n)] and list(short.hovertext) == titles[:n]
-        assert short.hoverinfo == "text" and list(long.text) == titles[:n] and long.hoverinfo == "skip"
+        assert list(short.text) == [f"#{c}" for c in range(n)] and list(long.text) == titles[:n]
+        # the titles never hover (plotly hovers from the data: a hidden trace did too, and a title beat the tile's
+        # own hover within ~20 px); each tile's pixels say its whole title, the gaps between tiles nothing
+        assert short.hoverinfo == long.hoverinfo == "skip"
+        picture = plots.tiles(pics[:n], titles[:n], ncols=ncols).data[0]
+        hover = np.asarray(picture.hovertext)
+        assert hover.shape == np.asarray(picture.z).shape[:2] and picture.hoverinfo == "text"  # (no label where "")
+        assert hover[0, 0] == titles[0] and hover[-1, -1] == titles[n - 1] and hover[0, 3] == "" == hover[1, 3]
         # the long ones fit at 8 px from the switch on (the pitch of their tiles, 4 px between), not below it
         fig = plots.tiles(pics[:n], titles[:n], ncols=ncols)
         for width, fits in ((css["title_switch"], True), (css["title_switch"] - 3, False)):
             assert (_css_px(css["long_title_size"], width) >= plots.LONG_TITLE_MIN - 1e-6) == fits, (n, width)
         assert fig.layout.margin.t == plots.TOOLBAR + plots.TITLE_ROOM
+    codes = plots.code_grid(np.ones((4, 5, 5)), [3, 1], np.array([0.0, 7.5, 0.0, 12.25]))  # its hover: channel, Σ|z|
+    assert [list(px) for px in np.asarray(codes.data[0].customdata)[0, [0, -1]]] == [[3, 12.25, 0, 0], [1, 7.5, 4, 0]]
+    assert "Σ|z| %{customdata[1]" in codes.data[0].hovertemplate
     # 16 atoms in 8 columns: long from below an 800 px window's chart; 64 in 16: short there, long at 1400 px
     assert chart(16, 8)[1]["title_switch"] < plots.NARROW < chart(64, 16)[1]["title_switch"] < 940
     # titles without a usage, or whose long form never fits: one trace, no switch
     plain = plots.tiles(pics[:4], ["input x", "A(z)", "r", ""], ncols=4)
     assert len([t for t in plain.data if t.type == "scatter"]) == 1 and "title_switch" not in plots.fitted_css(plain)
+    # a parenthetical that is a key, not a usage, goes the same way: the first layer's maps in a phone's window
+    maps = plots.layer_maps([(t, np.zeros((32, 32, 3))) for t in ("input x", "A(z)", "residual x - A(z) (grey = 0)")],
+                            rgb=True)
+    short, long = [t for t in maps.data if t.type == "scatter"]
+    assert list(short.text) == ["input x", "A(z)", "residual x - A(z)"] and long.text[2].endswith("(grey = 0)")
+    assert 300 < plots.fitted_css(maps)["title_switch"] < plots.NARROW  # long in an 800 px window
     tiny = plots.tiles(np.zeros((8, 1, 1, 3)), titles[:8], ncols=8, height_per_row=4)
     (only,) = [t for t in tiny.data if t.type == "scatter"]
     assert only.text[0] == "#0" and "title_switch" not in plots.fitted_css(tiny)
@@ -700,8 +715,9 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
         assert f".st-key-{key} .textpoint text {{font-size: {css['title_size']} !important" in styles
         if "title_switch" in css:  # titles in two lengths: the long ones from the container's width where they fit
             switch = css["title_switch"]
-            assert f"@container (width >= {switch}px) {{.st-key-{key} .scatterlayer .trace:nth-child(1) {{display: none" \
-                   in styles and f"@container (width < {switch}px) {{.st-key-{key} .scatterlayer .trace:nth-child(2)" in styles
+            trace = f".st-key-{key} .scatterlayer .trace:nth-last-child"
+            assert f"@container (width >= {switch}px) {{{trace}(2) {{display: none" in styles
+            assert f"@container (width < {switch}px) {{{trace}(1) {{display: none" in styles
         camera = json.loads(charts[key].proto.config)["toImageButtonOptions"]  # the size its titles were made for
         assert (camera["width"], camera["height"]) == (css["png_width"], css["png_height"])
 
@@ -757,6 +773,26 @@ def test_switching_the_noise_strength_keeps_it_as_strong(app):
     at.radio(key="noise_mode").set_value("Severity 1-5").run()
     ok(at)
     assert at.slider(key="severity").value == 4  # 0.05 is nearer 0.045 than 0.03, on a log scale
+
+
+def test_attribution_maps_come_two_a_row(app):
+    """All three methods side by side left each picture 51 px wide in an 800 px window (its colour bar's margin
+    taking the rest of a third of the column): two a row."""
+    at = app(attr_methods=["integrated_gradients", "saliency", "occlusion"], attr_atom_method="grad_x_activation",
+             tab="Attribution")
+    at.button(key="attr_run").click().run()
+    ok(at)
+
+    def rows(node):  # the blocks of columns, each as the keys of the blocks in its columns
+        children = list(getattr(node, "children", {}).values())
+        if children and all(type(c).__name__ == "Column" for c in children):
+            yield [[getattr(b, "key", None) for b in col.children.values()] for col in children]
+        for child in children:
+            yield from rows(child)
+    maps = [[keys for keys in row if any(str(k).startswith("attr_") and str(k).endswith("_box") for k in keys)]
+            for row in rows(at.main)]
+    maps = [row for row in maps if row]
+    assert [len(row) for row in maps] == [2, 1] and maps[1] == [["attr_occlusion_box"]], maps
 
 
 def test_attribution_that_is_all_zero_says_why(app):
