@@ -195,6 +195,13 @@ def _tile_index(n: int, ncols: int, h: int, w: int, pad: tuple[int, int]) -> np.
     return images.tile_grid(np.stack([np.full((h, w), float(i)) for i in range(n)]), ncols, pad, fill=np.nan)
 
 
+def _tile_text(texts: list[str], ncols: int, h: int, w: int, pad: tuple[int, int]) -> np.ndarray:
+    """Each pixel's tile's text in a tile_grid of len(texts) (h, w) tiles, "" between tiles (no hover there)."""
+    which = _tile_index(len(texts), ncols, h, w, pad)
+    return np.where(np.isnan(which), "", np.array(list(texts) + [""], dtype=object)[
+        np.nan_to_num(which, nan=len(texts)).astype(int)])
+
+
 def _tiled(data: list[dict[str, Any]], n: int, ncols: int, h: int, w: int, py: int, px: int,
            titles: list[str], scale: float) -> go.Figure:
     """A figure of tile_grid pictures with a title above each tile (one or two text traces), pixels square, no axes;
@@ -284,8 +291,7 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
         trace = _rgb_trace(images.tile_grid(stack, n, (pad, pad), fill=1.0))
     else:
         grid = images.tile_grid(stack, n, (pad, pad), fill=np.nan)
-        which = _tile_index(n, n, h, w, (pad, pad))
-        label = np.where(np.isnan(which), "", np.array(titles, dtype=object)[np.nan_to_num(which).astype(int)])
+        label = _tile_text(titles, n, h, w, (pad, pad))
         trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
                      hoverongaps=False, colorbar=dict(TILE_COLORBAR, title=dict(text=colorbar_title, side="right")),
                      hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>")
@@ -325,9 +331,7 @@ def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_ro
     py, px = max(3, h // 2), max(2, (w + 1) // 2)  # room for each title
     grid = images.tile_grid(pictures, ncols, (py, px), fill=1.0)
     # each tile's whole title on hover (its title may be the short one), none between tiles
-    which = _tile_index(n, ncols, h, w, (py, px))
-    hover = np.where(np.isnan(which), "", np.array(titles + [""], dtype=object)[np.nan_to_num(which, nan=n).astype(int)])
-    picture = dict(_rgb_trace(grid, hover=False), hovertext=hover, hoverinfo="text")
+    picture = dict(_rgb_trace(grid, hover=False), hovertext=_tile_text(titles, ncols, h, w, (py, px)), hoverinfo="text")
     return _tiled([picture], n, ncols, h, w, py, px, titles, height_per_row / (h + py))
 
 
