@@ -310,15 +310,17 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
         return images.tile_grid(a, ncols, (py, px), fill=np.nan)
     ys, xs = np.indices((h, w))
     tile = np.nan_to_num(_tile_index(n, ncols, h, w, (py, px)), nan=0).astype(int)  # (between tiles: no hover)
-    # the channel and its usage (its title, which may be the short one, in full) and the position in it
-    info = np.stack([np.asarray(channels, float)[tile], np.asarray(activity, float)[np.asarray(channels)][tile],
+    # the channel and its usage as its title rounds it (the title may be the short one; d3 cannot write 1,234 and
+    # 91.2 with one format, so the rounding is short_number's and the format prints what it is given)
+    usage = np.array([float(short_number(activity[c]).replace(",", "")) for c in channels])
+    info = np.stack([np.asarray(channels, float)[tile], usage[tile],
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
     vmax = images.finite_peak(z[channels])
     zero = not vmax > 0  # all zero (or NaN): a 0-to-1 scale saying so, not '0, 0.5p, 1p' (a scale up to 1e-12)
     heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if zero or np.nanmin(z) >= 0 else -vmax,
                 zmax=1.0 if zero else vmax, colorscale="Viridis", hoverongaps=False,
                 colorbar=dict(TILE_COLORBAR, title=dict(text="z (all 0)" if zero else "z", side="right")),
-                hovertemplate="channel %{customdata[0]} (Σ|z| %{customdata[1]:.3~g}; x=%{customdata[2]}, "
+                hovertemplate="channel %{customdata[0]} (Σ|z| %{customdata[1]:,.12~g}; x=%{customdata[2]}, "
                               "y=%{customdata[3]})<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window
     return _tiled([heat], n, ncols, h, w, py, px, usage_titles(channels, activity), 110 / (h + py))

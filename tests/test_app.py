@@ -379,9 +379,10 @@ def test_tile_titles_drop_their_usage_where_it_would_be_under_8_px():
         for width, fits in ((css["title_switch"], True), (css["title_switch"] - 3, False)):
             assert (_css_px(css["long_title_size"], width) >= plots.LONG_TITLE_MIN - 1e-6) == fits, (n, width)
         assert fig.layout.margin.t == plots.TOOLBAR + plots.TITLE_ROOM
-    codes = plots.code_grid(np.ones((4, 5, 5)), [3, 1], np.array([0.0, 7.5, 0.0, 12.25]))  # its hover: channel, Σ|z|
-    assert [list(px) for px in np.asarray(codes.data[0].customdata)[0, [0, -1]]] == [[3, 12.25, 0, 0], [1, 7.5, 4, 0]]
-    assert "Σ|z| %{customdata[1]" in codes.data[0].hovertemplate
+    # the code maps' hover: channel and Σ|z| as the title rounds it (1,234.5 -> 1,234 there; d3's .3~g wrote 1.23e+3)
+    codes = plots.code_grid(np.ones((4, 5, 5)), [3, 1], np.array([0.0, 7.5, 0.0, 1234.5]))
+    assert [list(px) for px in np.asarray(codes.data[0].customdata)[0, [0, -1]]] == [[3, 1234, 0, 0], [1, 7.5, 4, 0]]
+    assert "Σ|z| %{customdata[1]:,.12~g}" in codes.data[0].hovertemplate and "#3 (1,234)" in codes.data[-1].text
     # 16 atoms in 8 columns: long from below an 800 px window's chart; 64 in 16: short there, long at 1400 px
     assert chart(16, 8)[1]["title_switch"] < plots.NARROW < chart(64, 16)[1]["title_switch"] < 940
     # titles without a usage, or whose long form never fits: one trace, no switch
