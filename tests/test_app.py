@@ -362,20 +362,19 @@ def test_tile_titles_drop_their_usage_where_it_would_be_under_8_px():
 
     def chart(n, ncols):
         fig = plots.tiles(pics[:n], titles[:n], ncols=ncols)
-        return [t for t in fig.data if t.type == "scatter"], plots.fitted_css(fig)
+        return fig, [t for t in fig.data if t.type == "scatter"], plots.fitted_css(fig)
 
     for n, ncols in ((16, 8), (64, 16)):
-        (short, long), css = chart(n, ncols)
+        fig, (short, long), css = chart(n, ncols)
         assert list(short.text) == [f"#{c}" for c in range(n)] and list(long.text) == titles[:n]
         # the titles never hover (plotly hovers from the data: a hidden trace did too, and a title beat the tile's
         # own hover within ~20 px); each tile's pixels say its whole title, the gaps between tiles nothing
         assert short.hoverinfo == long.hoverinfo == "skip"
-        picture = plots.tiles(pics[:n], titles[:n], ncols=ncols).data[0]
+        picture = fig.data[0]
         hover = np.asarray(picture.hovertext)
         assert hover.shape == np.asarray(picture.z).shape[:2] and picture.hoverinfo == "text"  # (no label where "")
         assert hover[0, 0] == titles[0] and hover[-1, -1] == titles[n - 1] and hover[0, 3] == "" == hover[1, 3]
         # the long ones fit at 8 px from the switch on (the pitch of their tiles, 4 px between), not below it
-        fig = plots.tiles(pics[:n], titles[:n], ncols=ncols)
         for width, fits in ((css["title_switch"], True), (css["title_switch"] - 3, False)):
             assert (_css_px(css["long_title_size"], width) >= plots.LONG_TITLE_MIN - 1e-6) == fits, (n, width)
         assert fig.layout.margin.t == plots.TOOLBAR + plots.TITLE_ROOM
@@ -384,7 +383,7 @@ def test_tile_titles_drop_their_usage_where_it_would_be_under_8_px():
     assert [list(px) for px in np.asarray(codes.data[0].customdata)[0, [0, -1]]] == [[3, 1234, 0, 0], [1, 7.5, 4, 0]]
     assert "Σ|z| %{customdata[1]:,.12~g}" in codes.data[0].hovertemplate and "#3 (1,234)" in codes.data[-1].text
     # 16 atoms in 8 columns: long from below an 800 px window's chart; 64 in 16: short there, long at 1400 px
-    assert chart(16, 8)[1]["title_switch"] < plots.NARROW < chart(64, 16)[1]["title_switch"] < 940
+    assert chart(16, 8)[2]["title_switch"] < plots.NARROW < chart(64, 16)[2]["title_switch"] < 940
     # titles without a usage, or whose long form never fits: one trace, no switch
     plain = plots.tiles(pics[:4], ["input x", "A(z)", "r", ""], ncols=4)
     assert len([t for t in plain.data if t.type == "scatter"]) == 1 and "title_switch" not in plots.fitted_css(plain)

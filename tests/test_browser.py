@@ -125,8 +125,8 @@ CUT_TEXT = """() => [...document.querySelectorAll('[data-testid=stMain] *')].fil
     return e.scrollWidth > e.clientWidth + 1
         && (e.tagName === 'INPUT' || style.overflowX !== 'visible' || style.textOverflow !== 'clip');
 }).map(e => e.value || e.textContent)"""
-# A tile chart's titles (plotly text points): [text, font size in px, width drawn in px] each
-# the tile titles on screen (of a chart's two lengths, the one its width shows)
+# A tile chart's titles on screen (plotly text points; of its two lengths, the one its width shows): [text, font size
+# in px, width drawn in px, box] each
 SHOWN = ("e => { const trace = e.closest('.trace');"  # (checkVisibility says yes under a display: none <g>)
          " return e.getBoundingClientRect().width > 0 && !(trace && getComputedStyle(trace).opacity === '0'); }")
 TILE_TITLES = f"""(key) => [...document.querySelectorAll(`.st-key-${{key}} .textpoint text`)].filter({SHOWN}).map(
