@@ -716,6 +716,16 @@ def _cut_off_from(ctx: Context, path: dict) -> float | None:
     return float(path["lams"][i])
 
 
+def _run_texts(runs: list[tuple[int, float, float]], classes: list[str], opens: bool, closes: bool) -> list[str]:
+    """'**cat** up to 0.15', '**deer** 0.2-0.25', '**cat** from 0.4' for runs of one class along λ; the first run says
+    'up to' only where it `opens` the grid and the last 'from' only where it `closes` it (else both ends are named)."""
+    last = len(runs) - 1
+    return [f"**{classes[c]}** " + ("throughout" if opens and closes and last == 0 else
+                                     f"up to {b:g}" if opens and i == 0 else f"from {a:g}" if closes and i == last
+                                     else f"{a:g}" if a == b else f"{a:g}-{b:g}")
+            for i, (c, a, b) in enumerate(runs)]
+
+
 def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSpec) -> None:
     loaded, cur = ctx.loaded, view.probe
     held = _held(lam)
@@ -736,17 +746,18 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
     live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts
-    runs = state.path_segments(lams[live], top[live])
-    last = len(runs) - 1 if cut is None else len(runs)  # a run reaching the cut ends there, not "from ..." on
-    spans = [f"**{classes[c]}** " + ("throughout" if i == 0 and i == last else f"up to {b:g}" if i == 0 else
-                                     f"from {a:g}" if i == last else f"{a:g}" if a == b else f"{a:g}-{b:g}")
-             for i, (c, a, b) in enumerate(runs)]
+    spans = _run_texts(state.path_segments(lams[live], top[live]), classes, opens=True, closes=cut is None)
     if cut is not None:
-        spans.append(f"from {cut:g} the image is cut off (**{classes[int(top[-1])]}** for any input)")
+        # cut off, the output is the same for any input, yet it can still move with the other layers' λ (a held
+        # first layer cuts the whole path off): its runs are listed too, not only the class at the largest λ
+        after = state.path_segments(lams[~live], top[~live])
+        spans.append(f"from {cut:g} the image is cut off (**{classes[after[0][0]]}** for any input)" if len(after) == 1
+                     else f"from {cut:g} the image is cut off, the same for any input: "
+                     + ", ".join(_run_texts(after, classes, opens=False, closes=True)))
     st.markdown("Prediction along λ: " + " · ".join(spans))
     if cut is not None:
         st.caption(f"Shaded, from λ={cut:g}: a CSC code is all zero, cutting the image off, so the prediction there is "
-                   "the same for any input.")
+                   "the same for any input at each λ (the other layers' λ can still move it).")
     shown = list(dict.fromkeys([int(c) for c in top] + [int(c) for c in np.argsort(-cur["probs"])[:3]]))
     shown = sorted(shown, key=lambda c: -probs[:, c].max())[:len(plots.CLASS_COLORS)]
     _chart(plots.lam_path_probs(lams, probs, classes, shown, lam["all"], trained, cut), key="path_probs_chart")

@@ -860,6 +860,15 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     # from the λ where a code goes all zero the headline says the image is cut off, not a class
     headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
     assert "the image is cut off" in headline and "for any input" in headline  # λ 10 zeroes a code here
+    # a held first layer at λ 10 cuts the whole path off; the prediction, the same for any input, still moves with
+    # the other layers' λ: the headline lists those runs (it named the class at the largest λ only)
+    at.session_state["lam_layer:conv1"] = 10.0
+    at.run()
+    ok(at)
+    rows = [r.split(",") for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
+    headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
+    assert headline.startswith(f"Prediction along λ: from {float(rows[0][0]):g} the image is cut off, the same for any")
+    assert len({r[1] for r in rows}) > 1 and all(f"**{r[1]}**" in headline for r in rows)
     # a model trained at λ 0 (train --lam 0 is allowed), or the slider at 0: nothing marked at log10(0), no crash
     from app import plots
     fig = plots.lam_path_probs(np.array([0.001, 0.1]), np.full((2, 10), 0.1), view.classes, [0], 0.0, 0.0, None)
