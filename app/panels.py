@@ -513,6 +513,9 @@ def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec,
     return result, (time.perf_counter() - t0) * 1000
 
 
+LOGITS_GROWN = 10  # a logit this many times the trained settings' largest: the prediction means little
+
+
 def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str) -> None:
     classes = ctx.loaded.classes
     trained_lam = next(iter(ctx.loaded.trained_lams.values()), None)
@@ -557,6 +560,13 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         st.warning(f"{len(silent)} CSC layer(s) output an all-zero code at these settings "
                    f"({', '.join(silent[:4])}{', ...' if len(silent) > 4 else ''}): {effect}. Lower λ to see the "
                    "model classify again.")
+    # more FISTA steps than trained make deep activations grow about tenfold a layer (the shipped SDNet-18-All's
+    # largest logit: 3x at 3 steps, 1e4x at 5, 1e9x at 8; moving λ alone stays within about 1.2x): say so, as
+    # softmax then shows 100% for some class and attributions of 1e15 look like findings
+    big, usual = float(np.abs(cur["logits"]).max()), float(np.abs(trained["logits"]).max())
+    if big > LOGITS_GROWN * usual:
+        st.warning(f"The logits reach {big:.3g} (at the trained settings at most {usual:.3g}): the deeper layers get activations far beyond those they were trained on, so this "
+                   "prediction's confidence, and any attribution, says little about the image.")
 
 
 def unnormalizer(loaded: state.Loaded):

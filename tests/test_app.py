@@ -1041,6 +1041,22 @@ def test_predictions_say_when_they_no_longer_depend_on_the_image(app):
         [w.value for w in at.warning]
 
 
+def test_predictions_say_when_more_fista_steps_blow_the_logits_up(app):
+    at = app()
+    assert not any("logits reach" in w.value for w in at.warning)
+    at.select_slider(key="lam").set_value(0.001).run()  # λ alone keeps them near the trained settings' size
+    assert not any("logits reach" in w.value for w in at.warning)
+    at.slider(key="n_steps").set_value(8).run()  # deep layers trained on 2-step codes: their activations explode
+    ok(at)
+    view = at.session_state["view"]
+    big, usual = np.abs(view.probe["logits"]).max(), np.abs(view.trained["logits"]).max()
+    warned = [w.value for w in at.warning if "logits reach" in w.value]
+    assert big > 10 * usual and warned == [w for w in warned if f"reach {big:.3g} (at the trained settings at most "
+                                           f"{usual:.3g})" in w] and len(warned) == 1
+    at.toggle(key="steps_first").set_value(True).run()  # 8 steps in the image's layer only: no explosion
+    assert not any("logits reach" in w.value for w in at.warning)
+
+
 def test_the_upload_limit_is_the_one_the_app_enforces():
     import re  # (tomllib is Python 3.11's; the project supports 3.10)
     config = (Path(APP).parents[1] / ".streamlit" / "config.toml").read_text()
