@@ -121,6 +121,9 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
             # 32-bit integers or floats carry no bit depth: 0-65535 is read as 16-bit, more as HDR
             arr *= 255.0 / (65535.0 if hi <= 65535 else hi)
             notes.append(f"{mode} ({'16-bit range' if hi <= 65535 else 'high dynamic range'}) scaled to 8 bits")
+        else:  # 1-255 (integers: any 8-bit picture; floats: 0-10 was shown near black, and said nothing)
+            notes.append(f"{'float' if mode == 'F' else '32-bit integer'} values up to {hi:g} read as 8-bit levels "
+                         "(0-255)" + (": dark" if hi < 64 else ""))
         np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
         alpha = None
         if clear is not None:

@@ -295,6 +295,17 @@ def test_a_dark_16_bit_image_is_said_to_be_dark():
     assert any("as dark as stored (brightest value 119 of 65535" in n for n in notes), notes
 
 
+@pytest.mark.parametrize("mode, top, said", [("F", 10.0, "float values up to 10 read as 8-bit levels (0-255): dark"),
+                                              ("F", 200.0, "float values up to 200 read as 8-bit levels (0-255)"),
+                                              ("I", 200, "32-bit integer values up to 200 read as 8-bit levels")])
+def test_a_float_or_integer_image_in_8_bit_range_says_how_it_is_read(mode, top, said):
+    img = Image.fromarray(np.linspace(0, top, 64, dtype=np.float32 if mode == "F" else np.int32).reshape(8, 8), mode)
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    notes = images.prepare_image(buf.getvalue(), size=8).notes
+    assert any(n.startswith(said) for n in notes) and ("dark" in said) == any("dark" in n for n in notes), notes
+
+
 def test_an_rgb_png_with_a_transparent_colour_is_composited_onto_white():
     img = Image.new("RGB", (4, 4), (10, 20, 30))
     img.putpixel((0, 0), (0, 0, 0))
