@@ -120,6 +120,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         if found:
             raise CheckpointError(f"{path} refers to {found.group(1)}, which is not a tensor or plain data; "
                                   "refusing to unpickle it, as that could run code (weights_only=True)") from None
+        if head[1] >= 4:  # torch.save's legacy format pickles with protocol 2; 4 and 5 are pickle.dump's defaults
+            raise CheckpointError(f"{path} is a plain Python pickle (protocol {head[1]}), not a file torch.save "
+                                  "wrote; only those are read (weights_only=True)") from None
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): the weights-only "
                               f"unpickler rejected it ({reason.group(1) if reason else _first_line(e)})") from None

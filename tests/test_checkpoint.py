@@ -298,6 +298,9 @@ BAD_FILES = {
     # what it is, not its first bytes: the app's "Other path..." box showed the start of any file the server reads
     "image": (lambda p, m: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "this file is a PNG image$"),
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
+    # pickle.dump's own protocols (4, 5): the weights-only unpickler said "Unsupported operand 149", read as corrupt
+    "plain pickle": (lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=5)),
+                     r"is a plain Python pickle \(protocol 5\), not a file torch.save wrote"),
     "plain tensor": (lambda p, m: torch.save(torch.zeros(3), p), "not an SDNet Explorer checkpoint"),
     "bare state dict": (lambda p, m: torch.save(m.state_dict(), p), "not an SDNet Explorer checkpoint"),
     # python -m sdnet.train's per-epoch resume state: named as such, and where the model is
