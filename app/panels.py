@@ -430,7 +430,9 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
     with c3:
         _auto_lam(ctx, trained_probe)
     with st.expander("Per-layer λ"):
-        _default("lam_layers", [])
+        # in the network's order, as the Layers tab lists them (they came in the order they were added)
+        depth = {n: i for i, n in enumerate(loaded.layer_names)}
+        st.session_state["lam_layers"] = sorted(_default("lam_layers", []), key=lambda n: depth.get(n, len(depth)))
         chosen = st.multiselect("Layers with their own λ", loaded.layer_names, key="lam_layers")
         per_layer = {}
         for name in chosen:

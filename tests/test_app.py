@@ -702,6 +702,15 @@ def test_page_renders_and_lambda_changes_residuals(app):
     assert at.session_state["view"].probe["layers"][0]["lam"] == 0.01
 
 
+def test_per_layer_lambdas_are_listed_in_the_networks_order(app):
+    at = app()
+    at.multiselect(key="lam_layers").set_value(["layer4.1.conv2", "conv1", "layer2.0.conv1"]).run()
+    ok(at)
+    assert at.multiselect(key="lam_layers").value == ["conv1", "layer2.0.conv1", "layer4.1.conv2"]
+    assert [s.label for s in at.select_slider if s.key.startswith("lam_layer:")] == [
+        "λ for conv1", "λ for layer2.0.conv1", "λ for layer4.1.conv2"]
+
+
 def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
     """On the page: every chart's toolbar drops the zoom buttons, and each tile chart gets the CSS that makes its
     height follow its width (see test_tile_charts_are_as_tall_as_their_tiles_at_the_width_they_get)."""
