@@ -162,12 +162,13 @@ def _show_card(loaded: state.Loaded) -> None:
     if training or card.get("evaluation") or card.get("robust_fit"):
         with sb.expander("How it was made"):
             if training.get("command"):
-                st.code(training["command"], language="bash")
+                # wrapped, as every command on the page: the fit's was cut at the popover's edge, scrolled sideways
+                st.code(training["command"], language="bash", wrap_lines=True)
                 secs, where = training.get("seconds"), training.get("machine") or training.get("device")
                 st.caption(" ".join(filter(None, ["Trained", f"in {secs / 60:.0f} min" if secs else None,
                                                   f"on {where}" if where else None])) + ".")
             if (card.get("evaluation") or {}).get("command"):
-                st.code(card["evaluation"]["command"], language="bash")
+                st.code(card["evaluation"]["command"], language="bash", wrap_lines=True)
             if card.get("robust_fit"):
                 st.caption("Algorithm 1 fits for: " + ", ".join(card["robust_fit"]))
 
@@ -185,7 +186,7 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
         if not text:
             if not files:
                 st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
-                st.code(state.train_hint(folder), language="bash")
+                st.code(state.train_hint(folder), language="bash", wrap_lines=True)
                 st.info("Or enter the path to a checkpoint in the sidebar.")
             else:
                 st.info("Enter the path to a checkpoint in the sidebar.")
@@ -505,7 +506,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
-            st.code(fit["command"], language="bash")
+            st.code(fit["command"], language="bash", wrap_lines=True)
 
 
 def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec,

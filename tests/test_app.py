@@ -1217,6 +1217,10 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     r = at.session_state["view"].trained["mean_rel_residual"]
     expected = float(f"{sdnet.adaptive_lam(fit, r):.3g}")  # to 3 digits: the slider reads 0.502, not 0.502475
     assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]
+    # every command on the page (training, fit) wraps: the fit's was cut at its popover's edge
+    commands = [c for c in at.code if c.language == "bash"]
+    assert {fit["command"], training["command"]} <= {c.value for c in commands} and all(
+        c.proto.wrap_lines for c in commands)
     at.button(key="auto_lam_btn").click().run()
     ok(at)
     assert at.select_slider(key="lam").value == pytest.approx(expected)
