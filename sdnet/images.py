@@ -53,29 +53,41 @@ def input_size(config: dict) -> int:
     return 224 if config.get("stem") == "imagenet" else 32
 
 
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode `data` fully (first frame), refusing non-images, truncated files and bombs."""
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """Decode `data` fully (first frame), refusing non-images, truncated files and bombs: the image, its size in
+    the file and what was done. A JPEG over `max_pixels` is decoded at 1/2, 1/4 or 1/8 scale (its DCT scaling)
+    where that brings it under: a 48-megapixel phone photo was refused, for a model that takes 32x32 pixels."""
     if not data:
         raise ImageError("the file is empty (0 bytes)")
     if len(data) > MAX_BYTES:
         # one decimal: '50 MiB; the limit is 50 MiB' read as a refusal at the limit
         raise ImageError(f"the file is {len(data) / 2 ** 20:.1f} MiB; the limit is {MAX_BYTES // 2 ** 20} MiB")
+    notes: list[str] = []
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from 89 megapixels, under which ours is checked below (after a JPEG's reduced decode);
+            # from twice that it raises DecompressionBombError, caught below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=DECODERS)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
-                                 f"{max_pixels / 1e6:.0f} megapixels: scale it down first (a model input is "
-                                 "32x32 or 224x224 pixels)")
-            if w < 1 or h < 1:
-                raise ImageError(f"the image has no pixels ({w}x{h})")
-            img.seek(0)
-            img.load()
+        full = w, h = img.size
+        if w * h > max_pixels and img.format == "JPEG":
+            k = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= max_pixels), None)
+            if k is not None:
+                img.draft(img.mode, (w // k, h // k))
+                w, h = img.size
+                notes.append(f"JPEG decoded at 1/{k} scale, {full[0]}x{full[1]} to {w}x{h} (over the "
+                             f"{max_pixels / 1e6:.0f} megapixel limit at full size)")
+        if w * h > max_pixels:
+            raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; the limit is "
+                             f"{max_pixels / 1e6:.0f} megapixels: scale it down first (a model input is "
+                             "32x32 or 224x224 pixels)")
+        if w < 1 or h < 1:
+            raise ImageError(f"the image has no pixels ({w}x{h})")
+        img.seek(0)
+        img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         # Pillow's own, higher limit tripped before ours could be checked: quote ours
         raise ImageError(f"the image is over the {max_pixels / 1e6:.0f} megapixel limit "
                          "(a decompression bomb is refused)") from None
@@ -83,7 +95,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise ImageError("this file is not an image PIL can read (expected PNG, JPEG, WebP, BMP, GIF or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"the image could not be decoded (truncated or corrupt file?): {e}") from None
-    return img
+    return img, full, notes
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]]:
@@ -182,9 +194,8 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     """
     if int(size) < 1:
         raise ValueError(f"size must be at least 1 pixel, got {size}")
-    img = open_image(data, max_pixels)
-    original_size, original_mode = img.size, img.mode
-    notes: list[str] = []
+    img, original_size, notes = open_image(data, max_pixels)
+    original_mode = img.mode
     if getattr(img, "n_frames", 1) > 1:
         notes.append(f"first of {img.n_frames} frames used")
     if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)

@@ -102,6 +102,21 @@ def test_prepare_image_resizes_and_centre_crops():
     assert exact.sha256 == images.image_hash(torch.from_numpy(np.array(same)).permute(2, 0, 1) / 255)
 
 
+def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_it_under():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 801, 3), dtype=np.uint8))
+    jpeg, buf = io.BytesIO(), io.BytesIO()
+    photo.save(jpeg, format="JPEG")
+    done = images.prepare_image(jpeg.getvalue(), 32, max_pixels=200_000)  # 0.48 MP at full size, 0.12 at 1/2
+    assert done.original_size == (801, 600) and done.tensor.shape == (3, 32, 32)
+    assert done.notes[0] == "JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)"
+    assert "1/8 scale, 801x600 to 101x75" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=8_000).notes[0]
+    with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels"):  # not even 1/8 brings it under
+        images.prepare_image(jpeg.getvalue(), 32, max_pixels=7_000)
+    photo.save(buf, format="PNG")  # no reduced decode for a PNG: refused
+    with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels; the limit is 0 megapixels"):
+        images.prepare_image(buf.getvalue(), 32, max_pixels=200_000)
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty"),
     (b"this is not an image, just text" * 10, "not an image"),
