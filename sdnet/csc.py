@@ -16,6 +16,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from torch.autograd import forward_ad
 from .fista_products import ProductSolve, momentum, prox_
 from .utils import check_dtype
 
-# Per-call settings: {"lam": float | dict | None, "n_steps": int | None}.
+# Per-call settings: {"lam": _Setting, "n_steps": _Setting}, the blocks of nested `override`s combined.
 _OVERRIDE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sdnet_override", default=None)
 # When set, every CSC layer appends a record of its solve here (see sdnet.inspect.trace).
 _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("sdnet_recorder", default=None)
@@ -60,7 +61,26 @@ STEP_SIZE_RULES = ("lanczos", "fft")  # what a layer's `step_size` is; the const
 _PRODUCTS_MIN_ROWS_RATIO = 2.0
 
 
+class _Setting(NamedTuple):
+    """One overridden setting: a value for every CSC layer (None: the trained one) and values for named layers,
+    which win over it."""
+    every: float | int | None
+    layers: dict[str, float | int]
+
+    def merged(self, inner: "_Setting") -> "_Setting":
+        """`inner` (a nested override) over this one: a value for every layer replaces all; named layers add to
+        (and win over) the outer ones, the others keeping what the outer block gives them."""
+        return inner if inner.every is not None else _Setting(self.every, {**self.layers, **inner.layers})
+
+    def for_layer(self, name: str | None, trained):
+        if name is not None and name in self.layers:
+            return self.layers[name]
+        return trained if self.every is None else self.every
+
+
 def _check_lam(value: float, where: str) -> float:
+    if isinstance(value, bool):  # float(True) is 1.0: a flag passed by mistake, as n_steps=True is refused
+        raise ValueError(f"lambda for {where} must be a number, got {value!r}")
     try:
         lam = float(value)
     except (TypeError, ValueError):
@@ -86,7 +106,8 @@ def override(lam: float | Mapping[str, float] | None = None,
     """Run CSC layers with another lambda and/or number of FISTA steps inside the block.
 
     Each is a value for every CSC layer or a {layer_name: value} mapping (other layers keep
-    their trained one). Settings are per call and per thread; the model is untouched.
+    their trained one, or what an enclosing `override` gives them: nested blocks combine, the inner one winning
+    for the layers it sets). Settings are per call and per thread; the model is untouched.
 
     The setting lives in a `contextvars.ContextVar`: threads started inside the block do not see it (run their
     work through `contextvars.copy_context().run`; `nn.DataParallel`'s replica threads do not, so it does not
@@ -94,20 +115,16 @@ def override(lam: float | Mapping[str, float] | None = None,
     `sdnet.csc_layers(model)` does (models from `build_model` are named when built; name your own by calling it
     once); a mapping reaching an unnamed layer is an error.
     """
-    if isinstance(lam, Mapping):
-        lam = {str(k): _check_lam(v, f"layer {k!r}") for k, v in lam.items()}
-    elif lam is not None:
-        lam = _check_lam(lam, "all layers")
-    if isinstance(n_steps, Mapping):
-        n_steps = {str(k): _check_steps(v, f"layer {k!r}") for k, v in n_steps.items()}
-    elif n_steps is not None:
-        n_steps = _check_steps(n_steps, "all layers")
-    outer = _OVERRIDE.get() or {}
-    merged = dict(outer)
-    if lam is not None:
-        merged["lam"] = lam
-    if n_steps is not None:
-        merged["n_steps"] = n_steps
+    given = dict(lam=(lam, _check_lam), n_steps=(n_steps, _check_steps))
+    merged = dict(_OVERRIDE.get() or {})
+    for key, (value, check) in given.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            inner = _Setting(None, {str(k): check(v, f"layer {k!r}") for k, v in value.items()})
+        else:
+            inner = _Setting(check(value, "all layers"), {})
+        merged[key] = merged[key].merged(inner) if key in merged else inner
     token = _OVERRIDE.set(merged)
     try:
         yield
@@ -375,13 +392,13 @@ class CSCLayer(nn.Module):
     def _effective(self, key: str, trained):
         """The override of `key` for this layer (a value for all layers or a per-layer mapping), else `trained`."""
         ctx = _OVERRIDE.get()
-        value = ctx.get(key) if ctx else None
-        if isinstance(value, Mapping):
-            if self.name is None:  # the mapping was silently ignored until something named the layers
-                raise ValueError(f"a per-layer {key} override reached a CSC layer without a name: call "
-                                 "sdnet.csc_layers(model) once to name a model's layers (build_model does)")
-            return value.get(self.name, trained)
-        return trained if value is None else value
+        setting = ctx.get(key) if ctx else None
+        if setting is None:
+            return trained
+        if setting.layers and self.name is None:  # the mapping was silently ignored until something named the layers
+            raise ValueError(f"a per-layer {key} override reached a CSC layer without a name: call "
+                             "sdnet.csc_layers(model) once to name a model's layers (build_model does)")
+        return setting.for_layer(self.name, trained)
 
     def effective_lam(self) -> float:
         return self._effective("lam", self.lam)
@@ -462,8 +479,8 @@ def check_override_names(layer_names: set[str]) -> None:
     misspelt layer would otherwise be ignored without a word."""
     ctx = _OVERRIDE.get()
     for key in ("lam", "n_steps"):
-        value = ctx.get(key) if ctx else None
-        unknown = sorted(set(value) - layer_names) if isinstance(value, Mapping) else []
+        setting = ctx.get(key) if ctx else None
+        unknown = sorted(set(setting.layers) - layer_names) if setting is not None else []
         if unknown:
             has = (f"it has {', '.join(sorted(layer_names)[:6])}{', ...' if len(layer_names) > 6 else ''}"
                    if layer_names else "it has none")

@@ -3,13 +3,13 @@ solves along a grid of lambdas, `decode_to_input` pushes a code back to pixel sp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .csc import _OVERRIDE, _RECORDER, CSCLayer, _check_lam, csc_layers, override
+from .csc import _RECORDER, CSCLayer, _check_lam, csc_layers, override
 
 
 @dataclass
@@ -126,11 +126,9 @@ def lam_path(model: nn.Module, x: torch.Tensor, lams: Sequence[float], layers: S
     if unknown or not swept:
         raise ValueError(f"unknown CSC layer(s) {unknown}; choose from {names}" if unknown else
                          "lam_path needs at least one layer to sweep")
-    outer = (_OVERRIDE.get() or {}).get("lam")
-    base = dict(outer) if isinstance(outer, Mapping) else {n: outer for n in names} if outer is not None else {}
     logits, residuals, sparsity = [], [], []
     for lam in values:
-        with override(lam={**base, **{n: lam for n in swept}}):
+        with override(lam={n: lam for n in swept}):  # within any enclosing override: the other layers keep its λ
             t = trace(model, x, tensors=False)
         logits.append(t.logits)
         residuals.append(torch.stack([r.rel_residual for r in t.layers]))

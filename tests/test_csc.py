@@ -1695,7 +1695,8 @@ def test_fista_stays_bounded_with_many_steps(device):
 
 @pytest.mark.parametrize("kwargs", [dict(lam=-0.1), dict(lam=1e6), dict(lam=float("nan")), dict(lam="big"),
                                     dict(lam={"conv1": -1.0}), dict(n_steps=0), dict(n_steps=1001),
-                                    dict(n_steps=2.5), dict(n_steps=True), dict(n_steps="3")])
+                                    dict(n_steps=2.5), dict(n_steps=True), dict(n_steps="3"), dict(lam=True),
+                                    dict(lam={"conv1": False})])
 def test_override_validation(kwargs):
     with pytest.raises(ValueError):
         with sdnet.override(**kwargs):
@@ -1782,6 +1783,28 @@ def test_override_changes_the_solve_and_restores(device):
             torch.testing.assert_close(layer(x), base)
         torch.testing.assert_close(layer(x), base)  # everything restored on exit
     assert layer.lam == 0.1 and layer.n_steps == 2
+
+
+def test_nested_overrides_combine_the_inner_winning_for_the_layers_it_sets():
+    model = sdnet.build_model("sdnet18_all", width=2)
+    layers = dict(sdnet.csc_layers(model))
+    first, second, last = "conv1", "layer1.0.conv1", "layer4.1.conv2"
+
+    def lams():
+        return {n: layers[n].effective_lam() for n in (first, second, last)}
+    with sdnet.override(lam=0.5):
+        with sdnet.override(lam={first: 1.0}):  # the others keep the outer 0.5 (they went back to the trained 0.1)
+            assert lams() == {first: 1.0, second: 0.5, last: 0.5}
+            with sdnet.override(lam={second: 0.7}, n_steps={last: 4}):
+                assert lams() == {first: 1.0, second: 0.7, last: 0.5}
+                assert [layers[n].effective_steps() for n in (first, last)] == [2, 4]
+                with sdnet.override(lam=0.3):  # a value for every layer replaces all of them
+                    assert lams() == {first: 0.3, second: 0.3, last: 0.3}
+            assert lams() == {first: 1.0, second: 0.5, last: 0.5} and layers[last].effective_steps() == 2
+    assert lams() == {first: 0.1, second: 0.1, last: 0.1}
+    with sdnet.override(lam={first: 1.0}):
+        with sdnet.override(lam={second: 0.7}):  # conv1 kept its outer 1.0 (it went back to 0.1)
+            assert lams() == {first: 1.0, second: 0.7, last: 0.1}
 
 
 def test_step_size_cached_at_inference(monkeypatch, device):
