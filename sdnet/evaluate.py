@@ -154,6 +154,10 @@ def main(argv=None) -> EvalResult:
             sys.exit(f"error: {baseline_error}")
     n_split = len(data)
     data = data.subset(args.subset, args.subset_seed)
+    measured_on = old_card.get("test_images") if args.update_card else None
+    if isinstance(measured_on, int) and len(data) < measured_on:  # a quick look must not replace the headline
+        sys.exit(f"error: the card's test accuracy ({old_card.get('test_accuracy')}%) is on {measured_on} images and "
+                 f"--subset leaves {len(data)}: --update-card would replace it with a rougher figure (drop --subset)")
     try:
         res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
                        severity=args.severity if args.corruption else None, seed=args.seed,
@@ -163,7 +167,8 @@ def main(argv=None) -> EvalResult:
         raise SystemExit(130) from None
     if args.json:
         trained = {n: (m.lam, m.n_steps) for n, m in csc_layers(model)}  # lam/n_steps null above: these
-        print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=data.source, device=str(device),
+        print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=str(resolve_data_path(args.data)),
+                              images_from=data.source, device=str(device),  # (an archive's: its unpacked copy)
                               fresh_step_size=args.fresh_step_size,
                               trained_lam=_one_or_all({n: v[0] for n, v in trained.items()}),
                               trained_n_steps=_one_or_all({n: v[1] for n, v in trained.items()}))))
@@ -213,8 +218,13 @@ def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | 
         return "--baseline names the checkpoint itself"
     try:
         _, meta = load_checkpoint(path, map_location="cpu")
+        own = load_checkpoint(checkpoint, map_location="cpu")[1]["config"].get("width")
     except CheckpointError as err:
         return f"--baseline {baseline}: {err}"
+    if not_a_resnet(baseline, meta) is None and meta["config"].get("width") != own:
+        # allowed (the comparison may be the point), but not what the app would pick by itself: said
+        print(f"note: the baseline {baseline} has width {meta['config'].get('width')}, this model {own}",
+              file=sys.stderr)
     return not_a_resnet(baseline, meta)
 
 

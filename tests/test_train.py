@@ -290,6 +290,7 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     clean = evaluate_main(base)
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_images"] == 12 and printed["accuracy"] == clean.accuracy
+    assert printed["data"] == data and printed["images_from"]  # what was given (it was the unpacked copy's path)
     assert printed["n_steps"] is None and printed["trained_n_steps"] == 2 and printed["trained_lam"] == 0.1
     assert set(printed["layers"]) and printed["layers"].keys() == clean.layers.keys()
     high = evaluate_main(base + ["--lam", "2.0"])
@@ -317,6 +318,10 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
         evaluate_main(base + ["--update-card", "--split", "train"])  # train accuracy was stored as test_accuracy
     evaluate_main(base + ["--update-card", "--subset", "100000"])  # more than the split: all of it, no subset
     assert "random subset" not in load_card(ckpt)["data"]
+    # a subset must not replace a card's accuracy on more images (--subset 20 wrote 85% over 86.07% on 9000)
+    with pytest.raises(SystemExit, match=r"accuracy \([0-9.]+%\) is on 12 images and --subset leaves 5: .*drop --subset"):
+        evaluate_main(base + ["--update-card", "--subset", "5"])
+    assert load_card(ckpt)["test_images"] == 12
     row = markdown_table([ckpt]).splitlines()[-1]
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     # two runs' model.pt are told apart by their folders; a file that is not there is said to be missing
@@ -360,8 +365,13 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     with pytest.raises(SystemExit, match="junk.pt"):
         evaluate_main(base + ["--update-card", "--baseline", "junk.pt"])
     assert "baseline" not in load_card(ckpt)  # nothing recorded by a refused command
+    capsys.readouterr()
     evaluate_main(base + ["--update-card", "--baseline", "other.pt"])
     assert load_card(ckpt)["baseline"] == "other.pt"
+    assert "note: the baseline other.pt has width 2, this model 4" in capsys.readouterr().err  # allowed, and said
+    sdnet.save_checkpoint(run / "same.pt", sdnet.build_model("resnet18", width=4, num_classes=3))
+    evaluate_main(base + ["--update-card", "--baseline", "same.pt"])
+    assert "note: the baseline" not in capsys.readouterr().err  # the same width: nothing to say
 
 
 def test_evaluate_cli_clear_errors(tmp_path, data):
