@@ -130,8 +130,10 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): its zip archive "
                               "could not be read") from None
     except Exception as e:  # noqa: BLE001 - torch.load fails on junk with anything (IndexError on text, ...)
-        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): "
-                              f"{_first_line(e)}") from None
+        # a zip cut short elsewhere: torch's reader adds a paragraph of miniz advice, cut off mid-sentence here
+        zip_error = re.match(r"PytorchStreamReader failed reading zip archive: ([^.]*)", str(e))
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): " + (
+            f"its zip archive could not be read ({zip_error.group(1)})" if zip_error else _first_line(e))) from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = False, **meta: Any) -> None:
@@ -269,9 +271,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         raise CheckpointError(f"{path} is damaged: its config, meta and state_dict must be dictionaries")
     try:
         model = build_model(**config)
+    except Exception as e:  # noqa: BLE001 - a config the model cannot be built from (a hand edit, a newer field)
+        raise CheckpointError(f"{path} is damaged: its stored architecture cannot be built: {_first_line(e)}") from None
+    try:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - whatever the stored config or tensors are, say so plainly
+    except Exception as e:  # noqa: BLE001 - whatever the stored tensors are, say so plainly
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
                               f"{_first_line(e)}") from None
     problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
