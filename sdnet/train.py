@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.nesterov and args.momentum == 0:  # SGD's own ValueError, after the data was read
         p.error("Nesterov momentum needs --momentum above 0: pass --no-nesterov with --momentum 0")
+    if args.warmup_epochs >= args.epochs:  # the lr would never reach --lr, nor start its cosine
+        p.error(f"--warmup-epochs ({args.warmup_epochs:g}) must be fewer than --epochs ({args.epochs})")
     return args
 
 

@@ -420,6 +420,8 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
                                  (train_args, ["--momentum", "0"], "Nesterov momentum needs --momentum above 0"),
                                  (train_args, ["--weight-decay", "-1"], "--weight-decay: expected a number >= 0"),
                                  (train_args, ["--warmup-epochs", "-1"], "--warmup-epochs: expected a number >= 0"),
+                                 (train_args, ["--warmup-epochs", "5", "--epochs", "2"],
+                                  "--warmup-epochs (5) must be fewer than --epochs (2)"),
                                  (robust_main, ["fit", "--checkpoint", "x.pt", "--n-steps", "0"], "--n-steps: n_steps"),
                                  (robust_main, ["eval", "--checkpoint", "x.pt", "--sweep-subset", "-5"], "expected an integer >= 0"),
                                  (robust_main, ["eval", "--checkpoint", "x.pt", "--threads", "-3"], "expected an integer >= 0"),
