@@ -25,7 +25,7 @@ from .utils import unwritable_folder
 
 
 def card_path(checkpoint: str | os.PathLike) -> Path:
-    return Path(checkpoint).with_suffix(".json")
+    return Path(checkpoint).expanduser().with_suffix(".json")
 
 
 def load_card(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
@@ -205,7 +205,8 @@ def markdown_table(checkpoints: list[str | os.PathLike]) -> str:
     for path, label in zip(checkpoints, shown):
         card = checked_card(load_card(path))[0]  # a hand-edited "86%" or "training": null is left out, not a crash
         if card is None:
-            why = "(no such file)" if not Path(path).exists() else "(a folder)" if Path(path).is_dir() else "(no card)"
+            why = ("(no such file)" if not Path(path).exists() else "(a folder)" if Path(path).is_dir() else
+                   "(its card is not a JSON object)" if card_path(path).is_file() else "(no card)")
             rows.append(f"| `{label}` | {why} |" + " |" * 9)  # the header's 11 cells
             continue
         train = card.get("training") or {}

@@ -328,6 +328,13 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     other = Path(ckpt).parent.parent / "other" / "model.pt"
     rows = markdown_table([ckpt, str(other)]).splitlines()[2:]
     assert rows[0].startswith(f"| `{Path(ckpt).parent.name}/model.pt` |") and "(no such file)" in rows[1]
+    (other.parent).mkdir()
+    shutil.copy(ckpt, other)
+    for text, said in (("[1, 2]", "(its card is not a JSON object)"), ("{not json", "(its card is not a JSON object)")):
+        other.with_suffix(".json").write_text(text)
+        assert said in markdown_table([ckpt, str(other)]).splitlines()[-1]  # both read "(no card)"
+    other.with_suffix(".json").unlink()
+    assert "(no card)" in markdown_table([ckpt, str(other)]).splitlines()[-1]
     assert all(row.count("|") == rows[0].count("|") for row in rows)  # as many cells as the header (10 for 11)
     with pytest.raises(SystemExit, match="trained lambda"):
         evaluate_main(base + ["--update-card", "--lam", "0.5"])
