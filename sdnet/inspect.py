@@ -173,6 +173,10 @@ def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bo
         raise ValueError("decode_to_input needs CSC layers all the way down to the input (an SDNet-All model)")
     if getattr(model, "pool", nn.Identity()).__class__ is not nn.Identity:
         raise ValueError("decode_to_input supports the CIFAR stem only (the ImageNet stem max-pools)")
+    channels = path[idx][1].weight.shape[0]
+    if z.dim() not in (3, 4) or z.shape[-3] != channels:  # torch's conv_transpose2d error named its weight instead
+        raise ValueError(f"{layer_name} codes have {channels} channels, (N,) {channels}, H, W; got shape "
+                         f"{tuple(z.shape)}")
     sizes: list[tuple[int, int] | None] = [None] * (idx + 1)  # each layer's input size, when known
     if input_size is not None:
         sizes[0] = tuple(int(n) for n in input_size)

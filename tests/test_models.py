@@ -216,3 +216,9 @@ def test_decode_to_input_refuses_what_it_cannot_do(no_shortcut_model):
         sdnet.decode_to_input(no_shortcut_model, "layer9.0.conv1", z)
     with pytest.raises(ValueError, match="sdnet.build_model"):
         sdnet.decode_to_input(nn.Conv2d(3, 4, 3), "conv1", z)
+    # a code of another layer's width, or no channel axis: named (torch's conv_transpose2d error named its weight)
+    width = no_shortcut_model.conv1.weight.shape[0]
+    with pytest.raises(ValueError, match=rf"conv1 codes have {width} channels, .*got shape \(1, {width + 1}, 32, 32\)"):
+        sdnet.decode_to_input(no_shortcut_model, "conv1", torch.rand(1, width + 1, 32, 32))
+    with pytest.raises(ValueError, match=r"got shape \(32, 32\)"):
+        sdnet.decode_to_input(no_shortcut_model, "conv1", torch.rand(32, 32))
