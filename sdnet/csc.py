@@ -1356,8 +1356,15 @@ def step_size_rules(model: nn.Module) -> dict[str, str]:
 
 
 def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:
-    """Restore `power_states()` into the layers of the same names (after the weights are loaded and moved)."""
-    for name, layer in csc_layers(model):
+    """Restore `power_states()` into the layers of the same names (after the weights are loaded and moved);
+    ValueError for a state of a layer the model does not have (an SDNet's weights under a ResNet's name loaded,
+    its step sizes dropped without a word)."""
+    layers = csc_layers(model)
+    unknown = sorted(set(states) - {name for name, _ in layers})
+    if unknown:
+        raise ValueError(f"step sizes stored for CSC layers this {getattr(model, 'sdnet_config', {}).get('name', 'model')} "
+                         f"does not have ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+    for name, layer in layers:
         if name in states:
             layer.load_power_state(states[name])
 

@@ -311,6 +311,14 @@ BAD_FILES = {
                                                 "train_seconds": 1.0, "config": "{}"}, p),
                        "training state .* --resume .* not a model checkpoint: open the model.pt .* none yet"),
     "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
+    # an SDNet's weights (conv-shaped) under a ResNet's name: they load; its step sizes were dropped without a word
+    "another architecture's name": (
+        lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "state_dict": m.state_dict(),
+                                 "config": {**m.sdnet_config, "name": m.sdnet_config["name"].replace("sdnet", "resnet")
+                                            .replace("_all", "")},
+                                 "power": {"conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(50.0)}}},
+                                p),
+        r"damaged: step sizes stored for CSC layers this resnet18 does not have \(conv1\)"),
     "damaged fields": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "config": m.sdnet_config,
                                                 "meta": {}, "state_dict": [1, 2]}, p), "damaged"),
     "bad step size": (_with_power({"conv1": {"vec": torch.ones(1, 4, 2, 2), "spatial": torch.tensor([2, 2]),
