@@ -320,21 +320,24 @@ def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple
     with sdnet.override(lam=held_lams or None, n_steps=as_override(n_steps)):
         grid = sorted(set(LAM_GRID) | set(trained) | {float(v) for v in extra if v > 0})
         path = sdnet.lam_path(_model, inp, grid, layers=swept)
-    return dict(lams=np.array(path.lams), layer_names=names, swept=swept,
+    return dict(lams=np.array(path.lams), layer_names=names, swept=swept, held=held_lams,
                 probs=path.probs[:, 0].cpu().numpy(), rel_residual=path.rel_residual[:, :, 0].cpu().numpy(),
                 sparsity=path.sparsity[:, :, 0].cpu().numpy(),
                 mean_rel_residual=path.mean_rel_residual[:, 0].cpu().numpy())
 
 
 def lam_path_csv(path: dict[str, Any], classes: list[str]) -> bytes:
-    """The path as a table: one row per lambda; each class's probability, then each layer's residual and sparsity."""
+    """The path as a table: one row per lambda; each class's probability, then each layer's residual and sparsity,
+    and last the λ of each layer held at its own (the file alone said nothing of them)."""
+    held = path.get("held", {})
     cols = ["lam", "prediction", *[f"p_{c}" for c in classes], "mean_rel_residual",
-            *[f"rel_residual_{n}" for n in path["layer_names"]], *[f"sparsity_{n}" for n in path["layer_names"]]]
+            *[f"rel_residual_{n}" for n in path["layer_names"]], *[f"sparsity_{n}" for n in path["layer_names"]],
+            *[f"lam_{n}" for n in held]]
     lines = [",".join(cols)]
     for i, lam in enumerate(path["lams"]):
         cells = [f"{lam:g}", classes[int(np.argmax(path["probs"][i]))], *[f"{v:.6g}" for v in path["probs"][i]],
                  f"{path['mean_rel_residual'][i]:.6g}", *[f"{v:.6g}" for v in path["rel_residual"][i]],
-                 *[f"{v:.6g}" for v in path["sparsity"][i]]]
+                 *[f"{v:.6g}" for v in path["sparsity"][i]], *[f"{v:g}" for v in held.values()]]
         lines.append(",".join("" if c == "nan" else c for c in cells))  # nan: a layer fed all zeros
     return ("\n".join(lines) + "\n").encode()
 

@@ -892,6 +892,8 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     rows = [r.split(",") for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
     first = header.index("rel_residual_conv1")
     assert len({r[first] for r in rows}) == 1 and len({r[first + 1] for r in rows}) > 1
+    held_header = at.session_state["view"].lam_path_csv().decode().splitlines()[0].split(",")
+    assert held_header == header + ["lam_conv1"] and all(r[-1] == "0.5" for r in rows)  # the held λ, in the file
     # from the λ where a code goes all zero the headline says the image is cut off, not a class
     headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
     assert "the image is cut off" in headline and "for any input" in headline  # λ 10 zeroes a code here
