@@ -109,6 +109,11 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
                               f"file is {_file_kind(head)}")
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] >= 4:
+        # torch.save's legacy format pickles at protocol 2; 4 and 5 are pickle.dump's defaults (refused here, before
+        # torch.load warns of the protocol and its unpickler fails on "Unsupported operand 149")
+        raise CheckpointError(f"{path} is a plain Python pickle (protocol {head[1]}), not a file torch.save "
+                              "wrote; only those are read (weights_only=True)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -120,9 +125,6 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         if found:
             raise CheckpointError(f"{path} refers to {found.group(1)}, which is not a tensor or plain data; "
                                   "refusing to unpickle it, as that could run code (weights_only=True)") from None
-        if head[1] >= 4:  # torch.save's legacy format pickles with protocol 2; 4 and 5 are pickle.dump's defaults
-            raise CheckpointError(f"{path} is a plain Python pickle (protocol {head[1]}), not a file torch.save "
-                                  "wrote; only those are read (weights_only=True)") from None
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): the weights-only "
                               f"unpickler rejected it ({reason.group(1) if reason else _first_line(e)})") from None

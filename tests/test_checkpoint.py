@@ -355,6 +355,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.filterwarnings("error:Detected pickle protocol")  # torch warned of a plain pickle before refusing it
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
     path = tmp_path / "bad.pt"
