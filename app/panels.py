@@ -845,10 +845,13 @@ def _spread(names: list[str], n: int) -> list[str]:
     return [names[i] for i in dict.fromkeys(idx)]
 
 
-def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: state.StepsSpec) -> None:
-    """Attribution widgets; computes on request (or live) and updates `view` with the result."""
+def attribution_panel(ctx: Context, cur: dict, view: state.View | None, spec: state.LamSpec,
+                      n_steps: state.StepsSpec) -> None:
+    """Attribution widgets; computes on request (or live) and updates `view` with the result. A model without CSC
+    layers (a ResNet, `view` None) gets its input attribution only: it has no atoms."""
     loaded, classes = ctx.loaded, ctx.loaded.classes
-    target = _attr_target(ctx, view.probe)
+    atoms_too = bool(loaded.layer_names)
+    target = _attr_target(ctx, cur)
     signature = _attr_signature(ctx, spec, n_steps, target)
     # the methods on a row of their own: in a 700 px window three columns cut their chips and labels, and in 800 px
     # two chips (240 px) were still cut beside "Explain"
@@ -859,11 +862,11 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     if which == "another class":
         c1.selectbox("Class", classes, key="attr_class")
     # the methods' short names: "Layer Integrated Gradients" was cut in an 800 px window; the tooltip has the rest
-    atom_method = c2.selectbox("Atom attribution", list(attribution.LAYER_METHODS), key="attr_atom_method",
-                               format_func=lambda m: attribution.LAYER_METHODS[m].removeprefix("Layer "),
-                               help=f"Which of {loaded.layer_names[0]}'s atoms drove the decision: "
-                                    f"{' or '.join(attribution.LAYER_METHODS.values())} on its code, summed per "
-                                    "channel (atom).")
+    atom_method = None if not atoms_too else c2.selectbox(
+        "Atom attribution", list(attribution.LAYER_METHODS), key="attr_atom_method",
+        format_func=lambda m: attribution.LAYER_METHODS[m].removeprefix("Layer "),
+        help=f"Which of {loaded.layer_names[0]}'s atoms drove the decision: "
+             f"{' or '.join(attribution.LAYER_METHODS.values())} on its code, summed per channel (atom).")
     c3, c4 = st.columns([2, 3], vertical_alignment="center")
     run = c3.button("Compute attribution", type="primary", key="attr_run")
     live = c4.toggle("Recompute on every change", key="attr_live",
@@ -872,22 +875,25 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     result = st.session_state.get("attr_result")
     if run and (result is None or result["signature"] != signature):
         progress = st.progress(0.0, text="Attribution...")
-        attrs = {}
+        attrs, parts = {}, len(methods) + atoms_too
         for i, m in enumerate(methods):
-            progress.progress(i / (len(methods) + 1), text=f"{attribution.METHODS[m]}...")
+            progress.progress(i / parts, text=f"{attribution.METHODS[m]}...")
             attrs[m] = state.explain(loaded.model, loaded.key, ctx.image, spec, n_steps, target, m)
-        progress.progress(len(methods) / (len(methods) + 1), text=f"{attribution.LAYER_METHODS[atom_method]}...")
-        atoms = state.explain_atoms(loaded.model, loaded.key, ctx.image, spec, n_steps, target, atom_method)[1]
+        atoms = None
+        if atoms_too:
+            progress.progress(len(methods) / parts, text=f"{attribution.LAYER_METHODS[atom_method]}...")
+            atoms = state.explain_atoms(loaded.model, loaded.key, ctx.image, spec, n_steps, target, atom_method)[1]
         progress.empty()
-        first = view.probe["layers"][0] if view.probe["layers"] else None
+        first = cur["layers"][0] if cur["layers"] else None
         result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method,
                       first_code=None if first is None else (first["name"], bool(np.any(first["z"])), first["lam"]))
         st.session_state["attr_result"] = result
-        view.attributions, view.atom_scores = attrs, atoms
-        view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
+        if view is not None:
+            view.attributions, view.atom_scores = attrs, atoms
+            view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
     if result is None:
-        st.info("Press 'Compute attribution' to explain the decision (Integrated Gradients, Saliency, Occlusion), "
-                "and to see which first-layer atoms drove it.")
+        st.info("Press 'Compute attribution' to explain the decision (Integrated Gradients, Saliency, Occlusion)"
+                + (", and to see which first-layer atoms drove it." if atoms_too else "."))
         return
     if result["signature"] != signature:
         st.warning("The settings changed since this attribution was computed (it is left out of the export); "
@@ -895,7 +901,8 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
     st.caption(f"Explaining class **{classes[result['target']]}**; red pushed towards it, blue against "
                "(Saliency: magnitude only). Integrated Gradients starts from a black image.")
     shown = result["attributions"]
-    if shown and not any(np.any(attr) for attr in shown.values()) and not np.any(result["atoms"]):
+    if shown and not any(np.any(attr) for attr in shown.values()) and (result["atoms"] is None
+                                                                          or not np.any(result["atoms"])):
         first = result.get("first_code")  # as it was when the attribution was computed
         why = (f"{first[0]}'s code was all zeros at λ = {first[2]:g}, so the prediction did not depend on the image"
                if first and not first[1] else "the prediction did not depend on the image")
@@ -910,6 +917,8 @@ def attribution_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_ste
                 _chart(plots.overlay(ctx.image.transpose(1, 2, 0), amap, attribution.SIGNED[m],
                                      attribution.METHODS[m]), key=f"attr_{m}", name=f"attribution_{m}")
     scores = result["atoms"]
+    if scores is None:  # a model without CSC layers: no atoms
+        return
     top, tiles, labels = state.strongest_atoms(scores, view.atom_tiles, view.atom_order)
     # a short title (a long one was cut at 700 px, and under the toolbar in a phone's window); the layer and what was
     # summed go in the caption
@@ -979,9 +988,12 @@ def explore(ctx: Context) -> None:
     trained, _ = _probe_timed(loaded, ctx.image, None, None)
     resnet = state.probe(ctx.baseline.model, ctx.baseline.key, ctx.image, None, None) if ctx.baseline else None
     if not loaded.layer_names:
-        st.info("This model has no CSC layers (a ResNet): λ has no effect; predictions only.")
+        st.info("This model has no CSC layers (a ResNet): λ has no effect, and it has no atoms or codes to show; "
+                "its predictions and what in the image drove them.")
         st.subheader("Predictions")
         predictions_panel(ctx, trained, trained, resnet, "trained")
+        st.subheader("Attribution")
+        attribution_panel(ctx, trained, None, None, None)
         return
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
@@ -1005,7 +1017,7 @@ def explore(ctx: Context) -> None:
             atoms_panel(ctx, view, spec, n_steps)
     if attr_tab.open:
         with attr_tab:
-            attribution_panel(ctx, view, spec, n_steps)
+            attribution_panel(ctx, cur, view, spec, n_steps)
     if export_tab.open:
         with export_tab:
             export_panel(view, unnormalizer(loaded))

@@ -1384,6 +1384,16 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     summary = next(m.value for m in at.markdown if m.value.startswith("- resnet18"))
     assert "SDNet" not in summary and summary.startswith("- resnet18 (resnet18-w8.pt): **") and "\n" not in summary
     assert "lambda / FISTA steps**: - (no CSC layer)" in " ".join(m.value for m in at.sidebar.markdown)
+    # its attribution, to compare with an SDNet's: the input methods, no atoms (it has none)
+    assert not [b for b in at.selectbox if b.key == "attr_atom_method"]
+    at.multiselect(key="attr_methods").set_value(["saliency", "occlusion"]).run()
+    at.button(key="attr_run").click().run()
+    ok(at)
+    result = at.session_state["attr_result"]
+    assert set(result["attributions"]) == {"saliency", "occlusion"} and result["atoms"] is None
+    assert all(np.any(a) for a in result["attributions"].values())
+    assert {c.key for c in at.get("plotly_chart")} >= {"attr_saliency", "attr_occlusion"}
+    assert "atom_attr_chart" not in {c.key for c in at.get("plotly_chart")}
     at = app(ckpt="sdnet18-w8.pt", tab="Atoms")
     ok(at)
     assert any("without shortcuts" in i.value for i in at.info)
