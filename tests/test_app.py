@@ -1119,6 +1119,12 @@ def test_bad_uploads_give_a_message(app):
     view = at.session_state["view"]
     assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
     assert any("centre-cropped 200x300 to 200x200" in c.value and "resized 200x200 -> 32x32" in c.value for c in at.caption)
+    photo = io.BytesIO()  # a 48-megapixel phone photo: over the 40-megapixel limit, decoded at half scale
+    Image.new("RGB", (8000, 6000), (120, 30, 200)).save(photo, format="JPEG")
+    at.file_uploader(key="upload").set_value(("phone.jpg", photo.getvalue(), "image/jpeg")).run()
+    ok(at)
+    assert any(c.value.startswith("Uploaded 8000x6000 RGB image; JPEG decoded at 1/2 scale, 8000x6000 to 4000x3000")
+               for c in at.caption), [c.value for c in at.caption]
     small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
