@@ -25,7 +25,7 @@ from .utils import unwritable_folder
 
 
 def card_path(checkpoint: str | os.PathLike) -> Path:
-    return Path(checkpoint).expanduser().with_suffix(".json")
+    return Path(checkpoint).with_suffix(".json")
 
 
 def load_card(checkpoint: str | os.PathLike) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ def _new_file_mode() -> int:
 @contextlib.contextmanager
 def _atomic_file(path: str | os.PathLike, mode: str) -> Iterator[IO]:
     """A temp file beside `path`, renamed onto it once the block succeeds: a reader never sees half a file."""
-    path = Path(path).expanduser()  # "~/x.pt" made a folder named "~" (as torch.save does)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,7 +97,7 @@ def _file_kind(head: bytes) -> str:
 
 def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
-    path = Path(path).expanduser()
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no file at {path}")
     if path.is_dir():

@@ -439,16 +439,6 @@ def test_malicious_pickle_is_refused_and_never_runs(how, model, tmp_path):
     assert marker.read_text().strip() == "pwned"
 
 
-def test_a_path_under_home_is_expanded(model, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    sdnet.save_checkpoint("~/runs/m.pt", model)  # made a folder named "~" in the working directory
-    sdnet.write_card("~/runs/m.pt", {"note": "x"})
-    assert (tmp_path / "home" / "runs" / "m.pt").is_file() and not (tmp_path / "~").exists()
-    assert sdnet.load_checkpoint("~/runs/m.pt")[1]["config"] == model.sdnet_config
-    assert sdnet.load_card("~/runs/m.pt")["note"] == "x"
-
-
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     """Not mkstemp's 0600: a checkpoint or card in a shared folder is readable as any new file would be."""
     from sdnet.checkpoint import atomic_write_text
