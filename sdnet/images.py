@@ -56,7 +56,8 @@ def input_size(config: dict) -> int:
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int], list[str]]:
     """Decode `data` fully (first frame), refusing non-images, truncated files and bombs: the image, its size in
     the file and what was done. A JPEG over `max_pixels` is decoded at 1/2, 1/4 or 1/8 scale (its DCT scaling)
-    where that brings it under: a 48-megapixel phone photo was refused, for a model that takes 32x32 pixels."""
+    where that brings it under: a 48-megapixel phone photo was refused, for a model that takes 32x32 pixels. Over
+    Pillow's own bomb limit (about 179 megapixels) any file is refused as it opens, before that can be tried."""
     if not data:
         raise ImageError("the file is empty (0 bytes)")
     if len(data) > MAX_BYTES:
@@ -70,7 +71,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=DECODERS)
         full = w, h = img.size
-        if w * h > max_pixels and img.format == "JPEG":
+        if w * h > max_pixels and img.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with more pictures in it
             k = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= max_pixels), None)
             if k is not None:
                 img.draft(img.mode, (w // k, h // k))

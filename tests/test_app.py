@@ -112,6 +112,11 @@ def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_i
     assert "1/8 scale, 801x600 to 101x75" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=8_000).notes[0]
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels"):  # not even 1/8 brings it under
         images.prepare_image(jpeg.getvalue(), 32, max_pixels=7_000)
+    mpo = io.BytesIO()  # many phones' JPEGs carry a second picture (MPO): the same
+    photo.save(mpo, format="MPO", save_all=True, append_images=[photo.copy()])
+    notes = images.prepare_image(mpo.getvalue(), 32, max_pixels=200_000).notes
+    assert notes[:2] == ["JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)",
+                         "first of 2 frames used"], notes
     photo.save(buf, format="PNG")  # no reduced decode for a PNG: refused
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels; the limit is 0 megapixels"):
         images.prepare_image(buf.getvalue(), 32, max_pixels=200_000)
