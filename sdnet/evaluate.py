@@ -149,13 +149,14 @@ def main(argv=None) -> EvalResult:
         for _, layer in csc_layers(model):
             layer.reset_step_size()
     if args.baseline is not None:
-        baseline_error = _check_baseline(args.checkpoint, args.baseline, args.update_card)
+        baseline_error = _check_baseline(args.checkpoint, args.baseline, args.update_card,
+                                         model.sdnet_config.get("width"))
         if baseline_error:
             sys.exit(f"error: {baseline_error}")
     n_split = len(data)
     data = data.subset(args.subset, args.subset_seed)
     measured_on = old_card.get("test_images") if args.update_card else None
-    if isinstance(measured_on, int) and len(data) < measured_on:  # a quick look must not replace the headline
+    if isinstance(measured_on, int) and len(data) < min(measured_on, n_split):  # a quick look must not replace it
         sys.exit(f"error: the card's test accuracy ({old_card.get('test_accuracy')}%) is on {measured_on} images and "
                  f"--subset leaves {len(data)}: --update-card would replace it with a rougher figure (drop --subset)")
     try:
@@ -205,8 +206,8 @@ def _one_or_all(values: dict):
     return None if not distinct else distinct.pop() if len(distinct) == 1 else values
 
 
-def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | None:
-    """Why `baseline` cannot be recorded as `checkpoint`'s baseline, or None when it can."""
+def _check_baseline(checkpoint: str, baseline: str, update_card: bool, width: int | None) -> str | None:
+    """Why `baseline` cannot be recorded as `checkpoint`'s baseline (a model of this `width`), or None when it can."""
     if not update_card:
         return "--baseline is written into the model card, so it needs --update-card"
     path = Path(checkpoint).parent / baseline
@@ -218,14 +219,14 @@ def _check_baseline(checkpoint: str, baseline: str, update_card: bool) -> str | 
         return "--baseline names the checkpoint itself"
     try:
         _, meta = load_checkpoint(path, map_location="cpu")
-        own = load_checkpoint(checkpoint, map_location="cpu")[1]["config"].get("width")
     except CheckpointError as err:
         return f"--baseline {baseline}: {err}"
-    if not_a_resnet(baseline, meta) is None and meta["config"].get("width") != own:
+    problem = not_a_resnet(baseline, meta)
+    if problem is None and meta["config"].get("width") != width:
         # allowed (the comparison may be the point), but not what the app would pick by itself: said
-        print(f"note: the baseline {baseline} has width {meta['config'].get('width')}, this model {own}",
+        print(f"note: the baseline {baseline} has width {meta['config'].get('width')}, this model {width}",
               file=sys.stderr)
-    return not_a_resnet(baseline, meta)
+    return problem
 
 
 if __name__ == "__main__":

@@ -322,6 +322,9 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     with pytest.raises(SystemExit, match=r"accuracy \([0-9.]+%\) is on 12 images and --subset leaves 5: .*drop --subset"):
         evaluate_main(base + ["--update-card", "--subset", "5"])
     assert load_card(ckpt)["test_images"] == 12
+    sdnet.cards.update_card(ckpt, test_images=9000)  # measured on a larger split than this data: no --subset to blame
+    evaluate_main(base + ["--update-card"])
+    assert load_card(ckpt)["test_images"] == 12
     row = markdown_table([ckpt]).splitlines()[-1]
     assert f"{card['test_accuracy']:.2f}%" in row and "sdnet18_all" in row and "| no |" in row
     # two runs' model.pt are told apart by their folders; a file that is not there is said to be missing
