@@ -320,7 +320,8 @@ def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple
     with sdnet.override(lam=held_lams or None, n_steps=as_override(n_steps)):
         grid = sorted(set(LAM_GRID) | set(trained) | {float(v) for v in extra if v > 0})
         path = sdnet.lam_path(_model, inp, grid, layers=swept)
-    return dict(lams=np.array(path.lams), layer_names=names, swept=swept, held=held_lams,
+    return dict(lams=np.array(path.lams), layer_names=names, swept=swept,
+                held={n: held_lams[n] for n in names if n in held_lams},  # in the network's order, as the CSV's columns
                 probs=path.probs[:, 0].cpu().numpy(), rel_residual=path.rel_residual[:, :, 0].cpu().numpy(),
                 sparsity=path.sparsity[:, :, 0].cpu().numpy(),
                 mean_rel_residual=path.mean_rel_residual[:, 0].cpu().numpy())

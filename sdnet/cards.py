@@ -185,7 +185,7 @@ def fit_residual(fit: dict[str, Any], residuals: Mapping[str, float]) -> float:
 
 def scoped(value, layers: Sequence[str] | None):
     """What `sdnet.override(lam=..., n_steps=...)` takes: `value` for `layers` only (the others keep their
-    trained one), or for every CSC layer when `layers` is None."""
+    trained one, or an enclosing override's), or for every CSC layer when `layers` is None."""
     return value if value is None or layers is None else {name: value for name in layers}
 
 

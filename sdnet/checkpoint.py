@@ -112,8 +112,8 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     if head[:1] == b"\x80" and len(head) > 1 and head[1] >= 4:
         # torch.save's legacy format pickles at protocol 2; 4 and 5 are pickle.dump's defaults (refused here, before
         # torch.load warns of the protocol and its unpickler fails on "Unsupported operand 149")
-        raise CheckpointError(f"{path} is a plain Python pickle (protocol {head[1]}), not a file torch.save "
-                              "wrote; only those are read (weights_only=True)")
+        raise CheckpointError(f"{path} is a plain Python pickle (protocol {head[1]}): only torch.save's zip "
+                              "format, and its legacy one at protocol 2, are read (weights_only=True)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -107,7 +107,8 @@ def override(lam: float | Mapping[str, float] | None = None,
 
     Each is a value for every CSC layer or a {layer_name: value} mapping (other layers keep
     their trained one, or what an enclosing `override` gives them: nested blocks combine, the inner one winning
-    for the layers it sets). Settings are per call and per thread; the model is untouched.
+    for the layers it sets; an empty mapping changes nothing). Settings are per call and per thread; the model is
+    untouched.
 
     The setting lives in a `contextvars.ContextVar`: threads started inside the block do not see it (run their
     work through `contextvars.copy_context().run`; `nn.DataParallel`'s replica threads do not, so it does not

@@ -303,7 +303,8 @@ BAD_FILES = {
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
     # pickle.dump's own protocols (4, 5): the weights-only unpickler said "Unsupported operand 149", read as corrupt
     "plain pickle": (lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=5)),
-                     r"is a plain Python pickle \(protocol 5\), not a file torch.save wrote"),
+                     r"is a plain Python pickle \(protocol 5\): only torch.save's zip format, and its legacy "
+                     r"one at protocol 2, are read"),
     "plain tensor": (lambda p, m: torch.save(torch.zeros(3), p), "not an SDNet Explorer checkpoint"),
     "bare state dict": (lambda p, m: torch.save(m.state_dict(), p), "not an SDNet Explorer checkpoint"),
     # python -m sdnet.train's per-epoch resume state: named as such, and where the model is
