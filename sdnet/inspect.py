@@ -55,9 +55,28 @@ class _Records(list):
         self.keep_tensors = keep_tensors
 
 
+PIXEL_SLACK = 1e-3  # rounding around [0, 1] that trace lets through
+
+
+def _check_pixels(x: torch.Tensor) -> None:
+    """ValueError unless `x` holds images in [0, 1] (the model normalises them itself): 0-255 pixels or already
+    normalised ones gave plausible-looking records, NaN ones NaN records, and neither said a word. (One sync: trace
+    reads its records back anyway; the model's own forward stays free of it, for training.)"""
+    if not x.is_floating_point() or not x.numel():
+        return  # the model's own checks name the dtype and shape
+    lo, hi = x.aminmax()
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("trace: the images have NaN or infinite values")
+    if lo < -PIXEL_SLACK or hi > 1 + PIXEL_SLACK:
+        raise ValueError(f"trace takes images in [0, 1] (the model normalises them itself); these span "
+                         f"[{lo:.4g}, {hi:.4g}]: " + ("0-255 pixels? divide them by 255" if hi > 2 else
+                                                      "already normalised? pass the images before normalising"))
+
+
 @torch.no_grad()
 def trace(model: nn.Module, x: torch.Tensor, tensors: bool = True) -> Trace:
-    """Run `model` on `x` (eval mode is the caller's choice) and record every CSC layer.
+    """Run `model` on `x`, images in [0, 1] (eval mode is the caller's choice), and record every CSC layer.
 
     Per call and thread-safe (the recorder lives in a contextvar); honours `sdnet.override`. It leaves the
     model as it was: in train mode BatchNorm normalises with the batch's statistics, as it would, but its
@@ -65,6 +84,7 @@ def trace(model: nn.Module, x: torch.Tensor, tensors: bool = True) -> Trace:
     sparsity, objective) but not its x, z, A(z) and residual, which for a batch of 250 at width 16 held 437 MiB
     against 38 (bench/trace_memory.py): what `sdnet.evaluate` and `sdnet.robust` need.
     """
+    _check_pixels(x)
     csc_layers(model)  # make sure every layer carries its name
     records = _Records(keep_tensors=tensors)
     training = any(m.training for m in model.modules())  # a BatchNorm in train mode updates its statistics

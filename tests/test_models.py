@@ -174,6 +174,13 @@ def test_build_model_checks_its_arguments_and_the_model_its_input():
         model(torch.rand(1, 1, 8, 8))
     with pytest.raises(TypeError, match="float images in \\[0, 1\\], got torch.uint8"):  # classified 0..255 as is
         model(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    # trace checks the pixels too (one sync; the forward stays free of it): they ran without a word
+    image = torch.rand(1, 3, 8, 8)
+    for x, message in ((image * 255, r"span \[.*\]: 0-255 pixels\? divide them by 255"),
+                       ((image - 0.5) / 0.25, "already normalised"), (image.clone().fill_(float("nan")), "NaN")):
+        with pytest.raises(ValueError, match=message):
+            sdnet.trace(model, x)
+    assert len(sdnet.trace(model, image).layers) == 1 and sdnet.trace(model, image.clamp(0, 1) * 1.0005).layers
     resnet = sdnet.build_model("resnet18", width=2).eval()
     with pytest.raises(TypeError, match="input is torch.float64 but the model is torch.float32"):
         resnet(torch.rand(1, 3, 8, 8, dtype=torch.float64))  # "expected scalar type Double but found Float"
