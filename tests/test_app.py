@@ -76,8 +76,11 @@ def test_prepare_image_converts_every_mode():
     assert any("transparency composited onto white" in n for n in images.prepare_image(png(palette), 32).notes)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    tall = images.prepare_image(png(Image.new("RGB", (64, 32)), "JPEG", exif=exif.tobytes()), 32)
+    stored = Image.fromarray(np.concatenate([np.full((16, 64, 3), 255, np.uint8), np.zeros((16, 64, 3), np.uint8)]))
+    tall = images.prepare_image(png(stored, "JPEG", exif=exif.tobytes()), 32)  # stored 64x32, its top half white
     assert any("EXIF orientation" in n for n in tall.notes) and tall.original_size == (64, 32)
+    # and turned indeed (a uniform picture could not tell): a quarter turn clockwise puts the white top on the right
+    assert float(tall.tensor[:, :, -8:].mean()) > 0.9 and float(tall.tensor[:, :, :8].mean()) < 0.1
     for fmt in ("WEBP", "BMP"):
         assert images.prepare_image(png(rgb, fmt, **({"lossless": True} if fmt == "WEBP" else {})), 32).tensor.shape == (3, 32, 32)
 
@@ -91,6 +94,9 @@ def test_prepare_image_resizes_and_centre_crops():
     assert float(prep.tensor[:, :, :8].mean()) < 0.05 and float(prep.tensor[:, :, -8:].mean()) > 0.95
     small = images.prepare_image(png(Image.new("RGB", (8, 8), (10, 200, 30))), 32)
     assert small.tensor.shape == (3, 32, 32)
+    # downscaled with a filter that averages (nearest neighbours turned a 1-pixel checkerboard all black)
+    checker = Image.fromarray((np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    assert 0.4 < float(images.prepare_image(png(checker), 32).tensor.mean()) < 0.6
     # a long thin strip is cropped before it is resized, never scaled up along its length
     strip = Image.fromarray(np.tile(np.arange(100_000, dtype=np.uint32) % 256, (2, 1)).astype(np.uint8)).convert("RGB")
     thin = images.prepare_image(png(strip), 32)
@@ -110,6 +116,8 @@ def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_i
     assert done.original_size == (801, 600) and done.tensor.shape == (3, 32, 32)
     assert done.notes[0] == "JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)"
     assert "1/8 scale, 801x600 to 101x75" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=8_000).notes[0]
+    # 1/4 where 1/2 (401x300 = 120,300 pixels: the odd side rounds up) is still over
+    assert "1/4 scale, 801x600 to 201x150" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=120_100).notes[0]
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels"):  # not even 1/8 brings it under
         images.prepare_image(jpeg.getvalue(), 32, max_pixels=7_000)
     mpo = io.BytesIO()  # many phones' JPEGs carry a second picture (MPO): the same
@@ -120,6 +128,14 @@ def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_i
     photo.save(buf, format="PNG")  # no reduced decode for a PNG: refused
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels; the limit is 0 megapixels"):
         images.prepare_image(buf.getvalue(), 32, max_pixels=200_000)
+
+
+def test_a_file_over_the_byte_limit_is_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(images, "MAX_BYTES", 2 ** 20)
+    with pytest.raises(images.ImageError, match=r"the file is 1.0 MiB; the limit is 1 MiB"):
+        images.prepare_image(b"x" * (2 ** 20 + 1), 32)
+    with pytest.raises(images.ImageError, match="not an image"):  # at the limit: decoded (and refused as text)
+        images.prepare_image(b"x" * 2 ** 20, 32)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -313,11 +329,24 @@ def test_a_dark_16_bit_image_is_said_to_be_dark():
     dark.save(buf, format="PNG")
     notes = images.prepare_image(buf.getvalue(), size=8).notes
     assert any("as dark as stored (brightest value 119 of 65535" in n for n in notes), notes
+    for brightest, dark in ((4000, True), (5000, False)):  # 12-bit data (up to 4095) is said to be dark
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), brightest, dtype=np.uint16)).save(buf, format="PNG")
+        assert any("as dark as stored" in n for n in images.prepare_image(buf.getvalue(), 8).notes) == dark
+
+
+def test_a_high_dynamic_range_image_is_scaled_by_its_brightest_value():
+    buf = io.BytesIO()  # float values up to 1e6: scaled to 0-255 by their maximum, not by 65535 (washed out white)
+    Image.fromarray(np.linspace(0, 1e6, 64 * 64, dtype=np.float32).reshape(64, 64), "F").save(buf, format="TIFF")
+    prep = images.prepare_image(buf.getvalue(), 32)
+    assert any("high dynamic range" in n for n in prep.notes) and 0.45 < float(prep.tensor.mean()) < 0.55
 
 
 @pytest.mark.parametrize("mode, top, said", [("F", 10.0, "float values up to 10 read as 8-bit levels (0-255): dark"),
                                               ("F", 200.0, "float values up to 200 read as 8-bit levels (0-255)"),
-                                              ("I", 200, "32-bit integer values up to 200 read as 8-bit levels")])
+                                              ("F", 40.0, "float values up to 40 read as 8-bit levels (0-255): dark"),
+                                              ("I", 200, "32-bit integer values up to 200 read as 8-bit levels"),
+                                              ("I", 255, "32-bit integer values up to 255 read as 8-bit levels")])
 def test_a_float_or_integer_image_in_8_bit_range_says_how_it_is_read(mode, top, said):
     img = Image.fromarray(np.linspace(0, top, 64, dtype=np.float32 if mode == "F" else np.int32).reshape(8, 8), mode)
     buf = io.BytesIO()
