@@ -204,6 +204,11 @@ class Unpicklable:
         raise RuntimeError("disk full")  # stands in for any failure halfway through a write
 
 
+class Interrupted:
+    def __reduce__(self):
+        raise KeyboardInterrupt  # Ctrl-C halfway through a write (not an Exception: a BaseException)
+
+
 def test_non_finite_weights_are_refused(model, tmp_path):
     """A diverged run's weights load as a clear error, not as NaN predictions."""
     broken = copy.deepcopy(model)
@@ -227,6 +232,10 @@ def test_write_is_atomic(model, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_save({"state_dict": model.state_dict(), "note": Unpicklable()}, tmp_path / "new" / "n.pt")
     assert list((tmp_path / "new").iterdir()) == []
+    # Ctrl-C halfway: the same, no temp file left behind
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"state_dict": model.state_dict(), "note": Interrupted()}, path)
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "new"]
 
 
 def test_meta_is_stored_as_plain_data_or_refused_before_writing(model, tmp_path):
@@ -302,6 +311,8 @@ BAD_FILES = {
     "image": (lambda p, m: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)), "this file is a PNG image$"),
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
     # pickle.dump's own protocols (4, 5): the weights-only unpickler said "Unsupported operand 149", read as corrupt
+    "plain pickle, protocol 4 (Python 3.8-3.13's default)": (
+        lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4)), r"plain Python pickle \(protocol 4\)"),
     "plain pickle": (lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=5)),
                      r"is a plain Python pickle \(protocol 5\): only torch.save's zip format, and its legacy "
                      r"one at protocol 2, are read"),
@@ -311,6 +322,10 @@ BAD_FILES = {
     "training state": (lambda p, m: torch.save({"model": m.state_dict(), "optimizer": {}, "power": {}, "epoch": 1,
                                                 "train_seconds": 1.0, "config": "{}"}, p),
                        "training state .* --resume .* not a model checkpoint: open the model.pt .* none yet"),
+    "training state of a finished run": (
+        lambda p, m: (torch.save({"model": m.state_dict(), "optimizer": {}, "power": {}, "epoch": 1,
+                                  "train_seconds": 1.0, "config": "{}"}, p), sdnet.save_checkpoint(p.with_name("model.pt"), m)),
+        r"training state .* open the model.pt the run writes beside it when it ends \(.*model.pt is there\)$"),
     "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
     # an SDNet's weights (conv-shaped) under a ResNet's name: they load; its step sizes were dropped without a word
     "another architecture's name": (
@@ -443,12 +458,13 @@ def test_malicious_pickle_is_refused_and_never_runs(how, model, tmp_path):
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     """Not mkstemp's 0600: a checkpoint or card in a shared folder is readable as any new file would be."""
     from sdnet.checkpoint import atomic_write_text
-    mask = os.umask(0o022)
-    try:
-        atomic_write_text(tmp_path / "card.json", "{}")
-        sdnet.save_checkpoint(tmp_path / "m.pt", sdnet.build_model("resnet18", width=2))
-    finally:
-        os.umask(mask)
-    for name in ("card.json", "m.pt"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    for umask, expected in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):  # the umask's, whatever it is
+        mask = os.umask(umask)
+        try:
+            atomic_write_text(tmp_path / "card.json", "{}")
+            sdnet.save_checkpoint(tmp_path / "m.pt", sdnet.build_model("resnet18", width=2))
+        finally:
+            os.umask(mask)
+        for name in ("card.json", "m.pt"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == expected, (name, oct(umask))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
