@@ -1368,6 +1368,11 @@ def test_card_fields_are_checked_one_by_one():
     assert card["test_accuracy"] == 85.0 and list(card["robust_fit"]) == ["gaussian"]
     assert card["training"] == {"command": "python -m sdnet.train"}
     assert len(problems) == 3 and checked_card(None) == (None, [])
+    # a fit naming its layers as one string (iterated letter by letter: KeyError 'c'), a baseline that is no name
+    card, problems = checked_card({"robust_fit": {"gaussian": dict(good, layers="conv1")}, "baseline": 3})
+    assert card["robust_fit"] == {} and "baseline" not in card
+    assert problems == ["baseline is not a file name: left out",
+                        "robust_fit.gaussian has layers that are not a list of layer names: left out"]
 
 
 def test_app_threads_from_the_environment(monkeypatch):

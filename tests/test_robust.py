@@ -469,3 +469,6 @@ def test_the_cards_table_leaves_out_hand_edited_fields(tmp_path):
     sdnet.write_card(tmp_path / "m.pt", {"architecture": "sdnet18_all", "test_accuracy": "86.07%", "training": None})
     row = markdown_table([tmp_path / "m.pt"]).splitlines()[-1]  # a traceback before
     assert row.startswith("| `m.pt` | sdnet18_all |") and "86.07" not in row
+    sdnet.write_card(tmp_path / "m.pt", {"architecture": "resnet18", "test_accuracy": 86.07, "test_images": 9000,
+                                         "training": {"seconds": 5400, "machine": "a CPU"}})
+    assert markdown_table([tmp_path / "m.pt"]).splitlines()[-1].endswith("| 86.07% | 9000 | 90 min | a CPU |")
