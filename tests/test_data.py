@@ -23,6 +23,17 @@ def test_image_folder_loads_images_labels_and_classes(tmp_path):
     # class-dependent brightness survives decoding
     assert train.images[train.labels == 2].float().mean() > train.images[train.labels == 0].float().mean() + 50
     assert len(load_split(root, "test")) == 6
+    upper = make_image_folder(tmp_path / "upper", n_train=3, n_test=1, suffix=".PNG")  # a camera's IMG_0001.JPG
+    assert len(load_split(upper, "train")) == 9
+
+
+def test_a_tree_of_more_classes_than_the_model_predicts_is_refused(tmp_path):
+    from sdnet.data import align_classes
+    many = load_split(make_image_folder(tmp_path / "many", n_train=1, n_test=1,
+                                        classes=[f"class{i:02d}" for i in range(11)]), "train", "cifar100")
+    with pytest.raises(DatasetError, match="the model predicts 10 classes; .* has 11"):
+        align_classes(many, None, 10)
+    assert align_classes(many, None, 11) is many  # as many as it predicts: as it is
 
 
 def test_a_tree_must_fit_the_dataset_it_is_named_as(tmp_path):
@@ -44,6 +55,21 @@ def test_second_load_uses_the_decode_cache(tmp_path, monkeypatch):
     import sdnet.data as data
     monkeypatch.setattr(data, "_decode_all", lambda files: pytest.fail("decoded JPEGs again"))
     assert torch.equal(load_split(root, "train").images, first.images)
+
+
+def test_a_plain_tar_loads_and_a_half_removed_copy_is_replaced(tmp_path):
+    root = make_image_folder(tmp_path / "tree" / "cifar10-jpg", n_train=2, n_test=1)
+    archive = tmp_path / "cifar.tar"  # uncompressed
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="cifar10-jpg")
+    assert len(load_split(archive, "train")) == 6
+    # a copy a pruning could not finish removing (no .complete mark, a stray file): unpacked afresh over it
+    (unpacked,) = [p for p in (tmp_path / "cache" / "unpacked").iterdir() if p.is_dir()]
+    (unpacked / ".complete").unlink()
+    (unpacked / "stray.txt").write_text("left over")
+    from sdnet import data
+    data.shutil.rmtree(tmp_path / "cache" / "decoded")
+    assert len(load_split(archive, "test")) == 3 and not (unpacked / "stray.txt").exists()
 
 
 def test_tarball_is_unpacked_once(tmp_path, monkeypatch):
@@ -270,6 +296,18 @@ def test_augment_is_a_padded_crop_or_flip_of_the_image():
         assert found, f"image {i} is not a crop of its padded original"
     flips = sum(not torch.equal(y[i], x[i]) for i in range(64))
     assert flips > 32  # most images moved or flipped
+    # every offset of the padding occurs (0..2p, not 0..2p-1), and about half the images are flipped
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(256, 1, 5, 5)
+    y = augment(x, g, padding=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    seen = {(dy, dx) for i in range(256) for dy in range(5) for dx in range(5)
+            if torch.equal(y[i], padded[i, :, dy:dy + 5, dx:dx + 5])
+            or torch.equal(y[i], padded[i, :, dy:dy + 5, dx:dx + 5].flip(-1))}
+    assert {dy for dy, _ in seen} == set(range(5)) and {dx for _, dx in seen} == set(range(5))
+    unpadded = augment(x[:64], torch.Generator().manual_seed(2), padding=0)
+    flipped = sum(torch.equal(unpadded[i], x[i].flip(-1)) for i in range(64))
+    assert 20 < flipped < 44
     # seeded: the same generator seed gives the same batch
     assert torch.equal(augment(x, torch.Generator().manual_seed(5)), augment(x, torch.Generator().manual_seed(5)))
 
