@@ -911,6 +911,16 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     at_trained = rows[lams.index(0.1)]
     probs = [float(v) for v in at_trained[2:12]]
     assert probs == pytest.approx(view.probe["probs"].tolist(), abs=1e-5)
+    residuals = [float(v) for v in at_trained[13:13 + 17]]  # and every layer's residual and sparsity, in order
+    sparsity = [float(v) for v in at_trained[13 + 17:13 + 34]]
+    assert residuals == pytest.approx([r["rel_residual"] for r in view.probe["layers"]], abs=1e-5)
+    assert sparsity == pytest.approx([r["sparsity"] for r in view.probe["layers"]], abs=1e-5)
+    assert "nan" not in view.lam_path_csv().decode()  # a layer fed all zeros (at λ 10) has a blank, not nan
+    assert any(",," in r for r in view.lam_path_csv().decode().splitlines()[1:])
+    # the export's name tells two settings of one image apart
+    stem = state.export_stem(view.settings)
+    assert stem.startswith(f"sdnet-view-{view.settings['image']['sha256'][:8]}-") and stem != state.export_stem(
+        {**view.settings, "lam": {**view.settings["lam"], "all": 0.5}})
     assert at_trained[1] == view.classes[int(np.argmax(view.probe["probs"]))]
     # the segments of the text are the CSV's predictions
     assert all(r[1] in page for r in rows)
