@@ -275,6 +275,12 @@ def test_missing_and_malformed_datasets_say_what_was_expected(tmp_path):
         load_split(bad, "train")
     with pytest.raises(ValueError, match="split"):
         load_split(tmp_path, "val")
+    # one folder holding the tree is looked into; two are ambiguous, and neither is picked
+    make_image_folder(tmp_path / "two" / "a", n_train=1, n_test=1)
+    assert len(load_split(tmp_path / "two", "train")) == 3
+    make_image_folder(tmp_path / "two" / "b", n_train=1, n_test=1)
+    with pytest.raises(DatasetError, match="no 'train' folder in .*two"):
+        load_split(tmp_path / "two", "train")
 
 
 def test_subset_is_fixed_and_sized(tmp_path):
