@@ -568,8 +568,9 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
     # softmax then shows 100% for some class and attributions of 1e15 look like findings
     big, usual = float(np.abs(cur["logits"]).max()), float(np.abs(trained["logits"]).max())
     if big > LOGITS_GROWN * usual:
-        st.warning(f"The logits reach {big:.3g} (at the trained settings at most {usual:.3g}): the deeper layers get activations far beyond those they were trained on, so this "
-                   "prediction's confidence, and any attribution, says little about the image.")
+        st.warning(f"The logits reach {big:.3g} (at the trained settings at most {usual:.3g}): the deeper layers get "
+                   "activations far beyond those they were trained on, so this prediction's confidence, and any "
+                   "attribution, says little about the image.")
 
 
 def unnormalizer(loaded: state.Loaded):
@@ -988,8 +989,8 @@ def explore(ctx: Context) -> None:
     trained, _ = _probe_timed(loaded, ctx.image, None, None)
     resnet = state.probe(ctx.baseline.model, ctx.baseline.key, ctx.image, None, None) if ctx.baseline else None
     if not loaded.layer_names:
-        st.info("This model has no CSC layers (a ResNet): λ has no effect, and it has no atoms or codes to show; "
-                "its predictions and what in the image drove them.")
+        st.info("This model has no CSC layers (a ResNet): λ has no effect, and there are no atoms or codes to show. "
+                "Below: its predictions, and what in the image drove them.")
         st.subheader("Predictions")
         predictions_panel(ctx, trained, trained, resnet, "trained")
         st.subheader("Attribution")

@@ -330,7 +330,7 @@ def lam_path(_model: torch.nn.Module, model_key: str, x: np.ndarray, held: tuple
 def lam_path_csv(path: dict[str, Any], classes: list[str]) -> bytes:
     """The path as a table: one row per lambda; each class's probability, then each layer's residual and sparsity,
     and last the λ of each layer held at its own (the file alone said nothing of them)."""
-    held = path.get("held", {})
+    held = path["held"]
     cols = ["lam", "prediction", *[f"p_{c}" for c in classes], "mean_rel_residual",
             *[f"rel_residual_{n}" for n in path["layer_names"]], *[f"sparsity_{n}" for n in path["layer_names"]],
             *[f"lam_{n}" for n in held]]

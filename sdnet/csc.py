@@ -1363,8 +1363,9 @@ def load_power_states(model: nn.Module, states: dict[str, dict]) -> None:
     layers = csc_layers(model)
     unknown = sorted(set(states) - {name for name, _ in layers})
     if unknown:
-        raise ValueError(f"step sizes stored for CSC layers this {getattr(model, 'sdnet_config', {}).get('name', 'model')} "
-                         f"does not have ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+        name = getattr(model, "sdnet_config", {}).get("name", "model")
+        raise ValueError(f"step sizes stored for CSC layers this {name} does not have ({', '.join(unknown[:3])}"
+                         f"{', ...' if len(unknown) > 3 else ''})")
     for name, layer in layers:
         if name in states:
             layer.load_power_state(states[name])

@@ -948,7 +948,7 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     ok(at)
     rows = [r.split(",") for r in at.session_state["view"].lam_path_csv().decode().splitlines()[1:]]
     headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
-    assert headline.startswith(f"Prediction along λ: from {float(rows[0][0]):g} the image is cut off, the same for any")
+    assert headline.startswith(f"Prediction along λ: from {float(rows[0][0]):g} the image is cut off, the same for")
     assert len({r[1] for r in rows}) > 1 and all(f"**{r[1]}**" in headline for r in rows)
     # a model trained at λ 0 (train --lam 0 is allowed), or the slider at 0: nothing marked at log10(0), no crash
     from app import plots

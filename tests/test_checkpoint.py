@@ -268,7 +268,8 @@ def test_checkpoints_whose_settings_do_not_fit_the_model_are_refused(model, tmp_
         obj = torch.load(_saved(tmp_path / "steps.pt", model), weights_only=True)
         obj["config"]["n_steps"] = steps
         torch.save(obj, tmp_path / "steps.pt")
-        with pytest.raises(sdnet.CheckpointError, match=r"damaged: its stored architecture cannot be built: n_steps .* \[1, 1000\]"):
+        with pytest.raises(sdnet.CheckpointError,
+                           match=r"damaged: its stored architecture cannot be built: n_steps .* \[1, 1000\]"):
             sdnet.load_checkpoint(tmp_path / "steps.pt")
 
 
@@ -312,7 +313,8 @@ BAD_FILES = {
     "empty": (lambda p, m: p.write_bytes(b""), "is empty"),
     # pickle.dump's own protocols (4, 5): the weights-only unpickler said "Unsupported operand 149", read as corrupt
     "plain pickle, protocol 4 (Python 3.8-3.13's default)": (
-        lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4)), r"plain Python pickle \(protocol 4\)"),
+        lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4)),
+        r"plain Python pickle \(protocol 4\)"),
     "plain pickle": (lambda p, m: p.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=5)),
                      r"is a plain Python pickle \(protocol 5\): only torch.save's zip format, and its legacy "
                      r"one at protocol 2, are read"),
@@ -324,7 +326,8 @@ BAD_FILES = {
                        "training state .* --resume .* not a model checkpoint: open the model.pt .* none yet"),
     "training state of a finished run": (
         lambda p, m: (torch.save({"model": m.state_dict(), "optimizer": {}, "power": {}, "epoch": 1,
-                                  "train_seconds": 1.0, "config": "{}"}, p), sdnet.save_checkpoint(p.with_name("model.pt"), m)),
+                                  "train_seconds": 1.0, "config": "{}"}, p),
+                      sdnet.save_checkpoint(p.with_name("model.pt"), m)),
         r"training state .* open the model.pt the run writes beside it when it ends \(.*model.pt is there\)$"),
     "no version": (lambda p, m: torch.save({"format": FORMAT}, p), "no valid format version"),
     # an SDNet's weights (conv-shaped) under a ResNet's name: they load; its step sizes were dropped without a word
@@ -332,7 +335,8 @@ BAD_FILES = {
         lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "state_dict": m.state_dict(),
                                  "config": {**m.sdnet_config, "name": m.sdnet_config["name"].replace("sdnet", "resnet")
                                             .replace("_all", "")},
-                                 "power": {"conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(50.0)}}},
+                                 "power": {"conv1": {"spatial": torch.tensor([8, 8]),
+                                                     "lipschitz": torch.tensor(50.0)}}},
                                 p),
         r"damaged: step sizes stored for CSC layers this resnet18 does not have \(conv1\)"),
     "damaged fields": (lambda p, m: torch.save({"format": FORMAT, "version": VERSION, "config": m.sdnet_config,

@@ -319,7 +319,8 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     evaluate_main(base + ["--update-card", "--subset", "100000"])  # more than the split: all of it, no subset
     assert "random subset" not in load_card(ckpt)["data"]
     # a subset must not replace a card's accuracy on more images (--subset 20 wrote 85% over 86.07% on 9000)
-    with pytest.raises(SystemExit, match=r"accuracy \([0-9.]+%\) is on 12 images and --subset leaves 5: .*drop --subset"):
+    with pytest.raises(SystemExit,
+                       match=r"accuracy \([0-9.]+%\) is on 12 images and --subset leaves 5: .*drop --subset"):
         evaluate_main(base + ["--update-card", "--subset", "5"])
     assert load_card(ckpt)["test_images"] == 12
     sdnet.cards.update_card(ckpt, test_images=9000)  # measured on a larger split than this data: no --subset to blame
