@@ -34,18 +34,38 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def test_the_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from argparse import Namespace
+
+    from sdnet.train import lr_at
+    warm = Namespace(lr=0.1, warmup_epochs=1.0)  # 10 steps an epoch, 100 in all: 10 of warm-up, 90 of cosine
+    assert [lr_at(s, 100, warm, 10) for s in (0, 4, 9, 10, 55, 100)] == pytest.approx([0.01, 0.05, 0.1, 0.1, 0.05, 0.0])
+    cold = Namespace(lr=0.1, warmup_epochs=0.0)
+    assert [lr_at(s, 100, cold, 10) for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
+
+
 def test_resume_continues_bit_for_bit(tmp_path, data):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(straight)])
     train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--stop-after", "1"])
     assert json.loads((resumed / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     assert not (resumed / "model.pt").exists()
+    # a second time slot counts its epochs from where the first stopped (from 0, it trained nothing)
+    train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--resume", "--stop-after", "1"])
+    assert [json.loads(line)["epoch"] for line in (resumed / "log.jsonl").read_text().splitlines()] == [1, 2]
     train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--resume"])
     a, b = _weights(straight / "last.pt"), _weights(resumed / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert {"train_loss", "train_acc", "test_acc", "lr", "images_per_second"} <= log[-1].keys()
+    # the lr of each epoch's last step (3 steps an epoch): the cosine to 0 over the 9, with no warm-up
+    assert [r["lr"] for r in log] == pytest.approx([0.05 * (1 + math.cos(math.pi * s / 9)) for s in (2, 5, 8)])
+    # weight decay on the convolutions and the linear layer only: BatchNorm and biases (1-d) in a group without it
+    groups = torch.load(resumed / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+    assert len(groups[1]["params"]) == sum(p.ndim <= 1 for p in sdnet.build_model(
+        "sdnet18_all", width=4, num_classes=3, shortcut=False).parameters())
     # the final checkpoint is self-describing and its dictionaries are unit-norm (projected SGD)
     model, meta = load_checkpoint(resumed / "model.pt")
     # as many outputs as the folder has classes (three of CIFAR-10's here)
@@ -59,7 +79,7 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert (card["lam"], card["n_steps"], card["dataset"]) == (0.1, 2, "cifar10")
     assert card["epochs"] == 3 and card["training"]["command"].startswith("python -m sdnet.train ")
     assert card["name"] == "sdnet18_all-w4-e3 (no shortcuts)"  # two schedules of one model get two names
-    assert "--resume" in card["training"]["command"] and card["training"]["seconds"] > 0
+    assert "--resume" in card["training"]["command"] and card["training"]["seconds"] == log[-1]["train_seconds"]
     assert card["training"]["train_subset"] is None  # the whole split (it was said only inside the command)
     # training changed the weights
     assert not torch.equal(a["conv1.weight"], _weights_init())
@@ -104,6 +124,9 @@ def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path,
             train_main(args + ["--out", str(run)])
         assert message in str(info.value), info.value
     assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    (run / "last.pt").unlink()  # a model.pt alone (its last.pt removed, or copied in) is a run all the same
+    with pytest.raises(SystemExit, match=r"already holds a training run \(model.pt\)"):
+        train_main(TINY + ["--data", data, "--epochs", "1", "--out", str(run)])
     with pytest.raises(SystemExit, match=r"^error: dataset not found at") as info:
         train_main(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fresh")])
     assert not (tmp_path / "fresh").exists()  # no empty run folder left behind
@@ -173,6 +196,10 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     before = {f.name: f.read_bytes() for f in run.iterdir()}
     for extra, message in ((["--seed", "5"], "seed=0 there, 5 here"), (["--lr", "1.0"], "lr=0.1 there, 1.0 here"),
                            (["--batch-size", "4"], "batch_size=8 there, 4 here"),
+                           (["--weight-decay", "0"], "weight_decay=0.0005 there, 0.0 here"),
+                           (["--momentum", "0.5"], "momentum=0.9 there, 0.5 here"),
+                           (["--warmup-epochs", "1"], "warmup_epochs=0.0 there, 1.0 here"),
+                           (["--no-nesterov"], "nesterov=True there, False here"),
                            (["--train-subset", "6"], r"train_subset=None \(the whole split\) there, 6 here")):
         with pytest.raises(SystemExit, match=f"is a different run .*{message}"):
             train_main(first + extra + ["--resume"])
@@ -205,10 +232,14 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     # killed between model.pt and its card: the resume that has nothing to train writes the card
     (run / "model.json").unlink()
     assert train_main(first + ["--resume"]) == {} and load_card(run / "model.pt")["epochs"] == 2
-    # a model.pt written by training drops what was measured on the one it replaced
+    # a model.pt written by training drops what was measured on the one it replaced (its fits too: Auto λ)
+    sdnet.cards.update_card(run / "model.pt", robust_fit={"gaussian": {"slope": 1.0, "intercept": 0.1}},
+                            baseline="resnet.pt")
     (run / "model.pt").unlink()
     train_main(first + ["--resume"])
-    assert "test_accuracy" not in load_card(run / "model.pt") and load_card(run / "model.pt")["epochs"] == 2
+    assert (run / "model.pt").exists()  # killed after the last epoch's last.pt, before model.pt: written now
+    card = load_card(run / "model.pt")
+    assert not {"test_accuracy", "robust_fit", "baseline"} & set(card) and card["epochs"] == 2
 
 
 def test_no_cuda_graphs_reaches_the_refresh_and_is_said_to_do_nothing_on_the_cpu(tmp_path, data, capsys, monkeypatch):
