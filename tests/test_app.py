@@ -1127,6 +1127,11 @@ def test_predictions_say_when_more_fista_steps_blow_the_logits_up(app):
     assert not any("logits reach" in w.value for w in at.warning)
     at.select_slider(key="lam").set_value(0.001).run()  # λ alone keeps them near the trained settings' size
     assert not any("logits reach" in w.value for w in at.warning)
+    for steps in (3, 4):  # warned exactly when the largest logit passes 10x the trained settings'
+        at.slider(key="n_steps").set_value(steps).run()
+        view = at.session_state["view"]
+        grown = np.abs(view.probe["logits"]).max() / np.abs(view.trained["logits"]).max()
+        assert any("logits reach" in w.value for w in at.warning) == (grown > 10), (steps, grown)
     at.slider(key="n_steps").set_value(8).run()  # deep layers trained on 2-step codes: their activations explode
     ok(at)
     view = at.session_state["view"]
@@ -1136,6 +1141,25 @@ def test_predictions_say_when_more_fista_steps_blow_the_logits_up(app):
                                            f"{usual:.3g})" in w] and len(warned) == 1
     at.toggle(key="steps_first").set_value(True).run()  # 8 steps in the image's layer only: no explosion
     assert not any("logits reach" in w.value for w in at.warning)
+
+
+def test_the_path_headline_names_each_run_of_a_class_and_what_cuts_the_image_off():
+    from types import SimpleNamespace
+
+    from app import panels
+    classes = ["airplane", "automobile", "bird", "cat"]
+    runs = [(0, 0.001, 0.1), (1, 0.2, 0.2), (0, 0.3, 10.0)]
+    assert panels._run_texts(runs, classes, True, True) == ["**airplane** up to 0.1", "**automobile** 0.2",
+                                                            "**airplane** from 0.3"]
+    assert panels._run_texts([(3, 0.001, 2.0)], classes, True, True) == ["**cat** throughout"]
+    assert panels._run_texts([(3, 0.001, 2.0)], classes, True, False) == ["**cat** up to 2"]  # a cut follows
+    assert panels._run_texts([(3, 0.4, 2.0), (2, 3.0, 10.0)], classes, False, True) == ["**cat** 0.4-2",
+                                                                                         "**bird** from 3"]
+    # an all-zero code cuts the image off at the stem (no shortcut around it) or anywhere without shortcuts
+    with_shortcuts = SimpleNamespace(layer_names=["conv1", "layer1.0.conv1"], meta={"config": {"shortcut": True}})
+    assert panels._cuts_off(with_shortcuts, ["conv1", "layer1.0.conv1"])
+    assert not panels._cuts_off(with_shortcuts, ["layer1.0.conv1"]) and not panels._cuts_off(with_shortcuts, [])
+    assert panels._cuts_off(SimpleNamespace(layer_names=["conv1", "l1"], meta={"config": {"shortcut": False}}), ["l1"])
 
 
 def test_the_upload_limit_is_the_one_the_app_enforces():
@@ -1306,15 +1330,17 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     assert not any("does not grow with the residual" in c.value for c in at.caption)  # slope 2
 
 
-def test_auto_lambda_says_when_its_fit_does_not_grow_with_the_residual(app, checkpoint_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slope", [-2.35, 0.0])  # 0: what fit_line gives when the residuals do not vary
+def test_auto_lambda_says_when_its_fit_does_not_grow_with_the_residual(app, checkpoint_dir, tmp_path, monkeypatch,
+                                                                       slope):
     """The shipped card's speckle fit has slope -2.35: Auto λ fell as the noise grew, with nothing said."""
-    fit = {"slope": -2.35, "intercept": 1.2, "lam_range": [0.1, 1.5],
+    fit = {"slope": slope, "intercept": 1.2, "lam_range": [0.1, 1.5],
            "points": [{"level": c, "residual": r, "lam": lam} for c, r, lam in ((0.06, 0.3, 0.5), (0.2, 0.4, 0.3))]}
     path = _with_card(checkpoint_dir, tmp_path / "down", robust_fit={"speckle": fit})
     monkeypatch.setenv("SDNET_CHECKPOINTS", str(path.parent))
     at = app(noise="speckle")
     ok(at)
-    assert any("does not grow with the residual (slope -2.35)" in c.value and "no recommendation" in c.value
+    assert any(f"does not grow with the residual (slope {slope:.3g})" in c.value and "no recommendation" in c.value
                for c in at.caption), [c.value for c in at.caption]
 
 

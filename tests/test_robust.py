@@ -72,6 +72,16 @@ def test_a_malformed_fit_on_the_card_is_left_out_with_a_warning(setup, tmp_path,
     assert "warning: the model card's robust_fit.gaussian needs a finite numeric slope" in capsys.readouterr().err
 
 
+def test_trend_and_paired_gain_say_which_way():
+    from sdnet.robust import _trend, paired_gain
+    assert [_trend(v) for v in ([0.1, 0.2, 0.2], [0.3, 0.2], [0.1, 0.3, 0.2])] == [
+        "non-decreasing", "non-increasing", "not monotone"]
+    labels = torch.tensor([1, 1, 0, 0])
+    gain, se = paired_gain(torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), labels)  # new right once more
+    assert gain == pytest.approx(25.0) and se == pytest.approx(25.0)
+    assert paired_gain(torch.tensor([0, 1, 0, 1]), torch.tensor([1, 1, 0, 1]), labels)[0] == pytest.approx(-25.0)
+
+
 def test_fit_line_recovers_a_known_line():
     r = [0.12, 0.2, 0.31, 0.45]
     slope, intercept = robust.fit_line(r, [2.5 * v - 0.2 for v in r])
