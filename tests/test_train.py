@@ -371,8 +371,16 @@ def test_evaluate_cli_json_lambda_and_corruption(tmp_path, data, capsys):
     other.with_suffix(".json").unlink()
     assert "(no card)" in markdown_table([ckpt, str(other)]).splitlines()[-1]
     assert all(row.count("|") == rows[0].count("|") for row in rows)  # as many cells as the header (10 for 11)
-    with pytest.raises(SystemExit, match="trained lambda"):
-        evaluate_main(base + ["--update-card", "--lam", "0.5"])
+    for other in (["--lam", "0.5"], ["--corruption", "gaussian"], ["--n-steps", "4"]):  # never the card's headline
+        with pytest.raises(SystemExit, match="records the card's headline accuracy: clean images at the trained"):
+            evaluate_main(base + ["--update-card", *other])
+    # the text output names the λ it ran at, and a corruption's default severity is 3
+    capsys.readouterr()
+    text = [a for a in base if a != "--json"]
+    evaluate_main(text + ["--lam", "2.0"])
+    evaluate_main(text + ["--corruption", "gaussian"])
+    out = capsys.readouterr().out
+    assert "(clean, lambda 2.0)" in out and "(gaussian severity 3, lambda trained)" in out
     # the checkpoint carries the step sizes of training; --fresh-step-size estimates them again instead
     capsys.readouterr()
     fresh = evaluate_main(base + ["--fresh-step-size"])
