@@ -876,10 +876,12 @@ def test_attribution_that_is_all_zero_says_why(app):
     assert any("Every attribution is exactly zero: conv1's code was all zeros at λ = 10" in i.value
                and "compute again" in i.value for i in at.info)
     assert not any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # no blank maps
+    assert not any("settings changed since" in w.value for w in at.warning)  # fresh: no stale warning
     view = at.session_state["view"]
     assert "attribution_atoms.png" not in state.export_png_makers(view, None)  # nor a picture of empty bars
     at.select_slider(key="lam").set_value(0.1).run()  # not recomputed: the message names the old λ, no advice
     assert any("at λ = 10" in i.value and "compute again" not in i.value for i in at.info)
+    assert any("settings changed since this attribution was computed" in w.value for w in at.warning)
     at.button(key="attr_run").click().run()
     ok(at)
     assert not any("Every attribution is exactly zero" in i.value for i in at.info)
