@@ -110,24 +110,21 @@ def test_prepare_image_resizes_and_centre_crops():
 
 def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_it_under():
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 801, 3), dtype=np.uint8))
-    jpeg, buf = io.BytesIO(), io.BytesIO()
-    photo.save(jpeg, format="JPEG")
-    done = images.prepare_image(jpeg.getvalue(), 32, max_pixels=200_000)  # 0.48 MP at full size, 0.12 at 1/2
+    jpeg = png(photo, "JPEG")
+    done = images.prepare_image(jpeg, 32, max_pixels=200_000)  # 0.48 MP at full size, 0.12 at 1/2
     assert done.original_size == (801, 600) and done.tensor.shape == (3, 32, 32)
     assert done.notes[0] == "JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)"
-    assert "1/8 scale, 801x600 to 101x75" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=8_000).notes[0]
+    assert "1/8 scale, 801x600 to 101x75" in images.prepare_image(jpeg, 32, max_pixels=8_000).notes[0]
     # 1/4 where 1/2 (401x300 = 120,300 pixels: the odd side rounds up) is still over
-    assert "1/4 scale, 801x600 to 201x150" in images.prepare_image(jpeg.getvalue(), 32, max_pixels=120_100).notes[0]
+    assert "1/4 scale, 801x600 to 201x150" in images.prepare_image(jpeg, 32, max_pixels=120_100).notes[0]
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels"):  # not even 1/8 brings it under
-        images.prepare_image(jpeg.getvalue(), 32, max_pixels=7_000)
-    mpo = io.BytesIO()  # many phones' JPEGs carry a second picture (MPO): the same
-    photo.save(mpo, format="MPO", save_all=True, append_images=[photo.copy()])
-    notes = images.prepare_image(mpo.getvalue(), 32, max_pixels=200_000).notes
+        images.prepare_image(jpeg, 32, max_pixels=7_000)
+    mpo = png(photo, "MPO", save_all=True, append_images=[photo.copy()])  # many phones' JPEGs carry a second picture
+    notes = images.prepare_image(mpo, 32, max_pixels=200_000).notes
     assert notes[:2] == ["JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)",
                          "first of 2 frames used"], notes
-    photo.save(buf, format="PNG")  # no reduced decode for a PNG: refused
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels; the limit is 0 megapixels"):
-        images.prepare_image(buf.getvalue(), 32, max_pixels=200_000)
+        images.prepare_image(png(photo), 32, max_pixels=200_000)  # no reduced decode for a PNG: refused
 
 
 def test_a_file_over_the_byte_limit_is_refused_before_decoding(monkeypatch):
@@ -330,15 +327,14 @@ def test_a_dark_16_bit_image_is_said_to_be_dark():
     notes = images.prepare_image(buf.getvalue(), size=8).notes
     assert any("as dark as stored (brightest value 119 of 65535" in n for n in notes), notes
     for brightest, dark in ((4000, True), (5000, False)):  # 12-bit data (up to 4095) is said to be dark
-        buf = io.BytesIO()
-        Image.fromarray(np.full((8, 8), brightest, dtype=np.uint16)).save(buf, format="PNG")
-        assert any("as dark as stored" in n for n in images.prepare_image(buf.getvalue(), 8).notes) == dark
+        stored = png(Image.fromarray(np.full((8, 8), brightest, dtype=np.uint16)))
+        assert any("as dark as stored" in n for n in images.prepare_image(stored, 8).notes) == dark
 
 
 def test_a_high_dynamic_range_image_is_scaled_by_its_brightest_value():
-    buf = io.BytesIO()  # float values up to 1e6: scaled to 0-255 by their maximum, not by 65535 (washed out white)
-    Image.fromarray(np.linspace(0, 1e6, 64 * 64, dtype=np.float32).reshape(64, 64), "F").save(buf, format="TIFF")
-    prep = images.prepare_image(buf.getvalue(), 32)
+    # float values up to 1e6: scaled to 0-255 by their maximum, not by 65535 (washed out white)
+    hdr = Image.fromarray(np.linspace(0, 1e6, 64 * 64, dtype=np.float32).reshape(64, 64), "F")
+    prep = images.prepare_image(png(hdr, "TIFF"), 32)
     assert any("high dynamic range" in n for n in prep.notes) and 0.45 < float(prep.tensor.mean()) < 0.55
 
 
@@ -349,9 +345,7 @@ def test_a_high_dynamic_range_image_is_scaled_by_its_brightest_value():
                                               ("I", 255, "32-bit integer values up to 255 read as 8-bit levels")])
 def test_a_float_or_integer_image_in_8_bit_range_says_how_it_is_read(mode, top, said):
     img = Image.fromarray(np.linspace(0, top, 64, dtype=np.float32 if mode == "F" else np.int32).reshape(8, 8), mode)
-    buf = io.BytesIO()
-    img.save(buf, format="TIFF")
-    notes = images.prepare_image(buf.getvalue(), size=8).notes
+    notes = images.prepare_image(png(img, "TIFF"), size=8).notes
     assert any(n.startswith(said) for n in notes) and ("dark" in said) == any("dark" in n for n in notes), notes
 
 
@@ -1189,9 +1183,8 @@ def test_bad_uploads_give_a_message(app):
     view = at.session_state["view"]
     assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
     assert any("centre-cropped 200x300 to 200x200" in c.value and "resized 200x200 -> 32x32" in c.value for c in at.caption)
-    photo = io.BytesIO()  # a 48-megapixel phone photo: over the 40-megapixel limit, decoded at half scale
-    Image.new("RGB", (8000, 6000), (120, 30, 200)).save(photo, format="JPEG")
-    at.file_uploader(key="upload").set_value(("phone.jpg", photo.getvalue(), "image/jpeg")).run()
+    photo = png(Image.new("RGB", (8000, 6000), (120, 30, 200)), "JPEG")  # 48 megapixels: decoded at half scale
+    at.file_uploader(key="upload").set_value(("phone.jpg", photo, "image/jpeg")).run()
     ok(at)
     assert any(c.value.startswith("Uploaded 8000x6000 RGB image; JPEG decoded at 1/2 scale, 8000x6000 to 4000x3000")
                for c in at.caption), [c.value for c in at.caption]
