@@ -1,4 +1,5 @@
 """sdnet.data: the three sources, the decode cache, clear errors, and the augmentation."""
+import shutil
 import tarfile
 
 import pytest
@@ -67,8 +68,7 @@ def test_a_plain_tar_loads_and_a_half_removed_copy_is_replaced(tmp_path):
     (unpacked,) = [p for p in (tmp_path / "cache" / "unpacked").iterdir() if p.is_dir()]
     (unpacked / ".complete").unlink()
     (unpacked / "stray.txt").write_text("left over")
-    from sdnet import data
-    data.shutil.rmtree(tmp_path / "cache" / "decoded")
+    shutil.rmtree(tmp_path / "cache" / "decoded")
     assert len(load_split(archive, "test")) == 3 and not (unpacked / "stray.txt").exists()
 
 

@@ -219,11 +219,12 @@ def test_the_robustness_claim_counts_ties_as_at_least_as_robust():
 
     def get(kind, sev, key):
         return acc[kind, sev][0 if key == "sdnet" else 1]
-    text = robust._noise_claims(get, ["gaussian"], [1, 2], {}, SimpleNamespace(baseline=object()), 0)
+    with_baseline = SimpleNamespace(baseline=object())
+    text = robust._noise_claims(get, ["gaussian"], [1, 2], {}, with_baseline, 0)
     assert "SDNet ≥ ResNet in 2 of 2 noise × severity cells, mean difference +1.00 points (clean: -1.00)" in text
     assert "ResNet 27.00, SDNet 25.00 points. Reproduced." in text
     acc["gaussian", 1] = (69.0, 70.0)
-    assert "in 1 of 2" in robust._noise_claims(get, ["gaussian"], [1, 2], {}, SimpleNamespace(baseline=object()), 0)
+    assert "in 1 of 2" in robust._noise_claims(get, ["gaussian"], [1, 2], {}, with_baseline, 0)
 
 
 def test_adaptive_lambda_claims_hold_each_noise_to_the_papers_own_gain():
