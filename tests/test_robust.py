@@ -168,6 +168,8 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
         assert [p["severity"] for p in fit["points"]] == [1, 5]
         assert [p["level"] for p in fit["points"]] == [sdnet.corruptions.level(kind, s) for s in (1, 5)]
         assert all(p["lam"] in (0.1, 0.8) and 0 < p["residual"] < 2 and len(p["sweep"]) == 2 for p in fit["points"])
+        assert all(p["lam"] == robust.best_lam(fit["lams"], p["sweep"]) and p["accuracy"] == max(p["sweep"])
+                   for p in fit["points"])  # λ_c of its sweep, and its accuracy
         assert (fit["slope"], fit["intercept"]) == pytest.approx(
             robust.fit_line([p["residual"] for p in fit["points"]], [p["lam"] for p in fit["points"]]))
         assert 0.1 <= sdnet.adaptive_lam(fit, fit["points"][0]["residual"]) <= 0.8
@@ -190,6 +192,7 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     for r in rows:
         assert r["n"] == 9 and {"resnet", "sdnet", "adaptive", "lam", "gain", "best_lam"} <= set(r)
         assert r["sweep"]["n"] == 4 and len(r["sweep"]["accuracy"]) == 2
+        assert r["best_lam"] == robust.best_lam(r["sweep"]["lams"], r["sweep"]["accuracy"])
         if r["noise"] == "gaussian":  # the adaptive lambda is the fit at the cell's mean residual
             assert r["lam"] == pytest.approx(sdnet.adaptive_lam(fit, r["residual"]))
     md = (out / "robust-noise-gaussian-impulse.md").read_text()
@@ -423,6 +426,7 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
     for norm in ("Linf", "L2"):
         r = res["norms"][norm]
         lam_t = res["tuning"][norm]["best"]
+        assert lam_t == robust.best_lam(res["tuning"][norm]["lams"], res["tuning"][norm]["accuracy"])
         assert {"resnet", "sdnet", "paper", "adaptive"} <= set(r) and r["paper"]["lam"] == r["adaptive"]["lam"] == lam_t
         # tuning and the paper's protocol attack the trained lambda; the adaptive attack the tuned one
         assert [c[1:] for c in calls if c[0] == norm and c[1] is None] == [(None, 3), (None, 9), (None, 9)]  # + ResNet
@@ -436,7 +440,25 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
     calls.clear()
     res, _ = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3")
     assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4
+    rows = (out / "robust-adversarial.md").read_text()
+    # the two tuned rows name the tuned λ per norm, not the trained one (0.1) the examples were crafted at
+    assert "| SDNet, tuned λ, paper's protocol | 0.4 / 0.4 | trained λ = 0.1 (transfer) |" in rows
+    assert "| SDNet, tuned λ, adaptive attack | 0.4 / 0.4 | the tuned λ itself |" in rows
     assert any(c[0] == "L2" and c[1] is not None and set(c[1].values()) == {0.4} and c[2] == 3 for c in calls)
+
+
+def test_the_tuned_lambda_is_the_best_and_the_smallest_on_ties():
+    assert robust.best_lam([0.1, 0.5, 0.9], [50.0, 70.0, 60.0]) == 0.5
+    assert robust.best_lam([0.1, 0.5, 0.9], [50.0, 70.0, 70.0]) == 0.5  # a tie: the smaller λ
+    assert robust.best_lam([0.9, 0.5, 0.1], [70.0, 70.0, 10.0]) == 0.5  # in any order
+    assert robust.best_lam([0.1, 0.5], [70.0, 60.0]) == 0.1
+
+
+def test_the_adversarial_verdict_tells_gradient_masking_from_robustness():
+    no_gain, masking, survives = ("no gain even under the paper's protocol", "gradient masking", "largely survives")
+    assert no_gain in robust._tuning_verdict(0.0, 0.0) and no_gain in robust._tuning_verdict(-2.0, 3.0)
+    assert masking in robust._tuning_verdict(4.0, 1.9) and masking in robust._tuning_verdict(4.0, -1.0)
+    assert survives in robust._tuning_verdict(4.0, 2.0) and survives in robust._tuning_verdict(4.0, 5.0)
 
 
 def test_fista_report(setup, tmp_path):
@@ -464,6 +486,9 @@ def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
     model = calibrated_model("sdnet18_all", 4, False).eval()
     names = [n for n, _ in sdnet.csc_layers(model)]
     assert robust.scope_layers(model, "first") == names[:1] and robust.scope_layers(model, "all") is None
+    # a model with one CSC layer (the paper's SDNet-18): "first" is every layer, so both scopes are one report
+    one = sdnet.build_model("sdnet18", width=4)
+    assert robust.scope_layers(one, "first") is None and robust.scope_layers(one, "all") is None
     assert robust.scoped(0.5, None) == 0.5 and robust.scoped(0.5, names[:1]) == {names[0]: 0.5}
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with sdnet.override(lam=robust.scoped(0.7, names[:1])):

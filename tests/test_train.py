@@ -564,3 +564,14 @@ def test_data_from_the_environment_is_named_in_what_a_run_records(tmp_path, data
     # given on the command line, it is recorded once, as given
     evaluate_main(["--checkpoint", str(run / "model.pt"), "--device", "cpu", "--data", data, "--update-card"])
     assert load_card(run / "model.pt")["evaluation"]["command"].count("--data") == 1
+
+
+def test_a_subset_as_large_as_the_split_is_the_whole_split(capsys):
+    from argparse import Namespace
+    from sdnet.train import _all_or_subset
+    data = ImageSet(torch.zeros(6, 3, 2, 2, dtype=torch.uint8), torch.arange(6) % 2, ["a", "b"], "x")
+    for asked, kept, recorded, said in ((5, 5, 5, False), (6, 6, None, False), (9, 6, None, True)):
+        args = Namespace(train_subset=asked, seed=0)
+        assert len(_all_or_subset(data, args, "train_subset", is_main=True)) == kept
+        assert args.train_subset == recorded  # (the card's "train_subset": None is the whole split)
+        assert ("--train-subset 9: the split has 6 images, all of them are used" in capsys.readouterr().out) == said
