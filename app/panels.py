@@ -604,13 +604,26 @@ def _attr_signature(ctx: Context, spec: state.LamSpec, n_steps: state.StepsSpec,
 
 
 def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_steps: state.StepsSpec,
-               lam: dict) -> state.View:
-    """What the page shows for these settings, from the widgets' values (drawn or not: closed tabs too)."""
+               lam: dict | None) -> state.View:
+    """What the page shows for these settings, from the widgets' values (drawn or not: closed tabs too). A model
+    without CSC layers (a ResNet: `lam` None) has no layer, atoms, codes or λ path: its view is the inputs, the
+    prediction and the attribution, enough to export them."""
     loaded = ctx.loaded
     names = loaded.layer_names
-    if _default("layer", names[0]) not in names:
+    if names and _default("layer", names[0]) not in names:
         st.session_state["layer"] = names[0]
-    layer = st.session_state["layer"]
+    layer = st.session_state["layer"] if names else None
+    result = st.session_state.get("attr_result")
+    target = _attr_target(ctx, cur)
+    # an attribution computed for other settings is left out of the export (the Attribution panel says so)
+    fresh = result is not None and result["signature"] == _attr_signature(ctx, spec, n_steps, target)
+    attrs = dict(result["attributions"]) if fresh else {}
+    atom_scores = result["atoms"] if fresh else None
+    settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
+                           target if fresh else None)
+    if not names:
+        return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
+                          trained=trained, attributions=attrs)
     rec = state.layer_record(cur, layer)
     channels = rec["z"].shape[0]
     st.session_state["n_codes"] = min(_default("n_codes", min(16, channels)), channels)
@@ -618,13 +631,6 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
     tiles = images.atom_tiles(first.weight.detach())[order]
-    result = st.session_state.get("attr_result")
-    target = _attr_target(ctx, cur)
-    fresh = result is not None and result["signature"] == _attr_signature(ctx, spec, n_steps, target)
-    attrs = dict(result["attributions"]) if fresh else {}
-    atom_scores = result["atoms"] if fresh else None
-    settings = settings_of(ctx, lam, spec, n_steps, layer, attrs, result["atom_method"] if fresh else None,
-                           target if fresh else None)
     sees, more, offsets = None, {}, False
     if not loaded.meta["config"].get("shortcut", True):
         offsets = _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1]
@@ -846,10 +852,10 @@ def _spread(names: list[str], n: int) -> list[str]:
     return [names[i] for i in dict.fromkeys(idx)]
 
 
-def attribution_panel(ctx: Context, cur: dict, view: state.View | None, spec: state.LamSpec,
+def attribution_panel(ctx: Context, cur: dict, view: state.View, spec: state.LamSpec,
                       n_steps: state.StepsSpec) -> None:
     """Attribution widgets; computes on request (or live) and updates `view` with the result. A model without CSC
-    layers (a ResNet, `view` None) gets its input attribution only: it has no atoms."""
+    layers (a ResNet) gets its input attribution only: it has no atoms."""
     loaded, classes = ctx.loaded, ctx.loaded.classes
     atoms_too = bool(loaded.layer_names)
     target = _attr_target(ctx, cur)
@@ -889,9 +895,8 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View | None, spec: st
         result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method,
                       first_code=None if first is None else (first["name"], bool(np.any(first["z"])), first["lam"]))
         st.session_state["attr_result"] = result
-        if view is not None:
-            view.attributions, view.atom_scores = attrs, atoms
-            view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
+        view.attributions, view.atom_scores = attrs, atoms
+        view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
     if result is None:
         st.info("Press 'Compute attribution' to explain the decision (Integrated Gradients, Saliency, Occlusion)"
                 + (", and to see which first-layer atoms drove it." if atoms_too else "."))
@@ -933,12 +938,19 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View | None, spec: st
 
 
 def export_panel(view: state.View, unnormalize) -> None:
-    st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), each titled with its layer, the "
-               "image, the noise and λ, and where colours stand for values, with its colour scale (the inputs as "
-               "plain images), and one ZIP with all of them, "
-               "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
-               "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves itself "
-               "as a PNG from the camera icon in its top-right corner.")
+    if view.probe["layers"]:
+        st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), each titled with its layer, "
+                   "the image, the noise and λ, and where colours stand for values, with its colour scale (the inputs "
+                   "as plain images), and one ZIP with all of them, "
+                   "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
+                   "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves "
+                   "itself as a PNG from the camera icon in its top-right corner.")
+    else:  # a model without CSC layers (a ResNet): no layers, atoms, λ or λ path to speak of
+        st.caption("PNGs of the inputs (as plain images) and of the attribution maps computed above (each titled "
+                   "with the model, the image and the noise, with its colour scale), and one ZIP with all of them, "
+                   "the raw arrays (arrays.npz: the inputs, logits, probabilities and attributions), settings.json "
+                   "and reproduce.py, which recomputes the logits from those two. Each chart saves itself as a PNG "
+                   "from the camera icon in its top-right corner.")
     # side by side as many as fit, each as wide as its name: in two columns at 800 px a deep layer's
     # "reconstruction_layer4_1_conv2.png" was cut (and three columns cut shorter names at 700 px)
     with st.container(horizontal=True, key="export_buttons"):
@@ -958,8 +970,10 @@ def export_panel(view: state.View, unnormalize) -> None:
         st.code(state.reproduce_snippet(view.settings), language="python", wrap_lines=True)  # none cut at 800 px
 
 
-def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: state.StepsSpec, layer: str | None,
+def settings_of(ctx: Context, lam: dict | None, spec: state.LamSpec, n_steps: state.StepsSpec, layer: str | None,
                 attrs: dict, atom_method: str | None, target: int | None) -> dict[str, Any]:
+    """settings.json: what the view was made from. λ and FISTA steps are None for a model without CSC layers (a
+    ResNet), where they do not apply, as `layer` and `baseline` are None where there is none."""
     loaded = ctx.loaded
     path = loaded.path.resolve()
     shown = str(path.relative_to(state.ROOT)) if path.is_relative_to(state.ROOT) else str(path)
@@ -969,10 +983,10 @@ def settings_of(ctx: Context, lam: dict, spec: state.LamSpec, n_steps: state.Ste
         "image": dict(ctx.image_info, sha256=images.image_hash(ctx.clean), size=int(ctx.clean.shape[-1]),
                       model_input_sha256=images.image_hash(ctx.image)),
         "corruption": {k: ctx.corruption.get(k) for k in ("kind", "severity", "seed", "level")},
-        "lam": dict(all=lam["all"], per_layer=lam["per_layer"],
-                    override=[list(p) for p in spec] if isinstance(spec, tuple) else spec,
-                    trained=loaded.trained_lams),
-        "n_steps": state.as_override(n_steps),  # a count for every layer, or {first layer: count}
+        "lam": None if lam is None else dict(all=lam["all"], per_layer=lam["per_layer"],
+                                             override=[list(p) for p in spec] if isinstance(spec, tuple) else spec,
+                                             trained=loaded.trained_lams),
+        "n_steps": state.as_override(n_steps),  # a count for every layer, or {first layer: count} (None: a ResNet)
         "layer": layer,
         "baseline": str(ctx.baseline.path.name) if ctx.baseline else None,
         "attribution": dict(methods=list(attrs), atom_method=atom_method, target=target),
@@ -990,11 +1004,15 @@ def explore(ctx: Context) -> None:
     resnet = state.probe(ctx.baseline.model, ctx.baseline.key, ctx.image, None, None) if ctx.baseline else None
     if not loaded.layer_names:
         st.info("This model has no CSC layers (a ResNet): λ has no effect, and there are no atoms or codes to show. "
-                "Below: its predictions, and what in the image drove them.")
+                "Below: its predictions, what in the image drove them, and their export.")
         st.subheader("Predictions")
         predictions_panel(ctx, trained, trained, resnet, "trained")
+        view = build_view(ctx, trained, trained, None, None, None)
+        st.session_state["view"] = view
         st.subheader("Attribution")
-        attribution_panel(ctx, trained, None, None, None)
+        attribution_panel(ctx, trained, view, None, None)
+        st.subheader("Export")  # after the attribution: one computed in this run is in it
+        export_panel(view, unnormalizer(loaded))
         return
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)

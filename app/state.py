@@ -440,10 +440,11 @@ def noise_text(corruption: dict) -> str:
 def export_subtitle(settings: dict, layer: str | None = None) -> str:
     """The line under every exported figure's title: model, image, noise and the λ and FISTA steps it was made
     at (`layer`'s own λ first where it has one)."""
+    parts = [settings["checkpoint"]["model"], settings["image"]["source"], noise_text(settings["corruption"])]
     lam = settings["lam"]
-    setting = setting_text(lam["all"], lam["per_layer"], settings["n_steps"], layer)
-    return (f"{settings['checkpoint']['model']} · {settings['image']['source']} · "
-            f"{noise_text(settings['corruption'])} · {setting}")
+    if lam is not None:  # None: a model without CSC layers (a ResNet) has no λ or FISTA steps
+        parts.append(setting_text(lam["all"], lam["per_layer"], settings["n_steps"], layer))
+    return " · ".join(parts)
 
 
 def _figure_png(picture: np.ndarray, title: str, settings: dict, scale: int = 1,
@@ -584,23 +585,26 @@ def export_pngs(view: View, unnormalize) -> dict[str, bytes]:
 
 
 def export_arrays(view: View) -> bytes:
-    """The raw arrays as .npz: per layer x, z, A(z), residual; per-layer metrics; logits; inputs."""
+    """The raw arrays as .npz: per layer x, z, A(z), residual; per-layer metrics; logits; inputs; attributions."""
     arrays: dict[str, np.ndarray] = {"clean": view.clean, "input": view.image,
-                                     "logits": view.probe["logits"], "probs": view.probe["probs"],
-                                     "logits_trained_lam": view.trained["logits"]}
-    names = [r["name"] for r in view.probe["layers"]]
-    arrays["layer_names"] = np.array(names)
-    arrays["rel_residual"] = np.array([r["rel_residual"] for r in view.probe["layers"]])
-    arrays["sparsity"] = np.array([r["sparsity"] for r in view.probe["layers"]])
-    arrays["lam"] = np.array([r["lam"] for r in view.probe["layers"]])
-    for r in view.probe["layers"]:
-        for k in ("x", "z", "recon", "residual"):
-            arrays[f"{r['name']}.{k}"] = r[k]
+                                     "logits": view.probe["logits"], "probs": view.probe["probs"]}
+    layers = view.probe["layers"]
+    # a model without CSC layers (a ResNet) has none of these: empty arrays, and logits at a trained λ it does not
+    # have, would only puzzle a reader of the file
+    if layers:
+        arrays["logits_trained_lam"] = view.trained["logits"]
+        arrays["layer_names"] = np.array([r["name"] for r in layers])
+        arrays["rel_residual"] = np.array([r["rel_residual"] for r in layers])
+        arrays["sparsity"] = np.array([r["sparsity"] for r in layers])
+        arrays["lam"] = np.array([r["lam"] for r in layers])
+        for r in layers:
+            for k in ("x", "z", "recon", "residual"):
+                arrays[f"{r['name']}.{k}"] = r[k]
     for method, attr in view.attributions.items():
         arrays[f"attribution.{method}"] = attr
     if view.atom_scores is not None:
         arrays["atom_attribution"] = view.atom_scores
-    if view.atom_order is not None:  # atoms_first_layer.png's tiles, row by row: atom numbers, most used first
+    if view.atom_tiles is not None:  # atoms_first_layer.png's tiles, row by row: atom numbers, most used first
         arrays["atoms_first_layer_order"] = np.asarray(view.atom_order)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
@@ -676,19 +680,24 @@ def reproduce_snippet(settings: dict) -> str:
     if settings["corruption"]["kind"] != "none":
         lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['severity'], "
                      "seed=s['corruption']['seed'])")
-    lines += ["lam = s['lam']['override']",
-              "lam = dict(lam) if isinstance(lam, list) else lam  # per layer, or one λ for all (None: as trained)",
-              "with sdnet.override(lam=lam, n_steps=s['n_steps']):",
-              "    t = sdnet.trace(model, x[None])",
-              "",
+    csc = settings["lam"] is not None  # None: a model without CSC layers (a ResNet), no λ to set nor codes to compare
+    if csc:
+        lines += ["lam = s['lam']['override']",
+                  "lam = dict(lam) if isinstance(lam, list) else lam  # per layer, or one λ for all (None: as trained)",
+                  "with sdnet.override(lam=lam, n_steps=s['n_steps']):",
+                  "    t = sdnet.trace(model, x[None])"]
+    else:
+        lines.append("t = sdnet.trace(model, x[None])  # no CSC layer: the logits only")
+    lines += ["",
               "probs = t.logits[0].softmax(0)",
               "best = int(probs.argmax())",
               "classes = meta.get('classes') or [f'class {i}' for i in range(len(probs))]",
               "print(f'prediction: {classes[best]} {float(probs[best]):.1%}')",
               "print(f'largest logit difference from the export: '",
-              "      f'{np.abs(t.logits[0].numpy() - saved[\"logits\"]).max():.2g}')",
-              "codes = max(float(np.abs(layer.z[0].numpy() - saved[f'{layer.name}.z']).max()) for layer in t.layers)",
-              "print(f'largest code difference over the {len(t.layers)} CSC layers: {codes:.2g}')"]
+              "      f'{np.abs(t.logits[0].numpy() - saved[\"logits\"]).max():.2g}')"]
+    if csc:
+        lines += ["codes = max(float(np.abs(layer.z[0].numpy() - saved[f'{layer.name}.z']).max()) for layer in t.layers)",
+                  "print(f'largest code difference over the {len(t.layers)} CSC layers: {codes:.2g}')"]
     return "\n".join(lines) + "\n"
 
 

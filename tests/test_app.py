@@ -5,6 +5,7 @@ import copy
 import io
 import json
 import math
+import os
 import re
 import struct
 import subprocess
@@ -1032,19 +1033,22 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     assert_reproduces(tmp_path / "export", arrays, loaded.classes)
 
 
-def assert_reproduces(folder: Path, arrays, classes: list[str]) -> None:
+def assert_reproduces(folder: Path, arrays, classes: list[str], codes: bool = True) -> None:
     """reproduce.py, run as a script in an unpacked export, prints the export's prediction and differences from
-    its arrays too small to matter, and no doubt about the checkpoint."""
-    # run from another folder: it reads the files beside it
+    its arrays too small to matter (the logits', and the codes' unless `codes` is False: a model without CSC
+    layers has none), and no doubt about the checkpoint."""
+    # run from another folder: it reads the files beside it; `import sdnet` from this checkout, installed or not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, str(folder / "reproduce.py")], cwd=folder.parent, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
     out = run.stdout
     best = int(np.argmax(arrays["probs"]))
     assert f"prediction: {classes[best]} {arrays['probs'][best]:.1%}" in out, out
-    for what in ("logit", "code"):
+    for what in ("logit", "code") if codes else ("logit",):
         gap = re.search(rf"largest {what} difference .*: (\S+)", out)
         assert gap and float(gap.group(1)) < 1e-4, out
+    assert codes or "code difference" not in out, out
     assert "not the file the export was made with" not in out
 
 
@@ -1075,6 +1079,78 @@ def test_reproduce_py_redraws_the_noise_and_finds_a_checkpoint_in_the_checkout(a
         dict(view.settings, checkpoint=dict(view.settings["checkpoint"], path=str(tmp_path / "gone.pt")))))
     run = subprocess.run([sys.executable, "reproduce.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and f"No checkpoint at {tmp_path / 'gone.pt'}" in run.stderr, run.stderr
+
+
+def _resnet_name(checkpoint_dir: Path) -> str:
+    """The ResNet among the test checkpoints (the shipped SDNet-All's baseline, or its stand-in)."""
+    return sorted(p.name for p in checkpoint_dir.glob("resnet*.pt"))[0]
+
+
+def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint_dir, tmp_path):
+    """A ResNet checkpoint's page showed its predictions and attribution with no way to export them: it gets the
+    SDNet page's export, less what a model without CSC layers does not have (λ, layers, atoms, λ path)."""
+    from app import panels, state
+    at = app(ckpt=_resnet_name(checkpoint_dir), noise="shot", seed=3, attr_methods=["saliency"])
+    at.button(key="attr_run").click().run()
+    ok(at)
+    assert "Export" in [h.value for h in at.subheader]
+    labels = [b.label for b in at.get("download_button")]
+    assert {"input_clean.png", "input_model.png", "attribution_saliency.png", "Download everything (ZIP)"} <= set(
+        labels) and not any(label.startswith(("codes_", "atoms_", "lam_path")) for label in labels), labels
+    view = at.session_state["view"]
+    assert view.layer is None and view.probe["layers"] == [] and set(view.attributions) == {"saliency"}
+    # settings.json: λ and FISTA steps do not apply (None, as the layer and the baseline), the attribution does
+    assert view.settings["lam"] is None and view.settings["n_steps"] is None and view.settings["layer"] is None
+    assert view.settings["attribution"] == dict(methods=["saliency"], atom_method=None,
+                                                target=int(np.argmax(view.probe["probs"])))
+    shown = [c.value.strip() for c in at.code]  # (st.code drops the final newline)
+    assert state.settings_json(view.settings).strip() in shown  # the page's settings.json expander
+    # the figures' subtitle names no λ
+    assert state.export_subtitle(view.settings) == (f"{view.settings['checkpoint']['model']} · sample:"
+                                                    f"{state.DEFAULT_SAMPLE} · shot noise, severity 3, seed 3")
+    loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
+    zf = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
+    assert set(zf.namelist()) == {"png/input_clean.png", "png/input_model.png", "png/attribution_saliency.png",
+                                  "arrays.npz", "settings.json", "reproduce.py"}
+    for name in ("png/input_clean.png", "png/input_model.png"):
+        assert Image.open(io.BytesIO(zf.read(name))).size == (256, 256)
+    figure = np.asarray(Image.open(io.BytesIO(zf.read("png/attribution_saliency.png"))).convert("RGB"))
+    assert (figure[:6] == 255).all() and (figure[6:24].min(-1) < 80).any()  # titled
+    assert json.loads(zf.read("settings.json")) == json.loads(json.dumps(view.settings))
+    arrays = np.load(io.BytesIO(zf.read("arrays.npz")))
+    assert set(arrays.files) == {"clean", "input", "logits", "probs", "attribution.saliency"}
+    assert np.array_equal(arrays["logits"], view.probe["logits"]) and np.array_equal(arrays["input"], view.image)
+    # ...the logits the page shows: its prediction, in words
+    best = int(np.argmax(arrays["probs"]))
+    summary = next(m.value for m in at.markdown if m.value.startswith("- resnet18"))
+    assert f"**{loaded.classes[best]}** {arrays['probs'][best]:.1%}" in summary
+    # reproduce.py: no λ to set, no codes to compare; it recomputes the logits (redrawing the noise) and says how close
+    script = zf.read("reproduce.py").decode()
+    assert script == state.reproduce_snippet(view.settings) and "override" not in script and "t.layers" not in script
+    assert script.strip() in shown  # the page's "Reproduce in Python"
+    zf.extractall(tmp_path / "export")
+    assert_reproduces(tmp_path / "export", arrays, loaded.classes, codes=False)
+
+
+def test_a_stale_resnet_attribution_is_left_out_of_its_export(app, checkpoint_dir):
+    """As on an SDNet's page: an attribution computed for another image is said to be stale and left out."""
+    from app import state
+    at = app(ckpt=_resnet_name(checkpoint_dir), attr_methods=["saliency"])
+    at.button(key="attr_run").click().run()
+    ok(at)
+    assert "attribution_saliency.png" in [b.label for b in at.get("download_button")]
+    at.selectbox(key="noise").set_value("gaussian").run()  # another model input: the attribution is now stale
+    ok(at)
+    assert any("left out of the export" in w.value for w in at.warning), [w.value for w in at.warning]
+    labels = [b.label for b in at.get("download_button")]
+    assert "input_model.png" in labels and "attribution_saliency.png" not in labels
+    view = at.session_state["view"]
+    assert view.attributions == {} and view.settings["attribution"] == dict(methods=[], atom_method=None, target=None)
+    assert "attribution.saliency" not in np.load(io.BytesIO(state.export_arrays(view))).files
+    at.button(key="attr_run").click().run()  # computed again for this image: back in the export
+    ok(at)
+    assert "attribution_saliency.png" in [b.label for b in at.get("download_button")]
+    assert set(at.session_state["view"].attributions) == {"saliency"}
 
 
 def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(app):
