@@ -6,7 +6,8 @@ percent from round to round; this script times the two first layers alone (forwa
 training batch, the image not requiring a gradient, as in training), interleaved with whole ResNet-18
 training steps in the same process, and prints the ratio those parts imply. On the CPU it also times the CSC layer
 solved with convolutions instead of its batched matrix products (`sdnet.csc._PRODUCTS_MIN_ROWS_RATIO`), an A/B
-of that choice in the same process. With --profile it also lists
+of that choice in the same process (on CUDA with --products-on-cuda, the products being the CPU's path). With
+--profile it also lists
 the operations of the CSC layer's forward and backward by their own time (torch.profiler).
 """
 from __future__ import annotations
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", type=sdnet.utils.device_value, help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.add_argument("--profile", action="store_true", help="also list the CSC layer's operations by own time")
+    p.add_argument("--products-on-cuda", action="store_true",
+                   help="on CUDA, solve the CSC layer by batched matrix products too, as on the CPU "
+                        "(sdnet.csc._PRODUCTS_DEVICES), timed against its convolutions in the same process")
     args = p.parse_args(argv)
     for name in ("width", "batch", "rounds"):
         if getattr(args, name) < 1:
@@ -66,6 +70,11 @@ def timed(fn, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with csc_settings(_PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None):  # set back after
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

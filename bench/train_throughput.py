@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager-image-bound", action="store_true",
                    help="on CUDA, compute the image layers' FFT bound kernel by kernel, not replayed as a CUDA graph "
                         "(as before; an A/B in the same call)")
+    p.add_argument("--products-on-cuda", action="store_true",
+                   help="on CUDA, solve wide image layers (SDNet-18's) by batched matrix products, as the library does "
+                        "on the CPU (sdnet.csc._PRODUCTS_DEVICES), not by cuDNN's convolutions: an A/B in the same call")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around the forward, as train's --amp auto does on CUDA (default: off)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -326,6 +329,7 @@ def measure_memory(name: str, args) -> dict:
     if args.host_checked_every:
         cmd += ["--host-checked-every", str(args.host_checked_every)]
     cmd += ["--image-step-size", args.image_step_size] + (["--eager-image-bound"] if args.eager_image_bound else [])
+    cmd += ["--products-on-cuda"] if args.products_on_cuda else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     method, mix = ("power", 0.3) if args.refresh == "power" else LIBRARY_REFRESH
     # set back for a caller in the same process
     with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every,
-                      _BOUND_GRAPH_DEVICES=set() if args.eager_image_bound else None), \
+                      _BOUND_GRAPH_DEVICES=set() if args.eager_image_bound else None,
+                      _PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None), \
             replayed_checks(args.replayed_checks):
         return run(args, argv, allocator)
 
@@ -465,6 +470,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
     graphed = device.type == "cuda" and not args.no_cuda_graphs and "cuda" in sdnet.csc._BOUND_GRAPH_DEVICES
     refresh += "; image layers: " + ("the same as the others" if args.image_step_size != "fft" else
                                      "the FFT bound" + (", replayed as a CUDA graph" if graphed else ""))
+    if args.products_on_cuda:
+        refresh += "; wide image layers solved by matrix products on CUDA too (--products-on-cuda)"
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

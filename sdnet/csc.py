@@ -59,6 +59,11 @@ STEP_SIZE_RULES = ("lanczos", "fft")  # what a layer's `step_size` is; the const
 # 7x7 stems won by less (bench/layer_products.py); this ratio keeps to the shapes where the products won clearly,
 # from batch 8 up (at batch 1, the app's, 1.4 ms against 1.2). math.inf turns it off.
 _PRODUCTS_MIN_ROWS_RATIO = 2.0
+# The devices where such layers do so: the CPU. On CUDA the products, the whole batch at once, were slower than
+# cuDNN's convolutions: SDNet-18's image layer 3.1 ms for a training step's forward and backward at batch 128
+# against 1.4 ms, and SDNet-18 0.75x ResNet-18 against 0.90x (an H200, reports/cuda-check run 16).
+# bench/first_layer_cost.py and bench/train_throughput.py --products-on-cuda add "cuda" here, for that A/B.
+_PRODUCTS_DEVICES = ("cpu",)
 
 
 class _Setting(NamedTuple):
@@ -414,10 +419,10 @@ class CSCLayer(nn.Module):
         outside autocast (whose casts the hand-made products would not get), torch.func transforms (vmap, jvp,
         jacrev) and forward-mode AD (ProductSolve defines neither a batching rule nor a jvp)."""
         rows = self.in_channels * self.kernel_size ** 2 + 1
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        return (x.device.type in _PRODUCTS_DEVICES and x.dtype in (torch.float32, torch.float64)
                 and x.dim() == 4 and x.shape[0] > 0 and x.is_contiguous()
                 and self.out_channels >= _PRODUCTS_MIN_ROWS_RATIO * rows
-                and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
+                and not torch.is_autocast_enabled(x.device.type) and not torch._C._are_functorch_transforms_active()
                 and all(forward_ad.unpack_dual(t).tangent is None for t in (x, self.weight)))
 
     def _solve_by_convolutions(self, x: torch.Tensor, L: torch.Tensor, thr: torch.Tensor, n_steps: int):

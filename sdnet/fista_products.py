@@ -50,7 +50,9 @@ class _Geometry:
         self.code_hw = tuple((n + 2 * padding - self.k) // stride + 1 for n in self.size)
         self.rows = weight[0].numel()  # C_in * k * k
         per_image = weight.shape[0] * self.code_hw[0] * self.code_hw[1] * x.element_size()
-        self.chunk = max(1, _CHUNK_BYTES // per_image)
+        # on the CPU a chunk that stays in cache; on a GPU (sdnet.csc._PRODUCTS_DEVICES), whose launches cost more
+        # than its memory traffic, the whole batch at once
+        self.chunk = max(1, _CHUNK_BYTES // per_image) if x.device.type == "cpu" else max(1, x.shape[0])
 
     def columns(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer for one chunk's unfolded signal, its last row all ones (it carries the threshold)."""

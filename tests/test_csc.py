@@ -297,6 +297,39 @@ def test_which_layers_solve_by_matrix_products():
     assert not CSCLayer(3, 64, 3)._uses_products(x[:0]) and not CSCLayer(3, 64, 3)._uses_products(x[0])
 
 
+def test_the_matrix_products_run_where_the_setting_says_and_in_one_chunk_on_a_gpu(monkeypatch):
+    """sdnet.csc._PRODUCTS_DEVICES says where wide image layers solve by products (the CPU; CUDA only in the
+    benchmarks' A/B); the CPU solves in cache-sized chunks, any other device the whole batch at once."""
+    x = torch.rand(8, 3, 32, 32)
+    monkeypatch.setattr(csc, "_PRODUCTS_DEVICES", ())
+    assert not CSCLayer(3, 64, 3)._uses_products(x)
+    weight = torch.empty(64, 3, 3, 3)
+    per_image = 64 * 32 * 32 * 4
+    assert fista_products._Geometry(x, weight, 1, 1).chunk == fista_products._CHUNK_BYTES // per_image == 4
+    assert fista_products._Geometry(x.to("meta"), weight.to("meta"), 1, 1).chunk == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("non_negative", [True, False])
+def test_on_cuda_the_matrix_products_solve_as_the_convolutions_do(stride, non_negative, monkeypatch):
+    """bench/*.py --products-on-cuda: the CPU's product solve on a GPU, the whole batch in one chunk, gives the
+    codes and gradients of cuDNN's convolutions (in float64, so that no TF32 rounding comes between them)."""
+    monkeypatch.setattr(csc, "_PRODUCTS_DEVICES", ("cpu", "cuda"))
+    layer = make_layer(3, 64, 3, stride, non_negative, n_steps=3).double().cuda()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64).cuda()
+    assert layer._uses_products(x)
+    upstream = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64).cuda()
+    products = _solve_with_gradients(layer, x, upstream)
+    monkeypatch.setattr(csc, "_PRODUCTS_DEVICES", ("cpu",))
+    assert not layer._uses_products(x)
+    convolutions = _solve_with_gradients(layer, x, upstream)
+    assert (products[0] != 0).any() and (products[0] == 0).any()
+    for ours, ref in zip(products, convolutions):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func.jvp's own
 def test_a_wide_image_layer_under_autocast_transforms_and_forward_ad_solves_by_convolutions():
     """The matrix-product solve has no autocast casts, batching rule or jvp: under those the layer takes its
@@ -1456,8 +1489,8 @@ def test_the_matrix_product_benchmarks_time_both_ways(monkeypatch, capsys):
         torch.testing.assert_close(twin(x), plain(x), rtol=1e-4, atol=1e-5)
     # the matrix-product path is the CPU's (a GPU solves by convolutions): the A/B part is there only on the CPU
     cost = bench_module("first_layer_cost").main(["--width", "64", "--batch", "2", "--rounds", "1", "--threads", "1",
-                                                  "--device", "cpu"])
-    assert "sdnet18 conv1 (CSC), by convolutions" in cost["median_ms"]
+                                                  "--device", "cpu", "--products-on-cuda"])  # (no CUDA here)
+    assert "sdnet18 conv1 (CSC), by convolutions" in cost["median_ms"] and csc._PRODUCTS_DEVICES == ("cpu",)
     assert "Solved by convolutions it would add" in capsys.readouterr().out
 
 
