@@ -7,17 +7,18 @@
 #    `python -m sdnet.train` does on CUDA by default), fp32 with host checks in one refresh of 8
 #    (`--host-checked-every 8`, the others with no sync), ResNet-18 and SDNet-18 with the image layer's step size
 #    by Lanczos, as before the FFT bound (`--image-step-size lanczos`), and with the FFT bound computed kernel by
-#    kernel, not replayed as a CUDA graph (`--eager-image-bound`): each an A/B in the same call. `bench` alone also
+#    kernel, not replayed as a CUDA graph (`--eager-image-bound`), and every model with cuDNN's autotuner
+#    (`--cudnn-benchmark`): each an A/B in the same call. `bench` alone also
 #    runs fp32 without the refresh's CUDA graphs (`--no-cuda-graphs`) and with the graphs but the eager refresh's
 #    schedule of checks (`--replayed-checks 6:2`), unchanged since runs 9-10. (The power refresh the library had
 #    before, `--refresh power`, was measured in runs 4-5: reports/cuda-check.) Then bench/step_profile.py: where a
 #    step's time goes.
 # `all` runs the benchmarks first, then the tests (the CUDA cases first, in a call of their own).
 # `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 420 s and 590 s, so each fits a
-# 10-minute call. `all`'s limits add up to 860 s, but on an H200 the benchmarks and profile took 155 s together
-# and the tests 47 s + about 240 s (run 15: the rest of the suite ran out of its 200 s then, at 96%, hence 300 s
-# now; 405 s in all): run it under a `timeout` that leaves time to bring back what it wrote. The exit status is 1
-# if any step failed or timed out.
+# 10-minute call. `all`'s limits add up to 900 s, but on an H200 the benchmarks and profile took 155 s together
+# (five benchmarks then: about 185 s with the autotuner's) and the tests 47 s + about 240 s (run 15: the rest of
+# the suite ran out of its 200 s then, at 96%, hence 300 s now; 405 s in all): run it under a `timeout` that
+# leaves time to bring back what it wrote. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.
 set -u -o pipefail
@@ -51,14 +52,16 @@ run_bench() {  # name, seconds, flags...
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
 run_bench fp32 120
-run_bench bf16 80 --no-memory --amp bf16
-run_bench fp32-host-checked-every-8 80 --no-memory --host-checked-every 8
+# cuDNN's autotuner for every model (untried on a GPU; kuangliu's pytorch-cifar, the paper's baselines, trains so)
+run_bench fp32-cudnn-benchmark 60 --no-memory --cudnn-benchmark
+run_bench bf16 70 --no-memory --amp bf16
+run_bench fp32-host-checked-every-8 70 --no-memory --host-checked-every 8
 run_bench fp32-image-lanczos 50 --no-memory --models resnet18 sdnet18 --image-step-size lanczos
 run_bench fp32-eager-image-bound 50 --no-memory --models resnet18 sdnet18 --eager-image-bound
 # measured in runs 9-10 and not changed since: left out of `all`, so that its tests fit one 10-minute call
 if [ "$PART" = bench ]; then
-  run_bench fp32-no-graphs 75 --no-memory --no-cuda-graphs
-  run_bench fp32-eager-checks 75 --no-memory --replayed-checks 6:2
+  run_bench fp32-no-graphs 55 --no-memory --no-cuda-graphs
+  run_bench fp32-eager-checks 55 --no-memory --replayed-checks 6:2
 fi
 timeout -k 10 60 python3 bench/step_profile.py --device cuda > "$OUT/step-profile.txt" 2>&1 || { echo "step-profile failed or timed out"; FAILED=1; }
 grep -A3 "^## " "$OUT/step-profile.txt"

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import sdnet  # noqa: E402
 import sdnet.utils  # noqa: E402
-from train_throughput import Trainer, csc_settings, environment, pick_device, sync  # noqa: E402
+from train_throughput import Trainer, csc_settings, cudnn_benchmark, environment, pick_device, sync  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto", type=sdnet.utils.device_value, help="auto (cuda if available, else cpu), cpu, cuda, ...")
     p.add_argument("--profile", action="store_true", help="also list the CSC layer's operations by own time")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN's autotuner on (torch.backends.cudnn.benchmark), for every part timed")
     p.add_argument("--products-on-cuda", action="store_true",
                    help="on CUDA, solve the CSC layer by batched matrix products too, as on the CPU "
                         "(sdnet.csc._PRODUCTS_DEVICES), timed against its convolutions in the same process")
@@ -70,7 +72,8 @@ def timed(fn, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with csc_settings(_PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None):  # set back after
+    with csc_settings(_PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None), \
+            cudnn_benchmark(args.cudnn_benchmark):  # (both set back after)
         return run(args, argv)
 
 
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     extra = med["sdnet18 conv1 (CSC)"] - med["resnet18 conv1"]
     print(f"python bench/first_layer_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     env = environment(device, None)
-    print(f"{env['machine']}; torch {env['torch']}; {env['allocator']}; 1-minute load average "
+    tuned = "; cuDNN's autotuner on" if device.type == "cuda" and torch.backends.cudnn.benchmark else ""
+    print(f"{env['machine']}; torch {env['torch']}; {env['allocator']}{tuned}; 1-minute load average "
           f"{env['load_average_1min']:.2f}; width {args.width}, batch {args.batch}, {args.rounds} rounds\n")
     print("| part | ms (median) | range |")
     print("|---|---:|---|")

@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager-image-bound", action="store_true",
                    help="on CUDA, compute the image layers' FFT bound kernel by kernel, not replayed as a CUDA graph "
                         "(as before; an A/B in the same call)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN's autotuner on for every model (torch.backends.cudnn.benchmark: each convolution shape "
+                        "timed once and its fastest algorithm kept, as kuangliu's pytorch-cifar trains); untried on a "
+                        "GPU here")
     p.add_argument("--products-on-cuda", action="store_true",
                    help="on CUDA, solve wide image layers (SDNet-18's) by batched matrix products, as the library does "
                         "on the CPU (sdnet.csc._PRODUCTS_DEVICES), not by cuDNN's convolutions: an A/B in the same call")
@@ -134,6 +138,17 @@ def csc_settings(**values):
     finally:
         for name, value in library.items():
             setattr(sdnet.csc, name, value)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool):
+    """cuDNN's autotuner on inside the block where `on` (left as it is otherwise), set back after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def replayed_checks(schedule: tuple[int, int] | None, replayed: bool = True):
@@ -330,6 +345,7 @@ def measure_memory(name: str, args) -> dict:
         cmd += ["--host-checked-every", str(args.host_checked_every)]
     cmd += ["--image-step-size", args.image_step_size] + (["--eager-image-bound"] if args.eager_image_bound else [])
     cmd += ["--products-on-cuda"] if args.products_on_cuda else []
+    cmd += ["--cudnn-benchmark"] if args.cudnn_benchmark else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory run for {name} failed:\n{done.stderr[-2000:]}")
@@ -422,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every,
                       _BOUND_GRAPH_DEVICES=set() if args.eager_image_bound else None,
                       _PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None), \
-            replayed_checks(args.replayed_checks):
+            replayed_checks(args.replayed_checks), cudnn_benchmark(args.cudnn_benchmark):
         return run(args, argv, allocator)
 
 
@@ -472,6 +488,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
                                      "the FFT bound" + (", replayed as a CUDA graph" if graphed else ""))
     if args.products_on_cuda:
         refresh += "; wide image layers solved by matrix products on CUDA too (--products-on-cuda)"
+    if device.type == "cuda" and torch.backends.cudnn.benchmark:
+        refresh += "; cuDNN's autotuner on (--cudnn-benchmark)"
     print(f"{report['command']}\n{env['machine']}; torch {env['torch']}; {env['allocator']}; step-size refresh: "
           f"{refresh}; 1-minute load average "
           f"{env['load_average_1min']:.2f} at the start, {env['load_average_1min_at_end']:.2f} at the end; "

@@ -1662,6 +1662,13 @@ def test_train_throughput_benchmark_runs(monkeypatch):
     monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(set(csc._BOUND_GRAPH_DEVICES)))
     train_throughput.main(argv + ["--eager-image-bound"])
     assert during[-1] == set() and csc._BOUND_GRAPH_DEVICES == {"cuda"}
+    # --products-on-cuda, --cudnn-benchmark: the image layer's products on CUDA too, cuDNN's autotuner, for the run
+    monkeypatch.setattr(train_throughput, "run", lambda *a: during.append(
+        (csc._PRODUCTS_DEVICES, torch.backends.cudnn.benchmark)))
+    assert not torch.backends.cudnn.benchmark
+    train_throughput.main(argv + ["--products-on-cuda", "--cudnn-benchmark"])
+    assert during[-1] == (("cpu", "cuda"), True)
+    assert csc._PRODUCTS_DEVICES == ("cpu",) and not torch.backends.cudnn.benchmark
     with pytest.raises(SystemExit):
         train_throughput.parse_args(["--host-checked-every", "0"])
     for bad in ("6", "0:2", "a:b"):
