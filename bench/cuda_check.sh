@@ -17,7 +17,7 @@
 # `bash bench/cuda_check.sh tests` or `... bench` runs one part: at most 420 s and 590 s, so each fits a
 # 10-minute call. `all`'s limits add up to 900 s, but on an H200 the benchmarks and profile took 155 s together
 # (five benchmarks then: about 185 s with the autotuner's) and the tests 47 s + about 240 s (run 15: the rest of
-# the suite ran out of its 200 s then, at 96%, hence 300 s now; 405 s in all): run it under a `timeout` that
+# the suite ran out of its 200 s then, at 97%, hence 300 s now; 405 s in all): run it under a `timeout` that
 # leaves time to bring back what it wrote. The exit status is 1 if any step failed or timed out.
 # Results go to $OUT (default runs/cuda-check; reports/cuda-check holds the outputs of the runs on record).
 # Wheels of packages the machine lacks may be put in .whl/.

@@ -486,7 +486,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, allocator: str | None)
     graphed = device.type == "cuda" and not args.no_cuda_graphs and "cuda" in sdnet.csc._BOUND_GRAPH_DEVICES
     refresh += "; image layers: " + ("the same as the others" if args.image_step_size != "fft" else
                                      "the FFT bound" + (", replayed as a CUDA graph" if graphed else ""))
-    if args.products_on_cuda:
+    if device.type == "cuda" and args.products_on_cuda:
         refresh += "; wide image layers solved by matrix products on CUDA too (--products-on-cuda)"
     if device.type == "cuda" and torch.backends.cudnn.benchmark:
         refresh += "; cuDNN's autotuner on (--cudnn-benchmark)"

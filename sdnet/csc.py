@@ -414,7 +414,8 @@ class CSCLayer(nn.Module):
 
     # --- the solve -------------------------------------------------------------------------
     def _uses_products(self, x: torch.Tensor) -> bool:
-        """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: a non-empty
+        """Whether this solve runs on matrix products (sdnet.fista_products) rather than convolutions: on a device of
+        `_PRODUCTS_DEVICES` (the CPU), a wide enough layer, a non-empty float32/64
         NCHW batch (oneDNN's channels-last convolutions are fast, and a channels-last model keeps its layout),
         outside autocast (whose casts the hand-made products would not get), torch.func transforms (vmap, jvp,
         jacrev) and forward-mode AD (ProductSolve defines neither a batching rule nor a jvp)."""
@@ -564,8 +565,8 @@ def _clamped_bound(weight: torch.Tensor, layer: CSCLayer, spatial) -> torch.Tens
 
 class _BoundGraph:
     """`fft_bound` of one layer's dictionary for one input size, replayed as a CUDA graph by training's refresh: its ~40
-    small kernels in one launch (on a GPU the refresh is launch-bound: SDNet-18 trained at 0.90x ResNet-18 with its
-    first form against 0.80x without, bench/README.md, "On a GPU"; this form is not yet timed there). As the
+    small kernels in one launch (on a GPU the refresh is launch-bound: SDNet-18 trained at 0.90x and 0.92x ResNet-18
+    with this form against 0.79x without, an H200, bench/README.md, "On a GPU", run 15). As the
     products' graphs (`_Lanczos.extend`): run as it is the first time (which makes cuFFT's plan and cuBLAS's
     workspace), captured the second, replayed from then on. The graph reads a copy of the dictionary of its own,
     brought up to date by one copy before each replay (as the products' operators do, `_NormalOperator.load`), so

@@ -6,8 +6,8 @@ a fresh allocation that glibc maps anew. Here one FISTA step is the product
 
     u = y + [W/L | -thr] @ [unfold(x - A y); 1]        (A y = fold(W^T y)),  z = prox(u)
 
-on `_CHUNK_BYTES` of codes at a time, so every intermediate stays in cache; the only code-sized buffer is the
-output. The backward recomputes each chunk's solve (from the saved input; the last code is the saved output) and
+on `_CHUNK_BYTES` of codes at a time on the CPU, so every intermediate stays in cache (on another device, tried
+on CUDA by the benchmarks' --products-on-cuda, the whole batch at once); the only code-sized buffer is the output. The backward recomputes each chunk's solve (from the saved input; the last code is the saved output) and
 goes back through its steps by hand, with the same masks autograd would use. `CSCLayer._uses_products` decides
 where this runs; bench/layer_products.py and bench/first_layer_products.py measure it against the convolutions.
 """

@@ -187,8 +187,13 @@ def sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, lams: Se
 def best_lam(lams: Sequence[float], accs: Sequence[float]) -> float:
     """The lambda of best accuracy, the smallest on ties (whatever order `lams` came in): a tie between a small and
     a large lambda is no evidence for the larger one, which costs clean accuracy."""
-    top = max(accs)
-    return float(min(lam for lam, a in zip(lams, accs) if a == top))
+    if len(lams) != len(accs):
+        raise ValueError(f"{len(lams)} lambdas but {len(accs)} accuracies")
+    scored = [(lam, a) for lam, a in zip(lams, accs) if not math.isnan(a)]  # NaN: no images were scored
+    if not scored:
+        raise ValueError("no accuracy to choose a lambda by")
+    top = max(a for _, a in scored)
+    return float(min(lam for lam, a in scored if a == top))
 
 
 def fit_line(residuals: Sequence[float], lams: Sequence[float]) -> tuple[float, float]:

@@ -1525,8 +1525,8 @@ def test_concurrent_probes_on_one_model(calibrated_model):
 
 
 def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
-    """A ResNet (no CSC layer) shows predictions only; an SDNet with shortcuts says why it cannot be
-    decoded to pixels, and the rest works."""
+    """A ResNet (no CSC layer) shows predictions, attribution and export, no λ; an SDNet with shortcuts says why
+    it cannot be decoded to pixels, and the rest works."""
     for name, arch, shortcut in (("resnet18-w8.pt", "resnet18", True), ("sdnet18-w8.pt", "sdnet18", True)):
         sdnet.save_checkpoint(tmp_path / name, calibrated_model(arch, 8, shortcut))
     monkeypatch.setenv("SDNET_CHECKPOINTS", str(tmp_path))

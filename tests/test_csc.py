@@ -247,19 +247,27 @@ def test_matrix_products_solve_as_the_convolutions_do(stride, padding, hw, non_n
     layer = make_layer(3, 64, 3, stride, non_negative, padding=padding, n_steps=n_steps).double()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 3, *hw, generator=gen, dtype=torch.float64)
-    assert layer._uses_products(x)
     z = layer(x)
     if chunk_images:
         monkeypatch.setattr(fista_products, "_CHUNK_BYTES", chunk_images * z[0].numel() * z.element_size())
     upstream = torch.randn(z.shape, generator=gen, dtype=torch.float64)
+    products, convolutions = _products_then_convolutions(layer, x, upstream, input_grad, monkeypatch,
+                                                         ("_PRODUCTS_MIN_ROWS_RATIO", math.inf))
+    for ours, ref in zip(products, convolutions):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def _products_then_convolutions(layer, x, upstream, input_grad, monkeypatch, off):
+    """The layer's codes and gradients solved by matrix products, then by convolutions once sdnet.csc's setting
+    `off` (name, value) turns the products off."""
+    assert layer._uses_products(x)
     products = _solve_with_gradients(layer, x, upstream, input_grad)
-    monkeypatch.setattr(csc, "_PRODUCTS_MIN_ROWS_RATIO", math.inf)
+    monkeypatch.setattr(csc, *off)
     assert not layer._uses_products(x)
     convolutions = _solve_with_gradients(layer, x, upstream, input_grad)
     assert (products[0] != 0).any() and (products[0] == 0).any()  # thresholds both ways: masks matter
     assert (products[1] is None) == (not input_grad)
-    for ours, ref in zip(products, convolutions):
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    return products, convolutions
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -312,21 +320,18 @@ def test_the_matrix_products_run_where_the_setting_says_and_in_one_chunk_on_a_gp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("non_negative", [True, False])
-def test_on_cuda_the_matrix_products_solve_as_the_convolutions_do(stride, non_negative, monkeypatch):
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_on_cuda_the_matrix_products_solve_as_the_convolutions_do(stride, non_negative, input_grad, monkeypatch):
     """bench/*.py --products-on-cuda: the CPU's product solve on a GPU, the whole batch in one chunk, gives the
     codes and gradients of cuDNN's convolutions (in float64, so that no TF32 rounding comes between them)."""
     monkeypatch.setattr(csc, "_PRODUCTS_DEVICES", ("cpu", "cuda"))
     layer = make_layer(3, 64, 3, stride, non_negative, n_steps=3).double().cuda()
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64).cuda()
-    assert layer._uses_products(x)
     upstream = torch.randn(layer(x).shape, generator=gen, dtype=torch.float64).cuda()
-    products = _solve_with_gradients(layer, x, upstream)
-    monkeypatch.setattr(csc, "_PRODUCTS_DEVICES", ("cpu",))
-    assert not layer._uses_products(x)
-    convolutions = _solve_with_gradients(layer, x, upstream)
-    assert (products[0] != 0).any() and (products[0] == 0).any()
-    for ours, ref in zip(products, convolutions):
+    products, convolutions = _products_then_convolutions(layer, x, upstream, input_grad, monkeypatch,
+                                                         ("_PRODUCTS_DEVICES", ("cpu",)))
+    for ours, ref in zip(products, convolutions):  # (cuDNN sums in its own order: 1e-9 held on an H200, run 16)
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
 
 
@@ -1487,7 +1492,8 @@ def test_the_matrix_product_benchmarks_time_both_ways(monkeypatch, capsys):
     assert plain.conv1._uses_products(x) and not twin.conv1._uses_products(x)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), plain(x), rtol=1e-4, atol=1e-5)
-    # the matrix-product path is the CPU's (a GPU solves by convolutions): the A/B part is there only on the CPU
+    # the matrix-product path is the CPU's (a GPU solves by convolutions): the A/B part is there on the CPU, and on
+    # CUDA with --products-on-cuda (which leaves the library's setting as it was)
     cost = bench_module("first_layer_cost").main(["--width", "64", "--batch", "2", "--rounds", "1", "--threads", "1",
                                                   "--device", "cpu", "--products-on-cuda"])  # (no CUDA here)
     assert "sdnet18 conv1 (CSC), by convolutions" in cost["median_ms"] and csc._PRODUCTS_DEVICES == ("cpu",)

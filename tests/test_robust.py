@@ -452,6 +452,11 @@ def test_the_tuned_lambda_is_the_best_and_the_smallest_on_ties():
     assert robust.best_lam([0.1, 0.5, 0.9], [50.0, 70.0, 70.0]) == 0.5  # a tie: the smaller λ
     assert robust.best_lam([0.9, 0.5, 0.1], [70.0, 70.0, 10.0]) == 0.5  # in any order
     assert robust.best_lam([0.1, 0.5], [70.0, 60.0]) == 0.1
+    assert robust.best_lam([0.1, 0.5], [float("nan"), 60.0]) == 0.5  # (NaN: no image scored at that λ)
+    for lams, accs, message in (([0.1, 0.5], [70.0], "2 lambdas but 1 accuracies"),
+                                ([], [], "no accuracy"), ([0.1], [float("nan")], "no accuracy")):
+        with pytest.raises(ValueError, match=message):
+            robust.best_lam(lams, accs)
 
 
 def test_the_adversarial_verdict_tells_gradient_masking_from_robustness():
