@@ -665,6 +665,278 @@ def test_attribution_refuses_a_model_in_training_mode():
     assert attribution.attribute(model.eval(), torch.rand(3, 8, 8), 1, "saliency").shape == (3, 8, 8)
 
 
+# --- app.state and app.panels: what the app computes and exports, function by function -----------
+
+def test_a_replaced_checkpoint_loads_again_and_settings_name_its_new_hash(tmp_path, calibrated_model, monkeypatch):
+    """A checkpoint overwritten in place (same name, same size: same architecture) must load again, under a new
+    key for the data caches, and settings.json must carry the new file's sha256, not the cached one of the old."""
+    from app import panels, state
+    monkeypatch.setattr(state, "ROOT", tmp_path)  # the checkout: a checkpoint in it is named relative to it
+    path = tmp_path / "checkpoints" / "sdnet18_all-w4.pt"
+    path.parent.mkdir()
+    cpu = torch.device("cpu")
+
+    def save(seed: int, mtime_ns: int) -> state.Loaded:
+        sdnet.save_checkpoint(path, calibrated_model("sdnet18_all", 4, False, seed=seed))
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        return state.load(path, cpu)
+    def checkpoint_settings(loaded: state.Loaded) -> dict:
+        ctx = panels.Context(loaded=loaded, baseline=None, clean=np.zeros((3, 32, 32), np.float32),
+                             image=np.zeros((3, 32, 32), np.float32), image_info=dict(source="sample:cat_2"),
+                             corruption=dict(kind="none"), device="CPU")
+        return panels.settings_of(ctx, None, None, None, None, {}, None, None)["checkpoint"]
+    old = save(0, 10**18)
+    before = checkpoint_settings(old)  # its hash, cached
+    assert before == dict(path="checkpoints/sdnet18_all-w4.pt", sha256=state.file_sha256(path), model=old.title)
+    size = path.stat().st_size
+    new = save(1, 10**18 + 10**9)
+    assert path.stat().st_size == size  # only the modification time tells the two files apart
+    assert new.key != old.key and not torch.equal(new.model.conv1.weight, old.model.conv1.weight)
+    assert checkpoint_settings(new)["sha256"] == state.file_sha256(path) != before["sha256"]
+
+
+def test_settings_json_says_what_the_view_was_made_from(tmp_path, calibrated_model):
+    """settings.json is what a reader (and reproduce.py) has of the view: the noisy model input's hash beside the
+    clean image's, the λ per layer as trained, the baseline compared with, and a checkpoint outside the checkout by
+    its absolute path."""
+    from app import panels, state
+    path = tmp_path / "elsewhere.pt"
+    sdnet.save_checkpoint(path, calibrated_model("sdnet18_all", 4, False))
+    loaded = state.load(path, torch.device("cpu"))
+    baseline = state.Loaded(model=None, meta={}, card=None, path=tmp_path / "resnet18-w4.pt", key="")
+    clean = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    image = sdnet.corruptions.corrupt(torch.from_numpy(clean), "gaussian", 3, seed=0).numpy()
+    ctx = panels.Context(loaded=loaded, baseline=baseline, clean=clean, image=image,
+                         image_info=dict(source="sample:cat_2"),
+                         corruption=dict(kind="gaussian", severity=3, seed=0, level=0.08), device="CPU")
+    names = loaded.layer_names
+    spec = state.lam_spec(names, 0.2, {names[0]: 0.5})
+    s = panels.settings_of(ctx, dict(all=0.2, per_layer={names[0]: 0.5}), spec, 2, names[0], {}, None, None)
+    assert s["checkpoint"] == dict(path=str(path.resolve()), sha256=state.file_sha256(path), model=loaded.title)
+    assert s["image"]["sha256"] == images.image_hash(clean) != s["image"]["model_input_sha256"]
+    assert s["image"]["model_input_sha256"] == images.image_hash(image)
+    assert s["lam"]["trained"] == {n: pytest.approx(0.1) for n in names} and len(s["lam"]["trained"]) == len(names)
+    assert s["lam"]["override"] == [[n, 0.5 if n == names[0] else 0.2] for n in sorted(names)]
+    assert s["baseline"] == "resnet18-w4.pt"
+
+
+def test_the_app_turns_tf32_off_on_cuda(monkeypatch):
+    """TF32 convolutions differ from a CPU run by ~1e-3: on CUDA the app's codes and exports would not match
+    reproduce.py's CPU run. The flags are process-wide, so they are checked where the app sets them."""
+    from app import state
+    monkeypatch.setattr(sdnet, "default_device", lambda: torch.device("cuda"))
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # conftest puts them back
+    assert state.pick_device().type == "cuda"
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_what_a_layer_sees_is_its_own_code_at_the_set_lambda_decoded(small_sdnet):
+    """The Atoms tab's 'what each layer sees' (and its export): the layer's code at the slider's λ pushed back to
+    pixels, contrast stretched without BatchNorm's offsets, clipped to [0, 1] with them."""
+    from app import state
+    x = np.random.default_rng(1).random((3, 32, 32)).astype(np.float32)
+    key = "test_what_a_layer_sees"
+    probe = state.run_probe(small_sdnet, x, 0.05, 2)
+    for layer in ("layer1.0.conv2", "layer3.0.conv1"):
+        z = torch.from_numpy(next(r["z"] for r in probe["layers"] if r["name"] == layer))[None]
+        seen = {}
+        for offsets in (False, True):
+            seen[offsets] = state.layer_sees(small_sdnet, key, x, 0.05, 2, layer, offsets)
+            img = sdnet.decode_to_input(small_sdnet, layer, z, bias=offsets)[0].numpy()
+            expected = np.clip(img, 0, 1) if offsets else images.stretch(img)
+            np.testing.assert_allclose(seen[offsets], expected, atol=1e-6, err_msg=f"{layer} offsets={offsets}")
+        assert not np.allclose(seen[False], seen[True]), layer
+        assert not np.allclose(seen[False], state.layer_sees(small_sdnet, key, x, None, 2, layer, False)), layer
+
+
+def test_pixel_atoms_are_unit_codes_at_the_centre(small_sdnet):
+    """The deeper atoms in pixel space are unit codes at the centre of the code map: in the first layer, each atom
+    is its weights (times the input's std, the normalisation undone without its mean) around the centre pixel,
+    whole, where a code at the edge would cut it off."""
+    from app import state
+    w, std = small_sdnet.conv1.weight.detach(), small_sdnet.normalize.std
+    pix = state.pixel_atoms(small_sdnet, "test_pixel_atoms", "conv1", (w.shape[0], 32, 32))
+    expected = np.zeros_like(pix)
+    expected[:, :, 15:18, 15:18] = (w * std.view(1, 3, 1, 1)).numpy()
+    np.testing.assert_allclose(pix, expected, atol=1e-6)
+
+
+def test_the_lam_path_runs_over_the_slider_values_and_the_trained_lambda_never_0(small_sdnet):
+    """The λ path's grid is the slider's: LAM_GRID, the trained λ (0.13 is no grid value) and Auto λ's; never 0,
+    which has no place on its log axis (a model trained at λ 0, an Auto λ of 0)."""
+    from app import state
+    model = copy.deepcopy(small_sdnet)
+    layers = sdnet.csc_layers(model)
+    for i, (_, layer) in enumerate(layers):
+        layer.lam = 0.0 if i == 0 else 0.13
+    x = np.random.default_rng(2).random((3, 32, 32)).astype(np.float32)
+    path = state.lam_path(model, "test_the_lam_path_grid", x, (), 2, (0.0, 0.161))
+    assert list(path["lams"]) == sorted(set(state.LAM_GRID) | {0.13, 0.161})
+    assert 0.13 in state.lam_options({n: layer.lam for n, layer in layers})  # the slider offers it too
+
+
+def test_lam_path_csv_columns_say_what_they_hold():
+    """lam_path.csv, read away from the page: every column named for what it holds, the mean over the layers in
+    its own column, a blank where a layer's residual is undefined, the held λ last."""
+    from app import state
+    path = dict(lams=np.array([0.1, 1.0]), layer_names=["conv1", "l2"], swept=["l2"], held={"conv1": 0.5},
+                probs=np.array([[0.7, 0.3], [0.2, 0.8]]), rel_residual=np.array([[0.1, 0.2], [0.3, np.nan]]),
+                sparsity=np.array([[0.5, 0.6], [0.7, 1.0]]), mean_rel_residual=np.array([0.15, 0.3]))
+    assert state.lam_path_csv(path, ["cat", "dog"]).decode() == (
+        "lam,prediction,p_cat,p_dog,mean_rel_residual,rel_residual_conv1,rel_residual_l2,sparsity_conv1,sparsity_l2,"
+        "lam_conv1\n"
+        "0.1,cat,0.7,0.3,0.15,0.1,0.2,0.5,0.6,0.5\n"
+        "1,dog,0.2,0.8,0.3,0.3,,0.7,1,0.5\n")
+
+
+def test_path_segments_are_runs_of_one_class_with_their_first_and_last_lambda():
+    """The λ path headline names each run of a class from its first to its last λ: a class that comes back is a
+    new run."""
+    from app import state
+    runs = state.path_segments(np.array([0.1, 0.2, 0.3, 0.4, 0.5]), np.array([1, 1, 2, 1, 1]))
+    assert runs == [(1, 0.1, 0.2), (2, 0.3, 0.3), (1, 0.4, 0.5)]
+
+
+def test_the_image_is_cut_off_only_where_a_code_is_all_zero():
+    """A code with 99.5% zeros still carries the image: the cut-off starts where one is entirely zero (sparsity 1),
+    and only where it holds to the largest λ."""
+    from types import SimpleNamespace
+
+    from app import panels
+    ctx = SimpleNamespace(loaded=SimpleNamespace(layer_names=["conv1", "l2"], meta={"config": {"shortcut": False}}))
+    path = dict(layer_names=["conv1", "l2"], lams=np.array([0.1, 1.0, 10.0]),
+                sparsity=np.array([[0.5, 0.5], [0.5, 0.995], [0.5, 1.0]]))
+    assert panels._cut_off_from(ctx, path) == 10.0
+    assert panels._cut_off_from(ctx, dict(path, sparsity=np.array([[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]))) == 0.1
+    assert panels._cut_off_from(ctx, dict(path, sparsity=np.array([[0.5, 1.0], [0.5, 1.0], [0.5, 0.9]]))) is None
+
+
+def test_what_each_layer_sees_opens_on_layers_spread_over_the_depth():
+    """The Atoms tab (and the export) opens on five layers from the first to the last, evenly apart, not on the
+    five shallowest; a model with fewer layers gets them all."""
+    from app import panels
+    names = [f"l{i}" for i in range(17)]
+    assert panels._spread(names, 5) == ["l0", "l4", "l8", "l12", "l16"]
+    assert panels._spread(names[:3], 5) == names[:3]
+
+
+def test_reconstructions_are_shown_in_pixels(small_sdnet):
+    """The first layer's input x and A(z) live in the network's normalised space: the page and the exported
+    reconstruction show them with the model's mean and std undone, clipped to displayable [0, 1]."""
+    from app import panels, state
+    loaded = state.Loaded(model=small_sdnet, meta={"config": {}}, card=None, path=Path("m.pt"), key="")
+    show = panels.unnormalizer(loaded)
+    x = np.random.default_rng(3).random((3, 4, 4)).astype(np.float32)
+    normalised = small_sdnet.normalize(torch.from_numpy(x)[None])[0].numpy()
+    np.testing.assert_allclose(show(normalised), x.transpose(1, 2, 0), atol=1e-6)
+    assert show(normalised + 100).max() == 1 and show(normalised - 100).min() == 0
+
+
+def test_lambda_texts_count_only_the_layers_whose_lambda_differs():
+    """A per-layer λ set to the slider's own value is no λ of its own (a legend read 'λ=0.1 (conv1 0.1)'), and
+    'its own' is for one more layer, 'their own' for more."""
+    from app import state
+    assert state.setting_text(0.1, {"conv1": 0.1}, 2) == "λ=0.1, 2 steps"
+    assert state.setting_text(0.1, {"conv1": 0.1, "l2": 0.5}, 2) == "λ=0.1 (l2 0.5), 2 steps"
+    assert state.setting_text(0.1, {"conv1": 0.5, "l2": 0.2, "l3": 0.3}, 2, "conv1") == (
+        "λ=0.5 in conv1 (others 0.1, 2 more with their own), 2 steps")
+
+
+def _hand_view(layer: str = "conv1", top: list[int] | None = None):
+    """A View as build_view makes one, by hand: two CSC layers (the second one's code all zero), two input
+    attributions, atom scores."""
+    from app import state
+    rng = np.random.default_rng(0)
+
+    def record(name: str, channels: int, lam: float, zero: bool = False) -> dict:
+        x = rng.random((3 if name == "conv1" else 8, 8, 8)).astype(np.float32)
+        z = np.zeros((channels, 8, 8), np.float32) if zero else rng.random((channels, 8, 8)).astype(np.float32)
+        return dict(name=name, x=x, z=z, recon=0.9 * x, residual=0.1 * x, rel_residual=0.01 * channels,
+                    sparsity=1.0 if zero else 0.25, lam=lam, input_zero=False)
+    probe = dict(logits=np.arange(10, dtype=np.float32), probs=np.full(10, 0.1, np.float32),
+                 layers=[record("conv1", 8, 0.5), record("layer1.0.conv1", 6, 0.2, zero=True)], mean_rel_residual=0.07)
+    settings = dict(checkpoint=dict(model="m"), image=dict(source="sample:cat_2"),
+                    corruption=dict(kind="none", severity=None, seed=None),
+                    lam=dict(all=0.2, per_layer={"conv1": 0.5}), n_steps=2,
+                    attribution=dict(methods=["saliency", "integrated_gradients"], atom_method="grad_x_activation",
+                                     target=3))
+    image = rng.random((3, 8, 8)).astype(np.float32)
+    return state.View(settings=settings, classes=[f"class{i}" for i in range(10)], clean=image, image=image,
+                      probe=probe, trained=dict(probe, logits=-np.arange(10, dtype=np.float32)), layer=layer,
+                      top_channels=[5, 2, 7] if top is None else top, atom_tiles=rng.random((8, 3, 3, 3)),
+                      atom_order=[3, 1, 0, 2, 4, 5, 6, 7], sees=rng.random((3, 8, 8)),
+                      attributions={"saliency": rng.random((3, 8, 8)),
+                                    "integrated_gradients": rng.standard_normal((3, 8, 8))},
+                      atom_scores=rng.standard_normal(8))
+
+
+def test_each_exported_figure_shows_what_its_name_says(monkeypatch):
+    """Each PNG of the Export tab is made from its own data: each attribution method's picture its own method
+    (made lazily, they all drew the last one), the code map the page's channels, and 'what a layer sees' says when
+    the layer's code is all zero."""
+    from app import state
+    titles = []
+    real = images.figure
+    monkeypatch.setattr(images, "figure", lambda picture, title, *a, **k: titles.append(title) or real(picture, title,
+                                                                                                     *a, **k))
+
+    def title(view, name: str) -> str:
+        titles.clear()
+        state.export_png_makers(view, None)[name]()
+        return titles[0]
+    view = _hand_view()
+    assert title(view, "attribution_saliency.png").startswith("Saliency of class class3 ")
+    assert title(view, "attribution_integrated_gradients.png").startswith("Integrated Gradients of class class3 ")
+    assert title(view, "codes_conv1.png") == "conv1's code z: its 3 most active of 8 channels, #channel (Σ|z|)"
+    assert "sees nothing" not in title(view, "sees_conv1.png")
+    assert "its code is all zero at this λ: it sees nothing" in title(_hand_view("layer1.0.conv1", [0, 1]),
+                                                                     "sees_layer1_0_conv1.png")
+
+
+def test_arrays_npz_holds_every_array_the_export_promises():
+    """arrays.npz, the export's raw data: per layer x, z, A(z) and residual; per-layer λ, residual and sparsity in
+    the network's order; the logits at the trained λ beside the current ones; the atom scores and the atom order
+    of atoms_first_layer.png."""
+    from app import state
+    view = _hand_view()
+    arrays = np.load(io.BytesIO(state.export_arrays(view)))
+    layers = view.probe["layers"]
+    assert set(arrays.files) == {"clean", "input", "logits", "probs", "logits_trained_lam", "layer_names",
+                                 "rel_residual", "sparsity", "lam", "attribution.saliency",
+                                 "attribution.integrated_gradients", "atom_attribution", "atoms_first_layer_order",
+                                 *(f"{r['name']}.{k}" for r in layers for k in ("x", "z", "recon", "residual"))}
+    assert np.array_equal(arrays["logits_trained_lam"], view.trained["logits"])
+    assert np.array_equal(arrays["logits"], view.probe["logits"])
+    assert list(arrays["layer_names"]) == ["conv1", "layer1.0.conv1"]
+    assert list(arrays["lam"]) == [0.5, 0.2] and list(arrays["sparsity"]) == [0.25, 1.0]
+    assert list(arrays["rel_residual"]) == pytest.approx([0.08, 0.06])
+    for r in layers:
+        for k in ("x", "z", "recon", "residual"):
+            assert np.array_equal(arrays[f"{r['name']}.{k}"], r[k]), (r["name"], k)
+    assert np.array_equal(arrays["atom_attribution"], view.atom_scores)
+    assert list(arrays["atoms_first_layer_order"]) == view.atom_order
+
+
+def test_settings_json_indents_nested_settings_and_keeps_flat_ones_on_a_line():
+    """settings.json is read by people too: one line made it unreadable, indenting every list made 17 layers' λ a
+    page long (see test_export_zip_reproduces_the_view)."""
+    from app import state
+    settings = {"checkpoint": {"path": "m.pt"}, "lam": {"all": 0.1, "per_layer": {"conv1": 0.5},
+                                                         "override": [["conv1", 0.5], ["l2", 0.1]]},
+                "image": {"source": "upload:λ.png", "original_size": [640, 480], "notes": []}, "layer": None}
+    assert state.settings_json(settings) == (
+        '{\n'
+        '  "checkpoint": {"path": "m.pt"},\n'
+        '  "lam": {\n'
+        '    "all": 0.1,\n'
+        '    "per_layer": {"conv1": 0.5},\n'
+        '    "override": [["conv1", 0.5], ["l2", 0.1]]\n'
+        '  },\n'
+        '  "image": {"source": "upload:λ.png", "original_size": [640, 480], "notes": []},\n'
+        '  "layer": null\n'
+        '}\n')
+
+
 # --- the app, through streamlit's AppTest ------------------------------------------------------
 
 @pytest.fixture
@@ -963,6 +1235,95 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     ok(at)
     assert any("no path to follow" in i.value for i in at.info)
     assert at.session_state["view"].lam_path_csv is None
+
+
+def test_the_page_orders_atoms_and_code_channels_by_this_images_use(app):
+    """The first-layer atoms (on the page and in atoms_first_layer.png) and the code maps come most used first:
+    by Σ|z| of this image's code, ties by channel number."""
+    from app import state
+    at = app()
+    ok(at)
+    view = at.session_state["view"]
+    model = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu")).model
+
+    def ranked(z: np.ndarray) -> list[int]:
+        return [int(c) for c in np.argsort(-images.channel_activity(z), kind="stable")]
+    first = view.probe["layers"][0]
+    assert view.atom_order == ranked(first["z"]) and view.atom_order != sorted(view.atom_order)
+    assert np.array_equal(view.atom_tiles, images.atom_tiles(model.conv1.weight.detach())[view.atom_order])
+    rec = state.layer_record(view.probe, view.layer)
+    assert view.top_channels == ranked(rec["z"])[:at.session_state["n_codes"]]
+
+
+def test_a_layer_with_fewer_code_channels_than_shown_shows_all_of_its_own(app):
+    """The code channels slider set to a deep layer's 128 channels, then conv1 (16) picked: the count follows
+    the layer, not past its channels."""
+    at = app(tab="Layers")
+    names = [r["name"] for r in at.session_state["view"].probe["layers"]]
+    at.selectbox(key="layer").set_value(names[-1]).run()
+    at.slider(key="n_codes").set_value(at.slider(key="n_codes").max).run()
+    channels = at.session_state["view"].probe["layers"][0]["z"].shape[0]
+    assert at.slider(key="n_codes").value > channels
+    at.selectbox(key="layer").set_value(names[0]).run()
+    ok(at)
+    assert at.slider(key="n_codes").value == channels == len(at.session_state["view"].top_channels)
+
+
+def test_what_a_layer_sees_follows_the_show_setting(app):
+    """'Show' in the Atoms tab picks the code's own contribution (stretched: 0 to 1) or absolute pixels; the view,
+    and so the export, follows it even with the tab closed."""
+    from app import panels
+    at = app()
+    ok(at)
+    view = at.session_state["view"]
+    assert not view.sees_offsets and view.sees.min() == 0 and view.sees.max() == 1
+    at.session_state["sees_mode"] = panels.SEES_MODES[1]
+    at.run()
+    ok(at)
+    assert at.session_state["view"].sees_offsets
+
+
+def test_the_exported_deeper_atoms_are_those_the_atoms_tab_shows(app, monkeypatch):
+    """The Atoms tab's 'Atoms shown' count holds in the export too (atoms_<layer>.png), not the default 16."""
+    from app import state
+    at = app()
+    at.session_state["n_atoms"] = 4
+    at.run()
+    ok(at)
+    view = at.session_state["view"]
+    deep = at.session_state["atoms_layer"]
+    calls = []
+    monkeypatch.setattr(state, "deep_atoms_png", lambda *args: calls.append(args) or b"")
+    view.more_pngs[f"{state.file_stem('atoms', deep)}.png"]()
+    z = state.layer_record(view.probe, deep)["z"]
+    assert calls[0][4] == [int(c) for c in np.argsort(-images.channel_activity(z), kind="stable")[:4]]
+
+
+def test_an_attribution_is_stale_when_any_of_its_settings_change(app):
+    """An attribution is left out of the export, and said to be stale, once the FISTA steps, the methods, the atom
+    method or the class explained differ from those it was computed with; back at them, it is current again."""
+    at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
+    view = at.session_state["view"]
+    classes, predicted = view.classes, int(np.argmax(view.probe["probs"]))
+    picked, other = (classes[(predicted + i) % len(classes)] for i in (1, 2))
+    # "another class" explains the class picked, not the predicted one (which the FISTA steps may move)
+    at.session_state["attr_which"], at.session_state["attr_class"] = "another class", picked
+    at.button(key="attr_run").click().run()
+    ok(at)
+    assert at.session_state["view"].settings["attribution"]["target"] == classes.index(picked)
+    stale = "The settings changed since this attribution was computed"
+    for key, value in (("n_steps", at.slider(key="n_steps").value + 1), ("attr_methods", ["saliency", "occlusion"]),
+                       ("attr_atom_method", "integrated_gradients"), ("attr_class", other)):
+        back = at.session_state[key]
+        at.session_state[key] = value
+        at.run()
+        ok(at)
+        assert any(stale in w.value for w in at.warning), key
+        assert at.session_state["view"].attributions == {}, key
+        at.session_state[key] = back
+        at.run()
+        assert not any(stale in w.value for w in at.warning), key
+        assert set(at.session_state["view"].attributions) == {"saliency"}, key
 
 
 def test_export_zip_reproduces_the_view(app, tmp_path):
