@@ -8,6 +8,7 @@ itself is passed as `_model` (not hashed) and is never modified: lambdas go thro
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -334,13 +335,16 @@ def lam_path_csv(path: dict[str, Any], classes: list[str]) -> bytes:
     cols = ["lam", "prediction", *[f"p_{c}" for c in classes], "mean_rel_residual",
             *[f"rel_residual_{n}" for n in path["layer_names"]], *[f"sparsity_{n}" for n in path["layer_names"]],
             *[f"lam_{n}" for n in held]]
-    lines = [",".join(cols)]
+    out = io.StringIO()
+    # quoted where a cell needs it: class names come from the checkpoint ('big, red' split a column in two)
+    table = csv.writer(out, lineterminator="\n")
+    table.writerow(cols)
     for i, lam in enumerate(path["lams"]):
         cells = [f"{lam:g}", classes[int(np.argmax(path["probs"][i]))], *[f"{v:.6g}" for v in path["probs"][i]],
                  f"{path['mean_rel_residual'][i]:.6g}", *[f"{v:.6g}" for v in path["rel_residual"][i]],
                  *[f"{v:.6g}" for v in path["sparsity"][i]], *[f"{v:g}" for v in held.values()]]
-        lines.append(",".join("" if c == "nan" else c for c in cells))  # nan: a layer fed all zeros
-    return ("\n".join(lines) + "\n").encode()
+        table.writerow("" if c == "nan" else c for c in cells)  # nan: a layer fed all zeros
+    return out.getvalue().encode()
 
 
 def path_segments(lams: np.ndarray, top: np.ndarray) -> list[tuple[int, float, float]]:

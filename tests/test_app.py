@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import io
 import json
 import math
@@ -787,6 +788,10 @@ def test_lam_path_csv_columns_say_what_they_hold():
         "lam_conv1\n"
         "0.1,cat,0.7,0.3,0.15,0.1,0.2,0.5,0.6,0.5\n"
         "1,dog,0.2,0.8,0.3,0.3,,0.7,1,0.5\n")
+    # a class name with a comma or a quote (they come from the checkpoint) stays one cell
+    text = state.lam_path_csv(path, ['big, red', 'say "hi"']).decode()
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0][2:4] == ["p_big, red", 'p_say "hi"'] and rows[1][1] == "big, red" and {len(r) for r in rows} == {10}
 
 
 def test_path_segments_are_runs_of_one_class_with_their_first_and_last_lambda():
