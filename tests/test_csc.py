@@ -373,6 +373,19 @@ def test_code_and_decode_shapes(k, stride, hw, device):
             layer.decode(z, (hw[0] + stride + 1, hw[1]))
 
 
+def test_decode_to_a_size_the_code_cannot_reach_is_a_clear_error():
+    """One row short of the transposed convolution's size, or a whole stride past it, is not a size this code
+    decodes to: decode says so, in its own words (torch's errors name an output_padding the caller never gave)."""
+    for stride in (1, 2):
+        layer = make_layer(2, 4, 3, stride)
+        z = torch.rand(1, 4, 4, 4)
+        h = (4 - 1) * stride - 2 * layer.padding + 3  # the smallest size it decodes to; up to h + stride - 1 fit
+        assert layer.decode(z, (h + stride - 1, h)).shape[-2:] == (h + stride - 1, h)
+        for size in ((h - 1, h), (h, h + stride)):
+            with pytest.raises(ValueError, match="cannot decode a code of size"):
+                layer.decode(z, size)
+
+
 def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="odd"):
         CSCLayer(3, 4, 4)
@@ -397,6 +410,20 @@ def test_atoms_unit_norm_after_projection():
     project_dictionaries(model)
     norms = torch.cat([layer.weight.flatten(1).norm(dim=1) for _, layer in layers])
     torch.testing.assert_close(norms, torch.ones_like(norms))  # ...and the projection put it back
+
+
+def test_projection_leaves_an_all_zero_atom_at_zero():
+    """An atom of all zeros (pruned, or never trained) has no direction to scale to unit norm: the projection
+    leaves it zero instead of turning the whole dictionary's solve into NaN (0 / 0)."""
+    layer = make_layer(3, 4, 3)
+    with torch.no_grad():
+        layer.weight[1].zero_()
+        layer.weight.mul_(2.0)
+    project_dictionaries(layer)
+    norms = layer.weight.flatten(1).norm(dim=1)
+    assert torch.isfinite(layer.weight).all() and norms[1] == 0
+    torch.testing.assert_close(norms[[0, 2, 3]], torch.ones(3))
+    assert torch.isfinite(layer(torch.rand(1, 3, 8, 8))).all()
 
 
 @pytest.mark.parametrize("non_negative", [False, True])
@@ -751,6 +778,74 @@ def test_a_layer_comes_back_to_an_input_size_with_the_step_size_it_had():
     assert layer._lipschitz.item() == pytest.approx(4 * L.item(), rel=1e-2)
 
 
+def test_a_lanczos_layer_comes_back_to_an_input_size_with_the_step_size_it_had():
+    """As the image layers' bound, a body layer's estimate (warm-refreshed here, as training and loaded
+    checkpoints leave it, so not what a cold start would give) is kept aside for its input size while the layer
+    solves others, and comes back with it, however the sizes alternate; one kept for an older dictionary never
+    does."""
+    layer = make_layer(8, 8, 3, 1, seed=1)
+    assert layer.step_size == "lanczos"
+    gen = torch.Generator().manual_seed(0)
+    x = {n: torch.rand(1, 8, n, n, generator=gen) for n in (16, 8, 12)}
+    with torch.no_grad():
+        layer(x[16])
+        layer.weight.mul_(1.01)  # the next solve at 16x16 refreshes warm
+        z, L = {}, {}
+        for n in (16, 8, 12):
+            z[n], L[n] = layer(x[n]), layer._lipschitz
+        for n in (16, 8, 16, 12, 16):  # each time brought back from aside, the one left set aside
+            assert torch.equal(layer(x[n]), z[n]) and torch.equal(layer._lipschitz, L[n]), n
+        layer.weight.mul_(2.0)  # a new dictionary: what was set aside no longer counts
+        layer(x[16])
+        layer(x[8])  # 8x8 was set aside before the change
+    assert layer._lipschitz.item() == pytest.approx(4 * L[8].item(), rel=2e-2)
+
+
+def test_a_lanczos_step_size_stored_without_a_warm_vector_is_not_kept_past_an_unseen_write():
+    """A body layer's L loaded without a warm vector (saved with the FFT bound) stays only while its dictionary
+    does: after a write the version counter misses (`.data`), the model-wide refresh must drop it, as it
+    recomputes every other changed layer's, or the next solve trusts an L far under ||A||^2."""
+    hw = (8, 8)
+    layer = make_layer(8, 8, 3, 1, seed=3)
+    layer(torch.rand(1, 8, *hw))
+    state = layer.power_state()
+    del state["vec"]
+    layer.load_power_state(state)
+    layer.weight.data.mul_(2.0)  # ||A||^2 four times as large, the counter none the wiser
+    sdnet.refresh_step_sizes(layer)
+    assert layer.lipschitz(hw).item() >= _true_top(layer, hw)
+
+
+def test_a_cold_step_size_estimate_neither_depends_on_nor_draws_from_the_global_generator():
+    """A cold Lanczos start is seeded on its own: every rank of a distributed run (and every rerun) gets the
+    same L whatever torch's global random state, and estimating it leaves that state alone."""
+    layer = make_layer(8, 8, 3, 1, seed=2)
+    Ls = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        Ls.append(copy.deepcopy(layer).lipschitz((8, 8)))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(Ls[0], Ls[1])
+
+
+def test_a_copy_solves_with_the_originals_step_size_and_a_loaded_dictionary_as_a_fresh_layer():
+    """Step sizes follow the dictionary: a deep copy (atom attribution runs on one) has the original's, so solves
+    as it does, and a layer that loads another's state dict solves as a fresh layer built from it would, its old
+    warm vector forgotten (both estimates here are a body layer's, which depend on where they started)."""
+    x = torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    layer = make_layer(8, 8, 3, 1, seed=4)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(1.01)
+        z = layer(x)  # a warm refresh: not what a cold start would give
+        twin = copy.deepcopy(layer)
+        assert torch.equal(twin(x), z)
+        other = make_layer(8, 8, 3, 1, seed=5)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+
+
 def test_an_explicit_lipschitz_query_leaves_the_solvers_step_size_alone():
     layer = make_layer(3, 16, 3, 1, seed=0)
     x = torch.rand(2, 3, 16, 16)
@@ -761,6 +856,19 @@ def test_an_explicit_lipschitz_query_leaves_the_solvers_step_size_alone():
     assert short < 0.5 * L.item() and torch.isfinite(z).all()
     layer.lipschitz((16, 16), iters=3)
     assert torch.equal(layer._lipschitz, L) and torch.equal(layer(x), z)
+
+
+def test_a_lipschitz_query_at_a_size_set_aside_is_still_a_query():
+    """A query (`iters`) at an input size whose step size the layer keeps aside is the cold estimate it asks for,
+    not the kept L, and the size the layer solves at stays the current one."""
+    layer = make_layer(3, 16, 3, 1, seed=0)
+    layer(torch.rand(1, 3, 16, 16))
+    kept = layer._lipschitz.item()
+    layer(torch.rand(1, 3, 8, 8))  # 16x16 is set aside
+    short = layer.lipschitz((16, 16), iters=1).item()
+    assert short < 0.5 * kept and layer._lipschitz_key[-1] == (8, 8)
+    with pytest.raises(ValueError, match="iters must be at least 1"):
+        layer.lipschitz((16, 16), iters=0)
 
 
 def test_refresh_step_sizes_updates_every_layer_at_once(monkeypatch, device):
@@ -1749,6 +1857,46 @@ def test_override_validation(kwargs):
             pass
 
 
+def test_the_ends_of_the_lambda_and_step_ranges_are_accepted():
+    """lambda in [0, LAM_MAX] and n_steps in [1, 1000] are closed ranges, as the messages say: lambda 0 (least
+    squares, the sparsity off) and lambda LAM_MAX are settings a sweep reaches."""
+    layer = make_layer(3, 4, 3)
+    for lam, n_steps in ((0.0, 1), (csc.LAM_MAX, 1000)):
+        with sdnet.override(lam=lam, n_steps=n_steps):
+            assert layer.effective_lam() == lam and layer.effective_steps() == n_steps
+        with sdnet.override(lam={"conv1": lam}, n_steps={"conv1": n_steps}):  # per-layer values alike
+            pass
+        built = CSCLayer(3, 4, 3, lam=lam, n_steps=n_steps)
+        assert (built.lam, built.n_steps) == (lam, n_steps)
+
+
+def test_a_whole_float_number_of_steps_solves_as_that_integer():
+    """n_steps=3.0 passes the check (a whole number) and must reach the solve as the int 3, the type FISTA's
+    loop and momentum schedule take."""
+    layer = make_layer(3, 8, 3)
+    x = smooth_images(2, size=8)
+    with torch.no_grad():
+        with sdnet.override(n_steps=3):
+            ref = layer(x)
+        with sdnet.override(n_steps=3.0):
+            steps = layer.effective_steps()
+            z = layer(x)
+    assert type(steps) is int and steps == 3
+    torch.testing.assert_close(z, ref, rtol=0, atol=0)
+    assert type(CSCLayer(3, 4, 3, n_steps=3.0).n_steps) is int
+
+
+def test_an_error_inside_an_override_block_still_ends_the_override():
+    """However the block ends, its setting is undone: an exception raised inside it (a failed forward in an app
+    session) must not leave the lambda in force for everything the thread runs afterwards."""
+    layer = make_layer(3, 4, 3)
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with sdnet.override(lam=0.5, n_steps=4):
+            assert layer.effective_lam() == 0.5
+            raise RuntimeError("inside the block")
+    assert layer.effective_lam() == 0.1 and layer.effective_steps() == 2
+
+
 def test_override_of_a_layer_the_model_lacks_is_an_error_not_ignored():
     """A misspelt layer name in a per-layer override would change nothing, silently: the model refuses it."""
     model = sdnet.build_model("sdnet18_all", width=2).eval()
@@ -1851,6 +1999,18 @@ def test_nested_overrides_combine_the_inner_winning_for_the_layers_it_sets():
     with sdnet.override(lam={first: 1.0}):
         with sdnet.override(lam={second: 0.7}):  # conv1 kept its outer 1.0 (it went back to 0.1)
             assert lams() == {first: 1.0, second: 0.7, last: 0.1}
+
+
+def test_nested_mappings_that_name_the_same_layer_give_it_the_inner_value():
+    """Two nested {layer: value} blocks naming one layer: the inner block wins there, as its value for every layer
+    would, and the outer value comes back when it ends."""
+    model = sdnet.build_model("sdnet18_all", width=2)
+    layers = dict(sdnet.csc_layers(model))
+    with sdnet.override(lam={"conv1": 1.0, "layer1.0.conv1": 0.2}, n_steps={"conv1": 3}):
+        with sdnet.override(lam={"conv1": 0.7}, n_steps={"conv1": 5}):
+            assert layers["conv1"].effective_lam() == 0.7 and layers["conv1"].effective_steps() == 5
+            assert layers["layer1.0.conv1"].effective_lam() == 0.2
+        assert layers["conv1"].effective_lam() == 1.0 and layers["conv1"].effective_steps() == 3
 
 
 def test_step_size_cached_at_inference(monkeypatch, device):
@@ -1964,6 +2124,87 @@ def test_trace_records_measure_what_they_say(calibrated_model):
         assert 0 < float(rec.rel_residual.min()) and float(rec.rel_residual.max()) < 1
 
 
+def test_trace_records_of_a_signed_layer_count_zeros_and_take_the_l1_norm():
+    """With non_negative=False codes have negative entries: the record's sparsity counts exact zeros (not z <= 0)
+    and its objective is lam * ||z||_1 + 1/2 ||x - A(z)||^2 with |z|, which non-negative models cannot tell apart
+    from the plain sum."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(CSCLayer(3, 8, 3, non_negative=False))
+    x = smooth_images(2, size=8)
+    rec = sdnet.trace(net, x).layers[0]
+    assert rec.name == "0" and (rec.z < 0).any() and (rec.z == 0).any()
+    torch.testing.assert_close(rec.sparsity, (rec.z == 0).flatten(1).float().mean(1))
+    torch.testing.assert_close(rec.objective, lasso_objective(net[0], x, rec.z))
+
+
+def test_trace_takes_images_within_rounding_of_0_and_1_and_names_infinite_ones():
+    """Pixels a rounding below 0 or above 1 (PIXEL_SLACK: a resize, a colour conversion) are images; a batch
+    with an infinite pixel is called that, not taken for 0-255 pixels; an empty batch has empty records."""
+    from sdnet.inspect import PIXEL_SLACK
+    model = sdnet.build_model("sdnet18_all", width=2).eval()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for value in (-0.9 * PIXEL_SLACK, 1 + 0.9 * PIXEL_SLACK):  # one pixel a rounding below 0, or above 1
+        x = image.clone()
+        x.view(-1)[0] = value
+        assert len(sdnet.trace(model, x).layers) == 17
+    x = image.clone()
+    x.view(-1)[0] = -0.01
+    with pytest.raises(ValueError, match="already normalised"):
+        sdnet.trace(model, x)
+    x = image.clone()
+    x.view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sdnet.trace(model, x)
+    empty = sdnet.trace(model, torch.rand(0, 3, 8, 8))
+    assert empty.logits.shape == (0, 10) and len(empty.layers) == 17 and empty.layers[0].sparsity.shape == (0,)
+
+
+def test_trace_leaves_the_model_as_it_was_when_its_forward_fails_and_finds_layers_by_full_name():
+    """A forward that raises halfway (after BatchNorms in train mode updated their statistics) still gets them
+    put back, and the solves after it are not recorded into the failed trace; `Trace.layer` wants a layer's
+    whole name (a part of one, "0.conv1", is no layer, though "layer1.0.conv1" contains it)."""
+    model = sdnet.build_model("sdnet18_all", width=2)  # train mode
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = {k: b.clone() for k, b in model.named_buffers()}
+
+    def fail(module, args):
+        raise RuntimeError("halfway")
+    hook = model.layer3[0].conv1.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="halfway"):
+        sdnet.trace(model, x)
+    hook.remove()
+    assert all(torch.equal(b, before[k]) for k, b in model.named_buffers())
+    assert csc._RECORDER.get() is None
+    t = sdnet.trace(model.eval(), x)
+    assert t.layer("layer1.0.conv1") is t.layers[1]
+    with pytest.raises(KeyError, match="no CSC layer named '0.conv1'"):
+        t.layer("0.conv1")
+
+
+def test_decode_to_input_takes_an_unbatched_code_undoes_small_variances_and_refuses_the_imagenet_stem():
+    """A (C, H, W) code decodes as its batch of one; a BatchNorm of near-zero running variance is undone with its
+    eps, as it normalised (its scale sqrt(var + eps), not sqrt(var)); the ImageNet stem's max-pool has no inverse."""
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval()
+    with torch.no_grad():
+        model.bn1.running_var.fill_(1e-6)
+        model.bn1.weight.fill_(1.0)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.rand(1, 4, 8, 8, generator=gen)
+    torch.testing.assert_close(sdnet.decode_to_input(model, "layer1.0.conv1", z[0]).squeeze(0),
+                               sdnet.decode_to_input(model, "layer1.0.conv1", z)[0])
+    bn = model.bn1
+    with torch.no_grad():
+        y = model.layer1[0].conv1.decode(z)
+        pre = (y - bn.bias.view(1, -1, 1, 1)) * (bn.running_var + bn.eps).sqrt().view(1, -1, 1, 1) \
+            + bn.running_mean.view(1, -1, 1, 1)
+        expected = model.conv1.decode(pre, (8, 8)) * model.normalize.std + model.normalize.mean
+    torch.testing.assert_close(sdnet.decode_to_input(model, "layer1.0.conv1", z), expected)
+    imagenet = sdnet.build_model("sdnet18_all", width=4, shortcut=False, stem="imagenet").eval()
+    with pytest.raises(ValueError, match="CIFAR stem only"):
+        sdnet.decode_to_input(imagenet, "conv1", torch.rand(1, 4, 8, 8))
+
+
 def test_lam_path_is_one_trace_per_lambda_and_keeps_the_surrounding_override(device):
     model, x = _two_thread_model(device)
     names = [n for n, _ in sdnet.csc_layers(model)]
@@ -2037,3 +2278,70 @@ def test_layers_fed_all_zeros_have_no_residual_and_are_left_out_of_means():
         predict(model, x, residual=True, layers=[r.name for r in dead])
     with pytest.raises(ValueError, match="finite residual"):
         sdnet.adaptive_lam({"slope": 1.0, "intercept": 0.0}, float("nan"))
+
+
+# --- sdnet.attacks and sdnet.utils: what the robustness and CLI tests leave open -------------------------------
+class _ConstantLogits(torch.nn.Module):
+    """Logits that ignore the image (a zero gradient): PGD's result is then its random start, projected."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(10))
+        with torch.no_grad():
+            self.logits[label] = 5.0
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_pgd_starts_at_its_scaled_start_points_and_keeps_the_first_restart_that_fools_else_the_last():
+    """Over restarts an example keeps the first perturbation that fools the model, else the last one, and each
+    random start is the start point scaled by the radius: with a model whose gradient is zero the attack is its
+    starts, so which restart each example kept is visible."""
+    from sdnet import attacks
+    x = 0.25 + 0.5 * torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y, radius = torch.zeros(3, dtype=torch.long), 0.1
+    starts = [attacks.start_points(0, 3, (3, 4, 4), "Linf", seed=0, restart=r) for r in range(3)]
+    for label, kept in ((1, 0), (0, 2)):  # always fooled: the first restart's; never: the last one's
+        adv = attacks.pgd(_ConstantLogits(label).eval(), x, y, "Linf", radius, steps=1, step_size=0.01, restarts=3)
+        torch.testing.assert_close(adv, x + radius * starts[kept])
+
+
+def test_l2_pgd_climbs_the_loss_from_starts_uniform_in_the_ball_and_blocks_draw_their_own():
+    """The L2 step goes up the loss (an untargeted attack), its random starts are uniform in the ball (in 48
+    dimensions nearly all norms are near 1, not spread over [0, 1]), and each block of NOISE_BLOCK images draws
+    starts of its own (else image i and image i + NOISE_BLOCK would start alike)."""
+    from sdnet import attacks
+    from sdnet.corruptions import NOISE_BLOCK
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    adv = attacks.pgd(model, x, y, "L2", 0.5, steps=5, step_size=0.2)
+    with torch.no_grad():
+        assert (F.cross_entropy(model(adv), y, reduction="none") > F.cross_entropy(model(x), y, reduction="none")).all()
+    norms = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "L2", seed=0, restart=0).flatten(1).norm(dim=1)
+    assert norms.max() <= 1 + 1e-6 and norms.mean() > 0.95
+    points = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "Linf", seed=0, restart=0)
+    assert not torch.equal(points[:NOISE_BLOCK], points[NOISE_BLOCK:])
+
+
+def test_number_arguments_take_their_boundaries_as_the_messages_say():
+    """What "a positive number" takes refuses 0 (an --lr of 0 trains nothing), what ">= 0" takes accepts it
+    (--weight-decay 0, --sweep-subset 0 and --threads 0 are documented settings)."""
+    import argparse
+    from sdnet import utils
+    assert utils.nonnegative_int("0") == 0 and utils.nonnegative_float("0") == 0.0 and utils.positive_int("1") == 1
+    for parse, text in ((utils.positive_float, "0"), (utils.positive_int, "0"), (utils.nonnegative_int, "-1"),
+                        (utils.nonnegative_float, "-0.5")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_an_sdnet_all_model_runs_under_cpu_autocast():
+    """Under autocast the body's CSC layers get bfloat16 codes from the layers before them while their dictionaries
+    stay float32: the dtype check lets autocast reconcile them instead of refusing."""
+    model = sdnet.build_model("sdnet18_all", width=2).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t = sdnet.trace(model, torch.rand(2, 3, 8, 8))
+    assert t.logits.shape == (2, 10) and any(r.x.dtype == torch.bfloat16 for r in t.layers)
