@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 import sdnet  # noqa: E402
 import sdnet.utils  # noqa: E402
-from train_throughput import Trainer, csc_settings, cudnn_benchmark, environment, pick_device, sync  # noqa: E402
+from train_throughput import (Trainer, csc_settings, cudnn_benchmark, environment, pick_device,  # noqa: E402
+                              products_devices, sync)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +73,7 @@ def timed(fn, device) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    with csc_settings(_PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None), \
+    with csc_settings(_PRODUCTS_DEVICES=products_devices(args.products_on_cuda)), \
             cudnn_benchmark(args.cudnn_benchmark):  # (both set back after)
         return run(args, argv)
 

@@ -140,6 +140,11 @@ def csc_settings(**values):
             setattr(sdnet.csc, name, value)
 
 
+def products_devices(on_cuda: bool) -> tuple[str, ...] | None:
+    """sdnet.csc._PRODUCTS_DEVICES for --products-on-cuda (None: the library's, left as it is)."""
+    return ("cpu", "cuda") if on_cuda else None
+
+
 @contextlib.contextmanager
 def cudnn_benchmark(on: bool):
     """cuDNN's autotuner on inside the block where `on` (left as it is otherwise), set back after."""
@@ -437,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     # set back for a caller in the same process
     with csc_settings(_METHOD=method, _POWER_MIX=mix, _HOST_CHECKED_EVERY=args.host_checked_every,
                       _BOUND_GRAPH_DEVICES=set() if args.eager_image_bound else None,
-                      _PRODUCTS_DEVICES=("cpu", "cuda") if args.products_on_cuda else None), \
+                      _PRODUCTS_DEVICES=products_devices(args.products_on_cuda)), \
             replayed_checks(args.replayed_checks), cudnn_benchmark(args.cudnn_benchmark):
         return run(args, argv, allocator)
 
