@@ -177,7 +177,7 @@ def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bo
     Follows the chain of A's and inverted BatchNorms of a no-shortcut SDNet-All model (paper
     appendix B); ReLUs are taken as identity on the reconstruction. With `bias=False` the
     BatchNorm offsets and the input mean are left out: the linear image of the code, which is
-    what to show for a single atom.
+    what to show for a single atom. A (C, H, W) code gives a (3, H', W') image, a batch a batch.
     """
     if not hasattr(model, "main_path"):
         raise ValueError("decode_to_input needs an SDNet model built by sdnet.build_model")
@@ -197,6 +197,8 @@ def decode_to_input(model: nn.Module, layer_name: str, z: torch.Tensor, bias: bo
     if z.dim() not in (3, 4) or z.shape[-3] != channels:  # torch's conv_transpose2d error named its weight instead
         raise ValueError(f"{layer_name} codes have {channels} channels, (N,) {channels}, H, W; got shape "
                          f"{tuple(z.shape)}")
+    if z.dim() == 3:  # an unbatched code gives an unbatched image, as torch's layers do
+        return decode_to_input(model, layer_name, z.unsqueeze(0), bias, input_size).squeeze(0)
     sizes: list[tuple[int, int] | None] = [None] * (idx + 1)  # each layer's input size, when known
     if input_size is not None:
         sizes[0] = tuple(int(n) for n in input_size)

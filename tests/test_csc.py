@@ -2182,7 +2182,7 @@ def test_trace_leaves_the_model_as_it_was_when_its_forward_fails_and_finds_layer
 
 
 def test_decode_to_input_takes_an_unbatched_code_undoes_small_variances_and_refuses_the_imagenet_stem():
-    """A (C, H, W) code decodes as its batch of one; a BatchNorm of near-zero running variance is undone with its
+    """A (C, H, W) code decodes as its batch of one, to a (3, H, W) image; a BatchNorm of near-zero running variance is undone with its
     eps, as it normalised (its scale sqrt(var + eps), not sqrt(var)); the ImageNet stem's max-pool has no inverse."""
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval()
@@ -2191,8 +2191,9 @@ def test_decode_to_input_takes_an_unbatched_code_undoes_small_variances_and_refu
         model.bn1.weight.fill_(1.0)
     gen = torch.Generator().manual_seed(1)
     z = torch.rand(1, 4, 8, 8, generator=gen)
-    torch.testing.assert_close(sdnet.decode_to_input(model, "layer1.0.conv1", z[0]).squeeze(0),
-                               sdnet.decode_to_input(model, "layer1.0.conv1", z)[0])
+    unbatched = sdnet.decode_to_input(model, "layer1.0.conv1", z[0])
+    assert unbatched.shape == (3, 8, 8)
+    torch.testing.assert_close(unbatched, sdnet.decode_to_input(model, "layer1.0.conv1", z)[0])
     bn = model.bn1
     with torch.no_grad():
         y = model.layer1[0].conv1.decode(z)
