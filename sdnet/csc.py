@@ -467,6 +467,12 @@ class CSCLayer(nn.Module):
         return z
 
     def _record(self, x: torch.Tensor, z: torch.Tensor, lam: float) -> dict:
+        # in the dictionary's dtype, outside autocast: under a 16-bit autocast a body layer's x and z come in 16 bits
+        # (the image layer's in float32), and its numbers would be rounded to 3 digits, each layer's differently
+        with torch.autocast(x.device.type, enabled=False):
+            return self._record_exactly(x.to(self.weight.dtype), z.to(self.weight.dtype), lam)
+
+    def _record_exactly(self, x: torch.Tensor, z: torch.Tensor, lam: float) -> dict:
         recon = self.decode(z, x.shape[-2:])
         residual = x - recon
         dims = tuple(range(1, x.dim()))

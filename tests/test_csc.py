@@ -2339,10 +2339,28 @@ def test_number_arguments_take_their_boundaries_as_the_messages_say():
             parse(text)
 
 
-def test_an_sdnet_all_model_runs_under_cpu_autocast():
+def test_an_sdnet_all_model_runs_under_cpu_autocast_and_its_trace_is_in_float32():
     """Under autocast the body's CSC layers get bfloat16 codes from the layers before them while their dictionaries
-    stay float32: the dtype check lets autocast reconcile them instead of refusing."""
+    stay float32: the dtype check lets autocast reconcile them instead of refusing. The trace's records are in the
+    dictionaries' float32, every layer alike: the layer's own x and z, and A(z), its residual and numbers computed
+    from them exactly, not rounded to bfloat16."""
     model = sdnet.build_model("sdnet18_all", width=2).eval()
+    x = torch.rand(2, 3, 8, 8)
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, layer in sdnet.csc_layers(model)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        t = sdnet.trace(model, torch.rand(2, 3, 8, 8))
-    assert t.logits.shape == (2, 10) and any(r.x.dtype == torch.bfloat16 for r in t.layers)
+        t = sdnet.trace(model, x)
+    for h in hooks:
+        h.remove()
+    assert t.logits.shape == (2, 10)
+    assert any(seen[r.name][1].dtype == torch.bfloat16 for r in t.layers)  # the body solved in bfloat16
+    for r in t.layers:
+        layer_x, layer_z = seen[r.name]
+        assert all(v.dtype == torch.float32 for v in (r.x, r.z, r.recon, r.residual, r.residual_norm, r.objective))
+        assert torch.equal(r.x, layer_x.float()) and torch.equal(r.z, layer_z.float())
+        layer = dict(sdnet.csc_layers(model))[r.name]
+        with torch.no_grad():
+            recon = layer.decode(r.z, r.x.shape[-2:])
+        torch.testing.assert_close(r.recon, recon, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r.objective, sdnet.lasso_objective(layer, r.x, r.z), rtol=1e-5, atol=1e-6)
