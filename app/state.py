@@ -616,9 +616,12 @@ def export_arrays(view: View) -> bytes:
 
 
 def export_stem(settings: dict) -> str:
-    """The export's file name: the image and a digest of all the settings (two λ of one image are two files)."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    return f"sdnet-view-{settings['image']['sha256'][:8]}-{digest}"
+    """The export's file name: the checkpoint's, the image's digest and one of all the settings but the device (two λ
+    of one image are two files; one view on the CPU and on a GPU is one)."""
+    what = {k: v for k, v in settings.items() if k != "device"}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(settings["checkpoint"]["path"]).stem) or "model"
+    return f"{model}-view-{settings['image']['sha256'][:8]}-{digest}"
 
 
 def settings_json(settings: dict) -> str:

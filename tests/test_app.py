@@ -1191,10 +1191,16 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     assert sparsity == pytest.approx([r["sparsity"] for r in view.probe["layers"]], abs=1e-5)
     assert "nan" not in view.lam_path_csv().decode()  # a layer fed all zeros (at λ 10) has a blank, not nan
     assert any(",," in r for r in view.lam_path_csv().decode().splitlines()[1:])
-    # the export's name tells two settings of one image apart
+    # the export's name names the checkpoint and the image, and tells two settings of one image apart, but not the
+    # device one view was computed on
     stem = state.export_stem(view.settings)
-    assert stem.startswith(f"sdnet-view-{view.settings['image']['sha256'][:8]}-") and stem != state.export_stem(
+    ckpt = Path(view.settings["checkpoint"]["path"]).stem
+    assert stem.startswith(f"{ckpt}-view-{view.settings['image']['sha256'][:8]}-") and stem != state.export_stem(
         {**view.settings, "lam": {**view.settings["lam"], "all": 0.5}})
+    assert stem == state.export_stem({**view.settings, "device": "cuda" if view.settings["device"] == "cpu" else "cpu"})
+    assert state.export_stem({**view.settings, "checkpoint": {**view.settings["checkpoint"],
+                                                              "path": "/up loads/my model (2).pt"}}).startswith(
+        "my_model_2_-view-")
     assert at_trained[1] == view.classes[int(np.argmax(view.probe["probs"]))]
     # the segments of the text are the CSV's predictions
     assert all(r[1] in page for r in rows)
@@ -1478,6 +1484,8 @@ def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint
     zf = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
     assert set(zf.namelist()) == {"png/input_clean.png", "png/input_model.png", "png/attribution_saliency.png",
                                   "arrays.npz", "settings.json", "reproduce.py"}
+    # the ZIP is named after the ResNet's checkpoint (it was sdnet-view-...)
+    assert state.export_stem(view.settings).startswith(f"{Path(view.settings['checkpoint']['path']).stem}-view-")
     for name in ("png/input_clean.png", "png/input_model.png"):
         assert Image.open(io.BytesIO(zf.read(name))).size == (256, 256)
     figure = np.asarray(Image.open(io.BytesIO(zf.read("png/attribution_saliency.png"))).convert("RGB"))
