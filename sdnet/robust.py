@@ -1111,8 +1111,24 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--tuned-lam takes a lambda or auto: {err}")
 
 
+_DASHED_LIST = re.compile(r"-[\d.][^,:]*[,:]")  # '-1,0.5' or '-1:1:0.5': a list or range that starts negative
+
+
+def attach_dashed_lists(argv: list[str]) -> list[str]:
+    """['--lams', '-1,0.5'] -> ['--lams=-1,0.5']: argparse takes a value that starts with a dash (and is not a
+    plain negative number) for an option, and said 'expected one argument' where the list's own check names the
+    range."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _DASHED_LIST.match(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_dashed_lists(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

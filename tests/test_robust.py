@@ -109,6 +109,23 @@ def test_parsers_and_command_line_errors(capsys):
     assert e.value.code == 0 and "Algorithm 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("option, value, says", [("--lams", "-1,0.5", "lambdas must be in [0, 100], got '-1,0.5'"),
+                                                 ("--lams", "-1:1:0.5", "lambdas must be in [0, 100]"),
+                                                 ("--severities", "-1,2", "severity 1..5 or a positive noise level")])
+def test_a_list_that_starts_negative_gets_its_own_check_not_argparses_expected_one_argument(capsys, option, value,
+                                                                                           says):
+    """argparse took '-1,0.5' after --lams for an option ('expected one argument'); the list's check names the range."""
+    command = "eval" if option == "--severities" else "fit"
+    with pytest.raises(SystemExit) as e:
+        robust.main([command, "--checkpoint", "x.pt", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "expected one argument" not in err
+    # only a dashed list or range is attached to the option before it: flags and plain values are left as they are
+    assert robust.attach_dashed_lists(["fit", "--lams", "-1,2", "--noise", "shot", "--lams=0.1", "-x,1"]) == [
+        "fit", "--lams=-1,2", "--noise", "shot", "--lams=0.1", "-x,1"]
+    assert robust.attach_dashed_lists(["--levels", "-0.5,1", "--lams", "-1"]) == ["--levels=-0.5,1", "--lams", "-1"]
+
+
 def test_pgd_stays_in_the_ball_in_pixel_range_and_runs_at_the_given_lambda(setup):
     model, _ = sdnet.load_checkpoint(setup[0] / "sd.pt")
     seen = []
