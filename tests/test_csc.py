@@ -2281,64 +2281,6 @@ def test_layers_fed_all_zeros_have_no_residual_and_are_left_out_of_means():
         sdnet.adaptive_lam({"slope": 1.0, "intercept": 0.0}, float("nan"))
 
 
-# --- sdnet.attacks and sdnet.utils: what the robustness and CLI tests leave open -------------------------------
-class _ConstantLogits(torch.nn.Module):
-    """Logits that ignore the image (a zero gradient): PGD's result is then its random start, projected."""
-
-    def __init__(self, label: int):
-        super().__init__()
-        self.logits = torch.nn.Parameter(torch.zeros(10))
-        with torch.no_grad():
-            self.logits[label] = 5.0
-
-    def forward(self, x):
-        return self.logits.expand(len(x), -1) + 0 * x.flatten(1).sum(1, keepdim=True)
-
-
-def test_pgd_starts_at_its_scaled_start_points_and_keeps_the_first_restart_that_fools_else_the_last():
-    """Over restarts an example keeps the first perturbation that fools the model, else the last one, and each
-    random start is the start point scaled by the radius: with a model whose gradient is zero the attack is its
-    starts, so which restart each example kept is visible."""
-    from sdnet import attacks
-    x = 0.25 + 0.5 * torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    y, radius = torch.zeros(3, dtype=torch.long), 0.1
-    starts = [attacks.start_points(0, 3, (3, 4, 4), "Linf", seed=0, restart=r) for r in range(3)]
-    for label, kept in ((1, 0), (0, 2)):  # always fooled: the first restart's; never: the last one's
-        adv = attacks.pgd(_ConstantLogits(label).eval(), x, y, "Linf", radius, steps=1, step_size=0.01, restarts=3)
-        torch.testing.assert_close(adv, x + radius * starts[kept])
-
-
-def test_l2_pgd_climbs_the_loss_from_starts_uniform_in_the_ball_and_blocks_draw_their_own():
-    """The L2 step goes up the loss (an untargeted attack), its random starts are uniform in the ball (in 48
-    dimensions nearly all norms are near 1, not spread over [0, 1]), and each block of NOISE_BLOCK images draws
-    starts of its own (else image i and image i + NOISE_BLOCK would start alike)."""
-    from sdnet import attacks
-    from sdnet.corruptions import NOISE_BLOCK
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
-    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    y = model(x).argmax(1)
-    adv = attacks.pgd(model, x, y, "L2", 0.5, steps=5, step_size=0.2)
-    with torch.no_grad():
-        assert (F.cross_entropy(model(adv), y, reduction="none") > F.cross_entropy(model(x), y, reduction="none")).all()
-    norms = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "L2", seed=0, restart=0).flatten(1).norm(dim=1)
-    assert norms.max() <= 1 + 1e-6 and norms.mean() > 0.95
-    points = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "Linf", seed=0, restart=0)
-    assert not torch.equal(points[:NOISE_BLOCK], points[NOISE_BLOCK:])
-
-
-def test_number_arguments_take_their_boundaries_as_the_messages_say():
-    """What "a positive number" takes refuses 0 (an --lr of 0 trains nothing), what ">= 0" takes accepts it
-    (--weight-decay 0, --sweep-subset 0 and --threads 0 are documented settings)."""
-    import argparse
-    from sdnet import utils
-    assert utils.nonnegative_int("0") == 0 and utils.nonnegative_float("0") == 0.0 and utils.positive_int("1") == 1
-    for parse, text in ((utils.positive_float, "0"), (utils.positive_int, "0"), (utils.nonnegative_int, "-1"),
-                        (utils.nonnegative_float, "-0.5")):
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse(text)
-
-
 def test_an_sdnet_all_model_runs_under_cpu_autocast_and_its_trace_is_in_float32():
     """Under autocast the body's CSC layers get bfloat16 codes from the layers before them while their dictionaries
     stay float32: the dtype check lets autocast reconcile them instead of refusing. The trace's records are in the
