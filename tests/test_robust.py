@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CLASSES, make_image_folder
 
 import sdnet
@@ -210,7 +211,7 @@ def test_l2_pgd_climbs_the_loss_from_starts_uniform_in_the_ball_and_blocks_draw_
     y = model(x).argmax(1)
     adv = attacks.pgd(model, x, y, "L2", 0.5, steps=5, step_size=0.2)
     with torch.no_grad():
-        assert (torch.nn.functional.cross_entropy(model(adv), y, reduction="none") > torch.nn.functional.cross_entropy(model(x), y, reduction="none")).all()
+        assert (F.cross_entropy(model(adv), y, reduction="none") > F.cross_entropy(model(x), y, reduction="none")).all()
     norms = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "L2", seed=0, restart=0).flatten(1).norm(dim=1)
     assert norms.max() <= 1 + 1e-6 and norms.mean() > 0.95
     points = attacks.start_points(0, 2 * NOISE_BLOCK, (3, 4, 4), "Linf", seed=0, restart=0)
