@@ -231,7 +231,7 @@ def test_number_arguments_take_their_boundaries_as_the_messages_say():
 
 def test_fit_then_eval_end_to_end(setup, tmp_path):
     root, tree = setup
-    fits, out = _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.1,0.8")
+    fits, out = _run(setup, tmp_path, "fit", "--levels", "1,5", "--lams", "0.8,0.1")  # (any order: a grid, not a path)
     card = load_card(root / "sd.pt")
     assert card["baseline"] == "rn.pt" and card["name"] == "tiny"  # the other fields are kept
     assert set(card["robust_fit"]) == set(NOISES)
@@ -242,7 +242,9 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
         assert [p["level"] for p in fit["points"]] == [sdnet.corruptions.level(kind, s) for s in (1, 5)]
         assert all(p["lam"] in (0.1, 0.8) and 0 < p["residual"] < 2 and len(p["sweep"]) == 2 for p in fit["points"])
         assert all(p["lam"] == robust.best_lam(fit["lams"], p["sweep"]) and p["accuracy"] == max(p["sweep"])
-                   for p in fit["points"])  # λ_c of its sweep, and its accuracy
+                   for p in fit["points"])  # λ_c of its sweep, and its accuracy: on ties the smallest λ, in any order
+        assert all(p["lam"] == min(lam for lam, a in zip(fit["lams"], p["sweep"]) if a == max(p["sweep"]))
+                   for p in fit["points"])
         assert (fit["slope"], fit["intercept"]) == pytest.approx(
             robust.fit_line([p["residual"] for p in fit["points"]], [p["lam"] for p in fit["points"]]))
         assert 0.1 <= sdnet.adaptive_lam(fit, fit["points"][0]["residual"]) <= 0.8
@@ -258,14 +260,15 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert set(card["robust_fit"]) == set(NOISES) and len(card["robust_fit"]["shot"]["points"]) == 2
 
     res, out = _run(setup, tmp_path, "eval", "--noise", "gaussian,impulse", "--severities", "1,3",
-                    "--lams", "0.1,0.5", "--sweep-subset", "4", "--seed", "3")
+                    "--lams", "0.5,0.1", "--sweep-subset", "4", "--seed", "3")
     rows = res["rows"]
     assert [(r["noise"], r["severity"]) for r in rows] == [(k, s) for k in ("gaussian", "impulse") for s in (0, 1, 3)]
     fit = card["robust_fit"]["gaussian"]
     for r in rows:
         assert r["n"] == 9 and {"resnet", "sdnet", "adaptive", "lam", "gain", "best_lam"} <= set(r)
         assert r["sweep"]["n"] == 4 and len(r["sweep"]["accuracy"]) == 2
-        assert r["best_lam"] == robust.best_lam(r["sweep"]["lams"], r["sweep"]["accuracy"])
+        assert r["best_lam"] == robust.best_lam(r["sweep"]["lams"], r["sweep"]["accuracy"]) == min(
+            lam for lam, a in zip(r["sweep"]["lams"], r["sweep"]["accuracy"]) if a == max(r["sweep"]["accuracy"]))
         if r["noise"] == "gaussian":  # the adaptive lambda is the fit at the cell's mean residual
             assert r["lam"] == pytest.approx(sdnet.adaptive_lam(fit, r["residual"]))
     md = (out / "robust-noise-gaussian-impulse.md").read_text()
