@@ -81,6 +81,16 @@ def _long_titles_css(key: str, css: dict) -> str:
             f"@container (width >= {css['title_switch']}px) {show(short, long)}")
 
 
+def _picture_columns(key: str, spec: int | list[int]) -> list:
+    """st.columns for a row of pictures, in a box keyed `key`: under 640 px (a phone's window) Streamlit stacks
+    columns one to a row, so the clean image and the model input were a screen apart and each layer's 160 px picture
+    sat alone in a row; there these keep two to a row (a wider column's text below them)."""
+    with st.container(key=key):
+        st.html(f"<style>@media (max-width: 640px) {{.st-key-{key} [data-testid=stColumn] "
+                f"{{min-width: calc(50% - 0.5rem)}}}}</style>")  # two and the columns' 1rem gap: the row's width
+        return st.columns(spec)
+
+
 def _code(text: str) -> str:
     """A user's file name or path inside markdown, as a code span: 'red.png' is not a colour directive there, nor
     ':smile:' an emoji, nor '*x*' emphasis."""
@@ -267,11 +277,16 @@ def corruption_sidebar() -> dict[str, Any]:
         _default(f"level_{kind}", default)
         severity = sb.slider("Level c" + (" (smaller is noisier)" if kind == "shot" else ""), lo, hi, step=step,
                              key=f"level_{kind}", format="%g")
-    # no bounds on the widget: it showed a typed -3 while the page went on with the last seed in range, unsaid
+    # no bounds on the widget: it showed a typed -3 while the page went on with the last seed in range, unsaid. A
+    # float box ('%g': 7, not 7.00), so that a typed 1.5 reaches the page to be said: the integer box's browser side
+    # cut it to 1 (and '1e3' to 1) before the page saw it
     _default("seed", 0)
-    typed = int(sb.number_input("Seed", step=1, key="seed"))
+    value = sb.number_input("Seed", step=1.0, format="%g", key="seed")
+    typed = int(value)  # toward zero, as the integer box did
     seed = min(max(typed, 0), 2 ** 31 - 1)
-    if seed != typed:
+    if typed != value:
+        sb.warning(f"Seed {value} is not a whole number: using {seed}.")
+    elif seed != typed:
         sb.warning(f"Seed {typed} is outside 0 to 2147483647: using {seed}.")
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
@@ -295,7 +310,7 @@ def _carry_strength(kind: str) -> None:
 def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict,
                 alpha: np.ndarray | None = None) -> None:
     """The clean image (an upload's transparent parts on a checkerboard) and the model input (white there)."""
-    cols = st.columns([1, 1, 2])
+    cols = _picture_columns("inputs", [1, 1, 2])
     cols[0].image(framed_picture(clean, alpha), caption=f"clean ({_code(_wrappable(info['source']))})")
     if corruption["kind"] == "none":
         cols[1].image(framed_picture(image), caption="model input (no corruption)")
@@ -836,7 +851,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     picks = st.multiselect("Layers", names, key="sees_layers")  # the page's width: in 3/5 of it the 5th chip was cut
     offsets = st.radio("Show", SEES_MODES, key="sees_mode", horizontal=True) == SEES_MODES[1]
     if picks:
-        cols = st.columns(len(picks) + 1)
+        cols = _picture_columns("sees_pictures", len(picks) + 1)
         cols[0].image(framed_picture(ctx.image, side=160), caption="model input")
         for col, name in zip(cols[1:], picks):
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)

@@ -1551,6 +1551,13 @@ def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(
     ok(at)
     assert at.session_state["view"].settings["corruption"]["seed"] == 0
     assert any("Seed -3 is outside 0 to 2147483647: using 0." in w.value for w in at.sidebar.warning)
+    # ...and so is one that is not a whole number (the integer box's browser side cut a typed 1.5 to 1, unsaid)
+    at.number_input(key="seed").set_value(1.5).run()
+    ok(at)
+    assert at.session_state["view"].settings["corruption"]["seed"] == 1
+    assert any("Seed 1.5 is not a whole number: using 1." in w.value for w in at.sidebar.warning)
+    at.number_input(key="seed").set_value(4).run()  # a whole one: nothing to say
+    assert at.session_state["view"].settings["corruption"]["seed"] == 4 and not at.sidebar.warning
 
 
 def test_file_names_are_shown_as_text_not_markdown(app):

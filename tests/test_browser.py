@@ -1,10 +1,11 @@
 """The app in a real browser: `streamlit run app/main.py`, driven by headless Chromium (Playwright).
 
-Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change and
-that a second browser session keeps its own lambda, and saves screenshots to tests/artifacts/ (set
-SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In a 390 px (a phone's), an
-800 px and a 1400 px window, checks that no label is cut, no tile titles run together, the charts' toolbar covers
-no title or legend, tile charts have no blank bands and the pictures' captions wrap names at their separators.
+Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change, that
+a second browser session keeps its own lambda and that a seed typed with a fraction is said, and saves screenshots
+to tests/artifacts/ (set SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In a
+390 px (a phone's), an 800 px and a 1400 px window, checks that Streamlit's toolbar covers none of the page's first
+lines, rows of pictures keep two side by side, no label is cut, no tile titles run together, the charts' toolbar
+covers no title or legend, tile charts have no blank bands and the pictures' captions wrap names at their separators.
 """
 from __future__ import annotations
 
@@ -110,6 +111,15 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             probs = page.locator(".st-key-path_probs_chart")
             assert probs.get_by_text("λ=0.8").count() == 1  # the slider's line is labelled
             page.screenshot(path=str(ARTIFACTS / "app-lam-path.png"))
+
+            # a seed typed with a fraction reaches the page and is said: the integer box's browser side cut 1.5 to 1
+            # (and '1e3' to 1) before the page saw it, and the noise changed with no word
+            choose_option(page, "noise", "shot")
+            seed = page.locator(".st-key-seed input")
+            seed.fill("1.5")
+            seed.press("Enter")
+            page.locator("[data-testid=stSidebar]").get_by_text("Seed 1.5 is not a whole number: using 1.").wait_for()
+            assert seed.input_value() == "1.5"
         finally:
             browser.close()
     if os.environ.get("SDNET_SCREENSHOT"):
@@ -166,6 +176,24 @@ CAPTION_BREAKS = """() => [...document.querySelectorAll('[data-testid=stImageCap
                                           ? [[caption.textContent, chars[i - 1][0], c]] : []);
 })"""
 WRAPS_AFTER = " \u200b:./_-"  # a caption may wrap after a space or a separator, not inside a name
+# Streamlit's own toolbar at the page's top (the ⋮ menu; in a narrow window the sidebar's button) and the page's text
+# it must leave uncovered at the top of the page: the title, its caption, the model line
+TOP_BOXES = """() => {
+    const box = e => e.getBoundingClientRect().toJSON(), shown = e => e.getBoundingClientRect().width > 0;
+    return {toolbar: [...document.querySelectorAll('[data-testid=stHeader] :is(button, a)')].filter(shown)
+                        .map(e => [e.dataset.testid || e.textContent, box(e)]),
+            text: [...document.querySelectorAll('[data-testid=stMain] :is(h1, p, code)')].filter(shown)
+                        .map(e => [e.textContent.slice(0, 40), box(e)])}; }"""
+# A row of pictures' boxes (panels._picture_columns): [left, top, right] each, once `n` or more are drawn (they come
+# after the rest of the run: a picture not loaded yet is 0 px high, and the one below it would seem beside it)
+PICTURES = """([key, n]) => {
+    const pictures = [...document.querySelectorAll(`.st-key-${key} [data-testid=stImage] img`)];
+    return pictures.length >= n && pictures.every(e => e.complete && e.naturalWidth > 0) && pictures.map(e => {
+        const r = e.getBoundingClientRect(); return [r.left, r.top, r.right]; }); }"""
+
+
+def pictures(page, key: str, n: int) -> list[list[float]]:
+    return page.wait_for_function(PICTURES, arg=[key, n]).json_value()
 
 
 def overlapping(titles: list) -> list[tuple[str, str]]:
@@ -219,7 +247,8 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
     """In an 800 px window the toggle 'in conv1 only' read 'in conv...', the atom attribution method 'Layer Integrated
     Gradi', the second attribution method's chip 'Salienc', and the code maps' titles ran into each other; then the
     charts' toolbar covered the predictions' legend and the half-width charts' titles, the tile charts had blank bands
-    above and below their tiles, and captions broke names mid-word ('layer1.1.c' over 'onv2')."""
+    above and below their tiles, and captions broke names mid-word ('layer1.1.c' over 'onv2'). In a phone's window
+    the clean image and the model input were stacked a screen apart, as were what each layer sees."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -228,6 +257,16 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
             page.set_default_timeout(90_000)
             page.goto(server)
             wait_for_lam(page, "λ=0.1,")
+            # Streamlit's toolbar covers none of the page's first lines (the title, its caption, the model line)
+            top = page.evaluate(TOP_BOXES)
+            covered = [(name, text) for name, button in top["toolbar"] for text, box in top["text"]
+                       if meet(button, box)]
+            assert top["toolbar"] and covered == [], (width, top["toolbar"], covered)
+            # the clean image and the model input side by side at every width (in a phone's window Streamlit
+            # stacked their columns, a screen apart), both on the page
+            inputs = pictures(page, "inputs", 2)
+            assert len(inputs) == 2 and abs(inputs[0][1] - inputs[1][1]) < 1 and inputs[1][2] <= width, (
+                width, inputs)
             charts = {"Layers": ["codes_chart", "maps_chart"], "λ path": [], "Atoms": ["atoms_chart", "deep_atoms_chart"],
                       "Attribution": ["attr_integrated_gradients", "attr_saliency", "atom_attr_tiles"]}
             others = {"Layers": ["pred_chart", "residual_chart", "sparsity_chart"],
@@ -266,6 +305,9 @@ def test_no_label_is_cut_and_no_tile_titles_run_together(server, width):
                     own = page.evaluate("() => document.querySelector('.st-key-codes_chart .js-plotly-plot')"
                                         ".layout.meta")
                     assert png.shape == (2 * own["png_height"], 2 * own["png_width"]), (png.shape, own)
+                if tab == "Atoms":  # what each layer sees: its first two pictures side by side at any width too
+                    sees = pictures(page, "sees_pictures", 2)
+                    assert abs(sees[0][1] - sees[1][1]) < 1 and max(r for _, _, r in sees) <= width, (width, sees)
                 breaks = page.evaluate(CAPTION_BREAKS)  # the inputs' and, in Atoms, what each layer sees
                 assert all(before in WRAPS_AFTER for _, before, _ in breaks), breaks
             page.screenshot(path=str(ARTIFACTS / f"app-{width}px-attribution.png"))
