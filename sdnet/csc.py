@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import copy
 import math
+import re
 import threading
 import warnings
 import weakref
@@ -487,6 +488,9 @@ class CSCLayer(nn.Module):
                     objective=lam * z.abs().sum(dim=dims) + 0.5 * res_norm ** 2)
 
 
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u2060\ufeff]")  # soft hyphen, zero-width spaces and joiners, BOM
+
+
 def check_override_names(layer_names: set[str]) -> None:
     """ValueError when the active `override` maps a name that is none of `layer_names` (a model's CSC layers): a
     misspelt layer would otherwise be ignored without a word."""
@@ -497,8 +501,11 @@ def check_override_names(layer_names: set[str]) -> None:
         if unknown:
             has = (f"it has {', '.join(sorted(layer_names)[:6])}{', ...' if len(layer_names) > 6 else ''}"
                    if layer_names else "it has none")
+            # a name copied from a page (the app's captions break names with zero-width spaces) reads as a right one
+            hidden = [repr(n) for n in unknown if _INVISIBLE.sub("", n) in layer_names]
+            hint = f"; invisible characters in {', '.join(hidden)}, as in text copied from a page" if hidden else ""
             raise ValueError(f"override({key}=...) names CSC layers this model does not have: {', '.join(unknown)} "
-                             f"({has})")
+                             f"({has}){hint}")
 
 
 # --- the FFT bound ------------------------------------------------------------------------------

@@ -1904,6 +1904,13 @@ def test_override_of_a_layer_the_model_lacks_is_an_error_not_ignored():
     for kwargs in (dict(lam={"conv_1": 5.0}), dict(n_steps={"layer9.0.conv1": 3})):
         with sdnet.override(**kwargs), pytest.raises(ValueError, match="names CSC layers this model does not have"):
             model(x)
+    # a name copied from the app's caption holds zero-width spaces: it looks right, and the message says why not
+    with sdnet.override(lam={"layer1.\u200b1.\u200bconv2": 5.0}), pytest.raises(
+            ValueError, match=r"invisible characters in 'layer1.\\u200b1.\\u200bconv2'"):
+        model(x)
+    with sdnet.override(lam={"conv_1": 5.0}), pytest.raises(ValueError) as e:
+        model(x)
+    assert "invisible" not in str(e.value)  # a plain misspelling gets no such hint
     with sdnet.override(lam={"conv1": 5.0}):
         model(x)  # a real name is fine
         with pytest.raises(ValueError, match=r"conv1 \(it has none\)"):
