@@ -287,7 +287,8 @@ def corruption_sidebar() -> dict[str, Any]:
     if typed != value:
         sb.warning(f"Seed {value} is not a whole number: using {seed}.")
     elif seed != typed:
-        sb.warning(f"Seed {typed} is outside 0 to 2147483647: using {seed}.")
+        shown = typed if abs(typed) < 10 ** 12 else f"{value:g}"  # a typed 1e300 is not quoted in 301 digits
+        sb.warning(f"Seed {shown} is outside 0 to 2147483647: using {seed}.")
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
 

@@ -620,7 +620,8 @@ def export_stem(settings: dict) -> str:
     of one image are two files; one view on the CPU and on a GPU is one)."""
     what = {k: v for k, v in settings.items() if k != "device"}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:6]
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(settings["checkpoint"]["path"]).stem) or "model"
+    # ASCII, at most 80 characters, no leading dot (a hidden file) or dash: a name any browser and disk keep as is
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(settings["checkpoint"]["path"]).stem)[:80].strip("._-") or "model"
     return f"{model}-view-{settings['image']['sha256'][:8]}-{digest}"
 
 

@@ -14,8 +14,10 @@ from .csc import _RECORDER, CSCLayer, _check_lam, csc_layers, override
 
 @dataclass
 class LayerRecord:
-    """One CSC layer's solve for a batch: tensors have the batch dimension first. x, z, recon and residual are
-    None in a `trace(..., tensors=False)`, which keeps the per-sample numbers only."""
+    """One CSC layer's solve for a batch: tensors have the batch dimension first, in the layer's dictionary's dtype
+    (under a 16-bit autocast, float32 copies of the layer's x and z, and A(z) and the numbers computed from them
+    exactly). x, z, recon and residual are None in a `trace(..., tensors=False)`, which keeps the per-sample numbers
+    only."""
     name: str
     x: torch.Tensor | None            # the layer's input
     z: torch.Tensor | None            # the sparse code

@@ -1111,16 +1111,19 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--tuned-lam takes a lambda or auto: {err}")
 
 
-_DASHED_LIST = re.compile(r"-[\d.][^,:]*[,:]")  # '-1,0.5' or '-1:1:0.5': a list or range that starts negative
+# '-1,0.5', '-1:1:0.5', '-1e-3', '-inf': a value that starts negative (an option's name starts with a letter)
+_NEGATIVE = re.compile(r"-(?:[\d.]|inf|nan)", re.IGNORECASE)
 
 
-def attach_dashed_lists(argv: list[str]) -> list[str]:
+def attach_negative_values(argv: list[str]) -> list[str]:
     """['--lams', '-1,0.5'] -> ['--lams=-1,0.5']: argparse takes a value that starts with a dash (and is not a
-    plain negative number) for an option, and said 'expected one argument' where the list's own check names the
-    range."""
+    plain negative number: a list, a range, '-1e-3') for an option, and said 'expected one argument' where the
+    value's own check names the range. Nothing after a '--' is touched."""
     out: list[str] = []
-    for arg in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _DASHED_LIST.match(arg):
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if out and out[-1].startswith("--") and out[-1] != "--" and "=" not in out[-1] and _NEGATIVE.match(arg):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
@@ -1128,7 +1131,7 @@ def attach_dashed_lists(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    argv = attach_dashed_lists(list(sys.argv[1:] if argv is None else argv))
+    argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

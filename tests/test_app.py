@@ -1198,9 +1198,10 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     assert stem.startswith(f"{ckpt}-view-{view.settings['image']['sha256'][:8]}-") and stem != state.export_stem(
         {**view.settings, "lam": {**view.settings["lam"], "all": 0.5}})
     assert stem == state.export_stem({**view.settings, "device": "cuda" if view.settings["device"] == "cpu" else "cpu"})
-    assert state.export_stem({**view.settings, "checkpoint": {**view.settings["checkpoint"],
-                                                              "path": "/up loads/my model (2).pt"}}).startswith(
-        "my_model_2_-view-")
+    for path, name in (("/up loads/my model (2).pt", "my_model_2"), ("模型.pt", "model"), ("..pt", "model"),
+                       ("-x.pt", "x"), ("a" * 300 + ".pt", "a" * 80)):
+        stem = state.export_stem({**view.settings, "checkpoint": {**view.settings["checkpoint"], "path": path}})
+        assert stem.startswith(f"{name}-view-"), (path, stem)
     assert at_trained[1] == view.classes[int(np.argmax(view.probe["probs"]))]
     # the segments of the text are the CSV's predictions
     assert all(r[1] in page for r in rows)
@@ -1556,6 +1557,8 @@ def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(
     ok(at)
     assert at.session_state["view"].settings["corruption"]["seed"] == 1
     assert any("Seed 1.5 is not a whole number: using 1." in w.value for w in at.sidebar.warning)
+    at.number_input(key="seed").set_value(1e300).run()  # quoted as typed, not in 301 digits
+    assert any("Seed 1e+300 is outside 0 to 2147483647: using 2147483647." in w.value for w in at.sidebar.warning)
     at.number_input(key="seed").set_value(4).run()  # a whole one: nothing to say
     assert at.session_state["view"].settings["corruption"]["seed"] == 4 and not at.sidebar.warning
 

@@ -2189,8 +2189,9 @@ def test_trace_leaves_the_model_as_it_was_when_its_forward_fails_and_finds_layer
 
 
 def test_decode_to_input_takes_an_unbatched_code_undoes_small_variances_and_refuses_the_imagenet_stem():
-    """A (C, H, W) code decodes as its batch of one, to a (3, H, W) image; a BatchNorm of near-zero running variance is undone with its
-    eps, as it normalised (its scale sqrt(var + eps), not sqrt(var)); the ImageNet stem's max-pool has no inverse."""
+    """A (C, H, W) code decodes as its batch of one, to a (3, H, W) image; a BatchNorm of near-zero running variance
+    is undone with its eps, as it normalised (its scale sqrt(var + eps), not sqrt(var)); the ImageNet stem's max-pool
+    has no inverse."""
     torch.manual_seed(0)
     model = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval()
     with torch.no_grad():

@@ -112,66 +112,27 @@ def test_parsers_and_command_line_errors(capsys):
 
 @pytest.mark.parametrize("option, value, says", [("--lams", "-1,0.5", "lambdas must be in [0, 100], got '-1,0.5'"),
                                                  ("--lams", "-1:1:0.5", "lambdas must be in [0, 100]"),
+                                                 ("--lams", "-1e-3", "lambdas must be in [0, 100]"),
                                                  ("--severities", "-1,2", "severity 1..5 or a positive noise level")])
-def test_a_list_that_starts_negative_gets_its_own_check_not_argparses_expected_one_argument(capsys, option, value,
-                                                                                           says):
+def test_a_value_that_starts_negative_gets_its_own_check_not_argparses_expected_one_argument(capsys, option, value,
+                                                                                            says):
     """argparse took '-1,0.5' after --lams for an option ('expected one argument'); the list's check names the range."""
     command = "eval" if option == "--severities" else "fit"
     with pytest.raises(SystemExit) as e:
         robust.main([command, "--checkpoint", "x.pt", option, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err and "expected one argument" not in err
-    # only a dashed list or range is attached to the option before it: flags and plain values are left as they are
-    assert robust.attach_dashed_lists(["fit", "--lams", "-1,2", "--noise", "shot", "--lams=0.1", "-x,1"]) == [
-        "fit", "--lams=-1,2", "--noise", "shot", "--lams=0.1", "-x,1"]
-    assert robust.attach_dashed_lists(["--levels", "-0.5,1", "--lams", "-1"]) == ["--levels=-0.5,1", "--lams", "-1"]
 
 
-def test_pgd_stays_in_the_ball_in_pixel_range_and_runs_at_the_given_lambda(setup):
-    model, _ = sdnet.load_checkpoint(setup[0] / "sd.pt")
-    seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, inp: seen.append(m.effective_lam())) for _, m in sdnet.csc_layers(model)]
-    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
-    x[0] = 0.0  # a black image: any step out of [0, 1] would show
-    try:
-        adv = attacks.pgd(model, x, y, "Linf", 8 / 255, steps=2, step_size=4 / 255, lam=0.7)
-    finally:
-        [h.remove() for h in hooks]
-    assert set(seen) == {0.7} and len(seen) >= 3 * len(hooks)  # every forward of the attack ran at lambda 0.7
-    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
-    assert (adv - x).abs().max() > 1 / 255  # it moved
-    adv2 = attacks.pgd(model, x, y, "L2", 0.5, steps=3, step_size=0.2, restarts=2)
-    norms = (adv2 - x).flatten(1).norm(dim=1)
-    assert norms.max() <= 0.5 + 1e-4 and norms.min() > 0.05 and adv2.min() >= 0 and adv2.max() <= 1
-    assert attacks.max_norm(adv2 - x, "L2") == pytest.approx(norms.max().item())
-    with pytest.raises(ValueError):
-        attacks.pgd(model, x, y, "L1", 0.5, steps=1, step_size=0.1)
-    for bad in ({"radius": -0.1}, {"restarts": 0}, {"steps": 0}, {"step_size": 0.0}):  # clean images came back
-        with pytest.raises(ValueError, match="PGD needs radius > 0"):
-            attacks.pgd(model, x, y, "L2", **{"radius": 0.5, "steps": 1, "step_size": 0.1, **bad})
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="evaluation mode"):  # it updated the BatchNorm statistics
-        attacks.pgd(model.train(), x, y, "Linf", 8 / 255, steps=1, step_size=4 / 255)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_pgd_gives_each_image_its_own_start_whatever_the_batches(setup):
-    """The random start was drawn per batch (seeded by the batch's first index): --batch-size changed the attack."""
-    model, _ = sdnet.load_checkpoint(setup[0] / "sd.pt")
-    x, y = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(7) % 10
-    for norm, radius in (("Linf", 8 / 255), ("L2", 0.5)):
-        whole = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=3, batch_size=7)
-        pieces = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=3, batch_size=3)
-        torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
-        other = attacks.pgd(model, x, y, norm, radius, steps=2, step_size=radius / 2, seed=4, batch_size=7)
-        assert not torch.allclose(other, whole)
-    # the starts themselves: uniform in the ball, the same for an image in any slice of the split
-    points = attacks.start_points(240, 20, (3, 4, 4), "L2", seed=0, restart=0)  # spans two blocks of 250
-    assert points.flatten(1).norm(dim=1).max() <= 1 + 1e-6
-    torch.testing.assert_close(points[5:15], attacks.start_points(245, 10, (3, 4, 4), "L2", seed=0, restart=0))
-    inf = attacks.start_points(0, 500, (3, 4, 4), "Linf", seed=0, restart=1)
-    assert inf.abs().max() <= 1 and abs(float(inf.mean())) < 0.02 and float(inf.abs().mean()) == pytest.approx(0.5, abs=0.02)
-    assert not torch.equal(inf, attacks.start_points(0, 500, (3, 4, 4), "Linf", seed=0, restart=0))
+def test_only_a_value_that_starts_negative_is_attached_to_the_option_before_it():
+    attach = robust.attach_negative_values
+    assert attach(["fit", "--lams", "-1,2", "--noise", "shot", "--levels", "-0.5,1", "--seed", "-inf"]) == [
+        "fit", "--lams=-1,2", "--noise", "shot", "--levels=-0.5,1", "--seed=-inf"]
+    # an option's name (a path that starts with a dash is one to argparse too), a value already attached, a short
+    # option, and anything after '--' are left as they are
+    for argv in (["--data", "-foo,bar"], ["--lams", "-x,1"], ["--lams=0.1", "-1,2"], ["-h", "-1,2"],
+                 ["fit", "--", "-1,2"], ["--lams", "--", "-1,2"]):
+        assert attach(argv) == argv, argv
 
 
 # --- sdnet.attacks and sdnet.utils: starts, restarts and the number arguments (from the fourth audit) ---------
