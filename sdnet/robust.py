@@ -1123,7 +1123,7 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     for i, arg in enumerate(argv):
         if arg == "--":
             return out + argv[i:]
-        if out and out[-1].startswith("--") and out[-1] != "--" and "=" not in out[-1] and _NEGATIVE.match(arg):
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.match(arg):  # ("--" returned)
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
