@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,22 @@ def _picture_columns(key: str, spec: int | list[int]) -> list:
         return st.columns(spec)
 
 
+def _command_lines(command: str) -> str:
+    """A stored shell command with each long option on a line of its own (bash continuations), as it is shown in a
+    narrow box: on one wrapped line it broke inside options ('--no-' over 'shortcut') and left '--' at a line's
+    end. It runs as it is when pasted. One that is not shell words (an unbalanced quote) is shown as it is."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    lines: list[list[str]] = []
+    for word in words:
+        if word.startswith("--") or not lines:
+            lines.append([])
+        lines[-1].append(shlex.quote(word))
+    return " \\\n  ".join(" ".join(line) for line in lines)
+
+
 def _code(text: str) -> str:
     """A user's file name or path inside markdown, as a code span: 'red.png' is not a colour directive there, nor
     ':smile:' an emoji, nor '*x*' emphasis."""
@@ -170,15 +187,17 @@ def _show_card(loaded: state.Loaded) -> None:
     if acc_text == "not measured":
         sb.warning("This checkpoint has no measured accuracy: it may be an untrained stand-in.")
     if training or card.get("evaluation") or card.get("robust_fit"):
-        with sb.expander("How it was made"):
+        with sb.expander("How it was made", key="how_made"):
+            # the sidebar's commands in a smaller type: at the page's 0.875rem a line held 20 characters
+            st.html("<style>.st-key-how_made [data-testid=stCode] code {font-size: 0.75rem}</style>")
             if training.get("command"):
                 # wrapped, as every command on the page: the fit's was cut at the popover's edge, scrolled sideways
-                st.code(training["command"], language="bash", wrap_lines=True)
+                st.code(_command_lines(training["command"]), language="bash", wrap_lines=True)
                 secs, where = training.get("seconds"), training.get("machine") or training.get("device")
                 st.caption(" ".join(filter(None, ["Trained", f"in {secs / 60:.0f} min" if secs else None,
                                                   f"on {where}" if where else None])) + ".")
             if (card.get("evaluation") or {}).get("command"):
-                st.code(card["evaluation"]["command"], language="bash", wrap_lines=True)
+                st.code(_command_lines(card["evaluation"]["command"]), language="bash", wrap_lines=True)
             if card.get("robust_fit"):
                 st.caption("Algorithm 1 fits for: " + ", ".join(card["robust_fit"]))
 
@@ -522,7 +541,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
-            st.code(fit["command"], language="bash", wrap_lines=True)
+            st.code(_command_lines(fit["command"]), language="bash", wrap_lines=True)
 
 
 def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec,

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -1563,6 +1564,21 @@ def test_a_bad_upload_or_a_switch_of_source_keeps_the_corruption_and_the_sample(
     assert at.session_state["view"].settings["corruption"]["seed"] == 4 and not at.sidebar.warning
 
 
+def test_a_stored_command_is_shown_one_long_option_to_a_line_and_runs_as_it_was():
+    """The sidebar's 'How it was made' wrapped a training command as one line in 250 px: '--no-' over 'shortcut', a
+    '--' at a line's end. Shown one long option to a line with bash continuations, it is the same words."""
+    from app import panels
+    command = "python -m sdnet.train --model sdnet18_all --no-shortcut --data '/my data/c.tar.gz' --out runs/x"
+    shown = panels._command_lines(command)
+    assert shown.splitlines() == ["python -m sdnet.train \\", "  --model sdnet18_all \\", "  --no-shortcut \\",
+                                  "  --data '/my data/c.tar.gz' \\", "  --out runs/x"]
+    pasted = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + shown.split(" ", 1)[1]], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    assert pasted == shlex.split(command)[1:]  # what bash hands the program: the same words
+    assert panels._command_lines("python -m sdnet.train") == "python -m sdnet.train"
+    assert panels._command_lines("echo 'unbalanced") == "echo 'unbalanced"  # not shell words: as it is
+
+
 def test_file_names_are_shown_as_text_not_markdown(app):
     at = app(source="Upload")
     at.file_uploader(key="upload").set_value((":red[x]*a*.png", b"not an image", "image/png")).run()
@@ -1763,10 +1779,12 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     r = at.session_state["view"].trained["mean_rel_residual"]
     expected = float(f"{sdnet.adaptive_lam(fit, r):.3g}")  # to 3 digits: the slider reads 0.502, not 0.502475
     assert fit_fig["data"][2]["x"] == [pytest.approx(r)] and fit_fig["data"][2]["y"] == [pytest.approx(expected)]
-    # every command on the page (training, fit) wraps: the fit's was cut at its popover's edge
+    # every command on the page (training, fit) wraps: the fit's was cut at its popover's edge; each long option on a
+    # line of its own (wrapped as one line, '--no-shortcut' broke after '--no-')
+    from app import panels
     commands = [c for c in at.code if c.language == "bash"]
-    assert {fit["command"], training["command"]} <= {c.value for c in commands} and all(
-        c.proto.wrap_lines for c in commands)
+    assert {panels._command_lines(fit["command"]), panels._command_lines(training["command"])} <= {
+        c.value for c in commands} and all(c.proto.wrap_lines for c in commands)
     at.button(key="auto_lam_btn").click().run()
     ok(at)
     assert at.select_slider(key="lam").value == pytest.approx(expected)

@@ -1,7 +1,8 @@
 """The app in a real browser: `streamlit run app/main.py`, driven by headless Chromium (Playwright).
 
 Uploads an image, moves the lambda slider with the keyboard, checks that the predictions change, that
-a second browser session keeps its own lambda and that a seed typed with a fraction is said, and saves screenshots
+a second browser session keeps its own lambda, that a seed typed with a fraction is said and that
+the training command fits the sidebar, and saves screenshots
 to tests/artifacts/ (set SDNET_SCREENSHOT=path to also copy the main one there, e.g. assets/screenshot.png). In a
 390 px (a phone's), an 800 px and a 1400 px window, checks that Streamlit's toolbar covers none of the page's first
 lines, rows of pictures keep two side by side, no label is cut, no tile titles run together, the charts' toolbar
@@ -73,6 +74,17 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             # a local tool: no "Deploy" to Community Cloud in its toolbar (.streamlit/config.toml)
             assert page.locator("[data-testid=stToolbarActions]").count() == 1
             assert page.locator("[data-testid=stAppDeployButton]").count() == 0
+            # how the model was trained, in the sidebar's narrow box: one long option to a line, and in a type small
+            # enough that only long values wrap (as one wrapped line, '--no-shortcut' broke after '--no-')
+            page.locator("[data-testid=stSidebar]").get_by_text("How it was made").click()
+            box = page.locator(".st-key-how_made [data-testid=stCode] code").first
+            box.wait_for()
+            text_lines = len(box.inner_text().strip().splitlines())
+            shown_lines = box.evaluate("e => Math.round(e.getBoundingClientRect().height"
+                                       " / parseFloat(getComputedStyle(e).lineHeight))")
+            assert "  --no-shortcut \\" in box.inner_text().splitlines() and shown_lines <= text_lines + 4, (
+                text_lines, shown_lines)
+            page.locator("[data-testid=stSidebar]").get_by_text("How it was made").click()
 
             page.locator("[data-testid=stSidebar]").get_by_text("Upload", exact=True).click()
             page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(upload_file(tmp_path)))
