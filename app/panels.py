@@ -346,6 +346,10 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
                        + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + "."
                        + (" Its transparent parts are shown on a checkerboard; the model sees them white."
                           if alpha is not None else ""))
+            if min(w, h) < max(w, h) / 2:  # the caption alone said it, in grey, of a crop shown as "clean"
+                st.warning(f"Only the middle {min(w, h)}x{min(w, h)} of this {w}x{h} image is used "
+                           f"({min(w, h) / max(w, h):.0%} of it): the model takes a square. Crop the image to the "
+                           "part you want before uploading it.")
         psnr = _psnr(clean, image)
         if corruption["kind"] != "none":
             st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")

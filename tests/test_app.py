@@ -1659,6 +1659,12 @@ def test_bad_uploads_give_a_message(app):
     view = at.session_state["view"]
     assert view.settings["image"]["source"] == "upload:photo.png" and view.clean.shape == (3, 32, 32)
     assert any("centre-cropped 200x300 to 200x200" in c.value and "resized 200x200 -> 32x32" in c.value for c in at.caption)
+    assert not any("Only the middle" in w.value for w in at.warning)  # two thirds of it kept: the caption says it
+    strip = Image.fromarray(np.random.default_rng(4).integers(0, 256, (400, 20, 3), dtype=np.uint8))
+    at.file_uploader(key="upload").set_value(("strip.png", png(strip), "image/png")).run()
+    ok(at)  # 95% of a tall strip cut away was said in the grey caption only, under a picture of the crop
+    assert any("Only the middle 20x20 of this 20x400 image is used (5% of it)" in w.value for w in at.warning), [
+        w.value for w in at.warning]
     photo = png(Image.new("RGB", (8000, 6000), (120, 30, 200)), "JPEG")  # 48 megapixels: decoded at half scale
     at.file_uploader(key="upload").set_value(("phone.jpg", photo, "image/jpeg")).run()
     ok(at)
