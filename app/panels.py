@@ -785,6 +785,39 @@ def _run_texts(runs: list[tuple[int, float, float]], classes: list[str], opens: 
             for i, (c, a, b) in enumerate(runs)]
 
 
+NEARLY_CUT = 0.01  # a λ's output within a point (every class) of the cut-off one: the image hardly counts there
+
+
+def _path_headline(lams: np.ndarray, probs: np.ndarray, classes: list[str], cut: float | None) -> str:
+    """'Prediction along λ: **frog** up to 0.15 · **deer** 0.2-0.25 · nearly cut off: **cat** 0.3 (...) · from 0.4
+    the image is cut off (**cat** for any input)'. The λ just under the cut whose output is already within
+    NEARLY_CUT of the cut-off one are said to be so: named as a run of their own, 'cat 0.3' read as the image
+    recovering its class where the output was that for any input to a tenth of a point."""
+    top = probs.argmax(1)
+    live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts
+    near = np.zeros(len(lams), dtype=bool)
+    if cut is not None:
+        at = int(np.argmax(~live))
+        i = at
+        while i > 0 and np.abs(probs[i - 1] - probs[at]).max() <= NEARLY_CUT:
+            i -= 1
+        near[i:at] = True
+    spans = _run_texts(state.path_segments(lams[live & ~near], top[live & ~near]), classes, opens=True,
+                       closes=cut is None)
+    if near.any():
+        spans.append("nearly cut off: " + ", ".join(_run_texts(state.path_segments(lams[near], top[near]), classes,
+                                                               opens=False, closes=False))
+                     + f" (each class's probability within {NEARLY_CUT * 100:g} point of the output for any input)")
+    if cut is not None:
+        # cut off, the output is the same for any input, yet it can still move with the other layers' λ (a held
+        # first layer cuts the whole path off): its runs are listed too, not only the class at the largest λ
+        after = state.path_segments(lams[~live], top[~live])
+        spans.append(f"from {cut:g} the image is cut off (**{classes[after[0][0]]}** for any input)" if len(after) == 1
+                     else f"from {cut:g} the image is cut off, the same for any input: "
+                     + ", ".join(_run_texts(after, classes, opens=False, closes=True)))
+    return "Prediction along λ: " + " · ".join(spans)
+
+
 def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSpec) -> None:
     loaded, cur = ctx.loaded, view.probe
     held = _held(lam)
@@ -804,16 +837,7 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
-    live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts
-    spans = _run_texts(state.path_segments(lams[live], top[live]), classes, opens=True, closes=cut is None)
-    if cut is not None:
-        # cut off, the output is the same for any input, yet it can still move with the other layers' λ (a held
-        # first layer cuts the whole path off): its runs are listed too, not only the class at the largest λ
-        after = state.path_segments(lams[~live], top[~live])
-        spans.append(f"from {cut:g} the image is cut off (**{classes[after[0][0]]}** for any input)" if len(after) == 1
-                     else f"from {cut:g} the image is cut off, the same for any input: "
-                     + ", ".join(_run_texts(after, classes, opens=False, closes=True)))
-    st.markdown("Prediction along λ: " + " · ".join(spans))
+    st.markdown(_path_headline(lams, probs, classes, cut))
     if cut is not None:
         st.caption(f"Shaded, from λ={cut:g}: a CSC code is all zero, cutting the image off, so the prediction there is "
                    "the same for any input at each λ (the other layers' λ can still move it).")
