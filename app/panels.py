@@ -756,6 +756,11 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
                "first, each titled #channel (Σ|z|), the Σ|z| on hover where a tile is too narrow for it.")
     panels, rgb = state.recon_panels(rec, unnormalizer(ctx.loaded))
+    shrunk = float(np.linalg.norm(rec["recon"]) / max(float(np.linalg.norm(rec["x"])), 1e-12))
+    if rgb and shrunk < 0.9:  # a grey-green A(z) of a brown cat read as a colour-mapping bug (the walk-through)
+        st.caption(f"A(z) is x shrunk toward zero by the threshold (||A(z)|| = {shrunk:.2f} ||x|| here, in the model's "
+                   "normalised input): in pixels its colours are pulled toward the training images' mean colour, "
+                   "each channel by its own amount, which can tint it.")
     # a short colour-bar title: a deep layer's chart is short, and 'l2 norm over channels' lost its 'l2' below it
     _chart(plots.layer_maps(panels, rgb, "l2 norm"), key="maps_chart",
            name=f"reconstruction_{view.layer}")
@@ -1000,7 +1005,7 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View, spec: state.Lam
            key="atom_attr_chart", name="attribution_atoms_bars")
     strongest = f"all {len(scores)} atoms" if len(scores) <= len(top) else f"the {len(top)} strongest atoms"
     st.caption(f"{attribution.LAYER_METHODS[result['atom_method']]} on {loaded.layer_names[0]}'s code, summed per "
-               f"channel; {strongest}, strongest first.")
+               f"channel; {strongest}, strongest first by |score| (a negative one counts against the class).")
     # 8 a row: 16 labels ran together at 700 px
     _chart(plots.tiles(tiles, labels, ncols=8, height_per_row=90), key="atom_attr_tiles", name="attribution_atoms")
 

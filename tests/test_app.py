@@ -1135,6 +1135,8 @@ def test_attribution_maps_come_two_a_row(app):
             for row in rows(at.main)]
     maps = [row for row in maps if row]
     assert [len(row) for row in maps] == [2, 1] and maps[1] == [["attr_occlusion_box"]], maps
+    # the atoms' bars come in order of |score|, signs mixed: the caption says so (it read 'strongest first' only)
+    assert any("strongest first by |score| (a negative one counts against the class)" in c.value for c in at.caption)
 
 
 def test_attribution_that_is_all_zero_says_why(app):
@@ -1577,6 +1579,23 @@ def test_a_stored_command_is_shown_one_long_option_to_a_line_and_runs_as_it_was(
     assert pasted == shlex.split(command)[1:]  # what bash hands the program: the same words
     assert panels._command_lines("python -m sdnet.train") == "python -m sdnet.train"
     assert panels._command_lines("echo 'unbalanced") == "echo 'unbalanced"  # not shell words: as it is
+
+
+def test_the_image_layers_reconstruction_says_how_far_the_threshold_shrank_it(app):
+    """A(z) of the image layer is x shrunk toward zero: in pixels a tinted, greyer picture, which read as a colour
+    bug with nothing said. The caption gives ||A(z)|| / ||x|| of the shown record; a body layer gets none."""
+    at = app(noise="gaussian", severity=5)
+    ok(at)
+    view = at.session_state["view"]
+    rec = next(r for r in view.probe["layers"] if r["name"] == view.layer)
+    assert rec["x"].shape[0] == 3  # the first layer is shown first
+    ratio = float(np.linalg.norm(rec["recon"]) / np.linalg.norm(rec["x"]))
+    assert ratio < 0.9
+    assert any(c.value.startswith(f"A(z) is x shrunk toward zero by the threshold (||A(z)|| = {ratio:.2f} ||x||")
+               for c in at.caption), [c.value for c in at.caption]
+    at.selectbox(key="layer").set_value(view.probe["layers"][1]["name"]).run()
+    ok(at)
+    assert not any("shrunk toward zero" in c.value for c in at.caption)
 
 
 def test_file_names_are_shown_as_text_not_markdown(app):
