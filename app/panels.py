@@ -523,13 +523,16 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     trained = float(next(iter(loaded.trained_lams.values()), 0.1))
     image = images.image_hash(ctx.image)
     flat = fit["slope"] <= 0  # Algorithm 1 rests on a best λ that grows with the noise (and so with r)
-    # a flat fit's value on the button itself: under it, in grey, the caption was read after the button's 'Auto λ =
-    # 0.163' looked like a recommendation (the walk-through's find)
-    st.button(f"Auto λ = {lam:.3g}" + (" (flat fit)" if flat else ""), key="auto_lam_btn", on_click=_set_lam,
-              args=(lam, note, layers, trained, image),
+    # a flat fit said right under the button, as a warning: said last, in grey, after the other notes, the button's
+    # 'Auto λ = 0.163' looked like a recommendation (the walk-through's find; a mark on the button itself was cut in
+    # an 800 px window)
+    st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained, image),
               help=f"Sets λ {where} from this image's relative residual there at the trained λ "
                    "(paper, Algorithm 1)." + (" This fit's λ does not grow with the residual: see below." if flat
                                               else ""))
+    if flat:
+        st.warning(f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data "
+                   f"the best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
     held = _auto_lam_held(image)
     if held == "current":
         st.caption(st.session_state["auto_lam"][0])
@@ -544,9 +547,6 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     elif seen and not min(seen) <= r <= max(seen):
         st.caption(f"r = {r:.3f} is outside the residuals the fit was made on ({min(seen):.3f}-{max(seen):.3f}): "
                    "λ is extrapolated (then clipped to the fit's λ range).")
-    if flat:
-        st.warning(f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data "
-                   f"the best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
     with st.popover("The fit"):
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
