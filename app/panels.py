@@ -467,6 +467,10 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
                    f"{loaded.trained_steps}-step codes: other counts can swing the prediction to any class, "
                    "confidently (reports/robust-fista-all-layers.md; in the first layer only: "
                    "reports/robust-fista.md).")
+    elif n_steps != loaded.trained_steps:  # 10 steps in conv1 turned the sample cat into a 99% truck, unsaid
+        c2.caption(f"In {first} only; the others keep the trained {loaded.trained_steps}. The layers after it learnt "
+                   f"from {loaded.trained_steps}-step codes of {first}: other counts can swing the prediction too "
+                   "(reports/robust-fista.md: accuracy falls as the count grows).")
     with c3:
         _auto_lam(ctx, trained_probe)
     with st.expander("Per-layer λ"):
@@ -751,7 +755,10 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     c2.slider("Code channels shown (most active first)", 1, rec["z"].shape[0], key="n_codes")
     activity, _ = _ranked(rec["z"])
     rel = "undefined (all-zero input)" if rec["input_zero"] else f"{rec['rel_residual']:.4f}"
-    st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, relative residual "
+    counts = view.settings["n_steps"]  # every layer's, or {first layer: count} with the others at the trained one
+    steps = counts if isinstance(counts, int) else counts.get(view.layer, ctx.loaded.trained_steps)
+    st.caption(f"{view.layer}: input {rec['x'].shape}, code {rec['z'].shape}, λ = {rec['lam']:g}, {steps} FISTA "
+               f"step{'s' if steps != 1 else ''}, relative residual "
                f"{rel}, {rec['sparsity']:.1%} zeros; {int((activity > 0).sum())} of "
                f"{len(activity)} code channels active for this image. Its code maps below: the most active channels "
                "first, each titled #channel (Σ|z|), the Σ|z| on hover where a tile is too narrow for it.")

@@ -1015,7 +1015,16 @@ def test_page_renders_and_lambda_changes_residuals(app):
     with torch.no_grad(), sdnet.override(lam=dict(view.settings["lam"]["override"]), n_steps={"conv1": 5}):
         assert np.allclose(model(torch.from_numpy(view.clean)[None])[0].numpy(), view.probe["logits"], atol=1e-5)
     assert any("5 steps in conv1" in str(c.proto.spec) for c in at.get("plotly_chart"))  # the legend says so
+    # ...as do the controls (only the all-layers count had a note, yet 10 steps in conv1 turned the sample cat into a
+    # 99% truck) and the chosen layer's caption, for conv1 and for a layer at the trained count
+    assert any(c.value.startswith("In conv1 only; the others keep the trained 2.") for c in at.caption)
+    assert any(c.value.startswith("conv1: ") and ", 5 FISTA steps, " in c.value for c in at.caption)
+    at.selectbox(key="layer").set_value("layer1.0.conv1").run()
+    assert any(c.value.startswith("layer1.0.conv1: ") and ", 2 FISTA steps, " in c.value for c in at.caption)
+    at.selectbox(key="layer").set_value("conv1").run()
     at.toggle(key="steps_first").set_value(False).run()
+    assert not any("only; the others keep" in c.value for c in at.caption)
+    assert any(c.value.startswith("conv1: ") and ", 5 FISTA steps, " in c.value for c in at.caption)
     # a run that stops before the controls (no upload yet) does not reset them
     at.radio(key="source").set_value("Upload").run()
     at.radio(key="source").set_value("Sample").run()
