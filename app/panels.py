@@ -911,7 +911,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     st.caption("The layer's sparse code for this image decoded back to an image (no shortcuts, so the chain "
                "of A's and inverted BatchNorms reaches the pixels): what the layer keeps of the input. "
                "Deep layers' BatchNorm offsets swamp their codes in absolute pixels; the code's own "
-               "contribution (offsets left out, contrast stretched) shows what the code carries.")
+               "contribution (offsets left out, contrast stretched) shows what the code carries, stretched by the "
+               "factor under it: a large one means the code moves the pixels too little to see.")
     _default("sees_layers", _spread(names, 5))
     picks = st.multiselect("Layers", names, key="sees_layers")  # the page's width: in 3/5 of it the 5th chip was cut
     offsets = st.radio("Show", SEES_MODES, key="sees_mode", horizontal=True) == SEES_MODES[1]
@@ -921,8 +922,17 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
         for col, name in zip(cols[1:], picks):
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
             zero = not np.any(state.layer_record(cur, name)["z"])  # stretched, an all-zero code is just black
+            # stretched, a deep layer's contribution of 1e-10 of a pixel looked as vivid as the first layer's
+            gain = None if offsets or zero else state.sees_stretch(loaded.model, loaded.key, ctx.image, spec,
+                                                                   n_steps, name)
             col.image(framed_picture(img, side=160),
-                      caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else ""))
+                      caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
+                                                  f" (×{_short_number(gain)})" if gain is not None else ""))
+
+
+def _short_number(v: float) -> str:
+    """3 digits, an exponent without its '+' and zeros ('5.61e4', not '5.61e+04', where a caption wrapped after '+')."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.3g}")
 
 
 def _spread(names: list[str], n: int) -> list[str]:

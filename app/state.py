@@ -264,17 +264,31 @@ def probe(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, 
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def _decoded_code(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
+                  layer: str, offsets: bool) -> np.ndarray:
+    """`layer`'s code for `x` decoded back to pixels (sdnet.decode_to_input), as it comes: (3, H, W)."""
+    rec = next(r for r in probe(_model, model_key, x, lam, n_steps)["layers"] if r["name"] == layer)
+    z = torch.from_numpy(rec["z"]).unsqueeze(0).to(_device_of(_model))
+    return sdnet.decode_to_input(_model, layer, z, bias=offsets, input_size=x.shape[-2:])[0].cpu().numpy()
+
+
 def layer_sees(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
                layer: str, offsets: bool = False) -> np.ndarray:
     """'What layer l sees': its code decoded back to pixels (paper appendix B), (3, H, W) in [0, 1].
 
     offsets=True: absolute pixels, BatchNorm offsets and input mean included (clipped). False: the
-    code's own (linear) contribution, min-max stretched; deep layers' offsets otherwise swamp it.
-    Raises ValueError for models with shortcuts."""
-    rec = next(r for r in probe(_model, model_key, x, lam, n_steps)["layers"] if r["name"] == layer)
-    z = torch.from_numpy(rec["z"]).unsqueeze(0).to(_device_of(_model))
-    img = sdnet.decode_to_input(_model, layer, z, bias=offsets, input_size=x.shape[-2:])[0].cpu().numpy()
+    code's own (linear) contribution, min-max stretched (by `sees_stretch`); deep layers' offsets otherwise swamp
+    it. Raises ValueError for models with shortcuts."""
+    img = _decoded_code(_model, model_key, x, lam, n_steps, layer, offsets)
     return np.clip(img, 0, 1) if offsets else images.stretch(img)
+
+
+def sees_stretch(_model: torch.nn.Module, model_key: str, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec,
+                 layer: str) -> float:
+    """The factor `layer_sees` stretches the code's own contribution by: 1 / its range in pixels (a deep layer's
+    can be 1e-10 of a pixel's, a picture only at a gain of 1e10)."""
+    img = _decoded_code(_model, model_key, x, lam, n_steps, layer, False)
+    return 1.0 / max(float(img.max() - img.min()), 1e-12)  # (images.stretch's floor)
 
 
 @st.cache_data(max_entries=32, show_spinner=False)

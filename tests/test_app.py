@@ -1607,6 +1607,37 @@ def test_the_image_layers_reconstruction_says_how_far_the_threshold_shrank_it(ap
     assert not any("shrunk toward zero" in c.value for c in at.caption)
 
 
+def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app):
+    """Stretched to [0, 1], a deep layer's contribution of 1e-10 of a pixel looked as vivid as the first layer's:
+    each picture's caption gives the factor it was stretched by (1 / its range in pixels); absolute pixels get none."""
+    from app import state
+    at = app(tab="Atoms")
+    ok(at)
+
+    def captions():
+        def walk(node):
+            for child in getattr(node, "children", {}).values():
+                yield child
+                yield from walk(child)
+        return [im.caption.replace("\u200b", "") for e in walk(at.main) if type(e).__name__ == "Image"
+                for im in e.proto.imgs]
+    view, picks = at.session_state["view"], at.multiselect(key="sees_layers").value
+    loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
+    spec, steps = state.lam_spec(loaded.layer_names, view.settings["lam"]["all"], {}), view.settings["n_steps"]
+    gains = []
+    for name in picks:
+        z = torch.from_numpy(state.layer_record(view.probe, name)["z"])[None]
+        img = sdnet.decode_to_input(loaded.model, name, z, bias=False)[0].numpy()
+        gains.append(1 / (img.max() - img.min()))
+        shown = f"{gains[-1]:.3g}".replace("e+0", "e").replace("e+", "e")  # '5.61e4': no '+' to wrap after
+        assert f"{name} (×{shown})" in captions(), (name, captions())
+        assert state.sees_stretch(loaded.model, loaded.key, view.image, spec, steps, name) == pytest.approx(gains[-1])
+    assert gains[-1] > 1000 * gains[0]  # the deepest is stretched far more than the first layer
+    at.radio(key="sees_mode").set_value(at.radio(key="sees_mode").options[1]).run()
+    ok(at)
+    assert not any("(×" in c for c in captions())
+
+
 def test_file_names_are_shown_as_text_not_markdown(app):
     at = app(source="Upload")
     at.file_uploader(key="upload").set_value((":red[x]*a*.png", b"not an image", "image/png")).run()
