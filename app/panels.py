@@ -904,7 +904,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     st.caption(f"A unit code at the centre of one channel, pushed back to pixels through the chain of A's and "
                f"inverted BatchNorms (sdnet.decode_to_input, paper appendix B); shown in the "
                f"{crop.shape[-2]}x{crop.shape[-1]} window around the pixels they reach (their receptive field) "
-               f"with a 1-pixel grey border. Grey is 0.")
+               f"with a 1-pixel grey border. Grey is 0. Each title is #atom (usage: Σ|z| of its code channel for "
+               "this image), as above.")  # the number in '#88 (0.647)' was said for the first layer's tiles only
     _chart(plots.tiles(images.atom_tiles(crop), plots.usage_titles(dorder, dusage), ncols=8,
                        height_per_row=120), key="deep_atoms_chart", name=f"atoms_{deep}")
     st.subheader("What each layer sees")

@@ -1613,6 +1613,8 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
     from app import state
     at = app(tab="Atoms")
     ok(at)
+    # (and the deeper atoms' caption says what the number in their titles is, as the first layer's does)
+    assert any("Each title is #atom (usage: Σ|z| of its code channel for this image)" in c.value for c in at.caption)
 
     def captions():
         def walk(node):
