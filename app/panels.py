@@ -928,11 +928,12 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                                                                    n_steps, name)
             col.image(framed_picture(img, side=160),
                       caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
-                                                  f" (×{_short_number(gain)})" if gain is not None else ""))
+                                                  f" (×{_factor_text(gain)})" if gain is not None else ""))
 
 
-def _short_number(v: float) -> str:
-    """3 digits, an exponent without its '+' and zeros ('5.61e4', not '5.61e+04', where a caption wrapped after '+')."""
+def _factor_text(v: float) -> str:
+    """A stretch factor that can reach 1e10: 3 digits, an exponent without its '+' and zeros ('5.61e4', not
+    '5.61e+04', where a caption wrapped after '+'; plots.short_number writes large usages out, '8,200,000,000')."""
     return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.3g}")
 
 
