@@ -398,16 +398,26 @@ def _default(key: str, value: Any) -> Any:
 
 
 def reset_on_model_change(loaded: state.Loaded) -> None:
-    """A new checkpoint starts at its own trained lambda and FISTA steps, with its own layers."""
+    """A new checkpoint starts at its own trained lambda and FISTA steps, with its own layers; where the previous
+    one's had been moved, a toast says so (a switch to the ResNet and back lost a λ of 1 without a word)."""
     if st.session_state.get("lam_model") == loaded.key:
         return
+    moved = st.session_state.get("lam_model") is not None and (
+        st.session_state.get("lam_trained") != (st.session_state.get("lam"), st.session_state.get("n_steps"))
+        or bool(st.session_state.get("lam_layers")))
     for k in list(st.session_state):
         if k in PER_MODEL or str(k).startswith(_per_layer_key("")):
             del st.session_state[k]
     st.session_state["lam_model"] = loaded.key
     st.session_state["lam"] = float(next(iter(loaded.trained_lams.values()), 0.1))
     st.session_state["n_steps"] = loaded.trained_steps
+    st.session_state["lam_trained"] = (st.session_state["lam"], st.session_state["n_steps"])
     st.session_state["lam_extra"] = []
+    if moved:
+        st.toast(f"λ and FISTA steps are per checkpoint: {loaded.path.name} starts at its trained ones "
+                 f"({trained_text(loaded)})." if loaded.layer_names else
+                 f"{loaded.path.name} has no CSC layer, so no λ or FISTA steps: the ones you set are not kept, and "
+                 "an SDNet starts again at its trained ones.", icon=":material/restart_alt:")
 
 
 def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: float | None = None,
@@ -564,16 +574,22 @@ def _probe_timed(loaded: state.Loaded, x: np.ndarray, spec: state.LamSpec,
     return result, (time.perf_counter() - t0) * 1000
 
 
+def trained_text(loaded: state.Loaded) -> str:
+    """The trained λ and FISTA steps, as the current ones are said ('λ=0.1, 2 steps'): the 'trained' series run at
+    both, and 'trained λ=0.1' beside 'λ=0.1, 10 steps' read as the same setting with two results."""
+    lams = loaded.trained_lams
+    first = next(iter(lams.values()))
+    return state.setting_text(first, lams, loaded.trained_steps)
+
+
 LOGITS_GROWN = 10  # a logit this many times the trained settings' largest: the prediction means little
 
 
 def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str) -> None:
     classes = ctx.loaded.classes
-    trained_lam = next(iter(ctx.loaded.trained_lams.values()), None)
     if ctx.loaded.layer_names:
         series = [(f"SDNet at {lam_text}", "current", cur["probs"]),
-                  (f"SDNet at trained λ={trained_lam:g}" if trained_lam is not None else "trained", "trained",
-                   trained["probs"])]
+                  (f"SDNet as trained ({trained_text(ctx.loaded)})", "trained", trained["probs"])]
     else:  # a ResNet: no λ, one prediction
         series = [(f"{ctx.loaded.meta['config']['name']} ({ctx.loaded.path.name})", "current", cur["probs"])]
     if resnet is not None:
@@ -597,7 +613,7 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
             dead = sum(r["input_zero"] for r in cur["layers"])
             fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
             st.markdown(f"Mean relative residual over the CSC layers: **{fmt(cur['mean_rel_residual'])}** "
-                        f"(trained λ: {fmt(trained['mean_rel_residual'])})"
+                        f"(as trained: {fmt(trained['mean_rel_residual'])})"
                         + (f"; {dead} layer(s) fed all zeros left out" if dead else ""))
     with left:
         _chart(plots.predictions(classes, series, k), key="pred_chart", name="predictions")
@@ -679,10 +695,11 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
     tiles = images.atom_tiles(first.weight.detach())[order]
-    sees, more, offsets = None, {}, False
+    sees, stretch, more, offsets = None, None, {}, False
     if not loaded.meta["config"].get("shortcut", True):
         offsets = _default("sees_mode", SEES_MODES[0]) == SEES_MODES[1]
         sees = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, layer, offsets)
+        stretch = None if offsets else state.sees_stretch(loaded.model, loaded.key, ctx.image, spec, n_steps, layer)
         more = _atoms_tab_pngs(ctx, cur, spec, n_steps, offsets, settings)
     held = _held(lam)
     extra = tuple(st.session_state.get("lam_extra", []))
@@ -691,7 +708,7 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                                    loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      sees_offsets=offsets, attributions=attrs, atom_scores=atom_scores, more_pngs=more,
+                      sees_offsets=offsets, sees_stretch=stretch, attributions=attrs, atom_scores=atom_scores, more_pngs=more,
                       lam_path_csv=path_csv)
 
 
@@ -710,7 +727,8 @@ def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state
         if name in names:
             makers[f"{state.file_stem('sees', name)}.png"] = lambda n=name: state.sees_png(
                 state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, n, offsets), n, offsets, settings,
-                zero=not np.any(state.layer_record(cur, n)["z"]))
+                zero=not np.any(state.layer_record(cur, n)["z"]),
+                stretch=None if offsets else state.sees_stretch(loaded.model, loaded.key, ctx.image, spec, n_steps, n))
     deep = _default("atoms_layer", (names[1:] or names)[0])
     drec = state.layer_record(cur, deep)
     if drec is not None:
@@ -726,7 +744,8 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
 
     def values(probe: dict, k: str) -> np.ndarray:  # a layer fed all zeros has no relative residual
         return np.array([np.nan if k == "rel_residual" and r["input_zero"] else r[k] for r in probe["layers"]])
-    series = lambda k: [(lam_text, "current", values(cur, k)), ("trained λ", "trained", values(trained, k))]  # noqa: E731
+    as_trained = f"as trained ({trained_text(ctx.loaded)})"
+    series = lambda k: [(lam_text, "current", values(cur, k)), (as_trained, "trained", values(trained, k))]  # noqa: E731
     dead = [r["name"] for r in cur["layers"] if r["input_zero"]]
     if dead:
         # not "every code upstream was thresholded to 0": after an all-zero code, BatchNorm's offsets still reach
@@ -746,8 +765,13 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                           "relative residual": ["" if r["input_zero"] else f"{r['rel_residual']:.5f}"
                                                 for r in cur["layers"]],
                           "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
+                          # what FISTA minimises: more steps lower it layer by layer even where the residual rises
+                          # (each deeper layer gets a new input), which the residual chart alone does not show
+                          "Lasso objective": [r["objective"] for r in cur["layers"]],
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
-    st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}"}),
+    st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}", "Lasso objective": "{:.4g}"}),
+                 column_config={"Lasso objective": st.column_config.NumberColumn(
+                     help="λ·||z||₁ + ½·||x − A(z)||², what the layer's FISTA steps minimise for its input x")},
                  hide_index=True, height=min(35 * (len(table) + 1) + 3, 650))  # every layer (35 px rows), not 5 of 17
     c1, c2 = st.columns([2, 1])
     c1.selectbox("Layer", names, key="layer")
@@ -849,8 +873,11 @@ def path_panel(ctx: Context, view: state.View, lam: dict, n_steps: state.StepsSp
     top = probs.argmax(1)
     trained = next(iter(loaded.trained_lams.values()))
     cut = _cut_off_from(ctx, path)
+    order = {name: i for i, name in enumerate(path["layer_names"])}
+    own = [f"{name} {v:g}" for name, v in sorted(held, key=lambda h: order[h[0]])]  # named: which ones, at what λ
     where = ("every CSC layer" if not held else
-             f"{len(path['swept'])} of {len(path['layer_names'])} CSC layers (the others keep their own λ)")
+             f"{len(path['swept'])} of {len(path['layer_names'])} CSC layers (the others keep their own λ: "
+             + ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "") + ")")
     st.caption(f"The slider's λ in {where}, at each of its {len(lams)} values from {lams[0]:g} to {lams[-1]:g}, "
                "FISTA steps as set above: one forward per λ, for this image. The dashed line is the slider, the "
                "dotted one the trained λ.")
@@ -928,13 +955,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                                                                    n_steps, name)
             col.image(framed_picture(img, side=160),
                       caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
-                                                  f" (×{_factor_text(gain)})" if gain is not None else ""))
-
-
-def _factor_text(v: float) -> str:
-    """A stretch factor that can reach 1e10: 3 digits, an exponent without its '+' and zeros ('5.61e4', not
-    '5.61e+04', where a caption wrapped after '+'; plots.short_number writes large usages out, '8,200,000,000')."""
-    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.3g}")
+                                                  f" (×{state.factor_text(gain)})" if gain is not None else ""))
 
 
 def _spread(names: list[str], n: int) -> list[str]:

@@ -7,6 +7,7 @@ which matters because the lambda fragment redraws its figures on every slider mo
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,20 @@ LEGEND_LINE = 30  # characters: about 170 px, so an entry fits a half-width char
 def legend_name(name: str) -> str:
     """A legend entry in lines of at most LEGEND_LINE characters, broken at spaces: plotly does not wrap them, and
     at 800 px 'λ=0.1 (layer2.0.conv1 0.15, layer3.1.conv2 0.15), 5 steps in conv1' ran off the chart's left edge,
-    taking the other entries with it."""
-    lines: list[str] = []
+    taking the other entries with it. A layer's λ stays beside its name: '(layer2.0.conv1' over '2)' read as two
+    things."""
+    number = r"[-+]?[\d.]+(e[-+]?\d+)?"
+    words: list[str] = []
     for word in name.split(" "):
+        # a number is one unit with the name before it ('layer2.0.conv1 2),'), a count with the noun after it
+        # ('2 steps')
+        if words and (re.fullmatch(number + r"[),]*", word) and not words[-1].endswith(",")
+                      or re.fullmatch(number, words[-1])):
+            words[-1] += " " + word
+        else:
+            words.append(word)
+    lines: list[str] = []
+    for word in words:
         if lines and len(lines[-1]) + 1 + len(word) <= LEGEND_LINE:
             lines[-1] += " " + word
         else:

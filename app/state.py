@@ -239,7 +239,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: StepsSpec) -> dict[str, Any]:
     """Trace `model` on one image at the given lambda: logits, probabilities and, per CSC layer,
-    its input x, code z, reconstruction A(z), residual, relative residual and sparsity (numpy)."""
+    its input x, code z, reconstruction A(z), residual, relative residual, sparsity and Lasso objective (numpy)."""
     inp = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).to(_device_of(model))
     with sdnet.override(lam=as_override(lam), n_steps=as_override(n_steps)):
         t = sdnet.trace(model, inp)
@@ -249,6 +249,7 @@ def run_probe(model: torch.nn.Module, x: np.ndarray, lam: LamSpec, n_steps: Step
 
     layers = [dict(name=r.name, x=arr(r.x), z=arr(r.z), recon=arr(r.recon), residual=arr(r.residual),
                    rel_residual=float(r.rel_residual[0]), sparsity=float(r.sparsity[0]), lam=float(r.lam),
+                   objective=float(r.objective[0]),
                    input_zero=not bool(r.x[0].any()))  # everything upstream was thresholded away: NaN residual
               for r in t.layers]
     mean = float(t.mean_rel_residual[0]) if t.layers else math.nan
@@ -394,6 +395,7 @@ class View:
     atom_order: list[int] = field(default_factory=list)
     sees: np.ndarray | None = None         # (3, H, W) what the picked layer sees
     sees_offsets: bool = False             # ...in absolute pixels (else the code's own contribution, stretched)
+    sees_stretch: float | None = None      # ...by this factor (sees_stretch), None in absolute pixels
     attributions: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (3, H, W)
     atom_scores: np.ndarray | None = None  # (C,) first-layer atom attribution
     # the Atoms tab's pictures (what each chosen layer sees, the deeper atoms), made only when exported
@@ -489,7 +491,8 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
         makers[f"{file_stem('reconstruction', view.layer)}.png"] = lambda: _recon_png(rec, unnormalize, view.settings)
         if view.sees is not None:
             makers[f"{file_stem('sees', view.layer)}.png"] = lambda: sees_png(
-                view.sees, view.layer, view.sees_offsets, view.settings, zero=not np.any(rec["z"]))
+                view.sees, view.layer, view.sees_offsets, view.settings, zero=not np.any(rec["z"]),
+                stretch=view.sees_stretch)
     for method, attr in view.attributions.items():
         makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
     if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
@@ -499,11 +502,20 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
     return makers
 
 
-def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict, zero: bool = False) -> bytes:
+def factor_text(v: float) -> str:
+    """A stretch factor that can reach 1e10: 3 digits, an exponent without its '+' and zeros ('5.61e4', not
+    '5.61e+04', where a caption wrapped after '+'; plots.short_number writes large usages out, '8,200,000,000')."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{v:.3g}")
+
+
+def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict, zero: bool = False,
+             stretch: float | None = None) -> bytes:
     """'What a layer sees' (3, H, W) as an exported figure; `zero`: its code is all zero (said, as on the page:
-    a black square titled 'contrast stretched' looked like a picture of something)."""
+    a black square titled 'contrast stretched' looked like a picture of something); `stretch`: the factor it was
+    stretched by (sees_stretch), said as the page says it: a deep layer's 1e-10 of a pixel looked as vivid as conv1's."""
     what = ("in absolute pixels, with BatchNorm's offsets" if offsets else
-            "the code's own contribution, offsets left out, contrast stretched")
+            "the code's own contribution, offsets left out, contrast stretched"
+            + (f" ×{factor_text(stretch)}" if stretch is not None and not zero else ""))
     return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})"
                        + ("; its code is all zero at this λ: it sees nothing" if zero else ""),
                        settings, max(1, 256 // picture.shape[-1]), layer=layer)

@@ -567,6 +567,11 @@ def test_long_legend_entries_wrap_and_layer_names_stand_upright():
     assert all(len(line) <= plots.LEGEND_LINE for n in names for line in n.rstrip("\u2003").split("<br>"))
     assert names[0].count("<br>") == 2 and fig.layout.xaxis.tickangle == -90
     assert plots.legend_name("trained λ") == "trained λ"
+    # a layer's λ stays beside its name, a count beside its noun: '(layer2.0.conv1' over '2)' read as two things
+    assert plots.legend_name("λ=0.1 (layer2.0.conv1 2), 2 steps") == "λ=0.1 (layer2.0.conv1 2),<br>2 steps"
+    assert plots.legend_name("SDNet as trained (λ=0.1, 2 steps)") == "SDNet as trained (λ=0.1,<br>2 steps)"
+    assert plots.legend_name("λ=1e-3 (layer2.0.conv1 1e-05), 12 steps in conv1") == \
+        "λ=1e-3 (layer2.0.conv1 1e-05),<br>12 steps in conv1"
 
 
 def test_names_in_picture_captions_wrap_after_their_separators():
@@ -1033,6 +1038,28 @@ def test_page_renders_and_lambda_changes_residuals(app):
     assert at.session_state["view"].probe["layers"][0]["lam"] == 0.01
 
 
+def test_the_layers_table_gives_each_layers_lasso_objective_which_more_fista_steps_lower(app):
+    at = app()
+    ok(at)
+
+    def objectives() -> list[float]:
+        return [float(v) for v in at.dataframe[0].value["Lasso objective"]]
+    trained = objectives()
+    for r, shown in zip(at.session_state["view"].probe["layers"], trained, strict=True):  # from the record's x, z, A(z)
+        want = r["lam"] * np.abs(r["z"]).sum() + 0.5 * ((r["x"] - r["recon"]) ** 2).sum()
+        assert shown == pytest.approx(want, rel=1e-4, abs=1e-6), r["name"]
+    assert "FISTA" in at.dataframe[0].proto.columns  # the header's tooltip says what it is
+    at.toggle(key="steps_first").set_value(True).run()
+    at.slider(key="n_steps").set_value(10).run()
+    ok(at)
+    assert objectives()[0] < 0.5 * trained[0]  # conv1, whose input is the same image
+    # the 'trained' series run at the trained FISTA steps too, and say so ('trained λ=0.1' beside 'λ=0.1, 10 steps in
+    # conv1' read as one setting with two results)
+    assert any("- SDNet as trained (λ=0.1, 2 steps): **" in m.value for m in at.markdown)
+    specs = [str(c.proto.spec) for c in at.get("plotly_chart")]
+    assert sum("as trained (λ=0.1, 2 steps)" in s for s in specs) >= 3  # predictions, residual and sparsity
+
+
 def test_per_layer_lambdas_are_listed_in_the_networks_order(app):
     at = app()
     at.multiselect(key="lam_layers").set_value(["layer4.1.conv2", "conv1", "layer2.0.conv1"]).run()
@@ -1231,6 +1258,14 @@ def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
     assert len({r[first] for r in rows}) == 1 and len({r[first + 1] for r in rows}) > 1
     held_header = at.session_state["view"].lam_path_csv().decode().splitlines()[0].split(",")
     assert held_header == header + ["lam_conv1"] and all(r[-1] == "0.5" for r in rows)  # the held λ, in the file
+    # ...and on the page, in the network's order, however many (three named, the rest counted)
+    assert any("16 of 17 CSC layers (the others keep their own λ: conv1 0.5)" in c.value for c in at.caption)
+    at.session_state["lam_layers"] = ["layer4.1.conv2", "conv1", "layer1.1.conv2", "layer2.0.conv1"]
+    at.run()
+    assert any("13 of 17 CSC layers (the others keep their own λ: conv1 0.5, layer1.1.conv2 0.1, layer2.0.conv1 0.1 "
+               "and 1 more)" in c.value for c in at.caption), [c.value for c in at.caption]
+    at.session_state["lam_layers"] = ["conv1"]
+    at.run()
     # from the λ where a code goes all zero the headline says the image is cut off, not a class
     headline = next(m.value for m in at.markdown if m.value.startswith("Prediction along λ:"))
     assert "the image is cut off" in headline and "for any input" in headline  # λ 10 zeroes a code here
@@ -1471,6 +1506,36 @@ def _resnet_name(checkpoint_dir: Path) -> str:
     return sorted(p.name for p in checkpoint_dir.glob("resnet*.pt"))[0]
 
 
+def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):
+    """Each checkpoint starts at its trained λ and FISTA steps: a switch to the ResNet and back lost a λ of 1 without
+    a word. A toast says so where something set was reset, and nothing where nothing was."""
+    at = app()
+    sdnet_name = at.selectbox(key="ckpt").value
+    at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()  # nothing moved: nothing to say
+    ok(at)
+    assert not at.toast
+    at.selectbox(key="ckpt").set_value(sdnet_name).run()
+    assert not at.toast
+    at.select_slider(key="lam").set_value(1.0).run()
+    at.slider(key="n_steps").set_value(5).run()
+    at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()
+    ok(at)
+    assert [t.value for t in at.toast] == [f"{_resnet_name(checkpoint_dir)} has no CSC layer, so no λ or FISTA steps: "
+                                           "the ones you set are not kept, and an SDNet starts again at its trained "
+                                           "ones."]
+    at.selectbox(key="ckpt").set_value(sdnet_name).run()
+    assert not at.toast and at.select_slider(key="lam").value == pytest.approx(0.1)  # said at the first switch
+    at.multiselect(key="lam_layers").set_value(["conv1"]).run()  # a per-layer λ alone is a setting too
+    other = tmp_path / "other.pt"  # another SDNet: a copy elsewhere is another checkpoint to the app
+    other.write_bytes((checkpoint_dir / sdnet_name).read_bytes())
+    at.session_state["ckpt_path"] = str(other)
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    ok(at)
+    assert [t.value for t in at.toast] == ["λ and FISTA steps are per checkpoint: other.pt starts at its trained ones "
+                                           "(λ=0.1, 2 steps)."]
+    assert at.select_slider(key="lam").value == pytest.approx(0.1) and at.slider(key="n_steps").value == 2
+
+
 def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint_dir, tmp_path):
     """A ResNet checkpoint's page showed its predictions and attribution with no way to export them: it gets the
     SDNet page's export, less what a model without CSC layers does not have (λ, layers, atoms, λ path)."""
@@ -1607,9 +1672,10 @@ def test_the_image_layers_reconstruction_says_how_far_the_threshold_shrank_it(ap
     assert not any("shrunk toward zero" in c.value for c in at.caption)
 
 
-def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app):
+def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app, monkeypatch):
     """Stretched to [0, 1], a deep layer's contribution of 1e-10 of a pixel looked as vivid as the first layer's:
-    each picture's caption gives the factor it was stretched by (1 / its range in pixels); absolute pixels get none."""
+    each picture's caption, and its exported figure's title, gives the factor it was stretched by (1 / its range in
+    pixels); absolute pixels get none."""
     from app import state
     at = app(tab="Atoms")
     ok(at)
@@ -1635,9 +1701,23 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
         assert f"{name} (×{shown})" in captions(), (name, captions())
         assert state.sees_stretch(loaded.model, loaded.key, view.image, spec, steps, name) == pytest.approx(gains[-1])
     assert gains[-1] > 1000 * gains[0]  # the deepest is stretched far more than the first layer
+    titles = []
+    real = images.figure
+    monkeypatch.setattr(images, "figure", lambda picture, title, *a, **k: titles.append(title) or real(picture, title,
+                                                                                                     *a, **k))
+    makers = state.export_png_makers(view, lambda a: a)
+    for name, gain in zip(picks, gains):  # the Atoms tab's pictures, and the Layers tab's chosen layer's
+        shown = f"{gain:.3g}".replace("e+0", "e").replace("e+", "e")
+        for make in (view.more_pngs[f"{state.file_stem('sees', name)}.png"],) + (
+                (makers[f"{state.file_stem('sees', name)}.png"],) if name == view.layer else ()):
+            make()
+            assert titles[-1].endswith(f"(the code's own contribution, offsets left out, contrast stretched ×{shown})")
     at.radio(key="sees_mode").set_value(at.radio(key="sees_mode").options[1]).run()
     ok(at)
     assert not any("(×" in c for c in captions())
+    view = at.session_state["view"]
+    view.more_pngs[f"{state.file_stem('sees', picks[-1])}.png"]()
+    assert titles[-1].endswith("(in absolute pixels, with BatchNorm's offsets)") and view.sees_stretch is None
 
 
 def test_file_names_are_shown_as_text_not_markdown(app):
