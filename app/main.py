@@ -25,6 +25,7 @@ st.caption("Look inside a network whose convolutions are convolutional sparse co
            "each layer outputs the sparse code z minimising λ‖z‖₁ + ½‖x − A(z)‖².")
 
 panels.keep_state()
+panels.address_in()  # a reload or a shared link: its settings, on the session's first run
 torch.set_num_threads(state.cpu_threads())
 device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)
@@ -37,5 +38,6 @@ image = state.corrupted(clean, corruption["kind"], corruption["severity"], corru
 st.markdown(f"**{loaded.title}** from `{loaded.path.name}` on **{state.device_label(device)}**")
 panels.show_inputs(clean, image, image_info, corruption, alpha)
 panels.reset_on_model_change(loaded)
+panels.address_in(loaded)
 panels.explore(panels.Context(loaded=loaded, baseline=baseline, clean=clean, image=image, image_info=image_info,
                               corruption=corruption, device=state.device_label(device)))

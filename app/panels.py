@@ -420,6 +420,50 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
                  "an SDNet starts again at its trained ones.", icon=":material/restart_alt:")
 
 
+def address_in(loaded: state.Loaded | None = None) -> None:
+    """On a session's first run, the address's settings (a reload, a shared link) into the widgets' state: the
+    sidebar's before the checkpoint loads, then (with `loaded`) λ, FISTA steps and the layer over its trained ones.
+    What it cannot use is said once, on the page."""
+    stage = "address_view" if loaded else "address_sidebar"
+    if stage in st.session_state:
+        return
+    st.session_state[stage] = True
+    params = st.query_params.to_dict()
+    if loaded is None:
+        values, left_out = state.read_address(params, [p.name for p in state.list_checkpoints(state.checkpoint_dir())],
+                                              list(state.list_samples()), TABS)
+    else:
+        values, left_out = state.read_address(params, layers=loaded.layer_names,
+                                              max_steps=max(20, loaded.trained_steps))
+        if not loaded.layer_names:
+            values = {}  # a ResNet: no λ or layers to set (a link made on an SDNet, then the model switched)
+        if values.get("lam") not in (None, *state.lam_options(loaded.trained_lams)):
+            st.session_state["lam_extra"] = [values["lam"]]  # the slider offers it, as it does an Auto λ
+        left_out = st.session_state.pop("address_left_out", []) + left_out
+    if left_out:
+        st.session_state["address_left_out"] = left_out
+    st.session_state.update(values)
+    if loaded is not None and left_out:
+        st.warning("Left out of the page's address: " + "; ".join(left_out) + ".")
+
+
+def address_out(ctx: Context) -> None:
+    """The settings a reload or a link keeps (state.read_address) into the address bar, as they stand."""
+    ss = st.session_state
+    keys = ["tab"]
+    if ss.get("ckpt") != OTHER_PATH:
+        keys.append("ckpt")
+    if ss.get("source") == "Sample":
+        keys.append("sample")
+    if ss.get("noise", "none") != "none":
+        keys += ["noise", "seed"] + (["severity"] if ss.get("noise_mode", STRENGTHS[0]) == STRENGTHS[0] else [])
+    if ctx.loaded.layer_names:
+        keys += ["lam", "n_steps", "steps_first", "layer"]
+    wanted = state.address({k: ss[k] for k in keys if k in ss})
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)
+
+
 def _set_lam(value: float, note: str, layers: list[str] | None = None, trained: float | None = None,
              image: str | None = None) -> None:
     """Auto λ's button: λ for every CSC layer, or (a fit made in some layers) per-layer λ in those, with
@@ -1126,6 +1170,7 @@ def explore(ctx: Context) -> None:
         attribution_panel(ctx, trained, view, None, None)
         st.subheader("Export")  # after the attribution: one computed in this run is in it
         export_panel(view, unnormalizer(loaded))
+        address_out(ctx)
         return
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
@@ -1153,3 +1198,4 @@ def explore(ctx: Context) -> None:
     if export_tab.open:
         with export_tab:
             export_panel(view, unnormalizer(loaded))
+    address_out(ctx)  # here, not in the full run only: this fragment's own runs move λ

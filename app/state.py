@@ -17,7 +17,7 @@ import os
 import re
 import shlex
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,71 @@ def path_segments(lams: np.ndarray, top: np.ndarray) -> list[tuple[int, float, f
 def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[float]:
     """The lambda slider's values: the grid, the trained lambdas and `extra` ones (e.g. Algorithm 1's)."""
     return sorted(set(LAM_GRID) | {float(v) for v in trained.values()} | {float(v) for v in extra})
+
+
+# --- the view's address ---------------------------------------------------------------------------
+# What a reload or a shared link keeps (?model=...&lam=0.5&tab=Atoms): the checkpoint from the folder, the sample, the
+# noise at a severity, λ for all layers, FISTA steps, the tab and the chosen layer. Not an upload, per-layer λ or a
+# continuous noise level: those are left as the page starts.
+ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "seed", "tab")
+ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer")
+
+
+def _whole(text: str, lo: int, hi: int) -> int:
+    value = float(text)
+    if not value.is_integer() or not lo <= value <= hi:
+        raise ValueError(f"not a whole number from {lo} to {hi}")
+    return int(value)
+
+
+def _one_of(text: str, choices: Sequence[str], what: str) -> str:
+    if text not in choices:
+        raise ValueError(f"no {what} of that name")
+    return text
+
+
+def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), samples: Sequence[str] = (),
+                 tabs: Sequence[str] = (), layers: Sequence[str] | None = None,
+                 max_steps: int = 20) -> tuple[dict[str, Any], list[str]]:
+    """The address's settings as the widgets' state (key -> value), and each one left out with why ('lam=abc: not a
+    number'). Without `layers` the sidebar's and the tab (ADDRESS_SIDEBAR), read before the checkpoint loads; with
+    them the view's (ADDRESS_VIEW), read after it has, at its trained settings."""
+    def lam(text: str) -> float:
+        value = float(text)
+        if not LAM_GRID[0] <= value <= LAM_GRID[-1]:  # (NaN too)
+            raise ValueError(f"outside the slider's {LAM_GRID[0]:g} to {LAM_GRID[-1]:g}")
+        return value
+
+    readers: dict[str, Callable[[str], dict[str, Any]]] = (dict(
+        model=lambda t: {"ckpt": _one_of(t, checkpoints, "checkpoint in the folder")},
+        image=lambda t: {"source": "Sample", "sample": _one_of(t, samples, "sample image")},
+        noise=lambda t: {"noise": _one_of(t, CORRUPTIONS, "noise")},
+        severity=lambda t: {"severity": _whole(t, 1, 5)},
+        seed=lambda t: {"seed": float(_whole(t, 0, 2 ** 31 - 1))},  # (the seed box is a float box)
+        tab=lambda t: {"tab": _one_of(t, tabs, "tab")}) if layers is None else dict(
+        lam=lambda t: {"lam": lam(t)},
+        steps=lambda t: {"n_steps": _whole(t, 1, max_steps)},
+        steps_first=lambda t: {"steps_first": bool(_whole(t, 0, 1))},
+        layer=lambda t: {"layer": _one_of(t, layers, "CSC layer")}))
+    values: dict[str, Any] = {}
+    left_out = []
+    for name, read in readers.items():
+        if name in params:
+            try:
+                values.update(read(str(params[name]).strip()))
+            except ValueError as e:  # float('abc') says "could not convert string to float": ours is shorter
+                reason = str(e) if "convert" not in str(e) else "not a number"
+                left_out.append(f"{name}={str(params[name])[:40]}: {reason}")
+    return values, left_out
+
+
+def address(values: Mapping[str, Any]) -> dict[str, str]:
+    """The widgets' state (key -> value, only those that apply) as the address's parameters: read_address's inverse."""
+    names = dict(ckpt="model", sample="image", noise="noise", severity="severity", seed="seed", lam="lam",
+                 n_steps="steps", steps_first="steps_first", tab="tab", layer="layer")  # in the page's order
+    text = dict(seed=lambda v: str(int(v)), lam=lambda v: f"{v:g}", steps_first=lambda v: str(int(v)))
+    return {name: text.get(k, str)(values[k]) for k, name in names.items()
+            if k in values and not (k == "steps_first" and not values[k])}  # (off unless said)
 
 
 # --- what the user sees, and its export --------------------------------------------------------

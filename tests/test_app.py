@@ -1506,6 +1506,72 @@ def _resnet_name(checkpoint_dir: Path) -> str:
     return sorted(p.name for p in checkpoint_dir.glob("resnet*.pt"))[0]
 
 
+def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read():
+    from app import state
+    sidebar = dict(checkpoints=["a.pt"], samples=["cat_2", "dog_1"], tabs=["Layers", "Atoms"])
+    values, left = state.read_address(dict(model="a.pt", image="dog_1", noise="shot", severity="5", seed="12",
+                                           tab="Atoms", lam="0.5"), **sidebar)  # λ is the second reading's
+    assert values == dict(ckpt="a.pt", source="Sample", sample="dog_1", noise="shot", severity=5, seed=12.0,
+                          tab="Atoms") and left == []
+    view, left = state.read_address(dict(lam="0.13", steps="7", steps_first="1", layer="conv1", tab="x"),
+                                    layers=["conv1", "layer1.0.conv1"])
+    assert view == dict(lam=0.13, n_steps=7, steps_first=True, layer="conv1") and left == []
+    back = state.address({**values, **view})
+    assert back == dict(model="a.pt", image="dog_1", noise="shot", severity="5", seed="12", lam="0.13", steps="7",
+                        steps_first="1", tab="Atoms", layer="conv1")
+    assert state.read_address(back, **sidebar)[0] == values and state.read_address(
+        back, layers=["conv1", "layer1.0.conv1"])[0] == view
+    assert "steps_first" not in state.address(dict(steps_first=False, n_steps=2))  # off unless said
+    # every bad value is left out and named with why; the rest is used
+    bad = dict(model="../etc/passwd", image="cat_9", noise="fog", severity="6", seed="1.5", tab="Export")
+    values, left = state.read_address(bad, **sidebar)
+    assert values == {} and left == ["model=../etc/passwd: no checkpoint in the folder of that name",
+                                     "image=cat_9: no sample image of that name", "noise=fog: no noise of that name",
+                                     "severity=6: not a whole number from 1 to 5",
+                                     "seed=1.5: not a whole number from 0 to 2147483647", "tab=Export: no tab of that name"]
+    for lam, why in (("abc", "not a number"), ("100", "outside the slider's 0.001 to 10"), ("nan", "outside"),
+                     ("-1", "outside"), ("inf", "outside")):
+        values, left = state.read_address(dict(lam=lam, steps="0", layer="x" * 300), layers=["conv1"], max_steps=20)
+        assert values == {} and left[0].startswith(f"lam={lam}: {why}"), left
+        assert left[1:] == ["steps=0: not a whole number from 1 to 20", f"layer={'x' * 40}: no CSC layer of that name"]
+
+
+def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
+    """The page's address holds its settings (a reload lost the whole view): a link opens on them, moving λ rewrites
+    it, and a value it cannot use is named on the page while the others are used."""
+    from streamlit.testing.v1 import AppTest
+    at = app()
+    at.select_slider(key="lam").set_value(0.5).run()
+    at.selectbox(key="noise").set_value("impulse").run()
+    at.session_state["tab"] = "Atoms"
+    at.run()
+    ok(at)
+    link = dict(at.query_params)
+    assert {k: link[k] for k in ("image", "noise", "severity", "seed", "lam", "steps", "tab")} == dict(
+        image="cat_2", noise="impulse", severity="3", seed="0", lam="0.5", steps="2", tab="Atoms")
+    assert link["model"] == at.selectbox(key="ckpt").value and link["layer"] == "conv1"
+    view = at.session_state["view"]
+    again = AppTest.from_file(APP, default_timeout=180)  # a new session at that address
+    again.query_params.update(link)
+    again.run()
+    ok(again)
+    assert not again.warning or all("address" not in w.value for w in again.warning)
+    same = again.session_state["view"]
+    assert same.settings == view.settings and np.array_equal(same.probe["logits"], view.probe["logits"])
+    assert again.session_state["tab"] == "Atoms"
+    # a λ off the slider's grid is offered there; a bad value is named, the rest used
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(dict(link, lam="0.13", steps="zwei", layer="layer1.0.conv1"))
+    again.run()
+    assert not again.exception
+    assert [w.value for w in again.warning if "address" in w.value] == [
+        "Left out of the page's address: steps=zwei: not a number."]
+    assert again.select_slider(key="lam").value == 0.13 and again.slider(key="n_steps").value == 2
+    assert again.session_state["view"].layer == "layer1.0.conv1"
+    again.select_slider(key="lam").set_value(1.0).run()  # moved in the live part: the address follows
+    assert again.query_params["lam"] == "1" and not any("address" in w.value for w in again.warning)
+
+
 def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):
     """Each checkpoint starts at its trained λ and FISTA steps: a switch to the ResNet and back lost a λ of 1 without
     a word. A toast says so where something set was reset, and nothing where nothing was."""

@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
@@ -123,6 +124,16 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             probs = page.locator(".st-key-path_probs_chart")
             assert probs.get_by_text("λ=0.8").count() == 1  # the slider's line is labelled
             page.screenshot(path=str(ARTIFACTS / "app-lam-path.png"))
+            # the address holds the view: λ moved in the live part (a fragment's own run) and the tab; a reload of
+            # the other session opens on its settings, and a link of this one on this λ and tab
+            address = parse_qs(urlparse(page.url).query)
+            assert address["lam"] == ["0.8"] and address["tab"] == ["λ path"] and "image" not in address, page.url
+            other.reload()
+            wait_for_lam(other, "λ=0.1,")
+            assert other.locator(SUMMARY).inner_text() == initial
+            other.goto(page.url)
+            wait_for_lam(other, "λ=0.8,")
+            other.get_by_text("Prediction along λ:").wait_for()  # the λ path tab, open
 
             # a seed typed with a fraction reaches the page and is said: the integer box's browser side cut 1.5 to 1
             # (and '1e3' to 1) before the page saw it, and the noise changed with no word
