@@ -29,14 +29,14 @@ panels.address_in()  # a reload or a shared link: its settings, on the session's
 torch.set_num_threads(state.cpu_threads())
 device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)
-clean, image_info, alpha = panels.image_sidebar(loaded.input_size)
+clean, image_info, upload = panels.image_sidebar(loaded.input_size)
 corruption = panels.corruption_sidebar()
 if clean is None:  # no usable upload, said on the page; the noise controls stay in the sidebar
     st.stop()
 image = state.corrupted(clean, corruption["kind"], corruption["severity"], corruption["seed"] or 0)
 
 st.markdown(f"**{loaded.title}** from `{loaded.path.name}` on **{state.device_label(device)}**")
-panels.show_inputs(clean, image, image_info, corruption, alpha)
+panels.show_inputs(clean, image, image_info, corruption, upload)
 panels.reset_on_model_change(loaded)
 panels.address_in(loaded)
 panels.explore(panels.Context(loaded=loaded, baseline=baseline, clean=clean, image=image, image_info=image_info,

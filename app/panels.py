@@ -246,10 +246,10 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
 
 # --- sidebar: image and corruption ---------------------------------------------------------------
 
-def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], np.ndarray | None]:
-    """The clean model input (3, size, size), where it came from and an upload's opacity where it has transparent
-    pixels (for display; else None); None (the message said) when there is no usable upload: the caller draws the
-    rest of the sidebar, then stops."""
+def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], images.PreparedImage | None]:
+    """The clean model input (3, size, size), where it came from and, for an upload, how it was prepared (its
+    opacity and a preview of the whole file, for display; else None); None (the message said) when there is no
+    usable upload: the caller draws the rest of the sidebar, then stops."""
     sb = st.sidebar
     sb.header("Image")
     source = sb.radio("Source", ["Sample", "Upload"], horizontal=True, key="source")
@@ -272,13 +272,14 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], np.ndar
         st.info("Upload an image in the sidebar (PNG, JPEG, WebP, BMP, GIF, TIFF), or pick a sample.")
         return None, {}, None
     try:
-        clean, notes, file_hash, osize, omode, alpha = state.upload_image(up.getvalue(), size)
+        prep = state.upload_image(up.getvalue(), size)
     except images.ImageError as e:
         st.error(f"Cannot use {_code(up.name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
         return None, {}, None
-    return clean, dict(source=f"upload:{up.name}", file_sha256=file_hash, original_size=list(osize),
-                       original_mode=omode, notes=notes), alpha
+    return prep.tensor.numpy(), dict(source=f"upload:{up.name}", file_sha256=prep.file_sha256,
+                                     original_size=list(prep.original_size), original_mode=prep.original_mode,
+                                     notes=prep.notes), prep
 
 
 def corruption_sidebar() -> dict[str, Any]:
@@ -328,8 +329,10 @@ def _carry_strength(kind: str) -> None:
 
 
 def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: dict,
-                alpha: np.ndarray | None = None) -> None:
-    """The clean image (an upload's transparent parts on a checkerboard) and the model input (white there)."""
+                upload: images.PreparedImage | None = None) -> None:
+    """The clean image (an upload's transparent parts on a checkerboard) and the model input (white there); of an
+    upload that was cropped, the whole file too."""
+    alpha = upload.alpha if upload is not None else None
     cols = _picture_columns("inputs", [1, 1, 2])
     cols[0].image(framed_picture(clean, alpha), caption=f"clean ({_code(_wrappable(info['source']))})")
     if corruption["kind"] == "none":
@@ -350,6 +353,8 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
                 st.warning(f"Only the middle {min(w, h)}x{min(w, h)} of this {w}x{h} image is used "
                            f"({min(w, h) / max(w, h):.0%} of it): the model takes a square. Crop the image to the "
                            "part you want before uploading it.")
+            if upload.preview is not None:  # the pictures on the left are the crop: what it left out
+                st.image(upload.preview, caption="The whole upload: the model is given the bright square.")
         psnr = _psnr(clean, image)
         if corruption["kind"] != "none":
             st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")

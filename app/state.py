@@ -195,12 +195,10 @@ def sample_image(path: str, size: int) -> np.ndarray:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def upload_image(data: bytes, size: int
-                 ) -> tuple[np.ndarray, list[str], str, tuple[int, int], str, np.ndarray | None]:
-    """(image, notes, file hash, original size, original mode, alpha: its opacity where it has transparent pixels,
-    for display only); raises images.ImageError."""
-    prep = images.prepare_image(data, size)
-    return prep.tensor.numpy(), prep.notes, prep.file_sha256, prep.original_size, prep.original_mode, prep.alpha
+def upload_image(data: bytes, size: int) -> images.PreparedImage:
+    """An upload as the model's input and how it was made (its opacity and a preview of the whole file are for
+    display only); raises images.ImageError."""
+    return images.prepare_image(data, size)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -41,6 +42,9 @@ class PreparedImage:
     # (size, size) opacity in [0, 1], resized and cropped as the tensor was, where the file has transparent pixels
     # (the tensor is composited onto white there: what the model sees); None for an opaque file. For display only.
     alpha: np.ndarray | None = None
+    # the whole (rotated, RGB) file, fit in 320 x 320 px, dimmed outside the square the model is given; None for a
+    # square file. For display only: the model input alone did not show what a crop left out
+    preview: np.ndarray | None = None
 
     @property
     def sha256(self) -> str:
@@ -166,6 +170,24 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
     return img.convert("RGB"), None, notes
 
 
+def crop_preview(img: Image.Image, side: int = 320, dim: float = 0.3) -> np.ndarray | None:
+    """`img` (RGB) fit in side x side pixels (a small one enlarged with nearest neighbours), the part outside the
+    centre square that fit_to_input keeps dimmed to `dim` of its brightness: (H, W, 3) uint8. None for a square."""
+    w, h = img.size
+    if w == h:
+        return None
+    scale = side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR, reducing_gap=3.0)
+    out = np.asarray(small, dtype=np.float32).copy()
+    keep = np.zeros(out.shape[:2], dtype=bool)  # the square, in preview pixels (rounded out: never hidden)
+    sq = min(w, h)
+    left, top = (w - sq) // 2, (h - sq) // 2
+    keep[int(top * scale):math.ceil((top + sq) * scale), int(left * scale):math.ceil((left + sq) * scale)] = True
+    out[~keep] *= dim
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
     """Centre-crop to a square, then resize it to size x size (antialiased).
 
@@ -203,12 +225,14 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
         img = ImageOps.exif_transpose(img)
         notes.append("rotated as its EXIF orientation says")
     img, alpha, conv = to_rgb(img)
+    preview = crop_preview(img)
     img, fit = fit_to_input(img, size)
     tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     if alpha is not None:
         alpha = np.asarray(fit_to_input(alpha, size)[0], dtype=np.float32) / 255
     return PreparedImage(tensor=tensor, original_size=original_size, original_mode=original_mode,
-                         notes=notes + conv + fit, file_sha256=hashlib.sha256(data).hexdigest(), alpha=alpha)
+                         notes=notes + conv + fit, file_sha256=hashlib.sha256(data).hexdigest(), alpha=alpha,
+                         preview=preview)
 
 
 def load_rgb_file(path, size: int = 32) -> torch.Tensor:

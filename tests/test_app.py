@@ -88,6 +88,27 @@ def test_prepare_image_converts_every_mode():
         assert images.prepare_image(png(rgb, fmt, **({"lossless": True} if fmt == "WEBP" else {})), 32).tensor.shape == (3, 32, 32)
 
 
+def test_a_cropped_upload_has_a_preview_of_the_whole_file_dimmed_outside_the_square_used():
+    img = Image.new("RGB", (128, 96), (200, 100, 50))
+    prep = images.prepare_image(png(img), 32)
+    bright = prep.preview[..., 0] == 200
+    assert prep.preview.shape == (240, 320, 3) and prep.preview.dtype == np.uint8
+    ys, xs = np.nonzero(bright)  # the centre 96x96 of 128x96, at 320/128 = 2.5x
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (40, 280, 0, 240) and bright.sum() == 240 * 240
+    assert (prep.preview[~bright] == np.rint(np.array([200, 100, 50]) * 0.3)).all()  # the rest dimmed, not gone
+    tall = images.prepare_image(png(Image.new("RGB", (10, 40), (255, 255, 255))), 32).preview
+    assert tall.shape == (320, 80, 3) and (tall[120:200] == 255).all() and (tall[:120] < 255).all()  # enlarged 8x
+    strip = images.prepare_image(png(Image.new("RGB", (20000, 1))), 32).preview  # never 0 px high
+    assert strip.shape == (1, 320, 3)
+    assert images.prepare_image(png(Image.new("RGB", (50, 50))), 32).preview is None  # a square is used whole
+    rotated = Image.new("RGB", (60, 30), (255, 255, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90°: the preview is upright, as the model input is
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", exif=exif)
+    assert images.prepare_image(buf.getvalue(), 32).preview.shape == (320, 160, 3)
+
+
 def test_prepare_image_resizes_and_centre_crops():
     left, right = np.zeros((60, 50, 3), np.uint8), np.full((60, 50, 3), 255, np.uint8)
     wide = Image.fromarray(np.concatenate([left, right], axis=1))  # 100 x 60, black | white
@@ -968,6 +989,16 @@ def ok(at) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def image_captions(at) -> list[str]:
+    """Every picture's caption on the page (st.image's, which AppTest lists under no name of its own)."""
+    def walk(node):
+        for child in getattr(node, "children", {}).values():
+            yield child
+            yield from walk(child)
+    return [im.caption.replace("\u200b", "") for e in walk(at.main) if type(e).__name__ == "Image"
+            for im in e.proto.imgs]
+
+
 def residual_column(at) -> list[float]:
     """The table's relative residuals; NaN for a blank cell (a layer fed all zeros)."""
     df = at.dataframe[0].value
@@ -1749,12 +1780,7 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
     assert any("Each title is #atom (usage: Σ|z| of its code channel for this image)" in c.value for c in at.caption)
 
     def captions():
-        def walk(node):
-            for child in getattr(node, "children", {}).values():
-                yield child
-                yield from walk(child)
-        return [im.caption.replace("\u200b", "") for e in walk(at.main) if type(e).__name__ == "Image"
-                for im in e.proto.imgs]
+        return image_captions(at)
     view, picks = at.session_state["view"], at.multiselect(key="sees_layers").value
     loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
     spec, steps = state.lam_spec(loaded.layer_names, view.settings["lam"]["all"], {}), view.settings["n_steps"]
@@ -1897,6 +1923,8 @@ def test_bad_uploads_give_a_message(app):
     ok(at)  # 95% of a tall strip cut away was said in the grey caption only, under a picture of the crop
     assert any("Only the middle 20x20 of this 20x400 image is used (5% of it)" in w.value for w in at.warning), [
         w.value for w in at.warning]
+    whole = "The whole upload: the model is given the bright square."
+    assert whole in image_captions(at)  # the two pictures are the crop: the whole file beside them shows what it cut
     photo = png(Image.new("RGB", (8000, 6000), (120, 30, 200)), "JPEG")  # 48 megapixels: decoded at half scale
     at.file_uploader(key="upload").set_value(("phone.jpg", photo, "image/jpeg")).run()
     ok(at)
@@ -1906,6 +1934,7 @@ def test_bad_uploads_give_a_message(app):
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
     assert any(c.value == "Uploaded 32x32 RGB image; used as it is." for c in at.caption)  # it had no caption at all
+    assert whole not in image_captions(at)  # a square is used whole
     bilevel = Image.fromarray(np.random.default_rng(3).integers(0, 2, (32, 32), dtype=np.uint8) * 255).convert("1")
     at.file_uploader(key="upload").set_value(("bw.png", png(bilevel), "image/png")).run()
     ok(at)
