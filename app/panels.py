@@ -407,7 +407,7 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     one's had been moved, a toast says so (a switch to the ResNet and back lost a λ of 1 without a word)."""
     if st.session_state.get("lam_model") == loaded.key:
         return
-    moved = st.session_state.get("lam_model") is not None and (
+    moved = st.session_state.get("lam_model") is not None and "address_pending" not in st.session_state and (
         st.session_state.get("lam_trained") != (st.session_state.get("lam"), st.session_state.get("n_steps"))
         or bool(st.session_state.get("lam_layers")))
     for k in list(st.session_state):
@@ -426,29 +426,38 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
 
 
 def address_in(loaded: state.Loaded | None = None) -> None:
-    """On a session's first run, the address's settings (a reload, a shared link) into the widgets' state: the
-    sidebar's before the checkpoint loads, then (with `loaded`) λ, FISTA steps and the layer over its trained ones.
-    What it cannot use is said once, on the page."""
-    stage = "address_view" if loaded else "address_sidebar"
-    if stage in st.session_state:
-        return
-    st.session_state[stage] = True
-    params = st.query_params.to_dict()
+    """The address's settings (a reload, a shared link, the browser's Back and Forward) into the widgets' state, on a
+    session's first run and whenever the address is not the one this session last wrote: the sidebar's before the
+    checkpoint loads, then (with `loaded`) λ, FISTA steps and the layer over its trained ones. What it cannot use is
+    said, on the page. (Streamlit adds a history entry per address written: Back read nothing and so seemed dead.)"""
+    ss = st.session_state
     if loaded is None:
-        values, left_out = state.read_address(params, [p.name for p in state.list_checkpoints(state.checkpoint_dir())],
+        ours = {k: v for k, v in st.query_params.to_dict().items() if k in state.ADDRESS_SIDEBAR + state.ADDRESS_VIEW}
+        back = "address_read" in ss  # not the first run: Back or Forward to another address of this session
+        if back and ours == ss.get("address_written", ours):
+            return
+        ss["address_read"] = True
+        ss["address_pending"] = ours, back  # for the view's part, once the checkpoint is loaded
+        values, left_out = state.read_address(ours, [p.name for p in state.list_checkpoints(state.checkpoint_dir())],
                                               list(state.list_samples()), TABS)
-    else:
-        values, left_out = state.read_address(params, layers=loaded.layer_names,
-                                              max_steps=max(20, loaded.trained_steps))
-        if not loaded.layer_names:
-            values = {}  # a ResNet: no λ or layers to set (a link made on an SDNet, then the model switched)
-        if values.get("lam") not in (None, *state.lam_options(loaded.trained_lams)):
-            st.session_state["lam_extra"] = [values["lam"]]  # the slider offers it, as it does an Auto λ
-        left_out = st.session_state.pop("address_left_out", []) + left_out
+        if back:  # an address without noise had none (on a first run it is none anyway)
+            values.setdefault("noise", "none")
+        ss["address_left_out"] = left_out
+        ss.update(values)
+        return
+    if "address_pending" not in ss:
+        return
+    ours, back = ss.pop("address_pending")
+    values, left_out = state.read_address(ours, layers=loaded.layer_names, max_steps=max(20, loaded.trained_steps))
+    if back:
+        values.setdefault("steps_first", False)
+    if not loaded.layer_names:
+        values = {}  # a ResNet: no λ or layers to set (a link made on an SDNet, then the model switched)
+    if values.get("lam") not in (None, *state.lam_options(loaded.trained_lams)):
+        ss["lam_extra"] = [values["lam"]]  # the slider offers it, as it does an Auto λ
+    ss.update(values)
+    left_out = ss.pop("address_left_out", []) + left_out
     if left_out:
-        st.session_state["address_left_out"] = left_out
-    st.session_state.update(values)
-    if loaded is not None and left_out:
         st.warning("Left out of the page's address: " + "; ".join(left_out) + ".")
 
 
@@ -460,11 +469,15 @@ def address_out(ctx: Context) -> None:
         keys.append("ckpt")
     if ss.get("source") == "Sample":
         keys.append("sample")
-    if ss.get("noise", "none") != "none":
-        keys += ["noise", "seed"] + (["severity"] if ss.get("noise_mode", STRENGTHS[0]) == STRENGTHS[0] else [])
+    values = {k: ss[k] for k in keys if k in ss}
+    if ctx.corruption["kind"] != "none":  # the seed used, not as typed (1e10 is used as 2147483647)
+        values.update(noise=ctx.corruption["kind"], seed=ctx.corruption["seed"])
+        if isinstance(ctx.corruption["severity"], int):  # (a continuous level is not kept)
+            values["severity"] = ctx.corruption["severity"]
     if ctx.loaded.layer_names:
-        keys += ["lam", "n_steps", "steps_first", "layer"]
-    wanted = state.address({k: ss[k] for k in keys if k in ss})
+        values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer") if k in ss})
+    wanted = state.address(values)
+    ss["address_written"] = wanted
     if st.query_params.to_dict() != wanted:
         st.query_params.from_dict(wanted)
 
@@ -814,8 +827,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                           "relative residual": ["" if r["input_zero"] else f"{r['rel_residual']:.5f}"
                                                 for r in cur["layers"]],
                           "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
-                          # what FISTA minimises: more steps lower it layer by layer even where the residual rises
-                          # (each deeper layer gets a new input), which the residual chart alone does not show
+                          # what FISTA minimises: more steps in conv1 lower its objective (334 -> 97 at 10) while the
+                          # mean residual rises; deeper layers' inputs change with the steps before them, so theirs
+                          # compare only at one input
                           "Lasso objective": [r["objective"] for r in cur["layers"]],
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
     st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}", "Lasso objective": "{:.4g}"}),

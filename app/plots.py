@@ -77,7 +77,7 @@ def legend_name(name: str) -> str:
         # a number is one unit with the name before it ('layer2.0.conv1 2),'), a count with the noun after it
         # ('2 steps')
         if words and (re.fullmatch(number + r"[),]*", word) and not words[-1].endswith(",")
-                      or re.fullmatch(number, words[-1])):
+                      or re.fullmatch(r"\(?" + number, words[-1])):  # ('(3 layers with their own)')
             words[-1] += " " + word
         else:
             words.append(word)

@@ -436,7 +436,9 @@ def address(values: Mapping[str, Any]) -> dict[str, str]:
     """The widgets' state (key -> value, only those that apply) as the address's parameters: read_address's inverse."""
     names = dict(ckpt="model", sample="image", noise="noise", severity="severity", seed="seed", lam="lam",
                  n_steps="steps", steps_first="steps_first", tab="tab", layer="layer")  # in the page's order
-    text = dict(seed=lambda v: str(int(v)), lam=lambda v: f"{v:g}", steps_first=lambda v: str(int(v)))
+    # λ as the shortest text that reads back to the same float ('0.1', '1', '0.1234567891'; '{:g}' kept 6 digits)
+    text = dict(seed=lambda v: str(int(v)), lam=lambda v: repr(float(v)).removesuffix(".0"),
+                steps_first=lambda v: str(int(v)))
     return {name: text.get(k, str)(values[k]) for k, name in names.items()
             if k in values and not (k == "steps_first" and not values[k])}  # (off unless said)
 

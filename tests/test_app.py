@@ -593,6 +593,8 @@ def test_long_legend_entries_wrap_and_layer_names_stand_upright():
     assert plots.legend_name("SDNet as trained (λ=0.1, 2 steps)") == "SDNet as trained (λ=0.1,<br>2 steps)"
     assert plots.legend_name("λ=1e-3 (layer2.0.conv1 1e-05), 12 steps in conv1") == \
         "λ=1e-3 (layer2.0.conv1 1e-05),<br>12 steps in conv1"
+    assert plots.legend_name("as trained (λ=0.1 (3 layers with their own), 20 steps)") == \
+        "as trained (λ=0.1 (3 layers<br>with their own), 20 steps)"  # '(3' over 'layers' before
 
 
 def test_names_in_picture_captions_wrap_after_their_separators():
@@ -1553,6 +1555,10 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
     assert state.read_address(back, **sidebar)[0] == values and state.read_address(
         back, layers=["conv1", "layer1.0.conv1"])[0] == view
     assert "steps_first" not in state.address(dict(steps_first=False, n_steps=2))  # off unless said
+    # λ as the shortest text that reads back the same ('{:g}' kept 6 digits: a trained 0.1234567891 came back changed)
+    for lam in (0.1, 1.0, 0.13, 1e-3, 0.1234567891, 10.0):
+        assert state.read_address(state.address(dict(lam=lam)), layers=["conv1"])[0]["lam"] == lam
+    assert state.address(dict(lam=1.0, seed=7.0)) == dict(seed="7", lam="1")
     # every bad value is left out and named with why; the rest is used
     bad = dict(model="../etc/passwd", image="cat_9", noise="fog", severity="6", seed="1.5", tab="Export")
     values, left = state.read_address(bad, **sidebar)
@@ -1601,6 +1607,20 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     assert again.session_state["view"].layer == "layer1.0.conv1"
     again.select_slider(key="lam").set_value(1.0).run()  # moved in the live part: the address follows
     assert again.query_params["lam"] == "1" and not any("address" in w.value for w in again.warning)
+    # the browser's Back: an earlier address of this session is read again (Back seemed dead: the page kept its
+    # settings and wrote them straight back), the noise that address did not have gone, and no reset toast
+    at.session_state["seed"] = 1e10  # the seed written is the one used, not as typed
+    at.run()
+    assert at.query_params["seed"] == "2147483647" and at.session_state["view"].settings["corruption"]["seed"] == 2 ** 31 - 1
+    at.query_params.clear()
+    at.query_params.update({k: v for k, v in link.items() if k not in ("noise", "severity", "seed")} | dict(lam="0.2"))
+    at.run()
+    ok(at)
+    assert at.select_slider(key="lam").value == 0.2 and at.selectbox(key="noise").value == "none" and not at.toast
+    assert at.query_params["lam"] == "0.2" and "noise" not in at.query_params
+    at.select_slider(key="lam").set_value(0.3).run()  # ...and from then on the page's own moves are kept
+    at.selectbox(key="noise").set_value("shot").run()
+    assert at.select_slider(key="lam").value == 0.3 and at.query_params["noise"] == "shot"
 
 
 def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):

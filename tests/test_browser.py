@@ -10,6 +10,7 @@ covers no title or legend, tile charts have no blank bands and the pictures' cap
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from app import plots  # noqa: E402
 from app.serve import (CHROMIUM, CHROMIUM_ARGS, IDLE, SUMMARY, choose_option, current_lam_row,  # noqa: E402
-                       move_lam_to, serve, wait_for_lam)
+                       move_lam_to, serve, shown_lam, wait_for_lam)
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -134,6 +135,15 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             other.goto(page.url)
             wait_for_lam(other, "λ=0.8,")
             other.get_by_text("Prediction along λ:").wait_for()  # the λ path tab, open
+            # the browser's Back steps back through this session's settings (it seemed dead: the page kept its own
+            # and wrote them straight back): the tab, then λ 0.8 -> 1
+            for _ in range(3):
+                page.go_back()
+                with contextlib.suppress(Exception):
+                    wait_for_lam(page, "λ=1,", timeout_ms=15_000)
+                    break
+            assert shown_lam(page) == 1.0 and parse_qs(urlparse(page.url).query)["tab"] == ["Layers"], page.url
+            assert "Uploaded 128x96 RGBA image" in page.content()  # the upload kept (no image in the address)
 
             # a seed typed with a fraction reaches the page and is said: the integer box's browser side cut 1.5 to 1
             # (and '1e3' to 1) before the page saw it, and the noise changed with no word
