@@ -133,8 +133,7 @@ def _enlarge(x: np.ndarray, side: int = 224) -> np.ndarray:
 
 
 # A transparent upload, composited onto white as the model takes it, merged with the white page: its picture shows
-# the transparent parts on light and dark grey squares (as image editors do), and every picture has a thin grey frame.
-CHECKER = (0.85, 0.65)
+# the transparent parts on a checkerboard (images.on_checkerboard), and every picture has a thin grey frame.
 FRAME = 0.8  # about the grey of the page's widget borders
 
 
@@ -142,13 +141,9 @@ def framed_picture(x: np.ndarray, alpha: np.ndarray | None = None, side: int = 2
     """An image as the page shows it: enlarged (`_enlarge`) in a thin grey frame, and where `alpha` (H, W) says
     the upload was transparent, on a checkerboard instead of the white that `x`, like the model, has there."""
     img = _enlarge(x, side).astype(np.float32) / 255
-    h, w = img.shape[:2]
+    h = img.shape[0]
     if alpha is not None:
-        a = _enlarge(alpha, side)[..., None].astype(np.float32) / 255
-        square = max(2, h // 16)
-        ys, xs = np.indices((h, w)) // square
-        board = np.where((ys + xs) % 2 == 0, CHECKER[0], CHECKER[1])[..., None]
-        img = np.clip(img + (1 - a) * (board - 1), 0, 1)  # white composite -> the picture over the checkerboard
+        img = images.on_checkerboard(img, _enlarge(alpha, side).astype(np.float32) / 255, max(2, h // 16))
     edge = max(1, h // 112)  # 2 pixels at 224: one on the page, where the column shrinks the picture to half
     return images.to_uint8(np.pad(img, ((edge, edge), (edge, edge), (0, 0)), constant_values=FRAME))
 
@@ -212,6 +207,7 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
                           help=f"The checkpoints in {folder} (set ${state.CHECKPOINTS_ENV} for another folder).")
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
+        sb.caption("Not kept by a reload or a link of this page: its address names checkpoints in the folder only.")
         if not text:
             if not files:
                 st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
@@ -312,7 +308,7 @@ def corruption_sidebar() -> dict[str, Any]:
     return dict(kind=kind, severity=severity, seed=seed, level=sdnet.corruptions.level(kind, severity))
 
 
-STRENGTHS = ("Severity 1-5", "Continuous level")
+STRENGTHS = state.STRENGTHS
 
 
 def _carry_strength(kind: str) -> None:
@@ -348,13 +344,17 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
             st.caption(f"Uploaded {w}x{h} {_MODE_NAMES.get(info['original_mode'], info['original_mode'])} image; "
                        + ("; ".join(info["notes"]) if info.get("notes") else "used as it is") + "."
                        + (" Its transparent parts are shown on a checkerboard; the model sees them white."
-                          if alpha is not None else ""))
+                          if alpha is not None else "")
+                       + " A reload or a link of this page opens on a sample: an upload is not kept in its address.")
             if min(w, h) < max(w, h) / 2:  # the caption alone said it, in grey, of a crop shown as "clean"
                 st.warning(f"Only the middle {min(w, h)}x{min(w, h)} of this {w}x{h} image is used "
                            f"({min(w, h) / max(w, h):.0%} of it): the model takes a square. Crop the image to the "
                            "part you want before uploading it.")
             if upload.preview is not None:  # the pictures on the left are the crop: what it left out
-                st.image(upload.preview, caption="The whole upload: the model is given the bright square.")
+                ph, pw = upload.preview.shape[:2]  # no taller than the inputs' 224 px (a tall one filled a phone)
+                st.image(upload.preview, width=max(1, min(pw, round(224 * pw / ph))))
+                # (not the picture's caption: that is as wide as the picture, a word a line under a tall one)
+                st.caption("The whole upload: the model is given the bright square.")
         psnr = _psnr(clean, image)
         if corruption["kind"] != "none":
             st.caption(f"Noise: c = {corruption['level']:g}, PSNR {psnr:.1f} dB against the clean image.")
@@ -384,7 +384,7 @@ SEES_MODES = ("the code's own contribution (stretched)", "absolute pixels (with 
 
 
 def _per_layer_key(name: str) -> str:
-    return f"lam_layer:{name}"
+    return state.PER_LAYER_KEY + name
 
 
 def keep_state(sidebar: bool = True) -> None:
@@ -407,9 +407,12 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     one's had been moved, a toast says so (a switch to the ResNet and back lost a λ of 1 without a word)."""
     if st.session_state.get("lam_model") == loaded.key:
         return
-    moved = st.session_state.get("lam_model") is not None and "address_pending" not in st.session_state and (
-        st.session_state.get("lam_trained") != (st.session_state.get("lam"), st.session_state.get("n_steps"))
-        or bool(st.session_state.get("lam_layers")))
+    ss = st.session_state
+    moved = (ss.get("lam_model") is not None and "address_pending" not in ss and "lam" in ss and "n_steps" in ss
+             and (ss.get("lam_trained") != (ss["lam"], ss["n_steps"]) or bool(ss.get("lam_layers"))))
+    if moved:  # what was set, in words, before it goes
+        own = {n: ss[_per_layer_key(n)] for n in ss.get("lam_layers", []) if _per_layer_key(n) in ss}
+        was = state.setting_text(ss["lam"], own, ss["n_steps"])
     for k in list(st.session_state):
         if k in PER_MODEL or str(k).startswith(_per_layer_key("")):
             del st.session_state[k]
@@ -418,11 +421,10 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     st.session_state["n_steps"] = loaded.trained_steps
     st.session_state["lam_trained"] = (st.session_state["lam"], st.session_state["n_steps"])
     st.session_state["lam_extra"] = []
-    if moved:
-        st.toast(f"λ and FISTA steps are per checkpoint: {loaded.path.name} starts at its trained ones "
-                 f"({trained_text(loaded)})." if loaded.layer_names else
-                 f"{loaded.path.name} has no CSC layer, so no λ or FISTA steps: the ones you set are not kept, and "
-                 "an SDNet starts again at its trained ones.", icon=":material/restart_alt:")
+    if moved:  # short: Streamlit cuts a toast's third line behind 'view more'
+        st.toast(f"{was} reset: {loaded.path.name} starts at its trained {trained_text(loaded)}."
+                 if loaded.layer_names else f"{was} dropped: {loaded.path.name} has no CSC layer.",
+                 icon=":material/restart_alt:")
 
 
 def address_in(loaded: state.Loaded | None = None) -> None:
@@ -432,7 +434,7 @@ def address_in(loaded: state.Loaded | None = None) -> None:
     said, on the page. (Streamlit adds a history entry per address written: Back read nothing and so seemed dead.)"""
     ss = st.session_state
     if loaded is None:
-        ours = {k: v for k, v in st.query_params.to_dict().items() if k in state.ADDRESS_SIDEBAR + state.ADDRESS_VIEW}
+        ours = {k: v for k, v in st.query_params.to_dict().items() if state.is_address_key(k)}
         back = "address_read" in ss  # not the first run: Back or Forward to another address of this session
         if back and ours == ss.get("address_written", ours):
             return
@@ -448,34 +450,45 @@ def address_in(loaded: state.Loaded | None = None) -> None:
     if "address_pending" not in ss:
         return
     ours, back = ss.pop("address_pending")
-    values, left_out = state.read_address(ours, layers=loaded.layer_names, max_steps=max(20, loaded.trained_steps))
-    if back:
-        values.setdefault("steps_first", False)
-    if not loaded.layer_names:
-        values = {}  # a ResNet: no λ or layers to set (a link made on an SDNet, then the model switched)
-    if values.get("lam") not in (None, *state.lam_options(loaded.trained_lams)):
-        ss["lam_extra"] = [values["lam"]]  # the slider offers it, as it does an Auto λ
-    ss.update(values)
-    left_out = ss.pop("address_left_out", []) + left_out
+    left_out = ss.pop("address_left_out", [])
+    if loaded.layer_names:
+        values, view_left_out = state.read_address(ours, layers=loaded.layer_names,
+                                                   max_steps=max(20, loaded.trained_steps))
+        left_out += view_left_out
+        if back:  # ...nor 'in conv1 only' or layers with their own λ
+            values = {"steps_first": False, "lam_layers": [], **values}
+        options = state.lam_options(loaded.trained_lams)
+        # the sliders offer a λ off their grid, as they do an Auto λ
+        ss["lam_extra"] = sorted({v for k, v in values.items() if (k == "lam" or k.startswith(_per_layer_key("")))
+                                  and v not in options})
+        ss.update(values)
+    else:  # a ResNet: a link made on an SDNet, its model then switched, or edited
+        view = [k for k in ours if k in state.ADDRESS_VIEW or k.startswith(state.PER_LAYER)]
+        if view:
+            left_out.append(f"{', '.join(view)}: {loaded.path.name} has no CSC layer")
     if left_out:
-        st.warning("Left out of the page's address: " + "; ".join(left_out) + ".")
+        st.warning("Not used from the page's address (the page's own settings instead): " + "; ".join(left_out) + ".")
 
 
 def address_out(ctx: Context) -> None:
     """The settings a reload or a link keeps (state.read_address) into the address bar, as they stand."""
     ss = st.session_state
-    keys = ["tab"]
-    if ss.get("ckpt") != OTHER_PATH:
-        keys.append("ckpt")
-    if ss.get("source") == "Sample":
-        keys.append("sample")
-    values = {k: ss[k] for k in keys if k in ss}
-    if ctx.corruption["kind"] != "none":  # the seed used, not as typed (1e10 is used as 2147483647)
-        values.update(noise=ctx.corruption["kind"], seed=ctx.corruption["seed"])
-        if isinstance(ctx.corruption["severity"], int):  # (a continuous level is not kept)
+    values = {k: ss[k] for k in ("tab", "ckpt", "sample") if k in ss}
+    if ss.get("ckpt") == OTHER_PATH:  # a checkpoint given by its path is not kept (the sidebar says so)
+        del values["ckpt"]
+    if ss.get("source") != "Sample":  # nor is an upload
+        values.pop("sample", None)
+    kind = ctx.corruption["kind"]
+    if kind != "none":  # the strength and seed used, not as typed (a seed of 1e10 is used as 2147483647)
+        values.update(noise=kind, seed=ctx.corruption["seed"])
+        if isinstance(ctx.corruption["severity"], int):
             values["severity"] = ctx.corruption["severity"]
+        else:
+            values.update(noise_mode=STRENGTHS[1], **{f"level_{kind}": ctx.corruption["severity"]})
     if ctx.loaded.layer_names:
-        values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer") if k in ss})
+        values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer", "lam_layers") if k in ss})
+        values.update({_per_layer_key(name): ss[_per_layer_key(name)] for name in ss.get("lam_layers", [])
+                       if _per_layer_key(name) in ss})
     wanted = state.address(values)
     ss["address_written"] = wanted
     if st.query_params.to_dict() != wanted:
@@ -834,7 +847,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
     st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}", "Lasso objective": "{:.4g}"}),
                  column_config={"Lasso objective": st.column_config.NumberColumn(
-                     help="λ·||z||₁ + ½·||x − A(z)||², what the layer's FISTA steps minimise for its input x")},
+                     help="λ·||z||₁ + ½·||x − A(z)||², what the layer's FISTA steps minimise for its input x: "
+                          "summed over the whole layer, so it grows with the layer's size; it compares two settings "
+                          "only where the layer's input is the same in both (the first layer's is the image).")},
                  hide_index=True, height=min(35 * (len(table) + 1) + 3, 650))  # every layer (35 px rows), not 5 of 17
     c1, c2 = st.columns([2, 1])
     c1.selectbox("Layer", names, key="layer")

@@ -81,8 +81,21 @@ def legend_name(name: str) -> str:
             words[-1] += " " + word
         else:
             words.append(word)
+    units: list[str] = []  # a bracket that fits a line is one unit: 'as trained' over '(λ=0.1, 2 steps)', not
+    i = 0                  # '(λ=0.1,' over '2 steps)'
+    while i < len(words):
+        j = i
+        while words[i].startswith("(") and j < len(words) - 1 and ")" not in words[j] and "(" not in words[j + 1]:
+            j += 1
+        group = " ".join(words[i:j + 1])
+        if j > i and ")" in words[j] and len(group) <= LEGEND_LINE:
+            units.append(group)
+            i = j + 1
+        else:
+            units.append(words[i])
+            i += 1
     lines: list[str] = []
-    for word in words:
+    for word in units:
         if lines and len(lines[-1]) + 1 + len(word) <= LEGEND_LINE:
             lines[-1] += " " + word
         else:

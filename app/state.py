@@ -377,11 +377,18 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 
 
 # --- the view's address ---------------------------------------------------------------------------
-# What a reload or a shared link keeps (?model=...&lam=0.5&tab=Atoms): the checkpoint from the folder, the sample, the
-# noise at a severity, λ for all layers, FISTA steps, the tab and the chosen layer. Not an upload, per-layer λ or a
-# continuous noise level: those are left as the page starts.
-ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "seed", "tab")
+# What a reload, a shared link or the browser's Back keeps (?model=...&lam=0.5&lam.conv1=0.25&tab=Atoms): the
+# checkpoint from the folder, the sample, the noise at a severity or a level and its seed, λ for all layers and
+# per layer, FISTA steps, the tab and the chosen layer. Not an upload or a checkpoint given by its path.
+ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "level", "seed", "tab")
 ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer")
+PER_LAYER = "lam."  # + a layer's name: its own λ ('lam.conv1=0.25')
+PER_LAYER_KEY = "lam_layer:"  # + a layer's name: its own λ's widget
+STRENGTHS = ("Severity 1-5", "Continuous level")  # the noise's two kinds of strength (its widget's options)
+
+
+def is_address_key(name: str) -> bool:
+    return name in ADDRESS_SIDEBAR + ADDRESS_VIEW or name.startswith(PER_LAYER)
 
 
 def _whole(text: str, lo: int, hi: int) -> int:
@@ -389,6 +396,13 @@ def _whole(text: str, lo: int, hi: int) -> int:
     if not value.is_integer() or not lo <= value <= hi:
         raise ValueError(f"not a whole number from {lo} to {hi}")
     return int(value)
+
+
+def _within(text: str, lo: float, hi: float, what: str) -> float:
+    value = float(text)
+    if not lo <= value <= hi:  # (NaN too)
+        raise ValueError(f"outside {what} {lo:g} to {hi:g}")
+    return value
 
 
 def _one_of(text: str, choices: Sequence[str], what: str) -> str:
@@ -402,24 +416,30 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
                  max_steps: int = 20) -> tuple[dict[str, Any], list[str]]:
     """The address's settings as the widgets' state (key -> value), and each one left out with why ('lam=abc: not a
     number'). Without `layers` the sidebar's and the tab (ADDRESS_SIDEBAR), read before the checkpoint loads; with
-    them the view's (ADDRESS_VIEW), read after it has, at its trained settings."""
+    them the view's (ADDRESS_VIEW and per-layer λ), read after it has, at its trained settings."""
     def lam(text: str) -> float:
-        value = float(text)
-        if not LAM_GRID[0] <= value <= LAM_GRID[-1]:  # (NaN too)
-            raise ValueError(f"outside the slider's {LAM_GRID[0]:g} to {LAM_GRID[-1]:g}")
-        return value
+        return _within(text, LAM_GRID[0], LAM_GRID[-1], "the slider's")
+
+    def level(text: str) -> dict[str, Any]:
+        kind = params.get("noise")
+        if kind not in LEVELS:
+            raise ValueError("no noise to set it for")
+        return {"noise_mode": STRENGTHS[1], f"level_{kind}": _within(text, *LEVELS[kind][:2], f"{kind}'s levels")}
 
     readers: dict[str, Callable[[str], dict[str, Any]]] = (dict(
         model=lambda t: {"ckpt": _one_of(t, checkpoints, "checkpoint in the folder")},
         image=lambda t: {"source": "Sample", "sample": _one_of(t, samples, "sample image")},
         noise=lambda t: {"noise": _one_of(t, CORRUPTIONS, "noise")},
-        severity=lambda t: {"severity": _whole(t, 1, 5)},
+        severity=lambda t: {"noise_mode": STRENGTHS[0], "severity": _whole(t, 1, 5)},
+        level=level,
         seed=lambda t: {"seed": float(_whole(t, 0, 2 ** 31 - 1))},  # (the seed box is a float box)
         tab=lambda t: {"tab": _one_of(t, tabs, "tab")}) if layers is None else dict(
         lam=lambda t: {"lam": lam(t)},
         steps=lambda t: {"n_steps": _whole(t, 1, max_steps)},
         steps_first=lambda t: {"steps_first": bool(_whole(t, 0, 1))},
-        layer=lambda t: {"layer": _one_of(t, layers, "CSC layer")}))
+        layer=lambda t: {"layer": _one_of(t, layers, "CSC layer")},
+        **{name: (lambda t, n=name: {PER_LAYER_KEY + _one_of(n[len(PER_LAYER):], layers, "CSC layer"): lam(t)})
+           for name in params if name.startswith(PER_LAYER)}))
     values: dict[str, Any] = {}
     left_out = []
     for name, read in readers.items():
@@ -428,19 +448,35 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
                 values.update(read(str(params[name]).strip()))
             except ValueError as e:  # float('abc') says "could not convert string to float": ours is shorter
                 reason = str(e) if "convert" not in str(e) else "not a number"
-                left_out.append(f"{name}={str(params[name])[:40]}: {reason}")
+                left_out.append(f"{name[:60]}={str(params[name])[:40]}: {reason}")
+    own = [name for name in layers or () if PER_LAYER_KEY + name in values]
+    if own:  # the layers with their own λ, in the network's order (as the page lists them)
+        values["lam_layers"] = own
     return values, left_out
 
 
 def address(values: Mapping[str, Any]) -> dict[str, str]:
-    """The widgets' state (key -> value, only those that apply) as the address's parameters: read_address's inverse."""
-    names = dict(ckpt="model", sample="image", noise="noise", severity="severity", seed="seed", lam="lam",
-                 n_steps="steps", steps_first="steps_first", tab="tab", layer="layer")  # in the page's order
-    # λ as the shortest text that reads back to the same float ('0.1', '1', '0.1234567891'; '{:g}' kept 6 digits)
-    text = dict(seed=lambda v: str(int(v)), lam=lambda v: repr(float(v)).removesuffix(".0"),
-                steps_first=lambda v: str(int(v)))
-    return {name: text.get(k, str)(values[k]) for k, name in names.items()
-            if k in values and not (k == "steps_first" and not values[k])}  # (off unless said)
+    """The widgets' state (key -> value, only those that apply) as the address's parameters, in the page's order:
+    read_address's inverse."""
+    def lam(v: float) -> str:  # the shortest text that reads back the same ('{:g}' kept 6 digits)
+        return repr(float(v)).removesuffix(".0")
+    out = {name: str(values[k]) for k, name in (("ckpt", "model"), ("sample", "image"), ("noise", "noise"))
+           if k in values}
+    if values.get("noise_mode") == STRENGTHS[1] and f"level_{values.get('noise')}" in values:
+        out["level"] = lam(values[f"level_{values['noise']}"])
+    elif "severity" in values:
+        out["severity"] = str(values["severity"])
+    if "seed" in values:
+        out["seed"] = str(int(values["seed"]))
+    if "lam" in values:
+        out["lam"] = lam(values["lam"])
+    out.update({PER_LAYER + name: lam(values[PER_LAYER_KEY + name]) for name in values.get("lam_layers", ())})
+    if "n_steps" in values:
+        out["steps"] = str(values["n_steps"])
+    if values.get("steps_first"):  # (off unless said)
+        out["steps_first"] = "1"
+    out.update({k: str(values[k]) for k in ("tab", "layer") if k in values})
+    return out
 
 
 # --- what the user sees, and its export --------------------------------------------------------

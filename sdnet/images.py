@@ -170,22 +170,42 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
     return img.convert("RGB"), None, notes
 
 
-def crop_preview(img: Image.Image, side: int = 320, dim: float = 0.3) -> np.ndarray | None:
-    """`img` (RGB) fit in side x side pixels (a small one enlarged with nearest neighbours), the part outside the
-    centre square that fit_to_input keeps dimmed to `dim` of its brightness: (H, W, 3) uint8. None for a square."""
+# A transparent upload's picture shows its transparent parts on light and dark grey squares, as image editors do
+# (the model, like the page's white, has white there)
+CHECKER = (0.85, 0.65)
+
+
+def on_checkerboard(picture: np.ndarray, alpha: np.ndarray, square: int) -> np.ndarray:
+    """(H, W, 3) in [0, 1], composited onto white with opacity `alpha` (H, W) in [0, 1] -> the same over a
+    checkerboard of `square`-pixel squares."""
+    ys, xs = np.indices(alpha.shape) // max(1, square)
+    board = np.where((ys + xs) % 2 == 0, CHECKER[0], CHECKER[1])[..., None]
+    return np.clip(picture + (1 - alpha[..., None]) * (board - 1), 0, 1)
+
+
+def crop_preview(img: Image.Image, alpha: Image.Image | None = None, side: int = 320,
+                 dim: float = 0.3) -> np.ndarray | None:
+    """`img` (RGB) fit in side x side pixels (a small one enlarged with nearest neighbours), its transparent parts
+    (`alpha`, mode L) on a checkerboard, and the part outside the centre square that fit_to_input keeps dimmed to
+    `dim` of its brightness: (H, W, 3) uint8. None for a square."""
     w, h = img.size
     if w == h:
         return None
     scale = side / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = img.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR, reducing_gap=3.0)
-    out = np.asarray(small, dtype=np.float32).copy()
+
+    def small(picture: Image.Image) -> np.ndarray:
+        resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+        return np.asarray(picture.resize(size, resample, reducing_gap=3.0), dtype=np.float32) / 255
+    out = small(img)
+    if alpha is not None:
+        out = on_checkerboard(out, small(alpha), side // 32)
     keep = np.zeros(out.shape[:2], dtype=bool)  # the square, in preview pixels (rounded out: never hidden)
     sq = min(w, h)
     left, top = (w - sq) // 2, (h - sq) // 2
     keep[int(top * scale):math.ceil((top + sq) * scale), int(left * scale):math.ceil((left + sq) * scale)] = True
     out[~keep] *= dim
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return to_uint8(out)
 
 
 def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
@@ -225,7 +245,7 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
         img = ImageOps.exif_transpose(img)
         notes.append("rotated as its EXIF orientation says")
     img, alpha, conv = to_rgb(img)
-    preview = crop_preview(img)
+    preview = crop_preview(img, alpha)
     img, fit = fit_to_input(img, size)
     tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     if alpha is not None:

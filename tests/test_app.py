@@ -101,6 +101,11 @@ def test_a_cropped_upload_has_a_preview_of_the_whole_file_dimmed_outside_the_squ
     strip = images.prepare_image(png(Image.new("RGB", (20000, 1))), 32).preview  # never 0 px high
     assert strip.shape == (1, 320, 3)
     assert images.prepare_image(png(Image.new("RGB", (50, 50))), 32).preview is None  # a square is used whole
+    # a transparent file's preview is on the checkerboard its input pictures have, not the model's white (dimmed
+    # white outside the square read as grey parts of the image)
+    clear = images.prepare_image(png(Image.new("RGBA", (40, 20), (255, 0, 0, 0))), 32).preview
+    board = {round(c * 255) for c in images.CHECKER}
+    assert set(np.unique(clear[:, 80:240])) == board and set(np.unique(clear[:, :80])) == {round(c * 0.3) for c in board}
     rotated = Image.new("RGB", (60, 30), (255, 255, 255))
     exif = rotated.getexif()
     exif[0x0112] = 6  # rotate 90°: the preview is upright, as the model input is
@@ -422,7 +427,7 @@ def test_a_transparent_upload_is_shown_on_a_checkerboard_and_the_model_sees_whit
     assert (seen[:, :4] == 255).all() and (seen[:, 4:] == [0, 0, 200]).all()  # the model input, as before
     assert prep.alpha.shape == (8, 8) and (prep.alpha[:, :4] == 0).all() and (prep.alpha[:, 4:] == 1).all()
     assert images.prepare_image(png(Image.fromarray(rgba[:, 8:], "RGBA")), size=8).alpha is None  # all opaque
-    frame, squares = round(panels.FRAME * 255), {round(c * 255) for c in panels.CHECKER}
+    frame, squares = round(panels.FRAME * 255), {round(c * 255) for c in images.CHECKER}
     for alpha, behind in ((prep.alpha, squares), (None, {255})):  # the clean image, and the model input (white)
         shown = panels.framed_picture(prep.tensor.numpy(), alpha, side=64)  # pixels 8x8, a 1-pixel frame
         assert shown.shape == (66, 66, 3)
@@ -590,11 +595,12 @@ def test_long_legend_entries_wrap_and_layer_names_stand_upright():
     assert plots.legend_name("trained λ") == "trained λ"
     # a layer's λ stays beside its name, a count beside its noun: '(layer2.0.conv1' over '2)' read as two things
     assert plots.legend_name("λ=0.1 (layer2.0.conv1 2), 2 steps") == "λ=0.1 (layer2.0.conv1 2),<br>2 steps"
-    assert plots.legend_name("SDNet as trained (λ=0.1, 2 steps)") == "SDNet as trained (λ=0.1,<br>2 steps)"
+    # ...and a bracket that fits a line is not broken ('(λ=0.1,' over '2 steps)' in the predictions' legend)
+    assert plots.legend_name("SDNet as trained (λ=0.1, 2 steps)") == "SDNet as trained<br>(λ=0.1, 2 steps)"
     assert plots.legend_name("λ=1e-3 (layer2.0.conv1 1e-05), 12 steps in conv1") == \
         "λ=1e-3 (layer2.0.conv1 1e-05),<br>12 steps in conv1"
     assert plots.legend_name("as trained (λ=0.1 (3 layers with their own), 20 steps)") == \
-        "as trained (λ=0.1 (3 layers<br>with their own), 20 steps)"  # '(3' over 'layers' before
+        "as trained (λ=0.1<br>(3 layers with their own),<br>20 steps)"  # '(3' over 'layers' before
 
 
 def test_names_in_picture_captions_wrap_after_their_separators():
@@ -1542,19 +1548,28 @@ def _resnet_name(checkpoint_dir: Path) -> str:
 def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read():
     from app import state
     sidebar = dict(checkpoints=["a.pt"], samples=["cat_2", "dog_1"], tabs=["Layers", "Atoms"])
+    layers = ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
     values, left = state.read_address(dict(model="a.pt", image="dog_1", noise="shot", severity="5", seed="12",
                                            tab="Atoms", lam="0.5"), **sidebar)  # λ is the second reading's
-    assert values == dict(ckpt="a.pt", source="Sample", sample="dog_1", noise="shot", severity=5, seed=12.0,
-                          tab="Atoms") and left == []
-    view, left = state.read_address(dict(lam="0.13", steps="7", steps_first="1", layer="conv1", tab="x"),
-                                    layers=["conv1", "layer1.0.conv1"])
-    assert view == dict(lam=0.13, n_steps=7, steps_first=True, layer="conv1") and left == []
+    assert values == dict(ckpt="a.pt", source="Sample", sample="dog_1", noise="shot", noise_mode=state.STRENGTHS[0],
+                          severity=5, seed=12.0, tab="Atoms") and left == []
+    # per-layer λ, in the network's order whatever the address's ('lam.conv1=0.25': a link dropped them silently)
+    view, left = state.read_address({"lam": "0.13", "steps": "7", "steps_first": "1", "layer": "conv1", "tab": "x",
+                                     "lam.layer1.0.conv2": "2", "lam.conv1": "0.25"}, layers=layers)
+    assert view == {"lam": 0.13, "n_steps": 7, "steps_first": True, "layer": "conv1", "lam_layer:layer1.0.conv2": 2.0,
+                    "lam_layer:conv1": 0.25, "lam_layers": ["conv1", "layer1.0.conv2"]} and left == []
     back = state.address({**values, **view})
-    assert back == dict(model="a.pt", image="dog_1", noise="shot", severity="5", seed="12", lam="0.13", steps="7",
-                        steps_first="1", tab="Atoms", layer="conv1")
-    assert state.read_address(back, **sidebar)[0] == values and state.read_address(
-        back, layers=["conv1", "layer1.0.conv1"])[0] == view
+    assert back == {"model": "a.pt", "image": "dog_1", "noise": "shot", "severity": "5", "seed": "12", "lam": "0.13",
+                    "lam.conv1": "0.25", "lam.layer1.0.conv2": "2", "steps": "7", "steps_first": "1", "tab": "Atoms",
+                    "layer": "conv1"}
+    assert state.read_address(back, **sidebar)[0] == values and state.read_address(back, layers=layers)[0] == view
     assert "steps_first" not in state.address(dict(steps_first=False, n_steps=2))  # off unless said
+    # a continuous level, in its noise's range (a link opened c=0.105 at the slider's default 0.08)
+    level = dict(noise="gaussian", noise_mode=state.STRENGTHS[1], level_gaussian=0.105, seed=3.0)
+    assert state.address(level) == dict(noise="gaussian", level="0.105", seed="3")
+    assert state.read_address(state.address(level), **sidebar)[0] == level
+    assert state.read_address(dict(level="0.105"), **sidebar)[1] == ["level=0.105: no noise to set it for"]
+    assert state.read_address(dict(noise="shot", level="2"), **sidebar)[1] == ["level=2: outside shot's levels 5 to 1000"]
     # λ as the shortest text that reads back the same ('{:g}' kept 6 digits: a trained 0.1234567891 came back changed)
     for lam in (0.1, 1.0, 0.13, 1e-3, 0.1234567891, 10.0):
         assert state.read_address(state.address(dict(lam=lam)), layers=["conv1"])[0]["lam"] == lam
@@ -1568,9 +1583,11 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
                                      "seed=1.5: not a whole number from 0 to 2147483647", "tab=Export: no tab of that name"]
     for lam, why in (("abc", "not a number"), ("100", "outside the slider's 0.001 to 10"), ("nan", "outside"),
                      ("-1", "outside"), ("inf", "outside")):
-        values, left = state.read_address(dict(lam=lam, steps="0", layer="x" * 300), layers=["conv1"], max_steps=20)
+        values, left = state.read_address({"lam": lam, "steps": "0", "layer": "x" * 300, "lam.nope": "0.1",
+                                           "lam.conv1": lam}, layers=["conv1"], max_steps=20)
         assert values == {} and left[0].startswith(f"lam={lam}: {why}"), left
-        assert left[1:] == ["steps=0: not a whole number from 1 to 20", f"layer={'x' * 40}: no CSC layer of that name"]
+        assert left[1:] == ["steps=0: not a whole number from 1 to 20", f"layer={'x' * 40}: no CSC layer of that name",
+                            "lam.nope=0.1: no CSC layer of that name"] + [f"lam.conv1={lam}: " + left[0].split(": ", 1)[1]]
 
 
 def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
@@ -1602,7 +1619,7 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     again.run()
     assert not again.exception
     assert [w.value for w in again.warning if "address" in w.value] == [
-        "Left out of the page's address: steps=zwei: not a number."]
+        "Not used from the page's address (the page's own settings instead): steps=zwei: not a number."]
     assert again.select_slider(key="lam").value == 0.13 and again.slider(key="n_steps").value == 2
     assert again.session_state["view"].layer == "layer1.0.conv1"
     again.select_slider(key="lam").set_value(1.0).run()  # moved in the live part: the address follows
@@ -1621,6 +1638,35 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     at.select_slider(key="lam").set_value(0.3).run()  # ...and from then on the page's own moves are kept
     at.selectbox(key="noise").set_value("shot").run()
     assert at.select_slider(key="lam").value == 0.3 and at.query_params["noise"] == "shot"
+    # per-layer λ and a continuous level are kept too (a link opened without them, silently: another prediction)
+    at.multiselect(key="lam_layers").set_value(["conv1"]).run()
+    at.select_slider(key="lam_layer:conv1").set_value(0.25).run()
+    at.radio(key="noise_mode").set_value("Continuous level").run()
+    at.slider(key="level_shot").set_value(55.0).run()
+    ok(at)
+    link = dict(at.query_params)
+    assert link["lam.conv1"] == "0.25" and link["level"] == "55" and "severity" not in link
+    view = at.session_state["view"]
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(link)
+    again.run()
+    ok(again)
+    assert again.session_state["view"].settings == view.settings
+    assert np.array_equal(again.session_state["view"].probe["logits"], view.probe["logits"])
+    # and Back to an address without them drops them
+    at.query_params.clear()
+    at.query_params.update({k: v for k, v in link.items() if k not in ("lam.conv1", "level")} | dict(severity="2"))
+    at.run()
+    ok(at)
+    assert at.session_state["view"].settings["lam"]["per_layer"] == {}
+    assert at.session_state["view"].settings["corruption"]["severity"] == 2
+    # a ResNet named in a link that also gives λ: said, not dropped silently
+    resnet = next(n for n in at.selectbox(key="ckpt").options if n.startswith("resnet"))
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(dict(model=resnet, lam="0.5", steps="3"))
+    again.run()
+    assert not again.exception and [w.value for w in again.warning if "address" in w.value] == [
+        f"Not used from the page's address (the page's own settings instead): lam, steps: {resnet} has no CSC layer."]
 
 
 def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):
@@ -1637,19 +1683,19 @@ def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app
     at.slider(key="n_steps").set_value(5).run()
     at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()
     ok(at)
-    assert [t.value for t in at.toast] == [f"{_resnet_name(checkpoint_dir)} has no CSC layer, so no λ or FISTA steps: "
-                                           "the ones you set are not kept, and an SDNet starts again at its trained "
-                                           "ones."]
+    # short, naming what went (a longer one was cut at 'an SDNet starts aga...' behind Streamlit's 'view more')
+    assert [t.value for t in at.toast] == [f"λ=1, 5 steps dropped: {_resnet_name(checkpoint_dir)} has no CSC layer."]
     at.selectbox(key="ckpt").set_value(sdnet_name).run()
     assert not at.toast and at.select_slider(key="lam").value == pytest.approx(0.1)  # said at the first switch
     at.multiselect(key="lam_layers").set_value(["conv1"]).run()  # a per-layer λ alone is a setting too
+    at.select_slider(key="lam_layer:conv1").set_value(0.5).run()
     other = tmp_path / "other.pt"  # another SDNet: a copy elsewhere is another checkpoint to the app
     other.write_bytes((checkpoint_dir / sdnet_name).read_bytes())
     at.session_state["ckpt_path"] = str(other)
     at.selectbox(key="ckpt").set_value("Other path...").run()
     ok(at)
-    assert [t.value for t in at.toast] == ["λ and FISTA steps are per checkpoint: other.pt starts at its trained ones "
-                                           "(λ=0.1, 2 steps)."]
+    assert [t.value for t in at.toast] == ["λ=0.1 (conv1 0.5), 2 steps reset: other.pt starts at its trained λ=0.1, "
+                                           "2 steps."]
     assert at.select_slider(key="lam").value == pytest.approx(0.1) and at.slider(key="n_steps").value == 2
 
 
@@ -1944,7 +1990,7 @@ def test_bad_uploads_give_a_message(app):
     assert any("Only the middle 20x20 of this 20x400 image is used (5% of it)" in w.value for w in at.warning), [
         w.value for w in at.warning]
     whole = "The whole upload: the model is given the bright square."
-    assert whole in image_captions(at)  # the two pictures are the crop: the whole file beside them shows what it cut
+    assert whole in [c.value for c in at.caption]  # the two pictures are the crop: the whole file shows what it cut
     photo = png(Image.new("RGB", (8000, 6000), (120, 30, 200)), "JPEG")  # 48 megapixels: decoded at half scale
     at.file_uploader(key="upload").set_value(("phone.jpg", photo, "image/jpeg")).run()
     ok(at)
@@ -1953,8 +1999,8 @@ def test_bad_uploads_give_a_message(app):
     small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
-    assert any(c.value == "Uploaded 32x32 RGB image; used as it is." for c in at.caption)  # it had no caption at all
-    assert whole not in image_captions(at)  # a square is used whole
+    assert any(c.value.startswith("Uploaded 32x32 RGB image; used as it is. A reload or a link of this page opens on a sample") for c in at.caption)  # it had no caption at all
+    assert whole not in [c.value for c in at.caption]  # a square is used whole
     bilevel = Image.fromarray(np.random.default_rng(3).integers(0, 2, (32, 32), dtype=np.uint8) * 255).convert("1")
     at.file_uploader(key="upload").set_value(("bw.png", png(bilevel), "image/png")).run()
     ok(at)

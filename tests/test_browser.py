@@ -91,6 +91,11 @@ def test_upload_move_lambda_and_see_predictions_change(server, tmp_path):
             page.locator("[data-testid=stSidebar]").get_by_text("Upload", exact=True).click()
             page.locator("[data-testid=stSidebar] input[type=file]").set_input_files(str(upload_file(tmp_path)))
             page.get_by_text("Uploaded 128x96 RGBA image").wait_for()
+            # the whole upload beside its crop, no taller than the input pictures (a tall one filled a phone)
+            pictures = page.locator("[data-testid=stMain] [data-testid=stImage] img")
+            page.get_by_text("The whole upload: the model is given the bright square.").wait_for()
+            heights = [pictures.nth(i).bounding_box()["height"] for i in range(3)]
+            assert pictures.count() == 3 and heights[2] <= heights[0] + 1, heights
             wait_for_lam(page, "λ=0.1,")
             before = summary.inner_text()
             page.screenshot(path=str(ARTIFACTS / "app-upload.png"))
