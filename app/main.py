@@ -25,7 +25,7 @@ st.caption("Look inside a network whose convolutions are convolutional sparse co
            "each layer outputs the sparse code z minimising λ‖z‖₁ + ½‖x − A(z)‖².")
 
 panels.keep_state()
-panels.address_in()  # a reload or a shared link: its settings, on the session's first run
+panels.address_in()  # a reload, a shared link, Back or Forward: the address's settings
 torch.set_num_threads(state.cpu_threads())
 device = state.pick_device()
 loaded, baseline = panels.model_sidebar(device)

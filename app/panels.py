@@ -783,8 +783,8 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                                    loaded.classes))
     return state.View(settings=settings, classes=loaded.classes, clean=ctx.clean, image=ctx.image, probe=cur,
                       trained=trained, layer=layer, top_channels=top, atom_tiles=tiles, atom_order=order, sees=sees,
-                      sees_offsets=offsets, sees_stretch=stretch, attributions=attrs, atom_scores=atom_scores, more_pngs=more,
-                      lam_path_csv=path_csv)
+                      sees_offsets=offsets, sees_stretch=stretch, attributions=attrs, atom_scores=atom_scores,
+                      more_pngs=more, lam_path_csv=path_csv)
 
 
 def _held(lam: dict) -> tuple[tuple[str, float], ...]:
@@ -820,7 +820,8 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
     def values(probe: dict, k: str) -> np.ndarray:  # a layer fed all zeros has no relative residual
         return np.array([np.nan if k == "rel_residual" and r["input_zero"] else r[k] for r in probe["layers"]])
     as_trained = f"as trained ({trained_text(ctx.loaded)})"
-    series = lambda k: [(lam_text, "current", values(cur, k)), (as_trained, "trained", values(trained, k))]  # noqa: E731
+    series = lambda k: [(lam_text, "current", values(cur, k)),  # noqa: E731
+                        (as_trained, "trained", values(trained, k))]
     dead = [r["name"] for r in cur["layers"] if r["input_zero"]]
     if dead:
         # not "every code upstream was thresholded to 0": after an all-zero code, BatchNorm's offsets still reach

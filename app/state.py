@@ -613,7 +613,8 @@ def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict, zer
              stretch: float | None = None) -> bytes:
     """'What a layer sees' (3, H, W) as an exported figure; `zero`: its code is all zero (said, as on the page:
     a black square titled 'contrast stretched' looked like a picture of something); `stretch`: the factor it was
-    stretched by (sees_stretch), said as the page says it: a deep layer's 1e-10 of a pixel looked as vivid as conv1's."""
+    stretched by (sees_stretch), said as the page says it: a deep layer's 1e-10 of a pixel looked as vivid as
+    conv1's."""
     what = ("in absolute pixels, with BatchNorm's offsets" if offsets else
             "the code's own contribution, offsets left out, contrast stretched"
             + (f" ×{factor_text(stretch)}" if stretch is not None and not zero else ""))

@@ -42,8 +42,9 @@ class PreparedImage:
     # (size, size) opacity in [0, 1], resized and cropped as the tensor was, where the file has transparent pixels
     # (the tensor is composited onto white there: what the model sees); None for an opaque file. For display only.
     alpha: np.ndarray | None = None
-    # the whole (rotated, RGB) file, fit in 320 x 320 px, dimmed outside the square the model is given; None for a
-    # square file. For display only: the model input alone did not show what a crop left out
+    # the whole (rotated, RGB) file, fit in 320 x 320 px, transparent parts on a checkerboard, dimmed outside the
+    # square the model is given; None for a square file. For display only: the model input alone did not show what
+    # a crop left out
     preview: np.ndarray | None = None
 
     @property

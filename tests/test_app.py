@@ -105,7 +105,8 @@ def test_a_cropped_upload_has_a_preview_of_the_whole_file_dimmed_outside_the_squ
     # white outside the square read as grey parts of the image)
     clear = images.prepare_image(png(Image.new("RGBA", (40, 20), (255, 0, 0, 0))), 32).preview
     board = {round(c * 255) for c in images.CHECKER}
-    assert set(np.unique(clear[:, 80:240])) == board and set(np.unique(clear[:, :80])) == {round(c * 0.3) for c in board}
+    assert set(np.unique(clear[:, 80:240])) == board
+    assert set(np.unique(clear[:, :80])) == {round(c * 0.3) for c in board}
     rotated = Image.new("RGB", (60, 30), (255, 255, 255))
     exif = rotated.getexif()
     exif[0x0112] = 6  # rotate 90°: the preview is upright, as the model input is
@@ -1569,7 +1570,8 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
     assert state.address(level) == dict(noise="gaussian", level="0.105", seed="3")
     assert state.read_address(state.address(level), **sidebar)[0] == level
     assert state.read_address(dict(level="0.105"), **sidebar)[1] == ["level=0.105: no noise to set it for"]
-    assert state.read_address(dict(noise="shot", level="2"), **sidebar)[1] == ["level=2: outside shot's levels 5 to 1000"]
+    assert state.read_address(dict(noise="shot", level="2"), **sidebar)[1] == [
+        "level=2: outside shot's levels 5 to 1000"]
     # λ as the shortest text that reads back the same ('{:g}' kept 6 digits: a trained 0.1234567891 came back changed)
     for lam in (0.1, 1.0, 0.13, 1e-3, 0.1234567891, 10.0):
         assert state.read_address(state.address(dict(lam=lam)), layers=["conv1"])[0]["lam"] == lam
@@ -1580,14 +1582,16 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
     assert values == {} and left == ["model=../etc/passwd: no checkpoint in the folder of that name",
                                      "image=cat_9: no sample image of that name", "noise=fog: no noise of that name",
                                      "severity=6: not a whole number from 1 to 5",
-                                     "seed=1.5: not a whole number from 0 to 2147483647", "tab=Export: no tab of that name"]
+                                     "seed=1.5: not a whole number from 0 to 2147483647",
+                                     "tab=Export: no tab of that name"]
     for lam, why in (("abc", "not a number"), ("100", "outside the slider's 0.001 to 10"), ("nan", "outside"),
                      ("-1", "outside"), ("inf", "outside")):
         values, left = state.read_address({"lam": lam, "steps": "0", "layer": "x" * 300, "lam.nope": "0.1",
                                            "lam.conv1": lam}, layers=["conv1"], max_steps=20)
         assert values == {} and left[0].startswith(f"lam={lam}: {why}"), left
         assert left[1:] == ["steps=0: not a whole number from 1 to 20", f"layer={'x' * 40}: no CSC layer of that name",
-                            "lam.nope=0.1: no CSC layer of that name"] + [f"lam.conv1={lam}: " + left[0].split(": ", 1)[1]]
+                            "lam.nope=0.1: no CSC layer of that name",
+                            f"lam.conv1={lam}: " + left[0].split(": ", 1)[1]]
 
 
 def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
@@ -1628,7 +1632,8 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     # settings and wrote them straight back), the noise that address did not have gone, and no reset toast
     at.session_state["seed"] = 1e10  # the seed written is the one used, not as typed
     at.run()
-    assert at.query_params["seed"] == "2147483647" and at.session_state["view"].settings["corruption"]["seed"] == 2 ** 31 - 1
+    assert at.query_params["seed"] == "2147483647"
+    assert at.session_state["view"].settings["corruption"]["seed"] == 2 ** 31 - 1
     at.query_params.clear()
     at.query_params.update({k: v for k, v in link.items() if k not in ("noise", "severity", "seed")} | dict(lam="0.2"))
     at.run()
@@ -1999,7 +2004,8 @@ def test_bad_uploads_give_a_message(app):
     small = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     at.file_uploader(key="upload").set_value(("tiny.png", png(small), "image/png")).run()
     ok(at)
-    assert any(c.value.startswith("Uploaded 32x32 RGB image; used as it is. A reload or a link of this page opens on a sample") for c in at.caption)  # it had no caption at all
+    assert any(c.value.startswith("Uploaded 32x32 RGB image; used as it is. A reload or a link of this page opens on "
+                                  "a sample") for c in at.caption)  # it had no caption at all
     assert whole not in [c.value for c in at.caption]  # a square is used whole
     bilevel = Image.fromarray(np.random.default_rng(3).integers(0, 2, (32, 32), dtype=np.uint8) * 255).convert("1")
     at.file_uploader(key="upload").set_value(("bw.png", png(bilevel), "image/png")).run()
