@@ -460,19 +460,19 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
 def address(values: Mapping[str, Any]) -> dict[str, str]:
     """The widgets' state (key -> value, only those that apply) as the address's parameters, in the page's order:
     read_address's inverse."""
-    def lam(v: float) -> str:  # the shortest text that reads back the same ('{:g}' kept 6 digits)
+    def exact(v: float) -> str:  # the shortest text that reads back the same ('{:g}' kept 6 digits)
         return repr(float(v)).removesuffix(".0")
     out = {name: str(values[k]) for k, name in (("ckpt", "model"), ("sample", "image"), ("noise", "noise"))
            if k in values}
     if values.get("noise_mode") == STRENGTHS[1] and f"level_{values.get('noise')}" in values:
-        out["level"] = lam(values[f"level_{values['noise']}"])
+        out["level"] = exact(values[f"level_{values['noise']}"])
     elif "severity" in values:
         out["severity"] = str(values["severity"])
     if "seed" in values:
         out["seed"] = str(int(values["seed"]))
     if "lam" in values:
-        out["lam"] = lam(values["lam"])
-    out.update({PER_LAYER + name: lam(values[PER_LAYER_KEY + name]) for name in values.get("lam_layers", ())})
+        out["lam"] = exact(values["lam"])
+    out.update({PER_LAYER + name: exact(values[PER_LAYER_KEY + name]) for name in values.get("lam_layers", ())})
     if "n_steps" in values:
         out["steps"] = str(values["n_steps"])
     if values.get("steps_first"):  # (off unless said)
