@@ -1852,8 +1852,6 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
     # (and the deeper atoms' caption says what the number in their titles is, as the first layer's does)
     assert any("Each title is #atom (usage: Σ|z| of its code channel for this image)" in c.value for c in at.caption)
 
-    def captions():
-        return image_captions(at)
     view, picks = at.session_state["view"], at.multiselect(key="sees_layers").value
     loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
     spec, steps = state.lam_spec(loaded.layer_names, view.settings["lam"]["all"], {}), view.settings["n_steps"]
@@ -1863,7 +1861,7 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
         img = sdnet.decode_to_input(loaded.model, name, z, bias=False)[0].numpy()
         gains.append(1 / (img.max() - img.min()))
         shown = f"{gains[-1]:.3g}".replace("e+0", "e").replace("e+", "e")  # '5.61e4': no '+' to wrap after
-        assert f"{name} (×{shown})" in captions(), (name, captions())
+        assert f"{name} (×{shown})" in image_captions(at), (name, image_captions(at))
         assert state.sees_stretch(loaded.model, loaded.key, view.image, spec, steps, name) == pytest.approx(gains[-1])
     assert gains[-1] > 1000 * gains[0]  # the deepest is stretched far more than the first layer
     titles = []
@@ -1879,7 +1877,7 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
             assert titles[-1].endswith(f"(the code's own contribution, offsets left out, contrast stretched ×{shown})")
     at.radio(key="sees_mode").set_value(at.radio(key="sees_mode").options[1]).run()
     ok(at)
-    assert not any("(×" in c for c in captions())
+    assert not any("(×" in c for c in image_captions(at))
     view = at.session_state["view"]
     view.more_pngs[f"{state.file_stem('sees', picks[-1])}.png"]()
     assert titles[-1].endswith("(in absolute pixels, with BatchNorm's offsets)") and view.sees_stretch is None
