@@ -52,7 +52,7 @@ run_bench() {  # name, seconds, flags...
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "throughput-$name failed or timed out"; FAILED=1; }
 }
 run_bench fp32 120
-# cuDNN's autotuner for every model (untried on a GPU; kuangliu's pytorch-cifar, the paper's baselines, trains so)
+# cuDNN's autotuner for every model (kuangliu's pytorch-cifar, the paper's baselines, trains so; run 17: no gain)
 run_bench fp32-cudnn-benchmark 60 --no-memory --cudnn-benchmark
 run_bench bf16 70 --no-memory --amp bf16
 run_bench fp32-host-checked-every-8 70 --no-memory --host-checked-every 8
