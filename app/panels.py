@@ -452,11 +452,19 @@ def address_in(loaded: state.Loaded | None = None) -> None:
     ours, back = ss.pop("address_pending")
     left_out = ss.pop("address_left_out", [])
     if loaded.layer_names:
+        deep = _deep_atoms(loaded)
+        if not deep:  # the Atoms tab's deeper layers are for models without shortcuts
+            shown = [k for k in ("atoms", "sees") if k in ours]
+            if shown:
+                left_out.append(f"{', '.join(shown)}: {loaded.path.name} has shortcuts (its Atoms tab shows the "
+                                "first layer's alone)")
+            ours = {k: v for k, v in ours.items() if k not in shown}
         values, view_left_out = state.read_address(ours, layers=loaded.layer_names,
                                                    max_steps=max(20, loaded.trained_steps))
         left_out += view_left_out
-        if back:  # ...nor 'in conv1 only' or layers with their own λ
-            values = {"steps_first": False, "lam_layers": [], **values}
+        if back:  # ...nor 'in conv1 only', layers with their own λ, or other layers seen than the default's
+            values = {"steps_first": False, "lam_layers": [],
+                      **({"sees_layers": _spread(loaded.layer_names, 5)} if deep else {}), **values}
         options = state.lam_options(loaded.trained_lams)
         # the sliders offer a λ off their grid, as they do an Auto λ
         ss["lam_extra"] = sorted({v for k, v in values.items() if (k == "lam" or k.startswith(_per_layer_key("")))
@@ -489,6 +497,10 @@ def address_out(ctx: Context) -> None:
         values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer", "lam_layers") if k in ss})
         values.update({_per_layer_key(name): ss[_per_layer_key(name)] for name in ss.get("lam_layers", [])
                        if _per_layer_key(name) in ss})
+    if _deep_atoms(ctx.loaded):
+        values.update({k: ss[k] for k in ("atoms_layer", "sees_layers") if k in ss})
+        if values.get("sees_layers") == _spread(ctx.loaded.layer_names, 5):  # the default: a shorter address
+            del values["sees_layers"]
     wanted = state.address(values)
     ss["address_written"] = wanted
     if st.query_params.to_dict() != wanted:
@@ -993,7 +1005,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     _chart(plots.tiles(view.atom_tiles, plots.usage_titles(view.atom_order, usage),
                        ncols=8 if len(view.atom_order) <= 32 else 16, height_per_row=160),
            key="atoms_chart", name="atoms_first_layer")
-    if loaded.meta["config"].get("shortcut", True):
+    if not _deep_atoms(loaded):
         st.info("Deeper atoms and 'what a layer sees' need a model without shortcuts (SDNet-All, --no-shortcut): "
                 "with shortcuts a layer's input is not the previous layer's reconstruction alone.")
         return
@@ -1035,6 +1047,11 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
             col.image(framed_picture(img, side=160),
                       caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
                                                   f" (×{state.factor_text(gain)})" if gain is not None else ""))
+
+
+def _deep_atoms(loaded: state.Loaded) -> bool:
+    """Whether the Atoms tab shows deeper layers (decoded to pixels: a model without shortcuts)."""
+    return bool(loaded.layer_names) and not loaded.meta["config"].get("shortcut", True)
 
 
 def _spread(names: list[str], n: int) -> list[str]:

@@ -383,7 +383,8 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 # checkpoint from the folder, the sample, the noise at a severity or a level and its seed, λ for all layers and
 # per layer, FISTA steps, the tab and the chosen layer. Not an upload or a checkpoint given by its path.
 ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "level", "seed", "tab")
-ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer")
+ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer", "atoms", "sees")  # (the Atoms tab's two for models
+#   without shortcuts: its deeper layer, and the layers of "what each layer sees")
 PER_LAYER = "lam."  # + a layer's name: its own λ ('lam.conv1=0.25')
 PER_LAYER_KEY = "lam_layer:"  # + a layer's name: its own λ's widget
 STRENGTHS = ("Severity 1-5", "Continuous level")  # the noise's two kinds of strength (its widget's options)
@@ -413,6 +414,14 @@ def _one_of(text: str, choices: Sequence[str], what: str) -> str:
     return text
 
 
+def _some_of(texts: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
+    """A list of choices, each once ('' for none); all or nothing, naming those it has not."""
+    unknown = [t for t in texts if t and t not in choices]
+    if unknown:
+        raise ValueError(f"no {what} named {', '.join(unknown)}"[:120])
+    return list(dict.fromkeys(t for t in texts if t))
+
+
 def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), samples: Sequence[str] = (),
                  tabs: Sequence[str] = (), layers: Sequence[str] | None = None,
                  max_steps: int = 20) -> tuple[dict[str, Any], list[str]]:
@@ -440,6 +449,8 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
         steps=lambda t: {"n_steps": _whole(t, 1, max_steps)},
         steps_first=lambda t: {"steps_first": bool(_whole(t, 0, 1))},
         layer=lambda t: {"layer": _one_of(t, layers, "CSC layer")},
+        atoms=lambda t: {"atoms_layer": _one_of(t, layers[1:] or layers, "deeper CSC layer")},
+        sees=lambda t: {"sees_layers": _some_of(t.split(","), layers, "CSC layer")},
         **{name: (lambda t, n=name: {PER_LAYER_KEY + _one_of(n[len(PER_LAYER):], layers, "CSC layer"): lam(t)})
            for name in params if name.startswith(PER_LAYER)}))
     values: dict[str, Any] = {}
@@ -478,6 +489,10 @@ def address(values: Mapping[str, Any]) -> dict[str, str]:
     if values.get("steps_first"):  # (off unless said)
         out["steps_first"] = "1"
     out.update({k: str(values[k]) for k in ("tab", "layer") if k in values})
+    if "atoms_layer" in values:
+        out["atoms"] = values["atoms_layer"]
+    if "sees_layers" in values:
+        out["sees"] = ",".join(values["sees_layers"])
     return out
 
 

@@ -1567,6 +1567,13 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
                     "layer": "conv1"}
     assert state.read_address(back, **sidebar)[0] == values and state.read_address(back, layers=layers)[0] == view
     assert "steps_first" not in state.address(dict(steps_first=False, n_steps=2))  # off unless said
+    # the Atoms tab's deeper layer and the layers 'seen', each once, in the order given ('sees=': none)
+    atoms = state.read_address(dict(atoms="layer1.0.conv2", sees="layer1.0.conv2,conv1,conv1"), layers=layers)
+    assert atoms == (dict(atoms_layer="layer1.0.conv2", sees_layers=["layer1.0.conv2", "conv1"]), [])
+    assert state.address(atoms[0]) == dict(atoms="layer1.0.conv2", sees="layer1.0.conv2,conv1")
+    assert state.read_address(dict(sees=""), layers=layers)[0] == dict(sees_layers=[])
+    assert state.read_address(dict(atoms="conv1", sees="conv1,conv9,x"), layers=layers) == ({}, [
+        "atoms=conv1: no deeper CSC layer of that name", "sees=conv1,conv9,x: no CSC layer named conv9, x"])
     # a continuous level, in its noise's range (a link opened c=0.105 at the slider's default 0.08)
     level = dict(noise="gaussian", noise_mode=state.STRENGTHS[1], level_gaussian=0.105, seed=3.0)
     assert state.address(level) == dict(noise="gaussian", level="0.105", seed="3")
@@ -1674,6 +1681,36 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     again.run()
     assert not again.exception and [w.value for w in again.warning if "address" in w.value] == [
         f"Not used from the page's address (the page's own settings instead): lam, steps: {resnet} has no CSC layer."]
+
+
+def test_the_address_keeps_the_atoms_tabs_layers(app):
+    """The Atoms tab's deeper layer and the layers of 'what each layer sees' are part of the view a link shares (a
+    link opened on the first deeper layer and the default five); the default five are not written."""
+    from streamlit.testing.v1 import AppTest
+
+    from app import panels
+    at = app(tab="Atoms")
+    names = [r["name"] for r in at.session_state["view"].probe["layers"]]
+    assert at.query_params["atoms"] == names[1] and "sees" not in at.query_params  # the defaults
+    at.selectbox(key="atoms_layer").set_value(names[-1]).run()
+    at.multiselect(key="sees_layers").set_value([names[2], names[0]]).run()
+    ok(at)
+    link = dict(at.query_params)
+    assert link["atoms"] == names[-1] and link["sees"] == f"{names[2]},{names[0]}"
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(link)
+    again.run()
+    ok(again)
+    assert not any("address" in w.value for w in again.warning)
+    assert again.selectbox(key="atoms_layer").value == names[-1]
+    assert again.multiselect(key="sees_layers").value == [names[2], names[0]]
+    assert "deep_atoms_chart" in {c.key for c in again.get("plotly_chart")}
+    # Back to an address without them: the default layers seen again (the deeper layer, like 'layer', stays)
+    at.query_params.clear()
+    at.query_params.update({k: v for k, v in link.items() if k != "sees"})
+    at.run()
+    ok(at)
+    assert at.multiselect(key="sees_layers").value == panels._spread(names, 5) and "sees" not in at.query_params
 
 
 def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):
@@ -2271,6 +2308,7 @@ def test_concurrent_probes_on_one_model(calibrated_model):
 def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     """A ResNet (no CSC layer) shows predictions, attribution and export, no λ; an SDNet with shortcuts says why
     it cannot be decoded to pixels, and the rest works."""
+    from streamlit.testing.v1 import AppTest
     for name, arch, shortcut in (("resnet18-w8.pt", "resnet18", True), ("sdnet18-w8.pt", "sdnet18", True)):
         sdnet.save_checkpoint(tmp_path / name, calibrated_model(arch, 8, shortcut))
     monkeypatch.setenv("SDNET_CHECKPOINTS", str(tmp_path))
@@ -2293,6 +2331,13 @@ def test_other_architectures(app, calibrated_model, tmp_path, monkeypatch):
     at = app(ckpt="sdnet18-w8.pt", tab="Atoms")
     ok(at)
     assert any("without shortcuts" in i.value for i in at.info)
+    assert "atoms" not in at.query_params and "sees" not in at.query_params  # (its Atoms tab has no such choice)
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(dict(model="sdnet18-w8.pt", tab="Atoms", atoms="conv1", sees="conv1"))
+    again.run()
+    assert not again.exception and [w.value for w in again.warning if "address" in w.value] == [
+        "Not used from the page's address (the page's own settings instead): atoms, sees: sdnet18-w8.pt has "
+        "shortcuts (its Atoms tab shows the first layer's alone)."]
     assert [r["name"] for r in at.session_state["view"].probe["layers"]] == ["conv1"]
     assert any("No model card" in w.value for w in at.sidebar.warning)
     # its only CSC layer is the stem, which no shortcut bypasses: all zeros there, and any image gets this answer
