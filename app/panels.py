@@ -849,8 +849,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
         _chart(plots.across_depth(names, series("sparsity"), "Sparsity of z", "fraction of zeros", percent=True),
                key="sparsity_chart")
     table = pd.DataFrame({"layer": names, "λ": [r["lam"] for r in cur["layers"]],
-                          # text: a layer fed all zeros has none, and a NaN cell read "None" in the browser
-                          "relative residual": ["" if r["input_zero"] else f"{r['rel_residual']:.5f}"
+                          # text, right-aligned as the numbers: a layer fed all zeros has none, and a NaN cell
+                          # read "None" in the browser, whatever the style's na_rep
+                          "relative residual": ["undefined" if r["input_zero"] else f"{r['rel_residual']:.5f}"
                                                 for r in cur["layers"]],
                           "sparsity": [round(r["sparsity"], 4) for r in cur["layers"]],
                           # what FISTA minimises: more steps in conv1 lower its objective (334 -> 97 at 10) while the
@@ -859,7 +860,9 @@ def layers_panel(ctx: Context, view: state.View, lam_text: str) -> None:
                           "Lasso objective": [r["objective"] for r in cur["layers"]],
                           "code shape": [str(r["z"].shape) for r in cur["layers"]]})
     st.dataframe(table.style.format({"λ": "{:g}", "sparsity": "{:.1%}", "Lasso objective": "{:.4g}"}),
-                 column_config={"Lasso objective": st.column_config.NumberColumn(
+                 column_config={"relative residual": st.column_config.TextColumn(
+                     alignment="right", help=f"{RESIDUAL}: undefined where the layer's input is all zeros"),
+                     "Lasso objective": st.column_config.NumberColumn(
                      help="λ·||z||₁ + ½·||x − A(z)||², what the layer's FISTA steps minimise for its input x: "
                           "summed over the whole layer, so it grows with the layer's size; it compares two settings "
                           "only where the layer's input is the same in both (the first layer's is the image).")},

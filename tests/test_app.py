@@ -1009,9 +1009,9 @@ def image_captions(at) -> list[str]:
 
 
 def residual_column(at) -> list[float]:
-    """The table's relative residuals; NaN for a blank cell (a layer fed all zeros)."""
+    """The table's relative residuals; NaN for an 'undefined' cell (a layer fed all zeros)."""
     df = at.dataframe[0].value
-    return [float(v) if v != "" else np.nan for v in df["relative residual"]]
+    return [float(v) if v != "undefined" else np.nan for v in df["relative residual"]]
 
 
 def test_page_renders_and_lambda_changes_residuals(app):
@@ -1143,7 +1143,7 @@ def test_charts_have_the_short_toolbar_and_tile_charts_their_fitted_height(app):
 
 
 def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):
-    """At the largest λ deep layers get an all-zero input: their residual is undefined (blank in the table),
+    """At the largest λ deep layers get an all-zero input: their residual is undefined (said in the table),
     and the headline mean is over the other layers, not pulled towards 0 by them."""
     from app import state
     at = app()
@@ -1157,6 +1157,8 @@ def test_layers_fed_all_zeros_are_left_out_of_the_mean_residual(app):
     assert probe["mean_rel_residual"] == pytest.approx(sum(alive) / len(alive))
     column = residual_column(at)
     assert sum(pd.isna(v) for v in column) == len(dead)
+    # text (a NaN cell read "None" in the browser), right-aligned as the numbers beside it
+    assert json.loads(at.dataframe[0].proto.columns)["relative residual"]["alignment"] == "right"
     headline = " ".join(m.value for m in at.markdown if "Mean relative residual" in m.value)
     assert f"{probe['mean_rel_residual']:.4f}" in headline and f"{len(dead)} layer(s) fed all zeros left out" in headline
 
