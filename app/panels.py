@@ -203,8 +203,10 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     sb.header("Model")
     folder = state.checkpoint_dir()
     files = state.list_checkpoints(folder)
-    choice = sb.selectbox("Checkpoint", [p.name for p in files] + [OTHER_PATH], key="ckpt",
-                          help=f"The checkpoints in {folder} (set ${state.CHECKPOINTS_ENV} for another folder).")
+    labels = {p.name: state.checkpoint_label(p) for p in files}
+    choice = sb.selectbox("Checkpoint", [*labels, OTHER_PATH], key="ckpt", format_func=lambda n: labels.get(n, n),
+                          help=f"The checkpoints in {folder}, most accurate first, with their test accuracy and "
+                               f"epochs from their cards (set ${state.CHECKPOINTS_ENV} for another folder).")
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
         sb.caption("Not kept by a reload or a link of this page: its address names checkpoints in the folder only.")
@@ -471,7 +473,7 @@ def address_in(loaded: state.Loaded | None = None) -> None:
                                   and v not in options})
         ss.update(values)
     else:  # a ResNet: a link made on an SDNet, its model then switched, or edited
-        view = [k for k in ours if k in state.ADDRESS_VIEW or k.startswith(state.PER_LAYER)]
+        view = [k for k in ours if k in (*state.ADDRESS_VIEW, "tab") or k.startswith(state.PER_LAYER)]  # (no tabs)
         if view:
             left_out.append(f"{', '.join(view)}: {loaded.path.name} has no CSC layer")
     if left_out:
@@ -481,7 +483,7 @@ def address_in(loaded: state.Loaded | None = None) -> None:
 def address_out(ctx: Context) -> None:
     """The settings a reload or a link keeps (state.read_address) into the address bar, as they stand."""
     ss = st.session_state
-    values = {k: ss[k] for k in ("tab", "ckpt", "sample") if k in ss}
+    values = {k: ss[k] for k in ("tab", "ckpt", "sample") if k in ss and (k != "tab" or ctx.loaded.layer_names)}
     if ss.get("ckpt") == OTHER_PATH:  # a checkpoint given by its path is not kept (the sidebar says so)
         del values["ckpt"]
     if ss.get("source") != "Sample":  # nor is an upload

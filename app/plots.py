@@ -64,6 +64,7 @@ def text_width(text: str, size: float) -> float:
 
 
 LEGEND_LINE = 30  # characters: about 170 px, so an entry fits a half-width chart in an 800 px window
+LEGEND_LINE_PX = 16  # the height of a further line of a legend entry
 
 
 def legend_name(name: str) -> str:
@@ -106,11 +107,15 @@ def legend_name(name: str) -> str:
 def _figure(data: list[dict[str, Any]], height: int, title: str | None = None, **layout: Any) -> go.Figure:
     base = dict(height=height, margin=MARGIN, title=dict(TITLE, text=title), legend=LEGEND, font=FONT)
     if sum(1 for trace in data if trace.get("name") and trace.get("showlegend", True)) > 1:
-        # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row
-        base.update(height=height + 24, legend=dict(LEGEND, y=1 - TOOLBAR / (height + 24)))
         # an em space after each entry: side by side, one entry's text ran into the next one's ('2 steps—trained')
         data = [dict(trace, name=legend_name(trace["name"]) + "\u2003") if trace.get("name") else trace
                 for trace in data]
+        # the legend's rows under the toolbar's strip (and the title in it) push the plot down: room for one row,
+        # and for each further line of its tallest entry (with a two-line entry a one-class bar chart kept 15 px
+        # for its three bars, and their labels overprinted)
+        lines = max(trace["name"].count("<br>") + 1 for trace in data if trace.get("name"))
+        legend = 24 + LEGEND_LINE_PX * (lines - 1)
+        base.update(height=height + legend, legend=dict(LEGEND, y=1 - TOOLBAR / (height + legend)))
     return go.Figure(dict(data=data, layout=dict(base, **layout)))
 
 
@@ -131,7 +136,10 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
     end = min(1.0, top) * 1.2 + 0.02  # room for the labels outside the bars; no tick past 100% in it
     step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25) if end / s <= 6)
     ticks = [round(t * step, 2) for t in range(int(min(end, 1.0) / step + 1e-9) + 1)]
-    return _figure(bars, 90 + 14 * len(order) * len(series) + 8 * len(order), barmode="group",
+    # 14 px a bar and 8 a class, but at least 16 px a bar: the outside labels are 11 px text, and one class's bars
+    # overprinted theirs
+    bars_px = max(14 * len(order) * len(series) + 8 * len(order), 16 * len(series) + 8)
+    return _figure(bars, 90 + bars_px, barmode="group",
                    xaxis=dict(range=[0, end], tickvals=ticks, tickformat=".0%", title="probability"))
 
 
@@ -404,4 +412,4 @@ def lam_fit(fit: dict, residual: float, lam: float, noise: str) -> go.Figure:
                      hovertemplate="r=%{x:.4f} -> λ=%{y:.4g}<extra></extra>"))
     where = f"of {', '.join(fit['layers'])}" if fit.get("layers") else "over the CSC layers"
     return _figure(data, 320, f"λ(r), {noise} noise", xaxis=dict(title=f"relative residual r {where} at the trained λ"),
-                   yaxis=dict(title="λ"))
+                   yaxis=dict(title="best λ"))  # (a lone 'λ' turned on its side read as '<')

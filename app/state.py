@@ -92,6 +92,19 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(files, key=rank)
 
 
+def checkpoint_label(path: Path) -> str:
+    """A checkpoint as the sidebar lists it: its file name, and from its card its test accuracy and epochs (a file
+    named without its epochs, 'sdnet18_all-w16.pt', looked like the main model and had trained for 3). Short: the
+    sidebar's list shows about 37 characters ('... · 40 epochs, 86.1%' was cut after the 8)."""
+    card, _ = checked_card(sdnet.load_card(path))
+    card = card or {}
+    epochs = card.get("epochs")
+    facts = [f"{card['test_accuracy']:.0f}%" if "test_accuracy" in card else None,
+             f"{epochs} ep" if isinstance(epochs, int) and not isinstance(epochs, bool) else None]
+    facts = [f for f in facts if f]
+    return f"{path.name} · {', '.join(facts)}" if facts else path.name
+
+
 def cpu_threads() -> int:
     """Torch CPU threads per computation: $SDNET_APP_THREADS, default 1. A 32x32 trace is too small to
     gain from intra-op threads, and sessions already run in parallel (see bench/README.md)."""

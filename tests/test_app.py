@@ -582,6 +582,20 @@ def test_the_toolbar_has_a_strip_of_its_own():
     assert grid.layout.margin.t >= plots.TOOLBAR + plots.TITLE_MAX
 
 
+def test_one_classs_bars_have_room_for_their_labels_under_a_two_line_legend():
+    """At top-k 1 the three bars of one class got 15 px under a legend with a two-line entry ('SDNet as trained' over
+    '(λ=0.1, 2 steps)'), and their 11 px labels overprinted: the legend's further lines are made room for, and the
+    bars get at least 16 px each."""
+    from app import plots
+    probs = np.array([0.1, 0.2, 0.3, 0.4])
+    series = [("SDNet at λ=0.1, 2 steps", "current", probs), ("SDNet as trained (λ=0.1, 2 steps)", "trained", probs),
+              ("ResNet baseline", "resnet", probs)]
+    one, two = plots.predictions(list("abcd"), series, 1), plots.predictions(list("abcd"), series[:1] * 2, 1)
+    assert one.layout.height - two.layout.height >= plots.LEGEND_LINE_PX + 16  # a legend line more, a bar more
+    assert one.layout.height - 90 - 24 - plots.LEGEND_LINE_PX >= 16 * 3
+    assert (1 - one.layout.legend.y) * one.layout.height == pytest.approx(plots.TOOLBAR)
+
+
 def test_long_legend_entries_wrap_and_layer_names_stand_upright():
     """At 800 px 'λ=0.1 (layer2.0.conv1 0.15, layer3.1.conv2 0.15), 5 steps in conv1' ran off the legend's left edge
     (plotly does not wrap legend text), and the residual chart's 17 layer names, at 45 degrees, ran into each other."""
@@ -1677,12 +1691,14 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     assert at.session_state["view"].settings["lam"]["per_layer"] == {}
     assert at.session_state["view"].settings["corruption"]["severity"] == 2
     # a ResNet named in a link that also gives λ: said, not dropped silently
-    resnet = next(n for n in at.selectbox(key="ckpt").options if n.startswith("resnet"))
+    resnet = next(n for n in at.selectbox(key="ckpt").options if n.startswith("resnet")).split(" · ")[0]  # (its label)
     again = AppTest.from_file(APP, default_timeout=180)
-    again.query_params.update(dict(model=resnet, lam="0.5", steps="3"))
+    again.query_params.update(dict(model=resnet, lam="0.5", steps="3", tab="Atoms"))
     again.run()
     assert not again.exception and [w.value for w in again.warning if "address" in w.value] == [
-        f"Not used from the page's address (the page's own settings instead): lam, steps: {resnet} has no CSC layer."]
+        "Not used from the page's address (the page's own settings instead): lam, steps, tab: "
+        f"{resnet} has no CSC layer."]
+    assert "tab" not in again.query_params  # (its page has no tabs)
 
 
 def test_the_address_keeps_the_atoms_tabs_layers(app):
@@ -2101,6 +2117,13 @@ def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
         "sdnet18_all-w16-b.pt", "sdnet18_all-w16-a.pt", "sdnet18_all-w16-nan.pt", "sdnet18_all-w16.pt",
         "resnet18-w16.pt", "sdnet18-w16.pt", "broken.pt"]
     assert state.list_checkpoints(tmp_path / "missing") == []
+    # the sidebar lists each with its epochs and accuracy, as its card gives them ('sdnet18_all-w16.pt' had trained
+    # for 3 epochs and looked like the main model); what a card lacks or has of the wrong kind is left out
+    sdnet.write_card(tmp_path / "sdnet18_all-w16.pt", {"epochs": 3, "test_accuracy": 54.23})
+    sdnet.write_card(tmp_path / "sdnet18-w16.pt", {"epochs": 1, "test_accuracy": "88%"})
+    labels = [state.checkpoint_label(tmp_path / n) for n in ("sdnet18_all-w16.pt", "sdnet18-w16.pt",
+                                                             "sdnet18_all-w16-nan.pt", "broken.pt")]
+    assert labels == ["sdnet18_all-w16.pt · 54%, 3 ep", "sdnet18-w16.pt · 1 ep", "sdnet18_all-w16-nan.pt", "broken.pt"]
 
 
 def test_the_baseline_is_a_resnet_of_the_same_width_or_none(tmp_path):
