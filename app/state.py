@@ -394,10 +394,10 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 # --- the view's address ---------------------------------------------------------------------------
 # What a reload, a shared link or the browser's Back keeps (?model=...&lam=0.5&lam.conv1=0.25&tab=Atoms): the
 # checkpoint from the folder, the sample, the noise at a severity or a level and its seed, λ for all layers and
-# per layer, FISTA steps, the tab and the chosen layer. Not an upload or a checkpoint given by its path.
+# per layer, FISTA steps, the tab, the chosen layer and, for a model without shortcuts, the Atoms tab's deeper layer
+# ('atoms') and the layers of its "what each layer sees" ('sees'). Not an upload or a checkpoint given by its path.
 ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "level", "seed", "tab")
-ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer", "atoms", "sees")  # (the Atoms tab's two for models
-#   without shortcuts: its deeper layer, and the layers of "what each layer sees")
+ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer", "atoms", "sees")
 PER_LAYER = "lam."  # + a layer's name: its own λ ('lam.conv1=0.25')
 PER_LAYER_KEY = "lam_layer:"  # + a layer's name: its own λ's widget
 STRENGTHS = ("Severity 1-5", "Continuous level")  # the noise's two kinds of strength (its widget's options)
