@@ -2117,7 +2117,7 @@ def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
         "sdnet18_all-w16-b.pt", "sdnet18_all-w16-a.pt", "sdnet18_all-w16-nan.pt", "sdnet18_all-w16.pt",
         "resnet18-w16.pt", "sdnet18-w16.pt", "broken.pt"]
     assert state.list_checkpoints(tmp_path / "missing") == []
-    # the sidebar lists each with its epochs and accuracy, as its card gives them ('sdnet18_all-w16.pt' had trained
+    # the sidebar lists each with its accuracy and epochs, as its card gives them ('sdnet18_all-w16.pt' had trained
     # for 3 epochs and looked like the main model); what a card lacks or has of the wrong kind is left out
     sdnet.write_card(tmp_path / "sdnet18_all-w16.pt", {"epochs": 3, "test_accuracy": 54.23})
     sdnet.write_card(tmp_path / "sdnet18-w16.pt", {"epochs": 1, "test_accuracy": "88%"})
