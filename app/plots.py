@@ -30,7 +30,7 @@ NARROW = 468  # ...and in an 800 px window, the narrowest the page is laid out f
 # A tile chart's colour bar in a right margin of its own, its title along it: plotly widened the margin for a title
 # on top ('l2 norm over channels'), narrowing the tiles below the width their chart's height was fitted to
 COLORBAR = 84
-TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
+TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4, nticks=4)
 # The charts' text in fonts the system has, not the page's web font (Source Sans): a chart's camera PNG is drawn from
 # its SVG where web fonts are not loaded, in the system's sans-serif, wider than the layout measured in Source Sans,
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
@@ -337,7 +337,7 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
     One heatmap trace of the tiled channels (fast to build and to draw, however many tiles)."""
     n, (h, w) = len(channels), z.shape[1:]
     ncols = min(ncols, n)
-    py, px = max(3, h // 3), max(1, w // 16)
+    py, px = max(3, h // 2), max(1, w // 16)
 
     def tiled(a: np.ndarray) -> np.ndarray:
         return images.tile_grid(a, ncols, (py, px), fill=np.nan)
@@ -356,7 +356,7 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
                 hovertemplate="channel %{customdata[0]} (Σ|z| %{customdata[1]:,.12~g}; x=%{customdata[2]}, "
                               "y=%{customdata[3]})<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window
-    return _tiled([heat], n, ncols, h, w, py, px, usage_titles(channels, activity), 110 / (h + py))
+    return _tiled([heat], n, ncols, h, w, py, px, usage_titles(channels, activity), 126 / (h + py))
 
 
 def tiles(pictures: np.ndarray, titles: list[str], ncols: int = 8, height_per_row: int = 110) -> go.Figure:

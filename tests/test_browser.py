@@ -243,6 +243,22 @@ def meet(r: dict, q: dict) -> bool:
     return r["left"] < q["right"] and q["left"] < r["right"] and r["top"] < q["bottom"] and q["top"] < r["bottom"]
 
 
+# A tile chart's colour bar's tick labels, and for each shown title below the first row [text, its top, the bottom of
+# the tiles above it] in px. The tiles' rows are found from the titles' trace (a row's step) and the picture's height
+# (rows times the step less one gap: the y axis's range); a title's y is its tile's top in data units.
+TILE_GAPS = """(key) => {
+    const SHOWN = """ + SHOWN + """;
+    const root = document.querySelector(`.st-key-${key}`), g = root.querySelector('.js-plotly-plot');
+    const titles = g.data.filter(t => t.type === 'scatter')[0], ys = titles.y;
+    const ya = g._fullLayout.yaxis, step = ys.find(y => y > ys[0]) - ys[0], rows = new Set(ys).size;
+    const gap = rows * step - (ya.range[0] + 0.5), svg = root.querySelector('.main-svg');
+    const top = svg.getBoundingClientRect().top + g._fullLayout._size.t;
+    return {ticks: [...root.querySelectorAll('.cbaxis text')].map(e => [e.textContent, e.getBoundingClientRect().toJSON()]),
+            below: rows < 2 ? [] : [...root.querySelectorAll('.textpoint text')].filter(SHOWN).flatMap(e => {
+                const y = ys[[...e.closest('.trace').querySelectorAll('.textpoint text')].indexOf(e)];
+                return y > ys[0] ? [[e.textContent, e.getBoundingClientRect().top, top + ya.l2p(y - gap)]] : []; })}; }"""
+
+
 def check_chart(page, key: str, tiles: bool = False) -> None:
     """The toolbar (the camera and fullscreen only; a tile chart, whose square pixels the screen's shape would
     stretch, the camera) covers none of the chart's labels, its titles are whole and apart, and a tile chart's picture
@@ -269,6 +285,15 @@ def check_chart(page, key: str, tiles: bool = False) -> None:
         # ...nor left or right of them: the chart is as wide as its tiles (their pixels square by its size alone)
         left, right = picture["left"] - chart["left"], chart["right"] - picture["right"]
         assert left <= plots.MARGIN["l"] + 1.5 and right <= plots.COLORBAR + 1.5, (key, left, right)
+    if tiles:  # in a phone's window a code map's colour bar wrote 0, 0.05, ..., 0.2 into each other, and the second
+        # row's titles sat on the tiles above them
+        gaps = page.evaluate(TILE_GAPS, key)
+        ticks = [(a, b) for i, (a, r) in enumerate(gaps["ticks"]) for b, q in gaps["ticks"][i + 1:]
+                 if r["top"] < q["bottom"] + 2 and q["top"] < r["bottom"] + 2]
+        # (a title's box is its font's line: its glyphs start lower, so it may reach 1 px into the tiles above; at
+        # 390 px the old code maps' reached 2.3 px, their glyphs on the tiles)
+        crowded = [(text, round(above - top, 1)) for text, top, above in gaps["below"] if top < above - 1]
+        assert ticks == [] and crowded == [], (key, ticks, crowded)
 
 
 def camera_png(page, key: str) -> tuple[str, np.ndarray]:
