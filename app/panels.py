@@ -456,26 +456,34 @@ def address_in(loaded: state.Loaded | None = None) -> None:
     if loaded.layer_names:
         deep = _deep_atoms(loaded)
         if not deep:  # the Atoms tab's deeper layers are for models without shortcuts
-            shown = [k for k in ("atoms", "sees") if k in ours]
+            shown = [k for k in ("atoms", "atoms_shown", "sees") if k in ours]
             if shown:
                 left_out.append(f"{', '.join(shown)}: {loaded.path.name} has shortcuts (its Atoms tab shows the "
                                 "first layer's alone)")
             ours = {k: v for k, v in ours.items() if k not in shown}
         values, view_left_out = state.read_address(ours, layers=loaded.layer_names,
-                                                   max_steps=max(20, loaded.trained_steps))
+                                                   max_steps=max(20, loaded.trained_steps),
+                                                   classes=len(loaded.classes),
+                                                   channels=max(loaded.code_channels.values()))
         left_out += view_left_out
-        if back:  # ...nor 'in conv1 only', layers with their own λ, or other layers seen than the default's
-            values = {"steps_first": False, "lam_layers": [],
-                      **({"sees_layers": _spread(loaded.layer_names, 5)} if deep else {}), **values}
+        if back:  # ...nor 'in conv1 only', layers with their own λ, other counts shown or layers seen than the
+            # defaults (the panels show at most the layer's channels)
+            values = {"steps_first": False, "lam_layers": [], "topk": min(state.TOP_K, len(loaded.classes)),
+                      "n_codes": state.SHOWN, **({"sees_layers": _spread(loaded.layer_names, 5),
+                                                  "n_atoms": state.SHOWN} if deep else {}), **values}
         options = state.lam_options(loaded.trained_lams)
         # the sliders offer a λ off their grid, as they do an Auto λ
         ss["lam_extra"] = sorted({v for k, v in values.items() if (k == "lam" or k.startswith(_per_layer_key("")))
                                   and v not in options})
         ss.update(values)
-    else:  # a ResNet: a link made on an SDNet, its model then switched, or edited
-        view = [k for k in ours if k in (*state.ADDRESS_VIEW, "tab") or k.startswith(state.PER_LAYER)]  # (no tabs)
-        if view:
+    else:  # a ResNet: a link made on an SDNet, its model then switched, or edited; its one setting is top-k
+        view = [k for k in ours if k in (*state.ADDRESS_VIEW, "tab") and k != "topk" or k.startswith(state.PER_LAYER)]
+        if view:  # (no tabs)
             left_out.append(f"{', '.join(view)}: {loaded.path.name} has no CSC layer")
+        values, top_left_out = state.read_address({k: v for k, v in ours.items() if k == "topk"}, layers=[],
+                                                  classes=len(loaded.classes))
+        left_out += top_left_out
+        ss.update(values if values or not back else {"topk": min(state.TOP_K, len(loaded.classes))})
     if left_out:
         st.warning("Not used from the page's address (the page's own settings instead): " + "; ".join(left_out) + ".")
 
@@ -495,14 +503,24 @@ def address_out(ctx: Context) -> None:
             values["severity"] = ctx.corruption["severity"]
         else:
             values.update(noise_mode=STRENGTHS[1], **{f"level_{kind}": ctx.corruption["severity"]})
+    # how many are shown, where it is not the default (state.SHOWN, TOP_K, or all where there are fewer): a shorter
+    # address
+    channels = ctx.loaded.code_channels
+    defaults = dict(topk=min(state.TOP_K, len(ctx.loaded.classes)),
+                    n_codes=min(state.SHOWN, channels.get(ss.get("layer"), 0)),
+                    n_atoms=min(state.SHOWN, channels.get(ss.get("atoms_layer"), 0)))
+    values.update({k: ss[k] for k in ("topk",) if k in ss})
     if ctx.loaded.layer_names:
-        values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer", "lam_layers") if k in ss})
+        values.update({k: ss[k] for k in ("lam", "n_steps", "steps_first", "layer", "lam_layers", "n_codes") if k in ss})
         values.update({_per_layer_key(name): ss[_per_layer_key(name)] for name in ss.get("lam_layers", [])
                        if _per_layer_key(name) in ss})
     if _deep_atoms(ctx.loaded):
-        values.update({k: ss[k] for k in ("atoms_layer", "sees_layers") if k in ss})
+        values.update({k: ss[k] for k in ("atoms_layer", "n_atoms", "sees_layers") if k in ss})
         if values.get("sees_layers") == _spread(ctx.loaded.layer_names, 5):  # the default: a shorter address
             del values["sees_layers"]
+    for k, default in defaults.items():
+        if values.get(k) == default:
+            del values[k]
     wanted = state.address(values)
     ss["address_written"] = wanted
     if st.query_params.to_dict() != wanted:
@@ -685,7 +703,7 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         series.append((f"ResNet baseline ({ctx.baseline.path.name})", "resnet", resnet["probs"]))
     left, right = st.columns([3, 2])
     with right:
-        _default("topk", min(5, len(classes)))
+        _default("topk", min(state.TOP_K, len(classes)))
         k = st.slider("Top-k classes of each prediction", 1, len(classes), key="topk",
                       help="The chart shows the k most likely classes of every prediction compared, so it can list "
                            "more than k classes.")
@@ -779,7 +797,7 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                           trained=trained, attributions=attrs)
     rec = state.layer_record(cur, layer)
     channels = rec["z"].shape[0]
-    st.session_state["n_codes"] = min(_default("n_codes", min(16, channels)), channels)
+    st.session_state["n_codes"] = min(_default("n_codes", state.SHOWN), channels)
     _, top = _ranked(rec["z"], st.session_state["n_codes"])
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
@@ -821,7 +839,7 @@ def _atoms_tab_pngs(ctx: Context, cur: dict, spec: state.LamSpec, n_steps: state
     deep = _default("atoms_layer", (names[1:] or names)[0])
     drec = state.layer_record(cur, deep)
     if drec is not None:
-        usage, order = _ranked(drec["z"], st.session_state.get("n_atoms", min(16, drec["z"].shape[0])))
+        usage, order = _ranked(drec["z"], st.session_state.get("n_atoms", state.SHOWN))
         makers[f"{state.file_stem('atoms', deep)}.png"] = lambda: state.deep_atoms_png(
             loaded.model, loaded.key, deep, tuple(drec["z"].shape), order, usage, settings)
     return makers
@@ -1019,7 +1037,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     deep = c1.selectbox("Layer", names[1:] or names, key="atoms_layer")
     drec = state.layer_record(cur, deep)
     channels = drec["z"].shape[0]
-    st.session_state["n_atoms"] = min(_default("n_atoms", min(16, channels)), channels)
+    st.session_state["n_atoms"] = min(_default("n_atoms", state.SHOWN), channels)
     n = c2.slider("Atoms shown (most used first)", 1, channels, key="n_atoms")
     pix = state.pixel_atoms(loaded.model, loaded.key, deep, tuple(drec["z"].shape))
     dusage, dorder = _ranked(drec["z"], n)

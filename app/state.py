@@ -148,6 +148,11 @@ class Loaded:
         return [n for n, _ in sdnet.csc_layers(self.model)]
 
     @property
+    def code_channels(self) -> dict[str, int]:
+        """Each CSC layer's code channels (its dictionary's atoms)."""
+        return {n: layer.out_channels for n, layer in sdnet.csc_layers(self.model)}
+
+    @property
     def trained_lams(self) -> dict[str, float]:
         return {n: layer.lam for n, layer in sdnet.csc_layers(self.model)}
 
@@ -394,10 +399,14 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 # --- the view's address ---------------------------------------------------------------------------
 # What a reload, a shared link or the browser's Back keeps (?model=...&lam=0.5&lam.conv1=0.25&tab=Atoms): the
 # checkpoint from the folder, the sample, the noise at a severity or a level and its seed, λ for all layers and
-# per layer, FISTA steps, the tab, the chosen layer and, for a model without shortcuts, the Atoms tab's deeper layer
-# ('atoms') and the layers of its "what each layer sees" ('sees'). Not an upload or a checkpoint given by its path.
+# per layer, FISTA steps, the predictions' top-k, the tab, the chosen layer and its code channels shown and, for a
+# model without shortcuts, the Atoms tab's deeper layer ('atoms'), its atoms shown and the layers of its "what each
+# layer sees" ('sees'). Not an upload or a checkpoint given by its path. How many are shown ('topk', 'codes_shown',
+# 'atoms_shown') is written only where it is not the page's default (SHOWN, TOP_K): a shorter address.
 ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "level", "seed", "tab")
-ADDRESS_VIEW = ("lam", "steps", "steps_first", "layer", "atoms", "sees")
+ADDRESS_VIEW = ("lam", "steps", "steps_first", "topk", "layer", "codes_shown", "atoms", "atoms_shown", "sees")
+SHOWN = 16  # code channels and deeper atoms shown at first (or all, where a layer has fewer)
+TOP_K = 5  # classes of each prediction charted at first (or all, where there are fewer)
 PER_LAYER = "lam."  # + a layer's name: its own λ ('lam.conv1=0.25')
 PER_LAYER_KEY = "lam_layer:"  # + a layer's name: its own λ's widget
 STRENGTHS = ("Severity 1-5", "Continuous level")  # the noise's two kinds of strength (its widget's options)
@@ -437,10 +446,11 @@ def _some_of(texts: Sequence[str], choices: Sequence[str], what: str) -> list[st
 
 def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), samples: Sequence[str] = (),
                  tabs: Sequence[str] = (), layers: Sequence[str] | None = None,
-                 max_steps: int = 20) -> tuple[dict[str, Any], list[str]]:
+                 max_steps: int = 20, classes: int = 10, channels: int = 4096) -> tuple[dict[str, Any], list[str]]:
     """The address's settings as the widgets' state (key -> value), and each one left out with why ('lam=abc: not a
     number'). Without `layers` the sidebar's and the tab (ADDRESS_SIDEBAR), read before the checkpoint loads; with
-    them the view's (ADDRESS_VIEW and per-layer λ), read after it has, at its trained settings."""
+    them the view's (ADDRESS_VIEW and per-layer λ), read after it has, at its trained settings; `classes` and
+    `channels` (its layers' most code channels) bound top-k and how many channels are shown."""
     def lam(text: str) -> float:
         return _within(text, LAM_GRID[0], LAM_GRID[-1], "the slider's")
 
@@ -461,8 +471,11 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
         lam=lambda t: {"lam": lam(t)},
         steps=lambda t: {"n_steps": _whole(t, 1, max_steps)},
         steps_first=lambda t: {"steps_first": bool(_whole(t, 0, 1))},
+        topk=lambda t: {"topk": _whole(t, 1, classes)},
         layer=lambda t: {"layer": _one_of(t, layers, "CSC layer")},
+        codes_shown=lambda t: {"n_codes": _whole(t, 1, channels)},
         atoms=lambda t: {"atoms_layer": _one_of(t, layers[1:] or layers, "deeper CSC layer")},
+        atoms_shown=lambda t: {"n_atoms": _whole(t, 1, channels)},
         sees=lambda t: {"sees_layers": _some_of(t.split(","), layers, "CSC layer")},
         **{name: (lambda t, n=name: {PER_LAYER_KEY + _one_of(n[len(PER_LAYER):], layers, "CSC layer"): lam(t)})
            for name in params if name.startswith(PER_LAYER)}))
@@ -501,9 +514,9 @@ def address(values: Mapping[str, Any]) -> dict[str, str]:
         out["steps"] = str(values["n_steps"])
     if values.get("steps_first"):  # (off unless said)
         out["steps_first"] = "1"
-    out.update({k: str(values[k]) for k in ("tab", "layer") if k in values})
-    if "atoms_layer" in values:
-        out["atoms"] = values["atoms_layer"]
+    out.update({name: str(values[k]) for k, name in (("topk", "topk"), ("tab", "tab"), ("layer", "layer"),
+                                                     ("n_codes", "codes_shown"), ("atoms_layer", "atoms"),
+                                                     ("n_atoms", "atoms_shown")) if k in values})
     if "sees_layers" in values:
         out["sees"] = ",".join(values["sees_layers"])
     return out

@@ -1588,6 +1588,15 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
     assert atoms == (dict(atoms_layer="layer1.0.conv2", sees_layers=["layer1.0.conv2", "conv1"]), [])
     assert state.address(atoms[0]) == dict(atoms="layer1.0.conv2", sees="layer1.0.conv2,conv1")
     assert state.read_address(dict(sees=""), layers=layers)[0] == dict(sees_layers=[])
+    # how many are shown: top-k within the classes, code channels and deeper atoms within the layers' channels
+    counts = state.read_address(dict(topk="3", codes_shown="24", atoms_shown="64"), layers=layers, classes=10,
+                                channels=64)
+    assert counts == (dict(topk=3, n_codes=24, n_atoms=64), [])
+    assert state.address(counts[0]) == dict(topk="3", codes_shown="24", atoms_shown="64")
+    assert state.read_address(dict(topk="11", codes_shown="0", atoms_shown="65"), layers=layers, classes=10,
+                              channels=64) == ({}, ["topk=11: not a whole number from 1 to 10",
+                                                    "codes_shown=0: not a whole number from 1 to 64",
+                                                    "atoms_shown=65: not a whole number from 1 to 64"])
     assert state.read_address(dict(atoms="conv1", sees="conv1,conv9,x"), layers=layers) == ({}, [
         "atoms=conv1: no deeper CSC layer of that name", "sees=conv1,conv9,x: no CSC layer named conv9, x"])
     # a continuous level, in its noise's range (a link opened c=0.105 at the slider's default 0.08)
@@ -1729,6 +1738,46 @@ def test_the_address_keeps_the_atoms_tabs_layers(app):
     at.run()
     ok(at)
     assert at.multiselect(key="sees_layers").value == panels._spread(names, 5) and "sees" not in at.query_params
+
+
+def test_the_address_keeps_how_many_are_shown(app, checkpoint_dir):
+    """Top-k, the code channels shown and the deeper atoms shown are part of the view a link shares (a link opened on
+    5, 16 and 16 whatever its sender saw); each is written only where it is not the default, and Back to an address
+    without one restores the default."""
+    from streamlit.testing.v1 import AppTest
+    at = app()
+    assert not {"topk", "codes_shown", "atoms_shown"} & set(at.query_params)  # the defaults
+    at.slider(key="topk").set_value(2).run()
+    at.slider(key="n_codes").set_value(7).run()
+    at.session_state["tab"] = "Atoms"
+    at.run()
+    at.slider(key="n_atoms").set_value(9).run()
+    ok(at)
+    link = dict(at.query_params)
+    assert {k: link[k] for k in ("topk", "codes_shown", "atoms_shown")} == dict(topk="2", codes_shown="7",
+                                                                                 atoms_shown="9")
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(link)
+    again.run()
+    ok(again)
+    assert not any("address" in w.value for w in again.warning)
+    assert [again.slider(key=k).value for k in ("topk", "n_atoms")] == [2, 9]
+    assert again.session_state["n_codes"] == 7 and len(again.session_state["view"].top_channels) == 7
+    # Back to an address without them: the defaults again, and none written
+    at.query_params.clear()
+    at.query_params.update({k: v for k, v in link.items() if k not in ("topk", "codes_shown", "atoms_shown")})
+    at.run()
+    ok(at)
+    assert [at.slider(key=k).value for k in ("topk", "n_atoms")] == [5, 16] and at.session_state["n_codes"] == 16
+    assert not {"topk", "codes_shown", "atoms_shown"} & set(at.query_params)
+    # a ResNet keeps its top-k, and names the counts it has no use for
+    resnet = _resnet_name(checkpoint_dir)
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(dict(model=resnet, topk="3", codes_shown="7"))
+    again.run()
+    assert not again.exception and again.slider(key="topk").value == 3 and again.query_params["topk"] == "3"
+    assert [w.value for w in again.warning if "address" in w.value] == [
+        f"Not used from the page's address (the page's own settings instead): codes_shown: {resnet} has no CSC layer."]
 
 
 def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app, checkpoint_dir, tmp_path):
