@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .csc import STEP_SIZE_RULES, csc_layers, load_power_states, power_states, step_size_rules
+from .csc import STEP_SIZE_RULES, csc_layers, fft_bound, load_power_states, power_states, step_size_rules
 from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
@@ -161,9 +161,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     state = {k: (v.detach().half() if half and v.is_floating_point() and k not in exact else v.detach()).cpu()
              for k, v in model.state_dict().items()}
     # the warm vector only starts a later refresh, so float16 will do; L itself stays exact
-    power = {name: {k: (v.half() if half and k == "vec" else v).detach().cpu() for k, v in st.items()}
-             for name, st in power_states(model, current_only=True).items()}
-    atomic_save({"format": FORMAT, "version": VERSION, "config": dict(config),
+    def stored(st: dict) -> dict:
+        return {k: [stored(a) for a in v] if k == "aside" else (v.half() if half and k == "vec" else v).detach().cpu()
+                for k, v in st.items()}
+    power = {name: stored(st) for name, st in power_states(model, current_only=True).items()}
+    atomic_save({"format": FORMAT, "version": VERSION, "config": _plain(dict(config), "config"),
                  "meta": dict(meta), "state_dict": state, "power": power,
                  "step_sizes": step_size_rules(model)}, path)
 
@@ -193,8 +195,14 @@ def _classes_problem(classes: Any, outputs: Any) -> str | None:
     return f"its class names do not fit the model, which predicts {outputs} classes (classes: {str(classes)[:120]})"
 
 
-def _check_power_state(name: str, st: Any) -> None:
-    """Raise ValueError unless `st` looks like CSCLayer.power_state(): a stored L must be a usable step."""
+def _check_power_state(name: str, st: Any, aside: bool = False) -> None:
+    """Raise ValueError unless `st` looks like CSCLayer.power_state() (or, `aside`, one of its other input sizes'
+    entries): a stored L must be a usable step."""
+    others = st.get("aside", []) if isinstance(st, dict) and not aside else []
+    if not isinstance(others, list):
+        raise ValueError(f"step-size state of {name} has other sizes that are not a list")
+    for other in others:
+        _check_power_state(name, other, aside=True)
     if not isinstance(st, dict) or not all(isinstance(st.get(k), torch.Tensor) for k in ("lipschitz", "spatial")) \
             or not isinstance(st.get("vec", torch.empty(0)), torch.Tensor):  # (no warm vector with the FFT bound)
         raise ValueError(f"step-size state of {name} is not a dictionary of tensors")
@@ -211,24 +219,38 @@ def _check_step_sizes(model: nn.Module, power: dict) -> None:
     gave logits of 1e10): under ||A v||^2 / ||v||^2 for the stored warm vector v (a lower bound of ||A||^2; one
     product); stored without one, for a layer with the FFT bound, under that bound of the loaded dictionary by more
     than a half-precision file's rounding can explain (that layer then solves with the larger of the two: the bound
-    has no margin), for a Lanczos layer under a 10-product estimate (a lower bound too)."""
+    has no margin), for a Lanczos layer under a 10-product estimate (a lower bound too). Each input size stored
+    for a layer (its other sizes' too) is checked."""
     for name, layer in csc_layers(model):
         if name not in power:
             continue
-        L, spatial, v = float(layer._lipschitz), tuple(power[name]["spatial"].tolist()), power[name].get("vec")
-        with torch.no_grad():
-            if v is not None:  # (a format 1 file's image layer too: it keeps the L it was evaluated with)
-                v = v.float().to(layer.weight.device)
-                below, what, slack = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
-                    "||A v||^2 / ||v||^2 for its own stored vector v, a lower bound of ||A||^2", 1e-3
-            elif layer.step_size == "fft":
-                below, what, slack = float(layer.certify_step_size()), "the FFT bound of its dictionary", 1e-2
-            else:
-                below, what, slack = float(layer.lipschitz(spatial, iters=10)) / layer.power_margin, \
-                    "a 10-product estimate, a lower bound of ||A||^2", 1e-3
-        if not L >= below * (1 - slack):
-            raise ValueError(f"the stored step size of {name} is too long: L = {L:.4g} is under {what}, {below:.4g} "
-                             "(an edited file?)")
+        kept = layer.__dict__.get("_other_sizes", {})
+        sizes = [(None, power[name])] + [(tuple(st["spatial"].tolist()), st) for st in power[name].get("aside", [])]
+        for aside, st in sizes:
+            if aside is not None and aside not in kept:  # (a size stored twice: the later one is kept)
+                continue
+            spatial, v = tuple(st["spatial"].tolist()), st.get("vec")
+            L = float(layer._lipschitz if aside is None else kept[aside][1])
+            with torch.no_grad():
+                if v is not None and (aside is None or layer.step_size != "fft"):
+                    # (a format 1 file's image layer too: it keeps the L it was evaluated with)
+                    v = v.float().to(layer.weight.device)
+                    below, what, slack = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
+                        "||A v||^2 / ||v||^2 for its own stored vector v, a lower bound of ||A||^2", 1e-3
+                elif layer.step_size == "fft":
+                    if aside is None:
+                        bound = layer.certify_step_size()
+                    else:  # as certify_step_size does for the current size
+                        bound = fft_bound(layer.weight, layer.stride, layer.padding, spatial)
+                        vec, L_kept, key, fp = kept[aside]
+                        kept[aside] = (vec, torch.maximum(L_kept, bound.to(L_kept.device)), key, fp)
+                    below, what, slack = float(bound), "the FFT bound of its dictionary", 1e-2
+                else:
+                    below, what, slack = float(layer.lipschitz(spatial, iters=10)) / layer.power_margin, \
+                        "a 10-product estimate, a lower bound of ||A||^2", 1e-3
+            if not L >= below * (1 - slack):
+                raise ValueError(f"the stored step size of {name}{'' if aside is None else f' for {aside}'} is too "
+                                 f"long: L = {L:.4g} is under {what}, {below:.4g} (an edited file?)")
 
 
 def _restore_step_size_rules(model: nn.Module, rules: Any) -> None:
@@ -298,9 +320,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         for name, st in power.items():
             _check_power_state(name, st)
         # a step size for inputs over MAX_STORED_SIDE is left out: estimated afresh when the model meets that size
-        power = {name: st for name, st in power.items() if max(st["spatial"].tolist()) <= MAX_STORED_SIDE}
-        load_power_states(model, {name: {k: v.float() if k == "vec" else v for k, v in st.items()}
-                                  for name, st in power.items()})
+        def small(st: dict) -> bool:
+            return max(st["spatial"].tolist()) <= MAX_STORED_SIDE
+
+        def loaded(st: dict) -> dict:
+            return {k: [loaded(a) for a in v if small(a)] if k == "aside" else v.float() if k == "vec" else v
+                    for k, v in st.items()}
+        power = {name: loaded(st) for name, st in power.items() if small(st)}
+        load_power_states(model, power)
         _check_step_sizes(model, power)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None

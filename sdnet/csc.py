@@ -99,7 +99,7 @@ def _check_lam(value: float, where: str) -> float:
 def _check_steps(value, where: str) -> int:
     try:
         ok = not isinstance(value, bool) and int(value) == value and 1 <= int(value) <= 1000
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (int(inf): a card's "n_steps": Infinity, which json reads)
         ok = False
     if not ok:
         raise ValueError(f"n_steps for {where} must be an integer in [1, 1000], got {value!r}")
@@ -152,10 +152,13 @@ class CSCLayer(nn.Module):
                  non_negative: bool = True, power_iters: int = 2, power_margin: float = 1.05,
                  step_size: str = "auto"):
         super().__init__()
-        if isinstance(kernel_size, (tuple, list)):  # nn.Conv2d's (k, k) form; only square kernels here
-            if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
-                raise ValueError(f"kernel_size must be one odd number or (k, k), got {kernel_size}")
-            kernel_size = kernel_size[0]
+        def one(value, what: str):  # nn.Conv2d's (n, n) form of a number; only the same one both ways here
+            if isinstance(value, (tuple, list)):
+                if len(value) != 2 or value[0] != value[1]:
+                    raise ValueError(f"{what} must be one number or ({what[0]}, {what[0]}), got {value}")
+                return value[0]
+            return value
+        kernel_size, stride, padding = one(kernel_size, "kernel_size"), one(stride, "stride"), one(padding, "padding")
         if isinstance(padding, str):  # nn.Conv2d's names for the two paddings it means
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be a number, 'same' or 'valid', got {padding!r}")
@@ -247,6 +250,8 @@ class CSCLayer(nn.Module):
             v = self._power_vec
             cold = v is None or v.shape != shape
             if iters is None and not cold:
+                # (another input size with the same code shape, stride 2's 31 and 32: keep the current one's L)
+                self._set_aside()
                 _warm_refresh([(tuple(spatial), [self])])
                 return self._lipschitz
             if cold:
@@ -315,7 +320,10 @@ class CSCLayer(nn.Module):
         with _POWER_LOCK:
             # carried over only if current by content too: a move must not launder a write the counter missed
             current = self.step_size_is_current() and self._content_unchanged()
-            self._other_sizes = {}  # other sizes' step sizes are estimated again where the weights now are
+            # other sizes' step sizes too, on a move (a no-op .to() lost a loaded checkpoint's, set aside after a
+            # call at another size); after a cast they are estimated again
+            aside = self._current_aside() if current else []
+            self._other_sizes = {}
             _KEPT.pop(self, None)  # buffers on the old device
             _BOUND_GRAPHS.pop(self, None)
             out = super()._apply(fn, *args, **kwargs)
@@ -328,18 +336,40 @@ class CSCLayer(nn.Module):
                 self._fingerprint = _fingerprints([self])[0]  # of the weight as it is now (a cast may round it)
                 if self.step_size == "fft" and self.weight.dtype != dtype:
                     self.certify_step_size()
+                elif self.weight.dtype == dtype:
+                    self._keep_aside(aside)
         return out
+
+    def _current_aside(self) -> list[tuple]:
+        """The step sizes set aside (`_set_aside`) that are current for the dictionary as it is now, as
+        (input size, warm vector, L)."""
+        kept = self.__dict__.get("_other_sizes", {})
+        now = self._fingerprint
+        return [(spatial, vec, L) for spatial, (vec, L, key, fp) in kept.items()
+                if key == self._cache_key(spatial) and now is not None and torch.equal(fp, now)]
+
+    def _keep_aside(self, entries: list[tuple]) -> None:
+        """Set aside (input size, warm vector, L) entries for the dictionary as it is now (on its device)."""
+        dev = self.weight.device
+        kept = self.__dict__.setdefault("_other_sizes", {})
+        for spatial, vec, L in entries:
+            kept[tuple(spatial)] = (None if vec is None else vec.to(dev, copy=True), L.to(dev, copy=True),
+                                    self._cache_key(tuple(spatial)), self._fingerprint)  # (copies: a deep copy's own)
+        while len(kept) > _SIZES_KEPT:
+            kept.pop(next(iter(kept)))
 
     def __deepcopy__(self, memo):
         # As nn.Module's default deepcopy, but a step size current for the original stays current for the copy
         # (the cache key names the weight tensor, which the copy replaces).
         current = self.step_size_is_current()
+        aside = self._current_aside() if current else []
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        new._other_sizes = {}  # keyed to the original's weight tensor: they would never match; re-keyed below
         if current:
             new._lipschitz_key = new._cache_key(new._lipschitz_key[-1])
-        new._other_sizes = {}  # keyed to the original's weight tensor: they would never match
+            new._keep_aside(aside)
         return new
 
     def power_state(self) -> dict | None:
@@ -352,6 +382,12 @@ class CSCLayer(nn.Module):
                  "refreshes": torch.tensor(self._refreshes)}
         if self._power_vec is not None:
             state["vec"] = self._power_vec.clone()
+        # the other input sizes' step sizes for this dictionary (a checkpoint saved after a call at another size
+        # kept only that size's, and loaded solved its own at a fresh estimate's, up to a few % off)
+        aside = [dict(lipschitz=L.clone(), spatial=torch.tensor(spatial), **({} if v is None else {"vec": v.clone()}))
+                 for spatial, v, L in (self._current_aside() if self.step_size_is_current() else [])]
+        if aside:
+            state["aside"] = aside
         return state
 
     def load_power_state(self, state: dict) -> None:
@@ -366,6 +402,8 @@ class CSCLayer(nn.Module):
             self._lipschitz_key = self._cache_key(tuple(state["spatial"].tolist()))
             self._fingerprint = _fingerprints([self])[0]
             self._refreshes = int(state["refreshes"]) if "refreshes" in state else 0
+            self._keep_aside([(tuple(st["spatial"].tolist()), st.get("vec") if self.step_size != "fft" else None,
+                               st["lipschitz"]) for st in state.get("aside", [])])
 
     def certify_step_size(self) -> torch.Tensor | None:
         """For a layer with the FFT bound: make its current L at least the bound of its dictionary as it is now (a
@@ -386,10 +424,12 @@ class CSCLayer(nn.Module):
             _BOUND_GRAPHS.pop(self, None)
             self._other_sizes = {}
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        # A loaded dictionary is unrelated to the cached warm vector: start cold, as a fresh model would.
-        self.reset_step_size()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A loaded dictionary is unrelated to the cached warm vector: start cold, as a fresh model would. Not where
+        # the dictionary was not loaded (strict=False with other layers' weights): its step sizes still hold.
+        if prefix + "weight" in state_dict:
+            self.reset_step_size()
 
     def _out_pad(self, spatial, code_hw) -> tuple[int, int]:
         k, s, p = self.kernel_size, self.stride, self.padding

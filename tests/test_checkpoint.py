@@ -8,6 +8,7 @@ import pickle
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -91,6 +92,51 @@ def test_loaded_model_solves_with_the_step_size_it_was_saved_with(half, tmp_path
         assert dict(sdnet.csc_layers(reloaded))["conv1"]._lipschitz is None  # estimated afresh on first use
         assert dict(sdnet.csc_layers(reloaded))["layer1.0.conv1"].step_size_is_current()
         assert float(conv1.lipschitz((16, 16))) > 3 * float(dict(sdnet.csc_layers(model))["conv1"]._lipschitz)
+
+
+def test_a_model_saved_after_a_call_at_another_input_size_keeps_every_sizes_step_size(tmp_path):
+    """Only the size solved last was stored: a loaded model run once on 24x24 images and saved again came back
+    solving 32x32 ones at fresh estimates (logits 1.6 apart on the 3-epoch SDNet-All). Each size set aside for the
+    dictionary is stored too, and checked on loading."""
+    torch.manual_seed(2)
+    model = sdnet.build_model("sdnet18_all", num_classes=3, width=4, shortcut=False).eval()
+    x, other = torch.rand(2, 3, 16, 16), torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        model(x)
+        for _, layer in sdnet.csc_layers(model):  # as if training had refined L: not what a fresh estimate gives
+            layer._lipschitz = layer._lipschitz * 1.1
+        want = model(x)
+        model(other)
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model, half=True)
+    stored = torch.load(path, weights_only=True)["power"]["layer1.0.conv1"]
+    assert stored["spatial"].tolist() == [12, 12] and [a["spatial"].tolist() for a in stored["aside"]] == [[16, 16]]
+    assert stored["aside"][0]["vec"].dtype == torch.float16  # (as the current one's)
+    sdnet.save_checkpoint(path, model)
+    loaded, _ = sdnet.load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=0)
+    # an edited L of another size is refused as the current one's is
+    bad = torch.load(path, weights_only=True)
+    bad["power"]["layer1.0.conv1"]["aside"][0]["lipschitz"] = torch.tensor(1e-9)
+    torch.save(bad, path)
+    with pytest.raises(sdnet.CheckpointError, match=r"step size of layer1.0.conv1 for \(16, 16\) is too long"):
+        sdnet.load_checkpoint(path)
+    bad["power"]["layer1.0.conv1"]["aside"] = {"spatial": 3}
+    torch.save(bad, path)
+    with pytest.raises(sdnet.CheckpointError, match="other sizes that are not a list"):
+        sdnet.load_checkpoint(path)
+
+
+def test_a_model_built_with_numpy_settings_saves_a_checkpoint_that_loads(tmp_path):
+    """A λ from np.linspace and an np.int64 step count went into the build config as numpy scalars: the file was
+    written, then refused on loading (a pickled numpy object)."""
+    model = sdnet.build_model("sdnet18", num_classes=3, width=4, lam=np.linspace(0.1, 0.3, 3)[1], n_steps=np.int64(3))
+    assert type(model.sdnet_config["lam"]) is float and type(model.sdnet_config["n_steps"]) is int
+    model.sdnet_config["width"] = np.int64(4)  # (a config edited by hand is made plain on saving)
+    sdnet.save_checkpoint(tmp_path / "m.pt", model)
+    _, meta = sdnet.load_checkpoint(tmp_path / "m.pt")
+    assert meta["config"]["lam"] == pytest.approx(0.2) and meta["config"]["n_steps"] == 3 and meta["config"]["width"] == 4
 
 
 def test_stored_step_sizes_without_warm_vectors_and_of_huge_inputs(model, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from helpers import bench_module
 from torch.autograd import forward_ad
@@ -799,6 +800,61 @@ def test_a_lanczos_layer_comes_back_to_an_input_size_with_the_step_size_it_had()
         layer(x[16])
         layer(x[8])  # 8x8 was set aside before the change
     assert layer._lipschitz.item() == pytest.approx(4 * L[8].item(), rel=2e-2)
+
+
+def test_a_stride_2_layer_keeps_its_step_size_at_another_size_of_the_same_code_shape():
+    """At stride 2, 15x15 and 16x16 inputs give 8x8 codes: a call at one refreshed the other's warm-started L in
+    place instead of setting it aside, so back at the first size the same input gave other codes."""
+    layer = make_layer(8, 8, 3, 2, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x, other = torch.rand(1, 8, 16, 16, generator=gen), torch.rand(1, 8, 15, 15, generator=gen)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(1.01)  # a warm refresh next: not what a cold start would give
+        z, L = layer(x), layer._lipschitz
+        layer(other)
+        assert layer._lipschitz_key[-1] == (15, 15)
+        assert torch.equal(layer(x), z) and torch.equal(layer._lipschitz, L)
+
+
+def test_a_move_or_a_copy_keeps_the_step_sizes_set_aside():
+    """A no-op .to() or a deep copy dropped the step sizes set aside for other input sizes (a loaded checkpoint's
+    own, after one call at another size): back at that size the moved model solved at a fresh estimate."""
+    layer = make_layer(8, 8, 3, 1, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    x, other = torch.rand(1, 8, 16, 16, generator=gen), torch.rand(1, 8, 8, 8, generator=gen)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(1.01)
+        z, L = layer(x), layer._lipschitz.clone()
+        layer(other)
+        twin = copy.deepcopy(layer)
+        layer.to("cpu", torch.float32)
+        for each in (layer, twin):
+            assert torch.equal(each(x), z) and torch.equal(each._lipschitz, L)
+        twin.weight.mul_(2.0)  # the copy's own: its change is not the original's
+        twin(x)
+        assert torch.equal(layer(x), z) and twin._lipschitz.item() == pytest.approx(4 * L.item(), rel=2e-2)
+        layer(other)
+        layer.double()  # a cast: the other sizes are estimated again, for the rounded (here: widened) dictionary
+        assert layer._other_sizes == {}
+
+
+def test_a_load_state_dict_without_a_layers_dictionary_keeps_its_step_size():
+    """load_state_dict(strict=False) with other modules' weights only reset every CSC layer's step size, so the
+    model then solved at fresh estimates with its dictionaries unchanged."""
+    net = nn.Module()
+    net.csc, net.head = make_layer(8, 8, 3, 1, seed=3), nn.Linear(2, 2)
+    x = torch.rand(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.csc(x)
+        net.csc.weight.mul_(1.01)
+        z, L = net.csc(x), net.csc._lipschitz
+        net.load_state_dict({k: torch.zeros_like(v) for k, v in net.head.state_dict(prefix="head.").items()},
+                            strict=False)
+        assert net.csc._lipschitz is L and torch.equal(net.csc(x), z)
+        net.load_state_dict(net.state_dict())  # its own dictionary given: a fresh layer's step size
+        assert net.csc._lipschitz_key is None
 
 
 def test_a_lanczos_step_size_stored_without_a_warm_vector_is_not_kept_past_an_unseen_write():
@@ -1954,11 +2010,22 @@ def test_an_input_of_another_dtype_is_named_as_such():
 
 
 def test_conv2d_style_kernel_and_padding_arguments():
+    """nn.Conv2d's forms: (n, n) pairs (a padding of (1, 1) was taken, then failed in the first forward; a stride of
+    (1, 1) was refused) and padding names; unequal pairs and other names are refused at once, as is an n_steps of
+    infinity (an OverflowError escaped the check, and a card reading "n_steps": Infinity failed to load)."""
     assert CSCLayer(3, 4, (3, 3), padding="same").padding == 1 and CSCLayer(3, 4, 5, padding="valid").padding == 0
-    for kwargs, message in (({"kernel_size": (3, 5)}, "one odd number or \\(k, k\\)"),
-                            ({"kernel_size": 3, "padding": "full"}, "'same' or 'valid'")):
+    layer = CSCLayer(3, 8, (3, 3), stride=(2, 2), padding=(1, 1))
+    assert (layer.kernel_size, layer.stride, layer.padding) == (3, 2, 1)
+    assert layer(torch.rand(1, 3, 8, 8)).shape == (1, 8, 4, 4)
+    for kwargs, message in (({"kernel_size": (3, 5)}, "kernel_size must be one number or \\(k, k\\)"),
+                            ({"kernel_size": 3, "padding": (1, 2)}, "padding must be one number or \\(p, p\\)"),
+                            ({"kernel_size": 3, "stride": (2, 1)}, "stride must be one number or \\(s, s\\)"),
+                            ({"kernel_size": 3, "padding": "full"}, "'same' or 'valid'"),
+                            ({"kernel_size": 3, "n_steps": float("inf")}, "n_steps for the layer must be an integer")):
         with pytest.raises(ValueError, match=message):  # were bare TypeErrors
             CSCLayer(3, 4, **kwargs)
+    with pytest.raises(ValueError, match="n_steps"), sdnet.override(n_steps=float("inf")):
+        pass
 
 
 def test_override_changes_the_solve_and_restores(device):
