@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tarfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,7 +232,7 @@ def _load_image_folder(p: Path, split: str, model_classes: list[str] | None = No
               flush=True)
         images = _decode_all(files)
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}-{threading.get_ident()}")  # (two threads at once)
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images)
         os.replace(tmp, cached)
@@ -287,7 +288,7 @@ def _unpack_once(p: Path) -> Path:
         if str(p.resolve()) not in sources:  # the same bytes at another path
             _keep_one_copy(dest, sources + [str(p.resolve())])
         return dest
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.mkdir(parents=True, exist_ok=True)
     # the first use of an archive takes seconds (CIFAR-10: ~10 s, then decoding) with nothing else on screen
     print(f"unpacking {p} into {dest} (once; later runs reuse it)", file=sys.stderr, flush=True)

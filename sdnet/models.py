@@ -169,7 +169,8 @@ def build_model(name: str, num_classes: int = 10, width: int = 64, stem: str = "
         raise ValueError(f"mean and std must be 3 finite numbers each (RGB), std positive; got {mean}, {std}")
     model = _REGISTRY[name](num_classes=num_classes, width=width, stem=stem, shortcut=shortcut,
                             lam=lam, n_steps=n_steps, mean=tuple(mean), std=tuple(std))
+    # plain numbers (the layers checked them): a numpy λ made a checkpoint that would not load (its pickled scalar)
     model.sdnet_config = dict(name=name, num_classes=num_classes, width=width, stem=stem,
-                              shortcut=shortcut, lam=lam, n_steps=n_steps,
+                              shortcut=shortcut, lam=float(lam), n_steps=int(n_steps),
                               mean=list(mean), std=list(std))
     return model
