@@ -251,7 +251,10 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], images.
     sb = st.sidebar
     sb.header("Image")
     source = sb.radio("Source", ["Sample", "Upload"], horizontal=True, key="source")
+    ss = st.session_state
     if source == "Sample":
+        if "upload_kept" in ss:  # the file box forgets its file once not drawn: the page keeps it (below)
+            ss["upload_away"] = True
         samples = state.list_samples()
         if not samples:
             st.error(f"No sample images in {state.SAMPLES}; upload an image instead.")
@@ -266,16 +269,26 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], images.
                            label=name.rsplit("_", 1)[0]), None
     up = sb.file_uploader("Image file", type=list(images.SUFFIXES), key="upload",
                           help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
-    if up is None:
+    if up is not None:
+        name, data = up.name, up.getvalue()
+        ss["upload_kept"], ss["upload_away"] = (name, data), False
+    elif ss.get("upload_away") and "upload_kept" in ss:
+        # a look at a sample and back emptied the box, and the upload was gone (uploaded again by hand); a file
+        # removed from the box (its x) is forgotten
+        name, data = ss["upload_kept"]
+        sb.caption(f"Using {_code(name)}, uploaded earlier (the box forgets its file while a sample is shown); "
+                   "upload another to replace it.")
+    else:
+        ss.pop("upload_kept", None)
         st.info("Upload an image in the sidebar (PNG, JPEG, WebP, BMP, GIF, TIFF), or pick a sample.")
         return None, {}, None
     try:
-        prep = state.upload_image(up.getvalue(), size)
+        prep = state.upload_image(data, size)
     except images.ImageError as e:
-        st.error(f"Cannot use {_code(up.name)}: {e}")
+        st.error(f"Cannot use {_code(name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
         return None, {}, None
-    return prep.tensor.numpy(), dict(source=f"upload:{up.name}", file_sha256=prep.file_sha256,
+    return prep.tensor.numpy(), dict(source=f"upload:{name}", file_sha256=prep.file_sha256,
                                      original_size=list(prep.original_size), original_mode=prep.original_mode,
                                      notes=prep.notes), prep
 
@@ -692,7 +705,34 @@ def trained_text(loaded: state.Loaded) -> str:
 LOGITS_GROWN = 10  # a logit this many times the trained settings' largest: the prediction means little
 
 
-def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str) -> None:
+FAINT = 0.05  # a code whose largest |z| is under this share of its largest at the trained settings
+
+
+def _image_hardly_counts(ctx: Context, probed: dict, spec: state.LamSpec, n_steps: state.StepsSpec,
+                         trained: dict) -> bool:
+    """Whether the prediction `probed` (of ctx.image at these settings) is, every class within NEARLY_CUT, what a
+    plain image and noise get too: the image hardly counts (as the λ path's 'nearly cut off'). Asked only where some
+    code is FAINT against the trained settings' (the image can only fade out through one), so that the usual λ
+    move runs no forward pass more."""
+    faint = any(np.abs(r["z"]).max() < FAINT * np.abs(t["z"]).max() for r, t in zip(probed["layers"], trained["layers"]))
+    if not faint:
+        return False
+    refs = state.reference_probs(ctx.loaded.model, ctx.loaded.key, tuple(ctx.image.shape), spec, n_steps)
+    return bool(np.abs(refs - probed["probs"]).max() <= NEARLY_CUT)
+
+
+def _silent(probed: dict) -> list[str]:
+    """The CSC layers whose code is all zeros, in forward order."""
+    return [r["name"] for r in probed["layers"] if not np.any(r["z"])]
+
+
+def _classifies_when_trained(ctx: Context, trained: dict) -> bool:
+    """Whether at its trained settings the model's prediction depends on this image."""
+    return not _cuts_off(ctx.loaded, _silent(trained))  # (no code there is faint against its own)
+
+
+def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | None, lam_text: str,
+                      spec: state.LamSpec = None, n_steps: state.StepsSpec = None) -> None:
     classes = ctx.loaded.classes
     if ctx.loaded.layer_names:
         series = [(f"SDNet at {lam_text}", "current", cur["probs"]),
@@ -724,7 +764,11 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
                         + (f"; {dead} layer(s) fed all zeros left out" if dead else ""))
     with left:
         _chart(plots.predictions(classes, series, k), key="pred_chart", name="predictions")
-    silent = [r["name"] for r in cur["layers"] if not np.any(r["z"])]
+    silent = _silent(cur)
+
+    def advice() -> str:  # where to see it classify: 'Lower λ' was said at 1 FISTA step too, where no λ helps
+        return (f" At its trained settings ({trained_text(ctx.loaded)}) the model classifies this image."
+                if lam_text != trained_text(ctx.loaded) and _classifies_when_trained(ctx, trained) else "")
     if silent:
         if _cuts_off(ctx.loaded, silent):
             effect = (f"from {silent[0]} on nothing depends on the image, so this prediction is the same for any "
@@ -732,8 +776,10 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         else:
             effect = "past them only the shortcuts carry the image"
         st.warning(f"{len(silent)} CSC layer(s) output an all-zero code at these settings "
-                   f"({', '.join(silent[:4])}{', ...' if len(silent) > 4 else ''}): {effect}. Lower λ to see the "
-                   "model classify again.")
+                   f"({', '.join(silent[:4])}{', ...' if len(silent) > 4 else ''}): {effect}.{advice()}")
+    elif _image_hardly_counts(ctx, cur, spec, n_steps, trained):  # codes near zero, not all: said nothing, 'cat' for any image
+        st.warning(f"At these settings the prediction hardly depends on the image: the training images' mean colour "
+                   f"and random noise get the same, every class within {NEARLY_CUT * 100:g} point.{advice()}")
     # more FISTA steps than trained make deep activations grow about tenfold a layer (the shipped SDNet-18-All's
     # largest logit: 3x at 3 steps, 1e4x at 5, 1e9x at 8; moving λ alone stays within about 1.2x): say so, as
     # softmax then shows 100% for some class and attributions of 1e15 look like findings
@@ -1125,7 +1171,9 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View, spec: state.Lam
         progress.empty()
         first = cur["layers"][0] if cur["layers"] else None
         result = dict(signature=signature, attributions=attrs, atoms=atoms, target=target, atom_method=atom_method,
-                      first_code=None if first is None else (first["name"], bool(np.any(first["z"])), first["lam"]))
+                      first_code=None if first is None else (first["name"], bool(np.any(first["z"])), first["lam"]),
+                      hardly=_image_hardly_counts(ctx, cur, spec, n_steps,
+                                                  state.probe(loaded.model, loaded.key, ctx.image, None, None)))
         st.session_state["attr_result"] = result
         view.attributions, view.atom_scores = attrs, atoms
         view.settings["attribution"] = dict(methods=list(attrs), atom_method=atom_method, target=target)
@@ -1144,9 +1192,17 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View, spec: state.Lam
         first = result.get("first_code")  # as it was when the attribution was computed
         why = (f"{first[0]}'s code was all zeros at λ = {first[2]:g}, so the prediction did not depend on the image"
                if first and not first[1] else "the prediction did not depend on the image")
-        advice = "; lower λ and compute again to see what drives the decision" if result["signature"] == signature else ""
+        # (where the trained settings classify this image, these are not they: here it was cut off)
+        trained = state.probe(loaded.model, loaded.key, ctx.image, None, None)
+        advice = (f"; compute it again at the trained settings ({trained_text(loaded)}) to see what drives the "
+                  "decision" if result["signature"] == signature and _classifies_when_trained(ctx, trained) else "")
         st.info(f"Every attribution is exactly zero: {why}{advice}.")
         return  # nothing to draw: blank maps and bars would only look like a failure
+    if result.get("hardly"):  # maps of 4e-9 drawn at full colour looked like findings
+        peak = max(float(np.abs(a).max()) for a in shown.values()) if shown else 0.0
+        st.warning(f"At the settings of this attribution the prediction hardly depends on the image (a blank image "
+                   f"and noise get the same, every class within {NEARLY_CUT * 100:g} point): these maps, at most "
+                   f"{peak:.2g}, show how little of the image gets through, not what the decision rests on.")
     methods = list(shown.items())
     for row in range(0, len(methods), 2):  # two a row: three in an 800 px window left each picture 51 px wide
         for col, (m, attr) in zip(st.columns(min(2, len(methods))), methods[row:row + 2]):
@@ -1253,7 +1309,7 @@ def explore(ctx: Context) -> None:
     lam_text = state.setting_text(lam["all"], lam["per_layer"], state.as_override(n_steps))
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
-    predictions_panel(ctx, cur, trained, resnet, lam_text)
+    predictions_panel(ctx, cur, trained, resnet, lam_text, spec, n_steps)
     view = build_view(ctx, cur, trained, spec, n_steps, lam)
     st.session_state["view"] = view
     _default("tab", TABS[0])
