@@ -1102,10 +1102,16 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
                "contribution (offsets left out, contrast stretched) shows what the code carries, stretched by the "
                "factor under it: a large one means the code moves the pixels too little to see.")
     _default("sees_layers", _spread(names, 5))
-    picks = st.multiselect("Layers", names, key="sees_layers")  # the page's width: in 3/5 of it the 5th chip was cut
+    # in the network's order, whatever the order picked (as the layers with their own λ; the address keeps it)
+    picks = st.multiselect("Layers", names, key="sees_layers", on_change=_in_network_order, args=(names,))
     offsets = st.radio("Show", SEES_MODES, key="sees_mode", horizontal=True) == SEES_MODES[1]
     if picks:
-        cols = _picture_columns("sees_pictures", len(picks) + 1)
+        # rows of SEES_PER_ROW pictures, the model input first: all 17 layers in one row were 45 px each, their
+        # captions broken mid-word
+        width = min(len(picks) + 1, SEES_PER_ROW)
+        shown = [None, *picks]
+        cols = [col for i in range(0, len(shown), width)
+                for col in _picture_columns("sees_pictures" + (f"_{i // width + 1}" if i else ""), width)]
         cols[0].image(framed_picture(ctx.image, side=160), caption="model input")
         for col, name in zip(cols[1:], picks):
             img = state.layer_sees(loaded.model, loaded.key, ctx.image, spec, n_steps, name, offsets)
@@ -1116,6 +1122,15 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
             col.image(framed_picture(img, side=160),
                       caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
                                                   f" (×{state.factor_text(gain)})" if gain is not None else ""))
+
+
+SEES_PER_ROW = 6  # 'what each layer sees' pictures a row (the model input and the five layers picked at first)
+
+
+def _in_network_order(names: list[str]) -> None:
+    """The layers picked for 'what each layer sees', in the network's order."""
+    picked = set(st.session_state.get("sees_layers", []))
+    st.session_state["sees_layers"] = [n for n in names if n in picked]
 
 
 def _deep_atoms(loaded: state.Loaded) -> bool:

@@ -451,11 +451,12 @@ def _one_of(text: str, choices: Sequence[str], what: str) -> str:
 
 
 def _some_of(texts: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
-    """A list of choices, each once ('' for none); all or nothing, naming those it has not."""
+    """A list of choices, each once, in the choices' order ('' for none); all or nothing, naming those it has
+    not."""
     unknown = [t for t in texts if t and t not in choices]
     if unknown:
         raise ValueError(f"no {what} named {', '.join(unknown)}"[:120])
-    return list(dict.fromkeys(t for t in texts if t))
+    return [c for c in choices if c in texts]
 
 
 def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), samples: Sequence[str] = (),

@@ -1583,10 +1583,10 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
                     "layer": "conv1"}
     assert state.read_address(back, **sidebar)[0] == values and state.read_address(back, layers=layers)[0] == view
     assert "steps_first" not in state.address(dict(steps_first=False, n_steps=2))  # off unless said
-    # the Atoms tab's deeper layer and the layers 'seen', each once, in the order given ('sees=': none)
+    # the Atoms tab's deeper layer and the layers 'seen', each once, in the network's order ('sees=': none)
     atoms = state.read_address(dict(atoms="layer1.0.conv2", sees="layer1.0.conv2,conv1,conv1"), layers=layers)
-    assert atoms == (dict(atoms_layer="layer1.0.conv2", sees_layers=["layer1.0.conv2", "conv1"]), [])
-    assert state.address(atoms[0]) == dict(atoms="layer1.0.conv2", sees="layer1.0.conv2,conv1")
+    assert atoms == (dict(atoms_layer="layer1.0.conv2", sees_layers=["conv1", "layer1.0.conv2"]), [])
+    assert state.address(atoms[0]) == dict(atoms="layer1.0.conv2", sees="conv1,layer1.0.conv2")
     assert state.read_address(dict(sees=""), layers=layers)[0] == dict(sees_layers=[])
     # how many are shown: top-k within the classes, code channels and deeper atoms within the layers' channels
     counts = state.read_address(dict(topk="3", codes_shown="24", atoms_shown="64"), layers=layers, classes=10,
@@ -1720,17 +1720,17 @@ def test_the_address_keeps_the_atoms_tabs_layers(app):
     names = [r["name"] for r in at.session_state["view"].probe["layers"]]
     assert at.query_params["atoms"] == names[1] and "sees" not in at.query_params  # the defaults
     at.selectbox(key="atoms_layer").set_value(names[-1]).run()
-    at.multiselect(key="sees_layers").set_value([names[2], names[0]]).run()
+    at.multiselect(key="sees_layers").set_value([names[2], names[0]]).run()  # kept in the network's order
     ok(at)
     link = dict(at.query_params)
-    assert link["atoms"] == names[-1] and link["sees"] == f"{names[2]},{names[0]}"
+    assert link["atoms"] == names[-1] and link["sees"] == f"{names[0]},{names[2]}"
     again = AppTest.from_file(APP, default_timeout=180)
     again.query_params.update(link)
     again.run()
     ok(again)
     assert not any("address" in w.value for w in again.warning)
     assert again.selectbox(key="atoms_layer").value == names[-1]
-    assert again.multiselect(key="sees_layers").value == [names[2], names[0]]
+    assert again.multiselect(key="sees_layers").value == [names[0], names[2]]
     assert "deep_atoms_chart" in {c.key for c in again.get("plotly_chart")}
     # Back to an address without them: the default layers seen again (the deeper layer, like 'layer', stays)
     at.query_params.clear()
@@ -1985,6 +1985,26 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
     view = at.session_state["view"]
     view.more_pngs[f"{state.file_stem('sees', picks[-1])}.png"]()
     assert titles[-1].endswith("(in absolute pixels, with BatchNorm's offsets)") and view.sees_stretch is None
+
+
+def test_what_each_layer_sees_is_in_the_networks_order_in_rows_of_six(app):
+    """All 17 layers picked, in any order, were drawn in the order picked, in one row of 45 px pictures with their
+    captions broken mid-word: they come in the network's order (the list and the address too), six to a row."""
+    at = app(tab="Atoms")
+    names = [r["name"] for r in at.session_state["view"].probe["layers"]]
+    at.multiselect(key="sees_layers").set_value(names[::-1]).run()
+    ok(at)
+    assert at.multiselect(key="sees_layers").value == names
+    assert at.query_params["sees"] == ",".join(names)
+    captions = [c for c in image_captions(at) if c == "model input" or c.split(" (")[0] in names]
+    assert [c.split(" (")[0] for c in captions] == ["model input", *names]
+
+    def rows(node):  # the picture rows' boxes and the columns in each
+        for key, child in getattr(node, "children", {}).items():
+            if getattr(child, "key", None) and str(child.key).startswith("sees_pictures"):
+                yield child.key, [len(getattr(b, "children", {})) for b in child.children.values()][0]
+            yield from rows(child)
+    assert list(rows(at.main)) == [("sees_pictures", 6), ("sees_pictures_2", 6), ("sees_pictures_3", 6)]
 
 
 def test_file_names_are_shown_as_text_not_markdown(app):
