@@ -205,7 +205,8 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     files = state.list_checkpoints(folder)
     labels = {p.name: state.checkpoint_label(p) for p in files}
     choice = sb.selectbox("Checkpoint", [*labels, OTHER_PATH], key="ckpt", format_func=lambda n: labels.get(n, n),
-                          help=f"The checkpoints in {folder}, most accurate first, with their test accuracy and "
+                          help=f"The checkpoints in {folder}, SDNet-All models first, each group most accurate first, "
+                               "with their test accuracy and "
                                f"epochs from their cards (set ${state.CHECKPOINTS_ENV} for another folder).")
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()

@@ -503,6 +503,9 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
             except ValueError as e:  # float('abc') says "could not convert string to float": ours is shorter
                 reason = str(e) if "convert" not in str(e) else "not a number"
                 left_out.append(f"{name[:60]}={str(params[name])[:40]}: {reason}")
+    if "severity" in values and values.get("noise_mode") == STRENGTHS[1]:  # both: the level won, unsaid
+        del values["severity"]
+        left_out.append(f"severity={str(params['severity'])[:40]}: a level is given too, and used")
     own = [name for name in layers or () if PER_LAYER_KEY + name in values]
     if own:  # the layers with their own λ, in the network's order (as the page lists them)
         values["lam_layers"] = own

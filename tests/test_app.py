@@ -1604,6 +1604,9 @@ def test_the_address_is_read_with_each_bad_value_named_and_written_back_as_read(
     assert state.address(level) == dict(noise="gaussian", level="0.105", seed="3")
     assert state.read_address(state.address(level), **sidebar)[0] == level
     assert state.read_address(dict(level="0.105"), **sidebar)[1] == ["level=0.105: no noise to set it for"]
+    assert state.read_address(dict(noise="gaussian", severity="2", level="0.2"), **sidebar) == (  # (the level won, unsaid)
+        dict(noise="gaussian", noise_mode=state.STRENGTHS[1], level_gaussian=0.2),
+        ["severity=2: a level is given too, and used"])
     assert state.read_address(dict(noise="shot", level="2"), **sidebar)[1] == [
         "level=2: outside shot's levels 5 to 1000"]
     # λ as the shortest text that reads back the same ('{:g}' kept 6 digits: a trained 0.1234567891 came back changed)
