@@ -361,34 +361,37 @@ class CSCLayer(nn.Module):
     def __deepcopy__(self, memo):
         # As nn.Module's default deepcopy, but a step size current for the original stays current for the copy
         # (the cache key names the weight tensor, which the copy replaces).
-        current = self.step_size_is_current()
-        aside = self._current_aside() if current else []
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__dict__, memo))
-        new._other_sizes = {}  # keyed to the original's weight tensor: they would never match; re-keyed below
-        if current:
-            new._lipschitz_key = new._cache_key(new._lipschitz_key[-1])
-            new._keep_aside(aside)
-        return new
+        with _POWER_LOCK:  # (a forward in another thread sets sizes aside and swaps them in meanwhile)
+            current = self.step_size_is_current()
+            aside = self._current_aside() if current else []
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__setstate__(copy.deepcopy(self.__dict__, memo))
+            new._other_sizes = {}  # keyed to the original's weight tensor: they would never match; re-keyed below
+            if current:
+                new._lipschitz_key = new._cache_key(new._lipschitz_key[-1])
+                new._keep_aside(aside)
+            return new
 
     def power_state(self) -> dict | None:
         """The step-size cache (L, and the warm vector where the layer keeps one: not with the FFT bound) as
         tensors, for a training state that resumes bit for bit."""
-        if self._lipschitz is None or self._lipschitz_key is None:
-            return None
-        # clones: a refresh leaves them views of tensors shared by a group of layers, which would all be saved
-        state = {"lipschitz": self._lipschitz.clone(), "spatial": torch.tensor(self._lipschitz_key[-1]),
-                 "refreshes": torch.tensor(self._refreshes)}
-        if self._power_vec is not None:
-            state["vec"] = self._power_vec.clone()
-        # the other input sizes' step sizes for this dictionary (a checkpoint saved after a call at another size
-        # kept only that size's, and loaded solved its own at a fresh estimate's, up to a few % off)
-        aside = [dict(lipschitz=L.clone(), spatial=torch.tensor(spatial), **({} if v is None else {"vec": v.clone()}))
-                 for spatial, v, L in (self._current_aside() if self.step_size_is_current() else [])]
-        if aside:
-            state["aside"] = aside
-        return state
+        with _POWER_LOCK:  # (as __deepcopy__)
+            if self._lipschitz is None or self._lipschitz_key is None:
+                return None
+            # clones: a refresh leaves them views of tensors shared by a group of layers, which would all be saved
+            state = {"lipschitz": self._lipschitz.clone(), "spatial": torch.tensor(self._lipschitz_key[-1]),
+                     "refreshes": torch.tensor(self._refreshes)}
+            if self._power_vec is not None:
+                state["vec"] = self._power_vec.clone()
+            # the other input sizes' step sizes for this dictionary (a checkpoint saved after a call at another size
+            # kept only that size's, and loaded solved its own at a fresh estimate's, up to a few % off)
+            aside = [dict(lipschitz=L.clone(), spatial=torch.tensor(spatial),
+                          **({} if v is None else {"vec": v.clone()}))
+                     for spatial, v, L in (self._current_aside() if self.step_size_is_current() else [])]
+            if aside:
+                state["aside"] = aside
+            return state
 
     def load_power_state(self, state: dict) -> None:
         """Restore `power_state()` for the dictionary as it is now (call after loading the weights). A layer with
@@ -1364,6 +1367,8 @@ def refresh_step_sizes(model: nn.Module, *, cuda_graphs: bool = True) -> None:
         for layer in layers:
             if layer.step_size_is_current() and id(layer) not in unseen:
                 continue
+            if id(layer) in unseen:  # the sizes set aside name this dictionary's version too: they would swap in
+                layer._other_sizes = {}
             spatial = layer._lipschitz_key[-1]
             if layer.step_size == "fft":
                 bounded.append(layer)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .csc import CSCLayer, check_override_names, csc_layers
+from .csc import CSCLayer, _check_lam, _check_steps, check_override_names, csc_layers
 from .utils import check_dtype
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the paper code's normalisation
@@ -169,8 +169,10 @@ def build_model(name: str, num_classes: int = 10, width: int = 64, stem: str = "
         raise ValueError(f"mean and std must be 3 finite numbers each (RGB), std positive; got {mean}, {std}")
     model = _REGISTRY[name](num_classes=num_classes, width=width, stem=stem, shortcut=shortcut,
                             lam=lam, n_steps=n_steps, mean=tuple(mean), std=tuple(std))
-    # plain numbers (the layers checked them): a numpy λ made a checkpoint that would not load (its pickled scalar)
+    # plain numbers, checked for every model (a ResNet has no CSC layer to check them): a numpy λ made a
+    # checkpoint that would not load (its pickled scalar)
     model.sdnet_config = dict(name=name, num_classes=num_classes, width=width, stem=stem,
-                              shortcut=shortcut, lam=float(lam), n_steps=int(n_steps),
+                              shortcut=shortcut, lam=_check_lam(lam, "the model"),
+                              n_steps=_check_steps(n_steps, "the model"),
                               mean=list(mean), std=list(std))
     return model

@@ -172,6 +172,13 @@ def test_stored_step_sizes_without_warm_vectors_and_of_huge_inputs(model, tmp_pa
                  "layer1.0.conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1.5 * top)}})(path, model)
     loaded, _ = sdnet.load_checkpoint(path)
     assert loaded.conv1._lipschitz is None and dict(sdnet.csc_layers(loaded))["layer1.0.conv1"].step_size_is_current()
+    # ...unless another size is stored beside it: that one stands in (a save after one huge input lost the 8x8's)
+    small = {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1.5 * top)}
+    _with_power({"layer1.0.conv1": {"spatial": torch.tensor([100000, 8]), "lipschitz": torch.tensor(50.0),
+                                    "aside": [small]}})(path, model)
+    loaded, _ = sdnet.load_checkpoint(path)
+    layer = dict(sdnet.csc_layers(loaded))["layer1.0.conv1"]
+    assert layer._lipschitz_key[-1] == (8, 8) and layer._lipschitz.item() == pytest.approx(1.5 * top)
 
 
 def test_a_layers_step_size_rule_chosen_by_hand_is_saved_and_restored(model, tmp_path):

@@ -840,6 +840,20 @@ def test_a_move_or_a_copy_keeps_the_step_sizes_set_aside():
         assert layer._other_sizes == {}
 
 
+def test_a_write_behind_the_counter_drops_the_step_sizes_set_aside_too():
+    """refresh_step_sizes found a dictionary changed by a .data write and refreshed the current size's L, but the
+    sizes set aside still matched by version: back at one, the old dictionary's L (4x too small) was solved with."""
+    layer = make_layer(8, 8, 3, 1, seed=4)
+    x, other = torch.rand(1, 8, 16, 16), torch.rand(1, 8, 8, 8)
+    with torch.no_grad():
+        layer(x)
+        layer(other)  # 16x16 set aside
+        layer.weight.data.mul_(2.0)  # ||A||^2 four times as large, the counter none the wiser
+        sdnet.refresh_step_sizes(layer)
+        layer(x)
+    assert layer._lipschitz.item() >= _true_top(layer, (16, 16))
+
+
 def test_a_load_state_dict_without_a_layers_dictionary_keeps_its_step_size():
     """load_state_dict(strict=False) with other modules' weights only reset every CSC layer's step size, so the
     model then solved at fresh estimates with its dictionaries unchanged."""

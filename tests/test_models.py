@@ -169,6 +169,10 @@ def test_build_model_checks_its_arguments_and_the_model_its_input():
                             ({"shortcut": "no"}, "shortcut must be True or False")):
         with pytest.raises(ValueError, match=message):
             sdnet.build_model("sdnet18", **kwargs)
+    # a ResNet's λ and steps too (it has no CSC layer to check them: None, inf and 2.5 went into its config)
+    for kwargs in ({"lam": None}, {"n_steps": float("inf")}, {"n_steps": 2.5}):
+        with pytest.raises(ValueError, match="lambda|n_steps"):
+            sdnet.build_model("resnet18", width=2, **kwargs)
     model = sdnet.build_model("sdnet18", width=2).eval()
     with pytest.raises(ValueError, match="images of 3 channels"):  # a grayscale batch was broadcast and classified
         model(torch.rand(1, 1, 8, 8))
