@@ -744,7 +744,8 @@ def predictions_panel(ctx: Context, cur: dict, trained: dict, resnet: dict | Non
         series.append((f"ResNet baseline ({ctx.baseline.path.name})", "resnet", resnet["probs"]))
     left, right = st.columns([3, 2])
     with right:
-        _default("topk", min(state.TOP_K, len(classes)))
+        # (at most the classes there are: a 3-class model after a 10-class one at top-5)
+        st.session_state["topk"] = min(_default("topk", min(state.TOP_K, len(classes))), len(classes))
         k = st.slider("Top-k classes of each prediction", 1, len(classes), key="topk",
                       help="The chart shows the k most likely classes of every prediction compared, so it can list "
                            "more than k classes.")

@@ -2010,6 +2010,20 @@ def test_what_each_layer_sees_is_in_the_networks_order_in_rows_of_six(app):
     assert list(rows(at.main)) == [("sees_pictures", 6), ("sees_pictures_2", 6), ("sees_pictures_3", 6)]
 
 
+def test_top_k_stays_within_a_models_classes(app, tmp_path):
+    """Top-k is kept across checkpoints, but a 3-class model opened after a 10-class one at top-5 had a slider
+    value above its maximum."""
+    torch.manual_seed(0)
+    small = sdnet.build_model("sdnet18_all", num_classes=3, width=4, shortcut=False).eval()
+    sdnet.save_checkpoint(tmp_path / "three.pt", small, classes=["cat", "dog", "frog"])
+    at = app()
+    at.slider(key="topk").set_value(5).run()
+    at.session_state["ckpt_path"] = str(tmp_path / "three.pt")
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    ok(at)
+    assert at.slider(key="topk").value == 3 and at.slider(key="topk").max == 3
+
+
 def test_file_names_are_shown_as_text_not_markdown(app):
     at = app(source="Upload")
     at.file_uploader(key="upload").set_value((":red[x]*a*.png", b"not an image", "image/png")).run()
