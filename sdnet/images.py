@@ -231,6 +231,11 @@ def fit_to_input(img: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
     return img, notes
 
 
+def _png_bit_depth(data: bytes) -> int | None:
+    """The bits a channel of a PNG file, from its header (IHDR comes first), or None for another file."""
+    return data[24] if len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" else None
+
+
 def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> PreparedImage:
     """A user file (bytes) -> the model input (3, size, size) in [0, 1], with every step recorded.
 
@@ -240,6 +245,9 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
         raise ValueError(f"size must be at least 1 pixel, got {size}")
     img, original_size, notes = open_image(data, max_pixels)
     original_mode = img.mode
+    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(data) == 16:
+        # PIL reads 16 bits a channel as 8 without a word (its mode says RGB); a 16-bit grayscale one is said
+        notes.append(f"{img.mode} with 16 bits a channel read as 8")
     if getattr(img, "n_frames", 1) > 1:
         notes.append(f"first of {img.n_frames} frames used")
     if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)

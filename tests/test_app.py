@@ -71,6 +71,17 @@ def test_prepare_image_converts_every_mode():
     assert 0.2 < float(sixteen.mean()) < 0.8
     dark = Image.fromarray(rng.integers(0, 251, (40, 40)).astype(np.uint16))
     assert dark.mode == "I;16" and float(images.prepare_image(png(dark), 32).tensor.max()) < 0.01
+    # 16 bits a channel in colour: PIL says RGB, and the notes said nothing of the 16 bits
+    def rgb16(pixels: np.ndarray) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        h, w = pixels.shape[:2]
+        rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    deep = images.prepare_image(rgb16(np.full((8, 8, 3), 65535 // 2, np.uint16)), 8)
+    assert "RGB with 16 bits a channel read as 8" in deep.notes and abs(float(deep.tensor.mean()) - 0.5) < 0.01
+    assert not any("16 bits" in n for n in images.prepare_image(png(rgb), 32).notes)
     # transparent pixels go to white
     clear = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
     assert torch.allclose(images.prepare_image(png(clear), 32).tensor, torch.ones(3, 32, 32))
