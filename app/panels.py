@@ -1217,8 +1217,8 @@ def attribution_panel(ctx: Context, cur: dict, view: state.View, spec: state.Lam
         return  # nothing to draw: blank maps and bars would only look like a failure
     if result.get("hardly"):  # maps of 4e-9 drawn at full colour looked like findings
         peak = max(float(np.abs(a).max()) for a in shown.values()) if shown else 0.0
-        st.warning(f"At the settings of this attribution the prediction hardly depends on the image (a blank image "
-                   f"and noise get the same, every class within {NEARLY_CUT * 100:g} point): these maps, at most "
+        st.warning(f"At the settings of this attribution the prediction hardly depends on the image (a mean-colour "
+                   f"image and noise get the same, every class within {NEARLY_CUT * 100:g} point): these maps, at most "
                    f"{peak:.2g}, show how little of the image gets through, not what the decision rests on.")
     methods = list(shown.items())
     for row in range(0, len(methods), 2):  # two a row: three in an 800 px window left each picture 51 px wide
