@@ -323,11 +323,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         def small(st: dict) -> bool:
             return max(st["spatial"].tolist()) <= MAX_STORED_SIDE
 
+        def floats(st: dict) -> dict:  # (a half file's warm vectors)
+            return {k: v.float() if k == "vec" else v for k, v in st.items() if k != "aside"}
+
         def loaded(st: dict) -> dict | None:
-            aside = [{k: v.float() if k == "vec" else v for k, v in a.items()} for a in st.get("aside", []) if small(a)]
+            aside = [floats(a) for a in st.get("aside", []) if small(a)]
             if not small(st):  # one of the other sizes stands in (a call at 1040 px, then a save, lost the 32's)
                 return {**aside[0], "aside": aside[1:]} if aside else None
-            return {**{k: v.float() if k == "vec" else v for k, v in st.items()}, "aside": aside}
+            return {**floats(st), "aside": aside}
         power = {name: state for name, st in power.items() if (state := loaded(st)) is not None}
         load_power_states(model, power)
         _check_step_sizes(model, power)

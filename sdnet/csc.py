@@ -277,8 +277,7 @@ class CSCLayer(nn.Module):
         if self._lipschitz_key is not None and self.step_size_is_current():
             kept.pop(self._lipschitz_key[-1], None)
             kept[self._lipschitz_key[-1]] = (self._power_vec, self._lipschitz, self._lipschitz_key, self._fingerprint)
-            while len(kept) > _SIZES_KEPT:
-                kept.pop(next(iter(kept)))
+            self._keep_sizes_kept(kept)
 
     def _swap_in(self, key: tuple) -> bool:
         """Make the step size set aside for `key` (its input size, this dictionary) the current one."""
@@ -355,6 +354,11 @@ class CSCLayer(nn.Module):
         for spatial, vec, L in entries:
             kept[tuple(spatial)] = (None if vec is None else vec.to(dev, copy=True), L.to(dev, copy=True),
                                     self._cache_key(tuple(spatial)), self._fingerprint)  # (copies: a deep copy's own)
+        self._keep_sizes_kept(kept)
+
+    @staticmethod
+    def _keep_sizes_kept(kept: dict) -> None:
+        """At most `_SIZES_KEPT` sizes set aside: the oldest go."""
         while len(kept) > _SIZES_KEPT:
             kept.pop(next(iter(kept)))
 
