@@ -525,3 +525,20 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
         for name in ("card.json", "m.pt"):
             assert (tmp_path / name).stat().st_mode & 0o777 == expected, (name, oct(umask))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The rename is what makes the new file the file; without an fsync of its folder a power cut can undo it
+    even though the bytes were synced."""
+    from sdnet.checkpoint import atomic_write_text
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
+
+    def fsync(fd):
+        events.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write_text(tmp_path / "card.json", "{}")
+    assert events == ["file", "rename", "folder"]
+    assert (tmp_path / "card.json").read_text() == "{}"
