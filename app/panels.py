@@ -211,6 +211,7 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
         sb.caption("Not kept by a reload or a link of this page: its address names checkpoints in the folder only.")
+        _address_without_model()  # (the page may stop below, before address_out: a reload opened the last model)
         if not text:
             if not files:
                 st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
@@ -500,6 +501,16 @@ def address_in(loaded: state.Loaded | None = None) -> None:
         ss.update(values if values or not back else {"topk": min(state.TOP_K, len(loaded.classes))})
     if left_out:
         st.warning("Not used from the page's address (the page's own settings instead): " + "; ".join(left_out) + ".")
+
+
+def _address_without_model() -> None:
+    """The address less its checkpoint, written at once, for a page given a path that may not load: the previous
+    checkpoint's name stayed in the address, and a reload or a link opened that model under the error."""
+    ss = st.session_state
+    wanted = {k: v for k, v in st.query_params.to_dict().items() if k != "model"}
+    if "model" in st.query_params:
+        ss["address_written"] = {k: v for k, v in wanted.items() if state.is_address_key(k)}  # ours: not a Back
+        st.query_params.from_dict(wanted)
 
 
 def address_out(ctx: Context) -> None:

@@ -2224,6 +2224,31 @@ def test_a_transparent_upload_says_how_it_is_shown(app):
     assert not any("checkerboard" in c.value for c in at.caption)
 
 
+def test_a_checkpoint_path_that_fails_takes_the_model_out_of_the_address(app, checkpoint_dir, tmp_path):
+    """The page stopped at the error before writing its address, so the previous checkpoint's name stayed in it: a
+    reload or a link opened that model, not the path the user was fixing."""
+    from streamlit.testing.v1 import AppTest
+    resnet = _resnet_name(checkpoint_dir)
+    at = app(ckpt=resnet)
+    assert at.query_params["model"] == resnet
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    at.session_state["ckpt_path"] = str(junk)
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    assert any("Cannot load the checkpoint" in e.value for e in at.error)
+    assert "model" not in at.query_params and at.query_params["image"] == "cat_2"  # the rest is kept
+    at.text_input(key="ckpt_path").set_value("").run()  # an empty box: the same
+    assert "model" not in at.query_params and not at.exception
+    again = AppTest.from_file(APP, default_timeout=180)  # the reload: the folder's first checkpoint, no warning
+    again.query_params.update(dict(at.query_params))
+    again.run()
+    ok(again)
+    assert again.selectbox(key="ckpt").value != resnet and all("address" not in w.value for w in again.warning)
+    at.text_input(key="ckpt_path").set_value(str(checkpoint_dir / resnet)).run()  # the path mended: its model
+    ok(at)
+    assert "model" not in at.query_params and at.session_state["view"].settings["checkpoint"]["path"].endswith(resnet)
+
+
 def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
     at = app(ckpt="Other path...", ckpt_path=str(tmp_path / "missing.pt"))
     assert not at.exception and any("no file at" in e.value for e in at.error)
