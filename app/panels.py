@@ -487,6 +487,8 @@ def address_in(loaded: state.Loaded | None = None) -> None:
                       "n_codes": state.SHOWN, **({"sees_layers": _spread(loaded.layer_names, 5),
                                                   "n_atoms": state.SHOWN} if deep else {}), **values}
         options = state.lam_options(loaded.trained_lams)
+        # a λ from the address may be an Auto λ's: _auto_lam says so where it is the one the button sets
+        ss["lam_from_address"] = any(k == "lam" or k.startswith(_per_layer_key("")) for k in values)
         # the sliders offer a λ off their grid, as they do an Auto λ
         ss["lam_extra"] = sorted({v for k, v in values.items() if (k == "lam" or k.startswith(_per_layer_key("")))
                                   and v not in options})
@@ -630,8 +632,19 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
     return spec, steps, dict(all=lam_all, per_layer=per_layer)
 
 
+def _recognise_auto_lam(pressed: tuple) -> None:
+    """A link made with Auto λ kept λ but not the button's note, so its 0.431 in conv1 looked set by hand: where the
+    address's λ is just what the button sets for this image (`pressed`: _set_lam's record), the note is back."""
+    ss = st.session_state
+    before = ss.get("auto_lam")
+    ss["auto_lam"] = pressed
+    if _auto_lam_held(pressed[4]) is None:  # some other λ: what was there stays
+        ss["auto_lam"] = before
+
+
 def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     loaded = ctx.loaded
+    from_address = st.session_state.pop("lam_from_address", False)  # once, on the run the address was read
     fits = (loaded.card or {}).get("robust_fit") or {}
     if not fits:
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
@@ -679,6 +692,8 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     if flat:
         st.warning(f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data "
                    f"the best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
+    if from_address:
+        _recognise_auto_lam((note, lam, list(layers or []), trained, image))
     held = _auto_lam_held(image)
     if held == "current":
         st.caption(st.session_state["auto_lam"][0])

@@ -2357,6 +2357,11 @@ def test_auto_lambda_from_the_card_fit(app, checkpoint_dir, tmp_path, monkeypatc
     assert at.select_slider(key="lam").value == pytest.approx(expected)
     assert at.session_state["view"].settings["lam"]["all"] == pytest.approx(expected)
     assert any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    from streamlit.testing.v1 import AppTest
+    again = AppTest.from_file(APP, default_timeout=180)  # a link to it: the note with it
+    again.query_params.update(dict(at.query_params))
+    again.run()
+    assert any("Algorithm 1 (gaussian fit)" in c.value for c in again.caption)
     at.select_slider(key="lam").set_value(0.1).run()  # moved away: the note no longer describes the view
     assert not any("Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
     at.button(key="auto_lam_btn").click().run()
@@ -2410,6 +2415,20 @@ def test_auto_lambda_of_a_first_layer_fit_sets_that_layer_only(app, checkpoint_d
     layers = {rec["name"]: rec["lam"] for rec in at.session_state["view"].probe["layers"]}
     assert layers[first] == pytest.approx(expected) and all(v == lam0 for n, v in layers.items() if n != first)
     assert any(f"in {first}" in c.value and "Algorithm 1 (gaussian fit)" in c.value for c in at.caption)
+    # a link to this view keeps the note (its λ in that layer looked set by hand); one with another λ there does not
+    from streamlit.testing.v1 import AppTest
+    link = dict(at.query_params)
+    assert link[f"lam.{first}"] == repr(expected).removesuffix(".0")
+    for edit, noted in (({}, True), ({f"lam.{first}": "0.3"}, False), ({"lam": "0.3"}, False)):
+        again = AppTest.from_file(APP, default_timeout=180)
+        again.query_params.update({**link, **edit})
+        again.run()
+        ok(again)
+        assert any(f"in {first}" in c.value and "Algorithm 1 (gaussian fit)" in c.value
+                   for c in again.caption) == noted, edit
+        if noted:  # ...and it goes when λ moves, as the button's own does
+            again.select_slider(key=f"lam_layer:{first}").set_value(0.5).run()
+            assert not any("Algorithm 1 (gaussian fit)" in c.value for c in again.caption)
 
 
 def test_auto_lambda_with_a_fit_for_other_layers_says_so(app, checkpoint_dir, tmp_path, monkeypatch):
