@@ -36,7 +36,7 @@ from .csc import load_power_states, power_states, project_dictionaries, refresh_
 from .data import NUM_CLASSES, DatasetError, augment, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
-                    nonnegative_float, positive_float, positive_int, steps_value, summary, unwritable_folder)
+                    nonnegative_float, positive_float, positive_int, seed_value, steps_value, summary, unwritable_folder)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov's")
     p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.0, help="linear lr warm-up before the cosine")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
+    p.add_argument("--seed", type=seed_value, default=0, help="initial weights, data order and augmentation")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-w<width>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
@@ -178,10 +178,11 @@ MEASURED_FIELDS = ("test_accuracy", "test_images", "data", "evaluation", "baseli
 
 # What a resumed run must share with the run that wrote last.pt: the model, what it learns from, and everything
 # that sets the data order, the schedule and the updates (a resume with another --seed or --lr went on silently and
-# wrote a card naming the new values; --epochs sets the cosine schedule of the epochs already trained too).
+# wrote a card naming the new values; --epochs sets the cosine schedule of the epochs already trained too; autocast,
+# what --amp gave on that device: a bf16 resume of an fp32 run went on unsaid).
 RESUME_MUST_MATCH = ("model", "width", "shortcut", "lam", "n_steps", "dataset", "num_classes", "epochs", "seed",
                      "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "batch_size", "world_size",
-                     "train_subset", "test_subset")
+                     "train_subset", "test_subset", "autocast")
 
 
 def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
@@ -267,6 +268,7 @@ def _train(argv: list[str] | None) -> dict:
         device = default_device() if args.device == "auto" else torch.device(args.device)
     is_main = rank == 0
     amp_dtype = _autocast_dtype(args, device)  # before any data is read: --amp fp16 on a CPU is refused
+    autocast = str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"  # what --amp (auto: by device) gave
     # process-wide and for good, so only when asked, and only where it helps (host memory of CPU training)
     allocator = keep_freed_memory() if args.keep_freed_memory and device.type == "cpu" else allocator_description()
     if args.keep_freed_memory and device.type != "cpu" and is_main:
@@ -302,7 +304,8 @@ def _train(argv: list[str] | None) -> dict:
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     start_epoch, train_seconds = 0, 0.0
     if args.resume and (out / "last.pt").exists():
-        state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world), device)
+        state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world,
+                                                    autocast=autocast), device)
         if state["epoch"] >= args.epochs and (out / "model.pt").exists():  # model.pt and its card stay as they are
             if is_main:
                 print(f"--resume: {out} is a finished run of {args.epochs} epoch{'s' if args.epochs != 1 else ''} (model.pt): "
@@ -343,8 +346,8 @@ def _train(argv: list[str] | None) -> dict:
     train_labels = train.labels.to(device)
     command = "python -m sdnet.train " + shlex.join(argv)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data or --resume leaves no empty folder
-    config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, command=command,
-                  machine=machine_description(device), allocator=allocator)
+    config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, autocast=autocast,
+                  command=command, machine=machine_description(device), allocator=allocator)
     if is_main:
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
         # the log as last.pt has it: an epoch logged by a run killed before its last.pt was saved is trained again

@@ -200,7 +200,8 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
                            (["--momentum", "0.5"], "momentum=0.9 there, 0.5 here"),
                            (["--warmup-epochs", "1"], "warmup_epochs=0.0 there, 1.0 here"),
                            (["--no-nesterov"], "nesterov=True there, False here"),
-                           (["--train-subset", "6"], r"train_subset=None \(the whole split\) there, 6 here")):
+                           (["--train-subset", "6"], r"train_subset=None \(the whole split\) there, 6 here"),
+                           (["--amp", "bf16"], "autocast='off' there, 'bfloat16' here")):
         with pytest.raises(SystemExit, match=f"is a different run .*{message}"):
             train_main(first + extra + ["--resume"])
     with pytest.raises(SystemExit, match="epochs=2 there, 3 here"):
@@ -209,7 +210,7 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     # killed after logging epoch 2 but before its last.pt (the log was written first): logged once, not twice
     with open(run / "log.jsonl", "a") as fh:
         fh.write(json.dumps({"epoch": 2, "train_acc": 0.0, "test_acc": 0.0, "train_seconds": 0.0}) + "\n")
-    train_main(first + ["--resume"])
+    train_main(first + ["--amp", "off", "--resume"])  # what --amp auto gave on the CPU: the same run
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["train_seconds"] > 0
     # a line cut short by a kill mid-append (or edited by hand) is dropped with the epochs after last.pt's
