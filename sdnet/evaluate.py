@@ -22,7 +22,8 @@ from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model, resolve_data_path
 from .inspect import trace
-from .utils import default_device, device_value, lam_value, positive_int, severity_value, steps_value, summary
+from .utils import (default_device, device_value, lam_value, positive_int, seed_value, severity_value, steps_value,
+                    summary)
 
 
 @dataclass
@@ -54,8 +55,9 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
         from tqdm import tqdm
         starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
     for i in starts:
-        if corruption:  # noise drawn per block of the split, not per batch: the same whatever --batch-size
-            x = corrupt_range(data.images, i, i + batch_size, corruption, severity, seed, device, noise_cache)
+        if corruption:  # noise drawn per block of the split, not per batch: the same whatever --batch-size; and on
+            # the CPU, as sdnet.robust draws it: a CUDA generator gave other noisy images for one seed
+            x = corrupt_range(data.images, i, i + batch_size, corruption, severity, seed, None, noise_cache).to(device)
         else:
             x = data.images[i:i + batch_size].to(device).float().div_(255)
         with override(lam=lam, n_steps=n_steps):
@@ -86,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, choices=sorted(NUM_CLASSES), help="default: the checkpoint's")
     p.add_argument("--split", default="test", choices=["test", "train"])
     p.add_argument("--subset", type=positive_int, default=None, help="evaluate on a fixed random subset of this size")
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=seed_value, default=0)
     p.add_argument("--lam", type=lam_value, default=None, help="lambda for every CSC layer (default: trained)")
     p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps (default: trained)")
     p.add_argument("--fresh-step-size", action="store_true",
@@ -96,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--severity", type=severity_value, default=None,
                    help="with --corruption: 1..5 as in CIFAR-10-C (default 3; a whole value, 2.0 as 2), or any other number: "
                         "the noise level c itself")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corruption noise")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the corruption noise")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

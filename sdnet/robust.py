@@ -42,9 +42,10 @@ adversarial
 fista Paper table 5: clean and noisy accuracy at --fista-steps FISTA iterations at inference, at the
       trained and at the adaptive lambda.
 
-The noise of an image depends on --seed and --batch-size exactly as in `python -m sdnet.evaluate`
-(same defaults), which therefore reproduces every trained-λ cell of these reports (its --lam sets every CSC
-layer, so cells whose λ is scoped to some layers, as the adaptive ones by default, are not its to reproduce).
+The noise of an image depends on --seed alone (not on --batch-size or --device), exactly as in
+`python -m sdnet.evaluate` (same defaults), which therefore reproduces every trained-λ cell of these
+reports (its --lam sets every CSC layer, so cells whose λ is scoped to some layers, as the adaptive
+ones by default, are not its to reproduce).
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, upd
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
 from .corruptions import KINDS, corrupt_range, level
 from .csc import csc_layers, override
-from .data import DatasetError, ImageSet, data_from_env, load_for_model
+from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model
 from .inspect import trace
 from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
-                    steps_value, unwritable_folder)
+                    seed_value, steps_value, unwritable_folder)
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -141,7 +142,11 @@ def scope_label(layers: Sequence[str] | None) -> str:
 
 
 def describe_scope(model: nn.Module, layers: Sequence[str] | None) -> str:
-    n = len(csc_layers(model))
+    names = [name for name, _ in csc_layers(model)]
+    n = len(names)
+    if layers is None and n == 1:  # SDNet-18: both scopes are its one layer
+        return (f"its only CSC layer (`{names[0]}`), λ and FISTA steps; r is its relative residual (the paper's "
+                "SDNet-18: Algorithm 1 as written)")
     if layers is None:
         return f"every CSC layer ({n}), λ and FISTA steps; r is the mean relative residual over all of them"
     return (f"the first CSC layer (`{', '.join(layers)}`) only, the other {n - len(layers)} keep the trained λ "
@@ -462,7 +467,8 @@ class _Context:
         self.n_steps = getattr(args, "n_steps", None)  # the run's FISTA steps (None: the trained ones)
         self.layers = scope_layers(self.model, args.lam_layers)
         # (the layers' suffix goes on the figures' names too: Report)
-        self.stem, self.suffix = stem, "-all-layers" if self.layers is None else ""
+        # (not on a model with one CSC layer: SDNet-18's default reports were named '-all-layers')
+        self.stem, self.suffix = stem, "-all-layers" if self.layers is None and len(csc_layers(self.model)) > 1 else ""
         self._refuse_existing(args)
         self.dataset = args.dataset or self.meta.get("dataset", "cifar10")
         self.baseline, self.baseline_field = None, None
@@ -824,16 +830,23 @@ def cmd_adversarial(args, argv) -> dict:
     n_attacks = len(RADII) * ((base is not None) + 2 + (tune_data is not None))
     n_evals = 1 + (base is not None) + len(RADII) * (4 + (base is not None) + (len(args.lams) if tune_data else 0))
     res: dict[str, Any] = {"norms": {}, "tuning": {} if tune_data is not None else None}
+    report.field("FISTA steps", f"{args.n_steps} (--n-steps) where λ is changed, in every attack and evaluation"
+                 if args.n_steps else "the trained ones")
     with _bar(n_attacks + n_evals, "adversarial") as bar:
+        def steps(m):  # --n-steps in the SDNet's attacks and evaluations (it was accepted and ignored), not the ResNet's
+            return override(n_steps=scoped(args.n_steps, ctx.layers) if m is model else None)
+
         def attack(m, imgs, labels, norm, lam=None):
             bar.set_postfix_str(f"PGD {norm} at λ {'trained' if lam is None else lam}")
-            out = pgd(m, imgs, labels, norm, RADII[norm][0], args.steps, step[norm], args.restarts,
-                      scoped(lam, ctx.layers), args.seed, bs)
+            with steps(m):
+                out = pgd(m, imgs, labels, norm, RADII[norm][0], args.steps, step[norm], args.restarts,
+                          scoped(lam, ctx.layers), args.seed, bs)
             bar.update(1)
             return out
 
         def acc(m, imgs, labels, lam=None):
-            out = accuracy(predict(m, imgs, lam=lam, batch_size=bs, layers=ctx.layers)[0], labels)
+            with steps(m):
+                out = accuracy(predict(m, imgs, lam=lam, batch_size=bs, layers=ctx.layers)[0], labels)
             bar.update(1)
             return out
 
@@ -1028,11 +1041,11 @@ def _subcommand(sub, name: str, func, help_: str, subset_help: str):
     p.set_defaults(func=func)
     p.add_argument("--checkpoint", required=True, help="SDNet checkpoint (its model card sits beside it)")
     p.add_argument("--data", default=None, help="dataset: CIFAR folder, ImageFolder tree or .tar.gz (default: $SDNET_DATA)")
-    p.add_argument("--dataset", default=None, help="cifar10 or cifar100 (default: the checkpoint's)")
+    p.add_argument("--dataset", default=None, choices=sorted(NUM_CLASSES), help="default: the checkpoint's")
     p.add_argument("--subset", type=positive_int, default=None, help=subset_help)
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=seed_value, default=0)
     p.add_argument("--batch-size", type=positive_int, default=250)
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the sweep subset and the attacks)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise (and of the sweep subset and the attacks)")
     p.add_argument("--n-steps", type=steps_value, default=None, help="FISTA steps at inference (default: trained)")
     p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -1101,6 +1114,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                     level(kind, severity)
                 except ValueError as err:
                     parser.error(f"{kind} at {severity:g}: {err}")
+    if args.func is cmd_fista and args.n_steps is not None:  # (was accepted and ignored)
+        parser.error(f"--n-steps {args.n_steps}: fista sets its counts with --fista-steps (a comma list)")
     if args.func is cmd_fit and len(set(args.levels)) < 2:
         parser.error(f"a fit of lambda against the residual needs two or more noise levels, got --levels "
                      f"{_join(args.levels)}: it would replace the card's fits with a flat line")

@@ -94,6 +94,13 @@ def nonnegative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
+SEED_MAX = 2 ** 31 - 1  # the app's seed box too; a seed far above it overflowed torch's manual_seed after the loading
+
+
+def seed_value(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= SEED_MAX, f"a seed from 0 to {SEED_MAX}")
+
+
 def positive_float(text: str) -> float:
     return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 

@@ -102,7 +102,9 @@ def test_parsers_and_command_line_errors(capsys):
         with pytest.raises(argparse.ArgumentTypeError, match="more than once"):
             parse(text)
     for bad in (["fit", "--checkpoint", "x.pt", "--noise", "fog"], ["fit", "--checkpoint", "x.pt", "--lams", "1:0:0.1"],
-                ["fista", "--checkpoint", "x.pt", "--fista-steps", "0"]):
+                ["fista", "--checkpoint", "x.pt", "--fista-steps", "0"], ["eval", "--checkpoint", "x.pt", "--seed", "-1"],
+                ["eval", "--checkpoint", "x.pt", "--seed", str(2 ** 31)], ["eval", "--checkpoint", "x.pt", "--dataset",
+                                                                            "cifar-10"]):
         with pytest.raises(SystemExit):
             robust.main(bad)
     with pytest.raises(SystemExit) as e:
@@ -484,6 +486,30 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
     assert any(c[0] == "L2" and c[1] is not None and set(c[1].values()) == {0.4} and c[2] == 3 for c in calls)
 
 
+def test_adversarial_runs_every_attack_and_evaluation_at_n_steps(setup, tmp_path, monkeypatch):
+    """--n-steps was accepted and ignored by adversarial (the report the same as without it); fista, whose counts
+    are --fista-steps, now refuses it."""
+    seen = []
+
+    def steps_in(model):  # the FISTA steps each CSC layer runs right now, in the network's order
+        return tuple(layer.effective_steps() for _, layer in sdnet.csc_layers(model))
+
+    for name in ("pgd", "predict"):
+        real = getattr(robust, name)
+        monkeypatch.setattr(robust, name, lambda model, *a, real=real, name=name, **k: (
+            seen.append((name, steps_in(model))), real(model, *a, **k))[1])
+    res, out = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3",
+                    "--n-steps", "3")
+    n_layers = len(sdnet.csc_layers(sdnet.load_checkpoint(setup[0] / "sd.pt")[0]))
+    sdnet_calls = [steps for _, steps in seen if steps]  # (the ResNet baseline has none)
+    assert {name for name, steps in seen if steps} == {"pgd", "predict"} and len(sdnet_calls) == 13  # a norm: 2 attacks, 4 evaluations; + clean
+    assert set(sdnet_calls) == {(3,) + (2,) * (n_layers - 1)}  # in the first layer, the scope of λ
+    assert "| FISTA steps | 3 (--n-steps) where λ is changed, in every attack and evaluation |" in (
+        out / "robust-adversarial.md").read_text()
+    with pytest.raises(SystemExit):
+        robust.main(["fista", "--checkpoint", "x.pt", "--n-steps", "3"])
+
+
 def test_the_tuned_lambda_is_the_best_and_the_smallest_on_ties():
     assert robust.best_lam([0.1, 0.5, 0.9], [50.0, 70.0, 60.0]) == 0.5
     assert robust.best_lam([0.1, 0.5, 0.9], [50.0, 70.0, 70.0]) == 0.5  # a tie: the smaller λ
@@ -522,6 +548,38 @@ def test_fista_report(setup, tmp_path):
     claim = md.split("## The paper's claim")[1]
     assert "At the trained λ, clean: " in claim and "; with the adaptive λ, gaussian: " in claim
     assert "one model trained with 2 steps runs other counts at inference" in claim  # 1 is not more than 2
+
+
+def test_a_model_with_one_csc_layer_gets_the_default_report_name(setup, tmp_path, calibrated_model):
+    """SDNet-18 (the paper's model): its one layer is 'first' and 'all' alike, and its default run's reports were
+    named '-all-layers', their scope 'every CSC layer (1)'."""
+    _, tree = setup
+    sdnet.save_checkpoint(tmp_path / "sd18.pt", calibrated_model("sdnet18", 4, True), classes=CLASSES,
+                          dataset="cifar10")
+    out = tmp_path / "reports"
+    robust.main(["fista", "--checkpoint", str(tmp_path / "sd18.pt"), "--data", str(tree), "--out", str(out),
+                 "--fista-steps", "1", "--noise", "gaussian", "--severities", "2", *FAST])
+    assert sorted(p.name for p in out.glob("*.md")) == ["robust-fista.md"]
+    assert "| λ changed in | its only CSC layer (`conv1`)" in (out / "robust-fista.md").read_text()
+
+
+def test_evaluate_gives_the_noise_robust_gives_on_every_device(setup, device):
+    """sdnet.robust draws its noise on the CPU; sdnet.evaluate drew it on --device, so on a GPU (another generator)
+    its noisy images, and so the trained-λ cells it is said to reproduce, were others."""
+    data = load_split(setup[1], "test")
+    seen = []
+
+    class Spy(torch.nn.Module):  # the model's inputs, as evaluate hands them over
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            seen.append(x.cpu())
+            return x.new_zeros(len(x), 10)
+
+    evaluate(Spy(), data, corruption="gaussian", severity=3, seed=5, batch_size=4, device=device)
+    assert torch.equal(torch.cat(seen), robust.corrupted(data, "gaussian", 3, seed=5))
 
 
 def test_lambda_scope_changes_only_the_named_layers(calibrated_model):
