@@ -287,6 +287,24 @@ def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
     return None if name.startswith("resnet") else f"the baseline {path} is a {name}, not a ResNet"
 
 
+def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
+    """Which stored tensors a model (built on the meta device) lacks, has and lacks in the file, or has in another
+    shape; None when they fit. Checked before the model is built for real: a 1 KB file naming width 512 and no
+    weights had it allocate 3 GiB (a larger width, all of memory) before load_state_dict refused it."""
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    mismatched = [f"{k} is {got[k]} there, {want[k]} here" if got[k] is not None else f"{k} is not a tensor"
+                  for k in want if k in got and got[k] != want[k]]
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    parts = ([f"size mismatch: {some(mismatched)}"] if mismatched else []) + (
+        [f"missing: {some(missing)}"] if missing else []) + ([f"unexpected: {some(unexpected)}"] if unexpected else [])
+    return "; ".join(parts) or None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored at `path`; returns (model in eval mode, meta with 'config')."""
     obj = safe_load(path, map_location)
@@ -308,9 +326,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     if not isinstance(config, dict) or not isinstance(meta, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{path} is damaged: its config, meta and state_dict must be dictionaries")
     try:
-        model = build_model(**config)
+        with torch.device("meta"):  # no memory: the weights are checked against it before the model is built
+            skeleton = build_model(**config)
     except Exception as e:  # noqa: BLE001 - a config the model cannot be built from (a hand edit, a newer field)
         raise CheckpointError(f"{path} is damaged: its stored architecture cannot be built: {_first_line(e)}") from None
+    problem = _shape_problem(skeleton, state)
+    if problem:
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: {problem}")
+    model = build_model(**config)  # now no larger than the weights the file holds
     try:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state)

@@ -542,3 +542,29 @@ def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     atomic_write_text(tmp_path / "card.json", "{}")
     assert events == ["file", "rename", "folder"]
     assert (tmp_path / "card.json").read_text() == "{}"
+
+
+def test_weights_that_do_not_fit_are_refused_before_the_model_is_built(model, tmp_path, monkeypatch):
+    """A 1 KB file naming width 512 and holding no weights allocated 3 GiB (a larger width, all of memory) before
+    its weights were found not to fit: the model is built on the meta device first."""
+    import sdnet.checkpoint as ckpt
+    builds, real = [], ckpt.build_model
+    monkeypatch.setattr(ckpt, "build_model", lambda **c: (builds.append(torch.empty(0).device.type), real(**c))[1])
+    torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": dict(model.sdnet_config, width=512),
+                "state_dict": {}}, tmp_path / "big.pt")
+    with pytest.raises(sdnet.CheckpointError, match=r"do not fit the stored architecture: missing: normalize.mean, "
+                                                    r"normalize.std, conv1.weight and \d+ more"):
+        sdnet.load_checkpoint(tmp_path / "big.pt")
+    assert builds == ["meta"]
+    builds.clear()
+    state = model.state_dict()
+    state["extra"], state["conv1.weight"] = torch.zeros(1), torch.zeros(2)
+    torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": model.sdnet_config, "state_dict": state},
+               tmp_path / "odd.pt")
+    with pytest.raises(sdnet.CheckpointError, match=r"size mismatch: conv1.weight is \(2,\) there, \(\d+, 3, 3, 3\) "
+                                                    r"here; unexpected: extra$"):
+        sdnet.load_checkpoint(tmp_path / "odd.pt")
+    sdnet.save_checkpoint(tmp_path / "good.pt", model)
+    builds.clear()
+    sdnet.load_checkpoint(tmp_path / "good.pt")
+    assert builds == ["meta", "cpu"]
