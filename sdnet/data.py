@@ -164,6 +164,11 @@ def align_classes(data: ImageSet, model_classes: list[str] | None, n_classes: in
     if not model_classes:
         if len(data.classes) > n_classes:
             raise DatasetError(f"the model predicts {n_classes} classes; {data.source} has {len(data.classes)}")
+        if len(data.classes) < n_classes:  # its sorted folders' indices are not the model's: scored as 0% unsaid
+            shown = ", ".join(list(data.classes)[:5]) + (", ..." if len(data.classes) > 5 else "")
+            raise DatasetError(f"the checkpoint has no class names, so the {len(data.classes)} class folder(s) of "
+                               f"{data.source} ({shown}) cannot be matched to its {n_classes} classes: give data "
+                               f"with all {n_classes}, or save the checkpoint with classes=[...]")
         return data
     _refuse_unknown(data.classes, data.source, model_classes)
     if list(data.classes) == list(model_classes):

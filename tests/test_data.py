@@ -35,6 +35,11 @@ def test_a_tree_of_more_classes_than_the_model_predicts_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="the model predicts 10 classes; .* has 11"):
         align_classes(many, None, 10)
     assert align_classes(many, None, 11) is many  # as many as it predicts: as it is
+    # fewer, and no names to match them by: their sorted folders' indices were taken for the model's classes (a cat
+    # and dog folder scored 0% against a model that gets 75% of them, unsaid)
+    with pytest.raises(DatasetError, match=r"no class names, so the 11 class folder\(s\) of .* \(class00, class01, "
+                                           r"class02, class03, class04, \.\.\.\) cannot be matched to its 12 classes"):
+        align_classes(many, None, 12)
 
 
 def test_a_tree_must_fit_the_dataset_it_is_named_as(tmp_path):
