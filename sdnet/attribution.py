@@ -28,12 +28,15 @@ LAYER_METHODS = {"integrated_gradients": "Layer Integrated Gradients",
 SIGNED = {"integrated_gradients": True, "saliency": False, "occlusion": True}
 
 
-def _batch(x: torch.Tensor) -> torch.Tensor:
+def _batch(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """One image as a batch of one, in the model's floating dtype (a bf16 model's own bf16 input had been made
+    float32, and refused by the model as not its dtype)."""
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"explain one image at a time: (3, H, W) or (1, 3, H, W), got {tuple(x.shape)}")
-    return x.detach().float()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return x.detach().to(dtype)
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "integrated_gradients", *,
@@ -47,7 +50,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "int
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
     check_eval_mode(model, "attribution")
-    inp = _batch(x)
+    inp = _batch(x, model)
     target = int(target)
     with override(lam=lam, n_steps=n_steps), torch.enable_grad():
         if method == "integrated_gradients":
@@ -59,7 +62,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "int
             attr = Occlusion(model).attribute(inp, sliding_window_shapes=(inp.shape[1], window, window),
                                               strides=(inp.shape[1], stride, stride), baselines=0.0,
                                               target=target, perturbations_per_eval=64)
-    return attr[0].detach().cpu()
+    return attr[0].detach().float().cpu()  # (float32 for any model: numpy has no bf16)
 
 
 def attribution_map(attr: torch.Tensor, method: str) -> torch.Tensor:
@@ -85,7 +88,7 @@ def atom_attribution(model: nn.Module, x: torch.Tensor, target: int, method: str
     name = layer_name or next(iter(layers))
     if name not in layers:
         raise ValueError(f"unknown CSC layer {name!r}; choose one of {', '.join(layers)}")
-    inp = _batch(x)
+    inp = _batch(x, private)
     with override(lam=lam, n_steps=n_steps), torch.enable_grad():
         if method == "integrated_gradients":
             attr = LayerIntegratedGradients(private, layers[name]).attribute(
@@ -93,4 +96,4 @@ def atom_attribution(model: nn.Module, x: torch.Tensor, target: int, method: str
                 internal_batch_size=ig_steps)
         else:
             attr = LayerGradientXActivation(private, layers[name]).attribute(inp, target=int(target))
-    return name, attr[0].detach().flatten(1).sum(1).cpu()
+    return name, attr[0].detach().float().flatten(1).sum(1).cpu()

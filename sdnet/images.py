@@ -272,9 +272,16 @@ def load_rgb_file(path, size: int = 32) -> torch.Tensor:
 
 # --- showing tensors ------------------------------------------------------------------------
 
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A tensor's values as numpy, half floats as float32: numpy has no bfloat16 (a bf16 model's trace could not be
+    shown), and a float16 sum over a code overflows."""
+    x = x.detach().cpu()
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+
+
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """(3, H, W) or (H, W, 3) or (H, W) values in [0, 1], or uint8 0..255 as they are, -> uint8 (H, W, 3) or (H, W)."""
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    arr = _as_numpy(image) if isinstance(image, torch.Tensor) else np.asarray(image)
     if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(1, 2, 0)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -305,13 +312,13 @@ def enlarge(picture: np.ndarray, scale: int) -> np.ndarray:
 
 def display_rgb(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Any (3, H, W) signal -> (H, W, 3) in [0, 1] by one min-max over all channels."""
-    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    arr = _as_numpy(x) if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
     return stretch(arr).transpose(1, 2, 0)
 
 
 def atom_tiles(weight: torch.Tensor | np.ndarray) -> np.ndarray:
     """Atoms (C, 3, k, k) -> RGB tiles (C, k, k, 3) in [0, 1]: grey is 0, each atom scaled to its max |w|."""
-    w = weight.detach().cpu().float().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight, dtype=np.float32)
+    w = _as_numpy(weight).astype(np.float32) if isinstance(weight, torch.Tensor) else np.asarray(weight, dtype=np.float32)
     if w.ndim != 4 or w.shape[1] != 3:
         raise ValueError(f"atom_tiles needs RGB atoms (C, 3, k, k), got {w.shape}")
     peak = np.abs(w).reshape(len(w), -1).max(1).clip(1e-12).reshape(-1, 1, 1, 1)
@@ -320,7 +327,7 @@ def atom_tiles(weight: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def channel_activity(z: torch.Tensor | np.ndarray) -> np.ndarray:
     """Per channel of a code (C, H, W): sum of |z|, how much the image uses each atom."""
-    arr = z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z)
+    arr = _as_numpy(z) if isinstance(z, torch.Tensor) else np.asarray(z)
     return np.abs(arr).reshape(arr.shape[0], -1).sum(1)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -233,3 +234,22 @@ def test_decode_to_input_refuses_what_it_cannot_do(no_shortcut_model):
         sdnet.decode_to_input(no_shortcut_model, "conv1", torch.rand(1, width + 1, 32, 32))
     with pytest.raises(ValueError, match=r"got shape \(32, 32\)"):
         sdnet.decode_to_input(no_shortcut_model, "conv1", torch.rand(32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attribution_and_pictures_of_a_half_precision_model(dtype):
+    """A bf16 model's own bf16 image was made float32 by attribution (and refused by the model as not its dtype),
+    and the picture helpers called numpy on bf16 tensors, which numpy has no type for."""
+    from sdnet import attribution, images
+    torch.manual_seed(0)
+    model = sdnet.build_model("sdnet18_all", width=4, shortcut=False).eval().to(dtype)
+    x = torch.rand(3, 32, 32).to(dtype)
+    for method in attribution.METHODS:
+        attr = attribution.attribute(model, x, 1, method, ig_steps=2)
+        assert attr.shape == (3, 32, 32) and attr.dtype == torch.float32 and torch.isfinite(attr).all()
+    name, scores = attribution.atom_attribution(model, x, 1, ig_steps=2)
+    assert scores.dtype == torch.float32 and len(scores) == 4
+    rec = sdnet.trace(model, x[None]).layers[0]
+    assert images.to_uint8(rec.recon[0]).dtype == np.uint8 and images.display_rgb(rec.recon[0]).shape == (32, 32, 3)
+    assert images.channel_activity(rec.z[0]).shape == (4,) and images.atom_tiles(model.conv1.weight).shape == (4, 3, 3, 3)
+    assert (images.to_uint8(torch.tensor([[[0, 255]]], dtype=torch.uint8)) == [[0, 255]]).all()  # pixels as they are
