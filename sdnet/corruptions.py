@@ -35,12 +35,24 @@ def level(kind: str, severity: int | float) -> float:
     if not c > 0 or c != c or c == float("inf"):
         raise ValueError(f"a float level must be positive and finite, got {severity}")
     if kind == "impulse" and c > 1:
-        raise ValueError(f"impulse amount must be in (0, 1], got {c}")
+        also = f"{c:g} is not a CIFAR-10-C severity (1..5), and " if c.is_integer() else ""
+        raise ValueError(f"{also}impulse amount must be in (0, 1], got {c:g}")
     if kind in ("gaussian", "speckle") and c > 1:  # most likely a severity out of 1..5 ("7"), read as a level
         also = f"{c:g} is not a CIFAR-10-C severity (1..5), and " if c.is_integer() else ""
         raise ValueError(f"{also}as a level c it is more than 1, the most {kind} noise's standard deviation (in pixel "
                          f"units) can be; severities 1..5 are c = {', '.join(f'{v:g}' for v in SEVERITY[kind])}")
     return c
+
+
+def level_note(kind: str, severity: int | float) -> str | None:
+    """A note for a command line given a whole number above 5 as a severity, which it reads as the level c (only
+    shot noise takes such a level: under 50, noisier than its severity 5, most likely a severity mistyped), else
+    None."""
+    if (kind == "shot" and isinstance(severity, float) and severity.is_integer()
+            and 5 < severity < SEVERITY["shot"][-1]):
+        return (f"{severity:g} is not a CIFAR-10-C severity (1..5): it is used as shot noise's level c = {severity:g}, "
+                f"noisier than severity 5 (c = {SEVERITY['shot'][-1]})")
+    return None
 
 
 def corrupt(images: torch.Tensor, kind: str, severity: int | float, seed: int | None = None) -> torch.Tensor:

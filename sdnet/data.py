@@ -107,10 +107,11 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         made = next(d for d in (*reversed(target.parents), target) if not d.exists())
         target.mkdir(parents=True)  # "~/data" made ./~/data
     p = resolve_data_path(path)
+    archive = None
     if p.is_file():
         if not _is_tarball(p):
             raise DatasetError(f"{p} is a file but not a .tar.gz/.tgz/.tar archive of an ImageFolder tree")
-        p = _unpack_once(p)
+        archive, p = p, _unpack_once(p)
         download = False  # the data is here: --download fetched CIFAR into the cache's unpacked copy, used that
     if _torchvision_folder(p, dataset) or (download and not _is_image_folder(p, split)):
         try:
@@ -119,7 +120,12 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
             if made is not None and not any(f.is_file() for f in made.rglob("*")):  # no empty folders left behind
                 shutil.rmtree(made, ignore_errors=True)
             raise
-    return _check_named(_load_image_folder(p, split, classes), dataset)
+    try:
+        return _check_named(_load_image_folder(p, split, classes), dataset)
+    except DatasetError as err:  # named by the archive given, not only by the cache's copy (a folder never seen)
+        if archive is None:
+            raise
+        raise DatasetError(f"the archive {archive}, unpacked: {err}") from None
 
 
 def _is_image_folder(p: Path, split: str) -> bool:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .cards import card_path, update_card, writable_card
 from .checkpoint import CheckpointError, load_checkpoint, not_a_resnet
-from .corruptions import KINDS, corrupt_range, level
+from .corruptions import KINDS, corrupt_range, level, level_note
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model, resolve_data_path
 from .inspect import trace
@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             level(args.corruption, args.severity)  # a float level has a range per noise (impulse: up to 1)
         except ValueError as err:
             p.error(f"--severity {args.severity:g} for {args.corruption}: {err}")
+        note = level_note(args.corruption, args.severity)
+        if note:
+            print(f"note: --severity {note}", file=sys.stderr)
     return args
 
 

@@ -70,7 +70,7 @@ import torch.nn as nn
 from .attacks import max_norm, pgd
 from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, update_card, writable_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
-from .corruptions import KINDS, corrupt_range, level
+from .corruptions import KINDS, corrupt_range, level, level_note
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model
 from .inspect import trace
@@ -1114,6 +1114,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                     level(kind, severity)
                 except ValueError as err:
                     parser.error(f"{kind} at {severity:g}: {err}")
+                note = level_note(kind, severity)
+                if note:
+                    print(f"note: {note}", file=sys.stderr)
     if args.func is cmd_fista and args.n_steps is not None:  # (was accepted and ignored)
         parser.error(f"--n-steps {args.n_steps}: fista sets its counts with --fista-steps (a comma list)")
     if args.func is cmd_fit and len(set(args.levels)) < 2:

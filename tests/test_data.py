@@ -1,4 +1,5 @@
 """sdnet.data: the three sources, the decode cache, clear errors, and the augmentation."""
+import re
 import shutil
 import tarfile
 
@@ -75,6 +76,18 @@ def test_a_plain_tar_loads_and_a_half_removed_copy_is_replaced(tmp_path):
     (unpacked / "stray.txt").write_text("left over")
     shutil.rmtree(tmp_path / "cache" / "decoded")
     assert len(load_split(archive, "test")) == 3 and not (unpacked / "stray.txt").exists()
+
+
+def test_an_archive_without_the_split_is_named_in_the_error(tmp_path):
+    """The error named only the cache's unpacked copy, a folder the user never saw, not the archive they gave."""
+    root = make_image_folder(tmp_path / "tree" / "only", n_train=1, n_test=1)
+    shutil.rmtree(root / "test")
+    archive = tmp_path / "wrong.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="only")
+    with pytest.raises(DatasetError, match=f"the archive {re.escape(str(archive))}, unpacked: no 'test' folder in "):
+        load_split(archive, "test")
+    assert len(load_split(archive, "train")) == 3
 
 
 def test_tarball_is_unpacked_once(tmp_path, monkeypatch):

@@ -442,7 +442,9 @@ def test_evaluate_cli_clear_errors(tmp_path, data):
     (["--severity", "2"], "--severity needs --corruption"), (["--batch-size", "0"], "--batch-size: expected a positive"),
     (["--corruption", "impulse", "--severity", "1.5"], "--severity 1.5 for impulse: impulse amount must be in (0, 1]"),
     # a severity out of 1..5 is read as the level c: for Gaussian noise 7 was a std of 7 pixel ranges, silently
-    (["--corruption", "gaussian", "--severity", "7"], "--severity 7 for gaussian: 7 is not a CIFAR-10-C severity (1..5)")])
+    (["--corruption", "gaussian", "--severity", "7"], "--severity 7 for gaussian: 7 is not a CIFAR-10-C severity (1..5)"),
+    (["--corruption", "impulse", "--severity", "6"], "--severity 6 for impulse: 6 is not a CIFAR-10-C severity (1..5)"),
+    (["--seed", "-1"], "--seed: expected a seed from 0 to 2147483647")])
 def test_evaluate_cli_refuses_bad_arguments_with_a_usage_error(args, message, capsys):
     """A bad number is an argparse error (exit code 2, the usage line and what is wrong), never a traceback
     or a silent surprise (--subset -3 used to evaluate all but 3 images, a Python slice)."""
@@ -490,6 +492,22 @@ def test_train_and_robust_cli_refuse_bad_arguments(capsys):
         with pytest.raises(SystemExit) as info:
             parse(args)
         assert info.value.code == 2 and message in capsys.readouterr().err, args
+
+
+def test_a_whole_severity_above_5_used_as_shot_noises_level_is_said(capsys):
+    """Shot noise takes any positive level, so --severity 6 ran at c = 6 (8x the noise of severity 5) with no word
+    of it, where the other noises refuse a 6 as no CIFAR-10-C severity."""
+    from sdnet.robust import main as robust_main
+    with pytest.raises(SystemExit):  # (the checkpoint is not there: after the parse)
+        evaluate_main(["--checkpoint", "unused.pt", "--corruption", "shot", "--severity", "6"])
+    assert "note: --severity 6 is not a CIFAR-10-C severity (1..5): it is used as shot noise's level c = 6" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        robust_main(["fit", "--checkpoint", "unused.pt", "--noise", "shot", "--levels", "1,6", "--no-png"])
+    assert "note: 6 is not a CIFAR-10-C severity (1..5): it is used as shot noise's level c = 6" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", "unused.pt", "--corruption", "shot", "--severity", "60"])
+    assert "note" not in capsys.readouterr().err  # 60: a level near CIFAR-10-C's (50 to 500), as meant
 
 
 def test_evaluate_cli_refuses_what_does_not_apply(tmp_path, data):
