@@ -325,8 +325,13 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
     else:
         grid = images.tile_grid(stack, n, (pad, pad), fill=np.nan)
         label = _tile_text(titles, n, h, w, (pad, pad))
-        trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=float(np.nanmax(stack)), colorscale="Viridis",
-                     hoverongaps=False, colorbar=dict(TILE_COLORBAR, title=dict(text=colorbar_title, side="right")),
+        peak = float(images.finite_peak(stack))
+        # all zero (a layer fed zeros): plotly's own scale then ran -0.5 to 0.5 in mid-teal, for a norm; as the code
+        # maps do, 0 to 1 titled so
+        title = colorbar_title if peak > 0 else f"{colorbar_title} (all 0)".strip()
+        trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=peak if peak > 0 else 1.0,
+                     colorscale="Viridis", hoverongaps=False,
+                     colorbar=dict(TILE_COLORBAR, title=dict(text=title, side="right")),
                      hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>")
     return _tiled([trace], n, n, h, w, pad, pad, titles, 260 / (h + pad))
 

@@ -656,7 +656,8 @@ def export_png_makers(view: View, unnormalize) -> dict[str, Callable[[], bytes]]
                 view.sees, view.layer, view.sees_offsets, view.settings, zero=not np.any(rec["z"]),
                 stretch=view.sees_stretch)
     for method, attr in view.attributions.items():
-        makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
+        if np.any(attr):  # (all zero, the page draws no map and says so: an empty overlay read 0 / 0 / -0)
+            makers[f"attribution_{method}.png"] = lambda m=method, a=attr: _attribution_png(view, a, m, up)
     if view.atom_scores is not None and view.atom_tiles is not None and np.any(view.atom_scores):
         # (all zero, the page shows no atoms but says why: a picture of empty bars would look like a failure)
         makers["attribution_atoms.png"] = lambda: _atom_attribution_png(view)
@@ -723,16 +724,18 @@ def _codes_png(rec: dict, channels: list[int], settings: dict) -> bytes:
 
 def _recon_png(rec: dict, unnormalize, settings: dict) -> bytes:
     panels, rgb = recon_panels(rec, unnormalize)
-    bar = None
+    bar, zero = None, False
     if rgb:
         pics = np.stack([p for _, p in panels])
     else:
         vmax = max(images.finite_peak(p) for _, p in panels)
         pics = np.stack([images.colorize(p, 0, max(vmax, 1e-12)) for _, p in panels])
-        bar = (0.0, vmax, "l2 norm over channels")
+        zero = vmax == 0  # (a layer fed zeros: as the page's, 0 to 1 and said, not a bar from 0 to 0)
+        bar = (0.0, vmax, "l2 norm over channels") if not zero else (0.0, 1.0, "l2 norm over channels (all 0)")
     grid = images.scored_tiles(pics, None, [t for t, _ in panels], ncols=3, cell=256 + 8)
-    return _figure_png(grid, f"{rec['name']}: its input x, the reconstruction A(z) from its code, and the residual",
-                       settings, colorbar=bar, layer=rec["name"])
+    return _figure_png(grid, f"{rec['name']}: its input x, the reconstruction A(z) from its code, and the residual"
+                       + ("; all three are zero: the layer is fed zeros at this λ" if zero else ""), settings,
+                       colorbar=bar, layer=rec["name"])
 
 
 def _attribution_png(view: View, attr: np.ndarray, method: str, scale: int) -> bytes:

@@ -341,6 +341,18 @@ def test_exported_figures_and_code_maps_say_when_a_code_is_all_zero(monkeypatch)
     assert "most active" in titles[2]
     grid = plots.code_grid(np.zeros((8, 4, 4)), [0, 1], np.zeros(8))
     assert grid.data[0].zmax == 1 and grid.data[0].colorbar.title.text == "z (all 0)"
+    # a layer fed zeros: its input, A(z) and residual maps ran -0.5 to 0.5 in mid-teal on the page ('l2 norm'), and
+    # its export's bar from 0 to 0
+    flat = [(t, np.zeros((4, 4))) for t in ("input x", "A(z)", "residual")]
+    maps = plots.layer_maps(flat, False, "l2 norm")
+    assert (maps.data[0].zmin, maps.data[0].zmax) == (0, 1) and maps.data[0].colorbar.title.text == "l2 norm (all 0)"
+    assert plots.layer_maps([(t, m + 2) for t, m in flat], False, "l2 norm").data[0].zmax == 2
+    bars = []
+    monkeypatch.setattr(images, "figure", lambda *a, **k: (  # figure(picture, title, subtitle, colorbar, ...)
+        titles.append(a[1]), bars.append(k["colorbar"] if "colorbar" in k else a[3]), real(*a, **k))[2])
+    state._recon_png(dict(zero, x=np.zeros((8, 4, 4)), recon=np.zeros((8, 4, 4)), residual=np.zeros((8, 4, 4))), None,
+                     settings)
+    assert bars[-1][:2] == (0.0, 1.0) and "(all 0)" in bars[-1][2] and "the layer is fed zeros" in titles[-1]
 
 
 def test_display_helpers_take_uint8_pixels_non_finite_values_and_refuse_bad_sizes():
@@ -1259,6 +1271,7 @@ def test_attribution_that_is_all_zero_says_why(app):
     assert not any("settings changed since" in w.value for w in at.warning)  # fresh: no stale warning
     view = at.session_state["view"]
     assert "attribution_atoms.png" not in state.export_png_makers(view, None)  # nor a picture of empty bars
+    assert "attribution_saliency.png" not in state.export_png_makers(view, None)  # nor an empty overlay (0 / 0 / -0)
     at.select_slider(key="lam").set_value(0.1).run()  # not recomputed: the message names the old λ, no advice
     assert any("at λ = 10" in i.value and "compute it again" not in i.value for i in at.info)
     assert any("settings changed since this attribution was computed" in w.value for w in at.warning)
@@ -1266,7 +1279,8 @@ def test_attribution_that_is_all_zero_says_why(app):
     ok(at)
     assert not any("Every attribution is exactly zero" in i.value for i in at.info)
     assert any(c.key and c.key.startswith("attr_") for c in at.get("plotly_chart"))  # the maps are back
-    assert "attribution_atoms.png" in state.export_png_makers(at.session_state["view"], None)
+    assert {"attribution_atoms.png", "attribution_saliency.png"} <= set(state.export_png_makers(
+        at.session_state["view"], None))
 
 
 def test_lam_path_tab_follows_the_slider_and_keeps_per_layer_lambdas(app):
