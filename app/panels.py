@@ -649,7 +649,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     if not fits:
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
         st.caption("Needs the λ-vs-residual fit of Algorithm 1 on the model card; make it with "
-                   f"`{state.FIT_HINT.format(checkpoint=loaded.path, stem=loaded.path.stem)}`")
+                   f"`{state.fit_hint(loaded.path)}`")
         return
     kinds = list(fits)
     _default("fit_noise", ctx.corruption["kind"] if ctx.corruption["kind"] in kinds else kinds[0])
@@ -669,7 +669,7 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     except KeyError as err:  # a stale or hand-edited card
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")
         st.caption(f"The {noise} fit on the model card does not match this model ({err.args[0]}); refit it with "
-                   f"`{state.FIT_HINT.format(checkpoint=loaded.path, stem=loaded.path.stem)}`")
+                   f"`{state.fit_hint(loaded.path)}`")
         return
     except ValueError as err:  # every layer the fit reads was fed zeros
         st.button("Auto λ (Algorithm 1)", disabled=True, key="auto_lam_btn")

@@ -59,8 +59,14 @@ def train_hint(folder: Path) -> str:
     return _TRAIN_HINT.format(folder=shlex.quote(shown))
 
 
-# its own --out: the default, reports/, holds the shipped models' reports, which robust will not overwrite unasked
-FIT_HINT = "python -m sdnet.robust fit --checkpoint {checkpoint} --data PATH/TO/CIFAR10 --out reports/{stem}"
+def fit_hint(checkpoint: Path) -> str:
+    """The command that puts Algorithm 1's fit on a checkpoint's card, its paths quoted: 'my model (copy).pt' was a
+    shell syntax error pasted as it was. Its own --out: the default, reports/, holds the shipped models' reports,
+    which robust will not overwrite unasked."""
+    return (f"python -m sdnet.robust fit --checkpoint {shlex.quote(str(checkpoint))} --data PATH/TO/CIFAR10 "
+            f"--out {shlex.quote(f'reports/{checkpoint.stem}')}")
+
+
 CORRUPTIONS = ("none", *sdnet.corruptions.KINDS)
 # Continuous noise levels offered per kind: (min, max, default, step); for shot, smaller is noisier.
 LEVELS = {"gaussian": (0.005, 0.4, 0.08, 0.005), "shot": (5.0, 1000.0, 100.0, 5.0),

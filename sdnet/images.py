@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000   # width * height above this is refused (a decompression bomb, or just too big)
 MAX_BYTES = 50 * 2 ** 20  # files above 50 MiB are refused before decoding
-SUFFIXES = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+# (jfif and jpe: JPEG under the names some browsers save it with; an upload box refused them as "not allowed")
+SUFFIXES = ("png", "jpg", "jpeg", "jfif", "jpe", "webp", "bmp", "gif", "tif", "tiff")
 # The only decoders an upload may reach (JPEG's also opens a phone's MPO). Pillow otherwise tries every format it
 # knows by the file's first bytes, whatever its name: an EPS renamed .png would be handed to Ghostscript.
 DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")

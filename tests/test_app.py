@@ -2583,3 +2583,17 @@ def test_latency_benchmark_runs(checkpoint_dir, monkeypatch):
     for args, said in ((["--checkpoint", "nope.pt"], "error: no file at"), (["--sample", "dog_99"], "not an image of")):
         with pytest.raises(SystemExit, match=said):
             app_latency.main([*args, "--checkpoint", ckpt.name] if "--sample" in args else args)
+
+
+def test_the_fit_hint_is_one_shell_command_and_jpeg_takes_its_other_names(tmp_path):
+    """A checkpoint named 'my model (copy).pt' gave a hint that was a syntax error in bash; a JPEG saved as .jfif
+    (as browsers on Windows save them) was refused by the upload box as 'not allowed'."""
+    import shlex
+    from app import state
+    path = tmp_path / "my model (copy).pt"
+    words = shlex.split(state.fit_hint(path))
+    assert words[words.index("--checkpoint") + 1] == str(path) and words[-1] == "reports/my model (copy)"
+    assert {"jfif", "jpe"} <= set(images.SUFFIXES)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="JPEG")
+    assert images.prepare_image(buf.getvalue(), 8).tensor.shape == (3, 8, 8)  # decoded by content, not by name
