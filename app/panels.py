@@ -622,6 +622,10 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
         depth = {n: i for i, n in enumerate(loaded.layer_names)}
         st.session_state["lam_layers"] = sorted(_default("lam_layers", []), key=lambda n: depth.get(n, len(depth)))
         chosen = st.multiselect("Layers with their own λ", loaded.layer_names, key="lam_layers")
+        for key in [k for k in st.session_state if str(k).startswith(_per_layer_key(""))
+                    and str(k).removeprefix(_per_layer_key("")) not in chosen]:
+            del st.session_state[key]  # a layer taken off and added back starts at λ for all (it came back at its
+            # old λ, unseen: at 10 it cut the image off again)
         per_layer = {}
         for name in chosen:
             _default(_per_layer_key(name), lam_all)

@@ -1085,6 +1085,12 @@ def test_page_renders_and_lambda_changes_residuals(app):
     layers = at.session_state["view"].probe["layers"]
     assert layers[0]["lam"] == 0.01 and all(r["lam"] == 1.0 for r in layers[1:])
     assert at.session_state["view"].settings["n_steps"] == 5
+    # taken off, then added back: at λ for all layers, as on its first add (it came back at its old 0.01, unseen)
+    at.multiselect(key="lam_layers").set_value([]).run()
+    at.multiselect(key="lam_layers").set_value(["conv1"]).run()
+    assert at.select_slider(key="lam_layer:conv1").value == 1.0
+    assert all(r["lam"] == 1.0 for r in at.session_state["view"].probe["layers"])
+    at.select_slider(key="lam_layer:conv1").set_value(0.01).run()
     every = at.session_state["view"].probe["logits"]
     # the toggle has no tooltip of its own (Streamlit cut its label then): the slider's explains it, by its label
     assert f"'{at.toggle(key='steps_first').label}'" in at.slider(key="n_steps").help
