@@ -1312,12 +1312,16 @@ def settings_of(ctx: Context, lam: dict | None, spec: state.LamSpec, n_steps: st
     loaded = ctx.loaded
     path = loaded.path.resolve()
     shown = str(path.relative_to(state.ROOT)) if path.is_relative_to(state.ROOT) else str(path)
+    severity = ctx.corruption.get("severity")
     return {
         "checkpoint": dict(path=shown, sha256=state.checkpoint_sha256(loaded.key, str(path)), model=loaded.title),
         "device": ctx.device,
         "image": dict(ctx.image_info, sha256=images.image_hash(ctx.clean), size=int(ctx.clean.shape[-1]),
                       model_input_sha256=images.image_hash(ctx.image)),
-        "corruption": {k: ctx.corruption.get(k) for k in ("kind", "severity", "seed", "level")},
+        # a severity 1..5, or None at a continuous level: that level read as 'severity 5.0' (shot's severity 5 is
+        # c = 50, not 5); the level c either way
+        "corruption": {"kind": ctx.corruption["kind"], "severity": severity if isinstance(severity, int) else None,
+                       "seed": ctx.corruption.get("seed"), "level": ctx.corruption.get("level")},
         "lam": None if lam is None else dict(all=lam["all"], per_layer=lam["per_layer"],
                                              override=[list(p) for p in spec] if isinstance(spec, tuple) else spec,
                                              trained=loaded.trained_lams),

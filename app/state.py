@@ -620,8 +620,8 @@ def noise_text(corruption: dict) -> str:
     c=5, seed 3' (a level is not a severity: shot's severity 5 is c=50)."""
     if corruption["kind"] == "none":
         return "no noise"
-    strength = corruption["severity"]
-    what = f"severity {strength}" if isinstance(strength, int) else f"level c={strength:g}"
+    severity = corruption["severity"]
+    what = f"severity {severity}" if isinstance(severity, int) else f"level c={corruption['level']:g}"
     return f"{corruption['kind']} noise, {what}, seed {corruption['seed']}"
 
 
@@ -884,8 +884,8 @@ def reproduce_snippet(settings: dict) -> str:
               "model, meta = sdnet.load_checkpoint(ckpt)",
               "x = torch.from_numpy(saved['clean'])  # the clean model input, exact"]
     if settings["corruption"]["kind"] != "none":
-        lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['severity'], "
-                     "seed=s['corruption']['seed'])")
+        lines.append("x = sdnet.corruptions.corrupt(x, s['corruption']['kind'], s['corruption']['level'], "
+                     "seed=s['corruption']['seed'])  # the level c: a severity's own, or the one set")
     csc = settings["lam"] is not None  # None: a model without CSC layers (a ResNet), no λ to set nor codes to compare
     if csc:
         lines += ["lam = s['lam']['override']",

@@ -307,10 +307,10 @@ def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
     assert state.setting_text(0.1, {"conv1": 0.5}, 2, "conv1") == "λ=0.5 in conv1 (others 0.1), 2 steps"
     assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers with their own), 2 steps"
     assert state.noise_text(dict(kind="none", severity=None, seed=None)) == "no noise"
-    assert state.noise_text(dict(kind="shot", severity=5.0, seed=3)) == "shot noise, level c=5, seed 3"
+    assert state.noise_text(dict(kind="shot", severity=None, seed=3, level=5.0)) == "shot noise, level c=5, seed 3"
     assert state.noise_text(dict(kind="gaussian", severity=3, seed=0)) == "gaussian noise, severity 3, seed 0"
     settings = dict(checkpoint=dict(model="sdnet18_all (width 16, no shortcuts)"), image=dict(source="sample:cat_2"),
-                    corruption=dict(kind="shot", severity=5.0, seed=3),
+                    corruption=dict(kind="shot", severity=None, seed=3, level=5.0),
                     lam=dict(all=0.1, per_layer={"conv1": 0.5}), n_steps=2)
     assert state.export_subtitle(settings, "conv1") == ("sdnet18_all (width 16, no shortcuts) · sample:cat_2 · shot "
                                                         "noise, level c=5, seed 3 · λ=0.5 in conv1 (others 0.1), 2 steps")
@@ -1222,6 +1222,8 @@ def test_each_corruption(app, kind):
         ok(at)
         other = at.session_state["view"]
         assert other.settings["corruption"]["seed"] == 7 and not np.array_equal(other.image, view.image)
+        # a level is not written as a severity (shot's 'severity 5.0' was c = 5, its severity 5 is c = 50)
+        assert other.settings["corruption"] == dict(kind=kind, severity=None, seed=7, level=0.08)
 
 
 def test_switching_the_noise_strength_keeps_it_as_strong(app):
@@ -1588,6 +1590,14 @@ def test_reproduce_py_redraws_the_noise_and_finds_a_checkpoint_in_the_checkout(a
         dict(view.settings, checkpoint=dict(view.settings["checkpoint"], path=str(tmp_path / "gone.pt")))))
     run = subprocess.run([sys.executable, "reproduce.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and f"No checkpoint at {tmp_path / 'gone.pt'}" in run.stderr, run.stderr
+    # at a continuous level: settings.json has no severity (it read 'severity 55.0'), and the script draws the level
+    at.radio(key="noise_mode").set_value("Continuous level").run()
+    at.slider(key="level_shot").set_value(55.0).run()
+    view = at.session_state["view"]
+    assert view.settings["corruption"] == dict(kind="shot", severity=None, seed=7, level=55.0)
+    level = tmp_path / "level"
+    zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded)))).extractall(level)
+    assert_reproduces(level, np.load(level / "arrays.npz"), loaded.classes)
 
 
 def _resnet_name(checkpoint_dir: Path) -> str:
