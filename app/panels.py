@@ -273,7 +273,7 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], images.
                           help="Any size and mode; converted to RGB, resized and centre-cropped to the model's input.")
     if up is not None:
         name, data = up.name, up.getvalue()
-        ss["upload_kept"], ss["upload_away"] = (name, data), False
+        ss["upload_away"] = False
     elif ss.get("upload_away") and "upload_kept" in ss:
         # a look at a sample and back emptied the box, and the upload was gone (uploaded again by hand); a file
         # removed from the box (its x) is forgotten
@@ -290,6 +290,8 @@ def image_sidebar(size: int) -> tuple[np.ndarray | None, dict[str, Any], images.
         st.error(f"Cannot use {_code(name)}: {e}")
         st.caption("Upload another file, or pick a sample image in the sidebar.")
         return None, {}, None
+    if up is not None:  # kept once usable: a file that could not be used replaced the good one kept before it
+        ss["upload_kept"] = (name, data)
     return prep.tensor.numpy(), dict(source=f"upload:{name}", file_sha256=prep.file_sha256,
                                      original_size=list(prep.original_size), original_mode=prep.original_mode,
                                      notes=prep.notes), prep

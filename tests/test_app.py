@@ -2192,6 +2192,14 @@ def test_an_upload_survives_a_look_at_a_sample(app):
     assert at.session_state["view"].settings["image"]["source"] == "upload:mine.png"
     at.file_uploader(key="upload").set_value(("other.png", photo, "image/png")).run()  # another replaces it...
     assert at.session_state["view"].settings["image"]["source"] == "upload:other.png"
+    # ...but not one that cannot be used: a look at a sample then brought back the bad file and its error
+    at.file_uploader(key="upload").set_value(("notes.png", b"not an image", "image/png")).run()
+    assert any("Cannot use `notes.png`" in e.value for e in at.error)
+    at.radio(key="source").set_value("Sample").run()
+    at.radio(key="source").set_value("Upload").run()
+    ok(at)
+    assert at.session_state["view"].settings["image"]["source"] == "upload:other.png"
+    at.file_uploader(key="upload").set_value(("other.png", photo, "image/png")).run()
     at.file_uploader(key="upload").set_value(None).run()  # ...and one taken out of the box (its x) is gone
     assert any("Upload an image" in i.value for i in at.info)
 
