@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -94,10 +95,15 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, 
         img.load()
     except ImageError:
         raise
-    except Image.DecompressionBombError:
-        # Pillow's own, higher limit tripped before ours could be checked: quote ours
-        raise ImageError(f"the image is over the {max_pixels / 1e6:.0f} megapixel limit "
-                         "(a decompression bomb is refused)") from None
+    except Image.DecompressionBombError as e:
+        # Pillow's own, higher limit, tripped as the file opened: that one is quoted (ours quoted here read as if a
+        # 150-megapixel JPEG, decoded at 1/2 and used, were over it), with the size Pillow's message gives
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        what = f"{int(size.group(1)) / 1e6:.0f} megapixels" if size else "too large"
+        bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageError(f"the image is {what}, over Pillow's {bomb / 1e6:.0f} megapixel limit for any file (a "
+                         "decompression bomb is refused before decoding); under it a JPEG is decoded at reduced "
+                         f"scale, other images must be under {max_pixels / 1e6:.0f} megapixels") from None
     except UnidentifiedImageError:
         raise ImageError("this file is not an image PIL can read (expected PNG, JPEG, WebP, BMP, GIF or TIFF)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
