@@ -1279,8 +1279,10 @@ def export_panel(view: state.View, unnormalize) -> None:
         st.caption("PNGs of what is on the page (the Atoms tab's as its settings stand), each titled with its layer, "
                    "the image, the noise and λ, and where colours stand for values, with its colour scale (the inputs "
                    "as plain images), and one ZIP with all of them, "
-                   "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), the λ path (lam_path.csv), "
-                   "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves "
+                   "the raw arrays (arrays.npz: x, z, A(z) and residual per layer), "
+                   + ("the λ path (lam_path.csv), " if view.lam_path_csv is not None else "")  # (none: no layer
+                   # follows the slider, every one has its own λ)
+                   + "settings.json and reproduce.py, which recomputes this view from those two. Each chart saves "
                    "itself as a PNG from the camera icon in its top-right corner.")
     else:  # a model without CSC layers (a ResNet): no layers, atoms, λ or λ path to speak of
         st.caption("PNGs of the inputs (as plain images) and of the attribution maps computed above (each titled "
@@ -1359,7 +1361,8 @@ def explore(ctx: Context) -> None:
     st.subheader("Sparse coding: λ")
     spec, n_steps, lam = lam_controls(ctx, trained)
     cur, ms = _probe_timed(loaded, ctx.image, spec, n_steps)
-    lam_text = state.setting_text(lam["all"], lam["per_layer"], state.as_override(n_steps))
+    lam_text = state.setting_text(lam["all"], lam["per_layer"], state.as_override(n_steps),
+                                  n_layers=len(loaded.layer_names))
     st.caption(f"Trace of all {len(cur['layers'])} CSC layers: {ms:.0f} ms on {ctx.device} (cached results are instant).")
     st.subheader("Predictions")
     predictions_panel(ctx, cur, trained, resnet, lam_text, spec, n_steps)

@@ -598,12 +598,18 @@ def recon_panels(rec: dict, unnormalize) -> tuple[list[tuple[str, np.ndarray]], 
 
 
 def setting_text(lam_all: float, per_layer: dict[str, float], n_steps: int | dict[str, int],
-                 layer: str | None = None) -> str:
+                 layer: str | None = None, n_layers: int | None = None) -> str:
     """The λ and FISTA steps in words, as the page's legends and the exported figures say them: 'λ=0.1, 2 steps',
     'λ=0.1 (conv1 0.5), 7 steps in conv1'; for one `layer` with a λ of its own, that λ first ('λ=0.5 in conv1
-    (others 0.1)'): a figure of conv1's codes read 'λ=0.1 (2 layers their own)'."""
+    (others 0.1)'): a figure of conv1's codes read 'λ=0.1 (2 layers their own)'. Where all `n_layers` have their
+    own, the λ for all layers is named nowhere ('λ=0.5 (17 layers with their own)' named a λ no layer had)."""
     own = {name: v for name, v in per_layer.items() if v != lam_all}
-    if layer in own:
+    if n_layers and len(own) == n_layers and layer not in own:
+        low, high = min(own.values()), max(own.values())
+        text = (f"λ={low:g} in every layer" if low == high else f"λ from {low:g} to {high:g}, each layer its own")
+    elif n_layers and len(own) == n_layers:
+        text = f"λ={own[layer]:g} in {layer} (every layer its own)"
+    elif layer in own:
         rest = len(own) - 1
         more = f", {rest} more with {'its' if rest == 1 else 'their'} own" if rest else ""
         text = f"λ={own[layer]:g} in {layer} (others {lam_all:g}{more})"
@@ -631,7 +637,8 @@ def export_subtitle(settings: dict, layer: str | None = None) -> str:
     parts = [settings["checkpoint"]["model"], settings["image"]["source"], noise_text(settings["corruption"])]
     lam = settings["lam"]
     if lam is not None:  # None: a model without CSC layers (a ResNet) has no λ or FISTA steps
-        parts.append(setting_text(lam["all"], lam["per_layer"], settings["n_steps"], layer))
+        parts.append(setting_text(lam["all"], lam["per_layer"], settings["n_steps"], layer,
+                                  len(lam.get("trained") or {})))
     return " · ".join(parts)
 
 

@@ -307,6 +307,11 @@ def test_exported_figures_say_the_noise_and_the_lambda_of_their_layer():
     assert state.setting_text(0.1, per_layer, 1, "conv1") == "λ=0.5 in conv1 (others 0.1, 1 more with its own), 1 step"
     assert state.setting_text(0.1, {"conv1": 0.5}, 2, "conv1") == "λ=0.5 in conv1 (others 0.1), 2 steps"
     assert state.setting_text(0.1, {f"l{i}": 0.3 for i in range(3)}, 2, "conv1") == "λ=0.1 (3 layers with their own), 2 steps"
+    every = {f"l{i}": 0.2 for i in range(3)}  # every layer its own: the λ for all is no layer's, not named
+    assert state.setting_text(0.5, every, 2, n_layers=3) == "λ=0.2 in every layer, 2 steps"
+    assert state.setting_text(0.5, dict(every, l0=0.4), 2, n_layers=3) == "λ from 0.2 to 0.4, each layer its own, 2 steps"
+    assert state.setting_text(0.5, every, 2, "l1", 3) == "λ=0.2 in l1 (every layer its own), 2 steps"
+    assert state.setting_text(0.5, every, 2, n_layers=4) == "λ=0.5 (3 layers with their own), 2 steps"
     assert state.noise_text(dict(kind="none", severity=None, seed=None)) == "no noise"
     assert state.noise_text(dict(kind="shot", severity=None, seed=3, level=5.0)) == "shot noise, level c=5, seed 3"
     assert state.noise_text(dict(kind="gaussian", severity=3, seed=0)) == "gaussian noise, severity 3, seed 0"
@@ -2622,3 +2627,21 @@ def test_the_fit_hint_is_one_shell_command_and_jpeg_takes_its_other_names(tmp_pa
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="JPEG")
     assert images.prepare_image(buf.getvalue(), 8).tensor.shape == (3, 8, 8)  # decoded by content, not by name
+
+
+def test_every_layer_with_its_own_lambda_is_said_so_and_has_no_lambda_path(app):
+    """With all 17 layers at 0.2 and the slider at 0.5, the legend read 'SDNet at λ=0.5 (17 layers with their own)'
+    (no layer at 0.5, 0.2 never named), and the Export caption promised a lam_path.csv it did not offer."""
+    at = app()
+    names = at.multiselect(key="lam_layers").options
+    at.select_slider(key="lam").set_value(0.5).run()
+    for name in names:
+        at.session_state[f"lam_layer:{name}"] = 0.2
+    at.multiselect(key="lam_layers").set_value(names).run()
+    at.session_state["tab"] = "Export"
+    at.run()
+    ok(at)
+    specs = " ".join(json.dumps(json.loads(c.proto.spec), ensure_ascii=False) for c in at.get("plotly_chart"))
+    assert "SDNet at λ=0.2 in every layer" in specs and "layers with their own" not in specs
+    caption = next(c.value for c in at.caption if c.value.startswith("PNGs of what is on the page"))
+    assert "lam_path.csv" not in caption and "lam_path.csv" not in [b.label for b in at.get("download_button")]
