@@ -101,12 +101,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
 def checkpoint_label(path: Path) -> str:
     """A checkpoint as the sidebar lists it: its file name, and from its card its test accuracy and epochs (a file
     named without its epochs, 'sdnet18_all-w16.pt', looked like the main model and had trained for 3). Short: the
-    sidebar's list shows about 37 characters ('... · 40 epochs, 86.1%' was cut after the 8)."""
+    sidebar's list shows about 37 characters ('... · 40 epochs, 86.1%' was cut after the 8), and its closed box fewer
+    (' ep' of '...-e40.pt · 86%, 40 ep' was cut): epochs the file's name gives are not said again."""
     card, _ = checked_card(sdnet.load_card(path))
     card = card or {}
     epochs = card.get("epochs")
+    named = re.search(rf"(?:^|[-_])e{epochs}(?:[-_.]|$)", path.name)  # 'sdnet18_all-w16-e40.pt': said already (its
+    # ' ep' was cut off in the closed box)
     facts = [f"{card['test_accuracy']:.0f}%" if "test_accuracy" in card else None,
-             f"{epochs} ep" if isinstance(epochs, int) and not isinstance(epochs, bool) else None]
+             f"{epochs} ep" if isinstance(epochs, int) and not isinstance(epochs, bool) and not named else None]
     facts = [f for f in facts if f]
     return f"{path.name} · {', '.join(facts)}" if facts else path.name
 
@@ -218,7 +221,6 @@ def sample_image(path: str, size: int) -> np.ndarray:
     return images.load_rgb_file(path, size).numpy()
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
 @st.cache_data(max_entries=8, show_spinner=False)
 def upload_image(data: bytes, size: int) -> images.PreparedImage:
     """An upload as the model's input and how it was made (its opacity and a preview of the whole file are for

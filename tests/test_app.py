@@ -2334,6 +2334,13 @@ def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
     labels = [state.checkpoint_label(tmp_path / n) for n in ("sdnet18_all-w16.pt", "sdnet18-w16.pt",
                                                              "sdnet18_all-w16-nan.pt", "broken.pt")]
     assert labels == ["sdnet18_all-w16.pt · 54%, 3 ep", "sdnet18-w16.pt · 1 ep", "sdnet18_all-w16-nan.pt", "broken.pt"]
+    # epochs its name gives are not said twice (the closed box cut '...-e40.pt · 86%, 40 ep' before 'ep')
+    for name, epochs, label in (("sdnet18_all-w16-e40.pt", 40, "sdnet18_all-w16-e40.pt · 86%"),
+                                ("sdnet18_all-w16-e4.pt", 40, "sdnet18_all-w16-e4.pt · 86%, 40 ep"),
+                                ("e40_sdnet.pt", 40, "e40_sdnet.pt · 86%"), ("model40.pt", 40, "model40.pt · 86%, 40 ep")):
+        (tmp_path / name).write_bytes(b"")
+        sdnet.write_card(tmp_path / name, {"epochs": epochs, "test_accuracy": 86.1})
+        assert state.checkpoint_label(tmp_path / name) == label
 
 
 def test_the_baseline_is_a_resnet_of_the_same_width_or_none(tmp_path):
