@@ -398,6 +398,7 @@ SIDEBAR_PREFIX = "level_"  # each noise's continuous level
 # ...of which these depend on the checkpoint (its layers, widths, classes) and start afresh with it.
 PER_MODEL = ("lam_layers", "fit_noise", "fit_noise_for", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers",
              "attr_class", "attr_result", "auto_lam")
+VIEW_KEPT = ("layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers")  # ...but for a model of the same layers
 TABS = ("Layers", "λ path", "Atoms", "Attribution", "Export")
 SEES_MODES = ("the code's own contribution (stretched)", "absolute pixels (with BatchNorm offsets)")
 
@@ -422,8 +423,9 @@ def _default(key: str, value: Any) -> Any:
 
 
 def reset_on_model_change(loaded: state.Loaded) -> None:
-    """A new checkpoint starts at its own trained lambda and FISTA steps, with its own layers; where the previous
-    one's had been moved, a toast says so (a switch to the ResNet and back lost a λ of 1 without a word)."""
+    """A new checkpoint starts at its own trained lambda and FISTA steps, with its own layers (the view's choices
+    kept where they are the same layers); where the previous one's λ had been moved, a toast says so (a switch to
+    the ResNet and back lost a λ of 1 without a word)."""
     if st.session_state.get("lam_model") == loaded.key:
         return
     ss = st.session_state
@@ -432,9 +434,14 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
     if moved:  # what was set, in words, before it goes
         own = {n: ss[_per_layer_key(n)] for n in ss.get("lam_layers", []) if _per_layer_key(n) in ss}
         was = state.setting_text(ss["lam"], own, ss["n_steps"])
+    # what is looked at carries over to a model of the same layers (e30 against e40 on one layer): the Layers tab's
+    # layer and count, the Atoms tab's; λ does not (each starts at its own trained λ)
+    shape = (tuple(loaded.code_channels.items()), loaded.meta["config"].get("shortcut", True))
+    kept = {k: ss[k] for k in VIEW_KEPT if k in ss} if ss.get("lam_model_shape") == shape and loaded.layer_names else {}
     for k in list(st.session_state):
         if k in PER_MODEL or str(k).startswith(_per_layer_key("")):
             del st.session_state[k]
+    st.session_state.update(kept, lam_model_shape=shape)
     st.session_state["lam_model"] = loaded.key
     st.session_state["lam"] = float(next(iter(loaded.trained_lams.values()), 0.1))
     st.session_state["n_steps"] = loaded.trained_steps

@@ -2652,3 +2652,26 @@ def test_every_layer_with_its_own_lambda_is_said_so_and_has_no_lambda_path(app):
     assert "SDNet at λ=0.2 in every layer" in specs and "layers with their own" not in specs
     caption = next(c.value for c in at.caption if c.value.startswith("PNGs of what is on the page"))
     assert "lam_path.csv" not in caption and "lam_path.csv" not in [b.label for b in at.get("download_button")]
+
+
+def test_a_model_of_the_same_layers_keeps_what_is_looked_at(app, checkpoint_dir, tmp_path):
+    """e40 to e30 (one architecture) reset the Layers tab's layer and count and the Atoms tab's layers, unsaid:
+    comparing two trainings on one layer is what the switch is for. Another architecture starts afresh."""
+    at = app()
+    names = at.selectbox(key="layer").options
+    at.selectbox(key="layer").set_value(names[5]).run()
+    at.slider(key="n_codes").set_value(4).run()
+    at.session_state["atoms_layer"], at.session_state["sees_layers"] = names[3], [names[0], names[9]]
+    at.run()
+    other = tmp_path / "other.pt"  # the same architecture, as another file
+    other.write_bytes(next(checkpoint_dir.glob("sdnet18_all*.pt")).read_bytes())
+    at.session_state["ckpt_path"] = str(other)
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    ok(at)
+    assert at.session_state["view"].settings["checkpoint"]["path"].endswith("other.pt")
+    assert (at.selectbox(key="layer").value, at.slider(key="n_codes").value) == (names[5], 4)
+    assert at.session_state["atoms_layer"] == names[3] and at.session_state["sees_layers"] == [names[0], names[9]]
+    at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()  # no CSC layers: then all afresh
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    ok(at)
+    assert at.selectbox(key="layer").value == names[0] and at.slider(key="n_codes").value != 4
