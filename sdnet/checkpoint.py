@@ -288,20 +288,25 @@ def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
 
 
 def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
-    """Which stored tensors a model (built on the meta device) lacks, has and lacks in the file, or has in another
-    shape; None when they fit. Checked before the model is built for real: a 1 KB file naming width 512 and no
-    weights had it allocate 3 GiB (a larger width, all of memory) before load_state_dict refused it."""
+    """Which stored tensors a model (built on the meta device) lacks, has and lacks in the file, has in another
+    shape, or the file holds fewer values of than their shape has; None when they fit. Checked before the model is
+    built for real: a 1 KB file naming width 512 and no weights had it allocate 3 GiB (a larger width, all of
+    memory) before load_state_dict refused it."""
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
     missing = [k for k in want if k not in got]
     unexpected = [k for k in got if k not in want]
     mismatched = [f"{k} is {got[k]} there, {want[k]} here" if got[k] is not None else f"{k} is not a tensor"
                   for k in want if k in got and got[k] != want[k]]
+    # shapes are not sizes: stride-0 views of one number make a 21 kB file of width 512's every shape
+    short = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+             and v.untyped_storage().nbytes() < v.numel() * v.element_size()]
 
     def some(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     parts = ([f"size mismatch: {some(mismatched)}"] if mismatched else []) + (
-        [f"missing: {some(missing)}"] if missing else []) + ([f"unexpected: {some(unexpected)}"] if unexpected else [])
+        [f"missing: {some(missing)}"] if missing else []) + ([f"unexpected: {some(unexpected)}"] if unexpected else []) + (
+        [f"not stored whole (fewer values in the file than the shape has): {some(short)}"] if short else [])
     return "; ".join(parts) or None
 
 

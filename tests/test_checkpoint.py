@@ -564,6 +564,15 @@ def test_weights_that_do_not_fit_are_refused_before_the_model_is_built(model, tm
     with pytest.raises(sdnet.CheckpointError, match=r"size mismatch: conv1.weight is \(2,\) there, \(\d+, 3, 3, 3\) "
                                                     r"here; unexpected: extra$"):
         sdnet.load_checkpoint(tmp_path / "odd.pt")
+    # every shape right, as stride-0 views of one number: a 21 kB file for width 512
+    views = {k: v.flatten()[:1].clone().expand(v.shape) if v.dim() else v for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "version": VERSION, "meta": {}, "config": model.sdnet_config, "state_dict": views},
+               tmp_path / "views.pt")
+    builds.clear()
+    with pytest.raises(sdnet.CheckpointError, match=r"not stored whole \(fewer values in the file than the shape "
+                                                    r"has\): normalize.mean, normalize.std, conv1.weight and \d+ more"):
+        sdnet.load_checkpoint(tmp_path / "views.pt")
+    assert builds == ["meta"]
     sdnet.save_checkpoint(tmp_path / "good.pt", model)
     builds.clear()
     sdnet.load_checkpoint(tmp_path / "good.pt")
