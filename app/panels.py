@@ -211,8 +211,8 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     if choice == OTHER_PATH:
         text = sb.text_input("Path to a checkpoint (.pt)", key="ckpt_path").strip()
         sb.caption("Not kept by a reload or a link of this page: its address names checkpoints in the folder only.")
-        _address_without_model()  # (the page may stop below, before address_out: a reload opened the last model)
         if not text:
+            _address_names_model(None)
             if not files:
                 st.warning(f"No checkpoints found in `{folder}`. Train one (then reload this page):")
                 st.code(state.train_hint(folder), language="bash", wrap_lines=True)
@@ -226,6 +226,7 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     try:
         loaded = state.load(path, device)
     except sdnet.CheckpointError as e:
+        _address_names_model(None if choice == OTHER_PATH else choice)
         st.error(f"Cannot load the checkpoint: {e}")
         st.caption("Pick another checkpoint in the sidebar, or give the path to a file written by "
                    "`python -m sdnet.train` / `sdnet.save_checkpoint`.")
@@ -433,7 +434,8 @@ def reset_on_model_change(loaded: state.Loaded) -> None:
              and (ss.get("lam_trained") != (ss["lam"], ss["n_steps"]) or bool(ss.get("lam_layers"))))
     if moved:  # what was set, in words, before it goes
         own = {n: ss[_per_layer_key(n)] for n in ss.get("lam_layers", []) if _per_layer_key(n) in ss}
-        was = state.setting_text(ss["lam"], own, ss["n_steps"])
+        was = state.setting_text(ss["lam"], own, ss["n_steps"],
+                                 n_layers=len(ss.get("lam_model_shape", ((),))[0]) or None)  # (the previous model's)
     # what is looked at carries over to a model of the same layers (e30 against e40 on one layer): the Layers tab's
     # layer and count, the Atoms tab's; λ does not (each starts at its own trained λ)
     shape = (tuple(loaded.code_channels.items()), loaded.meta["config"].get("shortcut", True))
@@ -514,12 +516,16 @@ def address_in(loaded: state.Loaded | None = None) -> None:
         st.warning("Not used from the page's address (the page's own settings instead): " + "; ".join(left_out) + ".")
 
 
-def _address_without_model() -> None:
-    """The address less its checkpoint, written at once, for a page given a path that may not load: the previous
-    checkpoint's name stayed in the address, and a reload or a link opened that model under the error."""
+def _address_names_model(name: str | None) -> None:
+    """The address with `name` as its checkpoint (None: none, a path), the rest as it is, for a page about to stop
+    at the checkpoint (no path yet, or one that does not load) before address_out: the previous checkpoint's name
+    stayed in the address, and a reload or a link opened that model under the error. Written only then: a
+    write on a run that goes on is a history entry of its own, and Back landed on a half-made address."""
     ss = st.session_state
     wanted = {k: v for k, v in st.query_params.to_dict().items() if k != "model"}
-    if "model" in st.query_params:
+    if name is not None:
+        wanted = {"model": name, **wanted}
+    if wanted != st.query_params.to_dict():
         ss["address_written"] = {k: v for k, v in wanted.items() if state.is_address_key(k)}  # ours: not a Back
         st.query_params.from_dict(wanted)
 

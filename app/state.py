@@ -106,10 +106,11 @@ def checkpoint_label(path: Path) -> str:
     card, _ = checked_card(sdnet.load_card(path))
     card = card or {}
     epochs = card.get("epochs")
-    named = re.search(rf"(?:^|[-_])e{epochs}(?:[-_.]|$)", path.name)  # 'sdnet18_all-w16-e40.pt': said already (its
-    # ' ep' was cut off in the closed box)
+    whole = isinstance(epochs, int) and not isinstance(epochs, bool)  # (a hand-edited card may hold anything)
+    # 'sdnet18_all-w16-e40.pt': said already (its ' ep' was cut off in the closed box)
+    named = whole and re.search(rf"(?:^|[-_])e{epochs}(?:[-_.]|$)", path.name)
     facts = [f"{card['test_accuracy']:.0f}%" if "test_accuracy" in card else None,
-             f"{epochs} ep" if isinstance(epochs, int) and not isinstance(epochs, bool) and not named else None]
+             f"{epochs} ep" if whole and not named else None]
     facts = [f for f in facts if f]
     return f"{path.name} · {', '.join(facts)}" if facts else path.name
 

@@ -2268,7 +2268,8 @@ def test_a_transparent_upload_says_how_it_is_shown(app):
     assert not any("checkerboard" in c.value for c in at.caption)
 
 
-def test_a_checkpoint_path_that_fails_takes_the_model_out_of_the_address(app, checkpoint_dir, tmp_path):
+def test_a_checkpoint_path_that_fails_takes_the_model_out_of_the_address(app, checkpoint_dir, tmp_path,
+                                                                          monkeypatch):
     """The page stopped at the error before writing its address, so the previous checkpoint's name stayed in it: a
     reload or a link opened that model, not the path the user was fixing."""
     from streamlit.testing.v1 import AppTest
@@ -2291,6 +2292,24 @@ def test_a_checkpoint_path_that_fails_takes_the_model_out_of_the_address(app, ch
     at.text_input(key="ckpt_path").set_value(str(checkpoint_dir / resnet)).run()  # the path mended: its model
     ok(at)
     assert "model" not in at.query_params and at.session_state["view"].settings["checkpoint"]["path"].endswith(resnet)
+    # a path that loads writes the address once, not first without the model and then the view's (two history
+    # entries: Back landed on the first, the new model with the old λ)
+    from streamlit.runtime.state.query_params_proxy import QueryParamsProxy
+    writes, real = [], QueryParamsProxy.from_dict
+    monkeypatch.setattr(QueryParamsProxy, "from_dict", lambda self, params: (writes.append(dict(params)),
+                                                                             real(self, params))[1])
+    at.selectbox(key="ckpt").set_value(resnet).run()
+    writes.clear()
+    at.selectbox(key="ckpt").set_value("Other path...").run()
+    assert len(writes) == 1 and "model" not in writes[0]
+    # a checkpoint of the folder that does not load is the one the address names (a reload opened the previous)
+    (checkpoint_dir / "broken.pt").write_text("not a checkpoint")
+    try:
+        at.selectbox(key="ckpt").set_value(resnet).run()
+        at.selectbox(key="ckpt").set_value("broken.pt").run()
+        assert any("Cannot load the checkpoint" in e.value for e in at.error) and at.query_params["model"] == "broken.pt"
+    finally:
+        (checkpoint_dir / "broken.pt").unlink()
 
 
 def test_bad_checkpoint_paths_and_no_checkpoints(app, tmp_path, monkeypatch):
@@ -2337,7 +2356,9 @@ def test_the_app_opens_on_the_most_accurate_sdnet_all(tmp_path):
     # epochs its name gives are not said twice (the closed box cut '...-e40.pt · 86%, 40 ep' before 'ep')
     for name, epochs, label in (("sdnet18_all-w16-e40.pt", 40, "sdnet18_all-w16-e40.pt · 86%"),
                                 ("sdnet18_all-w16-e4.pt", 40, "sdnet18_all-w16-e4.pt · 86%, 40 ep"),
-                                ("e40_sdnet.pt", 40, "e40_sdnet.pt · 86%"), ("model40.pt", 40, "model40.pt · 86%, 40 ep")):
+                                ("e40_sdnet.pt", 40, "e40_sdnet.pt · 86%"), ("model40.pt", 40, "model40.pt · 86%, 40 ep"),
+                                ("edited-e40.pt", "40 (stopped early", "edited-e40.pt · 86%"),  # (a regex error)
+                                ("edited2.pt", "[40", "edited2.pt · 86%")):
         (tmp_path / name).write_bytes(b"")
         sdnet.write_card(tmp_path / name, {"epochs": epochs, "test_accuracy": 86.1})
         assert state.checkpoint_label(tmp_path / name) == label
@@ -2636,7 +2657,7 @@ def test_the_fit_hint_is_one_shell_command_and_jpeg_takes_its_other_names(tmp_pa
     assert images.prepare_image(buf.getvalue(), 8).tensor.shape == (3, 8, 8)  # decoded by content, not by name
 
 
-def test_every_layer_with_its_own_lambda_is_said_so_and_has_no_lambda_path(app):
+def test_every_layer_with_its_own_lambda_is_said_so_and_has_no_lambda_path(app, checkpoint_dir):
     """With all 17 layers at 0.2 and the slider at 0.5, the legend read 'SDNet at λ=0.5 (17 layers with their own)'
     (no layer at 0.5, 0.2 never named), and the Export caption promised a lam_path.csv it did not offer."""
     at = app()
@@ -2652,6 +2673,8 @@ def test_every_layer_with_its_own_lambda_is_said_so_and_has_no_lambda_path(app):
     assert "SDNet at λ=0.2 in every layer" in specs and "layers with their own" not in specs
     caption = next(c.value for c in at.caption if c.value.startswith("PNGs of what is on the page"))
     assert "lam_path.csv" not in caption and "lam_path.csv" not in [b.label for b in at.get("download_button")]
+    at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()  # ...as the reset's toast says it
+    assert [t.value for t in at.toast][0].startswith("λ=0.2 in every layer, 2 steps dropped")
 
 
 def test_a_model_of_the_same_layers_keeps_what_is_looked_at(app, checkpoint_dir, tmp_path):
