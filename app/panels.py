@@ -757,7 +757,7 @@ FAINT = 0.05  # a code whose largest |z| is under this share of its largest at t
 def _image_hardly_counts(ctx: Context, probed: dict, spec: state.LamSpec, n_steps: state.StepsSpec,
                          trained: dict) -> bool:
     """Whether the prediction `probed` (of ctx.image at these settings) is, every class within NEARLY_CUT, what a
-    plain image and noise get too: the image hardly counts (as the λ path's 'nearly cut off'). Asked only where some
+    plain image and noise get too: the image hardly counts. Asked only where some
     code is FAINT against the trained settings' (the image can only fade out through one), so that the usual λ
     move runs no forward pass more."""
     faint = any(np.abs(r["z"]).max() < FAINT * np.abs(t["z"]).max() for r, t in zip(probed["layers"], trained["layers"]))
@@ -1037,10 +1037,10 @@ NEARLY_CUT = 0.01  # a λ's output within a point (every class) of the cut-off o
 
 
 def _path_headline(lams: np.ndarray, probs: np.ndarray, classes: list[str], cut: float | None) -> str:
-    """'Prediction along λ: **frog** up to 0.15 · **deer** 0.2-0.25 · nearly cut off: **cat** 0.3 (...) · from 0.4
-    the image is cut off (**cat** for any input)'. The λ just under the cut whose output is already within
-    NEARLY_CUT of the cut-off one are said to be so: named as a run of their own, 'cat 0.3' read as the image
-    recovering its class where the output was that for any input to a tenth of a point."""
+    """'Prediction along λ: **frog** up to 0.15 · **deer** 0.2-0.25 · already at the cut-off output: **cat** 0.3
+    (...) · from 0.4 the image is cut off (**cat** for any input)'. The λ just under the cut where this image's
+    output is already within NEARLY_CUT of the cut-off one are said to be so: named as a run of their own, 'cat 0.3'
+    read as the image recovering its class where its output was the cut-off one to a tenth of a point."""
     top = probs.argmax(1)
     live = lams < cut if cut is not None else np.ones(len(lams), dtype=bool)  # where the image still counts
     near = np.zeros(len(lams), dtype=bool)
@@ -1053,9 +1053,11 @@ def _path_headline(lams: np.ndarray, probs: np.ndarray, classes: list[str], cut:
     spans = _run_texts(state.path_segments(lams[live & ~near], top[live & ~near]), classes, opens=True,
                        closes=cut is None)
     if near.any():
-        spans.append("nearly cut off: " + ", ".join(_run_texts(state.path_segments(lams[near], top[near]), classes,
-                                                               opens=False, closes=False))
-                     + f" (each class's probability within {NEARLY_CUT * 100:g} point of the output for any input)")
+        # (this image's output, not the image cut off: at 0.3 other images still got other classes, so 'nearly cut
+        # off ... the output for any input' claimed what held only from the cut on)
+        spans.append("already at the cut-off output: " + ", ".join(_run_texts(
+            state.path_segments(lams[near], top[near]), classes, opens=False, closes=False))
+            + f" (every class within {NEARLY_CUT * 100:g} point of what any input gets from {cut:g})")
     if cut is not None:
         # cut off, the output is the same for any input, yet it can still move with the other layers' λ (a held
         # first layer cuts the whole path off): its runs are listed too, not only the class at the largest λ

@@ -2140,8 +2140,9 @@ def test_the_path_headline_names_each_run_of_a_class_and_what_cuts_the_image_off
     assert panels._run_texts([(3, 0.001, 2.0)], classes, True, False) == ["**cat** up to 2"]  # a cut follows
     assert panels._run_texts([(3, 0.4, 2.0), (2, 3.0, 10.0)], classes, False, True) == ["**cat** 0.4-2",
                                                                                          "**bird** from 3"]
-    # the λ just under the cut whose output is already that for any input (every class within a point) are said to
-    # be nearly cut off: 'cat 0.3' read as the image recovering its class (the walk-through's Gaussian-5 cat)
+    # the λ just under the cut where this image's output is already the cut-off one (every class within a point) are
+    # said to be so: 'cat 0.3' read as the image recovering its class (the walk-through's Gaussian-5 cat); not as
+    # 'nearly cut off ... the output for any input': at 0.3 other images still got other classes
     lams = np.array([0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5])
 
     def probs(*rows):
@@ -2154,15 +2155,15 @@ def test_the_path_headline_names_each_run_of_a_class_and_what_cuts_the_image_off
     rows = [(2, 0.5), (2, 0.5), (4, 0.5), (4, 0.5), (3, 0.309), cut_off, cut_off]
     classes5 = classes + ["deer"]
     assert panels._path_headline(lams, probs(*rows), classes5, 0.4) == (
-        "Prediction along λ: **bird** up to 0.15 · **deer** 0.2-0.25 · nearly cut off: **cat** 0.3 (each class's "
-        "probability within 1 point of the output for any input) · from 0.4 the image is cut off (**cat** for any "
-        "input)")
+        "Prediction along λ: **bird** up to 0.15 · **deer** 0.2-0.25 · already at the cut-off output: **cat** 0.3 "
+        "(every class within 1 point of what any input gets from 0.4) · from 0.4 the image is cut off (**cat** for "
+        "any input)")
     rows[4] = (3, 0.35)  # 4 points off: the image still counts there
     assert panels._path_headline(lams, probs(*rows), classes5, 0.4) == (
         "Prediction along λ: **bird** up to 0.15 · **deer** 0.2-0.25 · **cat** 0.3 · from 0.4 the image is cut off "
         "(**cat** for any input)")
     assert panels._path_headline(lams, probs(*[cut_off] * 7), classes5, 0.4).startswith(
-        "Prediction along λ: nearly cut off: **cat** 0.1-0.3 (")  # near all the way: no run before it
+        "Prediction along λ: already at the cut-off output: **cat** 0.1-0.3 (")  # all the way: no run before it
     assert panels._path_headline(lams, probs(*rows), classes5, None) == (
         "Prediction along λ: **bird** up to 0.15 · **deer** 0.2-0.25 · **cat** from 0.3")  # no cut, nothing near
     # an all-zero code cuts the image off at the stem (no shortcut around it) or anywhere without shortcuts
