@@ -417,6 +417,17 @@ def keep_state(sidebar: bool = True) -> None:
             st.session_state[k] = st.session_state[k]
 
 
+def _shown_count(key: str, limit: int) -> int:
+    """How many of a layer's channels its slider `key` shows: the count asked for (by the slider or the address),
+    within this layer's `limit`. The asked one is kept for a wider layer: 40 atoms shown, a look at a layer of 16
+    and back, and it was 16."""
+    ss = st.session_state
+    if key not in ss or ss[key] != ss.get(f"{key}_clamped"):  # set by the user or the address, not by a clamp here
+        ss[f"{key}_asked"] = _default(key, state.SHOWN)
+    ss[key] = ss[f"{key}_clamped"] = min(ss.get(f"{key}_asked", state.SHOWN), limit)
+    return ss[key]
+
+
 def _default(key: str, value: Any) -> Any:
     if key not in st.session_state:
         st.session_state[key] = value
@@ -890,7 +901,7 @@ def build_view(ctx: Context, cur: dict, trained: dict, spec: state.LamSpec, n_st
                           trained=trained, attributions=attrs)
     rec = state.layer_record(cur, layer)
     channels = rec["z"].shape[0]
-    st.session_state["n_codes"] = min(_default("n_codes", state.SHOWN), channels)
+    _shown_count("n_codes", channels)
     _, top = _ranked(rec["z"], st.session_state["n_codes"])
     first_name, first = sdnet.csc_layers(loaded.model)[0]
     _, order = _ranked(state.layer_record(cur, first_name)["z"])
@@ -1132,7 +1143,7 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
     deep = c1.selectbox("Layer", names[1:] or names, key="atoms_layer")
     drec = state.layer_record(cur, deep)
     channels = drec["z"].shape[0]
-    st.session_state["n_atoms"] = min(_default("n_atoms", state.SHOWN), channels)
+    _shown_count("n_atoms", channels)
     n = c2.slider("Atoms shown (most used first)", 1, channels, key="n_atoms")
     pix = state.pixel_atoms(loaded.model, loaded.key, deep, tuple(drec["z"].shape))
     dusage, dorder = _ranked(drec["z"], n)

@@ -2699,3 +2699,26 @@ def test_a_model_of_the_same_layers_keeps_what_is_looked_at(app, checkpoint_dir,
     at.selectbox(key="ckpt").set_value("Other path...").run()
     ok(at)
     assert at.selectbox(key="layer").value == names[0] and at.slider(key="n_codes").value != 4
+
+
+def test_a_count_shown_is_kept_through_a_look_at_a_narrower_layer(app):
+    """40 atoms shown of layer4.1.conv2, a look at layer1.0.conv1 (16 channels at width 16) and back: it was 16, and
+    the address had lost atoms_shown=40. The same for the code maps' count."""
+    at = app()
+    names = at.selectbox(key="layer").options
+    wide, narrow = names[-1], names[1]
+    for tab, key, layer_key in (("Layers", "n_codes", "layer"), ("Atoms", "n_atoms", "atoms_layer")):
+        at.session_state["tab"] = tab
+        at.run()
+        at.selectbox(key=layer_key).set_value(wide).run()
+        at.slider(key=key).set_value(40).run()
+        at.selectbox(key=layer_key).set_value(narrow).run()
+        assert at.slider(key=key).value == at.slider(key=key).max < 40
+        at.selectbox(key=layer_key).set_value(wide).run()
+        ok(at)
+        assert at.slider(key=key).value == 40, key
+    assert at.query_params["atoms_shown"] == "40" and at.query_params["codes_shown"] == "40"
+    at.selectbox(key="atoms_layer").set_value(narrow).run()
+    at.slider(key="n_atoms").set_value(5).run()  # a count set on the narrow layer is the one asked for from then
+    at.selectbox(key="atoms_layer").set_value(wide).run()
+    assert at.slider(key="n_atoms").value == 5
