@@ -1180,7 +1180,8 @@ def atoms_panel(ctx: Context, view: state.View, spec: state.LamSpec, n_steps: st
             gain = None if offsets or zero else state.sees_stretch(loaded.model, loaded.key, ctx.image, spec,
                                                                    n_steps, name)
             col.image(framed_picture(img, side=160),
-                      caption=_wrappable(name) + (" (all-zero code: sees nothing)" if zero else
+                      caption=_wrappable(name) + ((" (all-zero code: BatchNorm's offsets alone)" if offsets else
+                                                   " (all-zero code: sees nothing)") if zero else
                                                   f" (×{state.factor_text(gain)})" if gain is not None else ""))
 
 

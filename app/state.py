@@ -697,7 +697,8 @@ def sees_png(picture: np.ndarray, layer: str, offsets: bool, settings: dict, zer
             "the code's own contribution, offsets left out, contrast stretched"
             + (f" ×{factor_text(stretch)}" if stretch is not None and not zero else ""))
     return _figure_png(picture.transpose(1, 2, 0), f"What {layer} sees: its code decoded back to pixels ({what})"
-                       + ("; its code is all zero at this λ: it sees nothing" if zero else ""),
+                       + (("; its code is all zero at this λ: the picture is BatchNorm's offsets alone" if offsets
+                           else "; its code is all zero at this λ: it sees nothing") if zero else ""),
                        settings, max(1, 256 // picture.shape[-1]), layer=layer)
 
 

@@ -345,6 +345,10 @@ def test_exported_figures_and_code_maps_say_when_a_code_is_all_zero(monkeypatch)
     state._codes_png(dict(zero, z=np.ones((8, 4, 4))), [0, 1, 2], settings)
     assert "all 8 channels are zero at this λ" in titles[0] and "it sees nothing" in titles[1]
     assert "most active" in titles[2]
+    # in absolute pixels an all-zero code's picture is BatchNorm's offsets, not nothing (it was called 'sees
+    # nothing' beside the same flat picture of layers whose codes were not zero)
+    state.sees_png(np.full((3, 32, 32), 0.4), "layer4.1.conv2", True, settings, zero=True)
+    assert "the picture is BatchNorm's offsets alone" in titles[-1] and "sees nothing" not in titles[-1]
     grid = plots.code_grid(np.zeros((8, 4, 4)), [0, 1], np.zeros(8))
     assert grid.data[0].zmax == 1 and grid.data[0].colorbar.title.text == "z (all 0)"
     # a layer fed zeros: its input, A(z) and residual maps ran -0.5 to 0.5 in mid-teal on the page ('l2 norm'), and
@@ -2035,6 +2039,10 @@ def test_what_each_layer_sees_gives_the_stretch_under_each_stretched_picture(app
     view = at.session_state["view"]
     view.more_pngs[f"{state.file_stem('sees', picks[-1])}.png"]()
     assert titles[-1].endswith("(in absolute pixels, with BatchNorm's offsets)") and view.sees_stretch is None
+    at.select_slider(key="lam").set_value(10.0).run()  # deep codes all zero: in absolute pixels, the offsets
+    captions = image_captions(at)
+    assert any("(all-zero code: BatchNorm's offsets alone)" in c for c in captions)
+    assert not any("sees nothing" in c for c in captions)
 
 
 def test_what_each_layer_sees_is_in_the_networks_order_in_rows_of_six(app):
