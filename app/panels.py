@@ -235,7 +235,8 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
     baseline = None
     base_path = state.baseline_path(loaded, folder) if loaded.layer_names else None
     if base_path is not None:
-        if sb.toggle(f"Compare with the ResNet baseline ({base_path.name})", value=True, key="compare"):
+        _default("compare", True)  # (set in the session, as the address may: no value= beside it)
+        if sb.toggle(f"Compare with the ResNet baseline ({base_path.name})", key="compare"):
             try:
                 baseline = state.load(base_path, device)
             except sdnet.CheckpointError as e:
@@ -394,7 +395,7 @@ STICKY = ("lam", "n_steps", "steps_first", "lam_layers", "fit_noise", "topk", "t
           "sees_layers", "sees_mode", "attr_which", "attr_class", "attr_methods", "attr_atom_method", "attr_live")
 # The sidebar's, kept by the full run only (a fragment's run may not set a widget drawn outside it): a run stopped
 # by a bad upload, or an image source or noise switched away and back, dropped the corruption and the sample.
-SIDEBAR_STICKY = ("sample", "ckpt_path", "noise", "noise_mode", "severity", "seed")
+SIDEBAR_STICKY = ("sample", "ckpt_path", "compare", "noise", "noise_mode", "severity", "seed")
 SIDEBAR_PREFIX = "level_"  # each noise's continuous level
 # ...of which these depend on the checkpoint (its layers, widths, classes) and start afresh with it.
 PER_MODEL = ("lam_layers", "fit_noise", "fit_noise_for", "layer", "n_codes", "atoms_layer", "n_atoms", "sees_layers",
@@ -481,8 +482,9 @@ def address_in(loaded: state.Loaded | None = None) -> None:
         ss["address_pending"] = ours, back  # for the view's part, once the checkpoint is loaded
         values, left_out = state.read_address(ours, [p.name for p in state.list_checkpoints(state.checkpoint_dir())],
                                               list(state.list_samples()), TABS)
-        if back:  # an address without noise had none (on a first run it is none anyway)
+        if back:  # an address without noise had none (on a first run it is none anyway), nor the baseline off
             values.setdefault("noise", "none")
+            values.setdefault("compare", True)
         ss["address_left_out"] = left_out
         ss.update(values)
         return
@@ -549,6 +551,8 @@ def address_out(ctx: Context) -> None:
         del values["ckpt"]
     if ss.get("source") != "Sample":  # nor is an upload
         values.pop("sample", None)
+    if ss.get("compare") is False and ctx.loaded.layer_names and state.baseline_path(ctx.loaded, state.checkpoint_dir()):
+        values["compare"] = False  # the ResNet baseline switched off (a reload brought it back)
     kind = ctx.corruption["kind"]
     if kind != "none":  # the strength and seed used, not as typed (a seed of 1e10 is used as 2147483647)
         values.update(noise=kind, seed=ctx.corruption["seed"])

@@ -426,7 +426,7 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 # model without shortcuts, the Atoms tab's deeper layer ('atoms'), its atoms shown and the layers of its "what each
 # layer sees" ('sees'). Not an upload or a checkpoint given by its path. How many are shown ('topk', 'codes_shown',
 # 'atoms_shown') is written only where it is not the page's default (SHOWN, TOP_K): a shorter address.
-ADDRESS_SIDEBAR = ("model", "image", "noise", "severity", "level", "seed", "tab")
+ADDRESS_SIDEBAR = ("model", "baseline", "image", "noise", "severity", "level", "seed", "tab")
 ADDRESS_VIEW = ("lam", "steps", "steps_first", "topk", "layer", "codes_shown", "atoms", "atoms_shown", "sees")
 SHOWN = 16  # code channels and deeper atoms shown at first (or all, where a layer has fewer)
 TOP_K = 5  # classes of each prediction charted at first (or all, where there are fewer)
@@ -486,6 +486,7 @@ def read_address(params: Mapping[str, str], checkpoints: Sequence[str] = (), sam
 
     readers: dict[str, Callable[[str], dict[str, Any]]] = (dict(
         model=lambda t: {"ckpt": _one_of(t, checkpoints, "checkpoint in the folder")},
+        baseline=lambda t: {"compare": bool(_whole(t, 0, 1))},  # the ResNet beside it: 0 for off (on unless said)
         image=lambda t: {"source": "Sample", "sample": _one_of(t, samples, "sample image")},
         noise=lambda t: {"noise": _one_of(t, CORRUPTIONS, "noise")},
         severity=lambda t: {"noise_mode": STRENGTHS[0], "severity": _whole(t, 1, 5)},
@@ -526,8 +527,10 @@ def address(values: Mapping[str, Any]) -> dict[str, str]:
     read_address's inverse."""
     def exact(v: float) -> str:  # the shortest text that reads back the same ('{:g}' kept 6 digits)
         return repr(float(v)).removesuffix(".0")
-    out = {name: str(values[k]) for k, name in (("ckpt", "model"), ("sample", "image"), ("noise", "noise"))
-           if k in values}
+    out = {"model": str(values["ckpt"])} if "ckpt" in values else {}
+    if values.get("compare") is False:  # (on unless said)
+        out["baseline"] = "0"
+    out.update({name: str(values[k]) for k, name in (("sample", "image"), ("noise", "noise")) if k in values})
     if values.get("noise_mode") == STRENGTHS[1] and f"level_{values.get('noise')}" in values:
         out["level"] = exact(values[f"level_{values['noise']}"])
     elif "severity" in values:

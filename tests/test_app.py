@@ -2730,3 +2730,27 @@ def test_a_count_shown_is_kept_through_a_look_at_a_narrower_layer(app):
     at.slider(key="n_atoms").set_value(5).run()  # a count set on the narrow layer is the one asked for from then
     at.selectbox(key="atoms_layer").set_value(wide).run()
     assert at.slider(key="n_atoms").value == 5
+
+
+def test_the_baseline_switched_off_is_kept_by_a_reload_and_a_link(app):
+    """Off, a reload brought the ResNet baseline back: the address now says baseline=0 (on unless said), and Back to
+    an address without it turns it on again."""
+    from streamlit.testing.v1 import AppTest
+    at = app()
+    assert at.toggle(key="compare").value and "baseline" not in at.query_params
+    assert at.session_state["view"].settings["baseline"].startswith("resnet")
+    at.toggle(key="compare").set_value(False).run()
+    ok(at)
+    link = dict(at.query_params)
+    assert link["baseline"] == "0" and at.session_state["view"].settings.get("baseline") is None
+    again = AppTest.from_file(APP, default_timeout=180)
+    again.query_params.update(link)
+    again.run()
+    ok(again)
+    assert again.toggle(key="compare").value is False and again.session_state["view"].settings.get("baseline") is None
+    assert not any("address" in w.value for w in again.warning)
+    at.query_params.clear()  # Back to an address of before
+    at.query_params.update({k: v for k, v in link.items() if k != "baseline"})
+    at.run()
+    ok(at)
+    assert at.toggle(key="compare").value is True
