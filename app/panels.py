@@ -241,8 +241,10 @@ def model_sidebar(device: torch.device) -> tuple[state.Loaded, state.Loaded | No
                 baseline = state.load(base_path, device)
             except sdnet.CheckpointError as e:
                 sb.error(f"Cannot load the baseline: {e}")
-    elif loaded.layer_names:
-        sb.caption("No ResNet baseline found beside this checkpoint.")
+    else:  # no toggle: no 'off' to keep (address_out writes baseline=0 from it alone)
+        st.session_state.pop("compare", None)
+        if loaded.layer_names:
+            sb.caption("No ResNet baseline found beside this checkpoint.")
     return loaded, baseline
 
 
@@ -551,8 +553,8 @@ def address_out(ctx: Context) -> None:
         del values["ckpt"]
     if ss.get("source") != "Sample":  # nor is an upload
         values.pop("sample", None)
-    if ss.get("compare") is False and ctx.loaded.layer_names and state.baseline_path(ctx.loaded, state.checkpoint_dir()):
-        values["compare"] = False  # the ResNet baseline switched off (a reload brought it back)
+    if ss.get("compare") is False:  # the ResNet baseline switched off (a reload brought it back)
+        values["compare"] = False
     kind = ctx.corruption["kind"]
     if kind != "none":  # the strength and seed used, not as typed (a seed of 1e10 is used as 2147483647)
         values.update(noise=kind, seed=ctx.corruption["seed"])

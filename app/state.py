@@ -421,7 +421,8 @@ def lam_options(trained: dict[str, float], extra: list[float] = ()) -> list[floa
 
 # --- the view's address ---------------------------------------------------------------------------
 # What a reload, a shared link or the browser's Back keeps (?model=...&lam=0.5&lam.conv1=0.25&tab=Atoms): the
-# checkpoint from the folder, the sample, the noise at a severity or a level and its seed, λ for all layers and
+# checkpoint from the folder, its ResNet baseline switched off ('baseline=0'), the sample, the noise at a severity
+# or a level and its seed, λ for all layers and
 # per layer, FISTA steps, the predictions' top-k, the tab, the chosen layer and its code channels shown and, for a
 # model without shortcuts, the Atoms tab's deeper layer ('atoms'), its atoms shown and the layers of its "what each
 # layer sees" ('sees'). Not an upload or a checkpoint given by its path. How many are shown ('topk', 'codes_shown',

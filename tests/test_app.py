@@ -2732,7 +2732,7 @@ def test_a_count_shown_is_kept_through_a_look_at_a_narrower_layer(app):
     assert at.slider(key="n_atoms").value == 5
 
 
-def test_the_baseline_switched_off_is_kept_by_a_reload_and_a_link(app):
+def test_the_baseline_switched_off_is_kept_by_a_reload_and_a_link(app, checkpoint_dir):
     """Off, a reload brought the ResNet baseline back: the address now says baseline=0 (on unless said), and Back to
     an address without it turns it on again."""
     from streamlit.testing.v1 import AppTest
@@ -2754,3 +2754,7 @@ def test_the_baseline_switched_off_is_kept_by_a_reload_and_a_link(app):
     at.run()
     ok(at)
     assert at.toggle(key="compare").value is True
+    at.toggle(key="compare").set_value(False).run()
+    at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()  # no toggle there: no baseline=0
+    ok(at)
+    assert "baseline" not in at.query_params
