@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .csc import STEP_SIZE_RULES, csc_layers, fft_bound, load_power_states, power_states, step_size_rules
+from .csc import STEP_SIZE_RULES, csc_layers, load_power_states, power_states, step_size_rules
 from .models import Normalize, build_model
 
 FORMAT = "sdnet-explorer-checkpoint"
@@ -252,13 +252,7 @@ def _check_step_sizes(model: nn.Module, power: dict) -> None:
                     below, what, slack = float(layer.decode(v, spatial).pow(2).sum() / v.pow(2).sum()), \
                         "||A v||^2 / ||v||^2 for its own stored vector v, a lower bound of ||A||^2", 1e-3
                 elif layer.step_size == "fft":
-                    if aside is None:
-                        bound = layer.certify_step_size()
-                    else:  # as certify_step_size does for the current size
-                        bound = fft_bound(layer.weight, layer.stride, layer.padding, spatial)
-                        vec, L_kept, key, fp = kept[aside]
-                        kept[aside] = (vec, torch.maximum(L_kept, bound.to(L_kept.device)), key, fp)
-                    below, what, slack = float(bound), "the FFT bound of its dictionary", 1e-2
+                    below, what, slack = float(layer.certify_step_size(aside)), "the FFT bound of its dictionary", 1e-2
                 else:
                     below, what, slack = float(layer.lipschitz(spatial, iters=10)) / layer.power_margin, \
                         "a 10-product estimate, a lower bound of ||A||^2", 1e-3

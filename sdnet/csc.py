@@ -412,15 +412,20 @@ class CSCLayer(nn.Module):
             self._keep_aside([(tuple(st["spatial"].tolist()), st.get("vec") if self.step_size != "fft" else None,
                                st["lipschitz"]) for st in state.get("aside", [])])
 
-    def certify_step_size(self) -> torch.Tensor | None:
-        """For a layer with the FFT bound: make its current L at least the bound of its dictionary as it is now (a
-        stored or carried-over L may be a rounded dictionary's), and return that bound. Does nothing (None) for a
-        Lanczos layer or without a current L."""
+    def certify_step_size(self, aside: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """For a layer with the FFT bound: make its current L (or, with `aside`, the L it keeps for that other input
+        size) at least the bound of its dictionary as it is now (a stored or carried-over L may be a rounded
+        dictionary's), and return that bound. Does nothing (None) for a Lanczos layer or without a current L."""
         with _POWER_LOCK:
-            if self.step_size != "fft" or not self.step_size_is_current():
+            if self.step_size != "fft" or (aside is None and not self.step_size_is_current()):
                 return None
-            bound = fft_bound(self.weight, self.stride, self.padding, self._lipschitz_key[-1])
-            self._lipschitz = torch.maximum(self._lipschitz, bound.to(self._lipschitz.device))
+            spatial = self._lipschitz_key[-1] if aside is None else aside
+            bound = fft_bound(self.weight, self.stride, self.padding, spatial)
+            if aside is None:
+                self._lipschitz = torch.maximum(self._lipschitz, bound.to(self._lipschitz.device))
+            else:
+                vec, L, key, fingerprint = self._other_sizes[aside]
+                self._other_sizes[aside] = (vec, torch.maximum(L, bound.to(L.device)), key, fingerprint)
             return bound
 
     def reset_step_size(self) -> None:

@@ -128,6 +128,33 @@ def test_a_model_saved_after_a_call_at_another_input_size_keeps_every_sizes_step
         sdnet.load_checkpoint(path)
 
 
+def test_an_image_layers_step_size_for_another_size_is_raised_to_the_bound_of_the_loaded_dictionary(tmp_path):
+    """The FFT bound has no margin: an L stored a little under the bound (within the 1% a half-precision file's
+    rounding can explain) loads, but the layer solves with the bound itself, for a size set aside as for the
+    current one (no test covered the size set aside)."""
+    torch.manual_seed(3)
+    model = sdnet.build_model("sdnet18", num_classes=3, width=4).eval()
+    x, other = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        model(x)
+        model(other)  # 16x16 set aside, 12x12 current
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model)
+    edited = torch.load(path, weights_only=True)
+    conv1 = dict(sdnet.csc_layers(model))["conv1"]
+    bounds = {n: float(sdnet.csc.fft_bound(conv1.weight, 1, 1, (n, n))) for n in (12, 16)}
+    edited["power"]["conv1"]["lipschitz"] = torch.tensor(bounds[12] * 0.995)
+    edited["power"]["conv1"]["aside"][0]["lipschitz"] = torch.tensor(bounds[16] * 0.995)
+    torch.save(edited, path)
+    loaded, _ = sdnet.load_checkpoint(path)
+    layer = dict(sdnet.csc_layers(loaded))["conv1"]
+    assert float(layer._lipschitz) == pytest.approx(bounds[12], rel=1e-6)
+    assert float(layer._other_sizes[(16, 16)][1]) == pytest.approx(bounds[16], rel=1e-6)
+    with torch.no_grad():
+        loaded(x)  # the size set aside comes back with the bound
+    assert float(layer._lipschitz) == pytest.approx(bounds[16], rel=1e-6)
+
+
 def test_a_model_built_with_numpy_settings_saves_a_checkpoint_that_loads(tmp_path):
     """A λ from np.linspace and an np.int64 step count went into the build config as numpy scalars: the file was
     written, then refused on loading (a pickled numpy object)."""
