@@ -373,6 +373,11 @@ def show_inputs(clean: np.ndarray, image: np.ndarray, info: dict, corruption: di
                 st.warning(f"Only the middle {min(w, h)}x{min(w, h)} of this {w}x{h} image is used "
                            f"({min(w, h) / max(w, h):.0%} of it): the model takes a square. Crop the image to the "
                            "part you want before uploading it.")
+            side, size = min(w, h), clean.shape[-1]
+            if side < size / 2:  # a 1x1 upload became a flat 32x32 square, with predictions and Auto λ as usual, unsaid
+                st.warning(f"This image is smaller than the model's {size}x{size} input: its {side}x{side} "
+                           f"{'square' if w == h else 'middle'} is enlarged {size / side:.3g}x, so the model sees a "
+                           "blurred picture with little of the detail it was trained on.")
             if upload.preview is not None:  # the pictures on the left are the crop: what it left out
                 ph, pw = upload.preview.shape[:2]  # no taller than the inputs' 224 px (a tall one filled a phone)
                 st.image(upload.preview, width=max(1, min(pw, round(224 * pw / ph))))
@@ -649,7 +654,11 @@ def lam_controls(ctx: Context, trained_probe: dict) -> tuple[state.LamSpec, stat
                    "(reports/robust-fista.md: accuracy falls as the count grows).")
     with c3:
         _auto_lam(ctx, trained_probe)
-    with st.expander("Per-layer λ"):
+    # open once some layer has had its own λ: a link with one (Auto λ writes them) showed its slider folded away.
+    # Kept open from then on: the browser folds it when this turns false, under the hand that took the last layer off
+    opened = st.session_state["per_layer_opened"] = bool(st.session_state.get("per_layer_opened")
+                                                          or st.session_state.get("lam_layers"))
+    with st.expander("Per-layer λ", expanded=opened):
         # in the network's order, as the Layers tab lists them (they came in the order they were added)
         depth = {n: i for i, n in enumerate(loaded.layer_names)}
         st.session_state["lam_layers"] = sorted(_default("lam_layers", []), key=lambda n: depth.get(n, len(depth)))

@@ -1732,6 +1732,7 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     at.selectbox(key="noise").set_value("shot").run()
     assert at.select_slider(key="lam").value == 0.3 and at.query_params["noise"] == "shot"
     # per-layer λ and a continuous level are kept too (a link opened without them, silently: another prediction)
+    assert not next(e for e in at.expander if e.label == "Per-layer λ").proto.expanded  # folded till it is used
     at.multiselect(key="lam_layers").set_value(["conv1"]).run()
     at.select_slider(key="lam_layer:conv1").set_value(0.25).run()
     at.radio(key="noise_mode").set_value("Continuous level").run()
@@ -1746,12 +1747,15 @@ def test_a_reload_or_a_link_keeps_the_view_and_says_what_it_could_not_use(app):
     ok(again)
     assert again.session_state["view"].settings == view.settings
     assert np.array_equal(again.session_state["view"].probe["logits"], view.probe["logits"])
+    per_layer = next(e for e in again.expander if e.label == "Per-layer λ")
+    assert per_layer.proto.expanded  # its slider shown, not folded away
     # and Back to an address without them drops them
     at.query_params.clear()
     at.query_params.update({k: v for k, v in link.items() if k not in ("lam.conv1", "level")} | dict(severity="2"))
     at.run()
     ok(at)
     assert at.session_state["view"].settings["lam"]["per_layer"] == {}
+    assert next(e for e in at.expander if e.label == "Per-layer λ").proto.expanded  # kept open (Chromium folded it)
     assert at.session_state["view"].settings["corruption"]["severity"] == 2
     # a ResNet named in a link that also gives λ: said, not dropped silently
     resnet = next(n for n in at.selectbox(key="ckpt").options if n.startswith("resnet")).split(" · ")[0]  # (its label)
@@ -2256,6 +2260,12 @@ def test_bad_uploads_give_a_message(app):
     assert any(c.value.startswith("Uploaded 32x32 RGB image; used as it is. A reload or a link of this page opens on "
                                   "a sample") for c in at.caption)  # it had no caption at all
     assert whole not in [c.value for c in at.caption]  # a square is used whole
+    assert not any("smaller than the model's" in w.value for w in at.warning)
+    dot = Image.new("RGB", (1, 1), (200, 0, 0))  # a flat 32x32 square, its predictions and Auto λ given as usual
+    at.file_uploader(key="upload").set_value(("dot.png", png(dot), "image/png")).run()
+    ok(at)
+    assert any("smaller than the model's 32x32 input: its 1x1 square is enlarged 32x" in w.value
+               for w in at.warning), [w.value for w in at.warning]
     bilevel = Image.fromarray(np.random.default_rng(3).integers(0, 2, (32, 32), dtype=np.uint8) * 255).convert("1")
     at.file_uploader(key="upload").set_value(("bw.png", png(bilevel), "image/png")).run()
     ok(at)
