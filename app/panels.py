@@ -169,7 +169,10 @@ def _show_card(loaded: state.Loaded) -> None:
                     + (f" (on {n} test images)" if n else ""))
     else:
         acc_text = "not measured"
-    rows = [("name", card.get("name", loaded.path.stem)),
+    name = str(card.get("name", loaded.path.stem))
+    if name.split(" (")[0] != loaded.path.stem:  # the run's name, not the file's: sdnet18_all-w16.pt's card said -e3
+        name += f"; file `{loaded.path.name}`"
+    rows = [("name", name),
             ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "
                              f"{'with' if card.get('shortcut', cfg.get('shortcut')) else 'no'} shortcuts"),
             ("test accuracy", acc_text),

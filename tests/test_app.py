@@ -2548,6 +2548,22 @@ def test_a_hand_edited_card_of_the_wrong_kinds_is_named_not_fatal(app, checkpoin
     assert not any("nan" in b.label for b in at.button)
 
 
+def test_the_card_names_the_file_where_its_run_had_another_name(app, checkpoint_dir, tmp_path, monkeypatch):
+    """A card names the run it describes (sdnet18_all-w16-e3), which need not be the file's stem: the sidebar read
+    'sdnet18_all-w16-e3' for a pick of sdnet18_all-w16.pt (a browser review). The file is named beside it then."""
+    path = _with_card(checkpoint_dir, tmp_path / "named", name="my-run-e3 (no shortcuts)")
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(path.parent))
+    at = app()
+    ok(at)
+    card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
+    assert card.startswith(f"- **name**: my-run-e3 (no shortcuts); file `{path.name}`\n"), card
+    path.with_suffix(".json").write_text(json.dumps({**json.loads(path.with_suffix(".json").read_text()),
+                                                     "name": f"{path.stem} (no shortcuts)"}))
+    at = app()
+    card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
+    assert card.startswith(f"- **name**: {path.stem} (no shortcuts)\n"), card  # the file's own name: said once
+
+
 def test_card_fields_are_checked_one_by_one():
     from sdnet.cards import checked_card
     good = {"slope": 0.5, "intercept": 0.1, "lam_range": [0.1, 1.5], "n_steps": 2, "layers": ["conv1"]}
