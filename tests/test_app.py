@@ -2587,8 +2587,13 @@ def test_app_threads_from_the_environment(monkeypatch):
         assert state.cpu_threads() == threads, text
 
 
-def test_two_sessions_share_the_model_not_their_results(app):
+def test_two_sessions_share_the_model_not_their_results(app, monkeypatch):
+    from app import state
+    state._load.clear()
+    loads, real = [], sdnet.load_checkpoint
+    monkeypatch.setattr(sdnet, "load_checkpoint", lambda path, **kw: (loads.append(path), real(path, **kw))[1])
     a, b = app(), app()
+    assert loads and len(loads) == len(set(loads))  # each file loaded once, for both sessions (it said so, untested)
     a.select_slider(key="lam").set_value(0.01).run()
     b.select_slider(key="lam").set_value(2.0).run()
     ra, rb = residual_column(a), residual_column(b)
@@ -2603,13 +2608,16 @@ def test_concurrent_probes_on_one_model(calibrated_model):
     model = calibrated_model("sdnet18_all", width=4, shortcut=False)
     x = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
     lams = [0.01, 0.1, 0.5, 2.0] * 3
-    serial = {lam: state.run_probe(model, x, lam, 2)["logits"] for lam in set(lams)}
+    def seen(probe):  # the logits and each layer's record the page shows (the logits alone missed a shared recorder)
+        return [probe["logits"]] + [np.asarray(r[k], dtype=np.float64) for r in probe["layers"]
+                                    for k in ("lam", "rel_residual", "sparsity", "z")]
+    serial = {lam: seen(state.run_probe(model, x, lam, 2)) for lam in set(lams)}
     results, errors = {}, []
 
     def worker(i, lam):
         try:
             for _ in range(3):
-                results[i] = state.run_probe(model, x, lam, 2)["logits"]
+                results[i] = seen(state.run_probe(model, x, lam, 2))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
     threads = [threading.Thread(target=worker, args=(i, lam)) for i, lam in enumerate(lams)]
@@ -2618,7 +2626,8 @@ def test_concurrent_probes_on_one_model(calibrated_model):
     for t in threads:
         t.join()
     assert not errors
-    assert all(np.allclose(results[i], serial[lam], atol=1e-6) for i, lam in enumerate(lams))
+    assert all(len(results[i]) == len(serial[lam]) and all(np.allclose(a, b, atol=1e-6, equal_nan=True) for a, b in
+                                                          zip(results[i], serial[lam])) for i, lam in enumerate(lams))
     assert all(layer.lam == 0.1 for _, layer in sdnet.csc_layers(model))  # never mutated
 
 

@@ -155,6 +155,34 @@ def test_an_image_layers_step_size_for_another_size_is_raised_to_the_bound_of_th
     assert float(layer._lipschitz) == pytest.approx(bounds[16], rel=1e-6)
 
 
+def test_a_stored_step_size_just_under_its_lower_bound_is_refused(tmp_path):
+    """The bad-file cases edit L to 1e-9 or 1, far under: a check made twice as lenient passed them all (a test
+    audit). Here L is 1-2% under the bound each rule checks it against, and at the bound it loads."""
+    torch.manual_seed(4)
+    model = sdnet.build_model("sdnet18_all", num_classes=3, width=4).eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 16, 16))
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model)
+    saved = torch.load(path, weights_only=True)
+    layers = dict(sdnet.csc_layers(model))
+    st = saved["power"]["layer1.0.conv1"]  # a Lanczos layer: under ||A v||^2 / ||v||^2 for its stored vector v
+    v = st["vec"].float()
+    with torch.no_grad():
+        ratio = float(layers["layer1.0.conv1"].decode(v, tuple(st["spatial"].tolist())).pow(2).sum() / v.pow(2).sum())
+    bound = float(sdnet.csc.fft_bound(layers["conv1"].weight, 1, 1, (16, 16)))  # the image layer's: no margin, 1%
+    for name, L, refused in (("layer1.0.conv1", ratio * 0.99, True), ("layer1.0.conv1", ratio * 1.0001, False),
+                             ("conv1", bound * 0.98, True), ("conv1", bound * 0.995, False)):
+        edited = copy.deepcopy(saved)
+        edited["power"][name]["lipschitz"] = torch.tensor(L)
+        torch.save(edited, path)
+        if refused:
+            with pytest.raises(sdnet.CheckpointError, match=f"step size of {name} is too long"):
+                sdnet.load_checkpoint(path)
+        else:
+            sdnet.load_checkpoint(path)
+
+
 def test_a_model_built_with_numpy_settings_saves_a_checkpoint_that_loads(tmp_path):
     """A λ from np.linspace and an np.int64 step count went into the build config as numpy scalars: the file was
     written, then refused on loading (a pickled numpy object)."""
@@ -554,20 +582,22 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+def test_atomic_write_renames_within_the_folder_then_syncs_it(tmp_path, monkeypatch):
     """The rename is what makes the new file the file; without an fsync of its folder a power cut can undo it
     even though the bytes were synced."""
     from sdnet.checkpoint import atomic_write_text
     events = []
     real_replace, real_fsync = os.replace, os.fsync
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
+    renamed = []  # the temp file beside the file: a rename within one folder (one filesystem) is atomic
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), renamed.append(Path(a).parent),
+                                                     real_replace(a, b))[2])
 
     def fsync(fd):
         events.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
         return real_fsync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
     atomic_write_text(tmp_path / "card.json", "{}")
-    assert events == ["file", "rename", "folder"]
+    assert events == ["file", "rename", "folder"] and renamed == [tmp_path]
     assert (tmp_path / "card.json").read_text() == "{}"
 
 
