@@ -15,6 +15,7 @@ Several GPUs or nodes: `torchrun --nproc_per_node=N -m sdnet.train ...` (Distrib
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -182,7 +183,34 @@ MEASURED_FIELDS = ("test_accuracy", "test_images", "data", "evaluation", "baseli
 # what --amp gave on that device: a bf16 resume of an fp32 run went on unsaid).
 RESUME_MUST_MATCH = ("model", "width", "shortcut", "lam", "n_steps", "dataset", "num_classes", "epochs", "seed",
                      "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "batch_size", "world_size",
-                     "train_subset", "test_subset", "autocast")
+                     "train_subset", "test_subset", "autocast", "data_sha256")
+
+
+def data_sha256(*splits) -> str:
+    """What the images are, not where: a resume with another --data (other images) went on silently and named only
+    the new path on its card, while the same data at another path (or unpacked elsewhere) resumes."""
+    h = hashlib.sha256()
+    for data in splits:
+        for part in (data.images, data.labels):
+            h.update(str((tuple(part.shape), part.dtype)).encode())
+            h.update(part.contiguous().numpy().tobytes())
+        h.update("\n".join(data.classes).encode())
+    return h.hexdigest()[:16]
+
+
+def reproducing_command(argv: list[str]) -> str:
+    """The command that trains this model, for its config and card: the invocation less --stop-after, a time slot
+    (a card named the last slot's `--resume --stop-after 2`, which on its own stops after 2 of the epochs)."""
+    kept, skip = [], False
+    for tok in argv:
+        name = tok.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) > 3 and "--stop-after".startswith(name):  # (argparse takes any unambiguous prefix)
+            skip = "=" not in tok
+        else:
+            kept.append(tok)
+    return "python -m sdnet.train " + shlex.join(kept)
 
 
 def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
@@ -200,8 +228,9 @@ def _resume_state(path: Path, config: dict, device: torch.device) -> dict:
     # (a key older training states do not store is not compared)
     def shown(key: str, value) -> str:  # a subset as large as the split is recorded as None: say what that is
         return "None (the whole split)" if value is None and key.endswith("_subset") else repr(value)
-    differ = [f"{k}={shown(k, stored[k])} there, {shown(k, config[k])} here" for k in RESUME_MUST_MATCH
-              if k in stored and stored[k] != config[k]]
+    differ = [f"{k}={shown(k, stored[k])} there, {shown(k, config[k])} here" if k != "data_sha256" else
+              f"other images in --data (content {stored[k]} there, {config[k]} here)"
+              for k in RESUME_MUST_MATCH if k in stored and stored[k] != config[k]]
     if differ:
         raise CheckpointError(f"--resume: {path} is a different run ({'; '.join(differ)}): resume it with its own "
                               "settings, or train this one into another --out")
@@ -291,6 +320,7 @@ def _train(argv: list[str] | None) -> dict:
     num_classes = len(train.classes)
     test = _all_or_subset(load_for_model(args.data, "test", args.dataset, train.classes, num_classes), args,
                           "test_subset", is_main)
+    content = data_sha256(train, test)
     model = build_model(args.model, num_classes=num_classes, width=args.width, shortcut=args.shortcut,
                         lam=args.lam, n_steps=args.n_steps).to(device)
     if args.channels_last:
@@ -305,7 +335,7 @@ def _train(argv: list[str] | None) -> dict:
     start_epoch, train_seconds = 0, 0.0
     if args.resume and (out / "last.pt").exists():
         state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world,
-                                                    autocast=autocast), device)
+                                                    autocast=autocast, data_sha256=content), device)
         if state["epoch"] >= args.epochs and (out / "model.pt").exists():  # model.pt and its card stay as they are
             if is_main:
                 print(f"--resume: {out} is a finished run of {args.epochs} epoch{'s' if args.epochs != 1 else ''} (model.pt): "
@@ -344,10 +374,10 @@ def _train(argv: list[str] | None) -> dict:
     total_steps = steps_per_epoch * args.epochs
     train_images = train.images.to(device)  # 150 MB for CIFAR: keep it where the model is
     train_labels = train.labels.to(device)
-    command = "python -m sdnet.train " + shlex.join(argv)
+    command = reproducing_command(argv)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data or --resume leaves no empty folder
     config = dict(vars(args), world_size=world, device=str(device), num_classes=num_classes, autocast=autocast,
-                  command=command, machine=machine_description(device), allocator=allocator)
+                  data_sha256=content, command=command, machine=machine_description(device), allocator=allocator)
     if is_main:
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
         # the log as last.pt has it: an epoch logged by a run killed before its last.pt was saved is trained again

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_image_folder
+from PIL import Image
 
 import sdnet
 from sdnet import load_card, load_checkpoint
@@ -50,6 +52,9 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--stop-after", "1"])
     assert json.loads((resumed / "log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     assert not (resumed / "model.pt").exists()
+    # the command recorded is one that trains the model: not its time slot (on its own it stops after 1 of 3)
+    command = json.loads((resumed / "config.json").read_text())["command"]
+    assert "--stop-after" not in command and command.endswith(f"--out {resumed}")
     # a second time slot counts its epochs from where the first stopped (from 0, it trained nothing)
     train_main(TINY + ["--data", data, "--epochs", "3", "--out", str(resumed), "--resume", "--stop-after", "1"])
     assert [json.loads(line)["epoch"] for line in (resumed / "log.jsonl").read_text().splitlines()] == [1, 2]
@@ -83,6 +88,14 @@ def test_resume_continues_bit_for_bit(tmp_path, data):
     assert card["training"]["train_subset"] is None  # the whole split (it was said only inside the command)
     # training changed the weights
     assert not torch.equal(a["conv1.weight"], _weights_init())
+
+
+def test_the_recorded_command_leaves_out_the_time_slot_in_every_spelling():
+    from sdnet.train import reproducing_command
+    for argv in (["--epochs", "3", "--stop-after", "1", "--resume"], ["--epochs", "3", "--stop-after=1", "--resume"],
+                 ["--epochs", "3", "--stop-a", "1", "--resume"]):
+        assert reproducing_command(argv) == "python -m sdnet.train --epochs 3 --resume", argv
+    assert reproducing_command(["--seed", "5", "--out", "a b"]) == "python -m sdnet.train --seed 5 --out 'a b'"
 
 
 def test_resume_says_when_the_step_size_rule_changed_since_the_state_was_written(tmp_path, data, capsys):
@@ -194,6 +207,9 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     assert set(torch.load(run / "last.pt", weights_only=True)) >= {"scaler", "power", "optimizer"}
     shutil.copy(run / "last.pt", tmp_path / "last-1.pt")
     before = {f.name: f.read_bytes() for f in run.iterdir()}
+    moved, other = shutil.copytree(data, tmp_path / "moved"), shutil.copytree(data, tmp_path / "other")
+    one = next((other / "train").rglob("*.png"))
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(one)
     for extra, message in ((["--seed", "5"], "seed=0 there, 5 here"), (["--lr", "1.0"], "lr=0.1 there, 1.0 here"),
                            (["--batch-size", "4"], "batch_size=8 there, 4 here"),
                            (["--weight-decay", "0"], "weight_decay=0.0005 there, 0.0 here"),
@@ -201,7 +217,9 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
                            (["--warmup-epochs", "1"], "warmup_epochs=0.0 there, 1.0 here"),
                            (["--no-nesterov"], "nesterov=True there, False here"),
                            (["--train-subset", "6"], r"train_subset=None \(the whole split\) there, 6 here"),
-                           (["--amp", "bf16"], "autocast='off' there, 'bfloat16' here")):
+                           (["--amp", "bf16"], "autocast='off' there, 'bfloat16' here"),
+                           # other images (it went on unsaid, its card naming the new --data alone)
+                           (["--data", str(other)], "other images in --data")):
         with pytest.raises(SystemExit, match=f"is a different run .*{message}"):
             train_main(first + extra + ["--resume"])
     with pytest.raises(SystemExit, match="epochs=2 there, 3 here"):
@@ -210,7 +228,8 @@ def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path,
     # killed after logging epoch 2 but before its last.pt (the log was written first): logged once, not twice
     with open(run / "log.jsonl", "a") as fh:
         fh.write(json.dumps({"epoch": 2, "train_acc": 0.0, "test_acc": 0.0, "train_seconds": 0.0}) + "\n")
-    train_main(first + ["--amp", "off", "--resume"])  # what --amp auto gave on the CPU: the same run
+    # what --amp auto gave on the CPU, and the same images at another path: the same run
+    train_main(first + ["--amp", "off", "--data", str(moved), "--resume"])
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["train_seconds"] > 0
     # a line cut short by a kill mid-append (or edited by hand) is dropped with the epochs after last.pt's
