@@ -578,7 +578,8 @@ def cmd_fit(args, argv) -> dict:
     if replaced:
         print(f"note: replacing the card's {', '.join(replaced)} fit(s), made in other layers", file=sys.stderr)
         report.field("replaced", f"the card's earlier {', '.join(replaced)} fit(s), made with λ changed in other layers")
-    merged = {**ctx.fits, **fits}  # written to the card last, after the report: Ctrl-C before then leaves it as it was
+    merged = {**_card_fits(args.checkpoint), **fits}  # written to the card last, after the report: Ctrl-C before
+    # then leaves it as it was
     report.field("saved to", f"model card `{Path(args.checkpoint).with_suffix('.json')}`, key \"robust_fit\" "
                              f"(now holds {', '.join(merged)})")
     report.add("r_c is the mean relative residual ||x - A(z)|| / ||x|| (over the images, and the layers λ is changed "
@@ -603,9 +604,17 @@ def cmd_fit(args, argv) -> dict:
     report.figure(figure_lambda_vs_residual(fits), "fig3-lambda-vs-residual" + _suffix(kinds),
                   "Figure 3 (training data): (r_c, λ_c) and the fitted line")
     path = report.write({"fits": fits})
-    update_card(args.checkpoint, ctx.meta, robust_fit=merged)
+    # the card's fits as they are now, not as this run found them: a fit of another noise that ended in another
+    # terminal meanwhile was wiped
+    update_card(args.checkpoint, ctx.meta, robust_fit={**_card_fits(args.checkpoint), **fits})
     print(f"wrote {path} and the fits to {Path(args.checkpoint).with_suffix('.json')}")
     return fits
+
+
+def _card_fits(checkpoint) -> dict:
+    """The fits on the checkpoint's card now (entries of any shape kept: the card is this run's to add to)."""
+    fits = (load_card(checkpoint) or {}).get("robust_fit")
+    return dict(fits) if isinstance(fits, dict) else {}
 
 
 def _suffix(kinds: Sequence[str]) -> str:

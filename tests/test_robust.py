@@ -328,6 +328,20 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
             robust.main([*fit, "--subset", "2"])
     robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "shot", *base])  # beside the first
     assert set(sdnet.load_card(ck / "sd.pt")["robust_fit"]) == {"gaussian", "shot"}
+    # two fits at once, in two terminals: the one that ends last kept only the fits on the card when it began
+    real_fit = robust.fit_noise
+
+    def meanwhile(*a, **k):  # the speckle fit ends in another terminal while this impulse fit runs
+        sdnet.cards.update_card(ck / "sd.pt", robust_fit={**sdnet.load_card(ck / "sd.pt")["robust_fit"],
+                                                          "speckle": {"slope": 1.0, "intercept": 0.1}})
+        return real_fit(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(robust, "fit_noise", meanwhile)
+        robust.main(["fit", "--levels", "1,5", "--lams", "0.1,0.8", "--noise", "impulse", *base])
+    assert set(sdnet.load_card(ck / "sd.pt")["robust_fit"]) == {"gaussian", "shot", "speckle", "impulse"}
+    (out / "robust-fit-impulse.md").unlink()
+    card = sdnet.load_card(ck / "sd.pt")
+    sdnet.write_card(ck / "sd.pt", {**card, "robust_fit": {k: card["robust_fit"][k] for k in ("gaussian", "shot")}})
     assert (out / "robust-fit-shot.md").exists() and (out / "robust-fit-gaussian.md").read_text() == report
     card = (ck / "sd.json").read_text()
     (out / "robust-fit-speckle.md").write_text("# a report\n\nRegenerate with:\n\n```bash\n"
