@@ -122,10 +122,35 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
             raise
     try:
         return _check_named(_load_image_folder(p, split, classes), dataset)
-    except DatasetError as err:  # named by the archive given, not only by the cache's copy (a folder never seen)
+    except DatasetError as err:
         if archive is None:
             raise
-        raise DatasetError(f"the archive {archive}, unpacked: {err}") from None
+        raise _archive_error(archive, p, dataset, err) from None
+
+
+def check_splits(path: str | os.PathLike | None, dataset: str = "cifar10", splits=("train", "test")) -> None:
+    """DatasetError unless the data at `path` has every split of `splits`, before any is decoded: a tree without
+    test/ was refused only after its training split's 50k images were (minutes, the first time). A torchvision
+    folder, or a path --download will fill, is left to load_split."""
+    p = resolve_data_path(path)
+    archive = None
+    if p.is_file() and _is_tarball(p):
+        archive, p = p, _unpack_once(p)
+    if not p.is_dir() or _torchvision_folder(p, dataset):
+        return
+    for split in splits:
+        try:
+            _split_root(p, split)
+        except DatasetError as err:
+            raise err if archive is None else _archive_error(archive, p, dataset, err) from None
+
+
+def _archive_error(archive: Path, copy: Path, dataset: str, err: DatasetError) -> DatasetError:
+    """`err`, named by the archive given, not only by the cache's copy (a folder never seen); the copy is removed
+    where it holds no split at all (an archive of something else: it stayed in the cache for good)."""
+    if not any(_is_image_folder(copy, s) for s in ("train", "test")) and not _torchvision_folder(copy, dataset):
+        _remove_copy(copy)
+    return DatasetError(f"the archive {archive}, unpacked: {err}")
 
 
 def _is_image_folder(p: Path, split: str) -> bool:
@@ -193,8 +218,11 @@ def _load_torchvision(p: Path, split: str, dataset: str, download: bool) -> Imag
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     try:
         ds = cls(str(p), train=split == "train", download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-        raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        said = str(err).split(" You can use download=True")[0]  # (an argument no command here has)
+        raise DatasetError(f"torchvision {dataset} at {p}: {said}"
+                           + ("" if download else " (python -m sdnet.train --download fetches it, with a network)")
+                           ) from None
     except OSError as err:  # urllib's URLError (no network, no such host) is an OSError
         if not download:  # reading the folder failed (permissions, a bad file): nothing to do with a network
             raise DatasetError(f"torchvision {dataset} at {p}: {err}") from None
@@ -306,9 +334,11 @@ def _unpack_once(p: Path) -> Path:
     try:
         with tarfile.open(p) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except BaseException as err:  # Ctrl-C too: it left up to CIFAR's 232 MB, pruned only a day later
         shutil.rmtree(tmp, ignore_errors=True)  # no half-unpacked scratch folder left behind
-        raise DatasetError(f"cannot unpack {p}: {err}") from None
+        if isinstance(err, (tarfile.TarError, OSError, EOFError)):
+            raise DatasetError(f"cannot unpack {p}: {err}") from None
+        raise
     (tmp / ".complete").touch()
     if (dest / ".complete").exists():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)

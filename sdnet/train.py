@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 from .cards import described, load_card, write_card
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
-from .data import NUM_CLASSES, DatasetError, augment, data_from_env, load_for_model, load_split
+from .data import NUM_CLASSES, DatasetError, augment, check_splits, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
 from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
                     nonnegative_float, positive_float, positive_int, seed_value, steps_value, summary, unwritable_folder)
@@ -314,6 +314,8 @@ def _train(argv: list[str] | None) -> dict:
         raise SystemExit(f"error: {out} already holds a training run ({', '.join(finished)}): pass --resume to "
                          "continue it, or another --out (or remove the folder) to start afresh")
 
+    if not args.download:  # both splits there, before the first is decoded
+        check_splits(args.data, args.dataset)
     train = _all_or_subset(load_split(args.data, "train", args.dataset, args.download), args, "train_subset", is_main)
     # as many outputs as the data has classes (a folder may hold some of CIFAR's), the test split's labels matched
     # to the training split's classes by name

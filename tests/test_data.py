@@ -88,6 +88,31 @@ def test_an_archive_without_the_split_is_named_in_the_error(tmp_path):
     with pytest.raises(DatasetError, match=f"the archive {re.escape(str(archive))}, unpacked: no 'test' folder in "):
         load_split(archive, "test")
     assert len(load_split(archive, "train")) == 3
+    # an archive of something else altogether: refused, and its unpacked copy not kept in the cache for good
+    other = tmp_path / "photos.tar.gz"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.txt").write_text("not a dataset")
+    with tarfile.open(other, "w:gz") as tar:
+        tar.add(tmp_path / "photos", arcname="photos")
+    with pytest.raises(DatasetError, match=f"the archive {re.escape(str(other))}, unpacked: no 'train' folder"):
+        load_split(other, "train")
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "unpacked").iterdir()] == ["wrong"]
+
+
+def test_ctrl_c_while_unpacking_leaves_no_scratch_folder(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "tree" / "cifar10-jpg", n_train=1, n_test=1)
+    archive = _archive(root, tmp_path / "cifar.tar.gz")
+    real = tarfile.TarFile.extractall
+
+    def interrupted(self, path, *a, **k):  # some files out, then Ctrl-C
+        real(self, path, members=self.getmembers()[:3], filter="data")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tarfile.TarFile, "extractall", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_split(archive, "train")
+    assert not list((tmp_path / "cache" / "unpacked").iterdir())  # (it stayed, pruned only a day later)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)  # (not undo(): the cache's env var is patched too)
+    assert len(load_split(archive, "train")) == 3
 
 
 def test_tarball_is_unpacked_once(tmp_path, monkeypatch):
@@ -238,6 +263,12 @@ def test_download_fetches_only_where_there_is_no_data(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "CIFAR10", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     (tmp_path / "tv" / "cifar-10-batches-py").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"^torchvision cifar10 at .*denied$"):
+        load_split(tmp_path / "tv", "test")
+    # torchvision's own hint is an argument of its API (evaluate has no --download): said as a command here
+    monkeypatch.undo()
+    monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DatasetError, match=r"^torchvision cifar10 at .*: Dataset not found or corrupted\. \(python -m "
+                                           r"sdnet.train --download fetches it, with a network\)$"):
         load_split(tmp_path / "tv", "test")
 
 

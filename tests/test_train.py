@@ -143,6 +143,13 @@ def test_train_never_overwrites_or_mixes_up_runs_and_fails_in_one_line(tmp_path,
     with pytest.raises(SystemExit, match=r"^error: dataset not found at") as info:
         train_main(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fresh")])
     assert not (tmp_path / "fresh").exists()  # no empty run folder left behind
+    # a tree without test/: refused before its training images are decoded (minutes for CIFAR's, the first time)
+    train_only = shutil.copytree(data, tmp_path / "train-only", ignore=shutil.ignore_patterns("test"))
+    import sdnet.data
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sdnet.data, "_decode_all", lambda files: pytest.fail("decoded before the refusal"))
+        with pytest.raises(SystemExit, match=r"^error: no 'test' folder in "):
+            train_main(TINY + ["--data", str(train_only), "--out", str(tmp_path / "fresh")])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     torch.save({"weights": torch.zeros(2)}, foreign / "last.pt")
