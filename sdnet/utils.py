@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +41,11 @@ def unwritable_folder(path: str | os.PathLike) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"no permission to write in {existing}"
+    try:  # os.access passes any folder for root: /proc, a read-only mount (the write failed after all the work)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"cannot write in {existing} ({err.strerror or err})"
     return None
 
 
