@@ -170,7 +170,8 @@ def _show_card(loaded: state.Loaded) -> None:
     else:
         acc_text = "not measured"
     name = str(card.get("name", loaded.path.stem))
-    if name.split(" (")[0] != loaded.path.stem:  # the run's name, not the file's: sdnet18_all-w16.pt's card said -e3
+    stem = loaded.path.stem
+    if name != stem and not name.startswith(f"{stem} ("):  # the run's, not the file's: sdnet18_all-w16.pt's card said -e3
         name += f"; file `{loaded.path.name}`"
     rows = [("name", name),
             ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "

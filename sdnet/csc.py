@@ -415,9 +415,11 @@ class CSCLayer(nn.Module):
     def certify_step_size(self, aside: tuple[int, int] | None = None) -> torch.Tensor | None:
         """For a layer with the FFT bound: make its current L (or, with `aside`, the L it keeps for that other input
         size) at least the bound of its dictionary as it is now (a stored or carried-over L may be a rounded
-        dictionary's), and return that bound. Does nothing (None) for a Lanczos layer or without a current L."""
+        dictionary's), and return that bound. Does nothing (None) for a Lanczos layer, without a current L, or for a
+        size it keeps no L for."""
         with _POWER_LOCK:
-            if self.step_size != "fft" or (aside is None and not self.step_size_is_current()):
+            if self.step_size != "fft" or (not self.step_size_is_current() if aside is None
+                                           else aside not in self.__dict__.get("_other_sizes", {})):
                 return None
             spatial = self._lipschitz_key[-1] if aside is None else aside
             bound = fft_bound(self.weight, self.stride, self.padding, spatial)

@@ -148,8 +148,14 @@ def check_splits(path: str | os.PathLike | None, dataset: str = "cifar10", split
 def _archive_error(archive: Path, copy: Path, dataset: str, err: DatasetError) -> DatasetError:
     """`err`, named by the archive given, not only by the cache's copy (a folder never seen); the copy is removed
     where it holds no split at all (an archive of something else: it stayed in the cache for good)."""
+    other = [d for d in NUM_CLASSES if d != dataset and _torchvision_folder(copy, d)]
+    if other:  # CIFAR-100's own archive, read as CIFAR-10: a good copy, kept
+        return DatasetError(f"the archive {archive} holds torchvision's {other[0]}, not {dataset}: pass --dataset "
+                            f"{other[0]}")
     if not any(_is_image_folder(copy, s) for s in ("train", "test")) and not _torchvision_folder(copy, dataset):
-        _remove_copy(copy)
+        _remove_copy(copy)  # (not named: it is gone)
+        return DatasetError(f"the archive {archive} holds no ImageFolder tree (train/<class>/<image>, "
+                            "test/<class>/<image>) and no torchvision CIFAR folder")
     return DatasetError(f"the archive {archive}, unpacked: {err}")
 
 

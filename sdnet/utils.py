@@ -41,7 +41,7 @@ def unwritable_folder(path: str | os.PathLike) -> str | None:
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"no permission to write in {existing}"
-    try:  # os.access passes any folder for root: /proc, a read-only mount (the write failed after all the work)
+    try:  # os.access passes /proc for root, where no file can be made (the write failed after all the work)
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:

@@ -2562,6 +2562,13 @@ def test_the_card_names_the_file_where_its_run_had_another_name(app, checkpoint_
     at = app()
     card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
     assert card.startswith(f"- **name**: {path.stem} (no shortcuts)\n"), card  # the file's own name: said once
+    copy = tmp_path / "copied" / "my model (1).pt"  # a browser's copy with no card: its stem, said once
+    copy.parent.mkdir()
+    copy.symlink_to(path.resolve())
+    monkeypatch.setenv("SDNET_CHECKPOINTS", str(copy.parent))
+    at = app()
+    card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
+    assert card.startswith("- **name**: my model (1)\n"), card
 
 
 def test_card_fields_are_checked_one_by_one():

@@ -94,9 +94,19 @@ def test_an_archive_without_the_split_is_named_in_the_error(tmp_path):
     (tmp_path / "photos" / "a.txt").write_text("not a dataset")
     with tarfile.open(other, "w:gz") as tar:
         tar.add(tmp_path / "photos", arcname="photos")
-    with pytest.raises(DatasetError, match=f"the archive {re.escape(str(other))}, unpacked: no 'train' folder"):
+    with pytest.raises(DatasetError, match=f"^the archive {re.escape(str(other))} holds no ImageFolder tree .* and no "
+                                           "torchvision CIFAR folder$"):  # (not the copy it removed)
         load_split(other, "train")
     assert [p.name.split("-")[0] for p in (tmp_path / "cache" / "unpacked").iterdir()] == ["wrong"]
+    # torchvision's CIFAR-100 archive read as CIFAR-10: said so, and its copy kept (it was removed, then unpacked
+    # again on each try)
+    (tmp_path / "c100" / "cifar-100-python").mkdir(parents=True)
+    (tmp_path / "c100" / "cifar-100-python" / "meta").write_bytes(b"x")
+    c100 = _archive(tmp_path / "c100" / "cifar-100-python", tmp_path / "cifar-100-python.tar.gz")
+    for _ in range(2):
+        with pytest.raises(DatasetError, match="holds torchvision's cifar100, not cifar10: pass --dataset cifar100$"):
+            load_split(c100, "train")
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "unpacked").iterdir()) == ["cifar", "wrong"]
 
 
 def test_ctrl_c_while_unpacking_leaves_no_scratch_folder(tmp_path, monkeypatch):

@@ -289,7 +289,7 @@ def test_an_out_folder_that_cannot_be_written_is_said_before_the_data_is_read(tm
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
     with pytest.raises(SystemExit, match=f"--out {locked / 'run'}: no permission to write in {locked}$"):
         train_main(TINY + ["--data", str(tmp_path / "no-data"), "--out", str(locked / "run")])
-    # where os.access says yes and the write fails all the same (root passes it: /proc, a read-only mount)
+    # where os.access says yes and the write fails all the same (/proc, for root; others are refused by os.access)
     if Path("/proc").is_dir():
         said = r"cannot write in /proc \(.+\)" if os.access("/proc", os.W_OK) else "no permission to write in /proc"
         with pytest.raises(SystemExit, match=rf"--out /proc/x: {said}$"):
