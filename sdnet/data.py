@@ -340,18 +340,20 @@ def _unpack_once(p: Path) -> Path:
     try:
         with tarfile.open(p) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
+        (tmp / ".complete").touch()
+        won = not (dest / ".complete").exists()  # (or another process did)
+        if not won:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if dest.exists():  # left half removed by a pruning that could not finish: not to be trusted
+                shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
     except BaseException as err:  # Ctrl-C too: it left up to CIFAR's 232 MB, pruned only a day later
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-unpacked scratch folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)  # no scratch folder left behind (gone already once renamed)
         if isinstance(err, (tarfile.TarError, OSError, EOFError)):
             raise DatasetError(f"cannot unpack {p}: {err}") from None
         raise
-    (tmp / ".complete").touch()
-    if (dest / ".complete").exists():  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        if dest.exists():  # left half removed by a pruning that could not finish: not to be trusted
-            shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+    if won:
         _keep_one_copy(dest, [str(p.resolve())])
     return dest
 
