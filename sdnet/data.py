@@ -106,12 +106,8 @@ def load_split(path: str | os.PathLike | None, split: str = "train", dataset: st
         target = Path(path).expanduser()
         made = next(d for d in (*reversed(target.parents), target) if not d.exists())
         target.mkdir(parents=True)  # "~/data" made ./~/data
-    p = resolve_data_path(path)
-    archive = None
-    if p.is_file():
-        if not _is_tarball(p):
-            raise DatasetError(f"{p} is a file but not a .tar.gz/.tgz/.tar archive of an ImageFolder tree")
-        archive, p = p, _unpack_once(p)
+    p, archive = _unpacked(resolve_data_path(path))
+    if archive is not None:
         download = False  # the data is here: --download fetched CIFAR into the cache's unpacked copy, used that
     if _torchvision_folder(p, dataset) or (download and not _is_image_folder(p, split)):
         try:
@@ -132,17 +128,24 @@ def check_splits(path: str | os.PathLike | None, dataset: str = "cifar10", split
     """DatasetError unless the data at `path` has every split of `splits`, before any is decoded: a tree without
     test/ was refused only after its training split's 50k images were (minutes, the first time). A torchvision
     folder, or a path --download will fill, is left to load_split."""
-    p = resolve_data_path(path)
-    archive = None
-    if p.is_file() and _is_tarball(p):
-        archive, p = p, _unpack_once(p)
-    if not p.is_dir() or _torchvision_folder(p, dataset):
+    p, archive = _unpacked(resolve_data_path(path))
+    if _torchvision_folder(p, dataset):
         return
     for split in splits:
         try:
             _split_root(p, split)
         except DatasetError as err:
             raise err if archive is None else _archive_error(archive, p, dataset, err) from None
+
+
+def _unpacked(p: Path) -> tuple[Path, Path | None]:
+    """The folder the data is in, and the archive it was unpacked from (None for a folder); DatasetError for a
+    file that is no archive."""
+    if not p.is_file():
+        return p, None
+    if not _is_tarball(p):
+        raise DatasetError(f"{p} is a file but not a .tar.gz/.tgz/.tar archive of an ImageFolder tree")
+    return _unpack_once(p), p
 
 
 def _archive_error(archive: Path, copy: Path, dataset: str, err: DatasetError) -> DatasetError:
