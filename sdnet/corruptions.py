@@ -44,6 +44,15 @@ def level(kind: str, severity: int | float) -> float:
     return c
 
 
+def noise_amount(kind: str, severity: int | float | None) -> float:
+    """How much noise a severity 1..5 or a level c is, to put them in order (more noise, larger): c itself, but 1/c
+    for shot noise, whose c is light (larger, less noise); 0 for the clean images (severity 0 or None)."""
+    if not severity:
+        return 0.0
+    c = level(kind, severity)
+    return 1.0 / c if kind == "shot" else c
+
+
 def level_note(kind: str, severity: int | float) -> str | None:
     """A note for a command line given a whole number above 5 as a severity, which it reads as the level c (only
     shot noise takes such a level: under 50, noisier than its severity 5, most likely a severity mistyped), else

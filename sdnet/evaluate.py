@@ -30,7 +30,7 @@ from .utils import (default_device, device_value, lam_value, positive_int, seed_
 class EvalResult:
     accuracy: float                       # top-1, in %
     n_images: int
-    lam: float | None                     # None: the trained lambda of every layer
+    lam: float | dict[str, float] | None  # None: the trained lambda of every layer; a dict: {layer: lambda}
     n_steps: int | None
     corruption: str | None
     severity: float | None
@@ -75,7 +75,7 @@ def evaluate(model: nn.Module, data: ImageSet, lam: float | dict | None = None, 
     layers = {k: v / counts[k] if counts[k] else None for k, v in sums.items()}
     defined = [v for v in layers.values() if v is not None]
     return EvalResult(accuracy=100.0 * correct / max(1, n), n_images=n,
-                      lam=lam if not isinstance(lam, dict) else None, n_steps=n_steps,
+                      lam=dict(lam) if isinstance(lam, dict) else lam, n_steps=n_steps,  # (a dict read 'trained')
                       corruption=corruption, severity=severity,
                       mean_rel_residual=sum(defined) / len(defined) if defined else None,
                       layers=layers, seconds=round(time.perf_counter() - t0, 2))
@@ -113,6 +113,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--severity needs --corruption (which noise to add)")
     if args.corruption and args.severity is None:
         args.severity = 3
+    # options that do nothing without another: said, not silently dropped
+    if args.subset is None and args.subset_seed != p.get_default("subset_seed"):
+        print(f"note: --subset-seed {args.subset_seed} does nothing without --subset (every image is evaluated)",
+              file=sys.stderr)
+    if not args.corruption and args.seed != p.get_default("seed"):
+        print(f"note: --seed {args.seed} does nothing without --corruption (it seeds the noise)", file=sys.stderr)
     if args.corruption:
         try:
             level(args.corruption, args.severity)  # a float level has a range per noise (impulse: up to 1)

@@ -70,7 +70,7 @@ import torch.nn as nn
 from .attacks import max_norm, pgd
 from .cards import adaptive_lam, card_path, checked_card, load_card, scoped, update_card, writable_card
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, not_a_resnet
-from .corruptions import KINDS, corrupt_range, level, level_note
+from .corruptions import KINDS, corrupt_range, level, level_note, noise_amount
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model
 from .inspect import trace
@@ -212,14 +212,21 @@ def fit_line(residuals: Sequence[float], lams: Sequence[float]) -> tuple[float, 
     return float(slope), float(intercept)
 
 
-def _tuning_verdict(g_paper: float, g_adapt: float) -> str:
+def _tuning_verdict(g_paper: float, g_adapt: float, se_paper: float = 0.0, se_lost: float = 0.0) -> str:
     """What the tuned λ's gains in robust accuracy (points over the trained λ) under the paper's protocol and under
     the adaptive attack say: a gain that mostly (over half) vanishes once the attack sees the tuned λ came from
-    attacking the wrong model (gradient masking), not from robustness."""
+    attacking the wrong model (gradient masking), not from robustness. `se_paper`: the standard error of the paper's
+    protocol's gain, `se_lost`: of what the adaptive attack takes off it (both paired, on the same images): a gain
+    or a loss within twice its own is not read as one (+0.2 was masking on 500 images, one image's worth)."""
     if g_paper <= 0:
         return "tuning λ gives no gain even under the paper's protocol"
+    if not g_paper > 2 * se_paper:  # (NaN, from one image, is no gain either)
+        return "tuning λ gives no gain beyond twice its standard error even under the paper's protocol"
     if g_adapt < 0.5 * g_paper:
-        return "most of the tuned-λ gain disappears under the adaptive attack (gradient masking)"
+        if g_paper - g_adapt > 2 * se_lost:
+            return "most of the tuned-λ gain disappears under the adaptive attack (gradient masking)"
+        return ("the tuned-λ gain shrinks under the adaptive attack, by less than twice the standard error of the "
+                "difference")
     return "the tuned-λ gain largely survives the adaptive attack"
 
 
@@ -264,11 +271,20 @@ def _join(values: Iterable[float], fmt: str = "g") -> str:
 
 
 def _trend(values: Sequence[float]) -> str:
-    """How a short series moves: 'non-decreasing', 'non-increasing' or 'not monotone'."""
+    """How a short series moves: 'constant', 'non-decreasing', 'non-increasing' or 'not monotone' (a constant λ was
+    called non-decreasing, and counted as a λ that grows with the noise)."""
     steps = [b - a for a, b in zip(values, values[1:])]
+    if all(abs(d) <= 1e-9 for d in steps):
+        return "constant"
     if all(d >= -1e-9 for d in steps):
         return "non-decreasing"
     return "non-increasing" if all(d <= 1e-9 for d in steps) else "not monotone"
+
+
+def _weakest_first(kind: str, points: Iterable[tuple[int | float | None, Any]]) -> list:
+    """The values of (severity or level, value) pairs in the order of their noise, weakest first, whatever order
+    --levels or --severities gave them in (shot noise's larger level c is less noise): what a trend is read along."""
+    return [v for _, v in sorted(points, key=lambda p: noise_amount(kind, p[0]))]
 
 
 def _se_note(n: int) -> str:
@@ -304,6 +320,7 @@ class Report:
         self.fields: list[tuple[str, str]] = []
         self.sections: list[str] = []
         self.staged: list[tuple[Path, Path]] = []  # figures written under hidden names, moved in place by write()
+        self.writing = False  # write() has begun: figures, report, JSON (and the card after) go one by one
         _OPEN_REPORTS.append(self)
 
     def discard(self) -> None:
@@ -350,20 +367,23 @@ class Report:
         head = [f"# {self.title}", "", "Regenerate with:", "", "```bash", self.command, "```", "",
                 md_table(["", ""], fields)]
         md = self.out / f"{self.stem}.md"
+        meta = {"command": self.command, **dict(fields), "wall_seconds": round(wall, 1)}
+        # strict JSON: a NaN (an accuracy over no image, a residual of all-zero inputs) is written as null. Made
+        # before anything is moved: a value JSON cannot hold fails with the old report whole
+        numbers = json.dumps(_no_nan({**meta, **data}), indent=1) + "\n"
         self.out.mkdir(parents=True, exist_ok=True)
         # the figures of the report this one replaces (--overwrite) that it does not write again: left, a PNG of
         # the old run sat beside the new HTML (a run with --no-png), and a figure of a sweep not run again stayed
         old = set(_FIGURE_LINK.findall(md.read_text(errors="replace"))) if md.exists() else set()
         stale = old - {final.name for _, final in self.staged}
+        self.writing = True
         for staged, final in self.staged:
             os.replace(staged, final)
         self.staged.clear()
         atomic_write_text(md, "\n".join(head) + "\n\n" + "\n\n".join(self.sections) + "\n")
         for name in stale:  # once the new report is in place: an interrupted run keeps the old one whole
             (self.out / name).unlink(missing_ok=True)
-        meta = {"command": self.command, **dict(fields), "wall_seconds": round(wall, 1)}
-        # strict JSON: a NaN (an accuracy over no image, a residual of all-zero inputs) is written as null
-        atomic_write_text(self.out / f"{self.stem}.json", json.dumps(_no_nan({**meta, **data}), indent=1) + "\n")
+        atomic_write_text(self.out / f"{self.stem}.json", numbers)
         return md
 
 
@@ -598,9 +618,7 @@ def cmd_fit(args, argv) -> dict:
         ["noise", "severity", *(f"λ {v:g}" for v in lams)],
         [(kind, p["severity"] or f"{p['level']:g}", *p["sweep"]) for kind, fit in fits.items() for p in fit["points"]]))
     report.add("## Does the best λ grow with the noise level? (paper figure 2)\n\n" + "\n".join(
-        f"- {k}: λ_c = {_join(p['lam'] for p in f['points'])}: "
-        f"{_trend([p['lam'] for p in f['points']])}"
-        for k, f in fits.items()))
+        f"- {k}: λ_c = {_join(lams_c)}: {_trend(lams_c)}" for k, f in fits.items() for lams_c in [_fit_lams(k, f)]))
     report.figure(figure_lambda_vs_residual(fits), "fig3-lambda-vs-residual" + _suffix(kinds),
                   "Figure 3 (training data): (r_c, λ_c) and the fitted line")
     path = report.write({"fits": fits})
@@ -609,6 +627,11 @@ def cmd_fit(args, argv) -> dict:
     update_card(args.checkpoint, ctx.meta, robust_fit={**_card_fits(args.checkpoint), **fits})
     print(f"wrote {path} and the fits to {Path(args.checkpoint).with_suffix('.json')}")
     return fits
+
+
+def _fit_lams(kind: str, fit: dict) -> list[float]:
+    """A fit's λ_c, weakest noise first."""
+    return _weakest_first(kind, [(p.get("severity") or p.get("level"), p["lam"]) for p in fit.get("points", [])])
 
 
 def _card_fits(checkpoint) -> dict:
@@ -749,14 +772,15 @@ def _noise_claims(get, kinds, sevs, fits, ctx: _Context, n_sweep: int) -> str:
                       else "Not reproduced."))
     seqs = {}
     if fits:
-        seqs["training fit, λ_c"] = {k: [p["lam"] for p in f.get("points", [])] for k, f in fits.items()}
+        seqs["training fit, λ_c"] = {k: _fit_lams(k, f) for k, f in fits.items()}
     if n_sweep:
-        seqs["test sweep"] = {k: [get(k, s, "best_lam") for s in sevs] for k in kinds}
+        seqs["test sweep"] = {k: _weakest_first(k, [(s, get(k, s, "best_lam")) for s in sevs]) for k in kinds}
     for label, by_kind in seqs.items():
         ok = sum(_trend(v) == "non-decreasing" for v in by_kind.values())
         out.append(f"- **The best λ grows with the severity** ({label}): "
                    + "; ".join(f"{k}: {_join(v)}" for k, v in by_kind.items())
-                   + f". Non-decreasing for {ok} of {len(by_kind)} noises; larger at the strongest noise than at the "
+                   + f". Non-decreasing (not constant) for {ok} of {len(by_kind)} noises; larger at the strongest "
+                   "noise than at the "
                    f"weakest for {sum(v[-1] > v[0] for v in by_kind.values() if v)} of {len(by_kind)}.")
     out += _adaptive_claims(get, [k for k in kinds if k in fits], sevs)
     return "\n".join(out)
@@ -818,9 +842,13 @@ def cmd_adversarial(args, argv) -> dict:
     x, y, bs = ctx.data.float_images(), ctx.data.labels, args.batch_size
     step = {n: args.step_factor * eps / args.steps for n, (eps, _) in RADII.items()}
     report = ctx.report(args, argv, "Adversarial robustness under PGD (paper table 4)")
+    # with restarts, the paper's protocol scores at the tuned λ the start that fooled the trained-λ model (or the
+    # last): a start that would fool the tuned one is not kept
+    starts = "no start fools the model" + ("; the paper's protocol scores, at the tuned λ, the start kept at the "
+                                           "trained λ" if args.restarts > 1 else "")
     report.field("attack", f"PGD (captum.robust.PGD through sdnet.attacks), untargeted, cross-entropy, pixel space "
                            f"[0, 1], {args.steps} steps, {args.restarts} random start(s) (an image is robust only if "
-                           f"no start fools the model); step size {args.step_factor:g} × radius / steps: "
+                           f"{starts}); step size {args.step_factor:g} × radius / steps: "
                            f"{step['Linf'] * 255:.3f}/255 for L∞ (sign of the gradient), {step['L2']:.4f} for L2 "
                            "(normalised gradient)")
     tune_data = None
@@ -853,11 +881,13 @@ def cmd_adversarial(args, argv) -> dict:
             bar.update(1)
             return out
 
-        def acc(m, imgs, labels, lam=None):
+        def acc(m, imgs, labels, lam=None, keep=None):  # keep: a name to keep the predictions under, for gains' SEs
             with steps(m):
-                out = accuracy(predict(m, imgs, lam=lam, batch_size=bs, layers=ctx.layers)[0], labels)
+                pred = predict(m, imgs, lam=lam, batch_size=bs, layers=ctx.layers)[0]
+            if keep:
+                kept[keep] = pred
             bar.update(1)
-            return out
+            return accuracy(pred, labels)
 
         clean_base = acc(base, x, y) if base is not None else None
         clean0 = acc(model, x, y)
@@ -874,11 +904,16 @@ def cmd_adversarial(args, argv) -> dict:
             if base is not None:
                 r["resnet"] = {"clean": clean_base, "robust": acc(base, attack(base, x, y, norm), y)}
             adv0 = attack(model, x, y, norm)
-            r["sdnet"] = {"lam": lam0, "clean": clean0, "robust": acc(model, adv0, y)}
+            kept: dict[str, torch.Tensor] = {}
+            r["sdnet"] = {"lam": lam0, "clean": clean0, "robust": acc(model, adv0, y, keep="sdnet")}
             clean_t = acc(model, x, y, lam_t)
-            r["paper"] = {"lam": lam_t, "clean": clean_t, "robust": acc(model, adv0, y, lam_t)}
+            r["paper"] = {"lam": lam_t, "clean": clean_t, "robust": acc(model, adv0, y, lam_t, keep="paper")}
             adv_t = attack(model, x, y, norm, lam_t)
-            r["adaptive"] = {"lam": lam_t, "clean": clean_t, "robust": acc(model, adv_t, y, lam_t)}
+            r["adaptive"] = {"lam": lam_t, "clean": clean_t, "robust": acc(model, adv_t, y, lam_t, keep="adaptive")}
+            # paired standard errors (the same images): of the paper's protocol's gain, and of what the adaptive
+            # attack takes off it
+            r["gain_se"] = {"paper": paired_gain(kept["paper"], kept["sdnet"], y)[1],
+                            "lost_to_adaptive": paired_gain(kept["paper"], kept["adaptive"], y)[1]}
             r["max_perturbation"] = {"trained": max_norm(adv0 - x, norm), "tuned": max_norm(adv_t - x, norm)}
             res["norms"][norm] = r
     _adversarial_report(report, res, ctx)
@@ -919,7 +954,8 @@ def _adversarial_report(report: Report, res, ctx: _Context) -> None:
         g_adapt = N[k]["adaptive"]["robust"] - N[k]["sdnet"]["robust"]
         base = (f"ResNet {N[k]['resnet']['robust']:.2f} vs SDNet {N[k]['sdnet']['robust']:.2f} at the trained λ "
                 f"(paper: {p_res} vs {p_sd}); " if "resnet" in N[k] else "")
-        verdict = _tuning_verdict(g_paper, g_adapt)
+        se = N[k].get("gain_se", {})
+        verdict = _tuning_verdict(g_paper, g_adapt, se.get("paper", 0.0), se.get("lost_to_adaptive", 0.0))
         lines.append(f"- **{lab}**: {base}the tuned λ = {N[k]['paper']['lam']:g} gains {g_paper:+.2f} points under the "
                      f"paper's protocol (paper: {p_tuned - p_sd:+.2f}) and {g_adapt:+.2f} under the adaptive attack: "
                      f"{verdict}; it costs {N[k]['sdnet']['clean'] - N[k]['paper']['clean']:.2f} points of clean "
@@ -940,7 +976,7 @@ def cmd_fista(args, argv) -> dict:
     cells = [(None, 0)] + [(k, s) for k in kinds for s in sevs]
     rows = []
     with _bar(len(args.fista_steps) * (len(cells) + (len(cells) - 1) * bool(fits)), "fista") as bar:
-        for n_steps in args.fista_steps:
+        for n_steps in sorted(args.fista_steps):  # fewest first: the claim below reads its trend down the rows
             row: dict[str, Any] = {"n_steps": n_steps, "trained": {}, "adaptive": {}, "lam": {}}
             t0 = time.perf_counter()
             for kind, sev in cells:
@@ -1136,6 +1172,20 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             args.tuned_lam = str(lam_value(args.tuned_lam))
         except argparse.ArgumentTypeError as err:
             parser.error(f"--tuned-lam takes a lambda or auto: {err}")
+    # options that do nothing in this run (they were accepted and ignored, unsaid)
+    def given(option: str) -> bool:
+        return getattr(args, option) != parser.get_default(option)
+    ignored = []
+    if args.func is cmd_adversarial and args.tuned_lam != "auto":
+        ignored += [(f"--{o.replace('_', '-')}", "it is for --tuned-lam auto") for o in ("lams", "tune_subset")
+                    if given(o)]
+    if args.func is cmd_eval and args.sweep_subset == 0 and given("lams"):
+        ignored.append(("--lams", "it is the λ sweep's grid, and --sweep-subset 0 runs no sweep"))
+    # (adversarial's tuning images are drawn with it too)
+    if args.subset is None and given("subset_seed") and not (args.func is cmd_adversarial and args.tuned_lam == "auto"):
+        ignored.append(("--subset-seed", "without --subset every image is used"))
+    for option, why in ignored:
+        print(f"note: {option} does nothing here: {why}", file=sys.stderr)
 
 
 # '-1,0.5', '-1:1:0.5', '-1e-3', '-inf': a value that starts negative (an option's name starts with a letter)
@@ -1170,7 +1220,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         return args.func(args, argv)
     except KeyboardInterrupt:  # Ctrl-C: the report, its figures and the card are written last
-        print("\ninterrupted; the report, its figures and the card are as they were", file=sys.stderr)
+        if any(report.writing for report in _OPEN_REPORTS):  # each file is whole, but not all of them are new
+            print(f"\ninterrupted while writing the results: some of the report's files in {args.out}"
+                  + (" and the model card" if args.func is cmd_fit else "") + " may be this run's and some the "
+                  "last one's; run the command again (with --overwrite)", file=sys.stderr)
+        else:
+            print("\ninterrupted; the report, its figures and the card are as they were", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         for report in _OPEN_REPORTS:  # a report not written (interrupted, failed): no hidden staged figures left

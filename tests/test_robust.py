@@ -11,6 +11,7 @@ import json
 import re
 import os
 import shutil
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,30 @@ def test_a_malformed_fit_on_the_card_is_left_out_with_a_warning(setup, tmp_path,
 
 def test_trend_and_paired_gain_say_which_way():
     from sdnet.robust import _trend, paired_gain
-    assert [_trend(v) for v in ([0.1, 0.2, 0.2], [0.3, 0.2], [0.1, 0.3, 0.2])] == [
-        "non-decreasing", "non-increasing", "not monotone"]
+    assert [_trend(v) for v in ([0.1, 0.2, 0.2], [0.3, 0.2], [0.1, 0.3, 0.2], [0.1, 0.1, 0.1])] == [
+        "non-decreasing", "non-increasing", "not monotone", "constant"]  # a flat λ does not grow with the noise
     labels = torch.tensor([1, 1, 0, 0])
     gain, se = paired_gain(torch.tensor([1, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), labels)  # new right once more
     assert gain == pytest.approx(25.0) and se == pytest.approx(25.0)
     assert paired_gain(torch.tensor([0, 1, 0, 1]), torch.tensor([1, 1, 0, 1]), labels)[0] == pytest.approx(-25.0)
+
+
+def test_trends_are_read_weakest_noise_first_whatever_order_the_levels_were_given_in():
+    from sdnet.robust import _fit_lams, _noise_claims, _weakest_first
+    # severities typed 5..1, and shot noise's levels c (larger c, less noise), are put weakest first
+    assert _weakest_first("gaussian", [(5, 0.6), (3, 0.4), (0, 0.1), (1, 0.2)]) == [0.1, 0.2, 0.4, 0.6]
+    assert _weakest_first("shot", [(50.0, 0.5), (500.0, 0.2), (3, 0.3)]) == [0.2, 0.3, 0.5]  # severity 3 is c = 100
+    fit = {"points": [{"severity": None, "level": c, "lam": lam} for c, lam in ((60.0, 0.4), (400.0, 0.2))]}
+    assert _fit_lams("shot", fit) == [0.2, 0.4]
+    # the claim counts a rising λ, not a flat one, and reads the sweep weakest first
+    flat = {"points": [{"severity": s, "level": 0.0, "lam": 0.1} for s in (1, 2)]}
+    rising = {"points": [{"severity": s, "level": 0.0, "lam": lam} for s, lam in ((2, 0.3), (1, 0.2))]}
+    best = {("gaussian", 2): 0.2, ("gaussian", 1): 0.1, ("shot", 2): 0.3, ("shot", 1): 0.3}
+    text = _noise_claims(lambda k, s, key: best[k, s] if key == "best_lam" else 0.0, ["gaussian", "shot"], (2, 1),
+                         {"gaussian": rising, "shot": flat}, SimpleNamespace(baseline=None), 10)
+    assert ("(training fit, λ_c): gaussian: 0.2, 0.3; shot: 0.1, 0.1. Non-decreasing (not constant) for 1 of 2 "
+            "noises; larger at the strongest noise than at the weakest for 1 of 2") in text
+    assert "(test sweep): gaussian: 0.1, 0.2; shot: 0.3, 0.3. Non-decreasing (not constant) for 1 of 2" in text
 
 
 def test_fit_line_recovers_a_known_line():
@@ -110,6 +129,31 @@ def test_parsers_and_command_line_errors(capsys):
     with pytest.raises(SystemExit) as e:
         robust.main(["--help"])
     assert e.value.code == 0 and "Algorithm 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, notes", [
+    (["adversarial", "--tuned-lam", "0.5", "--lams", "0.1,0.2", "--tune-subset", "3", "--subset-seed", "4"],
+     ["--lams does nothing here: it is for --tuned-lam auto", "--tune-subset does nothing here",
+      "--subset-seed does nothing here: without --subset"]),
+    (["eval", "--sweep-subset", "0", "--lams", "0.1,0.2"], ["--lams does nothing here: it is the λ sweep's grid"]),
+    (["adversarial", "--subset-seed", "4"], []),  # it draws the tuning images of --tuned-lam auto
+    (["eval", "--subset", "5", "--subset-seed", "4", "--lams", "0.1,0.2"], [])])
+def test_options_that_do_nothing_in_a_run_are_said_to(capsys, tmp_path, argv, notes):
+    """They were accepted and ignored: a --lams given to a run that sweeps no λ, a subset seed without a subset."""
+    with pytest.raises(SystemExit, match="dataset not found"):  # said before the data is looked for
+        robust.main([*argv, "--checkpoint", str(Path(__file__).parents[1] / "checkpoints" / "sdnet18_all-w16.pt"),
+                     "--data", str(tmp_path / "none"), "--out", str(tmp_path)])
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(said) == len(notes) and all(n in line for n, line in zip(notes, said)), said
+
+
+def test_evaluate_says_which_options_do_nothing(capsys, tmp_path):
+    from sdnet.evaluate import parse_args
+    parse_args(["--checkpoint", "x.pt", "--seed", "3", "--subset-seed", "2"])
+    err = capsys.readouterr().err
+    assert "--subset-seed 2 does nothing without --subset" in err and "--seed 3 does nothing without --corruption" in err
+    parse_args(["--checkpoint", "x.pt", "--seed", "3", "--subset-seed", "2", "--subset", "9", "--corruption", "shot"])
+    assert "does nothing" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, value, says", [("--lams", "-1,0.5", "lambdas must be in [0, 100], got '-1,0.5'"),
@@ -253,6 +297,8 @@ def test_fit_then_eval_end_to_end(setup, tmp_path):
     assert fit["layers"] == [first] and mine["residual"] == pytest.approx(ref.layers[first], rel=1e-5)
     ref = evaluate(model, load_split(tree, "test"), lam=mine["lam"], corruption="gaussian", severity=3, seed=3, batch_size=4)
     assert mine["adaptive"] == pytest.approx(ref.accuracy)
+    assert evaluate(model, load_split(tree, "test"), lam={first: 0.3}, batch_size=4).lam == {first: 0.3}  # not None,
+    # which is 'the trained λ'
 
 
 def test_the_robustness_claim_counts_ties_as_at_least_as_robust():
@@ -373,6 +419,20 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
     assert (ck / "sd.json").read_text() == card and (out / "robust-fit-gaussian.md").read_text() == report
     assert figure_file.read_text() == figure and not [f for f in out.iterdir() if f.name.startswith(".")]
     monkeypatch.setattr(robust.Report, "write", real_write)
+    # Ctrl-C once the writing has begun (the figures and the report moved in, the JSON not yet): not 'as they were'
+    real_text = robust.atomic_write_text
+
+    def json_interrupted(path, text):
+        if str(path).endswith(".json"):
+            raise KeyboardInterrupt
+        real_text(path, text)
+    monkeypatch.setattr(robust, "atomic_write_text", json_interrupted)
+    with pytest.raises(SystemExit) as info:
+        robust.main([*fit, "--subset", "2", "--overwrite"])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and "as they were" not in err
+    assert f"interrupted while writing the results: some of the report's files in {out} and the model card" in err
+    monkeypatch.setattr(robust, "atomic_write_text", real_text)
     # the replaced report's figures that the new run does not write go (a PNG of a run without --no-png sat beside
     # the HTML of a run with it); the new ones and files it never linked stay
     md = out / "robust-fit-gaussian.md"
@@ -486,14 +546,19 @@ def test_adversarial_report_has_both_protocols_and_attacks_the_evaluated_lambda(
         first = sdnet.csc_layers(sdnet.load_checkpoint(setup[0] / "sd.pt")[0])[0][0]
         assert [c[1:] for c in calls if c[0] == norm and c[1] is not None] == [({first: lam_t}, 9)]
         assert r["max_perturbation"]["tuned"] <= r["radius"] + 1e-4
+        assert set(r["gain_se"]) == {"paper", "lost_to_adaptive"} and all(v >= 0 for v in r["gain_se"].values())
     md = (out / "robust-adversarial.md").read_text()
     for text in ("paper's protocol", "adaptive attack", "2 steps", "1 random start", "captum.robust.PGD", "Tuning λ",
                  "step size 2.5 × radius / steps: 10.000/255", "test split"):
         assert text in md, text
     calls.clear()
-    res, _ = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3")
+    res, _ = _run(setup, tmp_path, "adversarial", "--steps", "1", "--tuned-lam", "0.4", "--subset", "3",
+                  "--restarts", "2")
     assert res["tuning"] is None and res["norms"]["L2"]["adaptive"]["lam"] == 0.4
     rows = (out / "robust-adversarial.md").read_text()
+    # with restarts, the paper's protocol does not keep every start: said (it read 'no start fools the model')
+    assert "2 random start(s) (an image is robust only if no start fools the model; the paper's protocol " in rows
+    assert "1 random start(s) (an image is robust only if no start fools the model);" in md
     # the two tuned rows name the tuned λ per norm, not the trained one (0.1) the examples were crafted at
     assert "| SDNet, tuned λ, paper's protocol | 0.4 / 0.4 | trained λ = 0.1 (transfer) |" in rows
     assert "| SDNet, tuned λ, adaptive attack | 0.4 / 0.4 | the tuned λ itself |" in rows
@@ -541,6 +606,13 @@ def test_the_adversarial_verdict_tells_gradient_masking_from_robustness():
     assert no_gain in robust._tuning_verdict(0.0, 0.0) and no_gain in robust._tuning_verdict(-2.0, 3.0)
     assert masking in robust._tuning_verdict(4.0, 1.9) and masking in robust._tuning_verdict(4.0, -1.0)
     assert survives in robust._tuning_verdict(4.0, 2.0) and survives in robust._tuning_verdict(4.0, 5.0)
+    # a gain, or a loss of it, within twice its standard error is not read as one: +0.2 points, one image of 500
+    # (SE 0.2), was 'gradient masking'
+    assert "no gain beyond twice its standard error" in robust._tuning_verdict(0.2, 0.0, se_paper=0.2, se_lost=0.2)
+    assert "no gain beyond" in robust._tuning_verdict(4.0, 4.0, se_paper=float("nan"))
+    shrinks = robust._tuning_verdict(4.0, 1.0, se_paper=1.0, se_lost=1.6)
+    assert "less than twice the standard error" in shrinks and masking not in shrinks
+    assert masking in robust._tuning_verdict(4.0, 1.0, se_paper=1.0, se_lost=1.4)
 
 
 def test_fista_report(setup, tmp_path):
