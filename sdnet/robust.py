@@ -283,8 +283,13 @@ def _trend(values: Sequence[float]) -> str:
 
 def _weakest_first(kind: str, points: Iterable[tuple[int | float | None, Any]]) -> list:
     """The values of (severity or level, value) pairs in the order of their noise, weakest first, whatever order
-    --levels or --severities gave them in (shot noise's larger level c is less noise): what a trend is read along."""
-    return [v for _, v in sorted(points, key=lambda p: noise_amount(kind, p[0]))]
+    --levels or --severities gave them in (shot noise's larger level c is less noise): what a trend is read along.
+    In the order given where a level is not one (a card's fit edited by hand): a claim, not the report, goes."""
+    points = list(points)
+    try:
+        return [v for _, v in sorted(points, key=lambda p: noise_amount(kind, p[0]))]
+    except (TypeError, ValueError):
+        return [v for _, v in points]
 
 
 def _se_note(n: int) -> str:

@@ -91,6 +91,7 @@ def test_trends_are_read_weakest_noise_first_whatever_order_the_levels_were_give
     assert _weakest_first("shot", [(50.0, 0.5), (500.0, 0.2), (3, 0.3)]) == [0.2, 0.3, 0.5]  # severity 3 is c = 100
     fit = {"points": [{"severity": None, "level": c, "lam": lam} for c, lam in ((60.0, 0.4), (400.0, 0.2))]}
     assert _fit_lams("shot", fit) == [0.2, 0.4]
+    assert _weakest_first("impulse", [(3.0, 0.5), (1, 0.2)]) == [0.5, 0.2]  # no impulse level: as given, no error
     # the claim counts a rising λ, not a flat one, and reads the sweep weakest first
     flat = {"points": [{"severity": s, "level": 0.0, "lam": 0.1} for s in (1, 2)]}
     rising = {"points": [{"severity": s, "level": 0.0, "lam": lam} for s, lam in ((2, 0.3), (1, 0.2))]}
