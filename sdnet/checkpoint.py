@@ -112,14 +112,17 @@ def _file_kind(head: bytes) -> str:
 def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"no file at {path}")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:  # a name too long, a file this process may not read: OSError, said in a line
+        if not path.exists():
+            raise CheckpointError(f"no file at {path}")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty")
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(path)[:200]}: {e.strerror or e}") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
                               f"file is {_file_kind(head)}")
@@ -174,6 +177,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = Fals
     exact = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, Normalize) for b in ("mean", "std")}
     state = {k: (v.detach().half() if half and v.is_floating_point() and k not in exact else v.detach()).cpu()
              for k, v in model.state_dict().items()}
+    overflow = [k for k, v in state.items() if v.dtype == torch.float16 and not torch.isfinite(v).all()
+                and torch.isfinite(model.state_dict()[k]).all()]
+    if overflow:  # loading refuses infinite weights: a file written so would replace a good one, unreadable
+        raise ValueError(f"half=True: {', '.join(overflow[:3])}{' and more' if len(overflow) > 3 else ''} hold "
+                         f"values beyond float16's range (65504); save with half=False")
     # the warm vector only starts a later refresh, so float16 will do; L itself stays exact
     def stored(st: dict) -> dict:
         return {k: [stored(a) for a in v] if k == "aside" else (v.half() if half and k == "vec" else v).detach().cpu()
@@ -281,19 +289,48 @@ def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
     return None if name.startswith("resnet") else f"the baseline {path} is a {name}, not a ResNet"
 
 
+_MAX_ITEMS = 100_000  # plain values in a checkpoint besides its tensors' data (a width-64 SDNet-34-All: a few hundred)
+_MAX_DEPTH = 16
+
+
+def _structure_problem(obj: Any) -> str | None:
+    """Why the file's containers cannot be a checkpoint's, or None: more than _MAX_ITEMS values, nested deeper than
+    _MAX_DEPTH, or a list or dictionary held twice. A 350 kB file whose meta nested one list in itself 40 times
+    (2^40 items to print) held the app's interpreter lock for good in its first repr; walked once here, each
+    container once, before anything is printed."""
+    seen: set[int] = set()
+    stack, count = [(obj, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_ITEMS:
+            return f"it holds more than {_MAX_ITEMS:,} values"
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                return "a list or dictionary in it is held twice (a file made to be too large to print)"
+            if depth >= _MAX_DEPTH:
+                return f"it nests lists or dictionaries over {_MAX_DEPTH} deep"
+            seen.add(id(value))
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+    return None
+
+
 def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
     """Which stored tensors a model (built on the meta device) lacks, has and lacks in the file, has in another
     shape, or the file holds fewer values of than their shape has; None when they fit. Checked before the model is
     built for real: a 1 KB file naming width 512 and no weights had it allocate 3 GiB (a larger width, all of
     memory) before load_state_dict refused it."""
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    # a sparse or quantized tensor has no storage to check below (NotImplementedError), and is no model's weight
+    got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized
+           else None for k, v in state.items()}
     missing = [k for k in want if k not in got]
     unexpected = [k for k in got if k not in want]
-    mismatched = [f"{k} is {got[k]} there, {want[k]} here" if got[k] is not None else f"{k} is not a tensor"
+    mismatched = [f"{k} is {got[k]} there, {want[k]} here" if got[k] is not None else f"{k} is not a plain tensor"
                   for k in want if k in got and got[k] != want[k]]
     # shapes are not sizes: stride-0 views of one number make a 21 kB file of width 512's every shape
-    short = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+    short = [k for k, v in state.items() if got.get(k) is not None
              and v.untyped_storage().nbytes() < v.numel() * v.element_size()]
 
     def some(keys: list[str]) -> str:
@@ -316,6 +353,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an SDNet Explorer checkpoint "
                               "(save one with sdnet.save_checkpoint or python -m sdnet.train)")
+    problem = _structure_problem(obj)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}")
     version = obj.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{path} has no valid format version ({version!r})")
@@ -346,6 +386,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
     if bad:  # every prediction would be NaN: say why here, not as "nan%" downstream
         raise CheckpointError(f"{path} has NaN or infinite weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
                               f"{', ...' if len(bad) > 3 else ''}): a training run that diverged?")
+    negative = [k for k, v in state.items() if k.endswith("running_var") and v.is_floating_point() and (v < 0).any()]
+    if negative:  # a batch norm dividing by the root of a negative variance: NaN again
+        raise CheckpointError(f"{path} is damaged: negative batch-norm variances in {', '.join(negative[:3])}"
+                              f"{', ...' if len(negative) > 3 else ''}")
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
     try:
         _restore_step_size_rules(model, obj.get("step_sizes"))

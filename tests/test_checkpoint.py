@@ -405,8 +405,44 @@ def _with_power(power: dict):
                                     "state_dict": m.state_dict(), "power": power}, p)
 
 
+def _edited(edit):
+    """A maker of a checkpoint of the model whose fields (a dict: format, config, meta, state_dict, ...) `edit`
+    changes in place."""
+    def make(p, m):
+        fields = {"format": FORMAT, "version": VERSION, "meta": {}, "config": dict(m.sdnet_config),
+                  "state_dict": dict(m.state_dict())}
+        edit(fields)
+        torch.save(fields, p)
+    return make
+
+
+def _nested_in_itself(times: int) -> list:
+    """A list holding one list twice, `times` levels down: a small pickle of 2^times items to print."""
+    x: list = [0]
+    for _ in range(times):
+        x = [x, x]
+    return x
+
+
+def _edit_state(key_end: str, change):
+    def edit(fields):
+        state = fields["state_dict"]
+        key = next(k for k in state if k.endswith(key_end))
+        state[key] = change(state[key].clone())
+    return _edited(edit)
+
+
 BAD_FILES = {
     "truncated": (_truncated, "truncated or corrupt"),
+    # printed (a repr of the meta, a card), 2^40 items held the app's interpreter lock for good, memory rising
+    "a list nested in itself 40 times": (_edited(lambda f: f["meta"].update(dataset=_nested_in_itself(40))),
+                                         "damaged: it nests lists or dictionaries over 16 deep"),
+    "a list held twice": (_edited(lambda f: f["meta"].update(dataset=_nested_in_itself(3))),
+                          "damaged: a list or dictionary in it is held twice"),
+    "sparse weights": (_edit_state("conv1.weight", lambda w: w.to_sparse()),  # (NotImplementedError: no storage)
+                       r"do not fit the stored architecture: size mismatch: \S*conv1.weight is not a plain tensor"),
+    "negative batch-norm variance": (_edit_state("running_var", lambda v: v.fill_(-1.0)),  # every logit NaN
+                                     "damaged: negative batch-norm variances in"),
     "cut short": (_cut_short, r"truncated or corrupt\?\): its zip archive could not be read$"),
     # cut short elsewhere, torch's reader fails another way (with a paragraph of miniz advice): said as briefly
     "cut near its end": (lambda p, m: _cut_short(p, m, 0.9),
@@ -484,6 +520,7 @@ BAD_FILES = {
 
 
 @pytest.mark.filterwarnings("error:Detected pickle protocol")  # torch warned of a plain pickle before refusing it
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # (torch's, on loading the sparse file)
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
     path = tmp_path / "bad.pt"
@@ -493,6 +530,25 @@ def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
         sdnet.load_checkpoint(path)
     assert str(path) in str(info.value)  # the message names the file
     assert isinstance(info.value, ValueError)  # callers may catch it as a ValueError
+
+
+def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(sdnet.CheckpointError, match="cannot read .*: File name too long"):  # (an OSError)
+        sdnet.load_checkpoint(tmp_path / ("a" * 5000))
+
+
+def test_a_half_file_that_float16_cannot_hold_is_not_written(model, tmp_path):
+    """A value beyond float16's range became inf: the file was written over a good one, and loading refused it."""
+    path = tmp_path / "m.pt"
+    sdnet.save_checkpoint(path, model, half=True)
+    before = path.read_bytes()
+    big = copy.deepcopy(model)
+    next(v for k, v in big.state_dict().items() if k.endswith("running_var")).fill_(1e5)
+    with pytest.raises(ValueError, match=r"half=True: \S*running_var hold values beyond float16's range"):
+        sdnet.save_checkpoint(path, big, half=True)
+    assert path.read_bytes() == before
+    sdnet.save_checkpoint(path, big)  # whole floats hold it
+    sdnet.load_checkpoint(path)
 
 
 def test_meta_config_is_reserved(model, tmp_path):
