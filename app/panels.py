@@ -41,6 +41,20 @@ class Context:
     device: str
 
 
+# what makes Markdown inside a line (the value is one line: no lists, headings or tables), and Streamlit's own
+# :color[...], :emoji: and $maths$
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>!~$:])")
+
+
+def _md_plain(value: Any, limit: int = 80) -> str:
+    """A value from a checkpoint or its card as plain text in Markdown: one line, at most `limit` characters, its
+    Markdown escaped. A card's dataset with a newline, a table row and an image link added a forged row to the
+    model card and had the browser fetch the image."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
 def _chart(fig, key: str | None = None, name: str | None = None) -> None:
     """A plotly chart whose camera saves `name`.png (default: its key's stem), a layer's name in it where the chart
     is one layer's (the Export tab's names): every layer's code maps were saved as 'codes.png'."""
@@ -171,9 +185,11 @@ def _show_card(loaded: state.Loaded) -> None:
         acc_text = "not measured"
     name = str(card.get("name", loaded.path.stem))
     stem = loaded.path.stem
+    shown = _md_plain(name)
     if name != stem and not name.startswith(f"{stem} ("):  # the run's, not the file's: sdnet18_all-w16.pt's card said -e3
-        name += f"; file `{loaded.path.name}`"
-    rows = [("name", name),
+        file = " ".join(loaded.path.name.replace("`", "'").split())
+        shown += f"; file `{file}`"  # (a code span: no Markdown in it)
+    rows = [("name", shown),
             ("architecture", f"{card.get('architecture', cfg['name'])}, width {card.get('width', cfg['width'])}, "
                              f"{'with' if card.get('shortcut', cfg.get('shortcut')) else 'no'} shortcuts"),
             ("test accuracy", acc_text),
@@ -182,7 +198,7 @@ def _show_card(loaded: state.Loaded) -> None:
             ("data", card.get("data") or card.get("dataset") or loaded.meta.get("dataset", "?")),
             ("epochs", card.get("epochs", loaded.meta.get("epochs", "?"))),
             ("CSC layers", len(loaded.layer_names))]
-    sb.markdown("\n".join(f"- **{k}**: {v}" for k, v in rows))
+    sb.markdown("\n".join(f"- **{k}**: {v if k == 'name' else _md_plain(v)}" for k, v in rows))
     if acc_text == "not measured":
         sb.warning("This checkpoint has no measured accuracy: it may be an untrained stand-in.")
     if training or card.get("evaluation") or card.get("robust_fit"):

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000   # width * height above this is refused (a decompression bomb, or just too big)
 MAX_BYTES = 50 * 2 ** 20  # files above 50 MiB are refused before decoding
+MAX_JPEG_SCANS = 200  # a progressive JPEG has about 10 scans; each more is a pass over the whole picture
 # (jfif and jpe: JPEG under the names some browsers save it with; an upload box refused them as "not allowed")
 SUFFIXES = ("png", "jpg", "jpeg", "jfif", "jpe", "webp", "bmp", "gif", "tif", "tiff")
 # The only decoders an upload may reach (JPEG's also opens a phone's MPO). Pillow otherwise tries every format it
@@ -91,6 +92,10 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, 
                              "32x32 or 224x224 pixels)")
         if w < 1 or h < 1:
             raise ImageError(f"the image has no pixels ({w}x{h})")
+        scans = data.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 0  # (0xFF in a scan's data is escaped)
+        if scans > MAX_JPEG_SCANS:  # each is decoded over the whole picture: 10,000 of 59 bytes took 52 s
+            raise ImageError(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS} (a progressive JPEG has about "
+                             "10): re-save it")
         img.seek(0)
         img.load()
     except ImageError:
@@ -255,11 +260,17 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(data) == 16:
         # PIL reads 16 bits a channel as 8 without a word (its mode says RGB); a 16-bit grayscale one is said
         notes.append(f"{img.mode} with 16 bits a channel read as 8")
-    if getattr(img, "n_frames", 1) > 1:
-        notes.append(f"first of {img.n_frames} frames used")
-    if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)
-        img = ImageOps.exif_transpose(img)
-        notes.append("rotated as its EXIF orientation says")
+    try:  # is_animated looks at the second frame alone: n_frames walked a TIFF's every page (60,000 pages, 45 s)
+        if getattr(img, "is_animated", False):
+            notes.append("first frame used (the file has more)")
+    except Exception:  # noqa: BLE001 - a broken pointer to a second page (TypeError, ...): the first decoded fine
+        notes.append("first frame used (the rest of the file could not be read)")
+    try:
+        if img.getexif().get(0x0112, 1) in range(2, 9):  # EXIF orientation, as cameras write it (1: as stored)
+            img = ImageOps.exif_transpose(img)
+            notes.append("rotated as its EXIF orientation says")
+    except Exception:  # noqa: BLE001 - a damaged EXIF block (struct.error on 4 bytes of it): a traceback on the page
+        notes.append("its EXIF data could not be read: shown as stored, not rotated")
     img, alpha, conv = to_rgb(img)
     preview = crop_preview(img, alpha)
     img, fit = fit_to_input(img, size)

@@ -163,9 +163,31 @@ def test_a_jpeg_over_the_limit_is_decoded_at_a_smaller_scale_where_that_brings_i
     mpo = png(photo, "MPO", save_all=True, append_images=[photo.copy()])  # many phones' JPEGs carry a second picture
     notes = images.prepare_image(mpo, 32, max_pixels=200_000).notes
     assert notes[:2] == ["JPEG decoded at 1/2 scale, 801x600 to 401x300 (over the 0 megapixel limit at full size)",
-                         "first of 2 frames used"], notes
+                         "first frame used (the file has more)"], notes
     with pytest.raises(images.ImageError, match="801x600 = 0.5 megapixels; the limit is 0 megapixels"):
         images.prepare_image(png(photo), 32, max_pixels=200_000)  # no reduced decode for a PNG: refused
+
+
+def test_damaged_extras_of_a_good_first_picture_are_said_not_raised_and_scans_are_capped(monkeypatch):
+    """From a bad-input audit: a TIFF whose pointer to a second page leads nowhere (TypeError) and a PNG with 4 bytes
+    of EXIF (struct.error) put a traceback on the page; a JPEG of 10,000 scans took 52 s to decode."""
+    tiff = bytearray(png(Image.new("RGB", (6, 4), (200, 10, 10)), "TIFF"))
+    ifd = struct.unpack("<I", tiff[4:8])[0]
+    entries = struct.unpack("<H", tiff[ifd:ifd + 2])[0]
+    tiff[ifd + 2 + 12 * entries:ifd + 6 + 12 * entries] = struct.pack("<I", len(tiff) + 10_000)  # a next page nowhere
+    done = images.prepare_image(bytes(tiff), 4)
+    assert done.notes[0].startswith("first frame used") and done.tensor[0].min() > 0.7
+    plain = png(Image.new("RGB", (6, 4), (10, 200, 10)))
+    chunk = b"eXIf" + b"MM\x00*"
+    short_exif = plain[:33] + struct.pack(">I", 4) + chunk + struct.pack(">I", zlib.crc32(chunk)) + plain[33:]
+    done = images.prepare_image(short_exif, 4)
+    assert "its EXIF data could not be read: shown as stored, not rotated" in done.notes
+    progressive = png(Image.new("RGB", (16, 16), (10, 10, 200)), "JPEG", progressive=True)
+    assert images.prepare_image(progressive, 4).tensor.shape == (3, 4, 4)
+    monkeypatch.setattr(images, "MAX_JPEG_SCANS", 3)
+    with pytest.raises(images.ImageError, match=r"the JPEG has \d+ scans; the limit is 3"):
+        images.prepare_image(progressive, 4)
+    images.prepare_image(png(Image.new("RGB", (16, 16)), "JPEG"), 4)  # a baseline JPEG: one scan
 
 
 def test_a_file_over_the_byte_limit_is_refused_before_decoding(monkeypatch):
@@ -2548,6 +2570,14 @@ def test_a_hand_edited_card_of_the_wrong_kinds_is_named_not_fatal(app, checkpoin
     assert not any("nan" in b.label for b in at.button)
 
 
+@pytest.mark.parametrize("typed", ["~nosuchuser_sdnet/model.pt", "a" * 5000 + ".pt"])
+def test_an_unreadable_other_path_is_said_in_a_line(typed):
+    """'Other path...': a home of no user (RuntimeError) and a name too long (OSError) showed tracebacks."""
+    from app import state
+    with pytest.raises(sdnet.CheckpointError, match="^cannot read "):
+        state.load(typed, torch.device("cpu"))
+
+
 def test_the_card_names_the_file_where_its_run_had_another_name(app, checkpoint_dir, tmp_path, monkeypatch):
     """A card names the run it describes (sdnet18_all-w16-e3), which need not be the file's stem: the sidebar read
     'sdnet18_all-w16-e3' for a pick of sdnet18_all-w16.pt (a browser review). The file is named beside it then."""
@@ -2561,7 +2591,8 @@ def test_the_card_names_the_file_where_its_run_had_another_name(app, checkpoint_
                                                      "name": f"{path.stem} (no shortcuts)"}))
     at = app()
     card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
-    assert card.startswith(f"- **name**: {path.stem} (no shortcuts)\n"), card  # the file's own name: said once
+    escaped = path.stem.replace("_", "\\_")  # (the card's values are plain text in its Markdown)
+    assert card.startswith(f"- **name**: {escaped} (no shortcuts)\n"), card  # the file's own name: said once
     copy = tmp_path / "copied" / "my model (1).pt"  # a browser's copy with no card: its stem, said once
     copy.parent.mkdir()
     copy.symlink_to(path.resolve())
@@ -2569,6 +2600,14 @@ def test_the_card_names_the_file_where_its_run_had_another_name(app, checkpoint_
     at = app()
     card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
     assert card.startswith("- **name**: my model (1)\n"), card
+    # a card's values are one line of plain text each: a dataset with a row and an image link of its own added a
+    # forged row to the card and had the browser fetch the image (a bad-input audit)
+    copy.with_suffix(".json").write_text(json.dumps({"data": "cifar10\n- **test accuracy**: 99.9%\n"
+                                                             "![t](http://x.invalid/t.png)"}))
+    at = app()
+    card = next(m.value for m in at.sidebar.markdown if m.value.startswith("- **name**"))
+    assert "- **data**: cifar10 - \\*\\*test accuracy\\*\\*\\: 99.9% \\!\\[t\\](http\\://x.invalid/t.png)\n" in card, card
+    assert card.count("\n- ") == 6 and "99.9%" not in card.split("**data**")[0], card
 
 
 def test_card_fields_are_checked_one_by_one():
