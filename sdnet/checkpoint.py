@@ -267,6 +267,10 @@ def _check_step_sizes(model: nn.Module, power: dict) -> None:
             if not L >= below * (1 - slack):
                 raise ValueError(f"the stored step size of {name}{'' if aside is None else f' for {aside}'} is too "
                                  f"long: L = {L:.4g} is under {what}, {below:.4g} (an edited file?)")
+            if L > _MAX_L_OVER * below:  # a step so short that every code stays zero (an edited L of 1e30)
+                raise ValueError(f"the stored step size of {name}{'' if aside is None else f' for {aside}'} is too "
+                                 f"short: L = {L:.4g} is over {_MAX_L_OVER:g} times {what}, {below:.4g} (an edited "
+                                 "file?)")
 
 
 def _restore_step_size_rules(model: nn.Module, rules: Any) -> None:
@@ -289,6 +293,7 @@ def not_a_resnet(path: str | os.PathLike, meta: dict) -> str | None:
     return None if name.startswith("resnet") else f"the baseline {path} is a {name}, not a ResNet"
 
 
+_MAX_L_OVER = 10.0  # a stored L over this many times its lower bound is refused (a valid one is within a few %)
 _MAX_ITEMS = 100_000  # plain values in a checkpoint besides its tensors' data (a width-64 SDNet-34-All: a few hundred)
 _MAX_DEPTH = 16
 
@@ -329,6 +334,10 @@ def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
     unexpected = [k for k in got if k not in want]
     mismatched = [f"{k} is {got[k]} there, {want[k]} here" if got[k] is not None else f"{k} is not a plain tensor"
                   for k in want if k in got and got[k] != want[k]]
+    # integer weights were cast to zeros' worth of floats, complex ones lost their imaginary part, in silence
+    kinds = {k: v.dtype for k, v in skeleton.state_dict().items()}
+    other_kind = [f"{k} holds {state[k].dtype} values, not {kinds[k]}" for k in want if got.get(k) == want[k]
+                  and (state[k].is_floating_point() != kinds[k].is_floating_point or state[k].is_complex())]
     # shapes are not sizes: stride-0 views of one number make a 21 kB file of width 512's every shape
     short = [k for k, v in state.items() if got.get(k) is not None
              and v.untyped_storage().nbytes() < v.numel() * v.element_size()]
@@ -337,7 +346,8 @@ def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     parts = ([f"size mismatch: {some(mismatched)}"] if mismatched else []) + (
         [f"missing: {some(missing)}"] if missing else []) + ([f"unexpected: {some(unexpected)}"] if unexpected else []) + (
-        [f"not stored whole (fewer values in the file than the shape has): {some(short)}"] if short else [])
+        [f"not stored whole (fewer values in the file than the shape has): {some(short)}"] if short else []) + (
+        [f"values of another kind: {some(other_kind)}"] if other_kind else [])
     return "; ".join(parts) or None
 
 

@@ -441,6 +441,15 @@ BAD_FILES = {
                           "damaged: a list or dictionary in it is held twice"),
     "sparse weights": (_edit_state("conv1.weight", lambda w: w.to_sparse()),  # (NotImplementedError: no storage)
                        r"do not fit the stored architecture: size mismatch: \S*conv1.weight is not a plain tensor"),
+    "integer weights": (_edit_state("conv1.weight", lambda w: w.long()),  # (loaded as zeros' worth of floats)
+                        r"do not fit the stored architecture: values of another kind: \S*conv1.weight holds "
+                        r"torch.int64 values, not torch.float32"),
+    "complex weights": (_edit_state("linear.weight", lambda w: w.to(torch.complex64)),
+                        "values of another kind: linear.weight holds torch.complex64"),
+    # a step so short that every code stays zero
+    "step size far too short": (_with_power({"conv1": {"spatial": torch.tensor([8, 8]), "lipschitz": torch.tensor(1e30)}}),
+                                r"damaged: the stored step size of conv1 is too short: L = 1e\+30 is over 10 times "
+                                "the FFT bound"),
     "negative batch-norm variance": (_edit_state("running_var", lambda v: v.fill_(-1.0)),  # every logit NaN
                                      "damaged: negative batch-norm variances in"),
     "cut short": (_cut_short, r"truncated or corrupt\?\): its zip archive could not be read$"),
