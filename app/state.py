@@ -29,6 +29,7 @@ import torch
 import sdnet
 from sdnet import attribution, images
 from sdnet.cards import checked_card
+from sdnet.checkpoint import file_stat
 from sdnet.corruptions import corrupt
 
 from app import plots
@@ -187,15 +188,11 @@ def _load(path: str, mtime_ns: int, size: int, device: str) -> tuple[torch.nn.Mo
 
 def load(path: str | Path, device: torch.device) -> Loaded:
     """Load (once per file version and device) the checkpoint at `path`; raises sdnet.CheckpointError."""
-    try:  # '~nosuchuser/x.pt' (RuntimeError), a name too long or a folder not ours to read (OSError): said in a line
+    try:
         p = Path(path).expanduser()
-        if not p.exists():
-            raise sdnet.CheckpointError(f"no file at {p}")
-        if p.is_dir():
-            raise sdnet.CheckpointError(f"{p} is a folder, not a checkpoint file")
-        stat = p.resolve().stat()
-    except (OSError, RuntimeError) as e:
-        raise sdnet.CheckpointError(f"cannot read {str(path)[:200]}: {getattr(e, 'strerror', None) or e}") from None
+    except RuntimeError as e:  # '~nosuchuser/x.pt': a traceback
+        raise sdnet.CheckpointError(f"cannot read {str(path)[:200]}: {e}") from None
+    stat = file_stat(p)
     model, meta = _load(str(p.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
     key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{device}"
     card, problems = checked_card(sdnet.load_card(p))

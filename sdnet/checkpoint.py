@@ -109,19 +109,29 @@ def _file_kind(head: bytes) -> str:
     return "binary data of another format"
 
 
-def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
-    """torch.load with weights_only=True, turning every failure into a CheckpointError."""
+def file_stat(path: str | os.PathLike) -> os.stat_result:
+    """The stat of the checkpoint file at `path`, or a CheckpointError that says in a line why there is none: no
+    file, a folder, or an OSError (a name too long, a folder this process may not read), which was a traceback."""
     path = Path(path)
-    try:  # a name too long, a file this process may not read: OSError, said in a line
+    try:
         if not path.exists():
             raise CheckpointError(f"no file at {path}")
         if path.is_dir():
             raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path} is empty")
+        return path.stat()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(path)[:200]}: {e.strerror or e}") from None
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
+    """torch.load with weights_only=True, turning every failure into a CheckpointError."""
+    path = Path(path)
+    if file_stat(path).st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+    try:
         with open(path, "rb") as f:
             head = f.read(8)
-    except OSError as e:
+    except OSError as e:  # a file this process may not read
         raise CheckpointError(f"cannot read {str(path)[:200]}: {e.strerror or e}") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
