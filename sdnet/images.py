@@ -154,6 +154,9 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None, list[str]
         else:  # 1-255 (integers: any 8-bit picture; floats: 0-10 was shown near black, and said nothing)
             notes.append(f"{'float' if mode == 'F' else '32-bit integer'} values up to {hi:g} read as 8-bit levels "
                          "(0-255)" + (": dark" if hi < 64 else ""))
+        below = int((arr <= -0.5).sum())  # (scaled as the brightest says: a float in [-1, 1] read as [0, 1])
+        if below:  # clipped to black: said, where the note above spoke of the top of the range alone
+            notes.append(f"{below} pixel(s) with values below 0 shown black")
         np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
         alpha = None
         if clear is not None:

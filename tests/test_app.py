@@ -71,6 +71,9 @@ def test_prepare_image_converts_every_mode():
     assert 0.2 < float(sixteen.mean()) < 0.8
     dark = Image.fromarray(rng.integers(0, 251, (40, 40)).astype(np.uint16))
     assert dark.mode == "I;16" and float(images.prepare_image(png(dark), 32).tensor.max()) < 0.01
+    # a float image in [-1, 1]: its left half black, said only to be 'in [0, 1]' (a bad-input audit)
+    signed = Image.fromarray(np.tile(np.linspace(-1, 1, 40, dtype=np.float32), (40, 1)))
+    assert "800 pixel(s) with values below 0 shown black" in images.prepare_image(png(signed, "TIFF"), 32).notes
     # 16 bits a channel in colour: PIL says RGB, and the notes said nothing of the 16 bits
     def rgb16(pixels: np.ndarray) -> bytes:
         def chunk(kind: bytes, data: bytes) -> bytes:
