@@ -541,6 +541,33 @@ def test_bad_files_raise_checkpoint_error(kind, model, tmp_path):
     assert isinstance(info.value, ValueError)  # callers may catch it as a ValueError
 
 
+def test_a_large_size_stored_without_its_warm_vector_is_left_out_not_checked_for_minutes(model, tmp_path):
+    """An edited file whose Lanczos layers name 1024 px without a warm vector took 221 s and 4.8 GB to refuse (a
+    10-product check at that size, in each layer): such a size over UNCHECKED_SIDE is left out, estimated afresh
+    when the model meets it; a small one is still checked."""
+    from sdnet.checkpoint import UNCHECKED_SIDE
+    from sdnet.csc import step_size_rules
+    name = "layer1.0.conv1"
+    big = UNCHECKED_SIDE + 8
+
+    def edit(fields):
+        fields["step_sizes"] = step_size_rules(model)
+        fields["power"] = {name: {"spatial": torch.tensor([big, big]), "lipschitz": torch.tensor(1e-9)}}
+    _edited(edit)(tmp_path / "big.pt", model)
+    calls = []
+    layer = dict(sdnet.csc_layers(model))[name]
+    original = type(layer).lipschitz
+
+    def counted(self, spatial, iters=None):
+        calls.append(tuple(spatial))
+        return original(self, spatial, iters)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(type(layer), "lipschitz", counted)
+        loaded, _ = sdnet.load_checkpoint(tmp_path / "big.pt")
+    assert (big, big) not in calls and dict(sdnet.csc_layers(loaded))[name].power_state() is None
+    # (a too-long L of 1e-9 at a small size is refused: test_bad_files_raise_checkpoint_error's Lanczos cases)
+
+
 def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
     with pytest.raises(sdnet.CheckpointError, match="cannot read .*: File name too long"):  # (an OSError)
         sdnet.load_checkpoint(tmp_path / ("a" * 5000))
