@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -124,6 +125,24 @@ def file_stat(path: str | os.PathLike) -> os.stat_result:
         raise CheckpointError(f"cannot read {str(path)[:200]}: {e.strerror or e}") from None
 
 
+_MAX_PICKLE_BYTES = 4 * 2 ** 20  # a checkpoint's data.pkl (its structure; the tensors' data lie beside it): 17 kB
+# for a shipped SDNet-All
+
+
+def _pickle_size_problem(path: Path) -> str | None:
+    """Why the pickle inside a torch.save archive is too large to unpickle, or None (also where the archive cannot
+    be read here: torch.load says why). 200,000 tensors in a 16 MB pickle took 20 s to unpickle, then were refused."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = [i.file_size for i in archive.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if sizes and max(sizes) > _MAX_PICKLE_BYTES:
+        return (f"its pickle is {max(sizes) / 2 ** 20:.0f} MB, over {_MAX_PICKLE_BYTES // 2 ** 20} MB (a checkpoint's "
+                "is tens of kB: the weights lie beside it)")
+    return None
+
+
 def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
@@ -137,6 +156,9 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
         raise CheckpointError(f"{path} is not a readable PyTorch file: torch.save writes a zip archive, and this "
                               f"file is {_file_kind(head)}")
+    problem = _pickle_size_problem(path) if head.startswith(b"PK\x03\x04") else None
+    if problem:
+        raise CheckpointError(f"{path} is not a checkpoint's size: {problem}")
     if head[:1] == b"\x80" and len(head) > 1 and head[1] >= 4:
         # torch.save's legacy format pickles at protocol 2; 4 and 5 are pickle.dump's defaults (refused here, before
         # torch.load warns of the protocol and its unpickler fails on "Unsupported operand 149")

@@ -568,6 +568,16 @@ def test_a_large_size_stored_without_its_warm_vector_is_left_out_not_checked_for
     # (a too-long L of 1e-9 at a small size is refused: test_bad_files_raise_checkpoint_error's Lanczos cases)
 
 
+def test_a_pickle_too_large_for_a_checkpoint_is_refused_before_it_is_unpickled(model, tmp_path, monkeypatch):
+    """200,000 tensors in a 16 MB pickle took 20 s to unpickle before their refusal (a bad-input audit)."""
+    from sdnet import checkpoint
+    sdnet.save_checkpoint(tmp_path / "m.pt", model)
+    monkeypatch.setattr(checkpoint, "_MAX_PICKLE_BYTES", 2 ** 10)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(sdnet.CheckpointError, match=r"m.pt is not a checkpoint's size: its pickle is 0 MB, over 0 MB"):
+        sdnet.load_checkpoint(tmp_path / "m.pt")
+
+
 def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
     with pytest.raises(sdnet.CheckpointError, match="cannot read .*: File name too long"):  # (an OSError)
         sdnet.load_checkpoint(tmp_path / ("a" * 5000))
