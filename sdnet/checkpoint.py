@@ -360,7 +360,7 @@ def _shape_problem(skeleton: nn.Module, state: dict) -> str | None:
     built for real: a 1 KB file naming width 512 and no weights had it allocate 3 GiB (a larger width, all of
     memory) before load_state_dict refused it."""
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    # a sparse or quantized tensor has no storage to check below (NotImplementedError), and is no model's weight
+    # a sparse or quantized tensor has no storage to check below (torch raises on reading it), and is no model's weight
     got = {k: tuple(v.shape) if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized
            else None for k, v in state.items()}
     missing = [k for k in want if k not in got]
@@ -447,7 +447,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         # its check, a 10-product estimate at that size, took 221 s and 4.8 GB for 1024 px in 17 layers
         lanczos = {name for name, layer in csc_layers(model) if layer.step_size == "lanczos"}
 
-        def small(st: dict, name: str) -> bool:
+        def kept(st: dict, name: str) -> bool:
             side = max(st["spatial"].tolist())
             return side <= MAX_STORED_SIDE and (side <= UNCHECKED_SIDE or "vec" in st or name not in lanczos)
 
@@ -455,8 +455,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
             return {k: v.float() if k == "vec" else v for k, v in st.items() if k != "aside"}
 
         def loaded(st: dict, name: str) -> dict | None:
-            aside = [floats(a) for a in st.get("aside", []) if small(a, name)]
-            if not small(st, name):  # one of the other sizes stands in (a call at 1040 px, then a save, lost the 32's)
+            aside = [floats(a) for a in st.get("aside", []) if kept(a, name)]
+            if not kept(st, name):  # one of the other sizes stands in (a call at 1040 px, then a save, lost the 32's)
                 return {**aside[0], "aside": aside[1:]} if aside else None
             return {**floats(st), "aside": aside}
         power = {name: state for name, st in power.items() if (state := loaded(st, name)) is not None}

@@ -439,7 +439,7 @@ BAD_FILES = {
                                          "damaged: it nests lists or dictionaries over 16 deep"),
     "a list held twice": (_edited(lambda f: f["meta"].update(dataset=_nested_in_itself(3))),
                           "damaged: a list or dictionary in it is held twice"),
-    "sparse weights": (_edit_state("conv1.weight", lambda w: w.to_sparse()),  # (NotImplementedError: no storage)
+    "sparse weights": (_edit_state("conv1.weight", lambda w: w.to_sparse()),  # (torch raised: it has no storage)
                        r"do not fit the stored architecture: size mismatch: \S*conv1.weight is not a plain tensor"),
     "integer weights": (_edit_state("conv1.weight", lambda w: w.long()),  # (loaded as zeros' worth of floats)
                         r"do not fit the stored architecture: values of another kind: \S*conv1.weight holds "
