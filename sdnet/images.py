@@ -251,6 +251,22 @@ def _png_bit_depth(data: bytes) -> int | None:
     return data[24] if len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" else None
 
 
+def _match_png_transparency(img: Image.Image, bits: int | None, notes: list[str]) -> None:
+    """Make a PNG's transparent value (tRNS) name pixels as PIL reads them. PIL scales 2- and 4-bit grey up to
+    8 bits but keeps the value the file names (2 of 0-3, where the pixels read 170): the transparent part
+    showed opaque, said to be "fully opaque". 16-bit colour it reads as 8 (the high byte): a colour named at 16
+    bits cannot be matched there, so the picture is shown opaque, and said to be."""
+    key = img.info.get("transparency")
+    if bits is None or key is None or img.format != "PNG":
+        return
+    if isinstance(key, int) and img.mode in ("1", "L") and bits < 8 and key < 2 ** bits:  # (1-bit: PIL says 255)
+        img.info["transparency"] = key * 255 // (2 ** bits - 1)
+    elif isinstance(key, tuple) and img.mode == "RGB" and bits == 16:
+        del img.info["transparency"]
+        notes.append(f"its transparent colour {key} is named at 16 bits a channel, which cannot be matched in the "
+                     "8 bits read: shown opaque")
+
+
 def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> PreparedImage:
     """A user file (bytes) -> the model input (3, size, size) in [0, 1], with every step recorded.
 
@@ -259,10 +275,11 @@ def prepare_image(data: bytes, size: int = 32, max_pixels: int = MAX_PIXELS) -> 
     if int(size) < 1:
         raise ValueError(f"size must be at least 1 pixel, got {size}")
     img, original_size, notes = open_image(data, max_pixels)
-    original_mode = img.mode
-    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(data) == 16:
+    original_mode, bits = img.mode, _png_bit_depth(data)
+    if img.format == "PNG" and img.mode in ("RGB", "RGBA") and bits == 16:
         # PIL reads 16 bits a channel as 8 without a word (its mode says RGB); a 16-bit grayscale one is said
         notes.append(f"{img.mode} with 16 bits a channel read as 8")
+    _match_png_transparency(img, bits, notes)
     try:  # is_animated looks at the second frame alone: n_frames walked a TIFF's every page (60,000 pages, 45 s)
         if getattr(img, "is_animated", False):
             notes.append("first frame used (the file has more)")

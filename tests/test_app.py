@@ -2842,3 +2842,39 @@ def test_the_baseline_switched_off_is_kept_by_a_reload_and_a_link(app, checkpoin
     at.selectbox(key="ckpt").set_value(_resnet_name(checkpoint_dir)).run()  # no toggle there: no baseline=0
     ok(at)
     assert "baseline" not in at.query_params
+
+
+def _png_with_trns(width: int, bits: int, colour_type: int, row: bytes, trns: bytes) -> bytes:
+    """A square PNG of `row` repeated, written chunk by chunk: PIL writes neither low-bit grey nor 16-bit colour
+    with a tRNS."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, width, bits, colour_type, 0, 0, 0))
+            + chunk(b"tRNS", trns) + chunk(b"IDAT", zlib.compress((b"\x00" + row) * width)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits, row, clear", [(1, bytes([0b01000000]), 1), (2, bytes([0b00011011]), 2),
+                                              (4, bytes([0x01, 0x23]), 2)])
+def test_a_low_bit_grayscale_png_with_a_transparent_value_is_composited_onto_white(bits, row, clear):
+    """PIL scales 2- and 4-bit grey to 8 bits and kept the file's value (2 of 0-3, pixels read 170): the
+    transparent pixel showed opaque, with the note "fully opaque". (1 bit: PIL itself says 255, left so.)"""
+    import struct
+    prepared = images.prepare_image(_png_with_trns(4, bits, 0, row, struct.pack(">H", clear)), size=4)
+    assert prepared.alpha is not None and (prepared.alpha[:, clear] == 0).all(), prepared.notes
+    assert (prepared.alpha.sum(axis=1) == 3).all()  # one column of the four transparent
+    assert images.to_uint8(prepared.tensor)[0, 0].tolist() == [0, 0, 0]  # value 0: black, opaque
+    assert not any("fully opaque" in n for n in prepared.notes) and any("composited" in n for n in prepared.notes)
+
+
+def test_a_16_bit_colour_png_with_a_transparent_colour_is_said_to_be_shown_opaque():
+    """PIL reads 16-bit colour as 8 bits (the high byte): the colour the file names cannot be matched, and the
+    note said "fully opaque"."""
+    import struct
+    data = _png_with_trns(2, 16, 2, struct.pack(">6H", 1000, 2000, 3000, 65535, 0, 0), struct.pack(">3H", 1000, 2000, 3000))
+    prepared = images.prepare_image(data, size=2)
+    assert prepared.alpha is None
+    assert any("(1000, 2000, 3000) is named at 16 bits" in n and "shown opaque" in n for n in prepared.notes)
+    assert not any("fully opaque" in n for n in prepared.notes), prepared.notes
