@@ -334,6 +334,9 @@ def _train(argv: list[str] | None) -> dict:
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    # wrapped before a resume restores the step sizes: DDP's start-up broadcast writes every parameter in place,
+    # which marked each dictionary changed, and every layer then estimated its L afresh (not bit for bit)
+    net = nn.parallel.DistributedDataParallel(model) if distributed else model
     start_epoch, train_seconds = 0, 0.0
     if args.resume and (out / "last.pt").exists():
         state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world,
@@ -366,7 +369,6 @@ def _train(argv: list[str] | None) -> dict:
     elif args.resume and is_main:
         print(f"--resume: no {out / 'last.pt'} yet, starting from scratch")
 
-    net = nn.parallel.DistributedDataParallel(model) if distributed else model
     sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
