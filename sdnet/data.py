@@ -12,6 +12,7 @@ the cache folder from `SDNET_CACHE` (default `~/.cache/sdnet`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -258,35 +260,72 @@ def _load_image_folder(p: Path, split: str, model_classes: list[str] | None = No
     # resolved: the key (of its files' paths) and the source a copy names are then one spelling of the folder;
     # data/x and /abs/data/x had keys of their own and one source, so each pruned the other's copy
     root = _split_root(p, split).resolve()
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # hidden names left out: a Jupyter .ipynb_checkpoints folder was a class, and a Mac's ._0001.jpg an image
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     _refuse_unknown(classes, f"{root}", model_classes)
     files, labels = [], []
     for i, c in enumerate(classes):
-        found = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(f for f in (root / c).iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
         files += found
         labels += [i] * len(found)
     if not files:
         raise DatasetError(f"no images under {root}: expected {root}/<class>/*.jpg or *.png")
+    empty = sorted(set(classes) - {classes[i] for i in set(labels)})
+    if empty:  # a class the model would be given an output for, and never an image of
+        raise DatasetError(f"{root} has class folder(s) with no images: {', '.join(empty[:5])}"
+                           f"{' ...' if len(empty) > 5 else ''}; remove them or put their images in")
     # size and modification time: an image replaced by another of the same size is decoded afresh
     stats = [f.stat() for f in files]
     key = hashlib.sha256("\n".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats)).encode()).hexdigest()[:16]
     cached = cache_dir() / "decoded" / f"{root.parent.name}-{split}-{key}.npz"
-    if cached.exists():
-        with np.load(cached) as npz:
-            images = npz["images"]
+    images = _read_decoded(cached, len(files))
+    if images is not None:
         if _sources(cached) is None:  # made before copies named their sources: this folder's, by its key
             _keep_one_copy(cached, [str(root.resolve())])
     else:
         print(f"decoding {len(files)} images of {root} into {cached} (once; later runs read that)", file=sys.stderr,
               flush=True)
         images = _decode_all(files)
+        if _write_decoded(cached, images):
+            _keep_one_copy(cached, [str(root.resolve())])
+    return ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes, f"{root}")
+
+
+def _read_decoded(cached: Path, n: int) -> np.ndarray | None:
+    """The decoded images cached at `cached`, or None where there are none, or the file is damaged (it is then
+    decoded afresh, said: a damaged one ended every later run in a traceback until the cache was deleted by hand)."""
+    if not cached.exists():
+        return None
+    try:
+        with np.load(cached) as npz:
+            images = npz["images"]
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n or images.shape[1] != 3:
+            raise ValueError(f"it holds {images.dtype} images of shape {images.shape} for {n} files")
+        return images
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        print(f"note: the decoded copy {cached} is damaged ({err}): decoding again", file=sys.stderr, flush=True)
+        return None
+
+
+def _write_decoded(cached: Path, images: np.ndarray) -> bool:
+    """Cache decoded images at `cached`, atomically; False (said) where the cache folder cannot take them: the run
+    goes on with them in memory, as a cache it cannot write is not an error (it was a traceback, and a full disk
+    left the scratch file)."""
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}-{threading.get_ident()}")  # (two threads at once)
+    try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}-{threading.get_ident()}")  # (two threads at once)
         with open(tmp, "wb") as fh:
             np.savez(fh, images=images)
         os.replace(tmp, cached)
-        _keep_one_copy(cached, [str(root.resolve())])
-    return ImageSet(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes, f"{root}")
+        return True
+    except OSError as err:
+        print(f"note: could not keep the decoded images in {cached.parent} ({err.strerror or err}; SDNET_CACHE "
+              "names another folder): they are decoded again next time", file=sys.stderr, flush=True)
+        return False
+    finally:
+        with contextlib.suppress(OSError):  # (gone once renamed; Ctrl-C or a full disk left it)
+            tmp.unlink(missing_ok=True)
 
 
 def _decode_all(files: list[Path]) -> np.ndarray:
@@ -299,16 +338,20 @@ def _decode_all(files: list[Path]) -> np.ndarray:
         try:
             with Image.open(f, formats=DECODERS) as im:
                 return np.asarray(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, EOFError) as err:  # UnidentifiedImageError is an OSError
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+            # (UnidentifiedImageError is an OSError; a decompression bomb is neither: it was a traceback)
             raise DatasetError(f"{f} is not a readable image ({type(err).__name__}: {err}); remove or replace it") from None
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         arrays = list(tqdm(pool.map(decode, files, chunksize=256), total=len(files),
                            desc=f"decoding {files[0].parent.parent.name}", unit="img", leave=False,
                            disable=None))  # None: shown on a terminal, not written into logs
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise DatasetError(f"images under {files[0].parent.parent} differ in size ({sorted(shapes)[:3]}...); "
+    shapes = [a.shape for a in arrays]
+    if len(set(shapes)) != 1:  # the odd one named: one among 50,000 was to be hunted for
+        common = max(set(shapes), key=shapes.count)
+        odd = [(f, shape) for f, shape in zip(files, shapes) if shape != common]
+        raise DatasetError(f"images under {files[0].parent.parent} differ in size: {len(odd)} of {len(files)} are not "
+                           f"{common[1]}x{common[0]} like the rest, e.g. {odd[0][0]} ({odd[0][1][1]}x{odd[0][1][0]}); "
                            "expected CIFAR's 32x32")
     return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
 
@@ -338,10 +381,14 @@ def _unpack_once(p: Path) -> Path:
             _keep_one_copy(dest, sources + [str(p.resolve())])
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}-{threading.get_ident()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     # the first use of an archive takes seconds (CIFAR-10: ~10 s, then decoding) with nothing else on screen
     print(f"unpacking {p} into {dest} (once; later runs reuse it)", file=sys.stderr, flush=True)
     try:
+        try:  # (a cache folder that cannot be made or written was a traceback)
+            tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DatasetError(f"cannot unpack {p}: the cache folder {dest.parent} cannot be written "
+                               f"({err.strerror or err}); SDNET_CACHE names another") from None
         with tarfile.open(p) as tar:
             tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
             _check_archive_end(tar)

@@ -411,3 +411,57 @@ def test_shared_cifar10_split_loads(monkeypatch):
     test = load_split(shared_data(), "test")
     assert test.images.shape == (9000, 3, 32, 32) and test.classes == CLASSES
     assert torch.bincount(test.labels).tolist() == [900] * 10
+
+
+def test_hidden_names_are_left_out_and_an_empty_class_folder_is_refused(tmp_path):
+    """A Jupyter .ipynb_checkpoints folder was a class (a 3-class tree trained a 4-output model), and a Mac's
+    ._0001.png an image it could not read."""
+    root = make_image_folder(tmp_path / "tree", n_train=2, n_test=1)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / CLASSES[0] / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert load_split(root, "train").classes == CLASSES[:3] and len(load_split(root, "train")) == 6
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"has class folder\(s\) with no images: empty; remove them"):
+        load_split(root, "train")
+
+
+def test_a_damaged_decoded_copy_is_decoded_again(tmp_path, capsys):
+    """A damaged .npz in the cache ended every later run in a traceback (BadZipFile, or IndexError for one of
+    another length) until the cache was deleted by hand."""
+    import numpy as np
+    root = make_image_folder(tmp_path / "tree", n_train=2, n_test=1)
+    first = load_split(root, "train")
+    (cached,) = (tmp_path / "cache" / "decoded").glob("*.npz")
+    for damage in (lambda: cached.write_bytes(cached.read_bytes()[:100]),
+                   lambda: np.savez(cached, images=np.zeros((2, 3, 32, 32), np.uint8))):
+        damage()
+        again = load_split(root, "train")
+        assert torch.equal(again.images, first.images) and "is damaged" in capsys.readouterr().err
+        assert torch.equal(load_split(root, "train").images, first.images)  # and the copy is sound again
+
+
+def test_a_cache_folder_that_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """A folder's images are used from memory, said (a cache it cannot write is not an error); an archive, which
+    must be unpacked somewhere, is refused in a line naming the cache. Both were tracebacks."""
+    root = make_image_folder(tmp_path / "tree" / "cifar10-jpg", n_train=2, n_test=1)
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SDNET_CACHE", str(tmp_path / "file" / "cache"))
+    assert len(load_split(root, "train")) == 6
+    assert "could not keep the decoded images in" in capsys.readouterr().err
+    archive = _archive(root, tmp_path / "cifar.tar.gz")
+    with pytest.raises(DatasetError, match=r"cannot unpack .*cifar.tar.gz: the cache folder .*file/cache/unpacked "
+                                           r"cannot be written \(.*\); SDNET_CACHE names another"):
+        load_split(archive, "train")
+
+
+def test_an_odd_image_in_the_tree_is_named(tmp_path):
+    """One image of another size among 50,000 was to be hunted for; a decompression bomb was a traceback."""
+    from PIL import Image
+    root = make_image_folder(tmp_path / "tree", n_train=3, n_test=1)
+    odd = root / "train" / CLASSES[1] / "0001.png"
+    Image.new("RGB", (64, 48)).save(odd)
+    with pytest.raises(DatasetError, match=rf"1 of 9 are not 32x32 like the rest, e.g. {re.escape(str(odd))} \(64x48\)"):
+        load_split(root, "train")
+    Image.new("1", (20000, 10000)).save(odd)  # 200 megapixels in a few kB
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(odd))} is not a readable image \(DecompressionBombError"):
+        load_split(root, "train")
