@@ -88,7 +88,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
+def first_line(e: BaseException, limit: int = 240) -> str:
     """The start of an exception's message on one line (torch's run over several)."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -177,7 +177,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
                                   "refusing to unpickle it, as that could run code (weights_only=True)") from None
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): the weights-only "
-                              f"unpickler rejected it ({reason.group(1) if reason else _first_line(e)})") from None
+                              f"unpickler rejected it ({reason.group(1) if reason else first_line(e)})") from None
     except OSError:  # torch's zip reader on a cut-short archive: "[Errno 22] Invalid argument", which says nothing
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): its zip archive "
                               "could not be read") from None
@@ -185,7 +185,7 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> Any:
         # a zip cut short elsewhere: torch's reader adds a paragraph of miniz advice, cut off mid-sentence here
         zip_error = re.match(r"PytorchStreamReader failed reading zip archive: ([^.]*)", str(e))
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt?): " + (
-            f"its zip archive could not be read ({zip_error.group(1)})" if zip_error else _first_line(e))) from None
+            f"its zip archive could not be read ({zip_error.group(1)})" if zip_error else first_line(e))) from None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, half: bool = False, **meta: Any) -> None:
@@ -411,7 +411,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         with torch.device("meta"):  # no memory: the weights are checked against it before the model is built
             skeleton = build_model(**config)
     except Exception as e:  # noqa: BLE001 - a config the model cannot be built from (a hand edit, a newer field)
-        raise CheckpointError(f"{path} is damaged: its stored architecture cannot be built: {_first_line(e)}") from None
+        raise CheckpointError(f"{path} is damaged: its stored architecture cannot be built: {first_line(e)}") from None
     problem = _shape_problem(skeleton, state)
     if problem:
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: {problem}")
@@ -421,7 +421,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - whatever the stored tensors are, say so plainly
         raise CheckpointError(f"{path}: the stored weights do not fit the stored architecture: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     problem = _classes_problem(meta.get("classes"), config.get("num_classes", 10))
     if problem:
         raise CheckpointError(f"{path}: {problem}")
@@ -463,7 +463,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Mod
         load_power_states(model, power)
         _check_step_sizes(model, power)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path} is damaged: {_first_line(e)}") from None
+        raise CheckpointError(f"{path} is damaged: {first_line(e)}") from None
     meta = dict(meta)
     meta["config"] = config
     return model, meta

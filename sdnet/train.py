@@ -15,13 +15,16 @@ Several GPUs or nodes: `torchrun --nproc_per_node=N -m sdnet.train ...` (Distrib
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .cards import described, load_card, write_card
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, first_line, atomic_save, atomic_write_text, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
 from .data import NUM_CLASSES, DatasetError, augment, check_splits, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
@@ -262,22 +265,54 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(args.out or f"runs/{args.model}-w{args.width}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler's end of a slot), met as Ctrl-C is: it printed nothing, and one
+    landing during a save left the scratch file beside last.pt for good."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _what_is_kept(argv: list[str] | None) -> str:
+    out = run_folder(parse_args(argv))
+    return (f"{out / 'last.pt'} holds the last finished epoch: rerun the same command with --resume to go on"
+            if (out / "last.pt").exists() else "no epoch had finished, nothing was saved")
+
+
+def _write_failed(err: BaseException) -> bool:
+    """A disk that is full or failing: the OSError of a write, or torch's zip writer's own error for it."""
+    return (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+            or isinstance(err, RuntimeError) and ("PytorchStreamWriter failed" in str(err)
+                                                  or "inline_container" in str(err)))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """python -m sdnet.train; a dataset or checkpoint problem ends it with its one-line message."""
+    """python -m sdnet.train; a dataset or checkpoint problem, Ctrl-C, SIGTERM or a full disk ends it with one line
+    saying what is kept."""
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return _train(argv)
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept, not a torch stack
+    except KeyboardInterrupt as err:  # Ctrl-C: one line on what is kept, not a torch stack
+        code = 143 if isinstance(err, Terminated) else 130
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) != 0:  # torchrun: every
             # rank gets the Ctrl-C, one says it (a launcher may set RANK for a single process: that one says it)
-            raise SystemExit(130) from None
-        args = parse_args(argv)
-        out = run_folder(args)
-        kept = (f"{out / 'last.pt'} holds the last finished epoch: rerun the same command with --resume to go on"
-                if (out / "last.pt").exists() else "no epoch had finished, nothing was saved")
-        print(f"\ninterrupted; {kept}", file=sys.stderr)
-        raise SystemExit(130) from None
+            raise SystemExit(code) from None
+        print(f"\n{'terminated' if code == 143 else 'interrupted'}; {_what_is_kept(argv)}", file=sys.stderr)
+        raise SystemExit(code) from None
+    except (OSError, RuntimeError) as err:
+        if not _write_failed(err):
+            raise
+        # (every file is written atomically: the one being written is as it was, or absent)
+        what = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.filename else \
+            err.strerror if isinstance(err, OSError) else "writing a checkpoint failed (is the disk full?)"
+        raise SystemExit(f"error: {what}; {_what_is_kept(argv)}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _train(argv: list[str] | None) -> dict:
@@ -338,6 +373,9 @@ def _train(argv: list[str] | None) -> dict:
     # which marked each dictionary changed, and every layer then estimated its L afresh (not bit for bit)
     net = nn.parallel.DistributedDataParallel(model) if distributed else model
     start_epoch, train_seconds = 0, 0.0
+    if args.resume and is_main:  # a save killed outright (SIGKILL, the OOM killer) left its scratch: up to 100 MB
+        for scratch in (*out.glob(".last.pt.*.tmp"), *out.glob(".model.pt.*.tmp")):
+            scratch.unlink(missing_ok=True)
     if args.resume and (out / "last.pt").exists():
         state = _resume_state(out / "last.pt", dict(vars(args), num_classes=num_classes, world_size=world,
                                                     autocast=autocast, data_sha256=content), device)
@@ -351,8 +389,11 @@ def _train(argv: list[str] | None) -> dict:
             if distributed:
                 dist.destroy_process_group()
             return {}
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:  # (an older or hand-edited state of other shapes, whose config does not say so, was a traceback)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"--resume: {out / 'last.pt'} does not fit this model: {first_line(err)}") from None
         load_power_states(model, state["power"])  # for a bit-exact resume
         changed = _step_size_rules_changed(state, model)
         if changed and is_main:

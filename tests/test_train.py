@@ -205,6 +205,58 @@ def test_ctrl_c_says_what_was_kept_in_one_line(tmp_path, data, capsys, monkeypat
         assert info.value.code == 130 and ("interrupted;" in capsys.readouterr().err) == said
 
 
+def test_sigterm_during_a_save_and_a_full_disk_end_in_a_line_that_says_what_is_kept(tmp_path, data, monkeypatch,
+                                                                                    capsys):
+    """SIGTERM (kill, timeout, a scheduler) printed nothing, and during a save left its scratch file for good; a
+    full disk was torch's zip writer's error and an OSError, two tracebacks. last.pt is kept as it was."""
+    import errno
+    import signal
+
+    import sdnet.checkpoint as checkpoint_module
+    run = tmp_path / "run"
+    args = TINY + ["--data", data, "--epochs", "3", "--out", str(run)]
+    train_main(args + ["--stop-after", "1"])
+    kept = (run / "last.pt").read_bytes()
+    real_save = checkpoint_module.torch.save
+
+    def killed_while_saving(obj, f):
+        f.write(b"PK half a checkpoint")
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(checkpoint_module.torch, "save", killed_while_saving)
+    with pytest.raises(SystemExit) as info:
+        train_main(args + ["--resume"])
+    assert info.value.code == 143
+    assert "terminated; " in capsys.readouterr().err and (run / "last.pt").read_bytes() == kept
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "last.pt", "log.jsonl"]  # no scratch
+
+    def full_disk(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    for fault in (full_disk, lambda obj, f: (_ for _ in ()).throw(RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 397312 vs 397216"))):
+        monkeypatch.setattr(checkpoint_module.torch, "save", fault)
+        with pytest.raises(SystemExit, match=r"^error: (No space left on device|writing a checkpoint failed \(is the "
+                                             r"disk full\?\)); .*last.pt holds the last finished epoch"):
+            train_main(args + ["--resume"])
+        assert (run / "last.pt").read_bytes() == kept
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    (run / ".last.pt.killed.tmp").write_bytes(b"left by SIGKILL")  # a save killed outright: swept by a resume
+    train_main(args + ["--resume", "--stop-after", "1"])
+    assert not (run / ".last.pt.killed.tmp").exists()
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_training_state_of_other_shapes_is_refused_in_a_line(tmp_path, data):
+    """One whose config does not say so (older, or edited) went on to load_state_dict's traceback."""
+    run = tmp_path / "run"
+    train_main(TINY + ["--data", data, "--epochs", "2", "--out", str(run), "--stop-after", "1"])
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save(dict(state, config="{}"), run / "last.pt")
+    wider = [a if a != "4" else "8" for a in TINY]
+    with pytest.raises(SystemExit, match=r"^error: --resume: .*last.pt does not fit this model: Error\(s\) in loading "
+                                         r"state_dict .*size mismatch"):
+        train_main(wider + ["--data", data, "--epochs", "2", "--out", str(run), "--resume"])
+
+
 def test_resume_refuses_other_settings_and_leaves_a_finished_run_alone(tmp_path, data, capsys):
     """A resume with another --seed, --lr or --epochs went on silently and wrote a card naming the new values (and
     --epochs 1 on a 2-epoch run relabelled it without training); a finished run resumed rewrote model.pt."""
