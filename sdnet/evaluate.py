@@ -22,8 +22,8 @@ from .corruptions import KINDS, corrupt_range, level, level_note
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model, resolve_data_path
 from .inspect import trace
-from .utils import (default_device, device_value, lam_value, positive_int, seed_value, severity_value, steps_value,
-                    summary)
+from .utils import (default_device, device_value, interrupted_code, interrupted_word, lam_value, positive_int,
+                    seed_value, severity_value, sigterm_as_interrupt, steps_value, summary)
 
 
 @dataclass
@@ -171,12 +171,13 @@ def main(argv=None) -> EvalResult:
         sys.exit(f"error: the card's test accuracy ({old_card.get('test_accuracy')}%) is on {measured_on} images and "
                  f"--subset leaves {len(data)}: --update-card would replace it with a rougher figure (drop --subset)")
     try:
-        res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
-                       severity=args.severity if args.corruption else None, seed=args.seed,
-                       batch_size=args.batch_size, device=device, progress=not args.json)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a torch stack
-        print("\ninterrupted; nothing was written", file=sys.stderr)
-        raise SystemExit(130) from None
+        with sigterm_as_interrupt():
+            res = evaluate(model, data, lam=args.lam, n_steps=args.n_steps, corruption=args.corruption,
+                           severity=args.severity if args.corruption else None, seed=args.seed,
+                           batch_size=args.batch_size, device=device, progress=not args.json)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, not a torch stack
+        print(f"\n{interrupted_word(err)}; nothing was written", file=sys.stderr)
+        raise SystemExit(interrupted_code(err)) from None
     if args.json:
         trained = {n: (m.lam, m.n_steps) for n, m in csc_layers(model)}  # lam/n_steps null above: these
         print(json.dumps(dict(asdict(res), checkpoint=str(args.checkpoint), data=str(resolve_data_path(args.data)),

@@ -74,8 +74,8 @@ from .corruptions import KINDS, corrupt_range, level, level_note, noise_amount
 from .csc import csc_layers, override
 from .data import NUM_CLASSES, DatasetError, ImageSet, data_from_env, load_for_model
 from .inspect import trace
-from .utils import (default_device, device_value, lam_value, nonnegative_int, positive_float, positive_int, severity_value,
-                    seed_value, steps_value, unwritable_folder)
+from .utils import (default_device, device_value, interrupted_code, interrupted_word, lam_value, nonnegative_int,
+                    positive_float, positive_int, severity_value, seed_value, sigterm_as_interrupt, steps_value, unwritable_folder)
 
 DEFAULT_LAMS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # paper figure 2: 0.1 .. 1.5
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -1223,15 +1223,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args, argv)
-    except KeyboardInterrupt:  # Ctrl-C: the report, its figures and the card are written last
+        with sigterm_as_interrupt():
+            return args.func(args, argv)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the report, its figures and the card are written last
+        said = interrupted_word(err)
         if any(report.writing for report in _OPEN_REPORTS):  # each file is whole, but not all of them are new
-            print(f"\ninterrupted while writing the results: some of the report's files in {args.out}"
+            print(f"\n{said} while writing the results: some of the report's files in {args.out}"
                   + (" and the model card" if args.func is cmd_fit else "") + " may be this run's and some the "
                   "last one's; run the command again (with --overwrite)", file=sys.stderr)
         else:
-            print("\ninterrupted; the report, its figures and the card are as they were", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"\n{said}; the report, its figures and the card are as they were", file=sys.stderr)
+        raise SystemExit(interrupted_code(err)) from None
     finally:
         for report in _OPEN_REPORTS:  # a report not written (interrupted, failed): no hidden staged figures left
             report.discard()

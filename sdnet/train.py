@@ -22,9 +22,7 @@ import math
 import os
 import platform
 import shlex
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,8 +37,9 @@ from .checkpoint import CheckpointError, first_line, atomic_save, atomic_write_t
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
 from .data import NUM_CLASSES, DatasetError, augment, check_splits, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
-from .utils import (allocator_description, default_device, device_value, fraction_value, keep_freed_memory, lam_value,
-                    nonnegative_float, positive_float, positive_int, seed_value, steps_value, summary, unwritable_folder)
+from .utils import (allocator_description, default_device, device_value, fraction_value, interrupted_code,
+                    interrupted_word, keep_freed_memory, lam_value, nonnegative_float, positive_float, positive_int, seed_value,
+                    sigterm_as_interrupt, steps_value, summary, unwritable_folder)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -265,15 +264,6 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(args.out or f"runs/{args.model}-w{args.width}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, timeout, a job scheduler's end of a slot), met as Ctrl-C is: it printed nothing, and one
-    landing during a save left the scratch file beside last.pt for good."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
 def _what_is_kept(argv: list[str] | None) -> str:
     out = run_folder(parse_args(argv))
     return (f"{out / 'last.pt'} holds the last finished epoch: rerun the same command with --resume to go on"
@@ -290,18 +280,17 @@ def _write_failed(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     """python -m sdnet.train; a dataset or checkpoint problem, Ctrl-C, SIGTERM or a full disk ends it with one line
     saying what is kept."""
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
     try:
-        return _train(argv)
+        with sigterm_as_interrupt():
+            return _train(argv)
     except (DatasetError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt as err:  # Ctrl-C: one line on what is kept, not a torch stack
-        code = 143 if isinstance(err, Terminated) else 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line on what is kept, not a torch stack
+        code = interrupted_code(err)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) != 0:  # torchrun: every
             # rank gets the Ctrl-C, one says it (a launcher may set RANK for a single process: that one says it)
             raise SystemExit(code) from None
-        print(f"\n{'terminated' if code == 143 else 'interrupted'}; {_what_is_kept(argv)}", file=sys.stderr)
+        print(f"\n{interrupted_word(err)}; {_what_is_kept(argv)}", file=sys.stderr)
         raise SystemExit(code) from None
     except (OSError, RuntimeError) as err:
         if not _write_failed(err):
@@ -310,9 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
         what = f"{err.strerror} ({err.filename})" if isinstance(err, OSError) and err.filename else \
             err.strerror if isinstance(err, OSError) else "writing a checkpoint failed (is the disk full?)"
         raise SystemExit(f"error: {what}; {_what_is_kept(argv)}") from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _train(argv: list[str] | None) -> dict:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import math
 import os
 import platform
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +21,37 @@ def summary(doc: str | None) -> str:
     reader of the source to the help (inside the help, it sent the reader to itself)."""
     first = (doc or "").strip().split("\n")[0]
     return re.sub(r"\s*\(`[^`]*--help`\)", "", first)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler's end of a slot), met as Ctrl-C is: the commands printed nothing,
+    and one landing during a save left its scratch file for good."""
+
+
+def interrupted_code(err: KeyboardInterrupt) -> int:
+    """The exit status a shell gives a process ended by the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(err, Terminated) else 130
+
+
+def interrupted_word(err: KeyboardInterrupt) -> str:
+    return "terminated" if isinstance(err, Terminated) else "interrupted"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises Terminated (a KeyboardInterrupt), so each command's Ctrl-C path (its
+    one line on what is kept, its scratch files removed) serves it too; the handler before is put back after."""
+    if threading.current_thread() is not threading.main_thread():  # (signal handlers are the main thread's)
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_device() -> torch.device:

@@ -11,6 +11,8 @@ import json
 import re
 import os
 import shutil
+import signal
+import time
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -404,19 +406,22 @@ def test_reports_and_fits_are_not_replaced_unasked(setup, tmp_path, monkeypatch,
         with pytest.raises(SystemExit, match="robust-noise-gaussian.md exists .*pass --overwrite"):
             robust.main(["eval", "--severities", "2", "--noise", "gaussian", *base])
     assert (ck / "sd.json").read_text() == card
-    # Ctrl-C once the figures are made, before the report is written: the report, its figures and the card are
-    # as they were (the figures were rewritten, the card too, before the report was), and nothing staged is left
+    # SIGTERM (as Ctrl-C; it printed nothing) once the figures are made, before the report is written: the report,
+    # its figures and the card are as they were (the figures were rewritten, the card too, before the report was),
+    # and nothing staged is left
     figure_file = out / "fig3-lambda-vs-residual-gaussian.html"
     figure = figure_file.read_text()
     real_write = robust.Report.write
 
     def interrupted(self, data):
         assert self.staged  # the new figure exists, under its staged name
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises at once)
     monkeypatch.setattr(robust.Report, "write", interrupted)
     with pytest.raises(SystemExit) as info:
         robust.main([*fit, "--subset", "2", "--overwrite"])
-    assert info.value.code == 130 and "the report, its figures and the card are as they were" in capsys.readouterr().err
+    assert info.value.code == 143 and "terminated; the report, its figures and the card are as they were" in \
+        capsys.readouterr().err
     assert (ck / "sd.json").read_text() == card and (out / "robust-fit-gaussian.md").read_text() == report
     assert figure_file.read_text() == figure and not [f for f in out.iterdir() if f.name.startswith(".")]
     monkeypatch.setattr(robust.Report, "write", real_write)
