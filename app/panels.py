@@ -747,16 +747,17 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
     trained = float(next(iter(loaded.trained_lams.values()), 0.1))
     image = images.image_hash(ctx.image)
     flat = fit["slope"] <= 0  # Algorithm 1 rests on a best λ that grows with the noise (and so with r)
+    why_flat = (f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data the "
+                f"best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
     # a flat fit said right under the button, as a warning: said last, in grey, after the other notes, the button's
     # 'Auto λ = 0.163' looked like a recommendation (the walk-through's find; a mark on the button itself was cut in
-    # an 800 px window)
+    # an 800 px window). In a few words: the whole sentence was 15 lines in this narrow column at 800 px, on the
+    # first screen of the default model, and pushed the predictions below it; it is in the button's help
     st.button(f"Auto λ = {lam:.3g}", key="auto_lam_btn", on_click=_set_lam, args=(lam, note, layers, trained, image),
               help=f"Sets λ {where} from this image's relative residual there at the trained λ "
-                   "(paper, Algorithm 1)." + (" This fit's λ does not grow with the residual: see below." if flat
-                                              else ""))
+                   "(paper, Algorithm 1)." + (f" {why_flat}" if flat else ""))
     if flat:
-        st.warning(f"This fit's λ does not grow with the residual (slope {fit['slope']:.3g}): on its training data "
-                   f"the best λ did not rise with {noise} noise, so it is no recommendation for more noise.")
+        st.warning(f"Flat fit (slope {fit['slope']:.3g}): λ does not rise with the noise.")
     if from_address:
         _recognise_auto_lam((note, lam, list(layers or []), trained, image))
     held = _auto_lam_held(image)
@@ -774,6 +775,8 @@ def _auto_lam(ctx: Context, trained_probe: dict) -> None:
         st.caption(f"r = {r:.3f} is outside the residuals the fit was made on ({min(seen):.3f}-{max(seen):.3f}): "
                    "λ is extrapolated (then clipped to the fit's λ range).")
     with st.popover("The fit"):
+        if flat:
+            st.caption(why_flat)
         _chart(plots.lam_fit(fit, r, lam, noise), key="fit_chart")
         if fit.get("command"):
             st.code(_command_lines(fit["command"]), language="bash", wrap_lines=True)

@@ -30,7 +30,7 @@ NARROW = 468  # ...and in an 800 px window, the narrowest the page is laid out f
 # A tile chart's colour bar in a right margin of its own, its title along it: plotly widened the margin for a title
 # on top ('l2 norm over channels'), narrowing the tiles below the width their chart's height was fitted to
 COLORBAR = 84
-TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4, nticks=4)
+TILE_COLORBAR = dict(thickness=12, x=1.0, xanchor="left", xpad=4)
 # The charts' text in fonts the system has, not the page's web font (Source Sans): a chart's camera PNG is drawn from
 # its SVG where web fonts are not loaded, in the system's sans-serif, wider than the layout measured in Source Sans,
 # and the predictions' legend ran off the picture ("SDNet at trained λ=0.:"). The same font on both sides.
@@ -42,6 +42,26 @@ TITLE_MAX = 12
 TITLE_FLOOR = 5
 LONG_TITLE_MIN = 8
 TITLE_ROOM = 16  # px above a tile chart's first row, for its titles
+
+
+def scale_ticks(lo: float, hi: float, n: int = 4) -> list[float]:
+    """Round values for a colour bar from `lo` to `hi`: at most n + 1 and at least two inside it. Plotly's own
+    (nticks=4) spaced ±4.4 at 5, leaving the bar a lone '0': about one range in ten had no scale to read."""
+    span = hi - lo
+    if not (span > 0 and math.isfinite(span)):
+        return [lo]
+    mag = 10.0 ** math.floor(math.log10(span / n))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if span / (m * mag) <= n * (1 + 1e-9))
+    first = math.ceil(lo / step - 1e-9)
+    ticks = [(first + i) * step for i in range(int((hi - first * step) / step + 1e-9) + 1)]
+    return [0.0 if abs(t) < step * 1e-9 else float(f"{t:.12g}") for t in ticks]
+
+
+def colorbar(title: str, lo: float, hi: float) -> dict[str, Any]:
+    """A tile chart's colour bar from `lo` to `hi`, titled along it, labelled at `scale_ticks`."""
+    ticks = scale_ticks(lo, hi)
+    return dict(TILE_COLORBAR, title=dict(text=title, side="right"), tickmode="array", tickvals=ticks,
+                ticktext=[f"{t:.3g}" for t in ticks])
 
 
 def short_number(v: float) -> str:
@@ -125,7 +145,6 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
     order = [int(i) for i in np.argsort(-series[0][2])[:k]]
     for _, _, p in series[1:]:
         order += [int(i) for i in np.argsort(-p)[:k] if i not in order]
-    order = order[::-1]  # highest at the top
     bars = [dict(type="bar", y=[classes[i] for i in order], x=[float(p[i]) for i in order], name=label,
                  orientation="h", marker_color=COLORS.get(color, color), text=[f"{p[i]:.1%}" for i in order],
                  # plotly shrinks an outside label to its bar's thickness (thin grouped bars: ~6 px text)
@@ -139,7 +158,10 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
     # 14 px a bar and 8 a class, but at least 16 px a bar: the outside labels are 11 px text, and one class's bars
     # overprinted theirs
     bars_px = max(14 * len(order) * len(series) + 8 * len(order), 16 * len(series) + 8)
-    return _figure(bars, 90 + bars_px, barmode="group",
+    # the category axis top down: plotly stacks a group's horizontal bars from the bottom, so each class's bars read
+    # up in the legend's order (grey, blue, red under a legend of red, blue, grey); reversed, they read down in it.
+    # (A reversed legend instead was laid out with its first row above the chart's top)
+    return _figure(bars, 90 + bars_px, barmode="group", yaxis=dict(autorange="reversed"),
                    xaxis=dict(range=[0, end], tickvals=ticks, tickformat=".0%", title="probability"))
 
 
@@ -330,8 +352,7 @@ def layer_maps(maps: list[tuple[str, np.ndarray]], rgb: bool, colorbar_title: st
         # maps do, 0 to 1 titled so
         title = colorbar_title if peak > 0 else f"{colorbar_title} (all 0)".strip()
         trace = dict(type="heatmap", z=grid, customdata=label, zmin=0, zmax=peak if peak > 0 else 1.0,
-                     colorscale="Viridis", hoverongaps=False,
-                     colorbar=dict(TILE_COLORBAR, title=dict(text=title, side="right")),
+                     colorscale="Viridis", hoverongaps=False, colorbar=colorbar(title, 0, peak if peak > 0 else 1.0),
                      hovertemplate="%{customdata}<br>x=%{x} y=%{y}<br>value=%{z:.4f}<extra></extra>")
     return _tiled([trace], n, n, h, w, pad, pad, titles, 260 / (h + pad))
 
@@ -355,9 +376,9 @@ def code_grid(z: np.ndarray, channels: list[int], activity: np.ndarray, ncols: i
                      tiled(np.broadcast_to(xs, (n, h, w))), tiled(np.broadcast_to(ys, (n, h, w)))], -1)
     vmax = images.finite_peak(z[channels])
     zero = not vmax > 0  # all zero (or NaN): a 0-to-1 scale saying so, not '0, 0.5p, 1p' (a scale up to 1e-12)
-    heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=0 if zero or np.nanmin(z) >= 0 else -vmax,
-                zmax=1.0 if zero else vmax, colorscale="Viridis", hoverongaps=False,
-                colorbar=dict(TILE_COLORBAR, title=dict(text="z (all 0)" if zero else "z", side="right")),
+    low, high = 0 if zero or np.nanmin(z) >= 0 else -vmax, 1.0 if zero else vmax
+    heat = dict(type="heatmap", z=tiled(z[channels]), customdata=info, zmin=low, zmax=high, colorscale="Viridis",
+                hoverongaps=False, colorbar=colorbar("z (all 0)" if zero else "z", low, high),
                 hovertemplate="channel %{customdata[0]} (Σ|z| %{customdata[1]:,.12~g}; x=%{customdata[2]}, "
                               "y=%{customdata[3]})<br>z=%{z:.4f}<extra></extra>")
     # "#channel (Σ|z|)" as in the Atoms tab: "ch 2 (Σ|z|=91.2)" overlapped its neighbours in an 800 px window
@@ -381,7 +402,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, signed: bool, title: str) -> go
     peak = max(images.finite_peak(amap), 1e-12)
     heat = dict(type="heatmap", z=amap, opacity=0.6, zmin=-peak if signed else 0, zmax=peak,
                 colorscale="RdBu_r" if signed else "Hot", reversescale=not signed,
-                colorbar=dict(TILE_COLORBAR, title=dict(text="attribution", side="right")),
+                colorbar=colorbar("attribution", -peak if signed else 0, peak),
                 hovertemplate="x=%{x} y=%{y}<br>attribution=%{z:.3g}<extra></extra>")
     h, w = amap.shape
     return _tiled([_rgb_trace(image), heat], 1, 1, h, w, 0, 0, [title], 260 / h)

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -860,14 +861,22 @@ def export_zip(view: View, unnormalize) -> bytes:
     """One ZIP: every PNG, arrays.npz, lam_path.csv, settings.json and reproduce.py (which recomputes the view
     from those two)."""
     buf = io.BytesIO()
+    now = time.localtime()[:6]
+
+    def put(name: str, data: bytes | str) -> None:
+        # readable by all, as a file saved any other way (zipfile gives a name written so mode 0600: unpacked, only
+        # its owner could read it)
+        entry = zipfile.ZipInfo(name, date_time=now)
+        entry.external_attr, entry.compress_type = 0o644 << 16, zipfile.ZIP_DEFLATED
+        zf.writestr(entry, data)
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in export_pngs(view, unnormalize).items():
-            zf.writestr(f"png/{name}", data)
-        zf.writestr("arrays.npz", export_arrays(view))
+            put(f"png/{name}", data)
+        put("arrays.npz", export_arrays(view))
         if view.lam_path_csv is not None:
-            zf.writestr("lam_path.csv", view.lam_path_csv())
-        zf.writestr("settings.json", settings_json(view.settings))
-        zf.writestr("reproduce.py", reproduce_snippet(view.settings))
+            put("lam_path.csv", view.lam_path_csv())
+        put("settings.json", settings_json(view.settings))
+        put("reproduce.py", reproduce_snippet(view.settings))
     return buf.getvalue()
 
 
