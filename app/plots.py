@@ -159,8 +159,7 @@ def predictions(classes: list[str], series: list[tuple[str, str, np.ndarray]], k
     # overprinted theirs
     bars_px = max(14 * len(order) * len(series) + 8 * len(order), 16 * len(series) + 8)
     # the category axis top down: plotly stacks a group's horizontal bars from the bottom, so each class's bars read
-    # up in the legend's order (grey, blue, red under a legend of red, blue, grey); reversed, they read down in it.
-    # (A reversed legend instead was laid out with its first row above the chart's top)
+    # up in the legend's order (grey, blue, red under a legend of red, blue, grey); reversed, they read down in it
     return _figure(bars, 90 + bars_px, barmode="group", yaxis=dict(autorange="reversed"),
                    xaxis=dict(range=[0, end], tickvals=ticks, tickformat=".0%", title="probability"))
 

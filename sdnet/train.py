@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .cards import described, load_card, write_card
-from .checkpoint import CheckpointError, first_line, atomic_save, atomic_write_text, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, first_line, safe_load, save_checkpoint
 from .csc import load_power_states, power_states, project_dictionaries, refresh_step_sizes, step_size_rules
 from .data import NUM_CLASSES, DatasetError, augment, check_splits, data_from_env, load_for_model, load_split
 from .models import build_model, list_models
