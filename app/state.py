@@ -859,14 +859,14 @@ def settings_json(settings: dict) -> str:
 
 def export_zip(view: View, unnormalize) -> bytes:
     """One ZIP: every PNG, arrays.npz, lam_path.csv, settings.json and reproduce.py (which recomputes the view
-    from those two)."""
+    from those two), in one folder named as the ZIP is (`unzip` scattered them into the folder it ran in)."""
     buf = io.BytesIO()
-    now = time.localtime()[:6]
+    now, top = time.localtime()[:6], export_stem(view.settings)
 
     def put(name: str, data: bytes | str) -> None:
         # readable by all, as a file saved any other way (zipfile gives a name written so mode 0600: unpacked, only
         # its owner could read it)
-        entry = zipfile.ZipInfo(name, date_time=now)
+        entry = zipfile.ZipInfo(f"{top}/{name}", date_time=now)
         entry.external_attr, entry.compress_type = 0o644 << 16, zipfile.ZIP_DEFLATED
         zf.writestr(entry, data)
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:

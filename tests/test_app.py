@@ -1511,6 +1511,29 @@ def test_an_attribution_is_stale_when_any_of_its_settings_change(app):
         assert set(at.session_state["view"].attributions) == {"saliency"}, key
 
 
+class ExportZip:
+    """The export ZIP, read by the names of its files in its one folder (named as the ZIP is: `unzip` scattered
+    them into the folder it ran in)."""
+
+    def __init__(self, view):
+        from app import panels, state
+        loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
+        self.zip = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
+        self.top = state.export_stem(view.settings) + "/"
+        assert all(name.startswith(self.top) for name in self.zip.namelist()), self.zip.namelist()
+
+    def namelist(self) -> list[str]:
+        return [name.removeprefix(self.top) for name in self.zip.namelist()]
+
+    def read(self, name: str) -> bytes:
+        return self.zip.read(self.top + name)
+
+    def extractall(self, path: Path) -> Path:
+        """Unpack into `path`; the folder the files are in."""
+        self.zip.extractall(path)
+        return path / self.top
+
+
 def test_export_zip_reproduces_the_view(app, tmp_path):
     at = app(attr_methods=["saliency"], attr_atom_method="grad_x_activation", tab="Attribution")
     at.button(key="attr_run").click().run()
@@ -1522,10 +1545,9 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     assert set(view.attributions) == {"saliency"} and view.atom_scores is not None
     labels = [b.label for b in at.get("download_button")]
     assert "Download everything (ZIP)" in labels and "atoms_first_layer.png" in labels
-    from app import panels, state
+    from app import state
     loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))  # absolute stays so
-    data = state.export_zip(view, panels.unnormalizer(loaded))
-    zf = zipfile.ZipFile(io.BytesIO(data))
+    zf = ExportZip(view)
     names = set(zf.namelist())
     for expected in ("png/atoms_first_layer.png", "png/codes_conv1.png", "png/reconstruction_conv1.png",
                      "png/attribution_saliency.png", "png/attribution_atoms.png",
@@ -1568,8 +1590,8 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     # and says so: it printed nothing
     assert zf.read("reproduce.py").decode() == state.reproduce_snippet(settings)
     # each readable by all once unpacked (writestr's mode was 0600: only its owner could read them)
-    assert {info.external_attr >> 16 for info in zf.infolist()} == {0o644}
-    zf.extractall(tmp_path / "export")
+    assert {info.external_attr >> 16 for info in zf.zip.infolist()} == {0o644}
+    unpacked = zf.extractall(tmp_path / "export")
     # the last layer's atoms reach the whole 32 px image: 4 of them are drawn at 3x, about as large as the page's
     # tiles (at 1x in 64 px cells they looked like stamps)
     last = view.probe["layers"][-1]
@@ -1578,7 +1600,7 @@ def test_export_zip_reproduces_the_view(app, tmp_path):
     if images.crop_to_support(state.pixel_atoms(loaded.model, loaded.key, last["name"],
                                                 tuple(last["z"].shape))[:4]).shape[-1] == 32:
         assert Image.open(io.BytesIO(png)).width >= 4 * (96 + 8)
-    assert_reproduces(tmp_path / "export", arrays, loaded.classes)
+    assert_reproduces(unpacked, arrays, loaded.classes)
 
 
 def assert_reproduces(folder: Path, arrays, classes: list[str], codes: bool = True) -> None:
@@ -1604,36 +1626,34 @@ def test_reproduce_py_redraws_the_noise_and_finds_a_checkpoint_in_the_checkout(a
     at = app(noise="shot", seed=7, tab="Export")
     at.slider(key="severity").set_value(4).run()
     ok(at)
-    from app import panels, state
+    from app import state
     view = at.session_state["view"]
     loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
-    zf = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
-    zf.extractall(tmp_path)
-    arrays = np.load(tmp_path / "arrays.npz")
+    folder = ExportZip(view).extractall(tmp_path)
+    arrays = np.load(folder / "arrays.npz")
     assert not np.allclose(arrays["input"], arrays["clean"])  # the script must draw the same noise
-    assert_reproduces(tmp_path, arrays, loaded.classes)
+    assert_reproduces(folder, arrays, loaded.classes)
     # a checkpoint in the checkout (as the app's own are) is named relative to it, from the checkout's root
     shipped = ROOT / "checkpoints" / loaded.path.name
     if shipped.is_file():
         settings = dict(view.settings, checkpoint=dict(view.settings["checkpoint"],
                                                        path=f"checkpoints/{loaded.path.name}"))
-        (tmp_path / "settings.json").write_text(state.settings_json(settings))
+        (folder / "settings.json").write_text(state.settings_json(settings))
         script = state.reproduce_snippet(settings)
         assert f"checkout = Path({str(ROOT)!r})" in script
-        (tmp_path / "reproduce.py").write_text(script)
-        assert_reproduces(tmp_path, arrays, loaded.classes)
+        (folder / "reproduce.py").write_text(script)
+        assert_reproduces(folder, arrays, loaded.classes)
     # and one that is not where it was says so, and where it looked
-    (tmp_path / "settings.json").write_text(state.settings_json(
+    (folder / "settings.json").write_text(state.settings_json(
         dict(view.settings, checkpoint=dict(view.settings["checkpoint"], path=str(tmp_path / "gone.pt")))))
-    run = subprocess.run([sys.executable, "reproduce.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "reproduce.py"], cwd=folder, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and f"No checkpoint at {tmp_path / 'gone.pt'}" in run.stderr, run.stderr
     # at a continuous level: settings.json has no severity (it read 'severity 55.0'), and the script draws the level
     at.radio(key="noise_mode").set_value("Continuous level").run()
     at.slider(key="level_shot").set_value(55.0).run()
     view = at.session_state["view"]
     assert view.settings["corruption"] == dict(kind="shot", severity=None, seed=7, level=55.0)
-    level = tmp_path / "level"
-    zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded)))).extractall(level)
+    level = ExportZip(view).extractall(tmp_path / "level")
     assert_reproduces(level, np.load(level / "arrays.npz"), loaded.classes)
 
 
@@ -1898,7 +1918,7 @@ def test_a_switch_of_checkpoint_says_when_it_resets_the_lambda_and_steps_set(app
 def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint_dir, tmp_path):
     """A ResNet checkpoint's page showed its predictions and attribution with no way to export them: it gets the
     SDNet page's export, less what a model without CSC layers does not have (λ, layers, atoms, λ path)."""
-    from app import panels, state
+    from app import state
     at = app(ckpt=_resnet_name(checkpoint_dir), noise="shot", seed=3, attr_methods=["saliency"])
     at.button(key="attr_run").click().run()
     ok(at)
@@ -1918,7 +1938,7 @@ def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint
     assert state.export_subtitle(view.settings) == (f"{view.settings['checkpoint']['model']} · sample:"
                                                     f"{state.DEFAULT_SAMPLE} · shot noise, severity 3, seed 3")
     loaded = state.load(ROOT / view.settings["checkpoint"]["path"], torch.device("cpu"))
-    zf = zipfile.ZipFile(io.BytesIO(state.export_zip(view, panels.unnormalizer(loaded))))
+    zf = ExportZip(view)
     assert set(zf.namelist()) == {"png/input_clean.png", "png/input_model.png", "png/attribution_saliency.png",
                                   "arrays.npz", "settings.json", "reproduce.py"}
     # the ZIP is named after the ResNet's checkpoint (it was sdnet-view-...)
@@ -1939,8 +1959,7 @@ def test_a_resnet_page_exports_its_inputs_logits_and_attribution(app, checkpoint
     script = zf.read("reproduce.py").decode()
     assert script == state.reproduce_snippet(view.settings) and "override" not in script and "t.layers" not in script
     assert script.strip() in shown  # the page's "Reproduce in Python"
-    zf.extractall(tmp_path / "export")
-    assert_reproduces(tmp_path / "export", arrays, loaded.classes, codes=False)
+    assert_reproduces(zf.extractall(tmp_path / "export"), arrays, loaded.classes, codes=False)
 
 
 def test_a_stale_resnet_attribution_is_left_out_of_its_export(app, checkpoint_dir):
